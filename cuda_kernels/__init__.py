@@ -1,0 +1,1 @@
+"""TinyServe Cluster: cuda_kernels."""
