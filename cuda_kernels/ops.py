@@ -1,0 +1,129 @@
+"""Public kernel entry points the engine calls (stable signatures).
+
+Each function dispatches to the CUDA launcher (cuda_kernels.launchers, CuPy/NVRTC kernels on
+torch's current stream) when the tensors live on CUDA, CuPy imports and the shape/dtype is one
+the kernel supports; otherwise to the pure-torch reference (cuda_kernels.reference), which is
+the CPU serving path. Set TINYSERVE_REFERENCE_KERNELS=1 to force the reference everywhere.
+
+Layouts (flash layout; ``slot = block_id * block_size + offset``, -1 = padding)::
+
+    k_cache, v_cache   [num_blocks, block_size, num_kv_heads, head_dim]   one pair per layer
+    key, value         [num_tokens, num_kv_heads, head_dim]   (token stride may be padded)
+    query (decode)     [num_seqs, num_heads, head_dim]         one new token per sequence
+    query (prefill)    [num_tokens, num_heads, head_dim]       sequences concatenated
+    block_tables       [num_seqs, max_blocks] int32            row i = block_ids of sequence i
+    seq_lens           [num_seqs] int32     context length INCLUDING the new token(s)
+    cu_seqlens_q       [num_seqs + 1] int32 prefix sums of new tokens per sequence
+    slot_mapping       [num_tokens] int32/int64
+
+Signatures::
+
+    reshape_and_cache(key, value, k_cache, v_cache, slot_mapping) -> None   (mutates caches)
+    paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale) -> Tensor
+    paged_prefill_attention(query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables,
+                            scale) -> Tensor
+    copy_blocks(kv_caches: list[Tensor], src: Tensor, dst: Tensor) -> None  (mutates caches)
+
+GQA: num_heads % num_kv_heads == 0. Decode/prefill outputs are new tensors shaped and typed
+like query. Prefill expects the chunk's own K/V already written (reshape_and_cache first).
+copy_blocks has sequential semantics: same result as ``for s, d in zip(src, dst):
+cache[d] = cache[s]`` in order, for every cache in kv_caches (K and V of every layer).
+NOTE: prefill on CUDA is gather + torch SDPA (the reference); benchmarks/kernels_bench.py
+measures its cost against SDPA over contiguous K/V.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from cuda_kernels import reference
+
+
+@functools.cache
+def cuda_kernels_available() -> bool:
+    """True when CUDA is present and CuPy imports (the CUDA path can run)."""
+    if os.environ.get("TINYSERVE_REFERENCE_KERNELS", "") not in ("", "0"):
+        return False
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _on_cuda(t: torch.Tensor) -> bool:
+    return t.is_cuda and cuda_kernels_available()
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write new K/V rows into the caches at slot_mapping (-1 skipped). Mutates the caches."""
+    if _on_cuda(key):
+        from cuda_kernels import launchers
+
+        launchers.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+        return
+    reference.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Decode attention through block tables; returns [num_seqs, num_heads, head_dim]."""
+    if _on_cuda(query):
+        from cuda_kernels import launchers
+
+        if launchers.decode_supported(query, k_cache):
+            return launchers.paged_decode_attention(
+                query, k_cache, v_cache, block_tables, seq_lens, scale
+            )
+    return reference.paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale)
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal chunked-prefill attention over the cached prefix; returns [num_tokens, H, D]."""
+    return reference.paged_prefill_attention(
+        query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale
+    )
+
+
+def copy_blocks(kv_caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy blocks src[i] -> dst[i] in every cache, sequential semantics. Mutates the caches."""
+    if kv_caches and _on_cuda(kv_caches[0]):
+        from cuda_kernels import launchers
+
+        launchers.copy_blocks(kv_caches, src, dst)
+        return
+    reference.copy_blocks(kv_caches, src, dst)
+
+
+__all__ = [
+    "copy_blocks",
+    "cuda_kernels_available",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "reshape_and_cache",
+]
