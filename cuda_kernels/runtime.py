@@ -1,0 +1,96 @@
+"""Run-time compilation and launch of the .cu kernels (CuPy RawModule / NVRTC).
+
+Contract:
+- get_kernel(source, name_expression) compiles ``common.cuh + <source>`` once per
+  (source, template instantiation, device) and returns the CuPy RawKernel; later calls hit the
+  in-process cache (CuPy also keeps compiled binaries on disk across processes).
+- launch(kernel, grid, block, args, device, shared_mem) launches on torch's CURRENT stream of
+  that device, so it orders with surrounding torch work; tensors are passed zero-copy as raw
+  device pointers (ptr()), scalars as explicitly sized numpy scalars (i32/i64/f32).
+Only imported on the CUDA path (cupy is an optional dependency: the `gpu` extra).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+from typing import Any
+
+import cupy
+import numpy as np
+import torch
+
+_SRC_DIR = Path(__file__).resolve().parent
+_OPTIONS = ("--std=c++17",)
+
+
+@functools.cache
+def _source(name: str) -> str:
+    common = (_SRC_DIR / "common.cuh").read_text()
+    return common + "\n" + (_SRC_DIR / name).read_text()
+
+
+@functools.cache
+def _module(source: str, name_expressions: tuple[str, ...], device_index: int) -> Any:
+    with cupy.cuda.Device(device_index):
+        mod = cupy.RawModule(
+            code=_source(source), options=_OPTIONS, name_expressions=name_expressions
+        )
+        mod.compile()
+    return mod
+
+
+def get_kernel(
+    source: str, name_expression: str, device: torch.device, group: tuple[str, ...] = ()
+) -> Any:
+    """Compiled kernel `name_expression` from `source`; `group` = instantiations compiled with it."""
+    exprs = tuple(sorted({name_expression, *group}))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _module(source, exprs, index).get_function(name_expression)
+
+
+def ptr(t: torch.Tensor) -> np.uint64:
+    """Raw device pointer of a tensor, as a kernel argument."""
+    return np.uint64(t.data_ptr())
+
+
+def i32(x: int) -> np.int32:
+    return np.int32(x)
+
+
+def i64(x: int) -> np.int64:
+    return np.int64(x)
+
+
+def f32(x: float) -> np.float32:
+    return np.float32(x)
+
+
+def launch(
+    kernel: Any,
+    grid: tuple[int, int, int],
+    block: tuple[int, int, int],
+    args: tuple[Any, ...],
+    device: torch.device,
+    shared_mem: int = 0,
+) -> None:
+    """Launch on torch's current stream of `device` (asynchronous, like any torch op)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _cupy_stream(torch.cuda.current_stream(index).cuda_stream, index)
+    with cupy.cuda.Device(index), stream:
+        kernel(grid, block, args, shared_mem=shared_mem)
+
+
+@functools.cache
+def _cupy_stream(handle: int, device_index: int) -> Any:
+    # NOTE: one wrapper per torch stream handle, built once (construction is not free and
+    # newer CuPy warns that ExternalStream is deprecated in favour of Stream.from_external).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(handle, device_index)
+
+
+@functools.cache
+def num_sms(device_index: int) -> int:
+    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
