@@ -1,0 +1,432 @@
+"""The TinyServe KV block pool: the engine-facing API of a replica's KV cache.
+
+Every block is in exactly one state:
+
+    empty      ref_cnt == 0, no block_hash      -> in FreeRuns (allocatable at once)
+    evictable  ref_cnt == 0, cached block_hash  -> in the eviction policy (reusable by prefix
+                                                   hit, or evicted to empty on demand)
+    used       ref_cnt >= 1                     -> in one or more requests' block tables
+                                                   (shared prefix blocks have ref_cnt > 1)
+
+Request life cycle (engine side):
+
+    hit = mgr.lookup_prefix(tokens)                       # read-only
+    new = mgr.allocate_slots(rid, tokens, n, prefix=hit)  # None -> not now, nothing changed
+    ... forward pass writes K/V through mgr.slot_mapping(rid, start, end) ...
+    mgr.commit(rid, tokens, num_computed_tokens)          # full blocks get hashed + cached
+    mgr.free(rid)                                         # cached blocks stay reusable
+
+All methods are synchronous and O(blocks touched · log num_blocks); the pool is owned by one
+engine thread. Block ids in ``block_table`` stay valid until ``free`` or ``apply_compaction``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvmanager.allocator import best_fit, first_free
+from kvmanager.compaction import copy_blocks_reference, plan_moves
+from kvmanager.config import PoolConfig
+from kvmanager.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvmanager.eviction import make_eviction_policy
+from kvmanager.fragmentation import AccessEpochs, LevelLatencies, external_fragmentation, f_spatial
+from kvmanager.free_runs import FreeRuns
+from kvmanager.hashing import NativeHash, make_hasher
+from kvmanager.metrics import PoolStats
+
+
+@dataclass(slots=True)
+class PrefixHit:
+    """Longest cached prefix of a token sequence. ``block_hashes`` are the external (64-bit)
+    hashes; ``parent_native`` is the hasher's native hash of the last hit block (opaque; lets
+    the pool continue the chain without rehashing)."""
+
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    parent_native: NativeHash | None = None
+
+
+@dataclass(slots=True)
+class _Request:
+    block_ids: list[int]
+    num_computed_tokens: int
+    num_hashed_blocks: int
+    last_native: NativeHash | None
+    extra_keys: tuple[Any, ...] | None
+    expected_num_tokens: int | None
+
+
+class KVCacheManager:
+    """Fixed pool of ``num_blocks`` blocks of ``block_size`` tokens with prefix reuse."""
+
+    def __init__(self, config: PoolConfig) -> None:
+        self.config = config
+        self.num_blocks = config.num_blocks
+        self.block_size = config.block_size
+        self.hasher = make_hasher(config.hash_mode, config.hash_seed)
+        self._ref_cnt = [0] * config.num_blocks
+        self._block_hash: list[int | None] = [None] * config.num_blocks
+        self._parent_hash: list[int | None] = [None] * config.num_blocks
+        self._num_children: Counter[int] = Counter()  # cached children per parent block_hash
+        self._hash_to_block: dict[int, int] = {}
+        self._free = FreeRuns(config.num_blocks)
+        self._evictable = make_eviction_policy(config.eviction, config.adaptive_half_life)
+        self._requests: dict[str, _Request] = {}
+        self._events: list[KVEvent] = []
+        self._clock = 0
+        self._epochs = AccessEpochs(config.epoch_ops, config.num_epochs)
+        self._levels = LevelLatencies()
+        self._prefix_hit_tokens = 0
+        self._prefix_query_tokens = 0
+        self._num_evicted = 0
+
+    # -- queries -----------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks an allocation could obtain: empty + evictable cached."""
+        return self._free.num_free + len(self._evictable)
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._requests
+
+    def block_table(self, request_id: str) -> list[int]:
+        return list(self._get(request_id).block_ids)
+
+    def num_computed_tokens(self, request_id: str) -> int:
+        return self._get(request_id).num_computed_tokens
+
+    def slot_mapping(self, request_id: str, start: int, end: int) -> list[int]:
+        """Cache slots (block_id * block_size + offset) of token positions [start, end)."""
+        req = self._get(request_id)
+        bs = self.block_size
+        if not 0 <= start <= end <= len(req.block_ids) * bs:
+            raise ValueError(
+                f"positions [{start}, {end}) outside the {len(req.block_ids) * bs} allocated "
+                f"slots of request {request_id!r}"
+            )
+        return [req.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def lookup_prefix(
+        self, token_ids: Sequence[int], extra_keys: tuple[Any, ...] | None = None
+    ) -> PrefixHit:
+        """Longest run of leading full blocks whose chained hash is cached. Read-only. At most
+        ``(len(token_ids) - 1) // block_size`` blocks, so one token is always left to compute
+        (the engine needs its logits)."""
+        hit = PrefixHit()
+        if not self.config.enable_prefix_caching:
+            return hit
+        bs = self.block_size
+        parent: NativeHash | None = None
+        for i in range((len(token_ids) - 1) // bs):
+            native = self.hasher.hash_block(parent, token_ids[i * bs : (i + 1) * bs], extra_keys)
+            ext = self.hasher.external(native)
+            block_id = self._hash_to_block.get(ext)
+            if block_id is None:
+                break
+            hit.block_ids.append(block_id)
+            hit.block_hashes.append(ext)
+            parent = native
+        hit.num_cached_tokens = len(hit.block_ids) * bs
+        hit.parent_native = parent
+        return hit
+
+    # -- mutation ----------------------------------------------------------------------------
+    def allocate_slots(
+        self,
+        request_id: str,
+        token_ids: Sequence[int],
+        num_new_tokens: int,
+        prefix: PrefixHit | None = None,
+        *,
+        extra_keys: tuple[Any, ...] | None = None,
+        expected_num_tokens: int | None = None,
+    ) -> list[int] | None:
+        """Grow ``request_id``'s block table to cover num_computed_tokens + num_new_tokens.
+
+        The first call registers the request: it takes a reference on every block of
+        ``prefix`` (re-validated: blocks evicted since the lookup are dropped from the hit)
+        and starts with num_computed_tokens = the hit's cached tokens. ``expected_num_tokens``
+        (e.g. prompt + max_tokens) lets best fit pick a run with room to grow in place.
+        Returns the newly allocated block ids (possibly empty), or None when the pool cannot
+        supply them even after eviction; then nothing has changed.
+        """
+        if num_new_tokens < 0:
+            raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
+        req = self._requests.get(request_id)
+        hit = self._validated(prefix, token_ids, extra_keys) if req is None else PrefixHit()
+        num_computed = hit.num_cached_tokens if req is None else req.num_computed_tokens
+        num_held = len(hit.block_ids) if req is None else len(req.block_ids)
+        bs = self.block_size
+        need = max(0, -(-(num_computed + num_new_tokens) // bs) - num_held)
+        revived = sum(1 for b in hit.block_ids if self._ref_cnt[b] == 0)
+        if need > self._free.num_free + len(self._evictable) - revived:
+            return None
+        self._tick()
+        if req is None:
+            req = self._register(request_id, token_ids, hit, extra_keys, expected_num_tokens)
+        if need > self._free.num_free:
+            self._evict(need - self._free.num_free)
+        last = req.block_ids[-1] if req.block_ids else None
+        if self.config.allocator == "best_fit":
+            want = None
+            if req.expected_num_tokens is not None:
+                want = -(-req.expected_num_tokens // bs) - len(req.block_ids)
+            new_ids = best_fit(self._free, need, last, want)
+        else:
+            new_ids = first_free(self._free, need)
+        for b in new_ids:
+            self._ref_cnt[b] = 1
+        req.block_ids += new_ids
+        self._epochs.record(new_ids)
+        return new_ids
+
+    def commit(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
+        """Record that tokens[:num_computed_tokens] now hold K/V. Blocks that became full are
+        hashed; the first block per hash is cached (``BlockStored``), a duplicate of an
+        already cached hash stays private and returns to empty on free."""
+        req = self._get(request_id)
+        bs = self.block_size
+        if not req.num_computed_tokens <= num_computed_tokens <= len(req.block_ids) * bs:
+            raise ValueError(
+                f"num_computed_tokens {num_computed_tokens} must lie in "
+                f"[{req.num_computed_tokens}, {len(req.block_ids) * bs}] for {request_id!r}"
+            )
+        if num_computed_tokens > len(token_ids):
+            raise ValueError(
+                f"num_computed_tokens {num_computed_tokens} exceeds the {len(token_ids)} tokens given"
+            )
+        req.num_computed_tokens = num_computed_tokens
+        if not self.config.enable_prefix_caching:
+            return
+        self._tick()
+        stored: BlockStored | None = None
+        for i in range(req.num_hashed_blocks, num_computed_tokens // bs):
+            parent_ext = None if req.last_native is None else self.hasher.external(req.last_native)
+            chunk = list(token_ids[i * bs : (i + 1) * bs])
+            req.last_native = self.hasher.hash_block(req.last_native, chunk, req.extra_keys)
+            ext = self.hasher.external(req.last_native)
+            block_id = req.block_ids[i]
+            if ext in self._hash_to_block:
+                self._flush_stored(stored)
+                stored = None
+                continue
+            self._hash_to_block[ext] = block_id
+            self._block_hash[block_id] = ext
+            self._parent_hash[block_id] = parent_ext
+            if parent_ext is not None:
+                self._num_children[parent_ext] += 1
+            self._evictable.touch(block_id, self._clock, i)
+            if stored is None:
+                stored = BlockStored([], parent_ext, [], bs)
+            stored.block_hashes.append(ext)
+            stored.token_ids.extend(chunk)
+        req.num_hashed_blocks = max(req.num_hashed_blocks, num_computed_tokens // bs)
+        self._flush_stored(stored)
+
+    def free(self, request_id: str) -> None:
+        """Release a request's references, tail first (so chain leaves are evicted first).
+        Raises KeyError for an unknown (or already freed) request, changing nothing."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            raise KeyError(f"unknown request {request_id!r} (never allocated or already freed)")
+        self._tick()
+        for b in reversed(req.block_ids):
+            self._ref_cnt[b] -= 1
+            assert self._ref_cnt[b] >= 0, f"negative ref_cnt on block {b}"
+            if self._ref_cnt[b] == 0:
+                if self._block_hash[b] is None:
+                    self._free.put(b)
+                else:
+                    self._evictable.add(b, self._clock)
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached block (``AllBlocksCleared``). Refused (False) while any block is
+        in use, as in vLLM, since used blocks' hashes cannot be withdrawn safely."""
+        if self._free.num_free + len(self._evictable) != self.num_blocks:
+            return False
+        while len(self._evictable):
+            self._drop_hash(self._evictable.pop(lambda _b: True))
+        self._events.append(AllBlocksCleared())
+        return True
+
+    def observe_latency(self, level: str, seconds: float) -> None:
+        """Record a latency served by cache ``level`` ('device' or 'recompute'): F_access."""
+        if level not in self._levels.latencies:
+            raise ValueError(f"unknown cache level {level!r}; expected one of {LevelLatencies.LEVELS}")
+        self._levels.latencies[level].append(seconds)
+
+    def take_events(self) -> list[KVEvent]:
+        """Drain and return the events since the last call, in order."""
+        events, self._events = self._events, []
+        return events
+
+    # -- compaction --------------------------------------------------------------------------
+    def plan_compaction(self) -> list[tuple[int, int]]:
+        """Minimal (src, dst) moves that pack every non-empty block into the low ids."""
+        return plan_moves(self._free, self.num_blocks)
+
+    def apply_compaction(
+        self, moves: Sequence[tuple[int, int]], kv_caches: Sequence[torch.Tensor] = ()
+    ) -> None:
+        """Move blocks' K/V (every tensor in ``kv_caches``, block dim first) and rewrite block
+        tables, hash map, ref counts and free space in one step. Sources must hold data,
+        destinations must be empty, and the two sets must be disjoint (as planned)."""
+        srcs, dsts = [s for s, _ in moves], [d for _, d in moves]
+        if len(set(srcs)) != len(srcs) or len(set(dsts)) != len(dsts) or set(srcs) & set(dsts):
+            raise ValueError("compaction moves need distinct sources, distinct destinations, disjoint sets")
+        for s, d in moves:
+            if not (0 <= s < self.num_blocks and 0 <= d < self.num_blocks):
+                raise ValueError(f"move ({s}, {d}) outside the pool of {self.num_blocks} blocks")
+            if self._free.is_free(s) or not self._free.is_free(d):
+                raise ValueError(f"move ({s}, {d}): source must hold data, destination be empty")
+        copy_blocks_reference(kv_caches, srcs, dsts)
+        remap = dict(moves)
+        for s, d in moves:
+            self._free.take_block(d)
+            self._ref_cnt[d], self._ref_cnt[s] = self._ref_cnt[s], 0
+            h = self._block_hash[s]
+            self._block_hash[d], self._block_hash[s] = h, None
+            self._parent_hash[d], self._parent_hash[s] = self._parent_hash[s], None
+            if h is not None:
+                self._hash_to_block[h] = d
+            if s in self._evictable:
+                self._evictable.rename(s, d)
+        for s, _ in moves:
+            self._free.put(s)
+        for req in self._requests.values():
+            req.block_ids = [remap.get(b, b) for b in req.block_ids]
+
+    # -- stats and invariants ----------------------------------------------------------------
+    def stats(self) -> PoolStats:
+        cfg = self.config
+        num_empty = self._free.num_free
+        num_evictable = len(self._evictable)
+        num_used = self.num_blocks - num_empty - num_evictable
+        filled: dict[int, int] = {}
+        for req in self._requests.values():
+            for i, b in enumerate(req.block_ids):
+                n = min(self.block_size, max(0, req.num_computed_tokens - i * self.block_size))
+                filled[b] = max(filled.get(b, 0), n)
+        allocated = len(filled) * self.block_size
+        fs = f_spatial(self._free.runs(), self.num_blocks - num_empty, self.num_blocks, cfg.frag_sigma)
+        ft = self._epochs.f_temporal()
+        fa = self._levels.f_access()
+        return PoolStats(
+            num_blocks=self.num_blocks,
+            block_size=self.block_size,
+            num_free_blocks=num_empty + num_evictable,
+            num_empty_blocks=num_empty,
+            num_evictable_blocks=num_evictable,
+            num_used_blocks=num_used,
+            num_cached_blocks=len(self._hash_to_block),
+            num_free_runs=len(self._free),
+            largest_free_run=self._free.largest(),
+            num_requests=len(self._requests),
+            usage=num_used / self.num_blocks,
+            utilization=sum(filled.values()) / allocated if allocated else 1.0,
+            external_fragmentation=external_fragmentation(self._free.largest(), num_empty),
+            f_spatial=fs,
+            f_temporal=ft,
+            f_access=fa,
+            f_total=cfg.frag_alpha * fs + cfg.frag_beta * ft + cfg.frag_gamma * fa,
+            prefix_hit_tokens=self._prefix_hit_tokens,
+            prefix_query_tokens=self._prefix_query_tokens,
+            num_evicted_blocks=self._num_evicted,
+        )
+
+    def num_runs(self, request_id: str) -> int:
+        """Number of maximal contiguous id runs in a request's block table."""
+        ids = self._get(request_id).block_ids
+        return sum(1 for i, b in enumerate(ids) if i == 0 or b != ids[i - 1] + 1)
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError if any pool invariant is broken (see module docstring)."""
+        from kvmanager.integrity import check_pool
+
+        check_pool(self)
+
+    # -- internals ---------------------------------------------------------------------------
+    def _get(self, request_id: str) -> _Request:
+        req = self._requests.get(request_id)
+        if req is None:
+            raise KeyError(f"unknown request {request_id!r}")
+        return req
+
+    def _tick(self) -> None:
+        self._clock += 1
+        self._epochs.tick()
+
+    def _validated(
+        self, prefix: PrefixHit | None, token_ids: Sequence[int], extra_keys: tuple[Any, ...] | None
+    ) -> PrefixHit:
+        if prefix is None:
+            return PrefixHit()
+        if len(prefix.block_ids) != len(prefix.block_hashes):
+            raise ValueError("prefix.block_ids and prefix.block_hashes differ in length")
+        for b, h in zip(prefix.block_ids, prefix.block_hashes, strict=True):
+            if not 0 <= b < self.num_blocks or self._block_hash[b] != h:
+                # NOTE: a block was evicted (or moved) between lookup and allocate: look again.
+                return self.lookup_prefix(token_ids, extra_keys)
+        return prefix
+
+    def _register(
+        self,
+        request_id: str,
+        token_ids: Sequence[int],
+        hit: PrefixHit,
+        extra_keys: tuple[Any, ...] | None,
+        expected_num_tokens: int | None,
+    ) -> _Request:
+        for depth, b in enumerate(hit.block_ids):
+            if self._ref_cnt[b] == 0:
+                self._evictable.remove(b)
+            self._ref_cnt[b] += 1
+            self._evictable.touch(b, self._clock, depth)
+        self._epochs.record(hit.block_ids)
+        self._prefix_query_tokens += len(token_ids)
+        self._prefix_hit_tokens += hit.num_cached_tokens
+        self._levels.tokens["device"] += hit.num_cached_tokens
+        self._levels.tokens["recompute"] += len(token_ids) - hit.num_cached_tokens
+        req = _Request(
+            list(hit.block_ids), hit.num_cached_tokens, len(hit.block_ids), hit.parent_native,
+            extra_keys, expected_num_tokens,
+        )
+        self._requests[request_id] = req
+        return req
+
+    def _evict(self, n: int) -> None:
+        removed: list[int] = []
+        for _ in range(n):
+            b = self._evictable.pop(self._is_leaf)
+            removed.append(self._drop_hash(b))
+            self._num_evicted += 1
+        self._events.append(BlockRemoved(removed))
+
+    def _drop_hash(self, block_id: int) -> int:
+        h = self._block_hash[block_id]
+        assert h is not None and self._ref_cnt[block_id] == 0
+        del self._hash_to_block[h]
+        parent = self._parent_hash[block_id]
+        if parent is not None:
+            self._num_children[parent] -= 1
+            if self._num_children[parent] == 0:
+                del self._num_children[parent]
+        self._block_hash[block_id] = None
+        self._parent_hash[block_id] = None
+        self._evictable.forget(block_id)
+        self._free.put(block_id)
+        return h
+
+    def _is_leaf(self, block_id: int) -> bool:
+        h = self._block_hash[block_id]
+        return h is None or self._num_children.get(h, 0) == 0
+
+    def _flush_stored(self, stored: BlockStored | None) -> None:
+        if stored is not None and stored.block_hashes:
+            self._events.append(stored)
