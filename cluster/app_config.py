@@ -1,0 +1,105 @@
+"""AppConfig: the arguments of the Serve application builder (``cluster.app:build_app``).
+
+``deploy/app.yaml`` ``applications[].args`` maps 1:1 onto these fields, so a YAML typo is a
+validation error at ``serve run`` time, not a silently ignored key:
+
+    args:
+      engine: {model: default, num_blocks: 1024}     # replicas.config.EngineConfig
+      num_replicas: 2
+      router: tinyserve                              # or prefix_cache_affinity / pow2
+      router_kwargs: {select_timeout_s: 0.05}
+      selector: {port: 50051, policy: tinyserve}
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from replicas.config import EngineConfig
+
+RouterName = Literal["tinyserve", "prefix_cache_affinity", "pow2"]
+
+# The Serve request router class for each ``router`` choice (import paths, resolved by Serve).
+ROUTER_CLASSES: dict[str, str] = {
+    "tinyserve": "cluster.router:TinyServeRouter",
+    "prefix_cache_affinity": (
+        "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router:"
+        "PrefixCacheAffinityRouter"
+    ),
+    "pow2": (
+        "ray.serve._private.request_router.pow_2_router:PowerOfTwoChoicesRequestRouter"
+    ),
+}
+
+
+class SelectorSettings(BaseModel):
+    """The cache-selection service deployment (one replica in the same app)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = Field(
+        default=True,
+        description="Run the selection service; when False replicas report nothing and the "
+        "tinyserve router always uses its power-of-two fallback.",
+    )
+    host: str = Field(default="0.0.0.0", description="gRPC bind address of the service.")
+    port: int = Field(
+        default=50051, ge=0, le=65535, description="gRPC port (0 = any free port)."
+    )
+    policy: str = Field(default="tinyserve", description="The service's default policy.")
+    pending_ttl_s: float = Field(
+        default=2.0, gt=0, description="Speculative-insert lifetime of a routed prefix."
+    )
+    stale_after_s: float = Field(
+        default=30.0, gt=0, description="A silent replica expires after this long."
+    )
+    learn: bool = Field(default=False, description="Learn the objective's w from feedback.")
+
+
+class AppConfig(BaseModel):
+    """Everything ``build_app`` needs; every field has a working default (SmolLM2 on CPU)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig, description="Engine of every LLM replica."
+    )
+    served_model_name: str | None = Field(
+        default=None,
+        description="Model id in the OpenAI API; None = 'smollm2-135m-instruct' for the "
+        "default model, else the checkpoint's directory/file name.",
+    )
+    num_replicas: int = Field(default=2, ge=1, description="LLM replicas.")
+    num_cpus_per_replica: float = Field(default=1.0, ge=0, description="Ray CPUs per replica.")
+    num_gpus_per_replica: float = Field(
+        default=0.0, ge=0, description="Ray GPUs per replica (set engine.device: cuda too)."
+    )
+    max_ongoing_requests: int = Field(
+        default=64, ge=1, description="Serve's cap on requests in flight per LLM replica."
+    )
+    ingress_num_replicas: int = Field(default=1, ge=1, description="HTTP ingress replicas.")
+    router: RouterName = Field(
+        default="tinyserve", description="Serve request router of the LLM deployment."
+    )
+    router_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="request_router_kwargs of that router (TinyServeRouter: "
+        "select_timeout_s, policy, ...).",
+    )
+    report_interval_s: float = Field(
+        default=0.05, gt=0, description="How often a replica flushes KV events to the service."
+    )
+    selector: SelectorSettings = Field(default_factory=SelectorSettings)
+
+    def model_name(self) -> str:
+        """The model id clients send and /v1/models lists."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.engine.model == "default":
+            return "smollm2-135m-instruct"
+        return self.engine.model.rstrip("/").rsplit("/", 1)[-1].removesuffix(".gguf")
+
+    def router_class(self) -> str:
+        return ROUTER_CLASSES[self.router]

@@ -1,0 +1,391 @@
+"""SelectorCore: the in-process selection service (index + replicas + policies), no gRPC.
+
+The gRPC servicer, the vLLM ZMQ adapter and the discrete-event simulator all drive this one
+object. Every public method takes the core's lock, so callers on different threads (the aio
+loop, a ZMQ subscriber thread) are safe; each call is short.
+
+Replica stream protocol (per replica): ``join`` -> ``resync(seq=S)`` -> ``apply_events(S+1)``,
+``apply_events(S+2)``, ... A batch whose seq is not ``last_seq + 1`` is not applied: the result
+says ``resync_required`` and the replica is marked unsynced until the next resync. A fresh
+replica may skip the resync and start at seq 0 (empty cache). ``clock`` is injectable
+(simulated time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cluster.access import AccessTracker
+from cluster.core_types import ApplyResult, CoreStats, ReplicaStatus, Selection
+from cluster.index import KVIndex
+from cluster.metrics import SelectorMetrics
+from cluster.objective import (
+    ObjectiveConfig,
+    TinyServeObjective,
+    discounted_reward,
+    realised_reward,
+)
+from cluster.policy import Policy, make_policy, policy_names
+from cluster.replica_table import ReplicaRecord, ReplicaTable
+from cluster.types import Candidates, LoadSnapshot, Outcome, SelectionRequest
+from kvmanager.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+
+
+@dataclass(slots=True, frozen=True)
+class CoreConfig:
+    """Service configuration; limits bound what one message may carry."""
+
+    default_policy: str = "tinyserve"
+    pending_ttl_s: float = 2.0
+    stale_after_s: float = 30.0
+    hot_half_life_s: float = 60.0
+    max_prompt_blocks: int = 16384
+    max_events_per_batch: int = 65536
+    max_hashes_per_event: int = 65536
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+
+
+class SelectorCore:
+    """Global KV view and replica ranking. See the module docstring for the protocol."""
+
+    def __init__(
+        self,
+        config: CoreConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        metrics: SelectorMetrics | None = None,
+    ) -> None:
+        self.config = config or CoreConfig()
+        if self.config.default_policy not in policy_names():
+            raise ValueError(f"unknown default policy {self.config.default_policy!r}")
+        self.clock = clock
+        self.metrics = metrics or SelectorMetrics()
+        self._lock = threading.Lock()
+        self._index = KVIndex(clock)
+        self._table = ReplicaTable()
+        self._access = AccessTracker(clock, self.config.hot_half_life_s)
+        self._policies: dict[str, Policy] = {}
+        self._routed: OrderedDict[str, tuple[str, int]] = (
+            OrderedDict()
+        )  # request_id -> (policy, predicted)
+        self._started = clock()
+        self.counters = {
+            "selects": 0,
+            "events": 0,
+            "unknown_replica": 0,
+            "resyncs": 0,
+            "feedback": 0,
+        }
+        self._decisions: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ policies
+    def policy(self, name: str = "") -> Policy:
+        """The (shared, stateful) policy instance by name; ValueError when unknown."""
+        name = name or self.config.default_policy
+        pol = self._policies.get(name)
+        if pol is None:
+            kwargs = {"config": self.config.objective} if name == TinyServeObjective.name else {}
+            pol = make_policy(name, **kwargs)
+            self._policies[name] = pol
+        return pol
+
+    # ------------------------------------------------------------------ membership
+    def join(
+        self, replica_id: str, node_id: str = "", block_size: int = 16, num_blocks: int = 0
+    ) -> None:
+        """Register or refresh a replica (idempotent; a rejoin keeps its index state)."""
+        with self._lock:
+            rec, created = self._table.add(replica_id, node_id, block_size, num_blocks)
+            if created:
+                self._index.add_slot(rec.slot)
+            rec.connected = True
+            rec.last_seen = self.clock()
+            self.metrics.replicas.set(len(self._table))
+
+    def touch(self, replica_id: str) -> bool:
+        """Heartbeat: the replica is alive (no-op and False when unknown; not counted)."""
+        with self._lock:
+            rec = self._table.get(replica_id)
+            if rec is not None:
+                rec.last_seen = self.clock()
+            return rec is not None
+
+    def disconnect(self, replica_id: str) -> None:
+        """Its stream ended; state stays until it reconnects, leaves or expires."""
+        with self._lock:
+            rec = self._table.get(replica_id)
+            if rec is not None:
+                rec.connected = False
+
+    def leave(self, replica_id: str) -> bool:
+        """Forget a replica and everything it held; False when unknown."""
+        with self._lock:
+            return self._leave_locked(replica_id)
+
+    def _leave_locked(self, replica_id: str) -> bool:
+        rec = self._table.remove(replica_id)
+        if rec is None:
+            return False
+        self._index.remove_slot(rec.slot)
+        self._access.forget(rec.slot)
+        self.metrics.replicas.set(len(self._table))
+        with contextlib.suppress(KeyError):
+            self.metrics.index_blocks.remove(replica_id)
+        return True
+
+    def expire_stale(self) -> list[str]:
+        """Remove replicas silent for longer than ``stale_after_s``; returns their ids."""
+        with self._lock:
+            now = self.clock()
+            stale = [
+                r.replica_id
+                for r in self._table.records.values()
+                if now - r.last_seen > self.config.stale_after_s
+            ]
+            for rid in stale:
+                self._leave_locked(rid)
+            self._index.expire_pending()
+            return stale
+
+    def _known(self, replica_id: str) -> ReplicaRecord | None:
+        rec = self._table.get(replica_id)
+        if rec is None:
+            self.counters["unknown_replica"] += 1
+            self.metrics.errors.labels("unknown_replica").inc()
+        else:
+            rec.last_seen = self.clock()
+        return rec
+
+    # ------------------------------------------------------------------ ingestion
+    def apply_events(self, replica_id: str, seq: int, events: Sequence[KVEvent]) -> ApplyResult:
+        """Apply one batch atomically (all or nothing). Unknown replica: ignored and counted."""
+        with self._lock:
+            rec = self._known(replica_id)
+            if rec is None:
+                return ApplyResult(False, False, -1, 0)
+            if seq != rec.last_seq + 1:
+                rec.synced = False
+                self.metrics.errors.labels("seq_gap").inc()
+                return ApplyResult(False, True, rec.last_seq, 0)
+            slot, n = rec.slot, 0
+            for ev in events:
+                if isinstance(ev, BlockStored):
+                    n += self._index.store(slot, ev.block_hashes, ev.medium)
+                    self.metrics.block_events.labels("stored").inc(len(ev.block_hashes))
+                elif isinstance(ev, BlockRemoved):
+                    n += self._index.remove(slot, ev.block_hashes, ev.medium)
+                    self._access.forget(slot, ev.block_hashes)
+                    self.metrics.block_events.labels("removed").inc(len(ev.block_hashes))
+                elif isinstance(ev, AllBlocksCleared):
+                    self._index.clear(slot)
+                    self._access.forget(slot)
+                    self.metrics.block_events.labels("cleared").inc()
+            rec.last_seq = seq
+            self.counters["events"] += n
+            self._update_index_gauges(rec)
+            return ApplyResult(True, False, seq, n)
+
+    def resync(
+        self, replica_id: str, seq: int, gpu_hashes: Iterable[int], cpu_hashes: Iterable[int] = ()
+    ) -> ApplyResult:
+        """Replace the replica's resident set; the next batch must carry ``seq + 1``."""
+        with self._lock:
+            rec = self._known(replica_id)
+            if rec is None:
+                return ApplyResult(False, False, -1, 0)
+            self._index.replace(rec.slot, gpu_hashes, cpu_hashes)
+            self._access.forget(rec.slot)
+            rec.last_seq, rec.synced = seq, True
+            self.counters["resyncs"] += 1
+            self.metrics.resyncs.inc()
+            self._update_index_gauges(rec)
+            return ApplyResult(True, False, seq, self._index.num_resident(rec.slot))
+
+    def update_load(self, replica_id: str, load: LoadSnapshot) -> bool:
+        with self._lock:
+            rec = self._known(replica_id)
+            if rec is not None:
+                self._table.set_load(rec, load)
+            return rec is not None
+
+    def _update_index_gauges(self, rec: ReplicaRecord) -> None:
+        self.metrics.index_blocks.labels(rec.replica_id).set(self._index.num_resident(rec.slot))
+        self.metrics.unique_blocks.set(self._index.num_unique_blocks)
+
+    # ------------------------------------------------------------------ selection
+    def select(
+        self,
+        request: SelectionRequest,
+        candidate_ids: Sequence[str] = (),
+        policy: str = "",
+        max_results: int = 0,
+        speculative: bool = True,
+    ) -> Selection:
+        """Rank candidates (all known replicas when empty) for ``request``. Unknown candidate
+        ids are ignored and counted. ValueError for an oversized prompt or an unknown policy.
+        With ``speculative`` the winner gets the prompt's blocks as pending inserts and the
+        request's tokens as in-flight load."""
+        if len(request.block_hashes) > self.config.max_prompt_blocks:
+            raise ValueError(
+                f"{len(request.block_hashes)} block hashes exceed max_prompt_blocks={self.config.max_prompt_blocks}"
+            )
+        with self._lock:
+            t0 = time.perf_counter()
+            pol = self.policy(policy)
+            self._index.expire_pending()
+            slots, ids, unknown = self._candidate_slots(candidate_ids)
+            cands = self._candidates(request, slots, ids)
+            ranking = pol.select(request, cands)
+            ranked = ranking.top(cands, max_results)
+            if ranked:
+                self._route(
+                    request,
+                    ranked[0].replica_id,
+                    pol.name,
+                    int(cands.num_matched_blocks[ranking.order[0]]),
+                    speculative,
+                )
+            self.counters["selects"] += 1
+            self._decisions[pol.name] = self._decisions.get(pol.name, 0) + 1
+            self.metrics.decisions.labels(pol.name).inc()
+            self.metrics.select_latency.labels(pol.name).observe(time.perf_counter() - t0)
+            return Selection(pol.name, ranked, request.num_prompt_blocks, unknown)
+
+    def _candidate_slots(self, candidate_ids: Sequence[str]) -> tuple[np.ndarray, list[str], int]:
+        if not candidate_ids:
+            slots, ids = self._table.live()
+            return slots, ids, 0
+        recs = [self._table.records.get(r) for r in candidate_ids]
+        known = [r for r in recs if r is not None]
+        unknown = len(recs) - len(known)
+        if unknown:
+            self.counters["unknown_replica"] += unknown
+            self.metrics.errors.labels("unknown_replica").inc(unknown)
+        return np.asarray([r.slot for r in known], np.int64), [r.replica_id for r in known], unknown
+
+    def _candidates(
+        self, request: SelectionRequest, slots: np.ndarray, ids: list[str]
+    ) -> Candidates:
+        mask = 0
+        for s in slots.tolist():
+            mask |= 1 << s
+        match = self._index.match(request.block_hashes, mask)
+        cap = len(self._table.cols["num_blocks"])
+        matched = np.zeros(cap, np.int64)
+        pending = np.zeros(cap, np.int64)
+        host = np.zeros(cap, np.int64)
+        hot = np.zeros(cap, np.float64)
+        for s, m in match.resident.items():
+            matched[s] = m
+            hot[s] = self._access.hotness(s, request.block_hashes, m)
+        for s, p in match.pending.items():
+            pending[s] = p
+        for s, h in match.host.items():
+            host[s] = h
+        c = self._table.cols
+        if request.origin_node_id:
+            same = np.asarray(
+                [self._table.by_slot[s].node_id == request.origin_node_id for s in slots.tolist()],
+                bool,
+            )
+        else:
+            same = np.zeros(len(slots), bool)
+        return Candidates(
+            ids,
+            matched[slots],
+            pending[slots],
+            host[slots],
+            hot[slots],
+            c["block_size"][slots],
+            c["num_blocks"][slots],
+            c["num_free_blocks"][slots],
+            c["num_cached_blocks"][slots],
+            c["num_running_reqs"][slots],
+            c["num_waiting_reqs"][slots],
+            c["num_queued_tokens"][slots],
+            c["ttft_ewma_s"][slots],
+            c["f_total"][slots],
+            c["usage"][slots],
+            c["reward"][slots],
+            same,
+        )
+
+    def _route(
+        self,
+        request: SelectionRequest,
+        replica_id: str,
+        policy: str,
+        matched: int,
+        speculative: bool,
+    ) -> None:
+        rec = self._table.records[replica_id]
+        if speculative:
+            self._index.mark_pending(rec.slot, request.block_hashes, self.config.pending_ttl_s)
+            self._table.add_inflight(rec, request.num_prompt_tokens + request.num_output_tokens)
+            self._access.bump(rec.slot, request.block_hashes)
+        if request.request_id:
+            self._routed[request.request_id] = (policy, matched * rec.block_size)
+            if len(self._routed) > 65536:
+                self._routed.popitem(last=False)
+
+    # ------------------------------------------------------------------ feedback and stats
+    def feedback(self, outcome: Outcome) -> bool:
+        """Record a realised outcome; False (counted) for an unknown replica."""
+        with self._lock:
+            rec = self._known(outcome.replica_id)
+            if rec is None:
+                return False
+            r, hit = realised_reward(outcome, self.config.objective)
+            rec.rewards.appendleft((r, hit))
+            self._table.set_reward(rec, discounted_reward(rec.rewards, self.config.objective.gamma))
+            self.counters["feedback"] += 1
+            routed = self._routed.pop(outcome.request_id, None)
+            if routed is not None:
+                policy, predicted = routed
+                self.metrics.predicted_hit_tokens.inc(predicted)
+                self.metrics.realised_hit_tokens.inc(outcome.num_cached_tokens)
+                self.policy(policy).on_feedback(outcome)
+            return True
+
+    def stats(self) -> CoreStats:
+        with self._lock:
+            tiny = self._policies.get(TinyServeObjective.name)
+            w = (
+                tuple(float(x) for x in tiny.w)
+                if isinstance(tiny, TinyServeObjective)
+                else self.config.objective.w
+            )
+            return CoreStats(
+                len(self._table),
+                self._index.num_unique_blocks,
+                dict(self.counters),
+                dict(self._decisions),
+                self.clock() - self._started,
+                self.config.default_policy,
+                w,
+            )
+
+    def list_replicas(self) -> list[ReplicaStatus]:
+        with self._lock:
+            now = self.clock()
+            return [
+                ReplicaStatus(
+                    r.replica_id,
+                    r.node_id,
+                    r.block_size,
+                    self._index.num_resident(r.slot),
+                    self._index.num_pending(r.slot),
+                    r.synced,
+                    r.connected,
+                    now - r.last_seen,
+                    r.last_seq,
+                    r.load,
+                )
+                for r in sorted(self._table.records.values(), key=lambda r: r.replica_id)
+            ]

@@ -1,0 +1,232 @@
+"""Global KV block index: which replica (slot) holds which block hash.
+
+Layout (R replicas, each owning a small-int ``slot``; bit ``slot`` of a mask = that replica):
+
+    _any     : block_hash -> mask of slots holding it on any tier    (matching reads this)
+    _gpu/_cpu: per slot, set of block hashes on the device / host tier (resync, leave, stats)
+    _cpu_mask: block_hash -> mask of slots holding it on the host tier (only if a host tier)
+    _pending : block_hash -> mask of slots with a speculative insert  (TTL, see mark_pending)
+
+NOTE: one dict lookup and one AND per prompt block gives every replica's longest prefix at
+once, O(prompt blocks + matched replicas) instead of O(R x blocks). Python ints are
+arbitrary-width bitsets, so R is unbounded.
+
+Contract: not thread-safe (the core serialises calls). Hash values are 64-bit external hashes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from kvmanager.events import MEDIUM_CPU
+
+
+@dataclass(slots=True)
+class PrefixMatch:
+    """Longest exact prefix per slot; slots absent from a dict matched 0 blocks.
+    ``pending[slot]`` counts blocks matched beyond ``resident[slot]`` thanks to pending inserts;
+    ``host[slot]`` how many of the resident matched blocks are on the host tier only."""
+
+    resident: dict[int, int]
+    pending: dict[int, int]
+    host: dict[int, int]
+
+
+def _record(lengths: dict[int, int], dropped: int, length: int) -> None:
+    while dropped:
+        low = dropped & -dropped
+        lengths[low.bit_length() - 1] = length
+        dropped ^= low
+
+
+def _walk(
+    lookup: Callable[[int], int], block_hashes: Sequence[int], slots_mask: int
+) -> dict[int, int]:
+    """Slot -> number of leading blocks whose masks all contain the slot (0 omitted)."""
+    lengths: dict[int, int] = {}
+    if not block_hashes:
+        return lengths
+    alive = slots_mask
+    for i, h in enumerate(block_hashes):
+        nxt = alive & lookup(h)
+        if nxt != alive:
+            if i:
+                _record(lengths, alive ^ nxt, i)
+            alive = nxt
+            if not alive:
+                return lengths
+    _record(lengths, alive, len(block_hashes))
+    return lengths
+
+
+class KVIndex:
+    """Resident and pending block hashes of every replica slot."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._any: dict[int, int] = {}
+        self._cpu_mask: dict[int, int] = {}
+        self._gpu: dict[int, set[int]] = {}
+        self._cpu: dict[int, set[int]] = {}
+        self._pending: dict[int, int] = {}
+        self._pending_deadline: dict[int, dict[int, float]] = {}
+        self._pending_queue: deque[tuple[float, int, tuple[int, ...]]] = deque()
+
+    # ------------------------------------------------------------------ membership
+    def add_slot(self, slot: int) -> None:
+        """Start tracking an (empty) slot; idempotent."""
+        self._gpu.setdefault(slot, set())
+        self._cpu.setdefault(slot, set())
+        self._pending_deadline.setdefault(slot, {})
+
+    def remove_slot(self, slot: int) -> None:
+        """Forget every resident and pending hash of ``slot``; the slot number may be reused."""
+        self.clear(slot)
+        bit = 1 << slot
+        for h in self._pending_deadline.pop(slot, {}):
+            self._clear_bit(self._pending, h, bit)
+        self._gpu.pop(slot, None)
+        self._cpu.pop(slot, None)
+
+    def num_resident(self, slot: int) -> int:
+        return len(self._gpu.get(slot, ())) + len(self._cpu.get(slot, ()))
+
+    def num_pending(self, slot: int) -> int:
+        return len(self._pending_deadline.get(slot, ()))
+
+    @property
+    def num_unique_blocks(self) -> int:
+        return len(self._any)
+
+    # ------------------------------------------------------------------ mutation
+    def store(self, slot: int, block_hashes: Iterable[int], medium: str | None = None) -> int:
+        """Mark hashes resident on ``slot`` (host tier when ``medium == "CPU"``). Returns the
+        number of hashes applied."""
+        bit = 1 << slot
+        host = medium == MEDIUM_CPU
+        tier = self._cpu[slot] if host else self._gpu[slot]
+        any_ = self._any
+        n = 0
+        for h in block_hashes:
+            tier.add(h)
+            any_[h] = any_.get(h, 0) | bit
+            if host:
+                self._cpu_mask[h] = self._cpu_mask.get(h, 0) | bit
+            n += 1
+        return n
+
+    def remove(self, slot: int, block_hashes: Iterable[int], medium: str | None = None) -> int:
+        """Drop hashes from one tier of ``slot``; unknown hashes are ignored. Returns the count
+        of hashes named."""
+        bit = 1 << slot
+        host = medium == MEDIUM_CPU
+        tier, other = (
+            (self._cpu[slot], self._gpu[slot]) if host else (self._gpu[slot], self._cpu[slot])
+        )
+        n = 0
+        for h in block_hashes:
+            n += 1
+            if h not in tier:
+                continue
+            tier.discard(h)
+            if host:
+                self._clear_bit(self._cpu_mask, h, bit)
+            if h not in other:
+                self._clear_bit(self._any, h, bit)
+        return n
+
+    def clear(self, slot: int) -> None:
+        """AllBlocksCleared: drop every resident hash of ``slot`` (pending inserts stay)."""
+        bit = 1 << slot
+        gpu, cpu = self._gpu.get(slot, set()), self._cpu.get(slot, set())
+        for h in gpu | cpu:
+            self._clear_bit(self._any, h, bit)
+        for h in cpu:
+            self._clear_bit(self._cpu_mask, h, bit)
+        gpu.clear()
+        cpu.clear()
+
+    def replace(self, slot: int, gpu_hashes: Iterable[int], cpu_hashes: Iterable[int] = ()) -> None:
+        """Full resync: the resident set of ``slot`` becomes exactly the given hashes."""
+        self.clear(slot)
+        self.store(slot, gpu_hashes)
+        self.store(slot, cpu_hashes, MEDIUM_CPU)
+
+    def mark_pending(self, slot: int, block_hashes: Sequence[int], ttl_s: float) -> None:
+        """Speculative insert: treat ``block_hashes`` as held by ``slot`` for ``ttl_s`` seconds
+        (so siblings of a burst follow the first request before its KV events arrive)."""
+        if not block_hashes or ttl_s <= 0:
+            return
+        deadline = self._clock() + ttl_s
+        bit = 1 << slot
+        per_slot = self._pending_deadline[slot]
+        pending = self._pending
+        for h in block_hashes:
+            per_slot[h] = deadline
+            pending[h] = pending.get(h, 0) | bit
+        self._pending_queue.append((deadline, slot, tuple(block_hashes)))
+
+    def expire_pending(self) -> int:
+        """Drop pending inserts whose TTL passed; returns how many (slot, hash) pairs expired."""
+        now = self._clock()
+        queue = self._pending_queue
+        n = 0
+        while queue and queue[0][0] <= now:
+            _, slot, hashes = queue.popleft()
+            per_slot = self._pending_deadline.get(slot)
+            if per_slot is None:
+                continue
+            bit = 1 << slot
+            for h in hashes:
+                # NOTE: a later mark_pending of the same hash pushed its deadline; keep that one.
+                deadline = per_slot.get(h)
+                if deadline is not None and deadline <= now:
+                    del per_slot[h]
+                    self._clear_bit(self._pending, h, bit)
+                    n += 1
+        return n
+
+    # ------------------------------------------------------------------ query
+    def match(self, block_hashes: Sequence[int], slots_mask: int) -> PrefixMatch:
+        """Longest exact prefix of ``block_hashes`` on every slot in ``slots_mask``."""
+        resident = _walk(self._lookup_any, block_hashes, slots_mask)
+        pending: dict[int, int] = {}
+        if self._pending:
+            with_pending = _walk(self._lookup_with_pending, block_hashes, slots_mask)
+            pending = {
+                s: n - resident.get(s, 0) for s, n in with_pending.items() if n > resident.get(s, 0)
+            }
+        host: dict[int, int] = {}
+        if self._cpu_mask and resident:
+            host = self._count_host_only(block_hashes, resident)
+        return PrefixMatch(resident, pending, host)
+
+    def _lookup_any(self, h: int) -> int:
+        return self._any.get(h, 0)
+
+    def _lookup_with_pending(self, h: int) -> int:
+        return self._any.get(h, 0) | self._pending.get(h, 0)
+
+    def _count_host_only(
+        self, block_hashes: Sequence[int], resident: dict[int, int]
+    ) -> dict[int, int]:
+        host: dict[int, int] = {}
+        for slot, n in resident.items():
+            gpu = self._gpu[slot]
+            k = sum(1 for h in block_hashes[:n] if h not in gpu)
+            if k:
+                host[slot] = k
+        return host
+
+    def holds(self, slot: int, block_hash: int) -> bool:
+        return bool(self._any.get(block_hash, 0) >> slot & 1)
+
+    @staticmethod
+    def _clear_bit(masks: dict[int, int], h: int, bit: int) -> None:
+        m = masks.get(h, 0) & ~bit
+        if m:
+            masks[h] = m
+        else:
+            masks.pop(h, None)

@@ -1,0 +1,203 @@
+"""The TinyServe selection objective (ARCHITECTURE.md, "The selection objective").
+
+    score(c|q) = λ1·U(c|q) − λ2·C(c,q) + λ3·R(c)
+    U(c|q)     = N · softmax_c( wᵀφ(q,c) / T )               N = number of candidates
+    φ(q,c)     = [ Q(q)·S(q,c), A(c,q), S(q,c), L(c,q) ]
+    C(c,q)     = α1·Size + α2·Load + α3·Latency + α4·F_total
+    R(c)       = Σ γ^(i−1)·r_i·1[hit_i] / Σ γ^(i−1)           over c's n latest outcomes
+
+Feature definitions (all in [0, 1]; n_q = prompt blocks, m_c = matched resident blocks,
+p_c = extra blocks matched only through pending speculative inserts, h_c = matched blocks on
+the host tier only):
+
+- S (similarity) = (m_c − (1−host_weight)·h_c + pending_weight·p_c) / n_q: tier-weighted
+  longest-prefix fraction.
+- A (frequency)  = 1 − exp(−hotness_c / hot_scale); hotness = decayed count of requests routed
+  to c through the same prefix checkpoint (see core.AccessTracker).
+- L (locality)   = tier share of the matched KV ((m_c − (1−host_weight)·h_c) / m_c, 0 without a
+  match), halved when the caller named its node and c runs on another node.
+- Q (complexity) = 1 − exp(−num_prompt_tokens / q_scale_tokens). NOTE: Q(q) is the same for every
+  candidate, so as a bare softmax input it would cancel. It acts through interaction: φ₀ = Q·S,
+  i.e. a cache hit is worth more for a long (prefill-heavy) prompt than for a short one.
+- NOTE: U is scaled by N so an average candidate has U = 1 whatever the cluster size; a plain
+  softmax shrinks like 1/N and would let the cost terms drown it at 256 replicas.
+
+Costs: Size = blocks q still needs on c (uncached prompt + expected output) / c's free blocks,
+clipped to [0, 2]; Load = queued tokens / (num_blocks·block_size), clipped to [0, 4]; Latency =
+TTFT EWMA / latency_ref_s, clipped to [0, 4]; F_total = the pool's fragmentation score, [0, 4].
+
+Online learning (``learn=True``): after each Feedback, w += lr·(r − r̄)·(φ_chosen − E_p[φ]), the
+softmax policy-gradient step with a running-mean baseline r̄, r = realised cached-token ratio;
+w is kept in [0, w_max]. The selection itself stays greedy (argmax of the score), so this is
+the usual greedy approximation of REINFORCE.
+
+Defaults: provisional values that made the unit tests' scenarios behave (cache affinity wins
+until a replica's queue is ~1 pool of tokens deeper); they are meant to be replaced by the
+simulator sweep (issue 7) and are all overridable per deployment.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from cluster.policy import Policy, rank_by, register_policy
+from cluster.types import Candidates, FloatArray, Outcome, Ranking, SelectionRequest
+
+FEATURES = ("complexity", "frequency", "similarity", "locality")
+
+
+@dataclass(slots=True, frozen=True)
+class ObjectiveConfig:
+    """Weights of the objective. λ: utility/cost/reward; α: cost parts; w: feature weights
+    (order of ``FEATURES``); γ and n: reward discount and window."""
+
+    lambda_utility: float = 1.0
+    lambda_cost: float = 1.0
+    lambda_reward: float = 0.5
+    alpha_size: float = 0.5
+    alpha_load: float = 1.0
+    alpha_latency: float = 0.25
+    alpha_fragmentation: float = 0.1
+    w: tuple[float, float, float, float] = (1.0, 0.5, 2.0, 0.5)
+    temperature: float = 1.0
+    gamma: float = 0.9
+    reward_window: int = 16
+    q_scale_tokens: float = 2048.0
+    hot_scale: float = 4.0
+    host_weight: float = 0.5
+    pending_weight: float = 0.8
+    latency_ref_s: float = 1.0
+    default_capacity_tokens: int = 65536
+    learn: bool = False
+    learning_rate: float = 0.05
+    w_max: float = 10.0
+
+
+def realised_reward(outcome: Outcome, cfg: ObjectiveConfig) -> tuple[float, bool]:
+    """(r_i, hit_i) of one outcome: cached-token ratio discounted by TTFT, hit = any cached."""
+    r = outcome.cached_ratio / (1.0 + max(outcome.ttft_s, 0.0) / cfg.latency_ref_s)
+    return r, outcome.num_cached_tokens > 0
+
+
+def discounted_reward(history: Iterable[tuple[float, bool]], gamma: float) -> float:
+    """R(c) over outcomes newest first, normalised by Σγ^(i−1) so it stays in [0, 1]."""
+    num = den = 0.0
+    g = 1.0
+    for r, hit in history:
+        if hit:
+            num += g * r
+        den += g
+        g *= gamma
+    return num / den if den else 0.0
+
+
+@dataclass(slots=True)
+class _Trace:
+    chosen: FloatArray
+    expected: FloatArray
+
+
+@register_policy
+class TinyServeObjective(Policy):
+    """λ1·U − λ2·C + λ3·R over the candidates (see the module docstring)."""
+
+    name = "tinyserve"
+
+    def __init__(self, config: ObjectiveConfig | None = None, max_traces: int = 65536) -> None:
+        self.config = config or ObjectiveConfig()
+        self.w = np.asarray(self.config.w, dtype=np.float64)
+        self._traces: OrderedDict[str, _Trace] = OrderedDict()
+        self._max_traces = max_traces
+        self._baseline = 0.0
+        self._num_updates = 0
+
+    def features(self, request: SelectionRequest, c: Candidates) -> FloatArray:
+        """φ(q, c) as an [N, 4] array (columns in ``FEATURES`` order)."""
+        cfg = self.config
+        n_q = max(request.num_prompt_blocks, 1)
+        matched = c.num_matched_blocks.astype(np.float64)
+        tiered = matched - (1.0 - cfg.host_weight) * c.num_host_blocks
+        sim = np.clip((tiered + cfg.pending_weight * c.num_pending_blocks) / n_q, 0.0, 1.0)
+        freq = 1.0 - np.exp(-c.hotness / cfg.hot_scale)
+        loc = np.where(matched > 0, tiered / np.maximum(matched, 1.0), 0.0)
+        if request.origin_node_id:
+            loc = loc * np.where(c.same_node, 1.0, 0.5)
+        q = 1.0 - np.exp(-request.num_prompt_tokens / cfg.q_scale_tokens)
+        return np.stack([q * sim, freq, sim, loc], axis=1)
+
+    def costs(self, request: SelectionRequest, c: Candidates) -> dict[str, FloatArray]:
+        cfg = self.config
+        bs = np.maximum(c.block_size, 1)
+        covered = c.num_matched_blocks + c.num_pending_blocks
+        need = np.maximum(request.num_prompt_blocks - covered, 0) + -(
+            -request.num_output_tokens // bs
+        )
+        size = np.where(
+            c.num_blocks > 0, np.clip(need / np.maximum(c.num_free_blocks, 1), 0.0, 2.0), 0.0
+        )
+        capacity = np.where(c.num_blocks > 0, c.num_blocks * bs, cfg.default_capacity_tokens)
+        load = np.clip(c.num_queued_tokens / capacity, 0.0, 4.0)
+        latency = np.clip(c.ttft_ewma_s / cfg.latency_ref_s, 0.0, 4.0)
+        frag = np.clip(c.f_total, 0.0, 4.0)
+        return {
+            "size_cost": size,
+            "load_cost": load,
+            "latency_cost": latency,
+            "fragmentation_cost": frag,
+        }
+
+    def select(self, request: SelectionRequest, candidates: Candidates) -> Ranking:
+        cfg = self.config
+        n = len(candidates)
+        phi = self.features(request, candidates)
+        logits = phi @ self.w / cfg.temperature
+        if n:
+            e = np.exp(logits - logits.max())
+            p = e / e.sum()
+        else:
+            p = logits
+        utility = n * p
+        parts = self.costs(request, candidates)
+        cost = (
+            cfg.alpha_size * parts["size_cost"]
+            + cfg.alpha_load * parts["load_cost"]
+            + cfg.alpha_latency * parts["latency_cost"]
+            + cfg.alpha_fragmentation * parts["fragmentation_cost"]
+        )
+        reward = candidates.reward
+        scores = cfg.lambda_utility * utility - cfg.lambda_cost * cost + cfg.lambda_reward * reward
+        terms = {
+            "utility": utility,
+            "cost": cost,
+            "reward": reward,
+            **parts,
+            "complexity": phi[:, 0],
+            "frequency": phi[:, 1],
+            "similarity": phi[:, 2],
+            "locality": phi[:, 3],
+        }
+        ranking = rank_by(self.name, scores, terms)
+        if cfg.learn and n and request.request_id:
+            self._remember(request.request_id, phi[int(ranking.order[0])], p @ phi)
+        return ranking
+
+    def _remember(self, request_id: str, chosen: FloatArray, expected: FloatArray) -> None:
+        self._traces[request_id] = _Trace(chosen, expected)
+        if len(self._traces) > self._max_traces:
+            self._traces.popitem(last=False)
+
+    def on_feedback(self, outcome: Outcome) -> None:
+        """Policy-gradient step on w (only with ``learn=True`` and a remembered decision)."""
+        trace = self._traces.pop(outcome.request_id, None)
+        if trace is None or not self.config.learn:
+            return
+        r = outcome.cached_ratio
+        self._num_updates += 1
+        # NOTE: the baseline is a running mean of r; it turns r into an advantage.
+        self._baseline += (r - self._baseline) / min(self._num_updates, 100)
+        step = self.config.learning_rate * (r - self._baseline) * (trace.chosen - trace.expected)
+        self.w = np.clip(self.w + step, 0.0, self.config.w_max)

@@ -1,0 +1,140 @@
+"""KVIndex: longest exact prefix per replica, tiers, pending TTL, membership."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from selector_helpers import FakeClock
+
+from cluster.index import KVIndex
+from kvmanager.events import MEDIUM_CPU
+
+
+def _index(num_slots: int) -> tuple[KVIndex, FakeClock]:
+    clock = FakeClock(0.0)
+    idx = KVIndex(clock)
+    for s in range(num_slots):
+        idx.add_slot(s)
+    return idx, clock
+
+
+def test_longest_prefix_per_slot() -> None:
+    idx, _ = _index(3)
+    chain = [11, 12, 13, 14, 15]
+    idx.store(0, chain[:3])
+    idx.store(1, chain)
+    idx.store(2, [12, 13, 14])  # holds later blocks but not the first: no prefix
+    m = idx.match(chain, 0b111)
+    assert m.resident == {0: 3, 1: 5}
+    assert m.pending == {}
+    # only slots in the mask are reported
+    assert idx.match(chain, 0b001).resident == {0: 3}
+
+
+def test_hole_in_chain_stops_the_prefix() -> None:
+    idx, _ = _index(1)
+    idx.store(0, [1, 2, 3, 4])
+    idx.remove(0, [2])
+    assert idx.match([1, 2, 3, 4], 1).resident == {0: 1}
+
+
+def test_remove_and_clear_only_touch_their_slot() -> None:
+    idx, _ = _index(2)
+    idx.store(0, [1, 2])
+    idx.store(1, [1, 2])
+    idx.clear(0)
+    assert idx.match([1, 2], 0b11).resident == {1: 2}
+    assert idx.num_resident(0) == 0 and idx.num_resident(1) == 2
+    idx.remove(1, [2, 999])  # unknown hash ignored
+    assert idx.match([1, 2], 0b11).resident == {1: 1}
+
+
+def test_host_tier_counts_and_survives_gpu_removal() -> None:
+    idx, _ = _index(1)
+    idx.store(0, [1, 2, 3])
+    idx.store(0, [2, 3], MEDIUM_CPU)
+    idx.remove(0, [3])  # evicted from GPU, still on host
+    m = idx.match([1, 2, 3], 1)
+    assert m.resident == {0: 3}
+    assert m.host == {0: 1}
+    idx.remove(0, [3], MEDIUM_CPU)
+    assert idx.match([1, 2, 3], 1).resident == {0: 2}
+
+
+def test_pending_extends_match_until_ttl() -> None:
+    idx, clock = _index(2)
+    idx.store(0, [1])
+    idx.mark_pending(0, [1, 2, 3], ttl_s=2.0)
+    idx.mark_pending(1, [1, 2], ttl_s=5.0)
+    m = idx.match([1, 2, 3], 0b11)
+    assert m.resident == {0: 1}
+    assert m.pending == {0: 2, 1: 2}
+    clock.t = 3.0
+    assert idx.expire_pending() == 3
+    assert idx.match([1, 2, 3], 0b11).pending == {1: 2}
+    clock.t = 6.0
+    idx.expire_pending()
+    assert idx.match([1, 2, 3], 0b11).pending == {}
+    assert idx.num_pending(0) == idx.num_pending(1) == 0
+
+
+def test_repeated_pending_mark_extends_deadline() -> None:
+    idx, clock = _index(1)
+    idx.mark_pending(0, [7], ttl_s=1.0)
+    clock.t = 0.5
+    idx.mark_pending(0, [7], ttl_s=1.0)  # now due at 1.5
+    clock.t = 1.2
+    idx.expire_pending()
+    assert idx.match([7], 1).pending == {0: 1}
+
+
+def test_remove_slot_then_reuse_starts_empty() -> None:
+    idx, _ = _index(2)
+    idx.store(1, [5, 6])
+    idx.mark_pending(1, [5, 6, 7], 10.0)
+    idx.remove_slot(1)
+    assert idx.num_unique_blocks == 0
+    idx.add_slot(1)
+    m = idx.match([5, 6, 7], 0b11)
+    assert m.resident == {} and m.pending == {}
+
+
+def test_replace_is_exact() -> None:
+    idx, _ = _index(1)
+    idx.store(0, [1, 2, 3])
+    idx.replace(0, [9, 8], [7])
+    assert idx.num_resident(0) == 3
+    assert not idx.holds(0, 1)
+    assert idx.holds(0, 9) and idx.holds(0, 7)
+
+
+ops = st.lists(
+    st.tuples(st.sampled_from(["store", "remove", "clear"]), st.integers(0, 4), st.lists(st.integers(0, 12), max_size=6)),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=ops, query=st.lists(st.integers(0, 12), max_size=8))
+def test_matches_naive_reference(ops: list[tuple[str, int, list[int]]], query: list[int]) -> None:
+    idx, _ = _index(5)
+    ref: list[set[int]] = [set() for _ in range(5)]
+    for op, slot, hashes in ops:
+        if op == "store":
+            idx.store(slot, hashes)
+            ref[slot].update(hashes)
+        elif op == "remove":
+            idx.remove(slot, hashes)
+            ref[slot].difference_update(hashes)
+        else:
+            idx.clear(slot)
+            ref[slot].clear()
+    expected = {}
+    for slot in range(5):
+        n = 0
+        while n < len(query) and query[n] in ref[slot]:
+            n += 1
+        if n:
+            expected[slot] = n
+    assert idx.match(query, 0b11111).resident == expected
+    assert idx.num_unique_blocks == len(set().union(*ref))
