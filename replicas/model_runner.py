@@ -1,0 +1,100 @@
+"""ModelRunner: owns the model and the KV-cache tensors; turns scheduled chunks into one
+forward pass and returns the logits of the rows that sample.
+
+Packed step layout (decode rows first, then prefill chunks; see replicas.attention)::
+
+    input_ids    [num_tokens]          positions  [num_tokens]     slot_mapping [num_tokens]
+    decode:  block_tables [num_decode, max_blocks] int32, seq_lens [num_decode] int32
+    prefill: cu_seqlens_q [num_prefill + 1] int32, seq_lens, block_tables
+
+KV cache: per layer a (K, V) pair, each ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from replicas.attention import AttentionMetadata
+from replicas.model import CausalLM
+from replicas.scheduler import ScheduledChunk
+
+
+def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block occupies across every layer's K and V."""
+    cfg = model.config
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+def _block_table_tensor(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    width = max((len(t) for t in tables), default=0)
+    out = torch.zeros((len(tables), max(width, 1)), dtype=torch.int32)
+    for i, t in enumerate(tables):
+        out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    return out.to(device)
+
+
+class ModelRunner:
+    """Runs the model over one step's chunks; mutates the KV cache, nothing else."""
+
+    def __init__(
+        self, model: CausalLM, num_blocks: int, block_size: int, device: torch.device
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        cfg = model.config
+        dtype = next(model.parameters()).dtype
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = [
+            (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
+            for _ in range(cfg.num_hidden_layers)
+        ]
+
+    def execute(
+        self, chunks: Sequence[ScheduledChunk]
+    ) -> tuple[list[ScheduledChunk], torch.Tensor]:
+        """Forward pass over ``chunks``. Returns the sampling chunks (in row order) and their
+        float32 logits ``[num_sampling_chunks, vocab_size]``."""
+        decode = [c for c in chunks if c.num_new_tokens == 1]
+        prefill = [c for c in chunks if c.num_new_tokens > 1]
+        ordered = decode + prefill
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_rows: list[int] = []
+        sampling: list[ScheduledChunk] = []
+        for c in ordered:
+            input_ids.extend(c.request.token_ids[c.start : c.end])
+            positions.extend(range(c.start, c.end))
+            slots.extend(c.slot_mapping)
+            if c.samples:
+                logits_rows.append(len(input_ids) - 1)
+                sampling.append(c)
+        dev = self.device
+        cu = [0]
+        for c in prefill:
+            cu.append(cu[-1] + c.num_new_tokens)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decode_tokens=len(decode),
+            decode_block_tables=_block_table_tensor([c.block_table for c in decode], dev),
+            decode_seq_lens=torch.tensor([c.end for c in decode], dtype=torch.int32, device=dev),
+            prefill_cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            prefill_seq_lens=torch.tensor([c.end for c in prefill], dtype=torch.int32, device=dev),
+            prefill_block_tables=_block_table_tensor([c.block_table for c in prefill], dev),
+            num_prefill_tokens=cu[-1],
+        )
+        logits = self.model(
+            torch.tensor(input_ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            self.kv_caches,
+            meta,
+            torch.tensor(logits_rows, dtype=torch.long, device=dev),
+        )
+        return sampling, logits

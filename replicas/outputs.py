@@ -1,0 +1,43 @@
+"""What the engine hands back per step and per request (typed, no engine internals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# One generated token's top-n: token_id -> log-probability (includes the sampled token).
+TokenLogprobs = dict[int, float]
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    """Latency accounting of one request, in seconds (None until known).
+
+    queue_time_s: arrival -> first scheduled; ttft_s: arrival -> first output token;
+    tpot_s: mean time per output token after the first.
+    """
+
+    queue_time_s: float | None = None
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """One streamed delta of a request.
+
+    ``new_token_ids`` / ``text_delta`` / ``logprobs`` cover only what is new since the previous
+    output of this request. The counters are cumulative. ``num_cached_tokens`` is the prefix-hit
+    length at the request's first scheduling. ``finished`` is set on the last output, with
+    ``finish_reason`` "stop" (EOS, stop token, stop string), "length" or "abort".
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+    logprobs: list[TokenLogprobs] | None
+    metrics: RequestMetrics

@@ -1,0 +1,161 @@
+"""Scheduler: continuous batching with a token budget, chunked prefill and prefix reuse.
+
+One ``schedule()`` call decides one engine step::
+
+    budget = max_num_batched_tokens
+    1. running requests, oldest first: each gets min(uncomputed tokens, budget) tokens
+       (1 for a decoding request, a chunk for one still prefilling). When the pool answers
+       None, the YOUNGEST running request not yet scheduled this step is preempted (its
+       blocks freed, num_computed_tokens -> 0, back to the head of the queue) and the
+       allocation retried; if the victim is the request itself, scheduling stops.
+    2. waiting requests, FCFS, while budget, max_num_seqs and the pool allow (not in a step
+       that preempted): prefix lookup -> allocate_slots(prefix) -> only the uncached tokens
+       are scheduled. The pool's None means "not now": the request stays queued.
+
+The returned chunks carry block tables and slot mappings copied out of the pool, so the model
+runner never touches the pool. ``update`` commits computed tokens after the forward pass.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from kvmanager.manager import KVCacheManager
+from replicas.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    """Tokens ``[start, start + num_new_tokens)`` of ``request`` are computed this step."""
+
+    request: Request
+    start: int
+    num_new_tokens: int
+    block_table: list[int]
+    slot_mapping: list[int]
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the last known token: its logits give the next one."""
+        return self.end == self.request.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    preempted: list[Request]
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+
+class Scheduler:
+    """Owns the waiting queue and the running list; the pool is shared with nobody else."""
+
+    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        self.kv = kv
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Request] = deque()
+        # NOTE: kept sorted by arrival_index, so the tail is always the youngest.
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def finish(self, request: Request, reason: str) -> None:
+        """Mark finished, release its blocks (cached ones stay reusable), drop it."""
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+            self.kv.free(request.request_id)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+
+    def _preempt(self, victim: Request) -> None:
+        self.running.remove(victim)
+        self.kv.free(victim.request_id)
+        victim.num_computed_tokens = 0
+        victim.status = RequestStatus.PREEMPTED
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(victim)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Request, int, int]] = []
+        preempted: list[Request] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            assert n > 0, f"running request {req.request_id} has nothing to compute"
+            while self.kv.allocate_slots(req.request_id, req.token_ids, n) is None:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is RequestStatus.PREEMPTED:
+                break
+            scheduled.append((req, req.num_computed_tokens, n))
+            budget -= n
+            i += 1
+        now = time.monotonic()
+        while self.waiting and budget > 0 and not preempted:
+            if len(self.running) >= self.max_num_seqs:
+                break
+            req = self.waiting[0]
+            rid = req.request_id
+            hit = self.kv.lookup_prefix(req.token_ids)
+            n = min(req.num_tokens - hit.num_cached_tokens, budget)
+            expected = req.num_prompt_tokens + req.params.max_tokens
+            if (
+                self.kv.allocate_slots(rid, req.token_ids, n, hit, expected_num_tokens=expected)
+                is None
+            ):
+                break
+            self.waiting.popleft()
+            # NOTE: the pool re-validates the hit; its own count is the truth.
+            req.num_computed_tokens = self.kv.num_computed_tokens(rid)
+            if req.num_cached_tokens is None:
+                req.num_cached_tokens = req.num_computed_tokens
+                req.first_scheduled_time = now
+            req.status = RequestStatus.RUNNING
+            keys = [r.arrival_index for r in self.running]
+            self.running.insert(bisect.bisect(keys, req.arrival_index), req)
+            n = min(n, req.num_tokens - req.num_computed_tokens)
+            scheduled.append((req, req.num_computed_tokens, n))
+            budget -= n
+        chunks = [
+            ScheduledChunk(
+                request=req,
+                start=start,
+                num_new_tokens=n,
+                block_table=self.kv.block_table(req.request_id),
+                slot_mapping=self.kv.slot_mapping(req.request_id, start, start + n),
+            )
+            for req, start, n in scheduled
+        ]
+        return SchedulerOutput(chunks=chunks, preempted=preempted)
+
+    def update(self, output: SchedulerOutput) -> None:
+        """After the forward pass: the chunks' tokens now hold K/V in the pool."""
+        for chunk in output.chunks:
+            req = chunk.request
+            req.num_computed_tokens = chunk.end
+            self.kv.commit(req.request_id, req.token_ids, req.num_computed_tokens)
