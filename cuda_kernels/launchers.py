@@ -136,10 +136,14 @@ def _launch_copy(
     device = caches_src[0].device
     width = _vec_bytes([block_bytes] + [c.data_ptr() for c in caches_src + caches_dst])
     kernel = runtime.get_kernel("cache_ops.cu", f"copy_blocks_kernel<{_VEC_TYPES[width]}>", device)
-    src_bases = torch.tensor([c.data_ptr() for c in caches_src], dtype=torch.int64, device=device)
-    dst_bases = torch.tensor([c.data_ptr() for c in caches_dst], dtype=torch.int64, device=device)
-    s = torch.tensor(src_ids, dtype=torch.int64, device=device)
-    d = torch.tensor(dst_ids, dtype=torch.int64, device=device)
+    # NOTE: one pinned host buffer, one async H2D copy: no host stall behind queued GPU work
+    # (a pageable copy would wait for the stream). Layout: src_bases | dst_bases | src | dst.
+    n_c, n_p = len(caches_src), len(src_ids)
+    packed = [c.data_ptr() for c in caches_src] + [c.data_ptr() for c in caches_dst]
+    host = torch.tensor(packed + src_ids + dst_ids, dtype=torch.int64)
+    dev = host.pin_memory().to(device, non_blocking=True)
+    src_bases, dst_bases = dev[:n_c], dev[n_c : 2 * n_c]
+    s, d = dev[2 * n_c : 2 * n_c + n_p], dev[2 * n_c + n_p :]
     args = (
         runtime.ptr(src_bases),
         runtime.ptr(dst_bases),
@@ -155,7 +159,7 @@ def copy_blocks(kv_caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Ten
 
     One launch when no resolved source block is also written; otherwise the hazardous sources
     are first staged in a scratch buffer (three launches). NOTE: src/dst are read on the host;
-    pass CPU tensors to avoid a device sync.
+    pass CPU tensors to avoid a device sync. Not CUDA-graph capturable (host-built index list).
     """
     if not kv_caches:
         return

@@ -1,0 +1,356 @@
+"""Kernel benchmark (GPU): paged decode, reshape_and_cache, block copy, prefill path.
+
+Everything is measured side by side in one run and reported as ratios against baselines:
+
+- decode attention effective bandwidth (K+V bytes read / time) for the issue's grid
+  (batch, context) with 32 query / 8 KV heads, head_dim 128, bf16, block_size 16, scattered
+  block tables, against (a) torch SDPA over contiguous K/V, (b) gather-into-contiguous + SDPA,
+  (c) a plain device-to-device copy of the same bytes (read + write counted);
+- reshape_and_cache and batched copy_blocks bandwidth (read + write) vs the copy bandwidth;
+- prefill: ops.paged_prefill_attention (gather + SDPA) vs SDPA over contiguous K/V.
+
+Timing: CUDA events around CUDA-graph replays of `iters` calls (GPU time, launch gaps
+removed) for decode, eager back-to-back calls for the host-driven ops; median of `reps`.
+Inputs rotate over several copies so the working set exceeds L2.
+
+    python benchmarks/kernels_bench.py --json benchmarks/results/kernels_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from cuda_kernels import ops
+
+try:
+    from cuda_kernels import launchers
+except ImportError:  # no cupy: main() explains and exits
+    launchers = None  # type: ignore[assignment]
+
+DECODE_GRID = [(1, 4096), (16, 4096), (64, 2048), (128, 1024), (32, 16384)]
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+
+
+def _rotations(nbytes: int) -> int:
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
+    return max(1, min(8, math.ceil(3 * l2 / max(nbytes, 1))))
+
+
+def time_ms(fn: Callable[[int], object], rot: int, iters: int, reps: int, graph: bool) -> float:
+    """Median milliseconds per call of fn(i) (i = rotation index)."""
+    for i in range(rot):
+        fn(i)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn(0)  # warm-up on the side stream, as torch recommends before capture
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(g):
+            for k in range(iters):
+                fn(k % rot)
+        g.replay()
+        run: Callable[[], object] = g.replay
+    else:
+
+        def run() -> None:
+            for k in range(iters):
+                fn(k % rot)
+
+        run()
+    times = []
+    for _ in range(reps):
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    return statistics.median(times)
+
+
+def copy_tbps(nbytes: int, iters: int, reps: int) -> float:
+    """Device-to-device copy bandwidth, bytes read + written, for an nbytes buffer."""
+    rot = _rotations(2 * nbytes)
+    src = [torch.randn(nbytes // 2, device="cuda").to(DTYPE) for _ in range(rot)]
+    dst = [torch.empty_like(s) for s in src]
+    ms = time_ms(lambda i: dst[i].copy_(src[i]), rot, iters, reps, graph=True)
+    return 2 * nbytes / ms / 1e9
+
+
+def bench_decode(batch: int, context: int, iters: int, reps: int) -> dict[str, float | int]:
+    gen = torch.Generator(device="cuda").manual_seed(batch * 7 + context)
+    kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+    rot = _rotations(kv_bytes)
+    blocks_per_seq = context // BLOCK_SIZE
+    num_blocks = rot * batch * blocks_per_seq
+    shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen)
+    v_cache = torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen)
+    perm = torch.randperm(num_blocks, device="cuda", generator=gen).to(torch.int32)
+    tables = [
+        perm[r * batch * blocks_per_seq :][: batch * blocks_per_seq].view(batch, -1)
+        for r in range(rot)
+    ]
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+    scale = 1 / math.sqrt(HEAD_DIM)
+
+    def gathered(r: int, cache: torch.Tensor) -> torch.Tensor:  # [B, Hkv, L, D]
+        return cache[tables[r]].view(batch, context, NUM_KV_HEADS, HEAD_DIM).transpose(1, 2)
+
+    contig_k = [gathered(r, k_cache).contiguous() for r in range(rot)]
+    contig_v = [gathered(r, v_cache).contiguous() for r in range(rot)]
+    q4 = q.unsqueeze(2)  # [B, H, 1, D]
+
+    def ours(r: int) -> torch.Tensor:
+        return launchers.paged_decode_attention(q, k_cache, v_cache, tables[r], seq_lens, scale)
+
+    def sdpa(r: int) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q4, contig_k[r], contig_v[r], scale=scale, enable_gqa=True
+        )
+
+    def gather_sdpa(r: int) -> torch.Tensor:
+        k, v = gathered(r, k_cache), gathered(r, v_cache)
+        return F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True)
+
+    err = float((ours(0).float() - sdpa(0).squeeze(2).float()).norm() / sdpa(0).float().norm())
+    t_ours = time_ms(ours, rot, iters, reps, graph=True)
+    t_ours_eager = time_ms(ours, rot, iters, reps, graph=False)
+    t_sdpa = time_ms(sdpa, rot, iters, reps, graph=True)
+    t_gather = time_ms(gather_sdpa, rot, max(2, iters // 4), reps, graph=True)
+    tb = kv_bytes / 1e9
+    return {
+        "batch": batch,
+        "context": context,
+        "kv_bytes": kv_bytes,
+        "rotations": rot,
+        "ours_us": t_ours * 1e3,
+        "ours_eager_us": t_ours_eager * 1e3,
+        "sdpa_contig_us": t_sdpa * 1e3,
+        "gather_sdpa_us": t_gather * 1e3,
+        "ours_TBps": tb / t_ours,
+        "sdpa_contig_TBps": tb / t_sdpa,
+        "gather_sdpa_TBps": tb / t_gather,
+        "ratio_vs_sdpa_contig": t_sdpa / t_ours,
+        "ratio_vs_gather_sdpa": t_gather / t_ours,
+        "copy_TBps": copy_tbps(kv_bytes, iters, reps),
+        "rel_err_vs_sdpa": err,
+    }
+
+
+def bench_reshape_and_cache(num_tokens: int, iters: int, reps: int) -> dict[str, float | int]:
+    row = NUM_KV_HEADS * HEAD_DIM
+    kv_bytes = 2 * num_tokens * row * DTYPE.itemsize
+    rot = _rotations(2 * kv_bytes)
+    num_blocks = max(4096, 2 * rot * num_tokens // BLOCK_SIZE)
+    shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    k_cache = torch.zeros(shape, device="cuda", dtype=DTYPE)
+    v_cache = torch.zeros(shape, device="cuda", dtype=DTYPE)
+    keys = [
+        torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, device="cuda").to(DTYPE) for _ in range(rot)
+    ]
+    vals = [torch.randn_like(k) for k in keys]
+    perm = torch.randperm(num_blocks * BLOCK_SIZE, device="cuda")
+    slots = [perm[r * num_tokens : (r + 1) * num_tokens].to(torch.int32) for r in range(rot)]
+    slots64 = [s.long() for s in slots]
+    k_flat, v_flat = (
+        k_cache.view(-1, NUM_KV_HEADS, HEAD_DIM),
+        v_cache.view(-1, NUM_KV_HEADS, HEAD_DIM),
+    )
+
+    def ours(r: int) -> None:
+        launchers.reshape_and_cache(keys[r], vals[r], k_cache, v_cache, slots[r])
+
+    def torch_index_copy(r: int) -> None:
+        k_flat.index_copy_(0, slots64[r], keys[r])
+        v_flat.index_copy_(0, slots64[r], vals[r])
+
+    t_ours = time_ms(ours, rot, iters, reps, graph=True)
+    t_torch = time_ms(torch_index_copy, rot, iters, reps, graph=True)
+    moved = 2 * kv_bytes / 1e9  # read + write
+    copy = copy_tbps(kv_bytes, iters, reps)
+    return {
+        "num_tokens": num_tokens,
+        "bytes_rw": 2 * kv_bytes,
+        "ours_us": t_ours * 1e3,
+        "torch_index_copy_us": t_torch * 1e3,
+        "ours_TBps": moved / t_ours,
+        "torch_index_copy_TBps": moved / t_torch,
+        "copy_TBps": copy,
+        "fraction_of_copy": moved / t_ours / copy,
+    }
+
+
+def bench_copy_blocks(
+    num_layers: int, num_pairs: int, overlap: bool, iters: int, reps: int
+) -> dict[str, float | int | bool]:
+    num_blocks = 1024
+    shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    caches = [torch.randn(shape, device="cuda").to(DTYPE) for _ in range(2 * num_layers)]
+    gen = torch.Generator().manual_seed(num_pairs)
+    hi = torch.randperm(num_blocks // 2, generator=gen)[:num_pairs] + num_blocks // 2
+    lo = torch.randperm(num_blocks // 2, generator=gen)[:num_pairs]
+    if overlap:  # compaction slide: run [b+1, b+n] moves down one block, in ascending order
+        base = num_blocks // 4
+        src, dst = (
+            torch.arange(base + 1, base + num_pairs + 1),
+            torch.arange(base, base + num_pairs),
+        )
+    else:
+        src, dst = hi, lo
+    block_bytes = caches[0][0].numel() * DTYPE.itemsize
+    moved = 2 * num_pairs * len(caches) * block_bytes  # read + write
+    t_ours = time_ms(lambda r: launchers.copy_blocks(caches, src, dst), 1, iters, reps, graph=False)
+    s_dev, d_dev = src.cuda(), dst.cuda()
+
+    def torch_loop(r: int) -> None:
+        for c in caches:
+            c.index_copy_(0, d_dev, c[s_dev])
+
+    t_torch = time_ms(torch_loop, 1, iters, reps, graph=True)
+    copy = copy_tbps(moved // 2, iters, reps)
+    return {
+        "num_caches": len(caches),
+        "num_pairs": num_pairs,
+        "overlap": overlap,
+        "bytes_rw": moved,
+        "ours_us": t_ours * 1e3,
+        "torch_loop_us": t_torch * 1e3,
+        "ours_TBps": moved / t_ours / 1e9,
+        "copy_TBps": copy,
+        "fraction_of_copy": moved / t_ours / 1e9 / copy,
+    }
+
+
+def bench_prefill(
+    num_seqs: int, context: int, chunk: int, iters: int, reps: int
+) -> dict[str, float | int]:
+    blocks = context // BLOCK_SIZE
+    shape = (num_seqs * blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, device="cuda").to(DTYPE)
+    v_cache = torch.randn(shape, device="cuda").to(DTYPE)
+    tables = torch.randperm(num_seqs * blocks, device="cuda").to(torch.int32).view(num_seqs, blocks)
+    q = torch.randn(num_seqs * chunk, NUM_HEADS, HEAD_DIM, device="cuda").to(DTYPE)
+    cu = torch.arange(0, num_seqs + 1, dtype=torch.int32) * chunk  # host tensors: no sync
+    lens = torch.full((num_seqs,), context, dtype=torch.int32)
+    scale = 1 / math.sqrt(HEAD_DIM)
+    k_c = [
+        k_cache[tables[i]].view(context, NUM_KV_HEADS, HEAD_DIM).transpose(0, 1).contiguous()
+        for i in range(num_seqs)
+    ]
+    v_c = [
+        v_cache[tables[i]].view(context, NUM_KV_HEADS, HEAD_DIM).transpose(0, 1).contiguous()
+        for i in range(num_seqs)
+    ]
+    mask = (
+        torch.arange(context, device="cuda")[None, :]
+        <= torch.arange(context - chunk, context, device="cuda")[:, None]
+    )
+
+    def ours(r: int) -> torch.Tensor:
+        return ops.paged_prefill_attention(q, k_cache, v_cache, cu, lens, tables, scale)
+
+    def sdpa(r: int) -> None:
+        for i in range(num_seqs):
+            qi = q[i * chunk : (i + 1) * chunk].transpose(0, 1)
+            F.scaled_dot_product_attention(
+                qi, k_c[i], v_c[i], attn_mask=mask, scale=scale, enable_gqa=True
+            )
+
+    t_ours = time_ms(ours, 1, iters, reps, graph=False)
+    t_sdpa = time_ms(sdpa, 1, iters, reps, graph=False)
+    return {
+        "num_seqs": num_seqs,
+        "context": context,
+        "chunk": chunk,
+        "gather_sdpa_us": t_ours * 1e3,
+        "sdpa_contig_us": t_sdpa * 1e3,
+        "gather_overhead": t_ours / t_sdpa,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", default=None, help="write results to this path")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--reps", type=int, default=7)
+    args = parser.parse_args()
+    if not (torch.cuda.is_available() and ops.cuda_kernels_available()):
+        raise SystemExit("kernels_bench needs a CUDA GPU and cupy")
+    props = torch.cuda.get_device_properties(0)
+    res: dict[str, object] = {
+        "gpu": props.name,
+        "num_sms": props.multi_processor_count,
+        "torch": torch.__version__,
+        "iters": args.iters,
+        "reps": args.reps,
+    }
+    decode = [bench_decode(b, c, args.iters, args.reps) for b, c in DECODE_GRID]
+    res["decode"] = decode
+    print(
+        f"\npaged decode, {NUM_HEADS}q/{NUM_KV_HEADS}kv heads, d={HEAD_DIM}, bf16, block {BLOCK_SIZE} ({props.name})"
+    )
+    print(
+        f"{'batch':>5} {'ctx':>6} | {'ours TB/s':>9} {'SDPA':>6} {'gath+SDPA':>9} {'copy':>6} | {'x SDPA':>6} {'x gath':>6} | {'ours us':>8} {'eager us':>8} {'err':>8}"
+    )
+    for r in decode:
+        print(
+            f"{r['batch']:>5} {r['context']:>6} | {r['ours_TBps']:>9.2f} {r['sdpa_contig_TBps']:>6.2f} {r['gather_sdpa_TBps']:>9.2f} {r['copy_TBps']:>6.2f} | "
+            f"{r['ratio_vs_sdpa_contig']:>6.2f} {r['ratio_vs_gather_sdpa']:>6.2f} | {r['ours_us']:>8.1f} {r['ours_eager_us']:>8.1f} {r['rel_err_vs_sdpa']:>8.1e}"
+        )
+    rac = [bench_reshape_and_cache(n, args.iters, args.reps) for n in (256, 8192, 32768)]
+    res["reshape_and_cache"] = rac
+    print("\nreshape_and_cache (bf16, 8x128 rows, scattered slots), bandwidth read+write")
+    print(
+        f"{'tokens':>7} | {'ours TB/s':>9} {'torch idx':>9} {'copy':>6} | {'of copy':>7} {'ours us':>8}"
+    )
+    for r in rac:
+        print(
+            f"{r['num_tokens']:>7} | {r['ours_TBps']:>9.2f} {r['torch_index_copy_TBps']:>9.2f} {r['copy_TBps']:>6.2f} | {r['fraction_of_copy']:>7.2f} {r['ours_us']:>8.1f}"
+        )
+    cb = [
+        bench_copy_blocks(32, p, ov, args.iters, args.reps)
+        for p, ov in ((16, False), (128, False), (128, True))
+    ]
+    res["copy_blocks"] = cb
+    print(
+        "\ncopy_blocks (64 caches = 32 layers K+V, 32 KiB blocks), bandwidth read+write, eager calls"
+    )
+    print(
+        f"{'pairs':>5} {'overlap':>7} | {'ours TB/s':>9} {'copy':>6} | {'of copy':>7} {'ours us':>8} {'torch loop us':>13}"
+    )
+    for r in cb:
+        print(
+            f"{r['num_pairs']:>5} {r['overlap']!s:>7} | {r['ours_TBps']:>9.2f} {r['copy_TBps']:>6.2f} | {r['fraction_of_copy']:>7.2f} {r['ours_us']:>8.1f} {r['torch_loop_us']:>13.1f}"
+        )
+    pf = [
+        bench_prefill(s, c, ch, max(2, args.iters // 4), args.reps)
+        for s, c, ch in ((4, 4096, 512), (1, 8192, 2048))
+    ]
+    res["prefill"] = pf
+    print("\nprefill chunk over cached prefix: ops (gather + SDPA) vs SDPA over contiguous K/V")
+    for r in pf:
+        print(
+            f"seqs {r['num_seqs']} ctx {r['context']} chunk {r['chunk']}: gather+SDPA {r['gather_sdpa_us']:.1f} us, "
+            f"SDPA contiguous {r['sdpa_contig_us']:.1f} us, overhead x{r['gather_overhead']:.2f}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
