@@ -79,6 +79,12 @@ class AppConfig(BaseModel):
     max_ongoing_requests: int = Field(
         default=64, ge=1, description="Serve's cap on requests in flight per LLM replica."
     )
+    default_max_tokens: int = Field(
+        default=256,
+        ge=1,
+        description="max_tokens of a chat request that sets none (vLLM uses the rest of the "
+        "context; bounded here so a CPU replica answers in seconds).",
+    )
     ingress_num_replicas: int = Field(default=1, ge=1, description="HTTP ingress replicas.")
     router: RouterName = Field(
         default="tinyserve", description="Serve request router of the LLM deployment."

@@ -18,7 +18,9 @@ class FakeClock:
         self.t += dt
 
 
-def request(num_blocks: int, block_size: int = 16, prefix: int = 0, **kw: object) -> SelectionRequest:
+def request(
+    num_blocks: int, block_size: int = 16, prefix: int = 0, **kw: object
+) -> SelectionRequest:
     """A request whose block hashes are prefix*1000 + 1 .. + num_blocks."""
     hashes = [prefix * 1000 + i + 1 for i in range(num_blocks)]
     return SelectionRequest(

@@ -109,7 +109,11 @@ def test_replace_is_exact() -> None:
 
 
 ops = st.lists(
-    st.tuples(st.sampled_from(["store", "remove", "clear"]), st.integers(0, 4), st.lists(st.integers(0, 12), max_size=6)),
+    st.tuples(
+        st.sampled_from(["store", "remove", "clear"]),
+        st.integers(0, 4),
+        st.lists(st.integers(0, 12), max_size=6),
+    ),
     max_size=40,
 )
 

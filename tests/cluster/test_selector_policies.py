@@ -55,7 +55,11 @@ rows = st.lists(
 @given(rows=rows, name=st.sampled_from(sorted(EXPECTED)))
 def test_every_policy_ranks_each_row_once_without_mutation(rows: list[Row], name: str) -> None:
     c = cands(*rows)
-    before = {k: v.copy() for k, v in ((f, getattr(c, f)) for f in c.__slots__) if isinstance(v, np.ndarray)}
+    before = {
+        k: v.copy()
+        for k, v in ((f, getattr(c, f)) for f in c.__slots__)
+        if isinstance(v, np.ndarray)
+    }
     ranking = make_policy(name).select(request(8, session_id="s"), c)
     assert sorted(ranking.order.tolist()) == list(range(len(rows)))
     assert ranking.scores.shape == (len(rows),)
@@ -88,12 +92,21 @@ def test_session_hash_is_sticky_and_consistent() -> None:
     p = make_policy("session_hash")
     ids = [f"r{i}" for i in range(8)]
     c = cands(*(Row(r) for r in ids))
-    home = {s: p.select(request(1, session_id=f"s{s}"), c).top(c, 1)[0].replica_id for s in range(200)}
+    home = {
+        s: p.select(request(1, session_id=f"s{s}"), c).top(c, 1)[0].replica_id for s in range(200)
+    }
     assert len(set(home.values())) == 8  # spreads
-    assert all(p.select(request(1, session_id=f"s{s}"), c).top(c, 1)[0].replica_id == home[s] for s in range(200))
+    assert all(
+        p.select(request(1, session_id=f"s{s}"), c).top(c, 1)[0].replica_id == home[s]
+        for s in range(200)
+    )
     # drop one replica: only its sessions move
     c7 = cands(*(Row(r) for r in ids if r != "r3"))
-    moved = [s for s in range(200) if p.select(request(1, session_id=f"s{s}"), c7).top(c7, 1)[0].replica_id != home[s]]
+    moved = [
+        s
+        for s in range(200)
+        if p.select(request(1, session_id=f"s{s}"), c7).top(c7, 1)[0].replica_id != home[s]
+    ]
     assert moved and all(home[s] == "r3" for s in moved)
 
 
@@ -101,16 +114,24 @@ def test_sglang_rules() -> None:
     p = make_policy("sglang_cache_aware")
     q = request(10)
     # balanced, good match (0.5 > 0.3): best match wins even with more load
-    c = cands(Row("hit", num_matched_blocks=5, num_running_reqs=10), Row("cold", num_running_reqs=0))
+    c = cands(
+        Row("hit", num_matched_blocks=5, num_running_reqs=10), Row("cold", num_running_reqs=0)
+    )
     assert p.select(q, c).top(c, 1)[0].replica_id == "hit"
     # imbalanced: 100 - 10 > 64 and 100 > 1.5 * 10 -> least loaded
-    c = cands(Row("hit", num_matched_blocks=5, num_running_reqs=100), Row("cold", num_running_reqs=10))
+    c = cands(
+        Row("hit", num_matched_blocks=5, num_running_reqs=100), Row("cold", num_running_reqs=10)
+    )
     assert p.select(q, c).top(c, 1)[0].replica_id == "cold"
     # abs gap large (65 > 64) but relative not (200 < 1.5 * 135): balanced -> cache wins
-    c = cands(Row("hit", num_matched_blocks=5, num_running_reqs=200), Row("cold", num_running_reqs=135))
+    c = cands(
+        Row("hit", num_matched_blocks=5, num_running_reqs=200), Row("cold", num_running_reqs=135)
+    )
     assert p.select(q, c).top(c, 1)[0].replica_id == "hit"
     # low match (0.2 <= 0.3): smallest cache wins
-    c = cands(Row("hit", num_matched_blocks=2, num_cached_blocks=500), Row("small", num_cached_blocks=50))
+    c = cands(
+        Row("hit", num_matched_blocks=2, num_cached_blocks=500), Row("small", num_cached_blocks=50)
+    )
     assert p.select(q, c).top(c, 1)[0].replica_id == "small"
 
 
@@ -144,8 +165,14 @@ def test_llmd_weighted_scores() -> None:
 def test_preble_exploit_then_explore() -> None:
     p = make_policy("preble")
     # match 0.6 > 0.5: exploit the longest match despite its queue
-    c = cands(Row("hit", num_matched_blocks=6, num_queued_tokens=5000, num_free_blocks=100), Row("idle", num_free_blocks=100))
+    c = cands(
+        Row("hit", num_matched_blocks=6, num_queued_tokens=5000, num_free_blocks=100),
+        Row("idle", num_free_blocks=100),
+    )
     assert p.select(request(10), c).top(c, 1)[0].replica_id == "hit"
     # match 0.4: explore -> lowest load cost (queued + uncached prefill + eviction)
-    c = cands(Row("hit", num_matched_blocks=4, num_queued_tokens=5000, num_free_blocks=100), Row("idle", num_free_blocks=100))
+    c = cands(
+        Row("hit", num_matched_blocks=4, num_queued_tokens=5000, num_free_blocks=100),
+        Row("idle", num_free_blocks=100),
+    )
     assert p.select(request(10), c).top(c, 1)[0].replica_id == "idle"

@@ -1,0 +1,203 @@
+"""OpenAIIngress: the HTTP front door (FastAPI through ``serve.ingress``).
+
+Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``,
+``POST /v1/chat/completions`` (``stream`` true = SSE). Bad input gets OpenAI's error body
+with the right status (400 invalid request, 404 unknown model, 503 no replica answered) and
+disturbs nothing else. The prompt is tokenized here, once; the token ids travel in a
+``GenerateRequest`` through the router (which hashes them) to the replica.
+
+Failure handling: a replica that dies before the first token is retried on another replica
+(``MAX_ATTEMPTS``); once tokens have streamed, the error ends the stream. A client that goes
+away cancels the Serve call, which aborts the request in the replica's engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from cluster.app_config import AppConfig
+from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from cluster.openai_responses import Accumulated, ResponseContext, sse
+from replicas.deployment import GenerateRequest
+from replicas.outputs import RequestOutput
+
+log = logging.getLogger("ray.serve")
+MAX_ATTEMPTS = 3
+api = FastAPI(title="TinyServe Cluster", version="0.1.0")
+
+
+@api.exception_handler(OpenAIError)
+async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status_code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    msg = f"{'.'.join(loc) + ': ' if loc else ''}{first.get('msg', 'invalid request')}"
+    err = OpenAIError(msg, param=loc[0] if loc else None)
+    return JSONResponse(err.body(), status_code=400)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The user-level exception inside a Ray task error."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+@serve.deployment(name="OpenAIIngress", max_ongoing_requests=256)
+@serve.ingress(api)
+class OpenAIIngress:
+    """``llm`` is the LLMReplica deployment's handle; ``settings`` the AppConfig dict."""
+
+    def __init__(self, llm: Any, settings: dict[str, Any]) -> None:
+        from replicas.model_loader import load_tokenizer
+        from replicas.model_source import resolve_model_dir
+
+        self.config = AppConfig(**settings)
+        self.model_name = self.config.model_name()
+        self.tokenizer = load_tokenizer(resolve_model_dir(self.config.engine.model))
+        self.llm = llm.options(stream=True)
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise OpenAIError(
+                f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
+                status_code=404, param="model", code="model_not_found",
+            )
+
+    async def _outputs(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        """The replica's deltas, retried on another replica if one dies before output."""
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt:
+                req.request_id = f"{req.request_id.split('~')[0]}~{attempt}"
+            gen = self.llm.generate.remote(req)
+            started = done = False
+            try:
+                async for out in gen:
+                    started = True
+                    yield out
+                done = True
+                return
+            except (RayActorError, ActorUnavailableError) as exc:
+                done = True
+                if started or attempt == MAX_ATTEMPTS - 1:
+                    raise OpenAIError(f"replica failed: {type(exc).__name__}", 503,
+                                      "server_error") from exc
+                log.warning("request %s: replica died before output (%s); retrying",
+                            req.request_id, type(exc).__name__)
+            except ValueError as exc:
+                done = True
+                raise OpenAIError(str(_cause(exc))) from exc
+            finally:
+                if not done:
+                    gen.cancel()  # NOTE: client went away: abort on the replica.
+
+    def _tokenize_chat(self, body: ChatCompletionRequest) -> tuple[str, list[int]]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise OpenAIError("this model has no chat template; use /v1/completions")
+        text = self.tokenizer.apply_chat_template(
+            body.chat(), tokenize=False, add_generation_prompt=True
+        )
+        # NOTE: the template already holds the special tokens; do not add a BOS twice.
+        return text, list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _tokenize_completion(self, body: CompletionRequest) -> tuple[str, list[int]]:
+        prompt = body.single_prompt()
+        if isinstance(prompt, list):
+            text = self.tokenizer.decode(prompt) if self.tokenizer is not None else ""
+            return text, prompt
+        if self.tokenizer is None:
+            raise OpenAIError("this model has no tokenizer; send token ids as the prompt")
+        return prompt, list(self.tokenizer.encode(prompt))
+
+    async def _respond(
+        self, ctx: ResponseContext, req: GenerateRequest, stream: bool, include_usage: bool
+    ) -> Any:
+        outputs = self._outputs(req)
+        if not stream:
+            acc = Accumulated()
+            async for out in outputs:
+                acc.add(out)
+            return JSONResponse(ctx.body(acc))
+        # NOTE: wait for the first delta before answering 200, so a refused request (too
+        # long, bad parameters) still gets a 4xx status instead of an error inside the stream.
+        first = await outputs.__anext__()
+        return StreamingResponse(
+            self._sse(ctx, first, outputs, include_usage), media_type="text/event-stream"
+        )
+
+    async def _sse(
+        self,
+        ctx: ResponseContext,
+        first: RequestOutput,
+        rest: AsyncIterator[RequestOutput],
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
+        acc = Accumulated()
+        extra: dict[str, Any] = {"usage": None} if include_usage else {}
+
+        async def chain() -> AsyncIterator[RequestOutput]:
+            yield first
+            async for out in rest:
+                yield out
+
+        if ctx.endpoint == "chat":
+            yield sse({**ctx.chunk("", first=True), **extra})
+        try:
+            async for out in chain():
+                offset = len(acc.text)
+                acc.add(out)
+                if out.text_delta or out.finished or out.logprobs:
+                    yield sse({**ctx.chunk(out.text_delta, out.new_token_ids, out.logprobs,
+                                           out.finish_reason if out.finished else None,
+                                           text_offset=offset), **extra})
+            if include_usage:
+                yield sse(ctx.usage_chunk(acc))
+        except OpenAIError as err:
+            yield sse(err.body())
+        yield sse("[DONE]")
+
+    # -- routes ----------------------------------------------------------------------------------
+    @api.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{
+            "id": self.model_name, "object": "model", "created": 0, "owned_by": "tinyserve",
+        }]}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest) -> Any:
+        self._check_model(body.model)
+        body.check_supported()
+        text, ids = self._tokenize_chat(body)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        params = body.sampling_params(self.config.default_max_tokens)
+        req = GenerateRequest(rid, ids, params, prompt=text, session_id=body.session_id or "")
+        ctx = ResponseContext("chat", rid, self.model_name, self.tokenizer, params.logprobs)
+        return await self._respond(ctx, req, body.stream, body.include_usage())
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest) -> Any:
+        self._check_model(body.model)
+        body.check_supported()
+        text, ids = self._tokenize_completion(body)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        params = body.sampling_params(self.config.default_max_tokens)
+        req = GenerateRequest(rid, ids, params, prompt=text, session_id=body.session_id or "")
+        ctx = ResponseContext("completion", rid, self.model_name, self.tokenizer, params.logprobs)
+        return await self._respond(ctx, req, body.stream, body.include_usage())

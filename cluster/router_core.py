@@ -1,0 +1,107 @@
+"""The Serve-free half of the TinyServe request router: settings, prompt hashing, and turning
+a selection-service answer into Serve's ranked replica groups. Unit-tested without Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+
+from cluster.core_types import Selection
+from kvmanager.hashing import BlockHasher, make_hasher
+
+R = TypeVar("R")
+
+
+@dataclass(slots=True, frozen=True)
+class RouterSettings:
+    """``request_router_kwargs`` of ``TinyServeRouter`` (the app builder fills block_size and
+    hash_mode from the engine config, so router and pool hashes agree).
+
+    select_timeout_s: deadline of one Select; past it the request is routed by power-of-two.
+    policy: the service policy to ask for ("" = the service's default).
+    max_ranked: how many ranked replicas to hand Serve (0 = all); the rest of the order only
+        matters when the better ones reject (at max_ongoing_requests).
+    reresolve_after_failures: consecutive failed Selects before the router asks the
+        CacheSelector deployment for its address again (it may have restarted elsewhere).
+    """
+
+    block_size: int = 16
+    hash_mode: str = "fast"
+    select_timeout_s: float = 0.05
+    policy: str = ""
+    max_ranked: int = 0
+    selector_deployment: str = "CacheSelector"
+    selector_address: str | None = None
+    reresolve_after_failures: int = 5
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any]) -> RouterSettings:
+        """Validate kwargs (unknown key or bad value: ValueError naming it)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown TinyServeRouter kwargs {unknown}; known: {sorted(known)}")
+        settings = cls(**dict(kwargs))
+        if settings.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {settings.block_size}")
+        if not settings.select_timeout_s > 0:
+            raise ValueError(f"select_timeout_s must be > 0, got {settings.select_timeout_s}")
+        make_hasher(settings.hash_mode)  # ValueError for an unknown mode
+        return settings
+
+
+@dataclass(slots=True, frozen=True)
+class PromptInfo:
+    """What the router reads from a routed call's first argument (a GenerateRequest)."""
+
+    request_id: str
+    prompt_token_ids: Sequence[int]
+    max_tokens: int
+    session_id: str
+
+
+def prompt_info(args: Sequence[Any]) -> PromptInfo | None:
+    """The GenerateRequest among a call's positional args, or None (then the router falls
+    back). Duck-typed on ``prompt_token_ids`` so ``cluster`` needs no import of the replica
+    deployment module."""
+    for arg in args:
+        ids = getattr(arg, "prompt_token_ids", None)
+        if ids is None:
+            continue
+        params = getattr(arg, "sampling_params", None)
+        return PromptInfo(
+            request_id=str(getattr(arg, "request_id", "")),
+            prompt_token_ids=ids,
+            max_tokens=int(getattr(params, "max_tokens", 0) or 0),
+            session_id=str(getattr(arg, "session_id", "") or ""),
+        )
+    return None
+
+
+class PromptHasher:
+    """Chained external block hashes of a prompt, as the replicas' pools compute them."""
+
+    def __init__(self, block_size: int, hash_mode: str) -> None:
+        self.block_size = block_size
+        self._hasher: BlockHasher = make_hasher(hash_mode)
+
+    def __call__(self, token_ids: Sequence[int]) -> list[int]:
+        return self._hasher.external_hashes(token_ids, self.block_size)
+
+
+def ranks_from_selection(
+    selection: Selection, replicas: Mapping[str, R], max_ranked: int = 0
+) -> list[list[R]]:
+    """Serve's rank groups from a ranking: one replica per group, best first, skipping ids
+    Serve does not know (a replica that just died). Empty when nothing matches."""
+    out: list[list[R]] = []
+    for ranked in selection.ranked:
+        replica = replicas.get(ranked.replica_id)
+        if replica is None:
+            continue
+        out.append([replica])
+        if max_ranked and len(out) >= max_ranked:
+            break
+    return out
