@@ -124,6 +124,11 @@ class ServerThread:
         return self._running.port
 
     @property
+    def running(self) -> bool:
+        """True between a successful ``start()`` and ``stop()``."""
+        return self._running is not None
+
+    @property
     def address(self) -> str:
         return f"{self._args[0]}:{self.port}"
 

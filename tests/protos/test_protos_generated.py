@@ -11,7 +11,9 @@ from protos import generate
 
 # NOTE: generator/runtime version stamps differ between grpcio-tools releases without any
 # change in the .proto; only the schema-derived content must match.
-_VERSION_LINE = re.compile(r"(GRPC_GENERATED_VERSION|_runtime_version\.ValidateProtobuf|# Protobuf Python Version).*")
+_VERSION_LINE = re.compile(
+    r"(GRPC_GENERATED_VERSION|_runtime_version\.ValidateProtobuf|# Protobuf Python Version).*"
+)
 
 
 def _normalise(text: str) -> str:
