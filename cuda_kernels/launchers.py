@@ -12,9 +12,9 @@ import math
 
 import torch
 
-from cuda_kernels import reference, runtime
+from cuda_kernels import runtime
 
-_VEC_TYPES = {16: "uint4", 8: "uint2", 4: "unsigned int", 2: "unsigned short"}
+VEC_TYPES = {16: "uint4", 8: "uint2", 4: "unsigned int", 2: "unsigned short"}
 _TAGS = {torch.bfloat16: "bf16_t", torch.float16: "f16_t"}
 _IDX_TYPES = {torch.int32: "int", torch.int64: "long long"}
 _DECODE_HEAD_DIMS = (64, 128)
@@ -22,34 +22,34 @@ _DECODE_BLOCK_SIZES = (16, 32)
 _NUM_WARPS = 4  # NOTE: must match NUM_WARPS in paged_decode.cu
 
 
-def _require(cond: bool, msg: str) -> None:
+def require(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
 
 
-def _vec_bytes(nbytes: list[int], max_width: int = 16) -> int:
+def vec_bytes(nbytes: list[int], max_width: int = 16) -> int:
     """Widest power-of-two width <= max_width dividing every size/stride/address given."""
     width = max_width
     while width > 1 and any(b % width for b in nbytes):
         width //= 2
-    _require(width >= 2, "tensors must be at least 2-byte aligned")
+    require(width >= 2, "tensors must be at least 2-byte aligned")
     return width
 
 
 def _check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    _require(
+    require(
         k_cache.dim() == 4,
         f"k_cache must be 4-D [num_blocks, block_size, num_kv_heads, head_dim], got {tuple(k_cache.shape)}",
     )
-    _require(
+    require(
         v_cache.shape == k_cache.shape,
         f"v_cache shape {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}",
     )
-    _require(v_cache.dtype == k_cache.dtype, "k_cache and v_cache dtypes differ")
-    _require(
+    require(v_cache.dtype == k_cache.dtype, "k_cache and v_cache dtypes differ")
+    require(
         k_cache.is_cuda and v_cache.device == k_cache.device, "caches must be on one CUDA device"
     )
-    _require(
+    require(
         k_cache.is_contiguous() and v_cache.is_contiguous(),
         "caches must be contiguous (flash layout)",
     )
@@ -64,33 +64,33 @@ def reshape_and_cache(
 ) -> None:
     """CUDA reshape_and_cache (any dtype; key/value dtype must equal the cache dtype)."""
     _check_cache_pair(k_cache, v_cache)
-    _require(
+    require(
         key.dim() == 3 and value.shape == key.shape,
         "key/value must be [num_tokens, num_kv_heads, head_dim] of equal shape",
     )
-    _require(
+    require(
         key.shape[1:] == k_cache.shape[2:],
         f"key rows {tuple(key.shape[1:])} != cache rows {tuple(k_cache.shape[2:])}",
     )
-    _require(
+    require(
         key.dtype == value.dtype == k_cache.dtype,
         f"dtype mismatch: key {key.dtype}, value {value.dtype}, cache {k_cache.dtype}",
     )
-    _require(
+    require(
         key.device == value.device == k_cache.device == slot_mapping.device,
         "all tensors must be on the cache's device",
     )
-    _require(
+    require(
         slot_mapping.dim() == 1 and slot_mapping.shape[0] == key.shape[0],
         "slot_mapping must be [num_tokens]",
     )
-    _require(
+    require(
         slot_mapping.dtype in _IDX_TYPES,
         f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}",
     )
     heads, dim = key.shape[1], key.shape[2]
     for name, t in (("key", key), ("value", value)):
-        _require(
+        require(
             t.stride(2) == 1 and t.stride(1) == dim,
             f"{name} rows [num_kv_heads, head_dim] must be contiguous",
         )
@@ -100,7 +100,7 @@ def reshape_and_cache(
     slot_mapping = slot_mapping.contiguous()
     elt = key.element_size()
     row_bytes = heads * dim * elt
-    width = _vec_bytes(
+    width = vec_bytes(
         [
             row_bytes,
             key.stride(0) * elt,
@@ -111,7 +111,7 @@ def reshape_and_cache(
             v_cache.data_ptr(),
         ]
     )
-    expr = f"reshape_and_cache_kernel<{_VEC_TYPES[width]}, {_IDX_TYPES[slot_mapping.dtype]}>"
+    expr = f"reshape_and_cache_kernel<{VEC_TYPES[width]}, {_IDX_TYPES[slot_mapping.dtype]}>"
     kernel = runtime.get_kernel("cache_ops.cu", expr, key.device)
     args = (
         runtime.ptr(key),
@@ -124,89 +124,6 @@ def reshape_and_cache(
         runtime.i32(row_bytes // width),
     )
     runtime.launch(kernel, (num_tokens, 1, 1), (128, 1, 1), args, key.device)
-
-
-def _launch_copy(
-    caches_src: list[torch.Tensor],
-    caches_dst: list[torch.Tensor],
-    src_ids: list[int],
-    dst_ids: list[int],
-    block_bytes: int,
-) -> None:
-    device = caches_src[0].device
-    width = _vec_bytes([block_bytes] + [c.data_ptr() for c in caches_src + caches_dst])
-    kernel = runtime.get_kernel("cache_ops.cu", f"copy_blocks_kernel<{_VEC_TYPES[width]}>", device)
-    # NOTE: one pinned host buffer, one async H2D copy: no host stall behind queued GPU work
-    # (a pageable copy would wait for the stream). Layout: src_bases | dst_bases | src | dst.
-    n_c, n_p = len(caches_src), len(src_ids)
-    packed = [c.data_ptr() for c in caches_src] + [c.data_ptr() for c in caches_dst]
-    host = torch.tensor(packed + src_ids + dst_ids, dtype=torch.int64)
-    dev = host.pin_memory().to(device, non_blocking=True)
-    src_bases, dst_bases = dev[:n_c], dev[n_c : 2 * n_c]
-    s, d = dev[2 * n_c : 2 * n_c + n_p], dev[2 * n_c + n_p :]
-    args = (
-        runtime.ptr(src_bases),
-        runtime.ptr(dst_bases),
-        runtime.ptr(s),
-        runtime.ptr(d),
-        runtime.i64(block_bytes // width),
-    )
-    runtime.launch(kernel, (len(src_ids), len(caches_src), 1), (256, 1, 1), args, device)
-
-
-def copy_blocks(kv_caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
-    """Batched block copy over all caches, sequential semantics (see reference.copy_blocks).
-
-    One launch when no resolved source block is also written; otherwise the hazardous sources
-    are first staged in a scratch buffer (three launches). NOTE: src/dst are read on the host;
-    pass CPU tensors to avoid a device sync. Not CUDA-graph capturable (host-built index list).
-    """
-    if not kv_caches:
-        return
-    first = kv_caches[0]
-    _require(first.is_cuda and first.dim() >= 1, "caches must be CUDA tensors indexed by block_id")
-    for c in kv_caches:
-        _require(
-            c.shape == first.shape and c.dtype == first.dtype and c.device == first.device,
-            "all caches must share shape, dtype and device",
-        )
-        _require(c.is_contiguous(), "caches must be contiguous")
-    _require(
-        src.dim() == 1 and dst.dim() == 1 and src.shape == dst.shape,
-        "src and dst must be 1-D of equal length",
-    )
-    src_ids, dst_ids = reference.resolve_block_copies(
-        [int(x) for x in src.tolist()], [int(x) for x in dst.tolist()]
-    )
-    if not src_ids:
-        return
-    num_blocks = first.shape[0]
-    _require(
-        all(0 <= b < num_blocks for b in src_ids + dst_ids),
-        f"block ids must be in [0, {num_blocks})",
-    )
-    block_bytes = first[0].numel() * first.element_size()
-    written = set(dst_ids)
-    direct = [(s, d) for s, d in zip(src_ids, dst_ids, strict=True) if s not in written]
-    staged = [(s, d) for s, d in zip(src_ids, dst_ids, strict=True) if s in written]
-    scratch: list[torch.Tensor] = []
-    if staged:
-        # NOTE: stage first: the direct copies below may overwrite these sources.
-        scratch = [
-            torch.empty((len(staged), *first.shape[1:]), dtype=first.dtype, device=first.device)
-            for _ in kv_caches
-        ]
-        _launch_copy(
-            kv_caches, scratch, [s for s, _ in staged], list(range(len(staged))), block_bytes
-        )
-    if direct:
-        _launch_copy(
-            kv_caches, kv_caches, [s for s, _ in direct], [d for _, d in direct], block_bytes
-        )
-    if staged:
-        _launch_copy(
-            scratch, kv_caches, list(range(len(staged))), [d for _, d in staged], block_bytes
-        )
 
 
 def decode_supported(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -222,11 +139,11 @@ def decode_supported(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 def _choose_partition(work_items: int, max_len: int, num_sms: int) -> int:
     # NOTE: split-K: shrink partitions until the grid has >= 2 CTAs per SM (batch 1 with a
-    # long context must still fill the GPU); 128 floors the partial-output traffic.
-    for part in (512, 256):
+    # long context must still fill the GPU); 64 floors the partial-output traffic.
+    for part in (512, 256, 128):
         if work_items * math.ceil(max_len / part) >= 2 * num_sms:
             return part
-    return 128
+    return 64
 
 
 def paged_decode_attention(
@@ -239,31 +156,31 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """Split-K paged decode attention; returns a new [num_seqs, num_heads, head_dim] tensor."""
     _check_cache_pair(k_cache, v_cache)
-    _require(
+    require(
         decode_supported(query, k_cache),
         f"decode kernel supports fp16/bf16, head_dim {_DECODE_HEAD_DIMS}, block_size {_DECODE_BLOCK_SIZES}; got {query.dtype}, cache {tuple(k_cache.shape)}",
     )
-    _require(
+    require(
         query.dim() == 3 and query.shape[2] == k_cache.shape[3],
         f"query must be [num_seqs, num_heads, {k_cache.shape[3]}], got {tuple(query.shape)}",
     )
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    _require(
+    require(
         num_heads % num_kv_heads == 0,
         f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}",
     )
-    _require(
+    require(
         block_tables.dim() == 2
         and block_tables.shape[0] == num_seqs
         and block_tables.dtype == torch.int32,
         "block_tables must be int32 [num_seqs, max_blocks]",
     )
-    _require(
+    require(
         seq_lens.shape == (num_seqs,) and seq_lens.dtype == torch.int32,
         "seq_lens must be int32 [num_seqs]",
     )
-    _require(
+    require(
         query.device == k_cache.device == block_tables.device == seq_lens.device,
         "all tensors must be on the cache's device",
     )
@@ -274,7 +191,7 @@ def paged_decode_attention(
         query = query.clone(memory_format=torch.contiguous_format)  # NOTE: 16-byte row loads
     block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
     group = num_heads // num_kv_heads
-    hg = next(h for h in (8, 4, 2, 1) if group % h == 0)
+    hg = next(h for h in (4, 2, 1) if group % h == 0)  # NOTE: <= 4: register budget
     # NOTE: the table width bounds the context without reading seq_lens on the host (no sync,
     # CUDA-graph friendly); partitions past a sequence's end exit at once.
     max_len = block_tables.shape[1] * block_size
@@ -294,7 +211,6 @@ def paged_decode_attention(
     reduce_expr = f"paged_decode_reduce_kernel<{tag}, {head_dim}>"
     split_k = runtime.get_kernel("paged_decode.cu", split_expr, device, (reduce_expr,))
     reduce_k = runtime.get_kernel("paged_decode.cu", reduce_expr, device, (split_expr,))
-    smem = (hg * part + _NUM_WARPS * hg * head_dim) * 4
     args1 = (
         runtime.ptr(part_out),
         runtime.ptr(part_ml),
@@ -320,7 +236,6 @@ def paged_decode_attention(
         (_NUM_WARPS * 32, 1, 1),
         args1,
         device,
-        smem,
     )
     args2 = (
         runtime.ptr(out),

@@ -29,7 +29,9 @@ like query. Prefill expects the chunk's own K/V already written (reshape_and_cac
 copy_blocks has sequential semantics: same result as ``for s, d in zip(src, dst):
 cache[d] = cache[s]`` in order, for every cache in kv_caches (K and V of every layer).
 NOTE: prefill on CUDA is gather + torch SDPA (the reference); benchmarks/kernels_bench.py
-measures its cost against SDPA over contiguous K/V.
+measures its cost against SDPA over contiguous K/V. Pass cu_seqlens_q and seq_lens of prefill
+as CPU tensors (they are read on the host), and src/dst of copy_blocks likewise. Decode reads
+nothing on the host: it is CUDA-graph capturable (bound: block_tables width * block_size).
 """
 
 from __future__ import annotations
@@ -113,9 +115,9 @@ def paged_prefill_attention(
 def copy_blocks(kv_caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
     """Copy blocks src[i] -> dst[i] in every cache, sequential semantics. Mutates the caches."""
     if kv_caches and _on_cuda(kv_caches[0]):
-        from cuda_kernels import launchers
+        from cuda_kernels import block_copy
 
-        launchers.copy_blocks(kv_caches, src, dst)
+        block_copy.copy_blocks(kv_caches, src, dst)
         return
     reference.copy_blocks(kv_caches, src, dst)
 

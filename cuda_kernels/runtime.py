@@ -55,6 +55,18 @@ def ptr(t: torch.Tensor) -> np.uint64:
     return np.uint64(t.data_ptr())
 
 
+def ptr_at(t: torch.Tensor, byte_offset: int) -> np.uint64:
+    """Raw device pointer `byte_offset` bytes into a tensor's storage."""
+    return np.uint64(t.data_ptr() + byte_offset)
+
+
+def kernel_attributes(kernel: Any) -> dict[str, int]:
+    """Compiler resource figures of a compiled kernel (registers, local/shared bytes)."""
+    attrs = kernel.attributes
+    keys = ("num_regs", "local_size_bytes", "shared_size_bytes", "max_threads_per_block")
+    return {k: int(attrs[k]) for k in keys if k in attrs}
+
+
 def i32(x: int) -> np.int32:
     return np.int32(x)
 

@@ -21,6 +21,14 @@ def launchers() -> ModuleType:
     return mod
 
 
+@pytest.fixture(scope="module")
+def block_copy() -> ModuleType:
+    pytest.importorskip("cupy")
+    from cuda_kernels import block_copy as mod
+
+    return mod
+
+
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
@@ -164,30 +172,30 @@ def test_reshape_and_cache_rejects_bad_input(launchers: ModuleType) -> None:
     ],
 )
 def test_copy_blocks_sequential_semantics(
-    launchers: ModuleType, src: list[int], dst: list[int]
+    block_copy: ModuleType, src: list[int], dst: list[int]
 ) -> None:
     caches = [torch.randn(8, 16, 2, 64, device="cuda").to(torch.bfloat16) for _ in range(6)]
     expected = [c.clone() for c in caches]
     for c in expected:
         for s, d in zip(src, dst, strict=True):
             c[d] = c[s].clone()
-    launchers.copy_blocks(caches, torch.tensor(src), torch.tensor(dst))
+    block_copy.copy_blocks(caches, torch.tensor(src), torch.tensor(dst))
     for c, e in zip(caches, expected, strict=True):
         assert torch.equal(c, e)
 
 
-def test_copy_blocks_large_random_matches_reference(launchers: ModuleType) -> None:
+def test_copy_blocks_large_random_matches_reference(block_copy: ModuleType) -> None:
     gen = torch.Generator().manual_seed(11)
     caches = [torch.randn(256, 16, 8, 128, generator=gen).half().cuda() for _ in range(4)]
     src = torch.randint(0, 256, (300,), generator=gen)
     dst = torch.randint(0, 256, (300,), generator=gen)
     expected = [c.clone() for c in caches]
     reference.copy_blocks(expected, src, dst)
-    launchers.copy_blocks(caches, src, dst)
+    block_copy.copy_blocks(caches, src, dst)
     for c, e in zip(caches, expected, strict=True):
         assert torch.equal(c, e)
     with pytest.raises(ValueError, match="block ids"):
-        launchers.copy_blocks(caches, torch.tensor([0]), torch.tensor([256]))
+        block_copy.copy_blocks(caches, torch.tensor([0]), torch.tensor([256]))
 
 
 def test_ops_dispatch_on_cuda(launchers: ModuleType) -> None:
@@ -206,3 +214,38 @@ def test_ops_dispatch_on_cuda(launchers: ModuleType) -> None:
         q.float(), k_cache.float(), v_cache.float(), cu, lens, tables, 0.1
     )
     assert _rel_err(out, ref) < 1e-2
+
+
+def test_decode_replays_in_cuda_graph(launchers: ModuleType) -> None:
+    gen = torch.Generator().manual_seed(9)
+    k_cache = torch.randn(64, 16, 2, 128, generator=gen).bfloat16().cuda()
+    v_cache = torch.randn(64, 16, 2, 128, generator=gen).bfloat16().cuda()
+    tables = torch.randperm(64, generator=gen).to(torch.int32).view(4, 16).cuda()
+    seq_lens = torch.tensor([1, 100, 256, 17], dtype=torch.int32).cuda()
+    q = torch.randn(4, 8, 128, generator=gen).bfloat16().cuda()
+    launchers.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.1)  # compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = launchers.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.1)
+    q.copy_(torch.randn(4, 8, 128, generator=gen).bfloat16().cuda())  # new step, same buffers
+    seq_lens.copy_(torch.tensor([2, 101, 200, 18], dtype=torch.int32).cuda())
+    graph.replay()
+    eager = launchers.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.1)
+    assert torch.equal(out, eager)
+
+
+def test_block_copy_plan_runs_in_cuda_graph(block_copy: ModuleType) -> None:
+    caches = [torch.randn(32, 16, 2, 64, device="cuda").half() for _ in range(4)]
+    src, dst = torch.tensor([4, 5, 6]), torch.tensor([3, 4, 5])  # slide down: staged path
+    expected = [c.clone() for c in caches]
+    reference.copy_blocks(expected, src, dst)
+    plan = block_copy.plan_block_copies(caches, src, dst)
+    assert plan.num_staged == 2
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        plan.run()
+    graph.replay()
+    for c, e in zip(caches, expected, strict=True):
+        assert torch.equal(c, e)
