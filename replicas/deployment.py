@@ -1,0 +1,295 @@
+"""LLMReplica: the Serve deployment that wraps one AsyncLLMEngine.
+
+    handle.options(stream=True).generate.remote(GenerateRequest(...))  -> RequestOutput deltas
+
+- Token ids arrive with the request (the ingress tokenized once); the replica never
+  re-tokenizes, so the router's block hashes and the pool's agree by construction.
+- A background loop drains the pool's KV events every ``report_interval_s`` and hands them,
+  plus a load snapshot, to a ``KVSink`` (the selection service's ReportKV stream). The sink
+  comes from an injected factory: ``replicas`` never imports ``cluster`` (dependency
+  direction), the app builder passes ``cluster.app_reporting.SelectorSink``.
+- Cancelling the Serve call (client disconnect) aborts the request in the engine.
+- ``record_routing_stats`` / ``check_health`` / ``__del__`` are Serve's hooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ray import serve
+
+from kvmanager.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from replicas.config import EngineConfig
+from replicas.deployment_metrics import ReplicaMetrics
+from replicas.engine import AsyncLLMEngine
+from replicas.outputs import RequestOutput
+from replicas.sampling_params import SamplingParams
+
+log = logging.getLogger("ray.serve")
+EWMA_ALPHA = 0.2
+SNAPSHOT_EVERY_S = 0.5
+RERESOLVE_AFTER_S = 5.0
+
+
+@dataclass(slots=True)
+class GenerateRequest:
+    """One request as it travels ingress -> router -> replica.
+
+    ``prompt`` is the text form, read only by Ray's own ``PrefixCacheAffinityRouter`` (it
+    looks for a ``.prompt`` attribute); the engine uses ``prompt_token_ids``.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    prompt: str = ""
+    session_id: str = ""
+
+
+@dataclass(slots=True)
+class ReplicaLoad:
+    """A load/fragmentation snapshot (field names of ``tinyserve.v1.LoadSnapshot``)."""
+
+    num_blocks: int
+    num_free_blocks: int
+    num_cached_blocks: int
+    num_used_blocks: int
+    num_running_reqs: int
+    num_waiting_reqs: int
+    num_running_tokens: int
+    num_waiting_tokens: int
+    ttft_ewma_s: float
+    step_time_ewma_s: float
+    f_total: float
+    usage: float
+    external_fragmentation: float
+
+
+@dataclass(slots=True)
+class SinkSpec:
+    """What a KV sink needs to introduce the replica to the selection service."""
+
+    address: str
+    replica_id: str
+    node_id: str
+    block_size: int
+    num_blocks: int
+    hash_mode: str
+    resident_hashes: Callable[[], list[int]] = field(default=lambda: [])
+
+
+class KVSink(Protocol):
+    """Where a replica's KV events, load and outcomes go. Methods must not block."""
+
+    def publish(self, events: list[KVEvent]) -> None: ...
+    def snapshot(self, load: ReplicaLoad) -> None: ...
+    def feedback(self, request_id: str, out: RequestOutput) -> None: ...
+    def connected(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+SinkFactory = Callable[[SinkSpec], KVSink]
+
+
+class ResidentSet:
+    """The replica's cached block hashes, mirrored from its own KV events (thread-safe: the
+    sink reads it from its thread for a resync)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hashes: set[int] = set()
+
+    def apply(self, events: list[KVEvent]) -> None:
+        with self._lock:
+            for ev in events:
+                if isinstance(ev, BlockStored):
+                    self._hashes.update(ev.block_hashes)
+                elif isinstance(ev, BlockRemoved):
+                    self._hashes.difference_update(ev.block_hashes)
+                elif isinstance(ev, AllBlocksCleared):
+                    self._hashes.clear()
+
+    def snapshot(self) -> list[int]:
+        with self._lock:
+            return list(self._hashes)
+
+
+@serve.deployment(name="LLMReplica", max_ongoing_requests=64, health_check_period_s=5)
+class LLMReplica:
+    """One engine per replica. ``selector`` is the selection service's handle (or None)."""
+
+    async def __init__(  # type: ignore[misc]  # NOTE: Serve awaits async constructors.
+        self,
+        engine_config: dict[str, Any],
+        selector: Any = None,
+        sink_factory: SinkFactory | None = None,
+        report_interval_s: float = 0.05,
+    ) -> None:
+        self.config = EngineConfig(**engine_config)
+        self.engine = AsyncLLMEngine(self.config)
+        ctx = serve.get_replica_context()
+        self.replica_id: str = ctx.replica_id.unique_id
+        self.metrics = ReplicaMetrics()
+        self._selector = selector
+        self._sink_factory = sink_factory
+        self._sink: KVSink | None = None
+        self._address: str | None = None
+        self._resident = ResidentSet()
+        self._inflight: dict[str, int] = {}  # request_id -> prompt + max output tokens
+        self._ttft_ewma = 0.0
+        self._tpot_ewma = 0.0
+        self._interval = report_interval_s
+        self._stopping = False
+        self._loop_task = asyncio.get_running_loop().create_task(self._report_loop())
+
+    # -- serving -------------------------------------------------------------------------------
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        """Stream the request's RequestOutput deltas; ValueError (before any output) for a
+        request the engine refuses (too long, bad sampling params)."""
+        if self._stopping:
+            raise RuntimeError("replica is shutting down")
+        rid = request.request_id
+        stream = self.engine.generate(rid, request.prompt_token_ids, request.sampling_params)
+        self._inflight[rid] = len(request.prompt_token_ids) + request.sampling_params.max_tokens
+        try:
+            async for out in stream:
+                if out.finished:
+                    self._on_finished(rid, out)
+                yield out
+        finally:
+            self._inflight.pop(rid, None)
+
+    def _on_finished(self, request_id: str, out: RequestOutput) -> None:
+        self.metrics.on_finished(out)
+        m = out.metrics
+        if m.ttft_s is not None:
+            self._ttft_ewma += EWMA_ALPHA * (m.ttft_s - self._ttft_ewma)
+        if m.tpot_s is not None:
+            self._tpot_ewma += EWMA_ALPHA * (m.tpot_s - self._tpot_ewma)
+        if self._sink is not None and out.finish_reason != "abort":
+            self._sink.feedback(request_id, out)
+
+    # -- reporting -----------------------------------------------------------------------------
+    def load(self) -> ReplicaLoad:
+        stats = self.engine.stats()
+        tokens = sum(self._inflight.values())
+        return ReplicaLoad(
+            num_blocks=stats.num_blocks,
+            num_free_blocks=stats.num_free_blocks,
+            num_cached_blocks=stats.num_cached_blocks,
+            num_used_blocks=stats.num_used_blocks,
+            num_running_reqs=stats.num_requests,
+            num_waiting_reqs=max(len(self._inflight) - stats.num_requests, 0),
+            num_running_tokens=tokens,
+            num_waiting_tokens=0,
+            ttft_ewma_s=self._ttft_ewma,
+            step_time_ewma_s=self._tpot_ewma,
+            f_total=stats.f_total,
+            usage=stats.usage,
+            external_fragmentation=stats.external_fragmentation,
+        )
+
+    async def _resolve_address(self) -> str | None:
+        if self._selector is None:
+            return None
+        try:
+            return str(await asyncio.wait_for(self._selector.address.remote(), timeout=10.0))
+        except Exception as exc:  # NOTE: the service may still be starting; retry later.
+            log.info("selection service not reachable yet: %r", exc)
+            return None
+
+    async def _ensure_sink(self, now: float, disconnected_since: float | None) -> None:
+        if self._sink_factory is None or self._selector is None:
+            return
+        stale = disconnected_since is not None and now - disconnected_since > RERESOLVE_AFTER_S
+        if self._sink is not None and not stale:
+            return
+        address = await self._resolve_address()
+        if address is None or (self._sink is not None and address == self._address):
+            return
+        if self._sink is not None:
+            self._sink.close()
+        stats = self.engine.stats()
+        self._address = address
+        self._sink = self._sink_factory(SinkSpec(
+            address=address, replica_id=self.replica_id, node_id=_node_id(),
+            block_size=stats.block_size, num_blocks=stats.num_blocks,
+            hash_mode=self.config.hash_mode, resident_hashes=self._resident.snapshot,
+        ))
+        log.info("replica %s reports KV to %s", self.replica_id, address)
+
+    async def _report_loop(self) -> None:
+        """Drain events -> sink; snapshot load -> sink and gauges. Never raises."""
+        last_snapshot = 0.0
+        disconnected_since: float | None = None
+        while not self._stopping:
+            now = time.monotonic()
+            try:
+                await self._ensure_sink(now, disconnected_since)
+                events = self.engine.take_events()
+                if events:
+                    self._resident.apply(events)
+                    if self._sink is not None:
+                        self._sink.publish(events)
+                if now - last_snapshot >= SNAPSHOT_EVERY_S:
+                    last_snapshot = now
+                    load = self.load()
+                    self.metrics.on_pool(self.engine.stats(), len(self._inflight))
+                    if self._sink is not None:
+                        self._sink.snapshot(load)
+                        ok = self._sink.connected()
+                        disconnected_since = None if ok else (disconnected_since or now)
+            except Exception:  # NOTE: reporting must never take serving down.
+                log.exception("KV report loop iteration failed")
+            await asyncio.sleep(self._interval)
+
+    # -- Serve hooks -----------------------------------------------------------------------------
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Per-replica stats Serve hands to request routers (``RunningReplica.routing_stats``)."""
+        stats = self.engine.stats()
+        return {
+            "num_inflight": len(self._inflight),
+            "num_inflight_tokens": sum(self._inflight.values()),
+            "kv_usage": stats.usage,
+            "num_cached_blocks": stats.num_cached_blocks,
+            "ttft_ewma_s": self._ttft_ewma,
+        }
+
+    def check_health(self) -> None:
+        """Serve restarts the replica when this raises."""
+        if self._loop_task.done() and not self._stopping:
+            raise RuntimeError("the replica's report loop died")
+        self.engine.stats()
+
+    def stats(self) -> dict[str, Any]:
+        """Pool stats + identity (for tests, benchmarks and operators)."""
+        d = self.engine.stats().to_dict()
+        d.update(replica_id=self.replica_id, num_inflight=len(self._inflight),
+                 selector_address=self._address,
+                 selector_connected=bool(self._sink and self._sink.connected()))
+        return d
+
+    async def __del__(self) -> None:
+        """Graceful shutdown: stop reporting, end open streams with "abort", leave the
+        selection service (goodbye)."""
+        self._stopping = True
+        with contextlib.suppress(Exception):
+            await self.engine.shutdown()
+        if self._sink is not None:
+            self._sink.close()
+
+
+def _node_id() -> str:
+    import ray
+
+    try:
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:
+        return ""

@@ -1,0 +1,123 @@
+"""Scheduler decisions against a real pool, without a model: token budget, chunked prefill,
+prefix reuse, max_num_seqs, youngest-first preemption by recompute."""
+
+from __future__ import annotations
+
+from kvmanager.config import PoolConfig
+from kvmanager.manager import KVCacheManager
+from replicas.request import Request, RequestStatus
+from replicas.sampling_params import SamplingParams
+from replicas.scheduler import Scheduler, SchedulerOutput
+
+_count = iter(range(10_000))
+
+
+def _req(rid: str, n: int, max_tokens: int = 8, base: int = 0) -> Request:
+    return Request(
+        request_id=rid,
+        prompt_token_ids=[base + i for i in range(n)],
+        params=SamplingParams(max_tokens=max_tokens),
+        eos_token_ids=frozenset(),
+        arrival_index=next(_count),
+    )
+
+
+def _finish_step(sched: Scheduler, out: SchedulerOutput, token: int = 7) -> None:
+    """What the engine does after a forward pass: commit, then append a sampled token."""
+    sched.update(out)
+    for c in out.chunks:
+        if c.samples:
+            c.request.token_ids.append(token)
+
+
+def _pool(num_blocks: int, block_size: int = 4, caching: bool = True) -> KVCacheManager:
+    return KVCacheManager(
+        PoolConfig(num_blocks=num_blocks, block_size=block_size, enable_prefix_caching=caching)
+    )
+
+
+def test_token_budget_and_chunked_prefill() -> None:
+    sched = Scheduler(_pool(64), max_num_batched_tokens=10, max_num_seqs=8)
+    a, b = _req("a", 13), _req("b", 5, base=100)
+    sched.add(a)
+    sched.add(b)
+    out = sched.schedule()
+    assert [(c.request.request_id, c.start, c.num_new_tokens) for c in out.chunks] == [("a", 0, 10)]
+    assert not out.chunks[0].samples
+    _finish_step(sched, out)
+    out = sched.schedule()
+    # a finishes its prompt (3 tokens, samples), b gets the remaining 7 of the budget: all 5.
+    assert [(c.request.request_id, c.start, c.num_new_tokens) for c in out.chunks] == [
+        ("a", 10, 3),
+        ("b", 0, 5),
+    ]
+    assert all(c.samples for c in out.chunks)
+    assert out.chunks[0].slot_mapping == sched.kv.slot_mapping("a", 10, 13)
+    _finish_step(sched, out)
+    out = sched.schedule()
+    assert [(c.request.request_id, c.num_new_tokens) for c in out.chunks] == [("a", 1), ("b", 1)]
+    sched.kv.check_integrity()
+
+
+def test_prefix_reuse_schedules_only_uncached_tokens() -> None:
+    sched = Scheduler(_pool(64), max_num_batched_tokens=64, max_num_seqs=8)
+    first = _req("first", 10)
+    sched.add(first)
+    out = sched.schedule()
+    _finish_step(sched, out)
+    sched.finish(first, "stop")
+    second = _req("second", 11)  # same first 10 tokens
+    sched.add(second)
+    out = sched.schedule()
+    (chunk,) = out.chunks
+    assert second.num_cached_tokens == 8  # two full blocks of 4
+    assert (chunk.start, chunk.num_new_tokens) == (8, 3)
+
+
+def test_max_num_seqs_limits_running() -> None:
+    sched = Scheduler(_pool(64), max_num_batched_tokens=100, max_num_seqs=2)
+    for i in range(3):
+        sched.add(_req(f"r{i}", 4, base=10 * i))
+    out = sched.schedule()
+    assert [c.request.request_id for c in out.chunks] == ["r0", "r1"]
+    assert len(sched.waiting) == 1
+
+
+def test_preemption_takes_youngest_and_recomputes() -> None:
+    # 6 blocks of 4 = 24 slots; three requests of 7 tokens take 2 blocks each.
+    sched = Scheduler(_pool(6, caching=False), max_num_batched_tokens=100, max_num_seqs=8)
+    reqs = [_req(f"r{i}", 7, base=10 * i) for i in range(3)]
+    for r in reqs:
+        sched.add(r)
+    out = sched.schedule()
+    assert len(out.chunks) == 3 and sched.kv.num_free_blocks == 0
+    _finish_step(sched, out)  # each now has 8 tokens, 7 computed: the next one fits in place
+    out = sched.schedule()
+    assert not out.preempted
+    _finish_step(sched, out)  # 9 tokens, 8 computed: each needs a third block
+    out = sched.schedule()
+    youngest = reqs[2]
+    assert out.preempted == [youngest]
+    assert youngest.status is RequestStatus.PREEMPTED and youngest.num_computed_tokens == 0
+    assert sched.waiting[0] is youngest
+    assert [c.request.request_id for c in out.chunks] == ["r0", "r1"]
+    _finish_step(sched, out)
+    sched.finish(reqs[0], "length")
+    out = sched.schedule()
+    # The preempted request comes back and recomputes prompt + its earlier outputs.
+    back = [c for c in out.chunks if c.request is youngest]
+    assert back and back[0].start == 0 and back[0].num_new_tokens == youngest.num_tokens
+    sched.kv.check_integrity()
+
+
+def test_pool_none_keeps_request_waiting() -> None:
+    sched = Scheduler(_pool(3), max_num_batched_tokens=100, max_num_seqs=8)
+    big = _req("big", 10)
+    small = _req("small", 3, base=50)
+    sched.add(big)
+    sched.add(small)
+    out = sched.schedule()
+    assert [c.request.request_id for c in out.chunks] == ["big"]
+    # The pool answered None for the small one: it stays queued, nothing allocated.
+    assert list(sched.waiting) == [small]
+    assert small.status is RequestStatus.WAITING
