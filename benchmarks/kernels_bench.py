@@ -118,6 +118,11 @@ def bench_decode(batch: int, context: int, iters: int, reps: int) -> dict[str, f
     def ours(r: int) -> torch.Tensor:
         return launchers.paged_decode_attention(q, k_cache, v_cache, tables[r], seq_lens, scale)
 
+    def ours_simt(r: int) -> torch.Tensor:
+        return launchers.paged_decode_attention(
+            q, k_cache, v_cache, tables[r], seq_lens, scale, variant="simt"
+        )
+
     def sdpa(r: int) -> torch.Tensor:
         return F.scaled_dot_product_attention(
             q4, contig_k[r], contig_v[r], scale=scale, enable_gqa=True
@@ -130,6 +135,7 @@ def bench_decode(batch: int, context: int, iters: int, reps: int) -> dict[str, f
     err = float((ours(0).float() - sdpa(0).squeeze(2).float()).norm() / sdpa(0).float().norm())
     t_ours = time_ms(ours, rot, iters, reps, graph=True)
     t_ours_eager = time_ms(ours, rot, iters, reps, graph=False)
+    t_simt = time_ms(ours_simt, rot, iters, reps, graph=True)
     t_sdpa = time_ms(sdpa, rot, iters, reps, graph=True)
     t_gather = time_ms(gather_sdpa, rot, max(2, iters // 4), reps, graph=True)
     tb = kv_bytes / 1e9
@@ -140,6 +146,8 @@ def bench_decode(batch: int, context: int, iters: int, reps: int) -> dict[str, f
         "rotations": rot,
         "ours_us": t_ours * 1e3,
         "ours_eager_us": t_ours_eager * 1e3,
+        "simt_us": t_simt * 1e3,
+        "simt_TBps": tb / t_simt,
         "sdpa_contig_us": t_sdpa * 1e3,
         "gather_sdpa_us": t_gather * 1e3,
         "ours_TBps": tb / t_ours,
@@ -332,16 +340,16 @@ def main() -> None:
         f"\npaged decode, {NUM_HEADS}q/{NUM_KV_HEADS}kv heads, d={HEAD_DIM}, bf16, block {BLOCK_SIZE} ({props.name})"
     )
     print(
-        f"{'batch':>5} {'ctx':>6} | {'ours TB/s':>9} {'SDPA':>6} {'gath+SDPA':>9} {'copy':>6} | {'x SDPA':>6} {'x gath':>6} | {'ours us':>8} {'eager us':>8} {'err':>8}"
+        f"{'batch':>5} {'ctx':>6} | {'ours TB/s':>9} {'simt':>5} {'SDPA':>6} {'gath+SDPA':>9} {'copy':>6} | {'x SDPA':>6} {'x gath':>6} | {'ours us':>8} {'eager us':>8} {'err':>8}"
     )
     for r in decode:
         print(
-            f"{r['batch']:>5} {r['context']:>6} | {r['ours_TBps']:>9.2f} {r['sdpa_contig_TBps']:>6.2f} {r['gather_sdpa_TBps']:>9.2f} {r['copy_TBps']:>6.2f} | "
+            f"{r['batch']:>5} {r['context']:>6} | {r['ours_TBps']:>9.2f} {r['simt_TBps']:>5.2f} {r['sdpa_contig_TBps']:>6.2f} {r['gather_sdpa_TBps']:>9.2f} {r['copy_TBps']:>6.2f} | "
             f"{r['ratio_vs_sdpa_contig']:>6.2f} {r['ratio_vs_gather_sdpa']:>6.2f} | {r['ours_us']:>8.1f} {r['ours_eager_us']:>8.1f} {r['rel_err_vs_sdpa']:>8.1e}"
         )
-    split_expr = f"paged_decode_split_kernel<bf16_t, {HEAD_DIM}, {BLOCK_SIZE}, 4>"
+    split_expr = f"paged_decode_mma_kernel<bf16_t, {HEAD_DIM}, {BLOCK_SIZE}>"
     kern = runtime.get_kernel(
-        "paged_decode.cu",
+        ("paged_decode.cu", "paged_decode_mma.cu"),
         split_expr,
         torch.device("cuda", 0),
         (f"paged_decode_reduce_kernel<bf16_t, {HEAD_DIM}>",),

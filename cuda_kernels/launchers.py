@@ -9,6 +9,7 @@ runtime.launch on torch's current stream. Semantics equal cuda_kernels.reference
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -19,7 +20,8 @@ _TAGS = {torch.bfloat16: "bf16_t", torch.float16: "f16_t"}
 _IDX_TYPES = {torch.int32: "int", torch.int64: "long long"}
 _DECODE_HEAD_DIMS = (64, 128)
 _DECODE_BLOCK_SIZES = (16, 32)
-_NUM_WARPS = 4  # NOTE: must match NUM_WARPS in paged_decode.cu
+_NUM_WARPS = 4  # NOTE: must match NUM_WARPS / MMA_WARPS in the .cu files
+_MMA_STAGES = 3  # NOTE: must match MMA_STAGES in paged_decode_mma.cu
 
 
 def require(cond: bool, msg: str) -> None:
@@ -153,8 +155,16 @@ def paged_decode_attention(
     block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
     seq_lens: torch.Tensor,  # [num_seqs] int32; seq_lens[i] <= max_blocks * block_size
     scale: float,
+    variant: str | None = None,
 ) -> torch.Tensor:
-    """Split-K paged decode attention; returns a new [num_seqs, num_heads, head_dim] tensor."""
+    """Split-K paged decode attention; returns a new [num_seqs, num_heads, head_dim] tensor.
+
+    variant: "mma" (tensor cores, paged_decode_mma.cu; default) or "simt" (CUDA cores,
+    paged_decode.cu); default from TINYSERVE_DECODE_KERNEL. Both share pass 2 and results
+    agree to bf16 rounding.
+    """
+    variant = variant or os.environ.get("TINYSERVE_DECODE_KERNEL", "mma")
+    require(variant in ("mma", "simt"), f"unknown decode variant {variant!r}")
     _check_cache_pair(k_cache, v_cache)
     require(
         decode_supported(query, k_cache),
@@ -191,7 +201,10 @@ def paged_decode_attention(
         query = query.clone(memory_format=torch.contiguous_format)  # NOTE: 16-byte row loads
     block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
     group = num_heads // num_kv_heads
-    hg = next(h for h in (4, 2, 1) if group % h == 0)  # NOTE: <= 4: register budget
+    # NOTE: query heads per CTA (all share one KV head): simt <= 4 (register budget), mma <= 16
+    # (the MMA tile's rows).
+    hg_max = 16 if variant == "mma" else 4
+    hg = max(h for h in range(1, hg_max + 1) if group % h == 0)
     # NOTE: the table width bounds the context without reading seq_lens on the host (no sync,
     # CUDA-graph friendly); partitions past a sequence's end exit at once.
     max_len = block_tables.shape[1] * block_size
@@ -207,10 +220,18 @@ def paged_decode_attention(
     )
     part_ml = torch.empty((num_seqs, num_heads, max_splits, 2), dtype=torch.float32, device=device)
     tag = _TAGS[query.dtype]
-    split_expr = f"paged_decode_split_kernel<{tag}, {head_dim}, {block_size}, {hg}>"
     reduce_expr = f"paged_decode_reduce_kernel<{tag}, {head_dim}>"
-    split_k = runtime.get_kernel("paged_decode.cu", split_expr, device, (reduce_expr,))
-    reduce_k = runtime.get_kernel("paged_decode.cu", reduce_expr, device, (split_expr,))
+    smem = 0
+    if variant == "mma":
+        sources: tuple[str, ...] = ("paged_decode.cu", "paged_decode_mma.cu")
+        split_expr = f"paged_decode_mma_kernel<{tag}, {head_dim}, {block_size}>"
+        smem = _MMA_STAGES * _NUM_WARPS * 2 * 16 * head_dim * query.element_size()
+    else:
+        sources = ("paged_decode.cu",)
+        split_expr = f"paged_decode_split_kernel<{tag}, {head_dim}, {block_size}, {hg}>"
+    split_k = runtime.get_kernel(sources, split_expr, device, (reduce_expr,))
+    reduce_k = runtime.get_kernel(sources, reduce_expr, device, (split_expr,))
+    runtime.allow_dynamic_smem(split_k, smem)
     args1 = (
         runtime.ptr(part_out),
         runtime.ptr(part_ml),
@@ -230,12 +251,15 @@ def paged_decode_attention(
         runtime.i32(part),
         runtime.f32(scale * math.log2(math.e)),
     )
+    if variant == "mma":
+        args1 = (*args1, runtime.i32(hg))
     runtime.launch(
         split_k,
         (num_heads // hg, num_seqs, max_splits),
         (_NUM_WARPS * 32, 1, 1),
         args1,
         device,
+        smem,
     )
     args2 = (
         runtime.ptr(out),

@@ -26,13 +26,13 @@ _OPTIONS = ("--std=c++17",)
 
 
 @functools.cache
-def _source(name: str) -> str:
-    common = (_SRC_DIR / "common.cuh").read_text()
-    return common + "\n" + (_SRC_DIR / name).read_text()
+def _source(names: tuple[str, ...]) -> str:
+    parts = [(_SRC_DIR / n).read_text() for n in ("common.cuh", *names)]
+    return "\n".join(parts)
 
 
 @functools.cache
-def _module(source: str, name_expressions: tuple[str, ...], device_index: int) -> Any:
+def _module(source: tuple[str, ...], name_expressions: tuple[str, ...], device_index: int) -> Any:
     with cupy.cuda.Device(device_index):
         mod = cupy.RawModule(
             code=_source(source), options=_OPTIONS, name_expressions=name_expressions
@@ -42,12 +42,36 @@ def _module(source: str, name_expressions: tuple[str, ...], device_index: int) -
 
 
 def get_kernel(
-    source: str, name_expression: str, device: torch.device, group: tuple[str, ...] = ()
+    source: str | tuple[str, ...],
+    name_expression: str,
+    device: torch.device,
+    group: tuple[str, ...] = (),
 ) -> Any:
-    """Compiled kernel `name_expression` from `source`; `group` = instantiations compiled with it."""
+    """Compiled kernel `name_expression` from `source` (one .cu or several, concatenated in
+    order after common.cuh); `group` = instantiations compiled into the same module."""
+    names = (source,) if isinstance(source, str) else source
     exprs = tuple(sorted({name_expression, *group}))
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _module(source, exprs, index).get_function(name_expression)
+    return _function(names, exprs, index, name_expression)
+
+
+@functools.cache
+def _function(
+    names: tuple[str, ...], exprs: tuple[str, ...], device_index: int, name_expression: str
+) -> Any:
+    # NOTE: cached so each kernel is ONE long-lived object (allow_dynamic_smem keys on it).
+    return _module(names, exprs, device_index).get_function(name_expression)
+
+
+_SMEM_SET: set[tuple[int, int]] = set()
+
+
+def allow_dynamic_smem(kernel: Any, nbytes: int) -> None:
+    """Allow `nbytes` of dynamic shared memory (past the 48 KiB default; once per kernel)."""
+    key = (id(kernel), nbytes)
+    if nbytes > 0 and key not in _SMEM_SET:  # NOTE: static + dynamic > 48 KiB needs it too
+        kernel.max_dynamic_shared_size_bytes = nbytes
+        _SMEM_SET.add(key)
 
 
 def ptr(t: torch.Tensor) -> np.uint64:

@@ -46,7 +46,8 @@ def _tables(
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(8, 8), (16, 4), (32, 4)])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(8, 8), (16, 4), (32, 4), (32, 2)])
+@pytest.mark.parametrize("variant", ["mma", "simt"])
 @pytest.mark.parametrize("contiguous", [True, False])
 def test_decode_matches_reference(
     launchers: ModuleType,
@@ -56,6 +57,7 @@ def test_decode_matches_reference(
     num_heads: int,
     num_kv_heads: int,
     contiguous: bool,
+    variant: str,
 ) -> None:
     gen = torch.Generator().manual_seed(head_dim + block_size + num_heads + contiguous)
     max_blocks = 12
@@ -71,7 +73,9 @@ def test_decode_matches_reference(
     tables = _tables(num_seqs, max_blocks, num_blocks, contiguous, gen)
     seq_lens = torch.tensor(lens, dtype=torch.int32).cuda()
     scale = 1 / math.sqrt(head_dim)
-    out = launchers.paged_decode_attention(query, k_cache, v_cache, tables, seq_lens, scale)
+    out = launchers.paged_decode_attention(
+        query, k_cache, v_cache, tables, seq_lens, scale, variant=variant
+    )
     ref = reference.paged_decode_attention(
         query.float(), k_cache.float(), v_cache.float(), tables, seq_lens, scale
     )
@@ -82,8 +86,9 @@ def test_decode_matches_reference(
 
 
 @pytest.mark.parametrize(("num_seqs", "context"), [(1, 3001), (3, 1200)])
+@pytest.mark.parametrize("variant", ["mma", "simt"])
 def test_decode_long_context_many_splits(
-    launchers: ModuleType, num_seqs: int, context: int
+    launchers: ModuleType, num_seqs: int, context: int, variant: str
 ) -> None:
     gen = torch.Generator().manual_seed(context)
     block_size, num_kv_heads, num_heads, head_dim = 16, 2, 16, 128
@@ -95,7 +100,9 @@ def test_decode_long_context_many_splits(
     query = (3 * torch.randn(num_seqs, num_heads, head_dim, generator=gen)).bfloat16().cuda()
     tables = _tables(num_seqs, max_blocks, num_blocks, False, gen)
     seq_lens = torch.tensor([context - 7 * i for i in range(num_seqs)], dtype=torch.int32).cuda()
-    out = launchers.paged_decode_attention(query, k_cache, v_cache, tables, seq_lens, 0.088)
+    out = launchers.paged_decode_attention(
+        query, k_cache, v_cache, tables, seq_lens, 0.088, variant=variant
+    )
     ref = reference.paged_decode_attention(
         query.float(), k_cache.float(), v_cache.float(), tables, seq_lens, 0.088
     )
