@@ -12,10 +12,9 @@ config so router hashes and pool hashes agree by construction.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from ray.serve.config import RequestRouterConfig
-from ray.serve.deployment import Application
+from ray.serve.deployment import Application, Deployment
 
 from cluster.app_config import AppConfig
 from cluster.app_reporting import make_selector_sink
@@ -27,17 +26,17 @@ from replicas.deployment import LLMReplica
 ROUTING_STATS_PERIOD_S = 2.0
 
 
-def router_config(config: AppConfig) -> RequestRouterConfig:
-    """The LLM deployment's request router and its kwargs."""
+def router_config(config: AppConfig) -> dict[str, Any]:
+    """The LLM deployment's ``request_router_config`` (router class and its kwargs)."""
     kwargs = dict(config.router_kwargs)
     if config.router == "tinyserve":
         kwargs.setdefault("block_size", config.engine.block_size)
         kwargs.setdefault("hash_mode", config.engine.hash_mode)
-    return RequestRouterConfig(
-        request_router_class=config.router_class(),
-        request_router_kwargs=kwargs,
-        request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
-    )
+    return {
+        "request_router_class": config.router_class(),
+        "request_router_kwargs": kwargs,
+        "request_routing_stats_period_s": ROUTING_STATS_PERIOD_S,
+    }
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
@@ -46,22 +45,27 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     config = AppConfig(**(args or {}))
     selector_enabled = config.selector.enabled and config.router == "tinyserve"
     selector = (
-        CacheSelector.bind(config.selector.model_dump()) if selector_enabled else None
+        cast(Deployment, CacheSelector).bind(config.selector.model_dump())
+        if selector_enabled
+        else None
     )
     actor_options: dict[str, Any] = {"num_cpus": config.num_cpus_per_replica}
     if config.num_gpus_per_replica:
         actor_options["num_gpus"] = config.num_gpus_per_replica
-    llm = LLMReplica.options(
-        num_replicas=config.num_replicas,
-        max_ongoing_requests=config.max_ongoing_requests,
-        ray_actor_options=actor_options,
-        request_router_config=router_config(config),
-    ).bind(
-        config.engine.model_dump(),
-        selector,
-        make_selector_sink if selector_enabled else None,
-        config.report_interval_s,
+    llm = (
+        cast(Deployment, LLMReplica)
+        .options(
+            num_replicas=config.num_replicas,
+            max_ongoing_requests=config.max_ongoing_requests,
+            ray_actor_options=actor_options,
+            request_router_config=router_config(config),
+        )
+        .bind(
+            config.engine.model_dump(),
+            selector,
+            make_selector_sink if selector_enabled else None,
+            config.report_interval_s,
+        )
     )
-    return OpenAIIngress.options(num_replicas=config.ingress_num_replicas).bind(
-        llm, config.model_dump()
-    )
+    ingress = cast(Deployment, OpenAIIngress)
+    return ingress.options(num_replicas=config.ingress_num_replicas).bind(llm, config.model_dump())

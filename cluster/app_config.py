@@ -28,9 +28,7 @@ ROUTER_CLASSES: dict[str, str] = {
         "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router:"
         "PrefixCacheAffinityRouter"
     ),
-    "pow2": (
-        "ray.serve._private.request_router.pow_2_router:PowerOfTwoChoicesRequestRouter"
-    ),
+    "pow2": ("ray.serve._private.request_router.pow_2_router:PowerOfTwoChoicesRequestRouter"),
 }
 
 
@@ -45,9 +43,7 @@ class SelectorSettings(BaseModel):
         "tinyserve router always uses its power-of-two fallback.",
     )
     host: str = Field(default="0.0.0.0", description="gRPC bind address of the service.")
-    port: int = Field(
-        default=50051, ge=0, le=65535, description="gRPC port (0 = any free port)."
-    )
+    port: int = Field(default=50051, ge=0, le=65535, description="gRPC port (0 = any free port).")
     policy: str = Field(default="tinyserve", description="The service's default policy.")
     pending_ttl_s: float = Field(
         default=2.0, gt=0, description="Speculative-insert lifetime of a routed prefix."

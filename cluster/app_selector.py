@@ -42,7 +42,7 @@ class CacheSelector:
         self._server.start()
         host = self.settings.host
         if host in ("0.0.0.0", "::", ""):
-            host = ray.util.get_node_ip_address()
+            host = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
         self._address = f"{host}:{self._server.port}"
         log.info("cache-selection service listening on %s", self._address)
 
@@ -54,12 +54,21 @@ class CacheSelector:
         """The core's counters, for tests and operators."""
         st = self._server.core.stats()
         replicas = [
-            {"replica_id": r.replica_id, "num_resident_blocks": r.num_resident_blocks,
-             "connected": r.connected, "synced": r.synced}
+            {
+                "replica_id": r.replica_id,
+                "num_resident_blocks": r.num_resident_blocks,
+                "connected": r.connected,
+                "synced": r.synced,
+            }
             for r in self._server.core.list_replicas()
         ]
-        return {"num_replicas": st.num_replicas, "num_unique_blocks": st.num_unique_blocks,
-                "counters": st.counters, "decisions": st.decisions, "replicas": replicas}
+        return {
+            "num_replicas": st.num_replicas,
+            "num_unique_blocks": st.num_unique_blocks,
+            "counters": st.counters,
+            "decisions": st.decisions,
+            "replicas": replicas,
+        }
 
     def check_health(self) -> None:
         if self._server._running is None:  # NOTE: stopped server = unhealthy replica.

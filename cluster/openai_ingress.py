@@ -11,16 +11,19 @@ Failure handling: a replica that dies before the first token is retried on anoth
 away cancels the Serve call, which aborts the request in the replica's engine.
 """
 
-from __future__ import annotations
+# NOTE: no ``from __future__ import annotations`` here, on purpose: Serve's class-based
+# ingress rewrites the route methods' signatures, and FastAPI then cannot resolve postponed
+# (string) annotations such as ``request: Request`` (it would read them as query params).
 
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
@@ -32,6 +35,7 @@ from replicas.outputs import RequestOutput
 
 log = logging.getLogger("ray.serve")
 MAX_ATTEMPTS = 3
+M = TypeVar("M", bound=BaseModel)
 api = FastAPI(title="TinyServe Cluster", version="0.1.0")
 
 
@@ -47,6 +51,28 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     msg = f"{'.'.join(loc) + ': ' if loc else ''}{first.get('msg', 'invalid request')}"
     err = OpenAIError(msg, param=loc[0] if loc else None)
     return JSONResponse(err.body(), status_code=400)
+
+
+async def _parse(request: Request, model: type[M]) -> M:
+    """The JSON body as ``model``; OpenAIError 400 naming the first bad field.
+
+    NOTE: parsed by hand rather than by a FastAPI body parameter: Serve's class-based ingress
+    rewrites method signatures, which defeats FastAPI's resolution of postponed annotations.
+    """
+    try:
+        data = await request.json()
+    except ValueError as exc:
+        raise OpenAIError(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise OpenAIError("request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(x) for x in first.get("loc", ()))
+        raise OpenAIError(
+            f"{loc + ': ' if loc else ''}{first.get('msg')}", param=loc or None
+        ) from exc
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -74,14 +100,22 @@ class OpenAIIngress:
         if model != self.model_name:
             raise OpenAIError(
                 f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
-                status_code=404, param="model", code="model_not_found",
+                status_code=404,
+                param="model",
+                code="model_not_found",
             )
 
-    async def _outputs(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        """The replica's deltas, retried on another replica if one dies before output."""
+    async def _outputs(
+        self, req: GenerateRequest, restartable: bool
+    ) -> AsyncIterator[RequestOutput | None]:
+        """The replica's deltas. If a replica dies, the request is re-sent to another one
+        (up to ``MAX_ATTEMPTS``) when nothing has reached the client yet: before the first
+        delta, or at any point when ``restartable`` (a non-streamed response, whose caller
+        then gets ``None``, meaning "discard what you accumulated")."""
+        base_id = req.request_id
         for attempt in range(MAX_ATTEMPTS):
             if attempt:
-                req.request_id = f"{req.request_id.split('~')[0]}~{attempt}"
+                req.request_id = f"{base_id}~{attempt}"
             gen = self.llm.generate.remote(req)
             started = done = False
             try:
@@ -92,11 +126,17 @@ class OpenAIIngress:
                 return
             except (RayActorError, ActorUnavailableError) as exc:
                 done = True
-                if started or attempt == MAX_ATTEMPTS - 1:
-                    raise OpenAIError(f"replica failed: {type(exc).__name__}", 503,
-                                      "server_error") from exc
-                log.warning("request %s: replica died before output (%s); retrying",
-                            req.request_id, type(exc).__name__)
+                if (started and not restartable) or attempt == MAX_ATTEMPTS - 1:
+                    raise OpenAIError(
+                        f"replica failed: {type(exc).__name__}", 503, "server_error"
+                    ) from exc
+                log.warning(
+                    "request %s: replica died (%s); retrying on another replica",
+                    base_id,
+                    type(exc).__name__,
+                )
+                if started:
+                    yield None
             except ValueError as exc:
                 done = True
                 raise OpenAIError(str(_cause(exc))) from exc
@@ -125,15 +165,19 @@ class OpenAIIngress:
     async def _respond(
         self, ctx: ResponseContext, req: GenerateRequest, stream: bool, include_usage: bool
     ) -> Any:
-        outputs = self._outputs(req)
+        outputs = self._outputs(req, restartable=not stream)
         if not stream:
             acc = Accumulated()
             async for out in outputs:
-                acc.add(out)
+                if out is None:
+                    acc = Accumulated()  # the replica died mid-way: start over elsewhere
+                else:
+                    acc.add(out)
             return JSONResponse(ctx.body(acc))
         # NOTE: wait for the first delta before answering 200, so a refused request (too
         # long, bad parameters) still gets a 4xx status instead of an error inside the stream.
         first = await outputs.__anext__()
+        assert first is not None
         return StreamingResponse(
             self._sse(ctx, first, outputs, include_usage), media_type="text/event-stream"
         )
@@ -142,7 +186,7 @@ class OpenAIIngress:
         self,
         ctx: ResponseContext,
         first: RequestOutput,
-        rest: AsyncIterator[RequestOutput],
+        rest: AsyncIterator[RequestOutput | None],
         include_usage: bool,
     ) -> AsyncIterator[str]:
         acc = Accumulated()
@@ -151,6 +195,7 @@ class OpenAIIngress:
         async def chain() -> AsyncIterator[RequestOutput]:
             yield first
             async for out in rest:
+                assert out is not None  # NOTE: streams are never restarted after output
                 yield out
 
         if ctx.endpoint == "chat":
@@ -160,9 +205,18 @@ class OpenAIIngress:
                 offset = len(acc.text)
                 acc.add(out)
                 if out.text_delta or out.finished or out.logprobs:
-                    yield sse({**ctx.chunk(out.text_delta, out.new_token_ids, out.logprobs,
-                                           out.finish_reason if out.finished else None,
-                                           text_offset=offset), **extra})
+                    yield sse(
+                        {
+                            **ctx.chunk(
+                                out.text_delta,
+                                out.new_token_ids,
+                                out.logprobs,
+                                out.finish_reason if out.finished else None,
+                                text_offset=offset,
+                            ),
+                            **extra,
+                        }
+                    )
             if include_usage:
                 yield sse(ctx.usage_chunk(acc))
         except OpenAIError as err:
@@ -176,12 +230,21 @@ class OpenAIIngress:
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{
-            "id": self.model_name, "object": "model", "created": 0, "owned_by": "tinyserve",
-        }]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "tinyserve",
+                }
+            ],
+        }
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest) -> Any:
+    async def chat_completions(self, request: Request) -> Any:
+        body = await _parse(request, ChatCompletionRequest)
         self._check_model(body.model)
         body.check_supported()
         text, ids = self._tokenize_chat(body)
@@ -192,7 +255,8 @@ class OpenAIIngress:
         return await self._respond(ctx, req, body.stream, body.include_usage())
 
     @api.post("/v1/completions")
-    async def completions(self, body: CompletionRequest) -> Any:
+    async def completions(self, request: Request) -> Any:
+        body = await _parse(request, CompletionRequest)
         self._check_model(body.model)
         body.check_supported()
         text, ids = self._tokenize_completion(body)

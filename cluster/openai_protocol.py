@@ -79,8 +79,9 @@ class _SamplingFields(BaseModel):
         if self.n != 1:
             raise OpenAIError("only n=1 is supported", param="n")
         if self.stream_options is not None and not self.stream:
-            raise OpenAIError("stream_options is only allowed with stream=true",
-                              param="stream_options")
+            raise OpenAIError(
+                "stream_options is only allowed with stream=true", param="stream_options"
+            )
 
     def _sampling(
         self, max_tokens: int | None, default_max_tokens: int, logprobs: int | None

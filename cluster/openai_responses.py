@@ -38,15 +38,21 @@ def chat_logprobs(
     for tid, lp in zip(token_ids, logprobs, strict=False):
         text = _token_text(tokenizer, tid)
         top = sorted(lp.items(), key=lambda kv: -kv[1])[:top_n]
-        content.append({
-            "token": text,
-            "logprob": lp.get(tid, float("-inf")),
-            "bytes": list(text.encode()),
-            "top_logprobs": [
-                {"token": (t := _token_text(tokenizer, k)), "logprob": v, "bytes": list(t.encode())}
-                for k, v in top
-            ],
-        })
+        content.append(
+            {
+                "token": text,
+                "logprob": lp.get(tid, float("-inf")),
+                "bytes": list(text.encode()),
+                "top_logprobs": [
+                    {
+                        "token": (t := _token_text(tokenizer, k)),
+                        "logprob": v,
+                        "bytes": list(t.encode()),
+                    }
+                    for k, v in top
+                ],
+            }
+        )
     return {"content": content}
 
 
@@ -63,8 +69,12 @@ def completion_logprobs(
         tops.append({_token_text(tokenizer, k): v for k, v in lp.items()})
         offsets.append(offset)
         offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
-            "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_lps,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
 
 
 @dataclass(slots=True)
@@ -114,15 +124,21 @@ class ResponseContext:
 
     def body(self, acc: Accumulated) -> dict[str, Any]:
         """The full non-streamed response."""
-        choice: dict[str, Any] = {"index": 0, "finish_reason": acc.finish_reason,
-                                  "logprobs": self._logprobs(acc.token_ids, acc.logprobs, 0)}
+        choice: dict[str, Any] = {
+            "index": 0,
+            "finish_reason": acc.finish_reason,
+            "logprobs": self._logprobs(acc.token_ids, acc.logprobs, 0),
+        }
         if self.endpoint == "chat":
             choice["message"] = {"role": "assistant", "content": acc.text}
         else:
             choice["text"] = acc.text
         return {
-            "id": self.response_id, "object": self.object_name, "created": self.created,
-            "model": self.model, "choices": [choice],
+            "id": self.response_id,
+            "object": self.object_name,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
             "usage": usage(acc.num_prompt_tokens, acc.num_output_tokens, acc.num_cached_tokens),
         }
 
@@ -136,24 +152,35 @@ class ResponseContext:
         text_offset: int = 0,
     ) -> dict[str, Any]:
         """One streamed choice delta (``usage`` left to ``usage_chunk``)."""
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason,
-                                  "logprobs": self._logprobs(token_ids or [], lps or [],
-                                                             text_offset)}
+        choice: dict[str, Any] = {
+            "index": 0,
+            "finish_reason": finish_reason,
+            "logprobs": self._logprobs(token_ids or [], lps or [], text_offset),
+        }
         if self.endpoint == "chat":
             choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
         else:
             choice["text"] = text
         obj = "chat.completion.chunk" if self.endpoint == "chat" else "text_completion"
-        return {"id": self.response_id, "object": obj, "created": self.created,
-                "model": self.model, "choices": [choice]}
+        return {
+            "id": self.response_id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
 
     def usage_chunk(self, acc: Accumulated) -> dict[str, Any]:
         """The last chunk when ``stream_options.include_usage``: empty choices plus usage."""
         obj = "chat.completion.chunk" if self.endpoint == "chat" else "text_completion"
-        return {"id": self.response_id, "object": obj, "created": self.created,
-                "model": self.model, "choices": [],
-                "usage": usage(acc.num_prompt_tokens, acc.num_output_tokens,
-                               acc.num_cached_tokens)}
+        return {
+            "id": self.response_id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": usage(acc.num_prompt_tokens, acc.num_output_tokens, acc.num_cached_tokens),
+        }
 
 
 def sse(data: dict[str, Any] | str) -> str:
