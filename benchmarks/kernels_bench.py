@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from cuda_kernels import ops
+from cuda_kernels import ops, reference
 
 try:
     from cuda_kernels import block_copy, launchers, runtime
@@ -118,6 +118,11 @@ def bench_decode(batch: int, context: int, iters: int, reps: int) -> dict[str, f
     def ours(r: int) -> torch.Tensor:
         return launchers.paged_decode_attention(q, k_cache, v_cache, tables[r], seq_lens, scale)
 
+    def ours_mma2(r: int) -> torch.Tensor:
+        return launchers.paged_decode_attention(
+            q, k_cache, v_cache, tables[r], seq_lens, scale, variant="mma2"
+        )
+
     def ours_simt(r: int) -> torch.Tensor:
         return launchers.paged_decode_attention(
             q, k_cache, v_cache, tables[r], seq_lens, scale, variant="simt"
@@ -136,6 +141,7 @@ def bench_decode(batch: int, context: int, iters: int, reps: int) -> dict[str, f
     t_ours = time_ms(ours, rot, iters, reps, graph=True)
     t_ours_eager = time_ms(ours, rot, iters, reps, graph=False)
     t_simt = time_ms(ours_simt, rot, iters, reps, graph=True)
+    t_mma2 = time_ms(ours_mma2, rot, iters, reps, graph=True)
     t_sdpa = time_ms(sdpa, rot, iters, reps, graph=True)
     t_gather = time_ms(gather_sdpa, rot, max(2, iters // 4), reps, graph=True)
     tb = kv_bytes / 1e9
@@ -148,6 +154,8 @@ def bench_decode(batch: int, context: int, iters: int, reps: int) -> dict[str, f
         "ours_eager_us": t_ours_eager * 1e3,
         "simt_us": t_simt * 1e3,
         "simt_TBps": tb / t_simt,
+        "mma2_us": t_mma2 * 1e3,
+        "mma2_TBps": tb / t_mma2,
         "sdpa_contig_us": t_sdpa * 1e3,
         "gather_sdpa_us": t_gather * 1e3,
         "ours_TBps": tb / t_ours,
@@ -278,7 +286,12 @@ def bench_prefill(
     def ours(r: int) -> torch.Tensor:
         return ops.paged_prefill_attention(q, k_cache, v_cache, cu, lens, tables, scale)
 
-    def sdpa(r: int) -> None:
+    def sdpa_contig(r: int) -> None:  # the same SDPA call over contiguous K/V: no gather
+        for i in range(num_seqs):
+            qi = q[i * chunk : (i + 1) * chunk].transpose(0, 1)
+            reference._causal_sdpa(qi, k_c[i], v_c[i], scale)
+
+    def sdpa_boolmask(r: int) -> None:  # contiguous K/V, bool mask + enable_gqa (math path)
         for i in range(num_seqs):
             qi = q[i * chunk : (i + 1) * chunk].transpose(0, 1)
             F.scaled_dot_product_attention(
@@ -286,14 +299,18 @@ def bench_prefill(
             )
 
     t_ours = time_ms(ours, 1, iters, reps, graph=False)
-    t_sdpa = time_ms(sdpa, 1, iters, reps, graph=False)
+    t_sdpa = time_ms(sdpa_contig, 1, iters, reps, graph=False)
+    t_bool = time_ms(sdpa_boolmask, 1, iters, reps, graph=False)
+    flops = 4 * num_seqs * chunk * context * NUM_HEADS * HEAD_DIM  # QK + PV, full rectangle
     return {
         "num_seqs": num_seqs,
         "context": context,
         "chunk": chunk,
         "gather_sdpa_us": t_ours * 1e3,
         "sdpa_contig_us": t_sdpa * 1e3,
+        "sdpa_boolmask_contig_us": t_bool * 1e3,
         "gather_overhead": t_ours / t_sdpa,
+        "gather_sdpa_TFLOPs": flops / t_ours / 1e9,
     }
 
 
@@ -340,14 +357,14 @@ def main() -> None:
         f"\npaged decode, {NUM_HEADS}q/{NUM_KV_HEADS}kv heads, d={HEAD_DIM}, bf16, block {BLOCK_SIZE} ({props.name})"
     )
     print(
-        f"{'batch':>5} {'ctx':>6} | {'ours TB/s':>9} {'simt':>5} {'SDPA':>6} {'gath+SDPA':>9} {'copy':>6} | {'x SDPA':>6} {'x gath':>6} | {'ours us':>8} {'eager us':>8} {'err':>8}"
+        f"{'batch':>5} {'ctx':>6} | {'ours TB/s':>9} {'mma2':>5} {'simt':>5} {'SDPA':>6} {'gath+SDPA':>9} {'copy':>6} | {'x SDPA':>6} {'x gath':>6} | {'ours us':>8} {'eager us':>8} {'err':>8}"
     )
     for r in decode:
         print(
-            f"{r['batch']:>5} {r['context']:>6} | {r['ours_TBps']:>9.2f} {r['simt_TBps']:>5.2f} {r['sdpa_contig_TBps']:>6.2f} {r['gather_sdpa_TBps']:>9.2f} {r['copy_TBps']:>6.2f} | "
+            f"{r['batch']:>5} {r['context']:>6} | {r['ours_TBps']:>9.2f} {r['mma2_TBps']:>5.2f} {r['simt_TBps']:>5.2f} {r['sdpa_contig_TBps']:>6.2f} {r['gather_sdpa_TBps']:>9.2f} {r['copy_TBps']:>6.2f} | "
             f"{r['ratio_vs_sdpa_contig']:>6.2f} {r['ratio_vs_gather_sdpa']:>6.2f} | {r['ours_us']:>8.1f} {r['ours_eager_us']:>8.1f} {r['rel_err_vs_sdpa']:>8.1e}"
         )
-    split_expr = f"paged_decode_mma_kernel<bf16_t, {HEAD_DIM}, {BLOCK_SIZE}>"
+    split_expr = f"paged_decode_mma_kernel<bf16_t, {HEAD_DIM}, {BLOCK_SIZE}, 3>"
     kern = runtime.get_kernel(
         ("paged_decode.cu", "paged_decode_mma.cu"),
         split_expr,
@@ -391,7 +408,8 @@ def main() -> None:
     for r in pf:
         print(
             f"seqs {r['num_seqs']} ctx {r['context']} chunk {r['chunk']}: gather+SDPA {r['gather_sdpa_us']:.1f} us, "
-            f"SDPA contiguous {r['sdpa_contig_us']:.1f} us, overhead x{r['gather_overhead']:.2f}"
+            f"SDPA contiguous {r['sdpa_contig_us']:.1f} us, overhead x{r['gather_overhead']:.2f}, "
+            f"{r['gather_sdpa_TFLOPs']:.0f} TFLOP/s (bool-mask SDPA {r['sdpa_boolmask_contig_us']:.1f} us)"
         )
     if args.json:
         with open(args.json, "w") as f:

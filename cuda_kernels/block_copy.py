@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from cuda_kernels import reference, runtime
-from cuda_kernels.launchers import VEC_TYPES, require, vec_bytes
+from cuda_kernels.checks import VEC_TYPES, require, vec_bytes
 
 _THREADS = 256
 

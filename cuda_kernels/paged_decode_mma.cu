@@ -1,6 +1,8 @@
 // Paged decode attention on tensor cores (mma.sync m16n8k16, fp32 accumulation): same
 // contract, grid and partial outputs as paged_decode_split_kernel (paged_decode.cu, whose
-// pass 2 merges them), but the HG query heads of one KV head form the 16 rows of the MMA
+// pass 2 merges them). NOTE: a fused pass 2 (last CTA merges, threadFenceReduction style)
+// was measured slower (batch 1: 23 us vs 13 us; batch >= 16: -5..10%) and dropped.
+// The HG query heads of one KV head form the 16 rows of the MMA
 // A operand (rows >= HG are zero padding), so a warp spends ~2 MMAs per token instead of
 // ~1000 FMAs per token per CTA on CUDA cores.
 //
@@ -17,7 +19,6 @@
 // The S accumulator fragment is reused as the P operand fragment (FlashAttention-2 layout).
 
 #define MMA_WARPS 4
-#define MMA_STAGES 3
 #define MMA_MAX_PARTITION 512
 #define MMA_LAZY 8.f
 
@@ -79,8 +80,9 @@ __device__ __forceinline__ void ldsm_x4_t(unsigned addr, unsigned& r0, unsigned&
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
 }
 
-template <typename T, int HEAD_DIM, int BLOCK_SIZE>
-__global__ void __launch_bounds__(MMA_WARPS * 32) paged_decode_mma_kernel(
+// MMA_STAGES 3: 96 KiB ring (D=128) -> 2 CTAs per SM; 2: 64 KiB -> 3 CTAs per SM.
+template <typename T, int HEAD_DIM, int BLOCK_SIZE, int MMA_STAGES>
+__global__ void __launch_bounds__(MMA_WARPS * 32, MMA_STAGES == 2 ? 3 : 2) paged_decode_mma_kernel(
     float* __restrict__ part_out, float* __restrict__ part_ml,
     const T* __restrict__ query, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
     const int* __restrict__ block_tables, const int* __restrict__ seq_lens,
@@ -102,7 +104,7 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) paged_decode_mma_kernel(
   const int kvh = h0 / group;
   const int seq_len = imin(seq_lens[seq], bt_stride * BLOCK_SIZE);
   const int start = split * partition;
-  if (start >= seq_len) return;
+  if (start >= seq_len) return;  // empty partition: pass 2 ignores it (uses seq_len too)
   const int end = imin(start + partition, seq_len);
   const int num_steps = (end - start + CTA_STEP - 1) / CTA_STEP;
 
@@ -121,22 +123,27 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) paged_decode_mma_kernel(
   const T* v_head = v_cache + (i64)kvh * HEAD_DIM;
   const unsigned ring = mma_smem_addr(smem) + warp * WARP_STAGE;
 
-  // lane copies chunks idx = lane + 32*j of the 16 x CHUNKS slice: coalesced row pieces
+  // lane copies chunks idx = lane + 32*j of the 16 x CHUNKS slice: coalesced row pieces.
+  // NOTE: a 16-token slice starts 16-aligned, so it lies in ONE block (BLOCK_SIZE 16 or 32):
+  // one block-table read per slice; rows past `end` stay inside that block's memory and are
+  // zero-filled (src size 0), so no clamping is needed.
+  static_assert(BLOCK_SIZE % 16 == 0, "a 16-token slice must not straddle blocks");
   auto issue = [&](int step) {
-    if (step < num_steps) {
+    const int t0 = start + step * CTA_STEP + warp * 16;
+    if (step < num_steps && t0 < end) {
       const unsigned base = ring + (step % MMA_STAGES) * STAGE_BYTES;
-      const int t0 = start + step * CTA_STEP + warp * 16;
+      const i64 blk_off = (i64)s_bt[t0 / BLOCK_SIZE - first_blk] * cache_block_stride +
+                          (i64)(t0 % BLOCK_SIZE) * cache_slot_stride;
+      const T* k_src = k_head + blk_off;
+      const T* v_src = v_head + blk_off;
 #pragma unroll
       for (int idx = lane; idx < 16 * CHUNKS; idx += 32) {
         const int row = idx / CHUNKS, chunk = idx % CHUNKS;
-        const int t = t0 + row;
-        const bool ok = t < end;
-        const int tt = ok ? t : start;  // NOTE: a valid address even when zero-filling
-        const i64 off = (i64)s_bt[tt / BLOCK_SIZE - first_blk] * cache_block_stride +
-                        (i64)(tt % BLOCK_SIZE) * cache_slot_stride + chunk * 8;
+        const i64 off = (i64)row * cache_slot_stride + chunk * 8;
+        const int nbytes = t0 + row < end ? 16 : 0;
         const unsigned dst = base + row * ROW_BYTES + ((chunk ^ (row & 7)) * 16);
-        mma_cp_async(dst, k_head + off, ok ? 16 : 0);
-        mma_cp_async(dst + SLICE_BYTES, v_head + off, ok ? 16 : 0);
+        mma_cp_async(dst, k_src + off, nbytes);
+        mma_cp_async(dst + SLICE_BYTES, v_src + off, nbytes);
       }
     }
     asm volatile("cp.async.commit_group;\n" ::);

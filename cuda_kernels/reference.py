@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 def _flat_slots(cache: torch.Tensor) -> torch.Tensor:
@@ -145,19 +146,33 @@ def paged_prefill_attention(
         k = _gather_context(k_cache, table, nb)[0, :ctx_len].to(cdt).transpose(0, 1)  # [Hkv, L, D]
         v = _gather_context(v_cache, table, nb)[0, :ctx_len].to(cdt).transpose(0, 1)
         q = query[cu[i] : cu[i + 1]].to(cdt).transpose(0, 1)  # [H, q_len, D]
-        if q_len == ctx_len:
-            o = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=scale, enable_gqa=num_heads != num_kv_heads
-            )
-        else:
-            q_pos = torch.arange(ctx_len - q_len, ctx_len, device=query.device)
-            k_pos = torch.arange(ctx_len, device=query.device)
-            mask = k_pos[None, :] <= q_pos[:, None]  # [q_len, L], bottom-right causal
-            o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=scale, enable_gqa=num_heads != num_kv_heads
-            )
+        o = _causal_sdpa(q, k, v, scale)
         out[cu[i] : cu[i + 1]] = o.transpose(0, 1).to(query.dtype)
     return out
+
+
+def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [H, q_len, D] over k/v [Hkv, L, D], bottom-right causal (q_len <= L) -> [H, q_len, D]."""
+    num_heads, q_len = q.shape[0], q.shape[1]
+    num_kv_heads, ctx_len = k.shape[0], k.shape[1]
+    if q.is_cuda:
+        # NOTE: on CUDA, expand K/V heads and pass a CausalBias so SDPA can pick its flash /
+        # memory-efficient kernels; a boolean mask with enable_gqa falls back to the slow math
+        # path (measured ~4 TFLOP/s on an H200 before this change).
+        if num_heads != num_kv_heads:
+            k = k.repeat_interleave(num_heads // num_kv_heads, dim=0)
+            v = v.repeat_interleave(num_heads // num_kv_heads, dim=0)
+        q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        if q_len == ctx_len:
+            return F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale)[0]
+        bias = causal_lower_right(q_len, ctx_len)
+        return F.scaled_dot_product_attention(q4, k4, v4, attn_mask=bias, scale=scale)[0]
+    gqa = num_heads != num_kv_heads
+    if q_len == ctx_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
+    mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]  # [q_len, L]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 def resolve_block_copies(src: list[int], dst: list[int]) -> tuple[list[int], list[int]]:

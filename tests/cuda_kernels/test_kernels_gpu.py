@@ -86,7 +86,7 @@ def test_decode_matches_reference(
 
 
 @pytest.mark.parametrize(("num_seqs", "context"), [(1, 3001), (3, 1200)])
-@pytest.mark.parametrize("variant", ["mma", "simt"])
+@pytest.mark.parametrize("variant", ["mma", "mma2", "simt"])
 def test_decode_long_context_many_splits(
     launchers: ModuleType, num_seqs: int, context: int, variant: str
 ) -> None:
@@ -103,6 +103,10 @@ def test_decode_long_context_many_splits(
     out = launchers.paged_decode_attention(
         query, k_cache, v_cache, tables, seq_lens, 0.088, variant=variant
     )
+    again = launchers.paged_decode_attention(
+        query, k_cache, v_cache, tables, seq_lens, 0.088, variant=variant
+    )
+    assert torch.equal(out, again)  # deterministic: no state carried between calls
     ref = reference.paged_decode_attention(
         query.float(), k_cache.float(), v_cache.float(), tables, seq_lens, 0.088
     )
