@@ -239,8 +239,8 @@ class SelectorCore:
             t0 = time.perf_counter()
             pol = self.policy(policy)
             self._index.expire_pending()
-            slots, ids, unknown = self._candidate_slots(candidate_ids)
-            cands = self._candidates(request, slots, ids)
+            slots, ids, unknown, mask = self._candidate_slots(candidate_ids)
+            cands = self._candidates(request, slots, ids, mask)
             ranking = pol.select(request, cands)
             ranked = ranking.top(cands, max_results)
             if ranked:
@@ -257,45 +257,43 @@ class SelectorCore:
             self.metrics.select_latency.labels(pol.name).observe(time.perf_counter() - t0)
             return Selection(pol.name, ranked, request.num_prompt_blocks, unknown)
 
-    def _candidate_slots(self, candidate_ids: Sequence[str]) -> tuple[np.ndarray, list[str], int]:
+    def _candidate_slots(
+        self, candidate_ids: Sequence[str]
+    ) -> tuple[np.ndarray, list[str], int, int]:
+        """(slots, replica_ids, number of unknown ids, slots bitmask) of the candidates."""
         if not candidate_ids:
             slots, ids = self._table.live()
-            return slots, ids, 0
-        recs = [self._table.records.get(r) for r in candidate_ids]
-        known = [r for r in recs if r is not None]
-        unknown = len(recs) - len(known)
+            return slots, ids, 0, self._table.live_mask
+        records = self._table.records
+        known = [rec for rec in (records.get(r) for r in candidate_ids) if rec is not None]
+        unknown = len(candidate_ids) - len(known)
         if unknown:
             self.counters["unknown_replica"] += unknown
             self.metrics.errors.labels("unknown_replica").inc(unknown)
-        return np.asarray([r.slot for r in known], np.int64), [r.replica_id for r in known], unknown
+        mask = 0
+        for rec in known:
+            mask |= 1 << rec.slot
+        return (
+            np.asarray([r.slot for r in known], np.int64),
+            [r.replica_id for r in known],
+            unknown,
+            mask,
+        )
 
     def _candidates(
-        self, request: SelectionRequest, slots: np.ndarray, ids: list[str]
+        self, request: SelectionRequest, slots: np.ndarray, ids: list[str], mask: int
     ) -> Candidates:
-        mask = 0
-        for s in slots.tolist():
-            mask |= 1 << s
         match = self._index.match(request.block_hashes, mask)
         cap = len(self._table.cols["num_blocks"])
-        matched = np.zeros(cap, np.int64)
-        pending = np.zeros(cap, np.int64)
-        host = np.zeros(cap, np.int64)
-        hot = np.zeros(cap, np.float64)
-        for s, m in match.resident.items():
-            matched[s] = m
-            hot[s] = self._access.hotness(s, request.block_hashes, m)
-        for s, p in match.pending.items():
-            pending[s] = p
-        for s, h in match.host.items():
-            host[s] = h
+        matched, pending, host = match.arrays(cap)
+        lengths = {n for _, n in match.resident_segments}
+        hot = self._access.hotness(request.block_hashes, matched, lengths)
         c = self._table.cols
         if request.origin_node_id:
-            same = np.asarray(
-                [self._table.by_slot[s].node_id == request.origin_node_id for s in slots.tolist()],
-                bool,
-            )
+            nodes = [self._table.by_slot[s].node_id for s in slots.tolist()]
+            same = np.asarray([n == request.origin_node_id for n in nodes], np.bool_)
         else:
-            same = np.zeros(len(slots), bool)
+            same = np.zeros(len(slots), np.bool_)
         return Candidates(
             ids,
             matched[slots],
@@ -326,7 +324,10 @@ class SelectorCore:
     ) -> None:
         rec = self._table.records[replica_id]
         if speculative:
-            self._index.mark_pending(rec.slot, request.block_hashes, self.config.pending_ttl_s)
+            # NOTE: the matched prefix is resident already; only the rest needs a pending mark.
+            self._index.mark_pending(
+                rec.slot, request.block_hashes[matched:], self.config.pending_ttl_s
+            )
             self._table.add_inflight(rec, request.num_prompt_tokens + request.num_output_tokens)
             self._access.bump(rec.slot, request.block_hashes)
         if request.request_id:

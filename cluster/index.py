@@ -20,45 +20,121 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 from kvmanager.events import MEDIUM_CPU
+
+
+def mask_to_bool(mask: int, num_slots: int) -> npt.NDArray[np.bool_]:
+    """Bitmask -> bool array of length ``num_slots`` (bit i -> element i)."""
+    raw = np.frombuffer(mask.to_bytes((num_slots + 7) // 8, "little"), np.uint8)
+    return np.unpackbits(raw, bitorder="little")[:num_slots].astype(np.bool_)
 
 
 @dataclass(slots=True)
 class PrefixMatch:
-    """Longest exact prefix per slot; slots absent from a dict matched 0 blocks.
-    ``pending[slot]`` counts blocks matched beyond ``resident[slot]`` thanks to pending inserts;
-    ``host[slot]`` how many of the resident matched blocks are on the host tier only."""
+    """Longest exact prefix per slot as segments ``(slots_mask, num_blocks)``: every slot in a
+    segment's mask matched exactly that many leading blocks (slots in no segment matched 0).
+    ``pending`` segments count the prefix covered by resident OR pending blocks; ``host`` maps
+    slot -> matched blocks held on the host tier only."""
 
-    resident: dict[int, int]
-    pending: dict[int, int]
+    resident_segments: list[tuple[int, int]]
+    pending_segments: list[tuple[int, int]]
     host: dict[int, int]
 
+    @property
+    def resident(self) -> dict[int, int]:
+        return _as_dict(self.resident_segments)
 
-def _record(lengths: dict[int, int], dropped: int, length: int) -> None:
-    while dropped:
-        low = dropped & -dropped
-        lengths[low.bit_length() - 1] = length
-        dropped ^= low
+    @property
+    def pending(self) -> dict[int, int]:
+        """slot -> blocks matched beyond the resident prefix thanks to pending inserts."""
+        res = self.resident
+        both = _as_dict(self.pending_segments)
+        return {s: n - res.get(s, 0) for s, n in both.items() if n > res.get(s, 0)}
+
+    def arrays(
+        self, num_slots: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """(resident, pending beyond resident, host) block counts indexed by slot."""
+        resident = _segments_to_array(self.resident_segments, num_slots)
+        pending = np.zeros(num_slots, np.int64)
+        if self.pending_segments:
+            pending = np.maximum(_segments_to_array(self.pending_segments, num_slots) - resident, 0)
+        host = np.zeros(num_slots, np.int64)
+        for s, n in self.host.items():
+            host[s] = n
+        return resident, pending, host
+
+
+def _as_dict(segments: list[tuple[int, int]]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for mask, n in segments:
+        while mask:
+            low = mask & -mask
+            out[low.bit_length() - 1] = n
+            mask ^= low
+    return out
+
+
+def _segments_to_array(segments: list[tuple[int, int]], num_slots: int) -> npt.NDArray[np.int64]:
+    out = np.zeros(num_slots, np.int64)
+    for mask, n in segments:
+        out[mask_to_bool(mask, num_slots)] = n
+    return out
 
 
 def _walk(
-    lookup: Callable[[int], int], block_hashes: Sequence[int], slots_mask: int
-) -> dict[int, int]:
-    """Slot -> number of leading blocks whose masks all contain the slot (0 omitted)."""
-    lengths: dict[int, int] = {}
-    if not block_hashes:
-        return lengths
+    get: Callable[[int, int], int], block_hashes: Sequence[int], slots_mask: int
+) -> list[tuple[int, int]]:
+    """Segments (mask of slots that matched exactly n leading blocks, n), n > 0 only.
+    NOTE: one dict lookup + one AND per block; the walk stops when no slot is left."""
+    segments: list[tuple[int, int]] = []
     alive = slots_mask
     for i, h in enumerate(block_hashes):
-        nxt = alive & lookup(h)
+        nxt = alive & get(h, 0)
         if nxt != alive:
             if i:
-                _record(lengths, alive ^ nxt, i)
+                segments.append((alive ^ nxt, i))
             alive = nxt
             if not alive:
-                return lengths
-    _record(lengths, alive, len(block_hashes))
-    return lengths
+                return segments
+    if block_hashes and alive:
+        segments.append((alive, len(block_hashes)))
+    return segments
+
+
+def _walk2(
+    get: Callable[[int, int], int],
+    pget: Callable[[int, int], int],
+    block_hashes: Sequence[int],
+    slots_mask: int,
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Both walks in one pass: resident-only segments and resident-or-pending segments."""
+    res: list[tuple[int, int]] = []
+    both: list[tuple[int, int]] = []
+    alive_r = alive_b = slots_mask
+    for i, h in enumerate(block_hashes):
+        m = get(h, 0)
+        nxt_r = alive_r & m
+        nxt_b = alive_b & (m | pget(h, 0))
+        if nxt_r != alive_r:
+            if i:
+                res.append((alive_r ^ nxt_r, i))
+            alive_r = nxt_r
+        if nxt_b != alive_b:
+            if i:
+                both.append((alive_b ^ nxt_b, i))
+            alive_b = nxt_b
+            if not alive_b:  # NOTE: alive_r is a subset of alive_b
+                return res, both
+    n = len(block_hashes)
+    if n and alive_r:
+        res.append((alive_r, n))
+    if n and alive_b:
+        both.append((alive_b, n))
+    return res, both
 
 
 class KVIndex:
@@ -105,17 +181,17 @@ class KVIndex:
         """Mark hashes resident on ``slot`` (host tier when ``medium == "CPU"``). Returns the
         number of hashes applied."""
         bit = 1 << slot
+        hashes = block_hashes if isinstance(block_hashes, list) else list(block_hashes)
         host = medium == MEDIUM_CPU
-        tier = self._cpu[slot] if host else self._gpu[slot]
-        any_ = self._any
-        n = 0
-        for h in block_hashes:
-            tier.add(h)
-            any_[h] = any_.get(h, 0) | bit
-            if host:
-                self._cpu_mask[h] = self._cpu_mask.get(h, 0) | bit
-            n += 1
-        return n
+        (self._cpu[slot] if host else self._gpu[slot]).update(hashes)
+        any_, get = self._any, self._any.get
+        for h in hashes:
+            any_[h] = get(h, 0) | bit
+        if host:
+            cpu_mask, cget = self._cpu_mask, self._cpu_mask.get
+            for h in hashes:
+                cpu_mask[h] = cget(h, 0) | bit
+        return len(hashes)
 
     def remove(self, slot: int, block_hashes: Iterable[int], medium: str | None = None) -> int:
         """Drop hashes from one tier of ``slot``; unknown hashes are ignored. Returns the count
@@ -191,23 +267,15 @@ class KVIndex:
     # ------------------------------------------------------------------ query
     def match(self, block_hashes: Sequence[int], slots_mask: int) -> PrefixMatch:
         """Longest exact prefix of ``block_hashes`` on every slot in ``slots_mask``."""
-        resident = _walk(self._lookup_any, block_hashes, slots_mask)
-        pending: dict[int, int] = {}
+        pending: list[tuple[int, int]] = []
         if self._pending:
-            with_pending = _walk(self._lookup_with_pending, block_hashes, slots_mask)
-            pending = {
-                s: n - resident.get(s, 0) for s, n in with_pending.items() if n > resident.get(s, 0)
-            }
+            resident, pending = _walk2(self._any.get, self._pending.get, block_hashes, slots_mask)
+        else:
+            resident = _walk(self._any.get, block_hashes, slots_mask)
         host: dict[int, int] = {}
         if self._cpu_mask and resident:
-            host = self._count_host_only(block_hashes, resident)
+            host = self._count_host_only(block_hashes, _as_dict(resident))
         return PrefixMatch(resident, pending, host)
-
-    def _lookup_any(self, h: int) -> int:
-        return self._any.get(h, 0)
-
-    def _lookup_with_pending(self, h: int) -> int:
-        return self._any.get(h, 0) | self._pending.get(h, 0)
 
     def _count_host_only(
         self, block_hashes: Sequence[int], resident: dict[int, int]

@@ -1,0 +1,345 @@
+"""Cache-selection service benchmark: Select vs an empty RPC on the same loopback server.
+
+For each replica count R (default 8, 64, 256), a server process holds R replicas with
+``--blocks-per-replica`` resident blocks each (default 100k), laid out as 128-block chains
+(2048-token prompts at block_size 16), every chain resident on ``--copies`` replicas. Prompts
+share a random-length prefix (0..128 blocks) with one chain and continue with fresh blocks.
+
+Measured per R, in one run (ratios are what to quote; this machine is shared and noisy):
+
+- gRPC latency p50/p99, sequential: Ping (empty RPC, the floor) and Select (max_results=4).
+- throughput with ``--concurrency`` calls in flight (grpc.aio client): Ping vs Select, req/s.
+- service-side compute per Select, measured inside the server process: core only, and core +
+  proto decode/encode (what the servicer adds), p50/p99.
+- event ingestion: BlockStored/BlockRemoved batches applied by the core (in-process, one core)
+  and streamed over ReportKV (wire), block events/s.
+
+    python benchmarks/selector_bench.py --json results/selector.json
+    python benchmarks/selector_bench.py --replicas 8 64 --blocks-per-replica 20000 --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import multiprocessing as mp
+import resource
+import sys
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CHAIN_BLOCKS = 128
+BLOCK_SIZE = 16
+
+
+def chain_hashes(chain_ids: np.ndarray) -> np.ndarray:
+    """[len(chain_ids), CHAIN_BLOCKS] distinct 63-bit hashes, a pure function of the chain id."""
+    x = (chain_ids.astype(np.uint64)[:, None] << np.uint64(8)) | np.arange(
+        CHAIN_BLOCKS, dtype=np.uint64
+    )[None, :]
+    with np.errstate(over="ignore"):
+        z = x * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(31))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = z ^ (z >> np.uint64(29))
+    return (z >> np.uint64(1)).astype(np.int64)
+
+
+def layout(num_replicas: int, blocks_per_replica: int, copies: int) -> tuple[int, int]:
+    """(num_chains, chains per replica): chain c lives on replicas (c + j) % R, j < copies."""
+    per_replica = max(blocks_per_replica // CHAIN_BLOCKS, 1)
+    copies = min(copies, num_replicas)
+    return max(per_replica * num_replicas // copies, 1), per_replica
+
+
+def prompts(num: int, num_chains: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    chains = rng.integers(0, num_chains, num)
+    shared = rng.integers(0, CHAIN_BLOCKS + 1, num)
+    full = chain_hashes(chains)
+    fresh = rng.integers(1 << 62, 1 << 63, (num, CHAIN_BLOCKS))
+    return [
+        list(full[i, : shared[i]].tolist()) + fresh[i, shared[i] :].tolist() for i in range(num)
+    ]
+
+
+def _pcts(xs: list[float]) -> dict[str, float]:
+    a = np.asarray(xs) * 1e6
+    return {
+        "p50_us": float(np.percentile(a, 50)),
+        "p99_us": float(np.percentile(a, 99)),
+        "mean_us": float(a.mean()),
+    }
+
+
+# ------------------------------------------------------------------------------ server process
+def _server_main(
+    conn: Connection,
+    num_replicas: int,
+    blocks_per_replica: int,
+    copies: int,
+    seed: int,
+    quick: bool,
+) -> None:
+    from cluster.convert import select_request_from_proto, selection_to_proto
+    from cluster.core import SelectorCore
+    from cluster.selector import ServerThread
+    from cluster.types import SelectionRequest
+    from kvmanager.events import BlockRemoved, BlockStored
+    from protos import cache_selection_pb2 as pb
+
+    core = SelectorCore()
+    num_chains, _ = layout(num_replicas, blocks_per_replica, copies)
+    t0 = time.perf_counter()
+    for r in range(num_replicas):
+        rid = f"replica-{r}"
+        core.join(
+            rid, node_id=f"node-{r // 8}", block_size=BLOCK_SIZE, num_blocks=2 * blocks_per_replica
+        )
+        first = (
+            r - np.arange(min(copies, num_replicas))
+        ) % num_replicas  # chains c: (c + j) % R == r
+        ids = np.concatenate([np.arange(f, num_chains, num_replicas) for f in first])
+        core.resync(rid, 0, chain_hashes(ids).ravel().tolist())
+    populate_s = time.perf_counter() - t0
+    gc.collect()
+    gc.freeze()  # NOTE: the bulk index is long-lived; keep it out of every later GC pass
+    resident = sum(r.num_resident_blocks for r in core.list_replicas())
+
+    # service-side compute (no gRPC), sequential
+    ps = prompts(300 if quick else 2000, num_chains, seed + 1)
+    core_t, full_t = [], []
+    for i, h in enumerate(ps):
+        req = SelectionRequest(f"c{i}", h, CHAIN_BLOCKS * BLOCK_SIZE)
+        t = time.perf_counter()
+        core.select(req, max_results=4)
+        core_t.append(time.perf_counter() - t)
+    for i, h in enumerate(ps):
+        msg = pb.SelectRequest(
+            request_id=f"f{i}",
+            block_hashes=h,
+            num_prompt_tokens=CHAIN_BLOCKS * BLOCK_SIZE,
+            max_results=4,
+        )
+        t = time.perf_counter()
+        req, cands = select_request_from_proto(msg, core.config.max_prompt_blocks)
+        selection_to_proto(core.select(req, cands, max_results=4))
+        full_t.append(time.perf_counter() - t)
+
+    # event ingestion in-process: store then remove 64-block batches on one replica
+    core.join("ingest", block_size=BLOCK_SIZE)
+    rng = np.random.default_rng(seed + 2)
+    batches = [rng.integers(1 << 62, 1 << 63, 64).tolist() for _ in range(200 if quick else 1000)]
+    t = time.perf_counter()
+    seq = 0
+    for b in batches:
+        core.apply_events("ingest", seq, [BlockStored(b, None, [], BLOCK_SIZE)])
+        seq += 1
+    for b in batches:
+        core.apply_events("ingest", seq, [BlockRemoved(b)])
+        seq += 1
+    ingest_s = time.perf_counter() - t
+    core.leave("ingest")
+
+    server = ServerThread(core).start()
+    conn.send(
+        {
+            "port": server.port,
+            "num_chains": num_chains,
+            "populate_s": populate_s,
+            "resident_blocks": resident,
+            "unique_blocks": core.stats().num_unique_blocks,
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "compute_core": _pcts(core_t),
+            "compute_with_proto": _pcts(full_t),
+            "ingest_inproc_events_per_s": 2 * 64 * len(batches) / ingest_s,
+        }
+    )
+    conn.recv()  # wait for "stop"
+    server.stop()
+
+
+# ------------------------------------------------------------------------------ client side
+def _latency(stub: Any, make: Any, n: int) -> list[float]:
+    out = []
+    for i in range(n):
+        msg = make(i)
+        t = time.perf_counter()
+        stub(msg, timeout=10)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+async def _throughput(
+    address: str, method: str, msgs: list[Any], concurrency: int, seconds: float
+) -> float:
+    import grpc
+
+    from protos import cache_selection_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(address) as ch:
+        call = getattr(pb_grpc.CacheSelectionStub(ch), method)
+        await call(msgs[0], timeout=10)
+        done = 0
+        stop = time.perf_counter() + seconds
+
+        async def worker(k: int) -> None:
+            nonlocal done
+            i = k
+            while time.perf_counter() < stop:
+                await call(msgs[i % len(msgs)], timeout=10)
+                done += 1
+                i += concurrency
+
+        t = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        return done / (time.perf_counter() - t)
+
+
+def _wire_ingest(address: str, num_batches: int, seed: int) -> float:
+    import grpc
+
+    from protos import cache_selection_pb2 as pb
+    from protos import cache_selection_pb2_grpc as pb_grpc
+
+    rng = np.random.default_rng(seed)
+    hashes = [rng.integers(1 << 62, 1 << 63, 64).tolist() for _ in range(num_batches)]
+    msgs = [pb.ReportKVRequest(replica_id="wire", hello=pb.ReplicaHello(block_size=BLOCK_SIZE))]
+    for seq, h in enumerate(hashes):
+        ev = pb.KVEvent(block_stored=pb.BlockStored(block_hashes=h, block_size=BLOCK_SIZE))
+        msgs.append(pb.ReportKVRequest(batch=pb.KVEventBatch(seq=seq, events=[ev])))
+    for seq, h in enumerate(hashes, start=num_batches):
+        ev = pb.KVEvent(block_removed=pb.BlockRemoved(block_hashes=h))
+        msgs.append(pb.ReportKVRequest(batch=pb.KVEventBatch(seq=seq, events=[ev])))
+    msgs.append(pb.ReportKVRequest(goodbye=True))
+    with grpc.insecure_channel(address) as ch:
+        stub = pb_grpc.CacheSelectionStub(ch)
+        t = time.perf_counter()
+        resp = stub.ReportKV(iter(msgs), timeout=120)
+        elapsed = time.perf_counter() - t
+    assert not resp.resync_required and resp.last_applied_seq == 2 * num_batches - 1, resp
+    return 2 * 64 * num_batches / elapsed
+
+
+def run_one(num_replicas: int, ns: argparse.Namespace) -> dict[str, Any]:
+    import grpc
+
+    from protos import cache_selection_pb2 as pb
+    from protos import cache_selection_pb2_grpc as pb_grpc
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(
+        target=_server_main,
+        args=(child, num_replicas, ns.blocks_per_replica, ns.copies, ns.seed, ns.quick),
+    )
+    proc.start()
+    try:
+        info: dict[str, Any] = parent.recv()
+        address = f"127.0.0.1:{info['port']}"
+        n = 300 if ns.quick else ns.num_requests
+        ps = prompts(n, info["num_chains"], ns.seed + 3)
+        sel_msgs = [
+            pb.SelectRequest(
+                request_id=f"r{i}",
+                block_hashes=h,
+                num_prompt_tokens=CHAIN_BLOCKS * BLOCK_SIZE,
+                max_results=4,
+            )
+            for i, h in enumerate(ps)
+        ]
+        ping = pb.PingRequest()
+        with grpc.insecure_channel(address) as ch:
+            stub = pb_grpc.CacheSelectionStub(ch)
+            for _ in range(50):  # warm-up
+                stub.Ping(ping, timeout=10)
+                stub.Select(sel_msgs[0], timeout=10)
+            # NOTE: interleave the two in rounds so drift in machine load hits both alike
+            ping_t: list[float] = []
+            sel_t: list[float] = []
+            for k in range(0, n, 100):
+                ping_t += _latency(stub.Ping, lambda i: ping, min(100, n - k))
+                sel_t += _latency(stub.Select, lambda i, k=k: sel_msgs[k + i], min(100, n - k))
+        secs = 1.0 if ns.quick else ns.seconds
+        tp_ping = asyncio.run(_throughput(address, "Ping", [ping], ns.concurrency, secs))
+        tp_sel = asyncio.run(_throughput(address, "Select", sel_msgs, ns.concurrency, secs))
+        wire = _wire_ingest(address, 100 if ns.quick else 500, ns.seed + 4)
+        parent.send("stop")
+    finally:
+        proc.join(60)
+        if proc.is_alive():
+            proc.terminate()
+    ping_p, sel_p = _pcts(ping_t), _pcts(sel_t)
+    return {
+        "num_replicas": num_replicas,
+        "blocks_per_replica": ns.blocks_per_replica,
+        **info,
+        "ping": ping_p,
+        "select": sel_p,
+        "select_over_ping_p50": sel_p["p50_us"] / ping_p["p50_us"],
+        "select_over_ping_p99": sel_p["p99_us"] / ping_p["p99_us"],
+        "throughput_ping_rps": tp_ping,
+        "throughput_select_rps": tp_sel,
+        "throughput_ratio": tp_sel / tp_ping,
+        "ingest_wire_events_per_s": wire,
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        f"{'R':>4} {'blocks/R':>8} {'ping p50/p99 us':>16} {'select p50/p99 us':>18} {'p50 ratio':>9} "
+        f"{'ping rps':>9} {'select rps':>10} {'rps ratio':>9} {'core p50/p99 us':>16} {'+proto p50/p99':>15} "
+        f"{'ingest ev/s inproc':>18} {'wire':>9} {'rss MB':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['num_replicas']:>4} {r['blocks_per_replica']:>8} "
+            f"{r['ping']['p50_us']:>7.0f}/{r['ping']['p99_us']:<8.0f} {r['select']['p50_us']:>8.0f}/{r['select']['p99_us']:<9.0f} "
+            f"{r['select_over_ping_p50']:>9.2f} {r['throughput_ping_rps']:>9.0f} {r['throughput_select_rps']:>10.0f} "
+            f"{r['throughput_ratio']:>9.2f} {r['compute_core']['p50_us']:>7.0f}/{r['compute_core']['p99_us']:<8.0f} "
+            f"{r['compute_with_proto']['p50_us']:>6.0f}/{r['compute_with_proto']['p99_us']:<8.0f} "
+            f"{r['ingest_inproc_events_per_s']:>18.0f} {r['ingest_wire_events_per_s']:>9.0f} {r['rss_mb']:>7.0f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--replicas", type=int, nargs="+", default=[8, 64, 256])
+    p.add_argument("--blocks-per-replica", type=int, default=100_000)
+    p.add_argument("--copies", type=int, default=2, help="replicas holding each chain")
+    p.add_argument("--num-requests", type=int, default=2000)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--seconds", type=float, default=3.0, help="per throughput measurement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="fewer requests (smoke run)")
+    p.add_argument("--json", type=Path, default=None, help="write results here")
+    ns = p.parse_args(argv)
+    rows = []
+    for r in ns.replicas:
+        rows.append(run_one(r, ns))
+        print(table(rows[-1:]).splitlines()[-1] if len(rows) > 1 else table(rows), flush=True)
+    print()
+    print(table(rows))
+    if ns.json is not None:
+        ns.json.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "argv": sys.argv[1:],
+            "prompt_tokens": CHAIN_BLOCKS * BLOCK_SIZE,
+            "block_size": BLOCK_SIZE,
+        }
+        ns.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+        print(f"wrote {ns.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
