@@ -1,0 +1,107 @@
+"""Routing-quality benchmark: every workload x policy x cluster size x seed in the simulator.
+
+    python -m benchmarks.routing_bench --sizes 8 32 --seeds 0 1 2 --jobs 2 \
+        --out benchmarks/results/routing
+
+writes ``<out>.json`` (every run, the medians, the target checks, the calibration's
+provenance and the exact command), ``<out>.md`` (tables) and ``<out>_*.png`` (plots), and
+prints the tables. ``--objective FILE`` applies TinyServe weight overrides (e.g. the best row
+of ``sweep_weights``); ``--set workload.key=value`` overrides a workload parameter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.sim.calibration import DEFAULT_CALIBRATION, load_calibration
+from benchmarks.sim.policies import all_policies
+from benchmarks.sim.report import aggregate, markdown, plots, targets
+from benchmarks.sim.runner import RunSpec, run_specs
+from benchmarks.workloads import WORKLOADS
+
+
+def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``workload.key=value`` strings -> {workload: {key: json value}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        lhs, _, value = item.partition("=")
+        wl, _, key = lhs.partition(".")
+        if not key or wl not in WORKLOADS:
+            raise SystemExit(f"--set expects workload.key=value with a known workload, got {item!r}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(wl, {})[key] = parsed
+    return out
+
+
+def build_specs(args: argparse.Namespace) -> list[RunSpec]:
+    workloads = list(WORKLOADS) if args.workloads == ["all"] else args.workloads
+    policies = all_policies() if args.policies == ["all"] else args.policies
+    objective = Path(args.objective).read_text() if args.objective else "{}"
+    objective = json.dumps(json.loads(objective).get("objective", json.loads(objective)))
+    sets = parse_sets(args.set)
+    sim = json.dumps({"event_lag_s": args.event_lag, "snapshot_interval_s": args.snapshot_interval})
+    specs = []
+    for n in args.sizes:
+        for wl in workloads:
+            for seed in args.seeds:
+                for p in policies:
+                    specs.append(RunSpec(wl, p, n, seed, json.dumps(sets.get(wl, {})),
+                                         objective if p == "tinyserve" else "{}", sim,
+                                         str(args.calibration)))
+    return specs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", nargs="+", default=["all"], help=f"'all' or of {list(WORKLOADS)}")
+    ap.add_argument("--policies", nargs="+", default=["all"])
+    ap.add_argument("--sizes", nargs="+", type=int, default=[8])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--objective", default="", help="JSON of ObjectiveConfig overrides")
+    ap.add_argument("--set", action="append", default=[], help="workload.key=value override")
+    ap.add_argument("--event-lag", type=float, default=0.02, help="KV event lag (s)")
+    ap.add_argument("--snapshot-interval", type=float, default=0.05, help="load snapshot period (s)")
+    ap.add_argument("--calibration", default=str(DEFAULT_CALIBRATION))
+    ap.add_argument("--out", default="benchmarks/results/routing")
+    args = ap.parse_args(argv)
+
+    specs = build_specs(args)
+    t0 = time.perf_counter()
+    rows = run_specs(specs, args.jobs, desc="routing_bench")
+    wall = time.perf_counter() - t0
+    agg = aggregate(rows)
+    tg = targets(agg)
+    table = markdown(agg, tg)
+    print(table)
+    cal = load_calibration(args.calibration)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "command": "python -m benchmarks.routing_bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "wall_s": wall, "host": platform.node(), "python": platform.python_version(),
+        "calibration": {"name": cal.name, "gpu": cal.gpu, "model": cal.model,
+                        "provenance": cal.provenance},
+        "runs": rows, "median": agg, "targets": tg,
+    }
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    out.with_suffix(".md").write_text(
+        f"Command: `{doc['command']}`\n\nCalibration: {cal.name} ({cal.gpu}; {cal.provenance})\n\n"
+        f"Total wall time {wall:.0f} s.\n\n" + table)
+    for p in plots(agg, out.parent / out.name):
+        print("wrote", p)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} ({wall:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
