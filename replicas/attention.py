@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cuda_kernels import ops
-from replicas.layers import RotaryEmbedding
+from replicas.layers import RopeTables, apply_rope
 from replicas.model_config import ModelArchConfig
 
 
@@ -46,7 +46,7 @@ class PagedAttention(nn.Module):
     ``qkv_proj.weight`` rows: ``[q (num_heads*head_dim) | k (num_kv*head_dim) | v (same)]``.
     """
 
-    def __init__(self, cfg: ModelArchConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelArchConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_kv_heads
@@ -58,12 +58,10 @@ class PagedAttention(nn.Module):
             cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias
         )
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
-        # NOTE: one rotary table shared by every layer (not a registered submodule per layer).
-        self._rotary = (rotary,)
 
     def forward(
         self,
-        positions: torch.Tensor,
+        rope: RopeTables,
         hidden: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
@@ -75,7 +73,7 @@ class PagedAttention(nn.Module):
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        q, k = self._rotary[0](positions, q, k)
+        q, k = apply_rope(rope, q, k)
         ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decode_tokens
         outs: list[torch.Tensor] = []
@@ -103,4 +101,5 @@ class PagedAttention(nn.Module):
                 )
             )
         attn = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-        return self.o_proj(attn.reshape(n, self.q_size))
+        out: torch.Tensor = self.o_proj(attn.reshape(n, self.q_size))
+        return out

@@ -218,11 +218,17 @@ class LLMReplica:
             self._sink.close()
         stats = self.engine.stats()
         self._address = address
-        self._sink = self._sink_factory(SinkSpec(
-            address=address, replica_id=self.replica_id, node_id=_node_id(),
-            block_size=stats.block_size, num_blocks=stats.num_blocks,
-            hash_mode=self.config.hash_mode, resident_hashes=self._resident.snapshot,
-        ))
+        self._sink = self._sink_factory(
+            SinkSpec(
+                address=address,
+                replica_id=self.replica_id,
+                node_id=_node_id(),
+                block_size=stats.block_size,
+                num_blocks=stats.num_blocks,
+                hash_mode=self.config.hash_mode,
+                resident_hashes=self._resident.snapshot,
+            )
+        )
         log.info("replica %s reports KV to %s", self.replica_id, address)
 
     async def _report_loop(self) -> None:
@@ -271,9 +277,12 @@ class LLMReplica:
     def stats(self) -> dict[str, Any]:
         """Pool stats + identity (for tests, benchmarks and operators)."""
         d = self.engine.stats().to_dict()
-        d.update(replica_id=self.replica_id, num_inflight=len(self._inflight),
-                 selector_address=self._address,
-                 selector_connected=bool(self._sink and self._sink.connected()))
+        d.update(
+            replica_id=self.replica_id,
+            num_inflight=len(self._inflight),
+            selector_address=self._address,
+            selector_connected=bool(self._sink and self._sink.connected()),
+        )
         return d
 
     async def __del__(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -24,6 +25,8 @@ from replicas.config import EngineConfig
 from replicas.llm_engine import LLMEngine
 from replicas.outputs import RequestMetrics, RequestOutput
 from replicas.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["AsyncLLMEngine", "RequestMetrics", "RequestOutput", "SamplingParams"]
 
@@ -127,6 +130,11 @@ class AsyncLLMEngine:
                 self._wakeup.clear()
                 if self._pending_adds or self._pending_aborts:
                     continue
+                # NOTE: idle: every block is free or cached, the cheapest moment to verify.
+                try:
+                    self.engine.kv.check_integrity()
+                except AssertionError:
+                    logger.exception("KV pool integrity check failed")
                 await self._wakeup.wait()
                 continue
             try:

@@ -16,6 +16,9 @@ from torch import nn
 
 from replicas.model_config import RopeConfig
 
+# (cos, sin), each [num_tokens, 1, head_dim]
+RopeTables = tuple[torch.Tensor, torch.Tensor]
+
 
 class RMSNorm(nn.Module):
     """``weight * x / sqrt(mean(x²) + eps)``, computed in float32, cast back to x's dtype."""
@@ -57,7 +60,7 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to q and k at given absolute positions.
+    """RoPE tables for absolute positions (apply them with ``apply_rope``).
 
     The cos/sin table ``[max_positions, head_dim]`` is built once (float32) and cast to the
     activation dtype on use.
@@ -84,21 +87,26 @@ class RotaryEmbedding(nn.Module):
         self.cos_cached = emb.cos().to(device)
         self.sin_cached = emb.sin().to(device)
 
-    @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTables:
+        """cos/sin rows of ``positions`` ``[num_tokens]``, shaped ``[num_tokens, 1, head_dim]``
+        to broadcast over heads. NOTE: gathered once per step and shared by every layer."""
+        cos = self.cos_cached[positions].to(dtype).unsqueeze(1)
+        sin = self.sin_cached[positions].to(dtype).unsqueeze(1)
+        return cos, sin
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions ``[num_tokens]``; q ``[num_tokens, num_heads, head_dim]``; k
-        ``[num_tokens, num_kv_heads, head_dim]``. Returns rotated copies."""
-        cos = self.cos_cached[positions].to(q.dtype).unsqueeze(1)  # [num_tokens, 1, head_dim]
-        sin = self.sin_cached[positions].to(q.dtype).unsqueeze(1)
-        q_out = q * cos + self._rotate_half(q) * sin
-        k_out = k * cos + self._rotate_half(k) * sin
-        return q_out, k_out
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(
+    rope: RopeTables, q: torch.Tensor, k: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q ``[num_tokens, num_heads, head_dim]`` and k ``[num_tokens, num_kv_heads,
+    head_dim]`` with the tables from ``RotaryEmbedding.cos_sin``; returns new tensors."""
+    cos, sin = rope
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 class SwiGLUMLP(nn.Module):
@@ -116,4 +124,5 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        out: torch.Tensor = self.down_proj(nn.functional.silu(gate) * up)
+        return out

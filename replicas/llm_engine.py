@@ -161,7 +161,12 @@ class LLMEngine:
         for req, token_id, logprobs in zip(
             requests, sampled.token_ids, sampled.logprobs, strict=True
         ):
+            first = req.first_token_time is None
             reason = self.outputs.append_token(req, token_id, logprobs)
+            if first and req.first_token_time is not None:
+                # NOTE: feeds the pool's F_access: TTFT served from cached KV vs recompute.
+                level = "device" if req.num_cached_tokens else "recompute"
+                self.kv.observe_latency(level, req.first_token_time - req.arrival_time)
             if reason is not None:
                 self.scheduler.finish(req, reason)
                 del self.requests[req.request_id]

@@ -14,30 +14,30 @@ import torch
 from torch import nn
 
 from replicas.attention import AttentionMetadata, PagedAttention
-from replicas.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
+from replicas.layers import RMSNorm, RopeTables, RotaryEmbedding, SwiGLUMLP
 from replicas.model_config import ModelArchConfig
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: ``h += attn(norm(h)); h += mlp(norm(h))`` (HF order of operations)."""
 
-    def __init__(self, cfg: ModelArchConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelArchConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = PagedAttention(cfg, rotary)
+        self.self_attn = PagedAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
     def forward(
         self,
-        positions: torch.Tensor,
+        rope: RopeTables,
         hidden: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         residual = hidden
-        hidden = self.self_attn(positions, self.input_layernorm(hidden), k_cache, v_cache, meta)
+        hidden = self.self_attn(rope, self.input_layernorm(hidden), k_cache, v_cache, meta)
         hidden = residual + hidden
         residual = hidden
         hidden = self.mlp(self.post_attention_layernorm(hidden))
@@ -51,9 +51,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope)
-        self.layers = nn.ModuleList(
-            DecoderLayer(cfg, self.rotary) for _ in range(cfg.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -87,7 +85,9 @@ class CausalLM(nn.Module):
         Returns float32 logits ``[len(logits_indices), vocab_size]`` for the selected rows only
         (NOTE: the LM head over every prefill token would dominate a step's cost)."""
         hidden = self.model.embed_tokens(input_ids)
+        rope = self.model.rotary.cos_sin(positions, hidden.dtype)
         for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches, strict=True):
-            hidden = layer(positions, hidden, k_cache, v_cache, meta)
+            hidden = layer(rope, hidden, k_cache, v_cache, meta)
         hidden = self.model.norm(hidden[logits_indices])
-        return self.lm_head(hidden).float()
+        logits: torch.Tensor = self.lm_head(hidden).float()
+        return logits

@@ -70,7 +70,7 @@ def convert_gguf(gguf: Path) -> Path:
             str(gguf.parent), gguf_file=gguf.name, dtype="float32"
         )
         # NOTE: the GGUF quantizer would refuse to save; the weights are already dequantised.
-        model.hf_quantizer = None
+        setattr(model, "hf_quantizer", None)  # noqa: B010
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         cfg_path = tmp / "config.json"
