@@ -267,9 +267,18 @@ def run_one(num_replicas: int, ns: argparse.Namespace) -> dict[str, Any]:
             for k in range(0, n, 100):
                 ping_t += _latency(stub.Ping, lambda i: ping, min(100, n - k))
                 sel_t += _latency(stub.Select, lambda i, k=k: sel_msgs[k + i], min(100, n - k))
-        secs = 1.0 if ns.quick else ns.seconds
-        tp_ping = asyncio.run(_throughput(address, "Ping", [ping], ns.concurrency, secs))
-        tp_sel = asyncio.run(_throughput(address, "Select", sel_msgs, ns.concurrency, secs))
+        # NOTE: alternate short Ping / Select windows; the medians resist load drift.
+        rounds = 2 if ns.quick else ns.rounds
+        tp_ping_l, tp_sel_l = [], []
+        for _ in range(rounds):
+            tp_ping_l.append(
+                asyncio.run(_throughput(address, "Ping", [ping], ns.concurrency, ns.window_s))
+            )
+            tp_sel_l.append(
+                asyncio.run(_throughput(address, "Select", sel_msgs, ns.concurrency, ns.window_s))
+            )
+        tp_ping, tp_sel = float(np.median(tp_ping_l)), float(np.median(tp_sel_l))
+        tp_ratio = float(np.median(np.asarray(tp_sel_l) / np.asarray(tp_ping_l)))
         wire = _wire_ingest(address, 100 if ns.quick else 500, ns.seed + 4)
         parent.send("stop")
     finally:
@@ -287,7 +296,8 @@ def run_one(num_replicas: int, ns: argparse.Namespace) -> dict[str, Any]:
         "select_over_ping_p99": sel_p["p99_us"] / ping_p["p99_us"],
         "throughput_ping_rps": tp_ping,
         "throughput_select_rps": tp_sel,
-        "throughput_ratio": tp_sel / tp_ping,
+        "throughput_ratio": tp_ratio,
+        "throughput_rounds": {"ping": tp_ping_l, "select": tp_sel_l},
         "ingest_wire_events_per_s": wire,
     }
 
@@ -318,7 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--copies", type=int, default=2, help="replicas holding each chain")
     p.add_argument("--num-requests", type=int, default=2000)
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--seconds", type=float, default=3.0, help="per throughput measurement")
+    p.add_argument(
+        "--rounds", type=int, default=6, help="alternating Ping/Select throughput rounds"
+    )
+    p.add_argument("--window-s", type=float, default=0.5, help="length of one throughput window")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="fewer requests (smoke run)")
     p.add_argument("--json", type=Path, default=None, help="write results here")

@@ -197,3 +197,35 @@ def test_shared_token_auth() -> None:
             health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
         )
         assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.slow
+def test_cli_serves_on_loopback_with_token() -> None:
+    import re
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster.selector", "--port", "0", "--token", "t0k", "--policy", "round_robin"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        line = ""
+        while "listening on" not in line:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "selector exited early"
+            assert time.monotonic() < deadline
+        match = re.search(r"listening on (127\.0\.0\.1:\d+)", line)
+        assert match, line
+        with grpc.insecure_channel(match.group(1)) as ch:
+            md = (("authorization", "Bearer t0k"),)
+            stats = pb_grpc.CacheSelectionStub(ch).Stats(pb.StatsRequest(), timeout=10, metadata=md)
+            assert stats.default_policy == "round_robin"
+    finally:
+        proc.terminate()
+        proc.wait(10)
