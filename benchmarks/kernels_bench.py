@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from cuda_kernels import ops, reference
 
 try:
-    from cuda_kernels import block_copy, launchers, runtime
+    from cuda_kernels import block_copy, decode, launchers, runtime
 except ImportError:  # no cupy: main() explains and exits
-    block_copy = launchers = runtime = None  # type: ignore[assignment]
+    block_copy = decode = launchers = runtime = None  # type: ignore[assignment]
 
 DECODE_GRID = [(1, 4096), (16, 4096), (64, 2048), (128, 1024), (32, 16384)]
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
@@ -118,11 +118,6 @@ def bench_decode(batch: int, context: int, iters: int, reps: int) -> dict[str, f
     def ours(r: int) -> torch.Tensor:
         return launchers.paged_decode_attention(q, k_cache, v_cache, tables[r], seq_lens, scale)
 
-    def ours_mma2(r: int) -> torch.Tensor:
-        return launchers.paged_decode_attention(
-            q, k_cache, v_cache, tables[r], seq_lens, scale, variant="mma2"
-        )
-
     def ours_simt(r: int) -> torch.Tensor:
         return launchers.paged_decode_attention(
             q, k_cache, v_cache, tables[r], seq_lens, scale, variant="simt"
@@ -141,7 +136,6 @@ def bench_decode(batch: int, context: int, iters: int, reps: int) -> dict[str, f
     t_ours = time_ms(ours, rot, iters, reps, graph=True)
     t_ours_eager = time_ms(ours, rot, iters, reps, graph=False)
     t_simt = time_ms(ours_simt, rot, iters, reps, graph=True)
-    t_mma2 = time_ms(ours_mma2, rot, iters, reps, graph=True)
     t_sdpa = time_ms(sdpa, rot, iters, reps, graph=True)
     t_gather = time_ms(gather_sdpa, rot, max(2, iters // 4), reps, graph=True)
     tb = kv_bytes / 1e9
@@ -154,8 +148,6 @@ def bench_decode(batch: int, context: int, iters: int, reps: int) -> dict[str, f
         "ours_eager_us": t_ours_eager * 1e3,
         "simt_us": t_simt * 1e3,
         "simt_TBps": tb / t_simt,
-        "mma2_us": t_mma2 * 1e3,
-        "mma2_TBps": tb / t_mma2,
         "sdpa_contig_us": t_sdpa * 1e3,
         "gather_sdpa_us": t_gather * 1e3,
         "ours_TBps": tb / t_ours,
@@ -166,6 +158,36 @@ def bench_decode(batch: int, context: int, iters: int, reps: int) -> dict[str, f
         "copy_TBps": copy_tbps(kv_bytes, iters, reps),
         "rel_err_vs_sdpa": err,
     }
+
+
+def bench_partition_sweep(batch: int, context: int, iters: int, reps: int) -> dict[str, object]:
+    """Decode (mma) bandwidth per split-K partition size, and which one the launcher picks."""
+    gen = torch.Generator(device="cuda").manual_seed(batch + context)
+    kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+    rot = _rotations(kv_bytes)
+    blocks = context // BLOCK_SIZE
+    shape = (rot * batch * blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen)
+    v_cache = torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen)
+    perm = torch.randperm(shape[0], device="cuda", generator=gen).to(torch.int32)
+    tables = [
+        perm[r * batch * blocks : (r + 1) * batch * blocks].view(batch, -1) for r in range(rot)
+    ]
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+    tbps = {}
+    for part in (64, 128, 256, 512):
+
+        def run(r: int, part: int = part) -> torch.Tensor:
+            return launchers.paged_decode_attention(
+                q, k_cache, v_cache, tables[r], seq_lens, 0.088, partition=part
+            )
+
+        tbps[str(part)] = kv_bytes / 1e9 / time_ms(run, rot, iters, reps, graph=True)
+    auto = decode._choose_partition(
+        batch * NUM_KV_HEADS, context, torch.cuda.get_device_properties(0).multi_processor_count
+    )
+    return {"batch": batch, "context": context, "TBps_by_partition": tbps, "auto_partition": auto}
 
 
 def bench_reshape_and_cache(num_tokens: int, iters: int, reps: int) -> dict[str, float | int]:
@@ -357,11 +379,11 @@ def main() -> None:
         f"\npaged decode, {NUM_HEADS}q/{NUM_KV_HEADS}kv heads, d={HEAD_DIM}, bf16, block {BLOCK_SIZE} ({props.name})"
     )
     print(
-        f"{'batch':>5} {'ctx':>6} | {'ours TB/s':>9} {'mma2':>5} {'simt':>5} {'SDPA':>6} {'gath+SDPA':>9} {'copy':>6} | {'x SDPA':>6} {'x gath':>6} | {'ours us':>8} {'eager us':>8} {'err':>8}"
+        f"{'batch':>5} {'ctx':>6} | {'ours TB/s':>9} {'simt':>5} {'SDPA':>6} {'gath+SDPA':>9} {'copy':>6} | {'x SDPA':>6} {'x gath':>6} | {'ours us':>8} {'eager us':>8} {'err':>8}"
     )
     for r in decode:
         print(
-            f"{r['batch']:>5} {r['context']:>6} | {r['ours_TBps']:>9.2f} {r['mma2_TBps']:>5.2f} {r['simt_TBps']:>5.2f} {r['sdpa_contig_TBps']:>6.2f} {r['gather_sdpa_TBps']:>9.2f} {r['copy_TBps']:>6.2f} | "
+            f"{r['batch']:>5} {r['context']:>6} | {r['ours_TBps']:>9.2f} {r['simt_TBps']:>5.2f} {r['sdpa_contig_TBps']:>6.2f} {r['gather_sdpa_TBps']:>9.2f} {r['copy_TBps']:>6.2f} | "
             f"{r['ratio_vs_sdpa_contig']:>6.2f} {r['ratio_vs_gather_sdpa']:>6.2f} | {r['ours_us']:>8.1f} {r['ours_eager_us']:>8.1f} {r['rel_err_vs_sdpa']:>8.1e}"
         )
     split_expr = f"paged_decode_mma_kernel<bf16_t, {HEAD_DIM}, {BLOCK_SIZE}, 3>"
@@ -373,6 +395,17 @@ def main() -> None:
     )
     res["decode_kernel_attributes"] = runtime.kernel_attributes(kern)
     print(f"decode split kernel resources: {res['decode_kernel_attributes']}")
+    sweep = [bench_partition_sweep(b, c, args.iters, args.reps) for b, c in ((1, 4096), (16, 4096))]
+    res["decode_partition_sweep"] = sweep
+    print(
+        "decode (mma) TB/s by split-K partition: "
+        + "; ".join(
+            f"({r['batch']},{r['context']}) "
+            + " ".join(f"{p}:{v:.2f}" for p, v in r["TBps_by_partition"].items())
+            + f" auto={r['auto_partition']}"
+            for r in sweep
+        )
+    )
     if args.profile_launch:
         profile_launch()
     rac = [bench_reshape_and_cache(n, args.iters, args.reps) for n in (256, 8192, 32768)]

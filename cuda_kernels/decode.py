@@ -7,7 +7,6 @@ graph; seq_lens[i] must be <= block_tables.shape[1] * block_size (the kernels cl
 
 Variants (TINYSERVE_DECODE_KERNEL or the `variant` argument):
 - "mma"  (default) tensor cores, paged_decode_mma.cu, 3-stage cp.async ring;
-- "mma2" the same with a 2-stage ring (less shared memory: 3 CTAs per SM instead of 2);
 - "simt" CUDA cores, paged_decode.cu.
 Both write per-partition partials merged by paged_decode_reduce_kernel (pass 2).
 """
@@ -26,7 +25,8 @@ _TAGS = {torch.bfloat16: "bf16_t", torch.float16: "f16_t"}
 _HEAD_DIMS = (64, 128)
 _BLOCK_SIZES = (16, 32)
 _NUM_WARPS = 4  # NOTE: must match NUM_WARPS / MMA_WARPS in the .cu files
-_MMA_STAGES = {"mma": 3, "mma2": 2}
+# NOTE: a 2-stage ring (64 KiB, 3 CTAs per SM) measured the same as 3 stages (2 per SM).
+_MMA_STAGES = 3
 
 
 def decode_supported(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -96,10 +96,15 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,  # [num_seqs] int32
     scale: float,
     variant: str | None = None,
+    partition: int | None = None,
 ) -> torch.Tensor:
-    """Split-K paged decode attention (module docstring); seq_len 0 rows give zeros."""
+    """Split-K paged decode attention (module docstring); seq_len 0 rows give zeros.
+
+    partition: tokens per CTA (64..512, multiple of 64); None = _choose_partition (tuning
+    override for benchmarks).
+    """
     variant = variant or os.environ.get("TINYSERVE_DECODE_KERNEL", "mma")
-    require(variant in ("mma", "mma2", "simt"), f"unknown decode variant {variant!r}")
+    require(variant in ("mma", "simt"), f"unknown decode variant {variant!r}")
     _check(query, k_cache, v_cache, block_tables, seq_lens)
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -142,7 +147,7 @@ def paged_decode_attention(
     smem = 0
     if mma:
         sources = ("paged_decode.cu", "paged_decode_mma.cu")
-        stages = _MMA_STAGES[variant]
+        stages = _MMA_STAGES
         expr = f"paged_decode_mma_kernel<{tag}, {head_dim}, {block_size}, {stages}>"
         smem = stages * _NUM_WARPS * 2 * 16 * head_dim * query.element_size()
         tail = (*tail, runtime.i32(hg))

@@ -73,6 +73,8 @@ def reshape_and_cache(
     if _on_cuda(key):
         from cuda_kernels import launchers
 
+        if key.dtype != k_cache.dtype:  # NOTE: same casting rule as the reference
+            key, value = key.to(k_cache.dtype), value.to(k_cache.dtype)
         launchers.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
         return
     reference.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)

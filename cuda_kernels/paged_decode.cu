@@ -256,8 +256,10 @@ __global__ void __launch_bounds__(HEAD_DIM) paged_decode_reduce_kernel(
   const i64 row = (i64)seq * num_heads + head;
   const float* ml = part_ml + row * max_splits * 2;
   float m = NEG_INF;
+#pragma unroll 8
   for (int i = 0; i < n_splits; ++i) m = fmaxf(m, ml[2 * i]);
   float l = 0.f, acc = 0.f;
+#pragma unroll 8
   for (int i = 0; i < n_splits; ++i) {
     const float w = fast_exp2(ml[2 * i] - m);
     l = fmaf(ml[2 * i + 1], w, l);
