@@ -1,0 +1,298 @@
+"""End to end on a real local Ray cluster: the Serve app from ``build_app`` (SmolLM2 on CPU,
+2 replicas, the selection service, TinyServeRouter), real HTTP through the ``openai`` client.
+
+One Ray cluster and one app for the whole module (they take ~1 min to start on 2 cores).
+The fault-injection tests run last: they kill the selection service, then an LLM replica.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.slow
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+openai = pytest.importorskip("openai")
+
+APP = "tinyserve"
+MODEL = "smollm2-135m-instruct"
+# NOTE: Ray's own labels on every series (camelCase, not ours); dropped before promtool lint.
+RAY_LABELS = ("Component", "NodeAddress", "SessionName", "Version", "WorkerId")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Cluster:
+    http: str
+    dashboard: str
+    metrics: str
+    client: Any
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    from cluster.app import build_app
+
+    http_port, dash_port, metrics_port = _free_port(), _free_port(), _free_port()
+    ray.init(num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=dash_port, _metrics_export_port=metrics_port)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        args = {
+            "engine": {"num_blocks": 256, "max_num_seqs": 8, "num_threads": 1},
+            "num_replicas": 2,
+            "num_cpus_per_replica": 1,
+            # NOTE: a generous deadline: this checks routing decisions, not latency, on a
+            # 2-core machine where the model saturates both cores.
+            "router_kwargs": {"select_timeout_s": 1.0},
+            "selector": {"port": 0, "stale_after_s": 600},
+        }
+        serve.run(build_app(args), name=APP, route_prefix="/")
+        base = f"http://127.0.0.1:{http_port}"
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0,
+                               timeout=120)
+        yield Cluster(base, f"http://127.0.0.1:{dash_port}",
+                      f"http://127.0.0.1:{metrics_port}/metrics", client)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _chat(c: Cluster, content: str, system: str = "", **kw: Any) -> Any:
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": content}]
+    return c.client.chat.completions.create(model=MODEL, messages=messages,
+                                            **{"max_tokens": 4, "temperature": 0, **kw})
+
+
+def _prefix(tag: str) -> str:
+    # ~150 tokens: 9 full blocks of 16 tokens shared by the siblings.
+    return f"[{tag}] You are a careful assistant for topic {tag}. " + " ".join(
+        f"Rule {i}: answer about {tag} precisely." for i in range(12))
+
+
+def _selector_stats() -> dict[str, Any]:
+    return serve.get_deployment_handle("CacheSelector", APP).stats.remote().result(
+        timeout_s=30)
+
+
+def _replica_stats(rounds: int = 12) -> dict[str, dict[str, Any]]:
+    """Stats of every LLM replica (a handle call reaches one replica; repeat to see all)."""
+    handle = serve.get_deployment_handle("LLMReplica", APP)
+    seen: dict[str, dict[str, Any]] = {}
+    for _ in range(rounds):
+        st = handle.stats.remote().result(timeout_s=30)
+        seen[st["replica_id"]] = st
+    return seen
+
+
+def _actor_names(deployment: str) -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if f"#{deployment}#" in a["name"]]
+
+
+# -- API ----------------------------------------------------------------------------------------
+def test_models_health_chat_stream_and_completion(cluster: Cluster) -> None:
+    assert requests.get(f"{cluster.http}/health", timeout=30).status_code == 200
+    assert [m.id for m in cluster.client.models.list().data] == [MODEL]
+
+    chat = _chat(cluster, "What is 2+2?", max_tokens=6)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content
+    assert chat.usage.completion_tokens == 6 and chat.choices[0].finish_reason == "length"
+
+    chunks = list(_chat(cluster, "Count to five.", max_tokens=5, stream=True,
+                        stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text and chunks[0].choices[0].delta.role == "assistant"
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+
+    comp = cluster.client.completions.create(model=MODEL, prompt="The capital of France is",
+                                             max_tokens=3, temperature=0, logprobs=2)
+    assert comp.choices[0].text and comp.usage.completion_tokens == 3
+    assert len(comp.choices[0].logprobs.token_logprobs) == 3
+    # Greedy decoding is deterministic across replicas.
+    again = cluster.client.completions.create(model=MODEL, prompt="The capital of France is",
+                                              max_tokens=3, temperature=0)
+    assert again.choices[0].text == comp.choices[0].text
+
+
+def test_bad_requests_get_openai_errors_and_disturb_nothing(cluster: Cluster) -> None:
+    url = f"{cluster.http}/v1/chat/completions"
+    cases = [
+        ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+        ({"model": MODEL, "messages": []}, 400, "messages"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 9},
+         400, "temperature"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6},
+         400, None),
+    ]
+    for body, status, param in cases:
+        r = requests.post(url, json=body, timeout=60)
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert err["message"] and err["type"]
+        if param:
+            assert err["param"] is not None and err["param"].startswith(param)
+    r = requests.post(url, data=b"{not json", headers={"content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    assert _chat(cluster, "still fine?").choices[0].message.content
+
+
+def test_shared_prefix_lands_on_one_replica_and_hits_its_cache(cluster: Cluster) -> None:
+    # NOTE: with random (power-of-two) placement each sibling would hit with p=1/2; all four
+    # hitting by chance is 1/16.
+    for tag in ("alpha", "bravo", "charlie", "delta"):
+        first = _chat(cluster, "Question one?", system=_prefix(tag))
+        second = _chat(cluster, "Another question?", system=_prefix(tag))
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        assert second.usage.prompt_tokens_details.cached_tokens >= 8 * 16, tag
+    stats = _selector_stats()
+    assert stats["decisions"].get("tinyserve", 0) >= 8
+    assert stats["num_replicas"] == 2 and all(r["synced"] for r in stats["replicas"])
+
+
+def test_client_disconnect_aborts_on_the_replica(cluster: Cluster) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story."}],
+            "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with requests.post(f"{cluster.http}/v1/chat/completions", json=body, stream=True,
+                       timeout=60) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert sum(s["num_inflight"] for s in _replica_stats().values()) == 1
+    # 400 tokens take well over a minute here; an aborted request is gone in seconds.
+    deadline = time.monotonic() + 20
+    while sum(s["num_inflight"] for s in _replica_stats().values()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert sum(s["num_inflight"] for s in _replica_stats().values()) == 0
+
+
+# -- monitoring ---------------------------------------------------------------------------------
+def test_dashboard_lists_the_app_running(cluster: Cluster) -> None:
+    from ray._private.authentication.http_token_authentication import (
+        get_auth_headers_if_auth_enabled,
+    )
+
+    # NOTE: Ray clusters enable token auth by default; send the token as Ray's CLI does.
+    r = requests.get(f"{cluster.dashboard}/api/serve/applications/", timeout=30,
+                     headers=get_auth_headers_if_auth_enabled({}))
+    assert r.status_code == 200
+    app = r.json()["applications"][APP]
+    assert app["status"] == "RUNNING"
+    assert set(app["deployments"]) == {"OpenAIIngress", "LLMReplica", "CacheSelector"}
+    assert {d["status"] for d in app["deployments"].values()} == {"HEALTHY"}
+
+
+def test_metrics_port_serves_tinyserve_series_that_pass_promtool(cluster: Cluster) -> None:
+    wanted = {"ray_tinyserve_prefix_hit_tokens_total", "ray_tinyserve_router_decisions_total",
+              "ray_tinyserve_time_to_first_token_seconds_bucket",
+              "ray_tinyserve_kv_usage_ratio", "ray_tinyserve_kv_fragmentation",
+              "ray_tinyserve_selector_latency_seconds_bucket"}
+    deadline = time.monotonic() + 60
+    while True:
+        text = requests.get(cluster.metrics, timeout=30).text
+        names = set(re.findall(r"^(ray_tinyserve_\w+)\{", text, re.M))
+        if wanted <= names or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert wanted <= names, sorted(wanted - names)
+    assert re.search(r'ray_tinyserve_prefix_hit_tokens_total\{[^}]*deployment="LLMReplica"', text)
+    assert re.search(r'ray_tinyserve_router_decisions_total\{[^}]*policy="tinyserve"', text)
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool missing: apt-get install prometheus (see Makefile setup)"
+    ours = _our_families(text)
+    out = subprocess.run([promtool, "check", "metrics"], input=ours, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _our_families(text: str) -> str:
+    """The ray_tinyserve_* families of a scrape, minus Ray's own camelCase labels."""
+    keep: list[str] = []
+    label = re.compile(r'(?:,)?\b(?:' + "|".join(RAY_LABELS) + r')="[^"]*"')
+    for line in text.splitlines():
+        if "ray_tinyserve_" not in line:
+            continue
+        if not line.startswith("#"):
+            line = label.sub("", line).replace("{,", "{")
+        keep.append(line)
+    return "\n".join(keep) + "\n"
+
+
+# -- faults (last: they disturb the app) --------------------------------------------------------
+def test_selector_outage_falls_back_then_cache_aware_again(cluster: Cluster) -> None:
+    (name,) = _actor_names("CacheSelector")
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    for i in range(4):  # served by the power-of-two fallback meanwhile
+        assert _chat(cluster, f"During the outage {i}?").choices[0].message.content
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            st = _selector_stats()
+            if st["num_replicas"] == 2 and all(r["synced"] for r in st["replicas"]):
+                break
+        except Exception:
+            pass
+        time.sleep(1)
+    else:
+        pytest.fail("selection service did not come back with both replicas")
+    # The router re-resolves the restarted service's address after a few failed Selects.
+    deadline = time.monotonic() + 60
+    while _selector_stats()["decisions"].get("tinyserve", 0) == 0:
+        assert time.monotonic() < deadline, "router never used the restarted service"
+        _chat(cluster, "ping?", max_tokens=1)
+    for tag in ("echo", "foxtrot", "golf"):
+        _chat(cluster, "Question one?", system=_prefix(tag))
+        second = _chat(cluster, "Another question?", system=_prefix(tag))
+        assert second.usage.prompt_tokens_details.cached_tokens >= 8 * 16, tag
+
+
+def test_killing_a_replica_loses_no_request_that_had_not_streamed(cluster: Cluster) -> None:
+    results: list[Any] = []
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            results.append(_chat(cluster, f"Fact {i} {uuid.uuid4().hex[:6]}?", max_tokens=24,
+                                 extra_body={"ignore_eos": True}))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    # Kill a replica while it holds admitted requests (some of them not yet scheduled).
+    deadline = time.monotonic() + 30
+    busy: list[str] = []
+    while not busy and time.monotonic() < deadline:
+        busy = [rid for rid, st in _replica_stats(6).items() if st["num_inflight"] >= 2]
+    assert busy, "no replica ever held two requests"
+    (victim,) = [n for n in _actor_names("LLMReplica") if n.endswith(f"#{busy[0]}")]
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    for t in threads:
+        t.join(timeout=240)
+    assert not errors, errors
+    assert len(results) == 6
+    assert all(r.usage.completion_tokens == 24 for r in results)
+    for i in range(3):
+        assert _chat(cluster, f"After the crash {i}?").choices[0].message.content
