@@ -42,6 +42,17 @@ def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _spec_key(s: RunSpec) -> str:
+    return json.dumps([s.workload, s.policy, s.num_replicas, s.seed, json.loads(s.workload_overrides),
+                       json.loads(s.objective), json.loads(s.sim)], sort_keys=True)
+
+
+def _key(row: dict[str, Any]) -> str:
+    return json.dumps([row["workload"], row["policy"], row["num_replicas"], row["seed"],
+                       row.get("workload_overrides", {}), row["objective_overrides"],
+                       row["sim_overrides"]], sort_keys=True)
+
+
 def build_specs(args: argparse.Namespace) -> list[RunSpec]:
     workloads = list(WORKLOADS) if args.workloads == ["all"] else args.workloads
     policies = all_policies() if args.policies == ["all"] else args.policies
@@ -73,11 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--snapshot-interval", type=float, default=0.05, help="load snapshot period (s)")
     ap.add_argument("--calibration", default=str(DEFAULT_CALIBRATION))
     ap.add_argument("--out", default="benchmarks/results/routing")
+    ap.add_argument("--reuse", nargs="*", default=[],
+                    help="earlier JSON outputs: their runs with identical specs are not re-run")
     args = ap.parse_args(argv)
 
     specs = build_specs(args)
+    done = {_key(r): r for path in args.reuse for r in json.loads(Path(path).read_text())["runs"]}
+    todo = [s for s in specs if _spec_key(s) not in done]
+    print(f"{len(specs)} runs, {len(specs) - len(todo)} reused from {args.reuse}")
     t0 = time.perf_counter()
-    rows = run_specs(specs, args.jobs, desc="routing_bench")
+    fresh = iter(run_specs(todo, args.jobs, desc="routing_bench"))
+    rows = [done[_spec_key(s)] if _spec_key(s) in done else next(fresh) for s in specs]
     wall = time.perf_counter() - t0
     agg = aggregate(rows)
     tg = targets(agg)

@@ -16,6 +16,7 @@ default runs 3.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -24,28 +25,34 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.sim.runner import RunSpec, run_specs
+from benchmarks.sim.runner import RunSpec, objective_config, run_specs
 
 CENTRE: dict[str, Any] = {"alpha_load": 30.0}
 AXES: dict[str, list[Any]] = {
-    "alpha_load": [1.0, 10.0, 30.0, 100.0],
+    "alpha_load": [1.0, 10.0, 30.0, 100.0, 300.0, 1000.0],
     "alpha_size": [0.0, 0.5, 2.0],
-    "w": [[1.0, 0.5, 2.0, 0.5], [0.5, 0.25, 1.0, 0.25], [2.0, 1.0, 4.0, 1.0]],
+    "w": [[1.0, 0.5, 2.0, 0.5], [0.25, 0.125, 0.5, 0.125], [0.5, 0.25, 1.0, 0.25],
+          [2.0, 1.0, 4.0, 1.0]],
     "pending_weight": [0.3, 0.8],
     "lambda_reward": [0.0, 0.5],
     "alpha_latency": [0.0, 0.25, 1.0],
 }
-DEFAULT_WORKLOADS = ["generated_shared_prefix", "multi_turn_chat", "sibling_bursts", "toolbench"]
+DEFAULT_WORKLOADS = [
+    "generated_shared_prefix", "multi_turn_chat", "sibling_bursts", "prefix_repetition",
+]
 
 
 def configs() -> list[tuple[str, dict[str, Any]]]:
     """(label, overrides) for the centre and every one-axis variation (deduplicated)."""
+    def effective(cfg: dict[str, Any]) -> str:
+        return json.dumps(dataclasses.asdict(objective_config(cfg)), sort_keys=True)
+
     out: list[tuple[str, dict[str, Any]]] = [("centre", dict(CENTRE))]
-    seen = {json.dumps(CENTRE, sort_keys=True)}
+    seen = {effective(CENTRE)}
     for axis, values in AXES.items():
         for v in values:
             cfg = {**CENTRE, axis: v}
-            key = json.dumps(cfg, sort_keys=True)
+            key = effective(cfg)
             if key not in seen:
                 seen.add(key)
                 out.append((f"{axis}={v}", cfg))

@@ -74,6 +74,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     row = simulate(cfg, workload).to_dict()
     row["tag"] = spec.tag
     row["objective_overrides"] = json.loads(spec.objective)
+    row["workload_overrides"] = json.loads(spec.workload_overrides)
     row["sim_overrides"] = sim_kw
     return row
 

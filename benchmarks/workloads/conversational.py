@@ -27,7 +27,7 @@ B2B_QPS = (3.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0)
 def multi_turn_chat(
     seed: int = 0, scale: float = 1.0, arrival: str = "poisson", *,
     num_clients: int = 256, num_rounds: int = 5, tokens_per_round: int = 512,
-    output_len: int = 64, rate: float = 24.0, think_time_s: float = 1.0,
+    output_len: int = 64, rate: float = 48.0, think_time_s: float = 1.0,
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> Workload:
     """SGLang multi-turn bench shape: ``num_clients`` clients each hold a ``num_rounds``-turn
