@@ -238,7 +238,8 @@ class SelectorCore:
         with self._lock:
             t0 = time.perf_counter()
             pol = self.policy(policy)
-            self._index.expire_pending()
+            # NOTE: bounded: a backlog is drained by expire_stale(), not by one unlucky Select.
+            self._index.expire_pending(max_marks=8)
             slots, ids, unknown, mask = self._candidate_slots(candidate_ids)
             cands = self._candidates(request, slots, ids, mask)
             ranking = pol.select(request, cands)

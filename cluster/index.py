@@ -244,12 +244,16 @@ class KVIndex:
             pending[h] = pending.get(h, 0) | bit
         self._pending_queue.append((deadline, slot, tuple(block_hashes)))
 
-    def expire_pending(self) -> int:
-        """Drop pending inserts whose TTL passed; returns how many (slot, hash) pairs expired."""
+    def expire_pending(self, max_marks: int | None = None) -> int:
+        """Drop pending inserts whose TTL passed; returns how many (slot, hash) pairs expired.
+        ``max_marks`` bounds the work (in mark_pending calls) so a Select never pays for a
+        long backlog; the service's background loop calls it unbounded."""
         now = self._clock()
         queue = self._pending_queue
         n = 0
-        while queue and queue[0][0] <= now:
+        budget = len(queue) if max_marks is None else max_marks
+        while budget > 0 and queue and queue[0][0] <= now:
+            budget -= 1
             _, slot, hashes = queue.popleft()
             per_slot = self._pending_deadline.get(slot)
             if per_slot is None:

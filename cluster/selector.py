@@ -89,11 +89,9 @@ async def start_server(
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    interval = (
-        expire_interval_s
-        if expire_interval_s is not None
-        else max(core.config.stale_after_s / 4, 0.05)
-    )
+    # NOTE: this loop also drains expired speculative inserts, so it runs at least every TTL/2.
+    default_interval = min(core.config.stale_after_s / 4, core.config.pending_ttl_s / 2)
+    interval = expire_interval_s if expire_interval_s is not None else max(default_interval, 0.05)
     task = asyncio.get_running_loop().create_task(_expire_loop(core, interval))
     return RunningServer(server, bound, core, task)
 
