@@ -142,3 +142,34 @@ def test_matches_naive_reference(ops: list[tuple[str, int, list[int]]], query: l
             expected[slot] = n
     assert idx.match(query, 0b11111).resident == expected
     assert idx.num_unique_blocks == len(set().union(*ref))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    resident=st.lists(st.lists(st.integers(0, 9), max_size=6), min_size=3, max_size=3),
+    pending=st.lists(st.lists(st.integers(0, 9), max_size=6), min_size=3, max_size=3),
+    query=st.lists(st.integers(0, 9), min_size=1, max_size=8),
+)
+def test_pending_walk_matches_reference(
+    resident: list[list[int]], pending: list[list[int]], query: list[int]
+) -> None:
+    idx, _ = _index(3)
+    for slot in range(3):
+        idx.store(slot, resident[slot])
+        idx.mark_pending(slot, pending[slot], ttl_s=10.0)
+
+    def prefix(held: set[int]) -> int:
+        n = 0
+        while n < len(query) and query[n] in held:
+            n += 1
+        return n
+
+    m = idx.match(query, 0b111)
+    for slot in range(3):
+        res = prefix(set(resident[slot]))
+        both = prefix(set(resident[slot]) | set(pending[slot]))
+        assert m.resident.get(slot, 0) == res
+        assert m.pending.get(slot, 0) == both - res
+    r_arr, p_arr, _ = m.arrays(3)
+    assert r_arr.tolist() == [m.resident.get(s, 0) for s in range(3)]
+    assert p_arr.tolist() == [m.pending.get(s, 0) for s in range(3)]
