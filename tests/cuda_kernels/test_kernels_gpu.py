@@ -227,6 +227,31 @@ def test_ops_dispatch_on_cuda(launchers: ModuleType) -> None:
     assert _rel_err(out, ref) < 1e-2
 
 
+def test_ops_write_then_decode_on_cuda(launchers: ModuleType) -> None:
+    """The engine's decode step through ops: write the new token's K/V, then attend."""
+    from cuda_kernels import ops
+
+    gen = torch.Generator().manual_seed(21)
+    num_blocks, block_size, num_kv, num_heads, dim = 32, 16, 4, 16, 64
+    k_cache = torch.zeros(num_blocks, block_size, num_kv, dim, dtype=torch.bfloat16, device="cuda")
+    v_cache = torch.zeros_like(k_cache)
+    tables = torch.randperm(num_blocks, generator=gen).to(torch.int32).view(4, 8).cuda()
+    seq_lens = torch.tensor([5, 40, 128, 77], dtype=torch.int32)
+    for i, n in enumerate(seq_lens.tolist()):  # fill each context through slot_mapping
+        pos = torch.arange(n)
+        slots = (tables[i].cpu()[pos // block_size] * block_size + pos % block_size).cuda()
+        key = torch.randn(n, num_kv, dim, generator=gen).cuda()  # fp32: ops casts to bf16
+        value = torch.randn(n, num_kv, dim, generator=gen).cuda()
+        ops.reshape_and_cache(key, value, k_cache, v_cache, slots)
+    assert float(k_cache.abs().sum()) > 0
+    q = torch.randn(4, num_heads, dim, generator=gen).bfloat16().cuda()
+    out = ops.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens.cuda(), 0.125)
+    ref = reference.paged_decode_attention(
+        q.float(), k_cache.float(), v_cache.float(), tables, seq_lens.cuda(), 0.125
+    )
+    assert _rel_err(out, ref) < 1e-2
+
+
 def test_decode_replays_in_cuda_graph(launchers: ModuleType) -> None:
     gen = torch.Generator().manual_seed(9)
     k_cache = torch.randn(64, 16, 2, 128, generator=gen).bfloat16().cuda()
