@@ -166,12 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", type=float, default=0.05, help="workload scale (8 replicas = 1.0)")
     ap.add_argument("--time-scale", type=float, default=1.0, help="stretch arrival times")
     ap.add_argument("--max-requests", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], help="workload key=value (JSON value)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=args.base_url, api_key=args.api_key)
-    workload = build_workload(args.workload, args.seed, args.scale)
+    overrides = {k: json.loads(v) for k, _, v in (item.partition("=") for item in args.set)}
+    workload = build_workload(args.workload, args.seed, args.scale, **overrides)
     rep = Replayer(client, args.model, workload, args.time_scale, args.max_requests)
     records = asyncio.run(rep.run())
     summary = summarize(records)

@@ -40,7 +40,9 @@ from cluster.types import Outcome, SelectionRequest
 from kvmanager.config import PoolConfig
 from kvmanager.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
-_STEP, _ARRIVAL, _SNAPSHOT, _SAMPLE = 0, 1, 2, 3
+# NOTE: at equal times the heap orders by kind: step completions, then arrivals, then KICK (an
+# idle replica starts its step only after every request arriving at that instant is queued).
+_STEP, _ARRIVAL, _SNAPSHOT, _SAMPLE, _KICK = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,7 @@ class SimConfig:
     pending_ttl_s: float = 2.0
     objective: ObjectiveConfig | None = None
     max_macro_steps: int = 32
+    defer_shared_prefill: bool = False
     seed: int = 0
 
 
@@ -81,7 +84,8 @@ class ClusterSim:
                               stale_after_s=1e9, objective=config.objective or ObjectiveConfig())
         self.core = SelectorCore(core_cfg, clock=lambda: self.now)
         self.replicas = [
-            SimReplica(f"r{i:03d}", pool_cfg, config.model, config.max_macro_steps)
+            SimReplica(f"r{i:03d}", pool_cfg, config.model, config.max_macro_steps,
+                       config.defer_shared_prefill)
             for i in range(config.num_replicas)
         ]
         self._by_id = {r.replica_id: r for r in self.replicas}
@@ -124,6 +128,11 @@ class ClusterSim:
                     self._on_step_done(replica, progress)
             elif kind == _ARRIVAL:
                 self._on_arrival(payload)  # type: ignore[arg-type]
+            elif kind == _KICK:
+                replica = payload  # type: ignore[assignment]
+                replica.kick_pending = False
+                if replica.idle:
+                    self._start(replica)
             elif kind == _SNAPSHOT:
                 self._deliver_due()
                 for r in self.replicas:
@@ -151,7 +160,9 @@ class ClusterSim:
         prompt_len = len(req.prompt_blocks) * bs
         replica.enqueue(SeqState(req, req.token_ids(bs), self.now, prompt_len, prompt_len))
         if replica.idle:
-            self._start(replica)
+            if not replica.kick_pending:
+                replica.kick_pending = True
+                self._push(self.now, _KICK, replica)
         else:
             end = replica.cut(self.now)
             if end is not None:

@@ -28,6 +28,8 @@ from cluster.types import LoadSnapshot
 from kvmanager.config import PoolConfig
 from kvmanager.manager import KVCacheManager
 
+DEFER_BLOCKS = 8  # shared-prefix length (blocks) that triggers in-batch deferral
+
 
 @dataclass(slots=True, eq=False)
 class SeqState:
@@ -69,16 +71,18 @@ class SimReplica:
 
     def __init__(
         self, replica_id: str, pool_config: PoolConfig, model: StepTimeModel,
-        max_macro_steps: int = 32,
+        max_macro_steps: int = 32, defer_shared_prefill: bool = False,
     ) -> None:
         self.replica_id = replica_id
         self.pool = KVCacheManager(pool_config)
         self.model = model
         self.max_macro_steps = max_macro_steps
+        self.defer_shared_prefill = defer_shared_prefill
         self.waiting: deque[SeqState] = deque()
         self.running: list[SeqState] = []
         self.plan_: _Plan | None = None
         self.version = 0  # bumped whenever the step in flight changes its end time
+        self.kick_pending = False  # a start is scheduled at the current instant
         self.busy_s = 0.0
         self.num_preemptions = 0
         self.num_steps = 0
@@ -120,8 +124,14 @@ class SimReplica:
             else:
                 decode.append(s)
             budget -= n
+        deferred: list[SeqState] = []
+        admitted: set[tuple[int, ...]] = set()
         while self.waiting and budget > 0 and len(self.running) < m.max_num_seqs:
             s = self.waiting[0]
+            key = self._defer_key(s)
+            if key is not None and key in admitted:
+                deferred.append(self.waiting.popleft())
+                continue
             n = self._admit(s, budget)
             if n is None:
                 break
@@ -129,6 +139,9 @@ class SimReplica:
             self.running.append(s)
             prefill.append((s, n))
             budget -= n
+            if key is not None:
+                admitted.add(key)
+        self.waiting.extendleft(reversed(deferred))
         if not prefill and not decode:
             if self.waiting and not self.running:
                 raise RuntimeError(
@@ -145,6 +158,18 @@ class SimReplica:
         self.busy_s += plan.cum[-1]
         self.num_tokens_processed += sum(n for _, n in prefill) + plan.k * len(decode)
         return now + plan.cum[-1]
+
+    def _defer_key(self, s: SeqState) -> tuple[int, ...] | None:
+        """With ``defer_shared_prefill`` (SGLang-style in-batch prefix deferral, NOT what
+        ``replicas/scheduler.py`` does): a waiting request whose first ``DEFER_BLOCKS`` prompt
+        blocks equal those of a request admitted in this step, and are not cached yet, waits
+        one step so it can hit the blocks that step computes."""
+        blocks = s.req.prompt_blocks
+        if not self.defer_shared_prefill or len(blocks) <= DEFER_BLOCKS or s.first_token_s >= 0:
+            return None
+        if self.pool.lookup_prefix(s.tokens[: (DEFER_BLOCKS + 1) * self.pool.block_size]).num_cached_tokens:
+            return None
+        return blocks[:DEFER_BLOCKS]
 
     def _admit(self, s: SeqState, budget: int) -> int | None:
         rid = s.req.request_id

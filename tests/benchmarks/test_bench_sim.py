@@ -121,6 +121,16 @@ def test_speculative_inserts_route_followers_before_events_arrive() -> None:
     assert hit_ratio(True) > hit_ratio(False) + 0.2
 
 
+def test_in_batch_deferral_lets_colocated_siblings_hit() -> None:
+    w = build_workload("sibling_bursts", 0, num_problems=4, num_rounds=2, problem_len=512,
+                       output_len=16)
+    plain = _run(w, "sglang_cache_aware").summary  # type: ignore[attr-defined]
+    defer = _run(w, "sglang_cache_aware", defer_shared_prefill=True).summary  # type: ignore[attr-defined]
+    assert plain.hit_ratio < 0.2  # siblings admitted in one step cannot share (vLLM-like)
+    assert defer.hit_ratio > plain.hit_ratio + 0.3
+    assert defer.num_requests == plain.num_requests == len(w.requests)
+
+
 def test_macro_steps_do_not_change_results_much() -> None:
     w = _gsp(3)
     one = simulate(SimConfig(4, "round_robin", MODEL, num_blocks=2048, max_macro_steps=1), w)
