@@ -229,7 +229,9 @@ class SimReplica:
         ctx = sum(s.num_computed for s in plan.decode)
         seqs = len(plan.prefill) + b
         k = 1
-        if not plan.prefill and not self.waiting and self.max_macro_steps > 1:
+        # NOTE: no prefill planned means nothing waiting was admissible; that stays so until a
+        # completion (which ends the macro step) or an arrival (which cuts it).
+        if not plan.prefill and self.max_macro_steps > 1:
             k = min(self.max_macro_steps, *(s.req.num_output_tokens - s.num_generated for s in plan.decode))
             k = max(k, 1)
             if k > 1 and not all(self._reserve(s, k) for s in plan.decode):

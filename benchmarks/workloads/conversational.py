@@ -64,7 +64,7 @@ def b2b_saas(
     seed: int = 0, scale: float = 1.0, arrival: str = "poisson", *,
     num_tenants: int = 150, context_len: int = 6000, users_per_tenant: int = 5,
     query_len: int = 1200, output_len: int = 128, qps: tuple[float, ...] = B2B_QPS,
-    stage_s: float = 20.0, kv_demand: float = 0.73, block_size: int = DEFAULT_BLOCK_SIZE,
+    stage_s: float = 10.0, kv_demand: float = 0.73, block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> Workload:
     """llm-d's B2B SaaS scenario: ``num_tenants`` tenants, each with a ``context_len``-token
     shared context (system prompt + documents), ``users_per_tenant`` users each; every request
