@@ -14,7 +14,11 @@ Best fit (TinyServe): for a request that needs ``n`` blocks and whose last block
         locality. NOTE: the published f2 = Σ 1/d² RAISES the cost near the sequence's other
         blocks; for paged KV, contiguity is the goal, so we use the distance itself (nearer is
         cheaper). Documented inversion of the sign.
-   f3 = (len(run) − want) / want          size mismatch (TinyServe f3), the best-fit term
+   f3 = |len(run) − want| / want          size mismatch (TinyServe f3), the best-fit term
+
+   The ``want`` blocks are placed flush with the END of the chosen run (the first ``n`` of
+   them now, the rest left free as growth room), so the run's head stays free for the
+   sequence that ends just before it.
 
    Dropped terms, and why: f4 (temporal access of the taken blocks) is zero by construction,
    since only FREE blocks are placement candidates; recently used blocks that still hold KV
@@ -75,7 +79,12 @@ def best_fit(runs: FreeRuns, n: int, last: int | None, want: int | None = None) 
         _, start = min(
             cands, key=lambda c: (placement_cost(runs, c[1], c[0], want, last), c[1])
         )
-        return out + runs.take(start, n)
+        length = runs.run_at(start)
+        # NOTE: place the request's expected extent flush with the run's END: its growth room
+        # is bounded by a used block, and the run's head stays free for whatever sequence ends
+        # just before the run (so it too can keep extending in place).
+        offset = length - want if length >= want else 0
+        return out + runs.take_at(start, offset, n)
     while n > 0:  # scattered fallback: largest runs first
         length, start = next(runs.largest_runs())
         got = runs.take(start, min(n, length))
@@ -93,3 +102,76 @@ def first_free(runs: FreeRuns, n: int) -> list[int]:
         out += got
         n -= len(got)
     return out
+
+
+class BlockAllocator:
+    """Hands out empty blocks: free runs plus per-request growth reservations.
+
+    A reservation is the empty run right after a request's newest block, set aside (out of
+    ``runs``) when best fit places an extent sized for the request's expected length. The
+    request's next blocks come from it, so decode stays contiguous even while other requests
+    are admitted. Reservations are soft: they count as available capacity, and when free runs
+    run short the largest reservations of other requests are released first (before any
+    cached block is evicted; speculative room is worth less than a prefix hit).
+    """
+
+    def __init__(self, runs: FreeRuns, mode: str) -> None:
+        self.runs = runs
+        self.mode = mode
+        self.reserved: dict[str, tuple[int, int]] = {}  # request_id -> (start, length)
+        self.num_reserved = 0
+
+    @property
+    def num_empty(self) -> int:
+        return self.runs.num_free + self.num_reserved
+
+    def allocate(self, request_id: str, n: int, last: int | None, want: int | None) -> list[int]:
+        """Take ``n`` empty blocks for ``request_id`` (caller guarantees ``num_empty >= n``)."""
+        out: list[int] = []
+        if n == 0:
+            return out
+        start, length = self.reserved.pop(request_id, (0, 0))
+        self.num_reserved -= length
+        if length:
+            k = min(n, length)
+            out = list(range(start, start + k))
+            if k < length:
+                self._reserve(request_id, start + k, length - k)
+            n -= k
+            last = out[-1]
+        if n == 0:
+            return out
+        while self.runs.num_free < n:
+            # NOTE: cut the largest reservation from its TAIL: its owner needs the head next,
+            # and most requests stop before their max_tokens anyway.
+            victim = max(self.reserved, key=lambda r: self.reserved[r][1])
+            v_start, v_len = self.reserved.pop(victim)
+            cut = min(v_len, n - self.runs.num_free)
+            self.num_reserved -= v_len
+            if cut < v_len:
+                self._reserve(victim, v_start, v_len - cut)
+            for b in range(v_start + v_len - cut, v_start + v_len):
+                self.runs.put(b)
+        if self.mode == "first_free":
+            return out + first_free(self.runs, n)
+        got = best_fit(self.runs, n, last, want)
+        room = self.runs.run_at(got[-1] + 1)
+        if want is not None and want > n and room:
+            self._reserve(request_id, got[-1] + 1, min(room, want - n))
+            self.runs.take(got[-1] + 1, min(room, want - n))
+        return out + got
+
+    def release(self, request_id: str) -> None:
+        """Return a request's reservation (if any) to the free runs."""
+        start, length = self.reserved.pop(request_id, (0, 0))
+        self.num_reserved -= length
+        for b in range(start, start + length):
+            self.runs.put(b)
+
+    def release_all(self) -> None:
+        for request_id in list(self.reserved):
+            self.release(request_id)
+
+    def _reserve(self, request_id: str, start: int, length: int) -> None:
+        self.reserved[request_id] = (start, length)
+        self.num_reserved += length

@@ -53,6 +53,9 @@ class EvictionPolicy(ABC):
     def forget(self, block_id: int) -> None:  # noqa: B027 - optional hook, default no-op
         """Drop all history of ``block_id`` (its hash was removed)."""
 
+    def leaf_ready(self, block_id: int) -> None:  # noqa: B027 - optional hook, default no-op
+        """``block_id`` lost its last cached child: it may now be a victim."""
+
     @abstractmethod
     def rename(self, old: int, new: int) -> None:
         """Compaction moved an evictable block: keep its place and history under ``new``."""
@@ -124,26 +127,25 @@ class AdaptivePolicy(EvictionPolicy):
             self._push(block_id)
 
     def pop(self, is_leaf: Callable[[int], bool]) -> int:
-        parked: list[int] = []
-        try:
-            while True:
-                _, _, v, block_id = heapq.heappop(self._heap)
-                if block_id not in self._members or self._version[block_id] != v:
-                    continue
-                if is_leaf(block_id):
-                    self._members.discard(block_id)
-                    return block_id
-                # NOTE: a parent whose child is still cached waits: leaves go first.
-                parked.append(block_id)
-        except IndexError:
-            if parked:  # only non-leaves left (children referenced): evict the worst of them
-                victim = parked.pop(0)
-                self._members.discard(victim)
-                return victim
-            raise
-        finally:
-            for block_id in parked:
-                self._push(block_id)
+        while self._heap:
+            _, _, v, block_id = heapq.heappop(self._heap)
+            if block_id not in self._members or self._version[block_id] != v:
+                continue
+            if is_leaf(block_id):
+                self._members.discard(block_id)
+                return block_id
+            # NOTE: a parent whose child is still cached drops out of the heap; the pool calls
+            # ``leaf_ready`` when its last cached child goes, which pushes it back.
+        if not self._members:
+            raise IndexError("no evictable block")
+        # only parents of referenced children are left: evict the coldest of them
+        victim = min(self._members, key=lambda b: self._score.get(b, -math.inf))
+        self._members.discard(victim)
+        return victim
+
+    def leaf_ready(self, block_id: int) -> None:
+        if block_id in self._members:
+            self._push(block_id)
 
     def rename(self, old: int, new: int) -> None:
         if old in self._score:

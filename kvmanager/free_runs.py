@@ -96,6 +96,16 @@ class FreeRuns:
             self._add_run(start + n, length - n)
         return list(range(start, start + n))
 
+    def take_at(self, start: int, offset: int, n: int) -> list[int]:
+        """Take ``n`` blocks beginning ``offset`` blocks into the run starting at ``start``."""
+        length = self._remove_run(start)
+        assert offset + n <= length, "take beyond run"
+        if offset:
+            self._add_run(start, offset)
+        if offset + n < length:
+            self._add_run(start + offset + n, length - offset - n)
+        return list(range(start + offset, start + offset + n))
+
     def take_block(self, block_id: int) -> None:
         """Remove one specific free block (splits its run)."""
         i = self._by_start.bisect_right(block_id) - 1

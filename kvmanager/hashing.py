@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
-
-import numpy as np
 
 # NOTE: the native hash is int (fast) or bytes (vllm); callers treat it as opaque.
 NativeHash = int | bytes
@@ -99,7 +98,7 @@ class FastHasher(BlockHasher):
         parent_int = self._seed if parent is None else int.from_bytes(parent, "big") if isinstance(
             parent, bytes
         ) else parent
-        data = parent_int.to_bytes(8, "little") + np.asarray(token_ids, dtype=np.int64).tobytes()
+        data = struct.pack(f"<Q{len(token_ids)}q", parent_int, *token_ids)
         if extra_keys:
             data += repr(extra_keys).encode()
         return int(self._xxh(data))

@@ -28,6 +28,14 @@ def check_pool(mgr: KVCacheManager) -> None:
         prev_end = start + length
     empty = {b for start, length in runs for b in range(start, start + length)}
     _require(len(empty) == free.num_free, "free count differs from run contents")
+    for rid, (start, length) in mgr._alloc.reserved.items():
+        _require(rid in mgr._requests, f"reservation of unknown request {rid!r}")
+        span = set(range(start, start + length))
+        _require(length > 0 and not span & empty, f"reservation of {rid!r} overlaps free runs")
+        empty |= span
+    _require(
+        len(empty) == free.num_free + mgr._alloc.num_reserved, "reservations overlap or miscount"
+    )
     # ref counts equal the number of block tables holding each block
     held: Counter[int] = Counter()
     for req in mgr._requests.values():
@@ -52,8 +60,8 @@ def check_pool(mgr: KVCacheManager) -> None:
         if h is not None:
             _require(mgr._hash_to_block.get(h) == b, f"block {b}: hash map disagrees")
     _require(
-        free.num_free + len(evictable) + num_used == n,
-        f"empty {free.num_free} + evictable {len(evictable)} + used {num_used} != {n}",
+        len(empty) + len(evictable) + num_used == n,
+        f"empty {len(empty)} + evictable {len(evictable)} + used {num_used} != {n}",
     )
     for h, b in mgr._hash_to_block.items():
         _require(mgr._block_hash[b] == h, f"hash map entry {h:#x} -> {b} is stale")

@@ -29,15 +29,15 @@ from typing import Any
 
 import torch
 
-from kvmanager.allocator import best_fit, first_free
-from kvmanager.compaction import copy_blocks_reference, plan_moves
+from kvmanager.allocator import BlockAllocator
+from kvmanager.compaction import apply_moves, plan_moves
 from kvmanager.config import PoolConfig
 from kvmanager.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from kvmanager.eviction import make_eviction_policy
-from kvmanager.fragmentation import AccessEpochs, LevelLatencies, external_fragmentation, f_spatial
+from kvmanager.fragmentation import AccessEpochs, LevelLatencies
 from kvmanager.free_runs import FreeRuns
 from kvmanager.hashing import NativeHash, make_hasher
-from kvmanager.metrics import PoolStats
+from kvmanager.metrics import PoolStats, pool_stats
 
 
 @dataclass(slots=True)
@@ -76,6 +76,7 @@ class KVCacheManager:
         self._num_children: Counter[int] = Counter()  # cached children per parent block_hash
         self._hash_to_block: dict[int, int] = {}
         self._free = FreeRuns(config.num_blocks)
+        self._alloc = BlockAllocator(self._free, config.allocator)
         self._evictable = make_eviction_policy(config.eviction, config.adaptive_half_life)
         self._requests: dict[str, _Request] = {}
         self._events: list[KVEvent] = []
@@ -89,8 +90,13 @@ class KVCacheManager:
     # -- queries -----------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        """Blocks an allocation could obtain: empty + evictable cached."""
-        return self._free.num_free + len(self._evictable)
+        """Blocks an allocation could obtain: empty (incl. reserved) + evictable cached."""
+        return self._alloc.num_empty + len(self._evictable)
+
+    @property
+    def num_reserved_blocks(self) -> int:
+        """Empty blocks set aside as growth room of running requests (part of the free ones)."""
+        return self._alloc.num_reserved
 
     def has_request(self, request_id: str) -> bool:
         return request_id in self._requests
@@ -165,21 +171,28 @@ class KVCacheManager:
         bs = self.block_size
         need = max(0, -(-(num_computed + num_new_tokens) // bs) - num_held)
         revived = sum(1 for b in hit.block_ids if self._ref_cnt[b] == 0)
-        if need > self._free.num_free + len(self._evictable) - revived:
+        if need > self._alloc.num_empty + len(self._evictable) - revived:
             return None
         self._tick()
         if req is None:
             req = self._register(request_id, token_ids, hit, extra_keys, expected_num_tokens)
-        if need > self._free.num_free:
-            self._evict(need - self._free.num_free)
         last = req.block_ids[-1] if req.block_ids else None
-        if self.config.allocator == "best_fit":
-            want = None
-            if req.expected_num_tokens is not None:
-                want = -(-req.expected_num_tokens // bs) - len(req.block_ids)
-            new_ids = best_fit(self._free, need, last, want)
-        else:
-            new_ids = first_free(self._free, need)
+        want = None
+        if req.expected_num_tokens is not None:
+            want = -(-req.expected_num_tokens // bs) - len(req.block_ids)
+        shortfall = need - self._alloc.num_empty
+        if want is not None and need and self.config.allocator == "best_fit":
+            # NOTE: a new extent needs `want` contiguous empty blocks. When free runs are too
+            # short, evict up to that many cold blocks at once: leaves-first eviction walks a
+            # released chain backwards over contiguous ids, so this frees a run, not scattered
+            # single blocks (what block-at-a-time eviction for decode would leave).
+            reserved = self._alloc.reserved.get(request_id, (0, 0))[1]
+            in_place = self._free.run_at(last + 1) if last is not None else 0
+            if reserved + in_place < need and self._free.largest() < want:
+                shortfall = max(shortfall, min(want - self._free.largest(), len(self._evictable)))
+        if shortfall > 0:
+            self._evict(shortfall)
+        new_ids = self._alloc.allocate(request_id, need, last, want)
         for b in new_ids:
             self._ref_cnt[b] = 1
         req.block_ids += new_ids
@@ -236,6 +249,7 @@ class KVCacheManager:
         if req is None:
             raise KeyError(f"unknown request {request_id!r} (never allocated or already freed)")
         self._tick()
+        self._alloc.release(request_id)
         for b in reversed(req.block_ids):
             self._ref_cnt[b] -= 1
             assert self._ref_cnt[b] >= 0, f"negative ref_cnt on block {b}"
@@ -248,7 +262,7 @@ class KVCacheManager:
     def reset_prefix_cache(self) -> bool:
         """Drop every cached block (``AllBlocksCleared``). Refused (False) while any block is
         in use, as in vLLM, since used blocks' hashes cannot be withdrawn safely."""
-        if self._free.num_free + len(self._evictable) != self.num_blocks:
+        if self._alloc.num_empty + len(self._evictable) != self.num_blocks:
             return False
         while len(self._evictable):
             self._drop_hash(self._evictable.pop(lambda _b: True))
@@ -268,7 +282,9 @@ class KVCacheManager:
 
     # -- compaction --------------------------------------------------------------------------
     def plan_compaction(self) -> list[tuple[int, int]]:
-        """Minimal (src, dst) moves that pack every non-empty block into the low ids."""
+        """Minimal (src, dst) moves that pack every non-empty block into the low ids. Releases
+        all growth reservations first (they are empty space to the plan)."""
+        self._alloc.release_all()
         return plan_moves(self._free, self.num_blocks)
 
     def apply_compaction(
@@ -277,68 +293,12 @@ class KVCacheManager:
         """Move blocks' K/V (every tensor in ``kv_caches``, block dim first) and rewrite block
         tables, hash map, ref counts and free space in one step. Sources must hold data,
         destinations must be empty, and the two sets must be disjoint (as planned)."""
-        srcs, dsts = [s for s, _ in moves], [d for _, d in moves]
-        if len(set(srcs)) != len(srcs) or len(set(dsts)) != len(dsts) or set(srcs) & set(dsts):
-            raise ValueError("compaction moves need distinct sources, distinct destinations, disjoint sets")
-        for s, d in moves:
-            if not (0 <= s < self.num_blocks and 0 <= d < self.num_blocks):
-                raise ValueError(f"move ({s}, {d}) outside the pool of {self.num_blocks} blocks")
-            if self._free.is_free(s) or not self._free.is_free(d):
-                raise ValueError(f"move ({s}, {d}): source must hold data, destination be empty")
-        copy_blocks_reference(kv_caches, srcs, dsts)
-        remap = dict(moves)
-        for s, d in moves:
-            self._free.take_block(d)
-            self._ref_cnt[d], self._ref_cnt[s] = self._ref_cnt[s], 0
-            h = self._block_hash[s]
-            self._block_hash[d], self._block_hash[s] = h, None
-            self._parent_hash[d], self._parent_hash[s] = self._parent_hash[s], None
-            if h is not None:
-                self._hash_to_block[h] = d
-            if s in self._evictable:
-                self._evictable.rename(s, d)
-        for s, _ in moves:
-            self._free.put(s)
-        for req in self._requests.values():
-            req.block_ids = [remap.get(b, b) for b in req.block_ids]
+        apply_moves(self, moves, kv_caches)
 
     # -- stats and invariants ----------------------------------------------------------------
     def stats(self) -> PoolStats:
-        cfg = self.config
-        num_empty = self._free.num_free
-        num_evictable = len(self._evictable)
-        num_used = self.num_blocks - num_empty - num_evictable
-        filled: dict[int, int] = {}
-        for req in self._requests.values():
-            for i, b in enumerate(req.block_ids):
-                n = min(self.block_size, max(0, req.num_computed_tokens - i * self.block_size))
-                filled[b] = max(filled.get(b, 0), n)
-        allocated = len(filled) * self.block_size
-        fs = f_spatial(self._free.runs(), self.num_blocks - num_empty, self.num_blocks, cfg.frag_sigma)
-        ft = self._epochs.f_temporal()
-        fa = self._levels.f_access()
-        return PoolStats(
-            num_blocks=self.num_blocks,
-            block_size=self.block_size,
-            num_free_blocks=num_empty + num_evictable,
-            num_empty_blocks=num_empty,
-            num_evictable_blocks=num_evictable,
-            num_used_blocks=num_used,
-            num_cached_blocks=len(self._hash_to_block),
-            num_free_runs=len(self._free),
-            largest_free_run=self._free.largest(),
-            num_requests=len(self._requests),
-            usage=num_used / self.num_blocks,
-            utilization=sum(filled.values()) / allocated if allocated else 1.0,
-            external_fragmentation=external_fragmentation(self._free.largest(), num_empty),
-            f_spatial=fs,
-            f_temporal=ft,
-            f_access=fa,
-            f_total=cfg.frag_alpha * fs + cfg.frag_beta * ft + cfg.frag_gamma * fa,
-            prefix_hit_tokens=self._prefix_hit_tokens,
-            prefix_query_tokens=self._prefix_query_tokens,
-            num_evicted_blocks=self._num_evicted,
-        )
+        """A snapshot of accounting, utilisation and fragmentation (O(requests + free runs))."""
+        return pool_stats(self)
 
     def num_runs(self, request_id: str) -> int:
         """Number of maximal contiguous id runs in a request's block table."""
@@ -417,6 +377,9 @@ class KVCacheManager:
             self._num_children[parent] -= 1
             if self._num_children[parent] == 0:
                 del self._num_children[parent]
+                parent_block = self._hash_to_block.get(parent)
+                if parent_block is not None:
+                    self._evictable.leaf_ready(parent_block)
         self._block_hash[block_id] = None
         self._parent_hash[block_id] = None
         self._evictable.forget(block_id)

@@ -49,8 +49,8 @@ def test_best_fit_picks_smallest_fitting_run() -> None:
     runs = FreeRuns(100, all_free=False)
     for b in [*range(0, 10), *range(20, 23), *range(40, 45)]:
         runs.put(b)
-    # runs: (0,10) (20,3) (40,5); 4 blocks -> the 5-run, not the 10-run
-    assert best_fit(runs, 4, last=None) == [40, 41, 42, 43]
+    # runs: (0,10) (20,3) (40,5); 4 blocks -> the 5-run, not the 10-run, flush with its end
+    assert best_fit(runs, 4, last=None) == [41, 42, 43, 44]
 
 
 def test_best_fit_extends_in_place_first() -> None:
@@ -65,8 +65,10 @@ def test_best_fit_with_expected_size_reserves_room() -> None:
     runs = FreeRuns(100, all_free=False)
     for b in [*range(0, 4), *range(10, 30)]:
         runs.put(b)
-    # needs 2 now but expects 8: the 4-run would force a later split, so take the 20-run
-    assert best_fit(runs, 2, last=None, want=8) == [10, 11]
+    # needs 2 now but expects 8: the 4-run would force a later split, so take the 20-run;
+    # the 8-block extent sits flush with the run's end, leaving its head [10, 22) free
+    assert best_fit(runs, 2, last=None, want=8) == [22, 23]
+    assert runs.run_at(10) == 12 and runs.run_at(24) == 6
 
 
 def test_scattered_fallback_takes_largest_runs() -> None:
