@@ -89,13 +89,14 @@ def _server_main(
     quick: bool,
 ) -> None:
     from cluster.convert import select_request_from_proto, selection_to_proto
-    from cluster.core import SelectorCore
+    from cluster.core import CoreConfig, SelectorCore
     from cluster.selector import ServerThread
     from cluster.types import SelectionRequest
     from kvmanager.events import BlockRemoved, BlockStored
     from protos import cache_selection_pb2 as pb
 
-    core = SelectorCore()
+    # NOTE: the synthetic replicas never heartbeat; keep them from expiring mid-run.
+    core = SelectorCore(CoreConfig(stale_after_s=1e9))
     num_chains, _ = layout(num_replicas, blocks_per_replica, copies)
     t0 = time.perf_counter()
     for r in range(num_replicas):

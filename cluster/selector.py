@@ -51,7 +51,8 @@ class RunningServer:
 async def _expire_loop(core: SelectorCore, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s)
-        for rid in core.expire_stale():
+        # NOTE: off the event loop: forgetting a big replica is O(its blocks); Ping/health stay live.
+        for rid in await asyncio.to_thread(core.expire_stale):
             log.info("replica %s expired (silent > %.1fs)", rid, core.config.stale_after_s)
 
 
