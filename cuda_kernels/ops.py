@@ -23,6 +23,9 @@ Signatures::
     paged_prefill_attention(query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables,
                             scale) -> Tensor
     copy_blocks(kv_caches: list[Tensor], src: Tensor, dst: Tensor) -> None  (mutates caches)
+    update_page_minmax(key, k_min, k_max, slot_mapping, block_size) -> None  (mutates meta)
+    sparse_paged_decode_attention(query, k_cache, v_cache, k_min, k_max, block_tables,
+                                  seq_lens, scale, token_budget) -> (Tensor, PageSelection)
 
 GQA: num_heads % num_kv_heads == 0. Decode/prefill outputs are new tensors shaped and typed
 like query. Prefill expects the chunk's own K/V already written (reshape_and_cache first).
@@ -41,7 +44,7 @@ import os
 
 import torch
 
-from cuda_kernels import reference
+from cuda_kernels import reference, sparse_reference
 
 
 @functools.cache
@@ -124,10 +127,50 @@ def copy_blocks(kv_caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Ten
     reference.copy_blocks(kv_caches, src, dst)
 
 
+def update_page_minmax(
+    key: torch.Tensor,
+    k_min: torch.Tensor,
+    k_max: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_size: int,
+) -> None:
+    """Fold new keys into the per-block min/max page metadata (sparse decode). Mutates them.
+    NOTE: vectorised torch on every device (a few small launches per layer, sync-free)."""
+    sparse_reference.update_page_minmax(key, k_min, k_max, slot_mapping, block_size)
+
+
+def sparse_paged_decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_min: torch.Tensor,
+    k_max: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    token_budget: int,
+) -> tuple[torch.Tensor, sparse_reference.PageSelection]:
+    """Quest-style decode over the top pages per KV head (cuda_kernels.sparse_reference);
+    returns (output [num_seqs, num_heads, head_dim], the PageSelection)."""
+    if _on_cuda(query):
+        from cuda_kernels import launchers, sparse_decode
+
+        if launchers.decode_supported(query, k_cache) and k_min.shape[2] in (64, 128):
+            return sparse_decode.sparse_paged_decode_attention(
+                query, k_cache, v_cache, k_min, k_max, block_tables, seq_lens, scale,
+                token_budget,
+            )  # fmt: skip
+    return sparse_reference.sparse_paged_decode_attention(
+        query, k_cache, v_cache, k_min, k_max, block_tables, seq_lens, scale, token_budget
+    )
+
+
 __all__ = [
     "copy_blocks",
     "cuda_kernels_available",
     "paged_decode_attention",
     "paged_prefill_attention",
     "reshape_and_cache",
+    "sparse_paged_decode_attention",
+    "update_page_minmax",
 ]
