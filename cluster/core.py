@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -83,6 +84,7 @@ class SelectorCore:
             "feedback": 0,
         }
         self._decisions: dict[str, int] = {}
+        self._metric_children: dict[str, tuple[Any, Any]] = {}
 
     # ------------------------------------------------------------------ policies
     def policy(self, name: str = "") -> Policy:
@@ -254,9 +256,20 @@ class SelectorCore:
                 )
             self.counters["selects"] += 1
             self._decisions[pol.name] = self._decisions.get(pol.name, 0) + 1
-            self.metrics.decisions.labels(pol.name).inc()
-            self.metrics.select_latency.labels(pol.name).observe(time.perf_counter() - t0)
+            decisions, latency = self._policy_metrics(pol.name)
+            decisions.inc()
+            latency.observe(time.perf_counter() - t0)
             return Selection(pol.name, ranked, request.num_prompt_blocks, unknown)
+
+    def _policy_metrics(self, name: str) -> tuple[Any, Any]:
+        children = self._metric_children.get(name)
+        if children is None:
+            children = (
+                self.metrics.decisions.labels(name),
+                self.metrics.select_latency.labels(name),
+            )
+            self._metric_children[name] = children
+        return children
 
     def _candidate_slots(
         self, candidate_ids: Sequence[str]
@@ -285,34 +298,24 @@ class SelectorCore:
         self, request: SelectionRequest, slots: np.ndarray, ids: list[str], mask: int
     ) -> Candidates:
         match = self._index.match(request.block_hashes, mask)
-        cap = len(self._table.cols["num_blocks"])
+        cap = self._table.capacity
         matched, pending, host = match.arrays(cap)
         lengths = {n for _, n in match.resident_segments}
         hot = self._access.hotness(request.block_hashes, matched, lengths)
-        c = self._table.cols
         if request.origin_node_id:
             nodes = [self._table.by_slot[s].node_id for s in slots.tolist()]
             same = np.asarray([n == request.origin_node_id for n in nodes], np.bool_)
         else:
             same = np.zeros(len(slots), np.bool_)
+        c = self._table.gather(slots)
         return Candidates(
             ids,
             matched[slots],
             pending[slots],
             host[slots],
             hot[slots],
-            c["block_size"][slots],
-            c["num_blocks"][slots],
-            c["num_free_blocks"][slots],
-            c["num_cached_blocks"][slots],
-            c["num_running_reqs"][slots],
-            c["num_waiting_reqs"][slots],
-            c["num_queued_tokens"][slots],
-            c["ttft_ewma_s"][slots],
-            c["f_total"][slots],
-            c["usage"][slots],
-            c["reward"][slots],
-            same,
+            same_node=same,
+            **c,
         )
 
     def _route(

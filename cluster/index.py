@@ -237,12 +237,12 @@ class KVIndex:
             return
         deadline = self._clock() + ttl_s
         bit = 1 << slot
-        per_slot = self._pending_deadline[slot]
-        pending = self._pending
-        for h in block_hashes:
-            per_slot[h] = deadline
-            pending[h] = pending.get(h, 0) | bit
-        self._pending_queue.append((deadline, slot, tuple(block_hashes)))
+        hashes = tuple(block_hashes)
+        self._pending_deadline[slot].update(dict.fromkeys(hashes, deadline))
+        pending, get = self._pending, self._pending.get
+        for h in hashes:
+            pending[h] = get(h, 0) | bit
+        self._pending_queue.append((deadline, slot, hashes))
 
     def expire_pending(self, max_marks: int | None = None) -> int:
         """Drop pending inserts whose TTL passed; returns how many (slot, hash) pairs expired.
@@ -258,13 +258,18 @@ class KVIndex:
             per_slot = self._pending_deadline.get(slot)
             if per_slot is None:
                 continue
-            bit = 1 << slot
+            keep = ~(1 << slot)
+            pending, get = self._pending, self._pending.get
             for h in hashes:
                 # NOTE: a later mark_pending of the same hash pushed its deadline; keep that one.
                 deadline = per_slot.get(h)
                 if deadline is not None and deadline <= now:
                     del per_slot[h]
-                    self._clear_bit(self._pending, h, bit)
+                    m = get(h, 0) & keep
+                    if m:
+                        pending[h] = m
+                    else:
+                        del pending[h]
                     n += 1
         return n
 

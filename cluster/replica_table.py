@@ -57,18 +57,35 @@ class ReplicaTable:
         self._next_slot = 0
         self._capacity = 0
         self.cols: dict[str, np.ndarray] = {}
+        self.ints = np.zeros((len(_INT_COLS), 0), np.int64)
+        self.floats = np.zeros((len(_FLOAT_COLS), 0), np.float64)
         self._grow(capacity)
         self.live_mask = 0
         self._live_cache: tuple[np.ndarray, list[str]] | None = None
 
     def _grow(self, capacity: int) -> None:
-        for name in _INT_COLS:
-            old = self.cols.get(name, np.zeros(0, np.int64))
-            self.cols[name] = np.concatenate([old, np.zeros(capacity - len(old), np.int64)])
-        for name in _FLOAT_COLS:
-            old = self.cols.get(name, np.zeros(0, np.float64))
-            self.cols[name] = np.concatenate([old, np.zeros(capacity - len(old), np.float64)])
+        # NOTE: one 2-D array per dtype, so gathering all columns of the candidates is two
+        # fancy-index operations (``gather``); ``cols[name]`` are row views into them.
+        ints = np.zeros((len(_INT_COLS), capacity), np.int64)
+        floats = np.zeros((len(_FLOAT_COLS), capacity), np.float64)
+        if self._capacity:
+            ints[:, : self._capacity] = self.ints
+            floats[:, : self._capacity] = self.floats
+        self.ints, self.floats = ints, floats
+        self.cols = {name: ints[i] for i, name in enumerate(_INT_COLS)}
+        self.cols.update({name: floats[i] for i, name in enumerate(_FLOAT_COLS)})
         self._capacity = capacity
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def gather(self, slots: np.ndarray) -> dict[str, np.ndarray]:
+        """Every column at ``slots`` (copies), by column name."""
+        ints, floats = self.ints[:, slots], self.floats[:, slots]
+        out = {name: ints[i] for i, name in enumerate(_INT_COLS)}
+        out.update({name: floats[i] for i, name in enumerate(_FLOAT_COLS)})
+        return out
 
     def __len__(self) -> int:
         return len(self.records)
