@@ -13,6 +13,7 @@ Every row's new K/V is written into the layer's cache first (``ops.reshape_and_c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,6 +21,9 @@ from torch import nn
 from cuda_kernels import ops
 from replicas.layers import RopeTables, apply_rope
 from replicas.model_config import ModelArchConfig
+
+if TYPE_CHECKING:
+    from replicas.sparse import SparseLayer
 
 
 @dataclass(slots=True)
@@ -58,6 +62,8 @@ class PagedAttention(nn.Module):
             cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias
         )
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        # NOTE: set by replicas.sparse.attach_sparse_attention; None = dense decode.
+        self.sparse: SparseLayer | None = None
 
     def forward(
         self,
@@ -75,19 +81,19 @@ class PagedAttention(nn.Module):
         v = v.view(n, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(rope, q, k)
         ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        if self.sparse is not None:
+            self.sparse.on_cache_write(k, meta.slot_mapping)
         nd = meta.num_decode_tokens
         outs: list[torch.Tensor] = []
         if nd:
-            outs.append(
-                ops.paged_decode_attention(
-                    q[:nd].contiguous(),
-                    k_cache,
-                    v_cache,
-                    meta.decode_block_tables,
-                    meta.decode_seq_lens,
-                    self.scale,
-                )
-            )
+            q_dec = q[:nd].contiguous()
+            bt, lens = meta.decode_block_tables, meta.decode_seq_lens
+            dec = None
+            if self.sparse is not None:
+                dec = self.sparse.decode(q_dec, k_cache, v_cache, bt, lens, self.scale)
+            if dec is None:
+                dec = ops.paged_decode_attention(q_dec, k_cache, v_cache, bt, lens, self.scale)
+            outs.append(dec)
         if meta.num_prefill_tokens:
             outs.append(
                 ops.paged_prefill_attention(

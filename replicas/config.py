@@ -7,6 +7,22 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class SparseAttentionConfig(BaseModel):
+    """Query-aware sparse decode attention (replicas.sparse); off unless given."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    token_budget: int = Field(
+        default=2048,
+        ge=32,
+        description="Tokens (whole pages of block_size) each decode query attends to per KV "
+        "head, the first and the current page included; longer contexts are sparse.",
+    )
+    dense_layers: int = Field(
+        default=2, ge=0, description="The first layers that always attend densely."
+    )
+
+
 class EngineConfig(BaseModel):
     """How one replica serves one model. Unset sizes are derived when the engine starts."""
 
@@ -66,4 +82,9 @@ class EngineConfig(BaseModel):
     seed: int = Field(default=0, description="Seed of the sampler for requests without one.")
     num_threads: int | None = Field(
         default=None, gt=0, description="CPU only: torch intra-op threads (None = torch default)."
+    )
+    sparse_attention: SparseAttentionConfig | None = Field(
+        default=None,
+        description="Sparse decode attention over the top pages per query (Quest-style page "
+        "selection); None = dense. Prefill always stays dense.",
     )

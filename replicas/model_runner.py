@@ -17,8 +17,10 @@ from collections.abc import Sequence
 import torch
 
 from replicas.attention import AttentionMetadata
+from replicas.config import SparseAttentionConfig
 from replicas.model import CausalLM
 from replicas.scheduler import ScheduledChunk
+from replicas.sparse import SparseAttention, attach_sparse_attention
 
 
 def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -40,7 +42,12 @@ class ModelRunner:
     """Runs the model over one step's chunks; mutates the KV cache, nothing else."""
 
     def __init__(
-        self, model: CausalLM, num_blocks: int, block_size: int, device: torch.device
+        self,
+        model: CausalLM,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        sparse_attention: SparseAttentionConfig | None = None,
     ) -> None:
         self.model = model
         self.device = device
@@ -55,6 +62,11 @@ class ModelRunner:
             )
             for _ in range(cfg.num_hidden_layers)
         ]
+        # NOTE: page metadata for sparse decode; its tensors must move with compaction too
+        # (self.sparse.metadata_tensors()).
+        self.sparse: SparseAttention | None = None
+        if sparse_attention is not None:
+            self.sparse = attach_sparse_attention(model, sparse_attention, num_blocks, block_size)
 
     def execute(
         self, chunks: Sequence[ScheduledChunk]

@@ -1,0 +1,111 @@
+"""Engine-side sparse decode: metadata kept current, dense layers untouched, exact when the
+budget covers the context, counters, config validation (tiny random model, CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from replicas.attention import AttentionMetadata
+from replicas.config import EngineConfig, SparseAttentionConfig
+from replicas.model import CausalLM
+from replicas.model_config import ModelArchConfig, RopeConfig
+from replicas.sparse import attach_sparse_attention
+
+BS = 16
+
+
+def _model() -> CausalLM:
+    cfg = ModelArchConfig(
+        family="llama", vocab_size=97, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=3, num_attention_heads=4, num_kv_heads=2, head_dim=16,
+        rms_norm_eps=1e-5, max_position_embeddings=1024, rope=RopeConfig(), qkv_bias=False,
+        o_bias=False, mlp_bias=False, tie_word_embeddings=False, sliding_window=None,
+        eos_token_ids=(1,), torch_dtype=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return CausalLM(cfg, 1024).eval()
+
+
+def _run(model: CausalLM, caches, ids: list[int], start: int, table: list[int]) -> torch.Tensor:
+    """One sequence: tokens ids at positions start.. (prefill if > 1 token, else decode)."""
+    n, end = len(ids), start + len(ids)
+    slots = [table[p // BS] * BS + p % BS for p in range(start, end)]
+    bt = torch.tensor([table], dtype=torch.int32)
+    lens = torch.tensor([end], dtype=torch.int32)
+    decode = n == 1
+    empty_bt = torch.zeros((0, 1), dtype=torch.int32)
+    empty = torch.zeros(0, dtype=torch.int32)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots),
+        num_decode_tokens=1 if decode else 0,
+        decode_block_tables=bt if decode else empty_bt,
+        decode_seq_lens=lens if decode else empty,
+        prefill_cu_seqlens_q=torch.tensor([0] if decode else [0, n], dtype=torch.int32),
+        prefill_seq_lens=empty if decode else lens,
+        prefill_block_tables=empty_bt if decode else bt,
+        num_prefill_tokens=0 if decode else n,
+    )
+    pos = torch.arange(start, end)
+    return model(torch.tensor(ids), pos, caches, meta, torch.tensor([n - 1]))
+
+
+def _generate(budget: int | None, steps: int = 6) -> tuple[list[torch.Tensor], object, list]:
+    model = _model()
+    num_blocks = 40
+    shape = (num_blocks, BS, 2, 16)
+    caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(3)]
+    sparse = None
+    if budget is not None:
+        cfg = SparseAttentionConfig(token_budget=budget, dense_layers=1)
+        sparse = attach_sparse_attention(model, cfg, num_blocks, BS)
+    table = list(range(39, 39 - 16, -1))  # NOTE: descending block_ids, not the identity
+    prompt = torch.randint(3, 97, (200,), generator=torch.Generator().manual_seed(1)).tolist()
+    logits = [_run(model, caches, prompt, 0, table)]
+    tokens = prompt
+    for _ in range(steps):
+        nxt = int(logits[-1].argmax())
+        logits.append(_run(model, caches, [nxt], len(tokens), table))
+        tokens = [*tokens, nxt]
+    return logits, sparse, [caches, table, len(tokens)]
+
+
+def test_budget_covering_context_matches_dense_and_metadata_tracks_keys() -> None:
+    dense, _, _ = _generate(None)
+    same, sparse, (caches, table, n) = _generate(512)
+    for a, b in zip(dense, same, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert sparse is not None and sorted(sparse.layers) == [1, 2]
+    assert sparse.stats().num_sparse_decode_calls_total == 0  # fits the budget: dense path
+    for i, layer in sparse.layers.items():
+        k_cache = caches[i][0]
+        for p in range(math.ceil(n / BS)):
+            rows = k_cache[table[p], : min(BS, n - p * BS)]
+            assert torch.equal(layer.k_min[table[p]], rows.amin(0))
+            assert torch.equal(layer.k_max[table[p]], rows.amax(0))
+    assert sparse.metadata_bytes_per_block() == 2 * 2 * (2 * 16) * 4
+
+
+def test_small_budget_is_sparse_and_counts_pages() -> None:
+    dense, _, _ = _generate(None, steps=3)
+    sparse_logits, sparse, (_, _, n) = _generate(64, steps=3)
+    torch.testing.assert_close(dense[0], sparse_logits[0])  # prefill stays dense
+    assert not torch.allclose(dense[1], sparse_logits[1], atol=1e-4)
+    st = sparse.stats()
+    assert st.num_sparse_decode_calls_total == 3 * 2  # 3 steps x 2 sparse layers
+    pages = [math.ceil((n - 2 + i) / BS) for i in range(3)]  # context of each step
+    assert st.num_pages_scored_total == sum(pages) * 2 * 2
+    assert st.num_pages_selected_total == 3 * 2 * 2 * (64 // BS)
+
+
+def test_config_option_validates() -> None:
+    cfg = EngineConfig(sparse_attention={"token_budget": 1024, "dense_layers": 0})
+    assert cfg.sparse_attention == SparseAttentionConfig(token_budget=1024, dense_layers=0)
+    assert EngineConfig().sparse_attention is None
+    with pytest.raises(ValidationError):
+        EngineConfig(sparse_attention={"token_budget": 8})
+    with pytest.raises(ValueError, match="two blocks"):
+        attach_sparse_attention(_model(), SparseAttentionConfig(token_budget=32), 4, 32)
