@@ -22,7 +22,7 @@ from typing import Any
 from benchmarks.sim.calibration import DEFAULT_CALIBRATION, load_calibration
 from benchmarks.sim.policies import all_policies
 from benchmarks.sim.report import aggregate, markdown, plots, targets
-from benchmarks.sim.runner import RunSpec, run_specs
+from benchmarks.sim.runner import RunSpec, load_rows, run_specs
 from benchmarks.workloads import WORKLOADS
 
 
@@ -85,15 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibration", default=str(DEFAULT_CALIBRATION))
     ap.add_argument("--out", default="benchmarks/results/routing")
     ap.add_argument("--reuse", nargs="*", default=[],
-                    help="earlier JSON outputs: their runs with identical specs are not re-run")
+                    help="earlier outputs (.json or .partial.jsonl): identical specs are not re-run")
     args = ap.parse_args(argv)
 
     specs = build_specs(args)
-    done = {_key(r): r for path in args.reuse for r in json.loads(Path(path).read_text())["runs"]}
+    done = {_key(r): r for path in args.reuse for r in load_rows(path)}
     todo = [s for s in specs if _spec_key(s) not in done]
     print(f"{len(specs)} runs, {len(specs) - len(todo)} reused from {args.reuse}")
     t0 = time.perf_counter()
-    fresh = iter(run_specs(todo, args.jobs, desc="routing_bench"))
+    fresh = iter(run_specs(todo, args.jobs, desc="routing_bench",
+                           partial=Path(args.out).with_suffix(".partial.jsonl")))
     rows = [done[_spec_key(s)] if _spec_key(s) in done else next(fresh) for s in specs]
     wall = time.perf_counter() - t0
     agg = aggregate(rows)

@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
              for label, cfg in configs() for n in args.sizes for wl in args.workloads
              for seed in args.seeds]
     t0 = time.perf_counter()
-    rows = run_specs(specs, args.jobs, desc="sweep_weights")
+    rows = run_specs(specs, args.jobs, desc="sweep_weights",
+                     partial=Path(args.out).with_suffix(".partial.jsonl"))
     table = score(rows)
     best = combine(table)
     lines = ["| config | TTFT p99 / centre (geomean) | mean hit ratio | eligible |",

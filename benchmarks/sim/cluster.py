@@ -158,7 +158,8 @@ class ClusterSim:
         assert sel.replica_id is not None, "no replica to route to"
         replica = self._by_id[sel.replica_id]
         prompt_len = len(req.prompt_blocks) * bs
-        replica.enqueue(SeqState(req, req.token_ids(bs), self.now, prompt_len, prompt_len))
+        # NOTE: a list, not an ndarray: the pool's hasher packs Python ints ~5x faster.
+        replica.enqueue(SeqState(req, req.token_ids(bs).tolist(), self.now, prompt_len, prompt_len))
         if replica.idle:
             if not replica.kick_pending:
                 replica.kick_pending = True

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
 from kvmanager.hashing import BlockHasher, NativeHash
 
 
@@ -35,7 +33,7 @@ class BlockHashMemo:
             if h is None:
                 if len(memo) >= self.max_entries:
                     memo.clear()  # NOTE: bounded memory on 1M-request runs; values are pure.
-                h = self.hasher.hash_block(parent, np.full(bs, content, dtype=np.int64))
+                h = self.hasher.hash_block(parent, [content] * bs)
                 memo[key] = h
             out.append(self.hasher.external(h))
             parent = h

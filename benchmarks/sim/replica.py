@@ -20,8 +20,6 @@ import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from benchmarks.sim.calibration import StepTimeModel
 from benchmarks.workloads.types import SimRequest
 from cluster.types import LoadSnapshot
@@ -38,7 +36,7 @@ class SeqState:
     computed so far)."""
 
     req: SimRequest
-    tokens: np.ndarray
+    tokens: list[int]
     arrival_s: float
     prompt_len: int
     prefill_target: int

@@ -79,9 +79,38 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     return row
 
 
-def run_specs(specs: Sequence[RunSpec], jobs: int = 1, desc: str = "runs") -> list[dict[str, Any]]:
-    """Run every spec (``jobs`` worker processes; 1 = in process), in spec order."""
-    if jobs <= 1:
-        return [run_one(s) for s in tqdm(specs, desc=desc, unit="run")]
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        return list(tqdm(pool.map(run_one, specs), total=len(specs), desc=desc, unit="run"))
+def run_specs(
+    specs: Sequence[RunSpec], jobs: int = 1, desc: str = "runs", partial: str | Path | None = None
+) -> list[dict[str, Any]]:
+    """Run every spec (``jobs`` worker processes; 1 = in process), in spec order. With
+    ``partial`` every finished row is also appended to that JSONL file (crash-safe progress)."""
+    sink = open(partial, "a") if partial else None  # noqa: SIM115 - closed below
+    try:
+        rows: list[dict[str, Any]] = []
+        if jobs <= 1:
+            results = (run_one(s) for s in specs)
+            for row in tqdm(results, total=len(specs), desc=desc, unit="run"):
+                rows.append(_sink(sink, row))
+            return rows
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            for row in tqdm(pool.map(run_one, specs), total=len(specs), desc=desc, unit="run"):
+                rows.append(_sink(sink, row))
+        return rows
+    finally:
+        if sink is not None:
+            sink.close()
+
+
+def _sink(sink: Any, row: dict[str, Any]) -> dict[str, Any]:
+    if sink is not None:
+        sink.write(json.dumps(row) + "\n")
+        sink.flush()
+    return row
+
+
+def load_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of an earlier output: a routing/sweep JSON (``runs``) or a partial JSONL."""
+    text = Path(path).read_text()
+    if str(path).endswith(".jsonl"):
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return list(json.loads(text)["runs"])
