@@ -197,8 +197,13 @@ def main() -> None:
         workload = make_workload(
             args.num_requests, *args.prompt_len, *args.max_tokens, seed=args.seed + r, vocab=vocab
         )
-        ours = run_ours(engine, workload)
-        base = run_hf(hf, workload, pad_id)
+        # NOTE: alternate the order so drifting load on a shared machine hits both sides.
+        if r % 2 == 0:
+            ours = run_ours(engine, workload)
+            base = run_hf(hf, workload, pad_id)
+        else:
+            base = run_hf(hf, workload, pad_id)
+            ours = run_ours(engine, workload)
         assert ours["output_tokens"] == base["output_tokens"]
         rows.append(
             {

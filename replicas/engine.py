@@ -44,7 +44,6 @@ class AsyncLLMEngine:
         self._wakeup: asyncio.Event | None = None
         self._driver: asyncio.Task[None] | None = None
         self._stopped = False
-        self._events: list[KVEvent] = []
 
     @property
     def tokenizer(self) -> Any:
@@ -132,7 +131,8 @@ class AsyncLLMEngine:
                     continue
                 # NOTE: idle: every block is free or cached, the cheapest moment to verify.
                 try:
-                    self.engine.kv.check_integrity()
+                    with self.engine.lock:
+                        self.engine.kv.check_integrity()
                 except AssertionError:
                     logger.exception("KV pool integrity check failed")
                 await self._wakeup.wait()
@@ -150,11 +150,11 @@ class AsyncLLMEngine:
                     queue.put_nowait(out)
 
     def take_events(self) -> list[KVEvent]:
-        """Drain the pool's KV events."""
+        """Drain the pool's KV events (blocks at most one step while one runs)."""
         return self.engine.take_events()
 
     def stats(self) -> PoolStats:
-        """The pool's stats snapshot."""
+        """The pool's stats snapshot (blocks at most one step while one runs)."""
         return self.engine.stats()
 
     async def shutdown(self) -> None:

@@ -15,6 +15,7 @@ so a bad request never disturbs the others. Not thread-safe: one thread drives i
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,6 +82,8 @@ class LLMEngine:
         self.sampler = Sampler(config.seed, self.loaded.device)
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
         self.requests: dict[str, Request] = {}
+        # NOTE: held by step(); readers on another thread (stats, events) take it too.
+        self.lock = threading.Lock()
         self._arrivals = itertools.count()
         self.num_steps = 0
 
@@ -149,6 +152,10 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduling + forward + sampling step; returns the outputs it produced."""
+        with self.lock:
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         if not sched.chunks:
             return []
@@ -190,9 +197,13 @@ class LLMEngine:
 
     # -- observability -----------------------------------------------------------------------
     def take_events(self) -> list[KVEvent]:
-        """The pool's KV events since the last call (BlockStored / BlockRemoved / ...)."""
-        return self.kv.take_events()
+        """The pool's KV events since the last call (BlockStored / BlockRemoved / ...).
+        Safe from another thread (waits for a running step)."""
+        with self.lock:
+            return self.kv.take_events()
 
     def stats(self) -> PoolStats:
-        """The pool's stats snapshot (usage, fragmentation, prefix hits, ...)."""
-        return self.kv.stats()
+        """The pool's stats snapshot (usage, fragmentation, prefix hits, ...). Safe from
+        another thread (waits for a running step)."""
+        with self.lock:
+            return self.kv.stats()
