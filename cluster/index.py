@@ -12,6 +12,8 @@ once, O(prompt blocks + matched replicas) instead of O(R x blocks). Python ints 
 arbitrary-width bitsets, so R is unbounded.
 
 Contract: not thread-safe (the core serialises calls). Hash values are 64-bit external hashes.
+Pending marks are dropped lazily: a Select drains at most a few expired marks and the service
+sweeps the rest every TTL/2, so under a backlog a mark may outlive its TTL by up to ~TTL/2.
 """
 
 from __future__ import annotations
