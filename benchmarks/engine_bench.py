@@ -233,6 +233,7 @@ def main() -> None:
         "model": args.model,
         "device": "cpu",
         "threads": torch.get_num_threads(),
+        "engine_load_seconds": engine.loaded.load_seconds,
         "machine": platform.platform(),
         "args": {
             k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)

@@ -76,7 +76,11 @@ class LLMEngine:
             )
         )
         self.runner = ModelRunner(
-            self.loaded.model, num_blocks, config.block_size, self.loaded.device
+            self.loaded.model,
+            num_blocks,
+            config.block_size,
+            self.loaded.device,
+            sparse_attention=config.sparse_attention,
         )
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
         self.sampler = Sampler(config.seed, self.loaded.device)

