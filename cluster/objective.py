@@ -136,7 +136,8 @@ class TinyServeObjective(Policy):
             else tiered
         )
         sim = np.minimum(covered * (1.0 / max(request.num_prompt_blocks, 1)), 1.0)
-        freq = -np.expm1(c.hotness * (-1.0 / cfg.hot_scale))
+        hot = c.hotness
+        freq = -np.expm1(hot * (-1.0 / cfg.hot_scale)) if hot.any() else np.zeros(len(hot))
         # NOTE: tiered == 0 wherever matched == 0, so no np.where is needed for "no match -> 0".
         loc = tiered / np.maximum(matched, 1)
         if request.origin_node_id:
@@ -170,15 +171,19 @@ class TinyServeObjective(Policy):
         n = len(candidates)
         phi = self.features(request, candidates)
         w0, w1, w2, w3 = (float(x) for x in self.w)
-        logits = (
-            w0 * phi["complexity"]
-            + w2 * phi["similarity"]
-            + w1 * phi["frequency"]
-            + w3 * phi["locality"]
-        ) * (1.0 / cfg.temperature)
-        p = np.exp(logits - logits.max()) if n else logits
-        p = p / p.sum() if n else p
-        utility = n * p
+        q = 1.0 - math.exp(-request.num_prompt_tokens / cfg.q_scale_tokens)
+        inv_t = 1.0 / cfg.temperature
+        # NOTE: w0·(Q·S) + w2·S folded into one scaled column (fewer numpy calls per Select).
+        logits = phi["similarity"] * ((w0 * q + w2) * inv_t)
+        if w1:
+            logits = logits + phi["frequency"] * (w1 * inv_t)
+        if w3:
+            logits = logits + phi["locality"] * (w3 * inv_t)
+        if n:
+            e = np.exp(logits - logits.max())
+            utility = e * (n / float(e.sum()))
+        else:
+            utility = logits
         parts = self.costs(request, candidates)
         cost = (
             cfg.alpha_size * parts["size_cost"]
@@ -187,13 +192,15 @@ class TinyServeObjective(Policy):
             + cfg.alpha_fragmentation * parts["fragmentation_cost"]
         )
         reward = candidates.reward
-        scores = cfg.lambda_utility * utility - cfg.lambda_cost * cost + cfg.lambda_reward * reward
+        scores = cfg.lambda_utility * utility - cfg.lambda_cost * cost
+        if cfg.lambda_reward and reward.any():
+            scores = scores + cfg.lambda_reward * reward
         ranking = rank_by(
             self.name, scores, {"utility": utility, "cost": cost, "reward": reward, **parts, **phi}
         )
         if cfg.learn and n and request.request_id:
             mat = np.stack([phi[f] for f in FEATURES], axis=1)
-            self._remember(request.request_id, mat[int(ranking.order[0])], p @ mat)
+            self._remember(request.request_id, mat[int(ranking.order[0])], (utility / n) @ mat)
         return ranking
 
     def _remember(self, request_id: str, chosen: FloatArray, expected: FloatArray) -> None:

@@ -75,7 +75,7 @@ def make_policy(name: str, **kwargs: Any) -> Policy:
 def rank_by(name: str, scores: FloatArray, terms: dict[str, FloatArray] | None = None) -> Ranking:
     """Ranking by descending score; ties keep candidate order (stable sort)."""
     order = np.argsort(-scores, kind="stable")
-    return Ranking(name, order.astype(np.int64), scores, terms or {})
+    return Ranking(name, order, scores, terms or {})
 
 
 def prefix_fraction(request: SelectionRequest, candidates: Candidates) -> FloatArray:
