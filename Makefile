@@ -44,3 +44,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# `make run`: local Ray head + `serve run deploy/app.yaml` + a working curl line (scripts/run_local.sh).
+run: $(STAMP)
+	scripts/run_local.sh

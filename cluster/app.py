@@ -45,7 +45,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     config = AppConfig(**(args or {}))
     selector_enabled = config.selector.enabled and config.router == "tinyserve"
     selector = (
-        cast(Deployment, CacheSelector).bind(config.selector.model_dump())
+        cast(Deployment, CacheSelector)
+        .options(ray_actor_options={"num_cpus": config.selector.num_cpus})
+        .bind(config.selector.model_dump())
         if selector_enabled
         else None
     )
@@ -68,4 +70,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         )
     )
     ingress = cast(Deployment, OpenAIIngress)
-    return ingress.options(num_replicas=config.ingress_num_replicas).bind(llm, config.model_dump())
+    return ingress.options(
+        num_replicas=config.ingress_num_replicas,
+        ray_actor_options={"num_cpus": config.ingress_num_cpus},
+    ).bind(llm, config.model_dump())

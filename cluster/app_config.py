@@ -52,6 +52,7 @@ class SelectorSettings(BaseModel):
         default=30.0, gt=0, description="A silent replica expires after this long."
     )
     learn: bool = Field(default=False, description="Learn the objective's w from feedback.")
+    num_cpus: float = Field(default=0.5, ge=0, description="Ray CPUs of the service replica.")
 
 
 class AppConfig(BaseModel):
@@ -82,6 +83,9 @@ class AppConfig(BaseModel):
         "context; bounded here so a CPU replica answers in seconds).",
     )
     ingress_num_replicas: int = Field(default=1, ge=1, description="HTTP ingress replicas.")
+    ingress_num_cpus: float = Field(
+        default=0.5, ge=0, description="Ray CPUs per ingress replica (tokenization only)."
+    )
     router: RouterName = Field(
         default="tinyserve", description="Serve request router of the LLM deployment."
     )
