@@ -51,7 +51,7 @@ def cluster() -> Iterator[Cluster]:
     from cluster.app import build_app
 
     http_port, dash_port, metrics_port = _free_port(), _free_port(), _free_port()
-    ray.init(num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1",
+    ray.init(address="local", num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=dash_port, _metrics_export_port=metrics_port)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
