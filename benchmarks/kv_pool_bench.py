@@ -18,6 +18,7 @@ runs, and the prefix hit ratio, for best-fit/first-free x LRU/adaptive.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -82,13 +83,17 @@ def _time_churn(make: Callable[[], Any], num_blocks: int, num_ops: int, seed: in
     pool = make()
     live = [(pool.alloc(s), s) for s in sizes]
     moved = 0
+    gc.collect()
+    gc.disable()  # NOTE: same for every pool; vLLM itself freezes GC after start-up
     t0 = time.perf_counter()
     for victim, size in ops:
         handle, old = live[victim % len(live)]
         pool.free(handle)
         live[victim % len(live)] = (pool.alloc(size), size)
         moved += old + size
-    return (time.perf_counter() - t0) / moved * 1e9
+    elapsed = time.perf_counter() - t0
+    gc.enable()
+    return elapsed / moved * 1e9
 
 
 def _time_lookup_ours(num_blocks: int, mode: str, reps: int) -> float:

@@ -150,8 +150,7 @@ class BlockAllocator:
             self.num_reserved -= v_len
             if cut < v_len:
                 self._reserve(victim, v_start, v_len - cut)
-            for b in range(v_start + v_len - cut, v_start + v_len):
-                self.runs.put(b)
+            self.runs.put_range(v_start + v_len - cut, cut)
         if self.mode == "first_free":
             return out + first_free(self.runs, n)
         got = best_fit(self.runs, n, last, want)
@@ -165,8 +164,8 @@ class BlockAllocator:
         """Return a request's reservation (if any) to the free runs."""
         start, length = self.reserved.pop(request_id, (0, 0))
         self.num_reserved -= length
-        for b in range(start, start + length):
-            self.runs.put(b)
+        if length:
+            self.runs.put_range(start, length)
 
     def release_all(self) -> None:
         for request_id in list(self.reserved):

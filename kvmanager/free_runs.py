@@ -119,11 +119,26 @@ class FreeRuns:
 
     def put(self, block_id: int) -> None:
         """Return one block to free space, merging with neighbouring runs."""
-        start, length = block_id, 1
+        self.put_range(block_id, 1)
+
+    def put_many(self, block_ids: list[int]) -> None:
+        """Return blocks (any order) to free space: one merge per contiguous range."""
+        block_ids.sort()
+        i = 0
+        while i < len(block_ids):
+            j = i + 1
+            while j < len(block_ids) and block_ids[j] == block_ids[j - 1] + 1:
+                j += 1
+            self.put_range(block_ids[i], j - i)
+            i = j
+
+    def put_range(self, block_id: int, n: int) -> None:
+        """Return the empty range [block_id, block_id + n), merging with neighbouring runs."""
+        start, length = block_id, n
         left = self._start_of_end.get(block_id)
         if left is not None:
             start = left
             length += self._remove_run(left)
-        if block_id + 1 in self._len_at:
-            length += self._remove_run(block_id + 1)
+        if block_id + n in self._len_at:
+            length += self._remove_run(block_id + n)
         self._add_run(start, length)

@@ -98,6 +98,10 @@ class KVCacheManager:
         """Empty blocks set aside as growth room of running requests (part of the free ones)."""
         return self._alloc.num_reserved
 
+    def cached_block_hashes(self) -> list[int]:
+        """Every resident cached block hash (external form): a full resync for the service."""
+        return list(self._hash_to_block)
+
     def has_request(self, request_id: str) -> bool:
         return request_id in self._requests
 
@@ -250,14 +254,17 @@ class KVCacheManager:
             raise KeyError(f"unknown request {request_id!r} (never allocated or already freed)")
         self._tick()
         self._alloc.release(request_id)
+        ref_cnt, block_hash = self._ref_cnt, self._block_hash
+        emptied: list[int] = []
         for b in reversed(req.block_ids):
-            self._ref_cnt[b] -= 1
-            assert self._ref_cnt[b] >= 0, f"negative ref_cnt on block {b}"
-            if self._ref_cnt[b] == 0:
-                if self._block_hash[b] is None:
-                    self._free.put(b)
+            ref_cnt[b] -= 1
+            assert ref_cnt[b] >= 0, f"negative ref_cnt on block {b}"
+            if ref_cnt[b] == 0:
+                if block_hash[b] is None:
+                    emptied.append(b)
                 else:
                     self._evictable.add(b, self._clock)
+        self._free.put_many(emptied)
 
     def reset_prefix_cache(self) -> bool:
         """Drop every cached block (``AllBlocksCleared``). Refused (False) while any block is

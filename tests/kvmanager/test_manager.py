@@ -100,6 +100,7 @@ def test_events_follow_vllm_semantics() -> None:
     m.commit("a", [*toks, 1, 2, 3], 16)
     (ev2,) = m.take_events()
     assert isinstance(ev2, BlockStored) and ev2.parent_block_hash == ev.block_hashes[-1]
+    assert sorted(m.cached_block_hashes()) == sorted(ev.block_hashes + ev2.block_hashes)
     m.free("a")
     assert m.reset_prefix_cache()
     assert isinstance(m.take_events()[-1], AllBlocksCleared)
