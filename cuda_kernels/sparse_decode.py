@@ -4,7 +4,8 @@
 Two-phase design (contract and layouts: cuda_kernels.sparse_reference)::
 
     phase 1  page_score_kernel      query, k_min/k_max, block_tables -> scores [S, Hkv, P]
-             select_pages (torch)   topk + sort + gather -> virtual block_tables [S*Hkv, k]
+             page_select_kernel     radix top-k + ordered compaction -> virtual block_tables
+                                    [S*Hkv, k] (select="torch": topk + sort + gather instead)
     phase 2  paged_decode_mma_kernel (unchanged) on the cache seen as ONE KV head:
              query [S*Hkv, group, D], "block" b*block_size*Hkv + h, block stride D elements,
              slot stride Hkv*D elements (cache_block_stride / cache_slot_stride arguments)
@@ -20,12 +21,15 @@ import math
 
 import torch
 
-from cuda_kernels import runtime
+from cuda_kernels import runtime, sparse_reference
 from cuda_kernels.checks import require
 from cuda_kernels.decode import _MMA_STAGES, _NUM_WARPS, _TAGS, _check, _choose_partition
-from cuda_kernels.sparse_reference import PageSelection, select_pages
+from cuda_kernels.sparse_reference import PageSelection
 
 _SCORE_WARPS, _PAGES_PER_WARP, _MAX_GROUP = 4, 8, 16  # NOTE: match page_score.cu
+_SCORE_THREADS, _SELECT_THREADS = 128, 256  # NOTE: match page_score.cu / page_select.cu
+# NOTE: the page score kernel used by default; benchmarks/sparse_bench.py times both.
+SCORE_VARIANT = "thread"  # NOTE: 69 vs 85 us at 32k x 16 on an H100 (sparse_h100.json)
 
 
 def check_page_meta(k_cache: torch.Tensor, k_min: torch.Tensor, k_max: torch.Tensor) -> None:
@@ -46,8 +50,10 @@ def page_scores(
     block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
     seq_lens: torch.Tensor,  # [num_seqs] int32
     block_size: int,
+    variant: str | None = None,
 ) -> torch.Tensor:
-    """CUDA sparse_reference.page_scores: float32 [num_seqs, num_kv_heads, max_blocks]."""
+    """CUDA sparse_reference.page_scores: float32 [num_seqs, num_kv_heads, max_blocks].
+    variant: "warp" (a warp per page) or "thread" (a thread per page); None = SCORE_VARIANT."""
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = k_min.shape[1]
     group = num_heads // num_kv_heads
@@ -60,9 +66,12 @@ def page_scores(
         return scores
     query = query.contiguous()
     block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
-    expr = f"page_score_kernel<{_TAGS[query.dtype]}, {head_dim}>"
+    variant = variant or SCORE_VARIANT
+    require(variant in ("warp", "thread"), f"unknown page score variant {variant!r}")
+    name = "page_score_kernel" if variant == "warp" else "page_score_thread_kernel"
+    expr = f"{name}<{_TAGS[query.dtype]}, {head_dim}>"
     kernel = runtime.get_kernel("page_score.cu", expr, query.device)
-    per_cta = _SCORE_WARPS * _PAGES_PER_WARP
+    per_cta = _SCORE_WARPS * _PAGES_PER_WARP if variant == "warp" else _SCORE_THREADS
     grid = (math.ceil(max_blocks / per_cta), num_kv_heads, num_seqs)
     args = (
         runtime.ptr(scores), runtime.ptr(query), runtime.ptr(k_min), runtime.ptr(k_max),
@@ -70,8 +79,39 @@ def page_scores(
         runtime.i32(max_blocks), runtime.i32(num_kv_heads), runtime.i32(group),
         runtime.i32(block_size),
     )  # fmt: skip
-    runtime.launch(kernel, grid, (_SCORE_WARPS * 32, 1, 1), args, query.device)
+    threads = _SCORE_WARPS * 32 if variant == "warp" else _SCORE_THREADS
+    runtime.launch(kernel, grid, (threads, 1, 1), args, query.device)
     return scores
+
+
+def select_pages(
+    scores: torch.Tensor,  # [num_seqs, num_kv_heads, max_blocks] float32 (forced)
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    block_size: int,
+    budget_pages: int,
+) -> PageSelection:
+    """CUDA sparse_reference.select_pages (one CTA per row). Same pages and seq_lens; ties
+    at the k-th score go to the lower page index; unused page_ids hold max_blocks."""
+    num_seqs, num_kv_heads, max_blocks = scores.shape
+    k = min(budget_pages, max_blocks)
+    rows = num_seqs * num_kv_heads
+    dev = scores.device
+    page_ids = torch.empty((rows, k), dtype=torch.long, device=dev)
+    vtable = torch.empty((rows, k), dtype=torch.int32, device=dev)
+    lens = torch.empty((rows,), dtype=torch.int32, device=dev)
+    if rows == 0 or k == 0:
+        return PageSelection(page_ids, vtable, lens.zero_())
+    scores, block_tables = scores.contiguous(), block_tables.contiguous()
+    seq_lens = seq_lens.contiguous()
+    kernel = runtime.get_kernel("page_select.cu", "page_select_kernel", dev)
+    args = (
+        runtime.ptr(page_ids), runtime.ptr(vtable), runtime.ptr(lens), runtime.ptr(scores),
+        runtime.ptr(block_tables), runtime.ptr(seq_lens), runtime.i32(max_blocks),
+        runtime.i32(num_kv_heads), runtime.i32(block_size), runtime.i32(k),
+    )  # fmt: skip
+    runtime.launch(kernel, (rows, 1, 1), (_SELECT_THREADS, 1, 1), args, dev)
+    return PageSelection(page_ids, vtable, lens)
 
 
 def decode_selected(
@@ -133,12 +173,16 @@ def sparse_paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     token_budget: int,
+    select: str = "kernel",
 ) -> tuple[torch.Tensor, PageSelection]:
-    """CUDA sparse_reference.sparse_paged_decode_attention (checks, then both phases)."""
+    """CUDA sparse_reference.sparse_paged_decode_attention (checks, then both phases).
+    select: "kernel" (page_select.cu) or "torch" (the reference's topk path, for benchmarks)."""
     _check(query, k_cache, v_cache, block_tables, seq_lens)
     check_page_meta(k_cache, k_min, k_max)
     block_size = k_cache.shape[1]
     require(token_budget >= 2 * block_size, "token_budget must cover >= 2 blocks")
     scores = page_scores(query, k_min, k_max, block_tables, seq_lens, block_size)
-    sel = select_pages(scores, block_tables, seq_lens, block_size, token_budget // block_size)
+    require(select in ("kernel", "torch"), f"unknown select variant {select!r}")
+    chooser = select_pages if select == "kernel" else sparse_reference.select_pages
+    sel = chooser(scores, block_tables, seq_lens, block_size, token_budget // block_size)
     return decode_selected(query, k_cache, v_cache, sel, scale), sel

@@ -66,7 +66,8 @@ def update_page_minmax(
     flag = torch.zeros(k_min.shape[0], dtype=torch.int8, device=key.device)
     flag.scatter_reduce_(0, blocks, first.to(torch.int8), reduce="amax")
     reset = flag[blocks].bool()[:, None, None]
-    inf = torch.tensor(float("inf"), dtype=k_min.dtype, device=key.device)
+    # NOTE: torch.full, not torch.tensor: no host-to-device copy (CUDA-graph capture).
+    inf = torch.full((), float("inf"), dtype=k_min.dtype, device=key.device)
     k_min[blocks] = torch.where(reset, inf, k_min[blocks])
     k_max[blocks] = torch.where(reset, -inf, k_max[blocks])
     # NOTE: padded tokens fold +inf / -inf into block 0: a no-op for amin / amax.
@@ -128,13 +129,15 @@ def select_pages(
     # NOTE: sorted ascending, so the forced last page (highest valid index) ends the row and
     # pages past the end (-inf, picked only when the sequence has < k pages) come after it.
     pages = flat.topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # [S*Hkv, k]
-    bt = block_tables.to(device=scores.device, dtype=torch.long)
-    bt = bt.repeat_interleave(num_kv_heads, dim=0)
+    # NOTE: expand, not repeat_interleave: no output-size sync (CUDA-graph capture).
+    bt = block_tables.to(device=scores.device, dtype=torch.long)[:, None, :]
+    bt = bt.expand(num_seqs, num_kv_heads, max_blocks).reshape(num_seqs * num_kv_heads, -1)
     blocks = bt.gather(1, pages).clamp_min(0)
     head = torch.arange(num_kv_heads, device=scores.device).repeat(num_seqs)[:, None]
     # NOTE: virtual block id of (block b, head h) in the one-head view of the cache.
     vtable = (blocks * (block_size * num_kv_heads) + head).to(torch.int32)
-    lens = seq_lens.to(device=scores.device, dtype=torch.long).repeat_interleave(num_kv_heads)
+    lens = seq_lens.to(device=scores.device, dtype=torch.long)[:, None]
+    lens = lens.expand(num_seqs, num_kv_heads).reshape(-1)
     num_pages = (lens + block_size - 1) // block_size
     sel = torch.clamp(torch.minimum(num_pages, torch.full_like(num_pages, k)) * block_size
                       - (num_pages * block_size - lens), min=0)  # fmt: skip
