@@ -106,7 +106,8 @@ def _cluster_yaml(tmp: Path, key: Path, ports: dict[str, int]) -> Path:
         f"ulimit -n 65536; {ray_bin}/ray start --head --port={ports['gcs']} "
         f"--dashboard-port={ports['dashboard']} --metrics-export-port={ports['metrics']} "
         f"--temp-dir={temp_dir} --num-cpus=4 --autoscaling-config=~/ray_bootstrap_config.yaml",
-        f"cd ~/tinyserve && {ray_bin}/serve deploy --address http://127.0.0.1:"
+        "cd ~/tinyserve && RAY_AUTH_MODE=$(test -f ~/.ray/auth_token && echo token || echo "
+        f"disabled) {ray_bin}/serve deploy --address http://127.0.0.1:"
         f"{ports['dashboard']} {tmp / 'app.yaml'}",
     ]
     path = tmp / "local.yaml"
