@@ -236,11 +236,13 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     with torch.inference_mode():
-        kernels = kernel_rows(args)
+        args.score_variants = None
+        kernels = [] if args.skip_kernels else kernel_rows(args)
         e2e = [] if args.skip_e2e else e2e_rows(args)
     result = dict(
         device=torch.cuda.get_device_name(), shapes=dict(block_size=BS, num_kv_heads=HKV,

@@ -23,7 +23,8 @@ Signatures::
     paged_prefill_attention(query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables,
                             scale) -> Tensor
     copy_blocks(kv_caches: list[Tensor], src: Tensor, dst: Tensor) -> None  (mutates caches)
-    update_page_minmax(key, k_min, k_max, slot_mapping, block_size) -> None  (mutates meta)
+    update_page_minmax(key, k_min, k_max, slot_mapping, block_size, k_cache=None) -> None
+                                                                             (mutates meta)
     sparse_paged_decode_attention(query, k_cache, v_cache, k_min, k_max, block_tables,
                                   seq_lens, scale, token_budget) -> (Tensor, PageSelection)
 
@@ -133,9 +134,20 @@ def update_page_minmax(
     k_max: torch.Tensor,
     slot_mapping: torch.Tensor,
     block_size: int,
+    k_cache: torch.Tensor | None = None,
 ) -> None:
     """Fold new keys into the per-block min/max page metadata (sparse decode). Mutates them.
-    NOTE: vectorised torch on every device (a few small launches per layer, sync-free)."""
+    With k_cache (keys already written there) on CUDA: one kernel (page_meta.cu); else the
+    vectorised torch reference (about ten small launches, sync-free)."""
+    if (
+        k_cache is not None
+        and _on_cuda(k_cache)
+        and k_cache.dtype in (torch.float16, torch.bfloat16)
+    ):
+        from cuda_kernels import sparse_decode
+
+        sparse_decode.update_page_minmax(k_min, k_max, k_cache, slot_mapping)
+        return
     sparse_reference.update_page_minmax(key, k_min, k_max, slot_mapping, block_size)
 
 

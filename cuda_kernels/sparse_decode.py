@@ -43,6 +43,34 @@ def check_page_meta(k_cache: torch.Tensor, k_min: torch.Tensor, k_max: torch.Ten
         require(t.device == k_cache.device, f"{name} must be on the cache's device")
 
 
+def update_page_minmax(
+    k_min: torch.Tensor,  # [num_blocks, num_kv_heads, head_dim]
+    k_max: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], keys written
+    slot_mapping: torch.Tensor,  # [num_tokens] int32/int64, -1 = padding
+) -> None:
+    """CUDA sparse_reference.update_page_minmax (page_meta.cu; one launch, no atomics).
+    Reads the keys from k_cache, so call it after reshape_and_cache. Mutates k_min/k_max."""
+    check_page_meta(k_cache, k_min, k_max)
+    require(k_cache.dtype in _TAGS, f"page metadata kernel supports fp16/bf16, got {k_cache.dtype}")
+    require(slot_mapping.dim() == 1 and slot_mapping.dtype in (torch.int32, torch.int64),
+            "slot_mapping must be int32/int64 [num_tokens]")  # fmt: skip
+    require(slot_mapping.device == k_cache.device, "slot_mapping must be on the cache's device")
+    num_tokens = slot_mapping.shape[0]
+    if num_tokens == 0:
+        return
+    slot_mapping = slot_mapping.contiguous()
+    idx = "int" if slot_mapping.dtype == torch.int32 else "long long"
+    expr = f"page_minmax_kernel<{_TAGS[k_cache.dtype]}, {idx}>"
+    kernel = runtime.get_kernel("page_meta.cu", expr, k_cache.device)
+    row_words = k_cache.shape[2] * k_cache.shape[3] // 2
+    args = (
+        runtime.ptr(k_min), runtime.ptr(k_max), runtime.ptr(k_cache), runtime.ptr(slot_mapping),
+        runtime.i32(num_tokens), runtime.i32(row_words), runtime.i32(k_cache.shape[1]),
+    )  # fmt: skip
+    runtime.launch(kernel, (num_tokens, 1, 1), (128, 1, 1), args, k_cache.device)
+
+
 def page_scores(
     query: torch.Tensor,  # [num_seqs, num_heads, head_dim]
     k_min: torch.Tensor,  # [num_blocks, num_kv_heads, head_dim]

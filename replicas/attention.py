@@ -82,7 +82,7 @@ class PagedAttention(nn.Module):
         q, k = apply_rope(rope, q, k)
         ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         if self.sparse is not None:
-            self.sparse.on_cache_write(k, meta.slot_mapping)
+            self.sparse.on_cache_write(k, k_cache, meta.slot_mapping)
         nd = meta.num_decode_tokens
         outs: list[torch.Tensor] = []
         if nd:

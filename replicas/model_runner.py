@@ -102,6 +102,8 @@ class ModelRunner:
             prefill_block_tables=_block_table_tensor([c.block_table for c in prefill], dev),
             num_prefill_tokens=cu[-1],
         )
+        if self.sparse is not None:
+            self.sparse.count_step([c.end for c in decode], meta.decode_block_tables.shape[1])
         logits = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),

@@ -17,6 +17,7 @@ Compaction / block copies: the metadata tensors have the block dim first; pass
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -69,10 +70,10 @@ class SparseAttention:
             )
             for i in range(config.dense_layers, num_layers)
         }
-        # NOTE: device counters, so counting never syncs the host; stats() reads them.
-        self._calls = 0
-        self._scored = torch.zeros((), dtype=torch.long, device=device)
-        self._selected = torch.zeros((), dtype=torch.long, device=device)
+        self.num_kv_heads = num_kv_heads
+        # NOTE: counted on the host from the step's seq_lens (count_step): device counters
+        # cost ~10 tiny launches per layer, as much as the metadata refresh itself.
+        self._calls = self._scored = self._selected = 0
 
     def metadata_tensors(self) -> list[torch.Tensor]:
         """Every metadata tensor (block dim first): add them to compaction's kv_caches."""
@@ -81,8 +82,23 @@ class SparseAttention:
     def metadata_bytes_per_block(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in self.metadata_tensors())
 
+    def is_sparse(self, max_blocks: int) -> bool:
+        """The rule SparseLayer.decode applies: block_tables wider than the budget."""
+        return max_blocks * self.block_size > self.config.token_budget
+
+    def count_step(self, seq_lens: Sequence[int], max_blocks: int) -> None:
+        """Record one decode batch (host ints; the engine knows them without a sync)."""
+        if not seq_lens or not self.is_sparse(max_blocks):
+            return
+        bs, k = self.block_size, self.config.token_budget // self.block_size
+        pages = [-(-n // bs) for n in seq_lens]
+        per_layer = len(self.layers) * self.num_kv_heads
+        self._calls += len(self.layers)
+        self._scored += sum(pages) * per_layer
+        self._selected += sum(min(p, k) for p in pages) * per_layer
+
     def stats(self) -> SparseAttentionStats:
-        return SparseAttentionStats(self._calls, int(self._scored), int(self._selected))
+        return SparseAttentionStats(self._calls, self._scored, self._selected)
 
 
 class SparseLayer:
@@ -93,9 +109,12 @@ class SparseLayer:
         self.k_min = k_min  # [num_blocks, num_kv_heads, head_dim]
         self.k_max = k_max
 
-    def on_cache_write(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Fold the keys just written at slot_mapping into the page metadata."""
-        ops.update_page_minmax(key, self.k_min, self.k_max, slot_mapping, self.owner.block_size)
+    def on_cache_write(
+        self, key: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """Fold the keys just written at slot_mapping (into k_cache) into the page metadata."""
+        bs = self.owner.block_size
+        ops.update_page_minmax(key, self.k_min, self.k_max, slot_mapping, bs, k_cache)
 
     def decode(
         self,
@@ -109,17 +128,11 @@ class SparseLayer:
         """Sparse decode output, or None when the batch fits the budget (take the dense path)."""
         owner = self.owner
         budget = owner.config.token_budget
-        if block_tables.shape[1] * owner.block_size <= budget:
+        if not owner.is_sparse(block_tables.shape[1]):
             return None
         out, _ = ops.sparse_paged_decode_attention(
             query, k_cache, v_cache, self.k_min, self.k_max, block_tables, seq_lens, scale, budget
         )
-        bs = owner.block_size
-        num_kv_heads = self.k_min.shape[1]
-        pages = (seq_lens.to(torch.long) + bs - 1) // bs
-        owner._calls += 1
-        owner._scored += pages.sum() * num_kv_heads
-        owner._selected += torch.clamp(pages, max=budget // bs).sum() * num_kv_heads
         return out
 
 

@@ -124,3 +124,29 @@ def test_select_kernel_matches_torch_topk(budget_pages: int) -> None:
         assert torch.equal(got_ids, want_ids), r
         assert torch.equal(got.block_tables[r, :n], want.block_tables[r, :n]), r
         assert bool((got.page_ids[r, n:] == width).all())
+
+
+def test_page_meta_kernel_matches_the_incremental_rule() -> None:
+    from cuda_kernels import sparse_decode
+
+    g = torch.Generator(device="cuda").manual_seed(9)
+    hkv, d, nb = 4, 64, 50
+    kc = torch.zeros((nb, BS, hkv, d), dtype=torch.bfloat16, device="cuda")
+    vc = torch.zeros_like(kc)
+    stale = torch.full((nb, hkv, d), 7.0, dtype=torch.bfloat16, device="cuda")
+    lo_t, hi_t, lo_k, hi_k = stale.clone(), -stale, stale.clone(), -stale
+    tables = {0: [3, 17, 9, 40], 1: [5, 22]}
+
+    def slots(seq: int, start: int, end: int) -> list[int]:
+        return [tables[seq][t // BS] * BS + t % BS for t in range(start, end)]
+
+    steps = [[*slots(0, 0, 38), -1, *slots(1, 0, 21), -1], slots(0, 38, 39) + slots(1, 21, 22)]
+    steps += [[*slots(0, t, t + 1), -1] for t in range(39, 51)]
+    for step in steps:
+        sm = torch.tensor(step, device="cuda")
+        key = torch.randn((len(step), hkv, d), generator=g, device="cuda").to(torch.bfloat16)
+        ops.reshape_and_cache(key, key, kc, vc, sm)
+        sr.update_page_minmax(key, lo_t, hi_t, sm, BS)
+        sparse_decode.update_page_minmax(lo_k, hi_k, kc, sm)
+    assert torch.equal(lo_k, lo_t) and torch.equal(hi_k, hi_t)
+    assert bool((lo_k[0] == 7).all()), "blocks nobody wrote keep their (stale) values"

@@ -71,6 +71,8 @@ def _generate(budget: int | None, steps: int = 6) -> tuple[list[torch.Tensor], o
         nxt = int(logits[-1].argmax())
         logits.append(_run(model, caches, [nxt], len(tokens), table))
         tokens = [*tokens, nxt]
+        if sparse is not None:  # NOTE: ModelRunner.execute does this for the engine
+            sparse.count_step([len(tokens)], len(table))
     return logits, sparse, [caches, table, len(tokens)]
 
 
