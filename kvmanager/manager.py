@@ -158,14 +158,11 @@ class KVCacheManager:
         expected_num_tokens: int | None = None,
     ) -> list[int] | None:
         """Grow ``request_id``'s block table to cover num_computed_tokens + num_new_tokens.
-
-        The first call registers the request: it takes a reference on every block of
-        ``prefix`` (re-validated: blocks evicted since the lookup are dropped from the hit)
-        and starts with num_computed_tokens = the hit's cached tokens. ``expected_num_tokens``
-        (e.g. prompt + max_tokens) lets best fit pick a run with room to grow in place.
-        Returns the newly allocated block ids (possibly empty), or None when the pool cannot
-        supply them even after eviction; then nothing has changed.
-        """
+        The first call registers the request, takes a reference on every block of ``prefix``
+        (re-validated: a stale hit is looked up again) and starts at the hit's cached tokens.
+        ``expected_num_tokens`` (prompt + max_tokens) lets best fit reserve room to grow in
+        place. Returns the new block ids (maybe empty), or None when the pool cannot supply
+        them even after eviction; then nothing has changed."""
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         req = self._requests.get(request_id)
@@ -229,8 +226,9 @@ class KVCacheManager:
             req.last_native = self.hasher.hash_block(req.last_native, chunk, req.extra_keys)
             ext = self.hasher.external(req.last_native)
             block_id = req.block_ids[i]
-            if ext in self._hash_to_block:
-                self._flush_stored(stored)
+            if ext in self._hash_to_block:  # a duplicate ends the current event batch
+                if stored is not None:
+                    self._events.append(stored)
                 stored = None
                 continue
             self._hash_to_block[ext] = block_id
@@ -244,7 +242,8 @@ class KVCacheManager:
             stored.block_hashes.append(ext)
             stored.token_ids.extend(chunk)
         req.num_hashed_blocks = max(req.num_hashed_blocks, num_computed_tokens // bs)
-        self._flush_stored(stored)
+        if stored is not None:
+            self._events.append(stored)
 
     def free(self, request_id: str) -> None:
         """Release a request's references, tail first (so chain leaves are evicted first).
@@ -396,7 +395,3 @@ class KVCacheManager:
     def _is_leaf(self, block_id: int) -> bool:
         h = self._block_hash[block_id]
         return h is None or self._num_children.get(h, 0) == 0
-
-    def _flush_stored(self, stored: BlockStored | None) -> None:
-        if stored is not None and stored.block_hashes:
-            self._events.append(stored)
