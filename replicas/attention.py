@@ -42,6 +42,10 @@ class AttentionMetadata:
     prefill_seq_lens: torch.Tensor  # [num_prefill_seqs] int32
     prefill_block_tables: torch.Tensor  # [num_prefill_seqs, max_blocks] int32
     num_prefill_tokens: int
+    # Row ranges [start, end) splitting the decode rows into separate kernel calls; None =
+    # one call. NOTE: set on CPU only, where the torch reference pads every sequence of a
+    # call to the call's longest context; grouping similar lengths cuts that padding.
+    decode_groups: list[tuple[int, int]] | None = None
 
 
 class PagedAttention(nn.Module):
@@ -92,7 +96,14 @@ class PagedAttention(nn.Module):
             if self.sparse is not None:
                 dec = self.sparse.decode(q_dec, k_cache, v_cache, bt, lens, self.scale)
             if dec is None:
-                dec = ops.paged_decode_attention(q_dec, k_cache, v_cache, bt, lens, self.scale)
+                groups = meta.decode_groups or [(0, nd)]
+                parts = [
+                    ops.paged_decode_attention(
+                        q_dec[s:e], k_cache, v_cache, bt[s:e], lens[s:e], self.scale
+                    )
+                    for s, e in groups
+                ]
+                dec = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
             outs.append(dec)
         if meta.num_prefill_tokens:
             outs.append(

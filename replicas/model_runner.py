@@ -22,6 +22,9 @@ from replicas.model import CausalLM
 from replicas.scheduler import ScheduledChunk
 from replicas.sparse import SparseAttention, attach_sparse_attention
 
+# Longest / shortest context allowed inside one CPU decode attention call.
+DECODE_GROUP_SPREAD = 1.5
+
 
 def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one block occupies across every layer's K and V."""
@@ -68,12 +71,26 @@ class ModelRunner:
         if sparse_attention is not None:
             self.sparse = attach_sparse_attention(model, sparse_attention, num_blocks, block_size)
 
+    def _decode_groups(self, seq_lens: list[int]) -> list[tuple[int, int]] | None:
+        """Row ranges of ascending ``seq_lens`` whose longest context is at most
+        DECODE_GROUP_SPREAD x the shortest (CPU only; None = one call)."""
+        if self.device.type != "cpu" or len(seq_lens) < 2:
+            return None
+        groups: list[tuple[int, int]] = []
+        start = 0
+        for i in range(1, len(seq_lens) + 1):
+            if i == len(seq_lens) or seq_lens[i] > DECODE_GROUP_SPREAD * seq_lens[start]:
+                groups.append((start, i))
+                start = i
+        return groups
+
     def execute(
         self, chunks: Sequence[ScheduledChunk]
     ) -> tuple[list[ScheduledChunk], torch.Tensor]:
         """Forward pass over ``chunks``. Returns the sampling chunks (in row order) and their
         float32 logits ``[num_sampling_chunks, vocab_size]``."""
-        decode = [c for c in chunks if c.num_new_tokens == 1]
+        # NOTE: decode rows sorted by context length, so length groups are row ranges.
+        decode = sorted((c for c in chunks if c.num_new_tokens == 1), key=lambda c: c.end)
         prefill = [c for c in chunks if c.num_new_tokens > 1]
         ordered = decode + prefill
         input_ids: list[int] = []
@@ -101,6 +118,7 @@ class ModelRunner:
             prefill_seq_lens=torch.tensor([c.end for c in prefill], dtype=torch.int32, device=dev),
             prefill_block_tables=_block_table_tensor([c.block_table for c in prefill], dev),
             num_prefill_tokens=cu[-1],
+            decode_groups=self._decode_groups([c.end for c in decode]),
         )
         if self.sparse is not None:
             self.sparse.count_step([c.end for c in decode], meta.decode_block_tables.shape[1])
