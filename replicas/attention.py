@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    """Integer tensors describing one step's batch (all on the model's device).
+    """Integer tensors describing one step's batch (on the model's device, except
+    ``prefill_cu_seqlens_q`` / ``prefill_seq_lens``: host tensors, read on the host).
 
     decode sequences come first: ``decode_*`` have ``num_decode_tokens`` rows; ``prefill_*``
     describe the remaining rows. ``slot_mapping`` covers all ``num_tokens`` rows.

@@ -83,6 +83,12 @@ class EngineConfig(BaseModel):
     num_threads: int | None = Field(
         default=None, gt=0, description="CPU only: torch intra-op threads (None = torch default)."
     )
+    cuda_graphs: bool = Field(
+        default=True,
+        description="CUDA only: replay decode-only steps from CUDA graphs captured per padded "
+        "batch size (replicas.cuda_graph); needs the CUDA decode kernel (fp16/bf16). Ignored "
+        "on CPU, with sparse_attention, or where the step does not fit.",
+    )
     sparse_attention: SparseAttentionConfig | None = Field(
         default=None,
         description="Sparse decode attention over the top pages per query (Quest-style page "

@@ -81,6 +81,9 @@ class LLMEngine:
             config.block_size,
             self.loaded.device,
             sparse_attention=config.sparse_attention,
+            cuda_graphs=config.cuda_graphs,
+            max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs,
         )
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
         self.sampler = Sampler(config.seed, self.loaded.device)

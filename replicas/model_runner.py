@@ -18,6 +18,7 @@ import torch
 
 from replicas.attention import AttentionMetadata
 from replicas.config import SparseAttentionConfig
+from replicas.cuda_graph import DecodeGraphs
 from replicas.model import CausalLM
 from replicas.scheduler import ScheduledChunk
 from replicas.sparse import SparseAttention, attach_sparse_attention
@@ -51,6 +52,9 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         sparse_attention: SparseAttentionConfig | None = None,
+        cuda_graphs: bool = False,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 64,
     ) -> None:
         self.model = model
         self.device = device
@@ -70,6 +74,18 @@ class ModelRunner:
         self.sparse: SparseAttention | None = None
         if sparse_attention is not None:
             self.sparse = attach_sparse_attention(model, sparse_attention, num_blocks, block_size)
+        # NOTE: decode-only steps replay captured graphs (replicas.cuda_graph); sparse decode
+        # keeps host-side page counters per step, so it stays eager.
+        self.graphs: DecodeGraphs | None = None
+        if (
+            cuda_graphs
+            and self.sparse is None
+            and max_model_len is not None
+            and DecodeGraphs.supported(model, self.kv_caches)
+        ):
+            self.graphs = DecodeGraphs(
+                model, self.kv_caches, max_num_seqs, -(-max_model_len // block_size), device
+            )
 
     def _decode_groups(self, seq_lens: list[int]) -> list[tuple[int, int]] | None:
         """Row ranges of ascending ``seq_lens`` whose longest context is at most
@@ -89,6 +105,10 @@ class ModelRunner:
     ) -> tuple[list[ScheduledChunk], torch.Tensor]:
         """Forward pass over ``chunks``. Returns the sampling chunks (in row order) and their
         float32 logits ``[num_sampling_chunks, vocab_size]``."""
+        if self.graphs is not None:
+            replayed = self.graphs.run(chunks)
+            if replayed is not None:
+                return replayed
         # NOTE: decode rows sorted by context length, so length groups are row ranges.
         decode = sorted((c for c in chunks if c.num_new_tokens == 1), key=lambda c: c.end)
         prefill = [c for c in chunks if c.num_new_tokens > 1]
@@ -114,8 +134,10 @@ class ModelRunner:
             num_decode_tokens=len(decode),
             decode_block_tables=_block_table_tensor([c.block_table for c in decode], dev),
             decode_seq_lens=torch.tensor([c.end for c in decode], dtype=torch.int32, device=dev),
-            prefill_cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            prefill_seq_lens=torch.tensor([c.end for c in prefill], dtype=torch.int32, device=dev),
+            # NOTE: prefill lengths stay on the host: the prefill kernel reads them there, and a
+            # device copy would force a sync per layer.
+            prefill_cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
+            prefill_seq_lens=torch.tensor([c.end for c in prefill], dtype=torch.int32),
             prefill_block_tables=_block_table_tensor([c.block_table for c in prefill], dev),
             num_prefill_tokens=cu[-1],
             decode_groups=self._decode_groups([c.end for c in decode]),
