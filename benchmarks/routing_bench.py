@@ -86,10 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results/routing")
     ap.add_argument("--reuse", nargs="*", default=[],
                     help="earlier outputs (.json or .partial.jsonl): identical specs are not re-run")
+    ap.add_argument("--reuse-only", action="store_true",
+                    help="report only specs found in --reuse files (assemble, run nothing)")
     args = ap.parse_args(argv)
 
     specs = build_specs(args)
     done = {_key(r): r for path in args.reuse for r in load_rows(path)}
+    if args.reuse_only:
+        specs = [s for s in specs if _spec_key(s) in done]
     todo = [s for s in specs if _spec_key(s) not in done]
     print(f"{len(specs)} runs, {len(specs) - len(todo)} reused from {args.reuse}")
     t0 = time.perf_counter()

@@ -65,6 +65,7 @@ class SimConfig:
     objective: ObjectiveConfig | None = None
     max_macro_steps: int = 32
     defer_shared_prefill: bool = False
+    load_metric: str = "inflight_tokens"
     seed: int = 0
 
 
@@ -85,7 +86,7 @@ class ClusterSim:
         self.core = SelectorCore(core_cfg, clock=lambda: self.now)
         self.replicas = [
             SimReplica(f"r{i:03d}", pool_cfg, config.model, config.max_macro_steps,
-                       config.defer_shared_prefill)
+                       config.defer_shared_prefill, config.load_metric)
             for i in range(config.num_replicas)
         ]
         self._by_id = {r.replica_id: r for r in self.replicas}

@@ -27,6 +27,9 @@ from kvmanager.config import PoolConfig
 from kvmanager.manager import KVCacheManager
 
 DEFER_BLOCKS = 8  # shared-prefix length (blocks) that triggers in-batch deferral
+# NOTE: "inflight_tokens" is what replicas/deployment.py reports (prompt + max_tokens of every
+# in-flight request, cached or not); "uncached_work" (tokens still to compute) is a what-if.
+LOAD_METRICS = ("inflight_tokens", "uncached_work")
 
 
 @dataclass(slots=True, eq=False)
@@ -70,12 +73,16 @@ class SimReplica:
     def __init__(
         self, replica_id: str, pool_config: PoolConfig, model: StepTimeModel,
         max_macro_steps: int = 32, defer_shared_prefill: bool = False,
+        load_metric: str = "inflight_tokens",
     ) -> None:
         self.replica_id = replica_id
         self.pool = KVCacheManager(pool_config)
         self.model = model
         self.max_macro_steps = max_macro_steps
         self.defer_shared_prefill = defer_shared_prefill
+        if load_metric not in LOAD_METRICS:
+            raise ValueError(f"load_metric must be one of {LOAD_METRICS}, got {load_metric!r}")
+        self.load_metric = load_metric
         self.waiting: deque[SeqState] = deque()
         self.running: list[SeqState] = []
         self.plan_: _Plan | None = None
@@ -289,10 +296,15 @@ class SimReplica:
 
     # ------------------------------------------------------------------ observability
     def snapshot(self) -> LoadSnapshot:
-        """Load report for the selection service (running KV tokens, waiting prompt tokens)."""
+        """Load report for the selection service; running tokens per ``load_metric``, waiting
+        tokens = prompt + output of every queued request."""
         pool = self.pool
         free = pool.num_free_blocks
-        run_tokens = sum(s.prefill_target + s.req.num_output_tokens for s in self.running)
+        if self.load_metric == "uncached_work":
+            run_tokens = sum(s.prefill_target - s.num_computed + s.req.num_output_tokens
+                             - s.num_generated for s in self.running)
+        else:
+            run_tokens = sum(s.prefill_target + s.req.num_output_tokens for s in self.running)
         wait_tokens = sum(s.prefill_target + s.req.num_output_tokens for s in self.waiting)
         return LoadSnapshot(
             num_blocks=pool.num_blocks,
