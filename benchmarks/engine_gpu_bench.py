@@ -18,7 +18,7 @@ greedy, ignore_eos, --decode-tokens new tokens each.
   roofline tokens/s = B * bandwidth / bytes_per_step.
 
 Run (GPU machine, repo root):
-    PYTHONPATH=. python3 benchmarks/engine_gpu_bench.py --json benchmarks/results/engine_gpu_h100.json
+    PYTHONPATH=. python3 benchmarks/engine_gpu_bench.py --json benchmarks/results/engine_gpu_h200.json
 ``--smoke``: a 2-layer model and tiny sizes, to check the code path in seconds.
 """
 
