@@ -248,6 +248,9 @@ class LLMReplica:
                     last_snapshot = now
                     load = self.load()
                     self.metrics.on_pool(self.engine.stats(), len(self._inflight))
+                    sparse = self.engine.engine.runner.sparse
+                    if sparse is not None:
+                        self.metrics.on_sparse(sparse.stats())
                     if self._sink is not None:
                         self._sink.snapshot(load)
                         ok = self._sink.connected()

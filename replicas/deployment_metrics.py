@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from kvmanager.metrics import PoolStats
 from replicas.outputs import RequestOutput
+from replicas.sparse import SparseAttentionStats
 
 # NOTE: seconds; CPU TTFTs reach seconds, GPU ones are milliseconds: one set covers both.
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
@@ -73,6 +74,12 @@ class ReplicaMetrics:
             "external).",
             tag_keys=("kind",),
         )
+        self.sparse_pages = metrics.Counter(
+            "tinyserve_sparse_pages",
+            description="KV pages (blocks) seen by sparse decode attention: scored or selected.",
+            tag_keys=("kind",),
+        )
+        self._sparse_seen = (0, 0)
 
     def on_finished(self, out: RequestOutput) -> None:
         """Account one finished request (its last output)."""
@@ -111,3 +118,12 @@ class ReplicaMetrics:
             ("external", stats.external_fragmentation),
         ):
             self.fragmentation.set(value, tags={"kind": kind})
+
+    def on_sparse(self, stats: SparseAttentionStats) -> None:
+        """Advance the sparse-attention page counters to the engine's running totals."""
+        scored, selected = stats.num_pages_scored_total, stats.num_pages_selected_total
+        if scored > self._sparse_seen[0]:
+            self.sparse_pages.inc(scored - self._sparse_seen[0], tags={"kind": "scored"})
+        if selected > self._sparse_seen[1]:
+            self.sparse_pages.inc(selected - self._sparse_seen[1], tags={"kind": "selected"})
+        self._sparse_seen = (scored, selected)

@@ -41,6 +41,11 @@ def derive_num_blocks(config: EngineConfig, loaded: LoadedModel) -> int:
     if config.num_blocks is not None:
         return config.num_blocks
     per_block = kv_bytes_per_block(loaded.model, config.block_size, loaded.dtype)
+    if config.sparse_attention is not None:
+        # NOTE: sparse layers keep per-block key min/max: 2 * kv_heads * head_dim per layer.
+        cfg = loaded.model.config
+        num_sparse = max(0, cfg.num_hidden_layers - config.sparse_attention.dense_layers)
+        per_block += per_block // (2 * cfg.num_hidden_layers * config.block_size) * 2 * num_sparse
     if loaded.device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(loaded.device)
         budget = int(free * config.kv_cache_memory_fraction)

@@ -138,3 +138,41 @@ def test_engine_option_runs_sparse_and_prefix_hits_reuse_page_metadata(
     again = engine.generate(prompts, greedy)
     assert again == first
     assert engine.stats().num_used_blocks == 0
+
+
+def test_pool_sizing_counts_page_metadata() -> None:
+    """With sparse attention the CPU KV budget also pays for per-block key min/max."""
+    from types import SimpleNamespace
+
+    from replicas.llm_engine import derive_num_blocks
+
+    cfg = SimpleNamespace(num_hidden_layers=4, num_kv_heads=2, head_dim=8)
+    loaded = SimpleNamespace(
+        model=SimpleNamespace(config=cfg), dtype=torch.float32, device=torch.device("cpu")
+    )
+    base = dict(model="unused", block_size=16, cpu_kv_cache_gib=1 / 1024)
+    dense = derive_num_blocks(EngineConfig(**base), loaded)  # type: ignore[arg-type]
+    sparse_cfg = SparseAttentionConfig(token_budget=64, dense_layers=2)
+    sparse = derive_num_blocks(EngineConfig(**base, sparse_attention=sparse_cfg), loaded)  # type: ignore[arg-type]
+    kv = 2 * 4 * 16 * 2 * 8 * 4  # K+V bytes per block
+    meta = 2 * 2 * 2 * 8 * 4  # min+max for the 2 sparse layers
+    assert (dense, sparse) == ((1 << 20) // kv, (1 << 20) // (kv + meta))
+
+
+def test_sparse_page_counters_advance_by_delta() -> None:
+    from replicas.deployment_metrics import ReplicaMetrics
+    from replicas.sparse import SparseAttentionStats
+
+    incs: list[tuple[int, str]] = []
+
+    class Recorder:
+        def inc(self, value: int, tags: dict[str, str]) -> None:
+            incs.append((value, tags["kind"]))
+
+    m = object.__new__(ReplicaMetrics)  # NOTE: no Ray here; only the counter is exercised
+    m.sparse_pages = Recorder()
+    m._sparse_seen = (0, 0)
+    m.on_sparse(SparseAttentionStats(1, 40, 10))
+    m.on_sparse(SparseAttentionStats(1, 40, 10))
+    m.on_sparse(SparseAttentionStats(3, 100, 25))
+    assert incs == [(40, "scored"), (10, "selected"), (60, "scored"), (15, "selected")]
