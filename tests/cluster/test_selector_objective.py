@@ -44,10 +44,10 @@ def test_score_is_lambda_combination_of_terms() -> None:
     t = r.terms
     np.testing.assert_allclose(r.scores, 1.3 * t["utility"] - 0.7 * t["cost"] + 0.4 * t["reward"])
     cost = (
-        0.5 * t["size_cost"]
-        + 1.0 * t["load_cost"]
-        + 0.25 * t["latency_cost"]
-        + 0.1 * t["fragmentation_cost"]
+        cfg.alpha_size * t["size_cost"]
+        + cfg.alpha_load * t["load_cost"]
+        + cfg.alpha_latency * t["latency_cost"]
+        + cfg.alpha_fragmentation * t["fragmentation_cost"]
     )
     np.testing.assert_allclose(t["cost"], cost)
     assert abs(t["utility"].sum() - 3.0) < 1e-9  # N * softmax sums to N
@@ -109,7 +109,7 @@ def test_node_locality_needs_origin() -> None:
 
 
 def test_reward_breaks_ties_and_is_discounted() -> None:
-    p = TinyServeObjective()
+    p = TinyServeObjective(ObjectiveConfig(lambda_reward=0.5))  # NOTE: off by default (sweep)
     c = cands(_row("a", reward=0.1), _row("b", reward=0.6))
     assert _winner(p, request(4), c) == "b"
     # newest first: (1.0 hit), (0.5 miss), (0.5 hit); gamma 0.5 -> (1 + 0 + 0.25*0.5) / 1.75
