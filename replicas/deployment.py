@@ -121,6 +121,17 @@ class ResidentSet:
             return list(self._hashes)
 
 
+def remaining_work_tokens(num_prompt: int, max_tokens: int, out: RequestOutput | None) -> int:
+    """Tokens a request still has to compute: the whole prompt plus max_tokens until its first
+    output; after it the prompt is done (cached or computed) and only the outputs still owed
+    remain. NOTE: this is the load the replica reports to the selection service; counting
+    prompt + max_tokens for the whole life of a request (cached tokens included) made the
+    load term blind to real queued work in the simulator (benchmarks/README.md)."""
+    if out is None or out.num_output_tokens == 0:
+        return num_prompt + max_tokens
+    return max(max_tokens - out.num_output_tokens, 0)
+
+
 @serve.deployment(name="LLMReplica", max_ongoing_requests=64, health_check_period_s=5)
 class LLMReplica:
     """One engine per replica. ``selector`` is the selection service's handle (or None)."""
@@ -142,7 +153,7 @@ class LLMReplica:
         self._sink: KVSink | None = None
         self._address: str | None = None
         self._resident = ResidentSet()
-        self._inflight: dict[str, int] = {}  # request_id -> prompt + max output tokens
+        self._inflight: dict[str, int] = {}  # request_id -> tokens still to compute
         self._ttft_ewma = 0.0
         self._tpot_ewma = 0.0
         self._interval = report_interval_s
@@ -157,9 +168,11 @@ class LLMReplica:
             raise RuntimeError("replica is shutting down")
         rid = request.request_id
         stream = self.engine.generate(rid, request.prompt_token_ids, request.sampling_params)
-        self._inflight[rid] = len(request.prompt_token_ids) + request.sampling_params.max_tokens
+        num_prompt, max_tokens = len(request.prompt_token_ids), request.sampling_params.max_tokens
+        self._inflight[rid] = remaining_work_tokens(num_prompt, max_tokens, None)
         try:
             async for out in stream:
+                self._inflight[rid] = remaining_work_tokens(num_prompt, max_tokens, out)
                 if out.finished:
                     self._on_finished(rid, out)
                 yield out
