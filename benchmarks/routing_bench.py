@@ -21,6 +21,7 @@ from typing import Any
 
 from benchmarks.sim.calibration import DEFAULT_CALIBRATION, load_calibration
 from benchmarks.sim.policies import all_policies
+from benchmarks.sim.replica import LOAD_METRICS
 from benchmarks.sim.report import aggregate, markdown, plots, targets
 from benchmarks.sim.runner import RunSpec, load_rows, run_specs
 from benchmarks.workloads import WORKLOADS
@@ -59,7 +60,8 @@ def build_specs(args: argparse.Namespace) -> list[RunSpec]:
     objective = Path(args.objective).read_text() if args.objective else "{}"
     objective = json.dumps(json.loads(objective).get("objective", json.loads(objective)))
     sets = parse_sets(args.set)
-    sim = json.dumps({"event_lag_s": args.event_lag, "snapshot_interval_s": args.snapshot_interval})
+    sim = json.dumps({"event_lag_s": args.event_lag, "snapshot_interval_s": args.snapshot_interval,
+                      "load_metric": args.load_metric})
     specs = []
     for n in args.sizes:
         for wl in workloads:
@@ -81,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--objective", default="", help="JSON of ObjectiveConfig overrides")
     ap.add_argument("--set", action="append", default=[], help="workload.key=value override")
     ap.add_argument("--event-lag", type=float, default=0.02, help="KV event lag (s)")
+    ap.add_argument("--load-metric", default="uncached_work", choices=LOAD_METRICS,
+                    help="what replicas report as running tokens (uncached_work = the product's "
+                    "replicas/deployment.py since this session; inflight_tokens = before)")
     ap.add_argument("--snapshot-interval", type=float, default=0.05, help="load snapshot period (s)")
     ap.add_argument("--calibration", default=str(DEFAULT_CALIBRATION))
     ap.add_argument("--out", default="benchmarks/results/routing")

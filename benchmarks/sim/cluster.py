@@ -65,7 +65,7 @@ class SimConfig:
     objective: ObjectiveConfig | None = None
     max_macro_steps: int = 32
     defer_shared_prefill: bool = False
-    load_metric: str = "inflight_tokens"
+    load_metric: str = "uncached_work"
     seed: int = 0
 
 

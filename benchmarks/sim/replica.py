@@ -27,8 +27,9 @@ from kvmanager.config import PoolConfig
 from kvmanager.manager import KVCacheManager
 
 DEFER_BLOCKS = 8  # shared-prefix length (blocks) that triggers in-batch deferral
-# NOTE: "inflight_tokens" is what replicas/deployment.py reports (prompt + max_tokens of every
-# in-flight request, cached or not); "uncached_work" (tokens still to compute) is a what-if.
+# NOTE: "uncached_work" (tokens still to compute) mirrors replicas/deployment.py's load report;
+# "inflight_tokens" (prompt + max_tokens of every in-flight request, cached or not) is what it
+# reported before, kept to reproduce the earlier routing results.
 LOAD_METRICS = ("inflight_tokens", "uncached_work")
 
 
@@ -73,7 +74,7 @@ class SimReplica:
     def __init__(
         self, replica_id: str, pool_config: PoolConfig, model: StepTimeModel,
         max_macro_steps: int = 32, defer_shared_prefill: bool = False,
-        load_metric: str = "inflight_tokens",
+        load_metric: str = "uncached_work",
     ) -> None:
         self.replica_id = replica_id
         self.pool = KVCacheManager(pool_config)
