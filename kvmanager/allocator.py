@@ -75,11 +75,15 @@ def best_fit(runs: FreeRuns, n: int, last: int | None, want: int | None = None) 
     want = max(n, want or n)
     cands = runs.fitting(want, CANDIDATES) or runs.fitting(n, CANDIDATES)
     if cands:
-        # NOTE: f1 needs all run sizes (O(#runs)); beyond 64 runs the cheap terms decide.
-        _, start = min(
-            cands, key=lambda c: (placement_cost(runs, c[1], c[0], want, last), c[1])
-        )
-        length = runs.run_at(start)
+        # NOTE: shortcut where the cost cannot disagree: one candidate, or an exact fit when
+        # f1 is off (> 64 runs) and f2 is 0 (no previous block): cost = f3, 0 only there.
+        if len(cands) == 1 or (cands[0][0] == want and last is None and len(runs) > 64):
+            length, start = cands[0]
+        else:
+            # NOTE: f1 needs all run sizes (O(#runs)); beyond 64 runs the cheap terms decide.
+            length, start = min(
+                cands, key=lambda c: (placement_cost(runs, c[1], c[0], want, last), c[1])
+            )
         # NOTE: place the request's expected extent flush with the run's END: its growth room
         # is bounded by a used block, and the run's head stays free for whatever sequence ends
         # just before the run (so it too can keep extending in place).

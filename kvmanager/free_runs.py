@@ -13,6 +13,7 @@ Three views are kept in step so every query is O(log n):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 
 from sortedcontainers import SortedList
@@ -75,8 +76,9 @@ class FreeRuns:
 
     def fitting(self, n: int, limit: int) -> list[tuple[int, int]]:
         """Up to ``limit`` runs with length >= n, smallest first, as (length, start)."""
-        i = self._by_size.bisect_left((n, -1))
-        return list(self._by_size.islice(i, i + limit))
+        # NOTE: irange walks the sorted lists directly; positional islice would rebuild
+        # SortedList's index after every mutation (the hot path of allocation).
+        return list(itertools.islice(self._by_size.irange(minimum=(n, -1)), limit))
 
     def largest_runs(self) -> Iterator[tuple[int, int]]:
         """Runs as (length, start), largest first."""
