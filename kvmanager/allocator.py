@@ -115,8 +115,8 @@ class BlockAllocator:
     ``runs``) when best fit places an extent sized for the request's expected length. The
     request's next blocks come from it, so decode stays contiguous even while other requests
     are admitted. Reservations are soft: they count as available capacity, and when free runs
-    run short the largest reservations of other requests are released first (before any
-    cached block is evicted; speculative room is worth less than a prefix hit).
+    run short the largest reservations of other requests are cut from their tails first
+    (before any cached block is evicted; speculative room is worth less than a prefix hit).
     """
 
     def __init__(self, runs: FreeRuns, mode: str) -> None:
@@ -143,6 +143,7 @@ class BlockAllocator:
                 self._reserve(request_id, start + k, length - k)
             n -= k
             last = out[-1]
+            want = None if want is None else want - k
         if n == 0:
             return out
         while self.runs.num_free < n:
