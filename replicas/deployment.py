@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from typing import Any, Protocol
 
 from ray import serve
 
-from kvmanager.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvmanager.events import KVEvent
 from replicas.config import EngineConfig
 from replicas.deployment_metrics import ReplicaMetrics
 from replicas.engine import AsyncLLMEngine
@@ -98,29 +97,6 @@ class KVSink(Protocol):
 SinkFactory = Callable[[SinkSpec], KVSink]
 
 
-class ResidentSet:
-    """The replica's cached block hashes, mirrored from its own KV events (thread-safe: the
-    sink reads it from its thread for a resync)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._hashes: set[int] = set()
-
-    def apply(self, events: list[KVEvent]) -> None:
-        with self._lock:
-            for ev in events:
-                if isinstance(ev, BlockStored):
-                    self._hashes.update(ev.block_hashes)
-                elif isinstance(ev, BlockRemoved):
-                    self._hashes.difference_update(ev.block_hashes)
-                elif isinstance(ev, AllBlocksCleared):
-                    self._hashes.clear()
-
-    def snapshot(self) -> list[int]:
-        with self._lock:
-            return list(self._hashes)
-
-
 def remaining_work_tokens(num_prompt: int, max_tokens: int, out: RequestOutput | None) -> int:
     """Tokens a request still has to compute: the whole prompt plus max_tokens until its first
     output; after it the prompt is done (cached or computed) and only the outputs still owed
@@ -152,7 +128,6 @@ class LLMReplica:
         self._sink_factory = sink_factory
         self._sink: KVSink | None = None
         self._address: str | None = None
-        self._resident = ResidentSet()
         self._inflight: dict[str, int] = {}  # request_id -> tokens still to compute
         self._ttft_ewma = 0.0
         self._tpot_ewma = 0.0
@@ -239,7 +214,7 @@ class LLMReplica:
                 block_size=stats.block_size,
                 num_blocks=stats.num_blocks,
                 hash_mode=self.config.hash_mode,
-                resident_hashes=self._resident.snapshot,
+                resident_hashes=self.engine.cached_block_hashes,
             )
         )
         log.info("replica %s reports KV to %s", self.replica_id, address)
@@ -253,10 +228,8 @@ class LLMReplica:
             try:
                 await self._ensure_sink(now, disconnected_since)
                 events = self.engine.take_events()
-                if events:
-                    self._resident.apply(events)
-                    if self._sink is not None:
-                        self._sink.publish(events)
+                if events and self._sink is not None:
+                    self._sink.publish(events)
                 if now - last_snapshot >= SNAPSHOT_EVERY_S:
                     last_snapshot = now
                     load = self.load()

@@ -153,6 +153,10 @@ class AsyncLLMEngine:
         """Drain the pool's KV events (blocks at most one step while one runs)."""
         return self.engine.take_events()
 
+    def cached_block_hashes(self) -> list[int]:
+        """The pool's resident cached block hashes (blocks at most one step while one runs)."""
+        return self.engine.cached_block_hashes()
+
     def stats(self) -> PoolStats:
         """The pool's stats snapshot (blocks at most one step while one runs)."""
         return self.engine.stats()

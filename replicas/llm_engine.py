@@ -214,6 +214,12 @@ class LLMEngine:
         with self.lock:
             return self.kv.take_events()
 
+    def cached_block_hashes(self) -> list[int]:
+        """The pool's resident cached block hashes (a full resync for the selection service).
+        Safe from another thread (waits for a running step)."""
+        with self.lock:
+            return self.kv.cached_block_hashes()
+
     def stats(self) -> PoolStats:
         """The pool's stats snapshot (usage, fragmentation, prefix hits, ...). Safe from
         another thread (waits for a running step)."""
