@@ -18,7 +18,7 @@ away cancels the Serve call, which aborts the request in the replica's engine.
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -248,11 +248,7 @@ class OpenAIIngress:
         self._check_model(body.model)
         body.check_supported()
         text, ids = self._tokenize_chat(body)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        params = body.sampling_params(self.config.default_max_tokens)
-        req = GenerateRequest(rid, ids, params, prompt=text, session_id=body.session_id or "")
-        ctx = ResponseContext("chat", rid, self.model_name, self.tokenizer, params.logprobs)
-        return await self._respond(ctx, req, body.stream, body.include_usage())
+        return await self._generate("chat", "chatcmpl", body, text, ids)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
@@ -260,8 +256,18 @@ class OpenAIIngress:
         self._check_model(body.model)
         body.check_supported()
         text, ids = self._tokenize_completion(body)
-        rid = f"cmpl-{uuid.uuid4().hex}"
+        return await self._generate("completion", "cmpl", body, text, ids)
+
+    async def _generate(
+        self,
+        kind: Literal["chat", "completion"],
+        id_prefix: str,
+        body: ChatCompletionRequest | CompletionRequest,
+        text: str,
+        ids: list[int],
+    ) -> Any:
+        rid = f"{id_prefix}-{uuid.uuid4().hex}"
         params = body.sampling_params(self.config.default_max_tokens)
         req = GenerateRequest(rid, ids, params, prompt=text, session_id=body.session_id or "")
-        ctx = ResponseContext("completion", rid, self.model_name, self.tokenizer, params.logprobs)
+        ctx = ResponseContext(kind, rid, self.model_name, self.tokenizer, params.logprobs)
         return await self._respond(ctx, req, body.stream, body.include_usage())
