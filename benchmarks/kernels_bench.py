@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.gpu_timing import copy_tbps, profile_host, rotations, time_ms
 from cuda_kernels import ops, reference
 
 try:
@@ -39,61 +38,10 @@ NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
 
 
-def _rotations(nbytes: int) -> int:
-    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
-    return max(1, min(8, math.ceil(3 * l2 / max(nbytes, 1))))
-
-
-def time_ms(fn: Callable[[int], object], rot: int, iters: int, reps: int, graph: bool) -> float:
-    """Median milliseconds per call of fn(i) (i = rotation index)."""
-    for i in range(rot):
-        fn(i)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    if graph:
-        g = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn(0)  # warm-up on the side stream, as torch recommends before capture
-        torch.cuda.current_stream().wait_stream(stream)
-        with torch.cuda.graph(g):
-            for k in range(iters):
-                fn(k % rot)
-        g.replay()
-        run: Callable[[], object] = g.replay
-    else:
-
-        def run() -> None:
-            for k in range(iters):
-                fn(k % rot)
-
-        run()
-    times = []
-    for _ in range(reps):
-        start.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return statistics.median(times)
-
-
-def copy_tbps(nbytes: int, iters: int, reps: int) -> float:
-    """Device-to-device copy bandwidth, bytes read + written, for an nbytes buffer."""
-    rot = _rotations(2 * nbytes)
-    src = [torch.randn(nbytes // 2, device="cuda").to(DTYPE) for _ in range(rot)]
-    dst = [torch.empty_like(s) for s in src]
-    # NOTE: large copies run eagerly (launch cost is noise there; a captured memcpy node may be
-    # served differently from an eager one), small ones as graph replays.
-    ms = time_ms(lambda i: dst[i].copy_(src[i]), rot, iters, reps, graph=nbytes < (64 << 20))
-    return 2 * nbytes / ms / 1e9
-
-
 def bench_decode(batch: int, context: int, iters: int, reps: int) -> dict[str, float | int]:
     gen = torch.Generator(device="cuda").manual_seed(batch * 7 + context)
     kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
-    rot = _rotations(kv_bytes)
+    rot = rotations(kv_bytes)
     blocks_per_seq = context // BLOCK_SIZE
     num_blocks = rot * batch * blocks_per_seq
     shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
@@ -164,7 +112,7 @@ def bench_partition_sweep(batch: int, context: int, iters: int, reps: int) -> di
     """Decode (mma) bandwidth per split-K partition size, and which one the launcher picks."""
     gen = torch.Generator(device="cuda").manual_seed(batch + context)
     kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
-    rot = _rotations(kv_bytes)
+    rot = rotations(kv_bytes)
     blocks = context // BLOCK_SIZE
     shape = (rot * batch * blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
     k_cache = torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen)
@@ -193,7 +141,7 @@ def bench_partition_sweep(batch: int, context: int, iters: int, reps: int) -> di
 def bench_reshape_and_cache(num_tokens: int, iters: int, reps: int) -> dict[str, float | int]:
     row = NUM_KV_HEADS * HEAD_DIM
     kv_bytes = 2 * num_tokens * row * DTYPE.itemsize
-    rot = _rotations(2 * kv_bytes)
+    rot = rotations(2 * kv_bytes)
     num_blocks = max(4096, 2 * rot * num_tokens // BLOCK_SIZE)
     shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
     k_cache = torch.zeros(shape, device="cuda", dtype=DTYPE)
@@ -338,22 +286,11 @@ def bench_prefill(
 
 def profile_launch(calls: int = 300) -> None:
     """Where the host time of an eager decode call goes (batch 1, context 4096)."""
-    import cProfile
-    import pstats
-
     k = torch.randn(256, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device="cuda").to(DTYPE)
     tables = torch.arange(256, dtype=torch.int32, device="cuda").view(1, 256)
     lens = torch.full((1,), 4096, dtype=torch.int32, device="cuda")
     q = torch.randn(1, NUM_HEADS, HEAD_DIM, device="cuda").to(DTYPE)
-    launchers.paged_decode_attention(q, k, k, tables, lens, 0.1)
-    torch.cuda.synchronize()
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(calls):
-        launchers.paged_decode_attention(q, k, k, tables, lens, 0.1)
-    torch.cuda.synchronize()
-    prof.disable()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+    profile_host(lambda: launchers.paged_decode_attention(q, k, k, tables, lens, 0.1), calls)
 
 
 def main() -> None:
