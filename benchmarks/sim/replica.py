@@ -302,7 +302,9 @@ class SimReplica:
         pool = self.pool
         free = pool.num_free_blocks
         if self.load_metric == "uncached_work":
-            run_tokens = sum(s.prefill_target - s.num_computed + s.req.num_output_tokens
+            # NOTE: a decoding sequence has num_computed > prefill_target; without the clamp
+            # its load went negative (outputs owed minus tokens already decoded, twice).
+            run_tokens = sum(max(s.prefill_target - s.num_computed, 0) + s.req.num_output_tokens
                              - s.num_generated for s in self.running)
         else:
             run_tokens = sum(s.prefill_target + s.req.num_output_tokens for s in self.running)
