@@ -1,7 +1,7 @@
 """The optimised simulator reproduces, exactly, figures recorded from the reference code.
 
 ``fixtures/sim_reference.json`` was recorded (``python tests/benchmarks/test_bench_sim_reference.py
---record``) on the simulator as it was BEFORE the issue-7 speed work (commit e7d4a12). Every
+--record``) on the simulator as it was BEFORE the issue-7 speed work (commit e7d4a12, recorded in a worktree of that commit). Every
 float is compared for equality and a digest covers every request's replica, timings and cached
 tokens, so an optimisation that changes one routing decision, hit or step time fails here.
 """
@@ -20,21 +20,22 @@ from benchmarks.sim.calibration import load_calibration
 from benchmarks.sim.cluster import ClusterSim, SimConfig
 from benchmarks.workloads import build_workload
 
-# name -> (workload, workload overrides, policy, replicas, sim overrides)
+# name -> (workload, workload overrides, policy, replicas, sim overrides). NOTE: the cases use
+# load_metric="inflight_tokens": the "uncached_work" load report is being fixed separately
+# (decoding sequences), so its figures are not a fixed reference; test_bench_sim.py checks the
+# incremental load counters against a direct recount for both metrics.
+_INFLIGHT = {"load_metric": "inflight_tokens"}
+_GSP = dict(num_groups=12, prompts_per_group=8, rate=150.0)
 CASES: dict[str, tuple[str, dict[str, Any], str, int, dict[str, Any]]] = {
-    "gsp_tinyserve_16": ("generated_shared_prefix",
-                         dict(num_groups=12, prompts_per_group=8, rate=150.0), "tinyserve", 16, {}),
-    "gsp_round_robin_16": ("generated_shared_prefix",
-                           dict(num_groups=12, prompts_per_group=8, rate=150.0), "round_robin", 16,
-                           {}),
-    "chat_tinyserve_8": ("multi_turn_chat", dict(num_clients=24), "tinyserve", 8,
-                         {"load_metric": "inflight_tokens"}),
-    "tool_agent_llmd_8": ("tool_agent", dict(num_sessions=60), "llmd_weighted", 8, {}),
-    "toolbench_preble_8": ("toolbench", dict(num_requests=160), "preble", 8, {}),
+    "gsp_tinyserve_16": ("generated_shared_prefix", _GSP, "tinyserve", 16, _INFLIGHT),
+    "gsp_round_robin_16": ("generated_shared_prefix", _GSP, "round_robin", 16, _INFLIGHT),
+    "chat_tinyserve_8": ("multi_turn_chat", dict(num_clients=24), "tinyserve", 8, _INFLIGHT),
+    "tool_agent_llmd_8": ("tool_agent", dict(num_sessions=60), "llmd_weighted", 8, _INFLIGHT),
+    "toolbench_preble_8": ("toolbench", dict(num_requests=160), "preble", 8, _INFLIGHT),
     "gsp_small_pool_preempt_4": ("generated_shared_prefix",
                                  dict(num_groups=6, prompts_per_group=8, system_prompt_len=512,
                                       question_len=64, output_len=64, rate=80.0),
-                                 "tinyserve", 4, {"num_blocks": 160}),
+                                 "tinyserve", 4, {"num_blocks": 160, **_INFLIGHT}),
 }
 
 # summary fields compared exactly (sim_wall_s is a wall time, the rest are simulated figures)
@@ -83,7 +84,7 @@ def test_reference_comparison_can_fail() -> None:
     assert fx["gsp_small_pool_preempt_4"]["num_preemptions"] > 0
     # later KV events / rarer load snapshots / no speculative inserts move routing decisions:
     # the cases are sensitive to exactly what the optimised event and snapshot delivery touches
-    assert run_case("toolbench_preble_8", event_lag_s=0.05) != fx["toolbench_preble_8"]
+    assert run_case("gsp_small_pool_preempt_4", event_lag_s=0.05) != fx["gsp_small_pool_preempt_4"]
     assert run_case("chat_tinyserve_8", snapshot_interval_s=0.1) != fx["chat_tinyserve_8"]
     assert run_case("gsp_tinyserve_16", speculative=False) != fx["gsp_tinyserve_16"]
 
