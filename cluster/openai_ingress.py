@@ -30,6 +30,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from cluster.app_config import AppConfig
 from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from cluster.openai_responses import Accumulated, ResponseContext, sse
+from cluster.policy import policy_names
 from replicas.deployment import GenerateRequest
 from replicas.outputs import RequestOutput
 
@@ -73,6 +74,17 @@ async def _parse(request: Request, model: type[M]) -> M:
         raise OpenAIError(
             f"{loc + ': ' if loc else ''}{first.get('msg')}", param=loc or None
         ) from exc
+
+
+def _checked_policy(name: str | None) -> str:
+    """A request's ``routing_policy``: "" when unset, else a registered policy name."""
+    if not name:
+        return ""
+    if name not in policy_names():
+        raise OpenAIError(
+            f"unknown routing_policy {name!r}; known: {policy_names()}", param="routing_policy"
+        )
+    return name
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -268,6 +280,13 @@ class OpenAIIngress:
     ) -> Any:
         rid = f"{id_prefix}-{uuid.uuid4().hex}"
         params = body.sampling_params(self.config.default_max_tokens)
-        req = GenerateRequest(rid, ids, params, prompt=text, session_id=body.session_id or "")
+        req = GenerateRequest(
+            rid,
+            ids,
+            params,
+            prompt=text,
+            session_id=body.session_id or "",
+            routing_policy=_checked_policy(body.routing_policy),
+        )
         ctx = ResponseContext(kind, rid, self.model_name, self.tokenizer, params.logprobs)
         return await self._respond(ctx, req, body.stream, body.include_usage())

@@ -71,6 +71,9 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] = Field(default_factory=list)
     session_id: str | None = None
+    # NOTE: A/B routing: the selection-service policy for this request (cluster.policy names);
+    # None = the router's configured policy. Checked by the ingress against the registry.
+    routing_policy: str | None = None
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)

@@ -148,7 +148,7 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                 num_output_tokens=info.max_tokens,
                 session_id=info.session_id,
                 candidate_replica_ids=list(by_id),
-                policy=self.settings.policy,
+                policy=info.policy or self.settings.policy,
                 max_results=self.settings.max_ranked,
             )
         except (ValueError, PermissionError) as exc:  # NOTE: caller bug; still serve it.

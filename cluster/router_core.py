@@ -60,6 +60,7 @@ class PromptInfo:
     prompt_token_ids: Sequence[int]
     max_tokens: int
     session_id: str
+    policy: str = ""  # the request's own routing policy ("" = the router's)
 
 
 def prompt_info(args: Sequence[Any]) -> PromptInfo | None:
@@ -76,6 +77,7 @@ def prompt_info(args: Sequence[Any]) -> PromptInfo | None:
             prompt_token_ids=ids,
             max_tokens=int(getattr(params, "max_tokens", 0) or 0),
             session_id=str(getattr(arg, "session_id", "") or ""),
+            policy=str(getattr(arg, "routing_policy", "") or ""),
         )
     return None
 

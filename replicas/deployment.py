@@ -43,6 +43,8 @@ class GenerateRequest:
 
     ``prompt`` is the text form, read only by Ray's own ``PrefixCacheAffinityRouter`` (it
     looks for a ``.prompt`` attribute); the engine uses ``prompt_token_ids``.
+    ``routing_policy`` asks the TinyServe router for one selection-service policy ("" = its
+    configured one), for A/B runs over one deployment.
     """
 
     request_id: str
@@ -50,6 +52,7 @@ class GenerateRequest:
     sampling_params: SamplingParams
     prompt: str = ""
     session_id: str = ""
+    routing_policy: str = ""
 
 
 @dataclass(slots=True)

@@ -23,7 +23,7 @@ from kvmanager.events import KVEvent
 from kvmanager.metrics import PoolStats
 from replicas.config import EngineConfig
 from replicas.llm_engine import LLMEngine
-from replicas.outputs import RequestMetrics, RequestOutput
+from replicas.outputs import RequestMetrics, RequestOutput, merge_outputs
 from replicas.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -88,8 +88,17 @@ class AsyncLLMEngine:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                error: BaseException | None = None
+                while not item.finished and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        error = nxt
+                        break
+                    item = merge_outputs(item, nxt)
                 finished = item.finished
                 yield item
+                if error is not None:
+                    raise error
                 if finished:
                     return
         finally:

@@ -41,3 +41,26 @@ class RequestOutput:
     num_output_tokens: int
     logprobs: list[TokenLogprobs] | None
     metrics: RequestMetrics
+
+
+def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """``first`` then ``later`` of one request as one delta (counters, state: ``later``'s).
+
+    NOTE: a stream whose consumer falls behind gets its queued deltas merged, as vLLM's
+    output collector does, so a slow client costs one hop per read, not one per token.
+    """
+    logprobs = None
+    if first.logprobs is not None or later.logprobs is not None:
+        logprobs = [*(first.logprobs or []), *(later.logprobs or [])]
+    return RequestOutput(
+        later.request_id,
+        [*first.new_token_ids, *later.new_token_ids],
+        first.text_delta + later.text_delta,
+        later.finished,
+        later.finish_reason,
+        later.num_prompt_tokens,
+        later.num_cached_tokens,
+        later.num_output_tokens,
+        logprobs,
+        later.metrics,
+    )

@@ -170,6 +170,18 @@ def test_shared_prefix_lands_on_one_replica_and_hits_its_cache(cluster: Cluster)
     assert stats["num_replicas"] == 2 and all(r["synced"] for r in stats["replicas"])
 
 
+def test_a_request_can_ask_for_its_own_routing_policy(cluster: Cluster) -> None:
+    before = _selector_stats()["decisions"].get("round_robin", 0)
+    for i in range(3):
+        out = _chat(cluster, f"policy probe {i}", extra_body={"routing_policy": "round_robin"})
+        assert out.choices[0].message.content
+    assert _selector_stats()["decisions"].get("round_robin", 0) == before + 3
+    r = requests.post(f"{cluster.http}/v1/chat/completions", timeout=30, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "x"}],
+        "routing_policy": "fastest_please"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "routing_policy"
+
+
 def test_client_disconnect_aborts_on_the_replica(cluster: Cluster) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story."}],
             "max_tokens": 400, "ignore_eos": True, "stream": True}

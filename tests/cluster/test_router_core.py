@@ -35,8 +35,15 @@ def test_prompt_info_reads_the_generate_request_among_args() -> None:
     assert (info.request_id, list(info.prompt_token_ids), info.max_tokens, info.session_id) == (
         "r1", [1, 2, 3], 7, "s"
     )
+    assert info.policy == ""
     assert prompt_info(["text", 3]) is None
     assert prompt_info([]) is None
+
+
+def test_prompt_info_carries_the_requests_own_routing_policy() -> None:
+    req = GenerateRequest("r2", [1], SamplingParams(), routing_policy="sglang_cache_aware")
+    info = prompt_info([req])
+    assert info is not None and info.policy == "sglang_cache_aware"
 
 
 @pytest.mark.parametrize("hash_mode", ["fast", "vllm"])

