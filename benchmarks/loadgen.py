@@ -76,7 +76,13 @@ class Replayer:
     """Sends a workload through ``client`` (an ``openai.AsyncOpenAI`` or a test double)."""
 
     def __init__(self, client: Any, model: str, workload: Workload, time_scale: float = 1.0,
-                 max_requests: int = 0) -> None:
+                 max_requests: int = 0, nonce: str = "",
+                 extra_body: dict[str, Any] | None = None) -> None:
+        """``nonce`` opens every conversation, so a replay shares no KV with earlier replays of
+        the same workload (back-to-back A/B runs); ``extra_body`` goes into every request
+        (e.g. ``{"routing_policy": ...}``)."""
+        self.nonce = f"[{nonce}] " if nonce else ""
+        self.extra_body = extra_body
         self.client = client
         self.model = model
         self.workload = workload
@@ -94,7 +100,7 @@ class Replayer:
     def messages_for(self, req: SimRequest) -> list[dict[str, str]]:
         bs = self.workload.block_size
         if req.parent_id is None:
-            return [{"role": "user", "content": render_blocks(req.prompt_blocks, bs)}]
+            return [{"role": "user", "content": self.nonce + render_blocks(req.prompt_blocks, bs)}]
         parent = self._by_id[req.parent_id]
         new = req.prompt_blocks[len(parent.prompt_blocks) + len(parent.output_blocks):]
         return self._messages[req.parent_id] + [{"role": "user", "content": render_blocks(new, bs)}]
@@ -112,6 +118,7 @@ class Replayer:
             stream = await self.client.chat.completions.create(
                 model=self.model, messages=messages, max_tokens=req.num_output_tokens,
                 temperature=0.0, stream=True, stream_options={"include_usage": True},
+                extra_body=self.extra_body,
             )
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:

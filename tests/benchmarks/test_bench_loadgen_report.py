@@ -71,6 +71,23 @@ def test_replay_streams_reads_cached_tokens_and_chains_turns() -> None:
         sum(r.num_cached_tokens for r in records) / sum(r.num_prompt_tokens for r in records))
 
 
+def test_nonce_opens_every_conversation_and_extra_body_reaches_every_call() -> None:
+    w = build_workload("multi_turn_chat", 0, num_clients=2, num_rounds=2, tokens_per_round=32,
+                       output_len=16)
+    client = FakeClient()
+    rep = Replayer(client, "m", w, time_scale=0.0, nonce="run-7",
+                   extra_body={"routing_policy": "tinyserve"})
+    asyncio.run(rep.run())
+    assert len(client.calls) == 4
+    for call in client.calls:
+        assert call["messages"][0]["content"].startswith("[run-7] ")
+        assert call["extra_body"] == {"routing_policy": "tinyserve"}
+    plain = FakeClient()
+    asyncio.run(Replayer(plain, "m", w, time_scale=0.0).run())
+    assert not plain.calls[0]["messages"][0]["content"].startswith("[")
+    assert plain.calls[0]["extra_body"] is None
+
+
 def _row(w: str, p: str, n: int, seed: int, p99: float, hit: float,
          stages: list[float] | None = None) -> dict[str, Any]:
     return {"workload": w, "policy": p, "num_replicas": n, "seed": seed, "ttft_p50_s": p99 / 2,
