@@ -197,8 +197,11 @@ def measure_decode_group(t: StepTimer, batch: int, context: int,
     else:
         shared = t.cache_prefix(context - bs, fresh=True)
         prompts = [shared + t.fresh(bs) for _ in range(batch)]
-    steps_needed = (warmup + repeats) * (1 + len(mixed)) + 4
-    ids = {t.add(p, steps_needed + 2) for p in prompts}
+    # NOTE: early admits decode while later ones still prefill; budget for those steps too.
+    budget = t.engine.config.max_num_batched_tokens
+    startup = sum(-(-len(p) // budget) for p in prompts) + batch
+    steps_needed = (warmup + repeats) * (1 + len(mixed)) + startup + 8
+    ids = {t.add(p, min(steps_needed, t.engine.max_model_len - context - 1)) for p in prompts}
     started: set[str] = set()
     while not ids <= started:
         _, _, outs = t.step()
@@ -359,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                     "cuda 5)")
     ap.add_argument("--warmup", type=int, default=None, help="discarded steps (cpu 1, cuda 2)")
     ap.add_argument("--distinct-tokens", type=int, default=None,
-                    help="decode prompts are distinct when B*L <= this (default cpu 4096, "
+                    help="decode prompts are distinct when B*L <= this (default cpu 2048, "
                     "cuda 262144)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default=None,
                     help="step time = wall time, or this process's CPU time (CPU device on a "
@@ -397,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--clock cpu measures host CPU time: use wall on CUDA")
     timer = StepTimer(engine, args.seed, args.clock)
     grid = GRIDS["smoke" if args.smoke else args.device]
-    distinct = args.distinct_tokens or (262144 if args.device == "cuda" else 4096)
+    distinct = args.distinct_tokens or (262144 if args.device == "cuda" else 2048)
     if args.repeats is None:
         args.repeats = 5 if args.device == "cuda" else 3
     if args.warmup is None:
