@@ -133,10 +133,12 @@ class KVCacheManager:
             return hit
         bs = self.block_size
         parent: NativeHash | None = None
+        hash_block, external = self.hasher.hash_block, self.hasher.external
+        cached = self._hash_to_block
         for i in range((len(token_ids) - 1) // bs):
-            native = self.hasher.hash_block(parent, token_ids[i * bs : (i + 1) * bs], extra_keys)
-            ext = self.hasher.external(native)
-            block_id = self._hash_to_block.get(ext)
+            native = hash_block(parent, token_ids[i * bs : (i + 1) * bs], extra_keys)
+            ext = external(native)
+            block_id = cached.get(ext)
             if block_id is None:
                 break
             hit.block_ids.append(block_id)
@@ -220,11 +222,14 @@ class KVCacheManager:
             return
         self._tick()
         stored: BlockStored | None = None
+        hash_block, external = self.hasher.hash_block, self.hasher.external
+        # NOTE: each block's external hash is the next one's parent_ext (computed once).
+        ext = None if req.last_native is None else external(req.last_native)
         for i in range(req.num_hashed_blocks, num_computed_tokens // bs):
-            parent_ext = None if req.last_native is None else self.hasher.external(req.last_native)
+            parent_ext = ext
             chunk = list(token_ids[i * bs : (i + 1) * bs])
-            req.last_native = self.hasher.hash_block(req.last_native, chunk, req.extra_keys)
-            ext = self.hasher.external(req.last_native)
+            req.last_native = hash_block(req.last_native, chunk, req.extra_keys)
+            ext = external(req.last_native)
             block_id = req.block_ids[i]
             if ext in self._hash_to_block:  # a duplicate ends the current event batch
                 if stored is not None:

@@ -10,6 +10,12 @@ Event loop (one heap, simulated seconds)::
     SAMPLE    every sample_interval_s: PoolStats of up to ``max_sampled`` replicas (usage,
               utilisation, fragmentation; F_total is also fed back into the snapshots)
 
+Speed (issue 7: 256 replicas x 1M requests): Select asks for the winner only
+(``max_results=1``; the full ranking is built only for the wire), the pools share one
+memoising hasher, and a SNAPSHOT re-reports only replicas whose state changed since their last
+report (an unchanged replica's report would be identical, and nothing was routed to it since).
+``SimConfig(reference=True)`` turns all three off; a test checks both give identical figures.
+
 The core's clock is the simulated time, so pending-insert TTLs, access decay and staleness run
 on simulated seconds. Nothing here models hits: they are whatever the pools return.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from benchmarks.sim.calibration import StepTimeModel
-from benchmarks.sim.hashes import BlockHashMemo
+from benchmarks.sim.hashes import BlockHashMemo, MemoHasher
 from benchmarks.sim.replica import SeqState, SimReplica
 from benchmarks.sim.results import (
     RequestRecord,
@@ -67,6 +74,8 @@ class SimConfig:
     defer_shared_prefill: bool = False
     load_metric: str = "uncached_work"
     seed: int = 0
+    reference: bool = False  # the unoptimised paths (full ranking, plain hashing, all snapshots)
+    keep_records: bool = True  # False: no RequestRecord per request (1M-request runs)
 
 
 class ClusterSim:
@@ -95,10 +104,25 @@ class ClusterSim:
         self._seq = {r.replica_id: -1 for r in self.replicas}
         self._deliveries: deque[tuple[float, str, list[KVEvent]]] = deque()
         self._memo = BlockHashMemo(self.replicas[0].pool.hasher, bs)
+        if not config.reference:
+            pool_hasher = MemoHasher(self.replicas[0].pool.hasher)
+            for r in self.replicas:
+                r.pool.hasher = pool_hasher
+        self._max_results = 0 if config.reference else 1
+        # NOTE: replicas whose load report may differ from the one the core holds (routed to,
+        # stepped, sampled); all of them at the start.
+        self._dirty = [True] * len(self.replicas)
+        self._index = {r.replica_id: i for i, r in enumerate(self.replicas)}
         self._heap: list[tuple[float, int, int, object]] = []
         self._counter = 0
         self._children: dict[str, list[SimRequest]] = {}
         self.records: list[RequestRecord] = []
+        # NOTE: what the summary needs of every completed request, in completion order, as
+        # compact columns (~50 bytes per request; RequestRecord objects only with keep_records).
+        self._arrival, self._first, self._finish = array("d"), array("d"), array("d")
+        self._prompt, self._cached, self._out = array("q"), array("q"), array("q")
+        self.num_completed = 0
+        self._open: list[SimRequest] = []
         self._samples: list[tuple[float, float, float, float]] = []
         self._sample_cursor = 0
 
@@ -107,20 +131,30 @@ class ClusterSim:
         self._counter += 1
         heapq.heappush(self._heap, (t, kind, self._counter, payload))
 
+    def _push_open(self, j: int) -> None:
+        """Open-loop arrival ``j`` enters the heap when arrival ``j - 1`` is handled (the heap
+        stays small). NOTE: with tie-break counter ``j + 1``, exactly the counter it had when
+        every arrival was pushed up front, so the event order is unchanged."""
+        if j < len(self._open):
+            req = self._open[j]
+            heapq.heappush(self._heap, (req.arrival_s, _ARRIVAL, j + 1, (req, j)))
+
     # ------------------------------------------------------------------ run
     def run(self, progress: Callable[[int], None] | None = None) -> RunSummary:
         """Simulate until every request completed; ``progress(n)`` is called per completion."""
         wall0 = time.perf_counter()
         for req in self.workload.requests:
             if req.parent_id is None:
-                self._push(req.arrival_s, _ARRIVAL, req)
+                self._open.append(req)
             else:
                 self._children.setdefault(req.parent_id, []).append(req)
+        self._push_open(0)
+        self._counter = len(self._open)
         cfg = self.config
         self._push(0.0, _SNAPSHOT, None)
         self._push(cfg.sample_interval_s, _SAMPLE, None)
         total = len(self.workload.requests)
-        while self._heap and len(self.records) < total:
+        while self._heap and self.num_completed < total:
             t, kind, _, payload = heapq.heappop(self._heap)
             self.now = t
             if kind == _STEP:
@@ -128,7 +162,10 @@ class ClusterSim:
                 if version == replica.version:
                     self._on_step_done(replica, progress)
             elif kind == _ARRIVAL:
-                self._on_arrival(payload)  # type: ignore[arg-type]
+                req, j = payload  # type: ignore[misc]
+                if j >= 0:
+                    self._push_open(j + 1)
+                self._on_arrival(req)
             elif kind == _KICK:
                 replica = payload  # type: ignore[assignment]
                 replica.kick_pending = False
@@ -136,14 +173,17 @@ class ClusterSim:
                     self._start(replica)
             elif kind == _SNAPSHOT:
                 self._deliver_due()
-                for r in self.replicas:
-                    self.core.update_load(r.replica_id, r.snapshot())
+                dirty, ref = self._dirty, cfg.reference
+                for i, r in enumerate(self.replicas):
+                    if dirty[i] or ref:
+                        dirty[i] = False
+                        self.core.update_load(r.replica_id, r.snapshot())
                 self._push(t + cfg.snapshot_interval_s, _SNAPSHOT, None)
             else:
                 self._sample()
                 self._push(t + cfg.sample_interval_s, _SAMPLE, None)
-        if len(self.records) < total:
-            raise RuntimeError(f"simulation stalled: {len(self.records)}/{total} completed")
+        if self.num_completed < total:
+            raise RuntimeError(f"simulation stalled: {self.num_completed}/{total} completed")
         return self._summary(time.perf_counter() - wall0)
 
     # ------------------------------------------------------------------ handlers
@@ -154,13 +194,13 @@ class ClusterSim:
         sel = self.core.select(
             SelectionRequest(req.request_id, hashes, len(req.prompt_blocks) * bs,
                              req.num_output_tokens, req.session_id),
-            speculative=self.config.speculative,
+            speculative=self.config.speculative, max_results=self._max_results,
         )
         assert sel.replica_id is not None, "no replica to route to"
         replica = self._by_id[sel.replica_id]
+        self._dirty[self._index[sel.replica_id]] = True
         prompt_len = len(req.prompt_blocks) * bs
-        # NOTE: a list, not an ndarray: the pool's hasher packs Python ints ~5x faster.
-        replica.enqueue(SeqState(req, req.token_ids(bs).tolist(), self.now, prompt_len, prompt_len))
+        replica.enqueue(SeqState(req, expand_tokens(req, bs), self.now, prompt_len, prompt_len))
         if replica.idle:
             if not replica.kick_pending:
                 replica.kick_pending = True
@@ -171,6 +211,7 @@ class ClusterSim:
                 self._push(end, _STEP, (replica, replica.version))
 
     def _start(self, replica: SimReplica) -> None:
+        self._dirty[self._index[replica.replica_id]] = True
         end = replica.plan(self.now)
         self._publish(replica)
         if end is not None:
@@ -178,15 +219,23 @@ class ClusterSim:
 
     def _on_step_done(self, replica: SimReplica, progress: Callable[[int], None] | None) -> None:
         for s in replica.finish(self.now):
-            rec = RequestRecord(s.req.request_id, replica.replica_id, s.arrival_s,
-                                s.first_token_s, s.finish_s, s.prompt_len,
-                                max(s.num_cached_tokens, 0), s.req.num_output_tokens,
-                                s.num_preemptions)
-            self.records.append(rec)
-            self.core.feedback(Outcome(rec.request_id, rec.replica_id, rec.num_prompt_tokens,
-                                       rec.num_cached_tokens, rec.ttft_s, rec.num_output_tokens))
-            for child in self._children.pop(s.req.request_id, ()):
-                self._push(max(child.arrival_s, self.now + child.think_time_s), _ARRIVAL, child)
+            req, cached = s.req, max(s.num_cached_tokens, 0)
+            if self.config.keep_records:
+                self.records.append(RequestRecord(
+                    req.request_id, replica.replica_id, s.arrival_s, s.first_token_s, s.finish_s,
+                    s.prompt_len, cached, req.num_output_tokens, s.num_preemptions))
+            self.num_completed += 1
+            self._arrival.append(s.arrival_s)
+            self._first.append(s.first_token_s)
+            self._finish.append(s.finish_s)
+            self._prompt.append(s.prompt_len)
+            self._cached.append(cached)
+            self._out.append(req.num_output_tokens)
+            self.core.feedback(Outcome(req.request_id, replica.replica_id, s.prompt_len, cached,
+                                       s.first_token_s - s.arrival_s, req.num_output_tokens))
+            for child in self._children.pop(req.request_id, ()):
+                self._push(max(child.arrival_s, self.now + child.think_time_s), _ARRIVAL,
+                           (child, -1))
             if progress is not None:
                 progress(1)
         self._start(replica)
@@ -216,7 +265,9 @@ class ClusterSim:
         n = len(self.replicas)
         k = min(self.config.max_sampled, n)
         for j in range(k):
-            r = self.replicas[(self._sample_cursor + j) % n]
+            i = (self._sample_cursor + j) % n
+            r = self.replicas[i]
+            self._dirty[i] = True
             st = r.pool.stats()
             r.f_total = st.f_total
             self._samples.append((st.usage, st.utilization, st.external_fragmentation, st.f_total))
@@ -224,39 +275,52 @@ class ClusterSim:
 
     # ------------------------------------------------------------------ summary
     def _summary(self, wall_s: float) -> RunSummary:
-        recs = self.records
-        ttft = np.asarray([r.ttft_s for r in recs])
-        e2e = np.asarray([r.finish_s - r.arrival_s for r in recs])
-        first = min(r.arrival_s for r in recs)
-        last = max(r.finish_s for r in recs)
+        arrival, finish = np.asarray(self._arrival), np.asarray(self._finish)
+        ttft = np.asarray(self._first) - arrival
+        e2e = finish - arrival
+        n = self.num_completed
+        first = float(arrival.min())
+        last = float(finish.max())
         span = max(last - first, 1e-9)
-        out_tokens = sum(r.num_output_tokens for r in recs)
+        out = np.asarray(self._out)
+        out_tokens = int(out.sum())
         stats = [r.pool.stats() for r in self.replicas]
         q = sum(s.prefix_query_tokens for s in stats)
         busy = np.asarray([r.busy_s for r in self.replicas])
         work = np.asarray([r.num_tokens_processed for r in self.replicas], np.float64)
         samples = np.asarray(self._samples) if self._samples else np.zeros((1, 4))
-        prompt = sum(r.num_prompt_tokens for r in recs)
+        prompt = int(np.asarray(self._prompt).sum())
+        cached = int(np.asarray(self._cached).sum())
         return RunSummary(
             workload=self.workload.name, policy=self.config.policy,
-            num_replicas=len(self.replicas), seed=self.workload.seed, num_requests=len(recs),
+            num_replicas=len(self.replicas), seed=self.workload.seed, num_requests=n,
             ttft_p50_s=percentile(ttft, 50), ttft_p90_s=percentile(ttft, 90),
             ttft_p99_s=percentile(ttft, 99), ttft_mean_s=float(ttft.mean()),
             e2e_p99_s=percentile(e2e, 99),
-            throughput_tok_s=out_tokens / span, throughput_req_s=len(recs) / span,
+            throughput_tok_s=out_tokens / span, throughput_req_s=n / span,
             hit_ratio=sum(s.prefix_hit_tokens for s in stats) / q if q else 0.0,
-            request_hit_ratio=sum(r.num_cached_tokens for r in recs) / prompt if prompt else 0.0,
+            request_hit_ratio=cached / prompt if prompt else 0.0,
             imbalance=float(work.max() / work.mean()) if work.mean() > 0 else 1.0,
             usage=float(samples[:, 0].mean()), utilization=float(samples[:, 1].mean()),
             external_fragmentation=float(samples[:, 2].mean()), f_total=float(samples[:, 3].mean()),
             num_preemptions=sum(r.num_preemptions for r in self.replicas),
             num_evicted_blocks=sum(s.num_evicted_blocks for s in stats),
             makespan_s=span, sim_wall_s=wall_s,
-            stage_throughput_tok_s=stage_throughput(recs, self.workload.stages),
+            stage_throughput_tok_s=stage_throughput(finish, out, self.workload.stages),
             extra={"num_blocks_per_replica": self.num_blocks,
                    "busy_fraction": float(busy.mean() / span),
                    "num_steps": sum(r.num_steps for r in self.replicas)},
         )
+
+
+def expand_tokens(req: SimRequest, block_size: int) -> list[int]:
+    """``req.token_ids(block_size).tolist()`` built from the content ids directly. NOTE: a list,
+    not an ndarray (the pool's hasher packs Python ints ~5x faster), and without the ndarray
+    round trip, which allocated one int object per token (~0.5 ms per gsp request)."""
+    out: list[int] = []
+    for c in req.prompt_blocks + req.output_blocks:
+        out += [c] * block_size
+    return out
 
 
 def simulate(config: SimConfig, workload: Workload) -> RunSummary:

@@ -75,15 +75,15 @@ def percentile(values: np.ndarray, q: float) -> float:
 
 
 def stage_throughput(
-    records: list[RequestRecord], stages: list[tuple[float, float, float]]
+    finish_s: np.ndarray, output_tokens: np.ndarray, stages: list[tuple[float, float, float]]
 ) -> list[float]:
-    """Output tokens of requests completed inside each stage window / window length."""
+    """Output tokens of requests completed inside each stage window / window length
+    (``finish_s`` and ``output_tokens`` are per-request columns)."""
     if not stages:
         return []
-    finish = np.asarray([r.finish_s for r in records])
-    tokens = np.asarray([r.num_output_tokens for r in records], np.float64)
+    tokens = np.asarray(output_tokens, np.float64)
     out = []
     for t0, t1, _ in stages:
-        mask = (finish >= t0) & (finish < t1)
+        mask = (finish_s >= t0) & (finish_s < t1)
         out.append(float(tokens[mask].sum() / (t1 - t0)))
     return out

@@ -92,5 +92,21 @@ def test_reference_comparison_can_fail() -> None:
     assert run_case("chat_dynamo_8", snapshot_interval_s=0.1) != fx["chat_dynamo_8"]
     assert run_case("gsp_sglang_16", speculative=False) != fx["gsp_sglang_16"]
 
+
+@pytest.mark.parametrize(("policy", "load_metric"),
+                         [("tinyserve", "uncached_work"), ("tinyserve", "inflight_tokens"),
+                          ("llmd_weighted", "uncached_work")])
+def test_fast_paths_equal_reference_mode(policy: str, load_metric: str) -> None:
+    """Winner-only Select, memoised pool hashing and changed-only snapshots give the figures of
+    ``SimConfig(reference=True)`` (full ranking, plain hashing, every snapshot) exactly."""
+    workload = build_workload("tool_agent", 0, num_sessions=60)
+    out = []
+    for reference in (False, True):
+        sim = ClusterSim(SimConfig(8, policy, load_calibration(), load_metric=load_metric,
+                                   reference=reference), workload)
+        s = sim.run().to_dict()
+        out.append(({k: s[k] for k in FIELDS}, records_digest(sim.records)))
+    assert out[0] == out[1]
+
 if __name__ == "__main__" and "--record" in sys.argv:
     FIXTURE_PATH.write_text(json.dumps({n: run_case(n) for n in CASES}, indent=1, sort_keys=True))
