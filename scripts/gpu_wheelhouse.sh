@@ -46,4 +46,14 @@ rm -f "$DEST"/site312.tar.xz.part-* "$DEST"/site312.sha256
 tar -C "$work/site" -cf - . | xz -T0 -6 | split -b "${PART_MB}M" - "$DEST/site312.tar.xz.part-"
 (cd "$DEST" && sha256sum site312.tar.xz.part-* > site312.sha256)
 du -ch "$DEST"/site312.tar.xz.part-* | tail -1
+# NOTE: the GPU A/B serves a random-weight Llama with the default model's real tokenizer.
+"$PY" - "$DEST/tokenizer" <<'PYEOF'
+import shutil, sys
+from pathlib import Path
+from replicas.model_source import resolve_model_dir
+src, dst = resolve_model_dir("default"), Path(sys.argv[1])
+dst.mkdir(parents=True, exist_ok=True)
+for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    shutil.copy(src / name, dst / name)
+PYEOF
 echo "== done: carry $DEST to the GPU machine and source scripts/gpu_site.sh there"

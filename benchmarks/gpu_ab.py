@@ -1,0 +1,317 @@
+"""Real-cluster routing A/B (issue 9): the Serve app on N GPUs (or CPUs), one workload replayed
+once per routing policy, back to back, over HTTP with the ``openai`` streaming client.
+
+    # on a GPU machine, after `. scripts/gpu_site.sh` (Ray carried as a wheelhouse):
+    python3 -m benchmarks.gpu_ab --device cuda --replicas 2 --make-llama1b /tmp/llama1b \\
+        --tokenizer .whl/tokenizer --out $OUT/gpu_ab
+    # smoke test here (SmolLM2 on CPU, a few requests per replay):
+    python -m benchmarks.gpu_ab --device cpu --replicas 2 --max-requests 8 --out /tmp/ab
+
+Policies (``POLICIES``): ours and the SGLang-/Dynamo-/llm-d-style policies run in the
+selection service behind ``TinyServeRouter`` (one deployment; each request names its policy
+with ``routing_policy``); Ray's own ``PrefixCacheAffinityRouter`` and Serve's power-of-two
+router each get their own deployment. Every replay opens its conversations with a fresh nonce,
+so it shares no KV with earlier replays: each policy starts from a pool full of stale blocks,
+as a long-running server does. Per policy: TTFT p50/p90/p99 and TPOT (client side), output
+tokens/s, prefix-hit token ratio (``usage.cached_tokens``), load imbalance (max/mean prompt
+tokens per replica, from the pools' counters) and KV utilisation (pool usage sampled every
+0.5 s). Writes ``<out>.json`` (every replay, records included, loadgen's format), ``<out>.md``
+and ``<out>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import threading
+import time
+import urllib.request
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.loadgen import LoadRecord, Replayer, summarize
+from benchmarks.workloads import build_workload
+
+APP = "tinyserve"
+# label -> (Serve router, the selection-service policy the requests ask for)
+POLICIES: dict[str, tuple[str, str]] = {
+    "tinyserve": ("tinyserve", "tinyserve"),
+    "sglang_cache_aware": ("tinyserve", "sglang_cache_aware"),
+    "dynamo_cost": ("tinyserve", "dynamo_cost"),
+    "llmd_weighted": ("tinyserve", "llmd_weighted"),
+    "ray_prefix_affinity": ("prefix_cache_affinity", ""),
+    "pow2": ("pow2", ""),
+}
+DEFAULT_POLICIES = ["tinyserve", "sglang_cache_aware", "dynamo_cost", "ray_prefix_affinity", "pow2"]
+# workload -> scale (8 replicas = 1), rate multiplier (1 = the design rate), builder overrides
+PLAN: dict[str, tuple[float, float, dict[str, Any]]] = {
+    "generated_shared_prefix": (0.5, 1.5, {}),
+    "multi_turn_chat": (0.5, 2.0, {}),
+    "tool_agent": (0.25, 6.0, {}),
+    "b2b_saas": (0.25, 2.0, {"stage_s": 4.0}),
+}
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=64)
+
+
+def make_llama1b(path: Path, tokenizer_dir: Path) -> Path:
+    """A Llama-3.2-1B-shaped checkpoint with random bf16 weights and a real tokenizer (routing
+    and prefix caching act on token ids; the weights only set the compute)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (path / "config.json").exists():
+        return path
+    tok = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    cfg = LlamaConfig(**LLAMA_1B, vocab_size=vocab, max_position_embeddings=32768,
+                      rope_theta=500000.0, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=tok.get("pad_token_id"))
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(str(path))
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, path / f.name)
+    return path
+
+
+class PoolSampler:
+    """Samples every LLM replica's pool stats (usage, counters) in a thread while a replay runs."""
+
+    def __init__(self, period_s: float = 0.5) -> None:
+        from ray import serve
+
+        self.handle = serve.get_deployment_handle("LLMReplica", APP)
+        self.period_s = period_s
+        self.usage: dict[str, list[float]] = {}
+        self.last: dict[str, dict[str, Any]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def snapshot(self, rounds: int = 16) -> dict[str, dict[str, Any]]:
+        """Latest stats of every replica (a handle call reaches one replica: repeat)."""
+        seen: dict[str, dict[str, Any]] = {}
+        for _ in range(rounds):
+            st = self.handle.stats.remote().result(timeout_s=60)
+            seen[st["replica_id"]] = st
+        return seen
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            st = self.handle.stats.remote().result(timeout_s=60)
+            self.usage.setdefault(st["replica_id"], []).append(float(st["usage"]))
+
+    def __enter__(self) -> PoolSampler:
+        self.before = self.snapshot()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.after = self.snapshot()
+
+    def figures(self) -> dict[str, Any]:
+        prompt = {r: self.after[r]["prefix_query_tokens"] - self.before.get(r, {}).get(
+            "prefix_query_tokens", 0) for r in self.after}
+        vals = list(prompt.values())
+        mean = float(np.mean(vals)) if vals else 0.0
+        usage = [float(np.mean(u)) for u in self.usage.values() if u]
+        return {"prompt_tokens_per_replica": prompt,
+                "imbalance": max(vals) / mean if mean > 0 else 0.0,
+                "kv_usage_mean": float(np.mean(usage)) if usage else 0.0,
+                "kv_usage_max": max((max(u) for u in self.usage.values() if u), default=0.0)}
+
+
+def tpot(records: list[LoadRecord]) -> dict[str, float]:
+    """Client-side time per output token after the first (finished, error-free requests)."""
+    t = np.asarray([(r.finish_s - r.first_token_s) / (r.num_output_tokens - 1)
+                    for r in records if not r.error and r.num_output_tokens > 1])
+    if not len(t):
+        return {}
+    return {"tpot_p50_s": float(np.percentile(t, 50)), "tpot_p90_s": float(np.percentile(t, 90))}
+
+
+def deploy(router: str, engine: dict[str, Any], replicas: int, device: str, http: str) -> None:
+    from ray import serve
+
+    from cluster.app import build_app
+
+    args = {"engine": engine, "num_replicas": replicas, "router": router,
+            "num_cpus_per_replica": 2 if device == "cuda" else 1,
+            "num_gpus_per_replica": 1 if device == "cuda" else 0,
+            "max_ongoing_requests": 1024, "ingress_num_replicas": 4 if device == "cuda" else 1,
+            "selector": {"port": 0, "stale_after_s": 600}}
+    if router == "tinyserve":  # NOTE: router_kwargs go to whichever router class is chosen.
+        args["router_kwargs"] = {"select_timeout_s": 0.05 if device == "cuda" else 1.0}
+    t0 = time.perf_counter()
+    serve.run(build_app(args), name=APP, route_prefix="/")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{http}/v1/models", timeout=5) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(1)
+    print(f"== deployed router={router} in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def replay(http: str, model: str, workload: str, seed: int, policy: str, nonce: str,
+           max_requests: int) -> dict[str, Any]:
+    import openai
+
+    # NOTE: a fresh client per replay: its connection pool binds to the replay's event loop.
+    client = openai.AsyncOpenAI(base_url=f"{http}/v1", api_key="unused", max_retries=0,
+                                timeout=600)
+    scale, rate, overrides = PLAN[workload]
+    w = build_workload(workload, seed, scale, **overrides)
+    extra: dict[str, Any] = {"ignore_eos": True}
+    if POLICIES[policy][1]:
+        extra["routing_policy"] = POLICIES[policy][1]
+    rep = Replayer(client, model, w, time_scale=1.0 / rate, max_requests=max_requests,
+                   nonce=nonce, extra_body=extra)
+    t0 = time.perf_counter()
+    with PoolSampler() as pools:
+        records = asyncio.run(rep.run())
+    row = {"workload": workload, "policy": policy, "router": POLICIES[policy][0], "seed": seed,
+           "scale": scale, "rate_multiplier": rate, "overrides": overrides,
+           "num_sent": len(rep.requests), "wall_s": time.perf_counter() - t0,
+           **summarize(records), **tpot(records), **pools.figures()}
+    print(f"   {workload:24s} {policy:20s} n={row['num_requests']:5d} err={row.get('num_errors')}"
+          f" ttft p50/p99 {row.get('ttft_p50_s', 0):.3f}/{row.get('ttft_p99_s', 0):.3f} s"
+          f" hit {row.get('hit_ratio', 0):.3f} tok/s {row.get('throughput_tok_s', 0):.0f}"
+          f" imb {row['imbalance']:.2f} kv {row['kv_usage_mean']:.2f}"
+          f" ({row['wall_s']:.1f} s) {row['prompt_tokens_per_replica']}", flush=True)
+    return {"summary": row, "records": [asdict(r) for r in records],
+            "args": {"workload": workload, "seed": seed, "scale": scale,
+                     "time_scale": 1.0 / rate, "set": overrides, "max_requests": max_requests}}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    cols = ["workload", "policy", "num_requests", "num_errors", "ttft_p50_s", "ttft_p90_s",
+            "ttft_p99_s", "tpot_p50_s", "throughput_tok_s", "hit_ratio", "imbalance",
+            "kv_usage_mean"]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [f"{r.get(c, float('nan')):.3f}" if isinstance(r.get(c), float) else
+                 str(r.get(c, "")) for c in cols]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(4.5 * len(workloads), 4), squeeze=False)
+    for ax, w in zip(axes[0], workloads, strict=True):
+        rs = [r for r in rows if r["workload"] == w]
+        x = np.arange(len(rs))
+        ax.bar(x - 0.2, [r.get("ttft_p50_s", 0) for r in rs], 0.4, label="TTFT p50")
+        ax.bar(x + 0.2, [r.get("ttft_p99_s", 0) for r in rs], 0.4, label="TTFT p99")
+        ax.set_xticks(x, [r["policy"] for r in rs], rotation=40, ha="right", fontsize=8)
+        ax.set_title(w, fontsize=9)
+        ax.set_ylabel("s")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--model", default="default", help="checkpoint dir, or 'default' (SmolLM2)")
+    ap.add_argument("--make-llama1b", default="", help="write a random 1B Llama here and serve it")
+    ap.add_argument("--tokenizer", default=".whl/tokenizer", help="tokenizer files for it")
+    ap.add_argument("--num-blocks", type=int, default=19264,
+                    help="KV blocks per replica (default: B2B SaaS at 73%% demand)")
+    ap.add_argument("--workloads", nargs="+", default=list(PLAN))
+    ap.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES, choices=list(POLICIES))
+    ap.add_argument("--rate", action="append", default=[], metavar="WORKLOAD=X",
+                    help="rate multiplier over the workload's design rate")
+    ap.add_argument("--set", action="append", default=[], metavar="WORKLOAD.PARAM=JSON",
+                    help="workload builder override, e.g. b2b_saas.stage_s=4")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--http-port", type=int, default=8000)
+    ap.add_argument("--warmup", type=int, default=16, help="warm-up requests per deployment")
+    ap.add_argument("--max-requests", type=int, default=0)
+    ap.add_argument("--out", required=True, help="output path prefix (.json/.md/.png)")
+    args = ap.parse_args(argv)
+    for item in args.rate:
+        name, _, x = item.partition("=")
+        PLAN[name] = (PLAN[name][0], float(x), PLAN[name][2])
+    for item in args.set:
+        key, _, value = item.partition("=")
+        name, _, param = key.partition(".")
+        PLAN[name][2][param] = json.loads(value)
+
+    import ray
+    from ray import serve
+
+    model = args.model
+    if args.make_llama1b:
+        model = str(make_llama1b(Path(args.make_llama1b), Path(args.tokenizer)))
+    engine: dict[str, Any] = {"model": model, "device": args.device,
+                              "num_blocks": args.num_blocks, "block_size": 16}
+    if args.device == "cuda":
+        engine.update(dtype="bfloat16", max_num_seqs=256, max_num_batched_tokens=8192)
+    else:
+        engine.update(num_blocks=min(args.num_blocks, 2048), max_num_seqs=8, num_threads=1)
+    # NOTE: enough logical CPUs for replicas + ingress + selector even on a 2-core box.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4 * args.replicas + 4),
+             num_gpus=args.replicas if args.device == "cuda" else 0, include_dashboard=False)
+    http = f"http://127.0.0.1:{args.http_port}"
+    serve.start(http_options={"host": "127.0.0.1", "port": args.http_port})
+    results: list[dict[str, Any]] = []
+    gpu = "cpu"
+    if args.device == "cuda":
+        import torch
+
+        gpu = torch.cuda.get_device_name(0)
+    routers = list(dict.fromkeys(POLICIES[p][0] for p in args.policies))
+    try:
+        for router in routers:
+            deploy(router, engine, args.replicas, args.device, http)
+            with urllib.request.urlopen(f"{http}/v1/models") as r:
+                served = json.loads(r.read())["data"][0]["id"]
+            mine = [p for p in args.policies if POLICIES[p][0] == router]
+            # NOTE: warm-up (first-request compilation, CUDA graphs) outside any measurement.
+            replay(http, served, "generated_shared_prefix", 99, mine[0], "warmup", args.warmup)
+            for w in args.workloads:
+                for p in mine:
+                    results.append(replay(http, served, w, args.seed, p,
+                                          f"{p}-{w}-{len(results)}", args.max_requests))
+            serve.delete(APP)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    rows = [r["summary"] for r in results]
+    meta = {"benchmark": "gpu_ab", "gpu": gpu, "num_replicas": args.replicas, "model": model,
+            "arch": LLAMA_1B if args.make_llama1b else "smollm2-135m", "engine": engine,
+            "plan": {w: PLAN[w] for w in args.workloads}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({**meta, "runs": results}))
+    md = (f"# Routing A/B on {args.replicas} x {gpu}\n\n" + table(rows) + "\n")
+    out.with_suffix(".md").write_text(md)
+    plot(rows, out.with_suffix(".png"), f"{args.replicas} x {gpu}")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
