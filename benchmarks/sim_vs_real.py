@@ -39,13 +39,21 @@ import numpy as np
 
 import benchmarks.sim.policies  # noqa: F401  (registers load_only)
 from benchmarks.loadgen import Replayer
-from benchmarks.sim.calibration import load_calibration
+from benchmarks.sim.calibration import StepTimeModel, load_calibration
 from benchmarks.sim.cluster import ClusterSim, SimConfig
+from benchmarks.sim.fit import COEFFS
 from benchmarks.workloads import SimRequest, Workload, build_workload
 from benchmarks.workloads.types import blocks_for
 
 METRICS = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "throughput_tok_s", "hit_ratio")
 TOLERANCE = 0.15
+
+
+def scaled(model: StepTimeModel, factor: float) -> StepTimeModel:
+    """``model`` with every time coefficient multiplied by ``factor``."""
+    if factor == 1.0:
+        return model
+    return replace(model, **{k: getattr(model, k) * factor for k in COEFFS})
 
 
 def replayed_workload(lg: dict[str, Any]) -> Workload:
@@ -167,7 +175,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], tol: float) -> st
              "ttft_p99_s": "TTFT p99 (s)", "throughput_tok_s": "output tok/s",
              "hit_ratio": "prefix-hit token ratio"}
     lines = [f"# Simulated vs real ({meta['replicas']} replicas, policy {meta['policy']})", "",
-             f"Calibration: `{meta['calibration']}` ({meta['gpu']}). Differences are "
+             f"Calibration: `{meta['calibration']}` ({meta['gpu']})"
+             + (f", step times x {meta['step_time_factor']:.2f}"
+                if meta.get("step_time_factor", 1.0) != 1.0 else "") + ". Differences are "
              f"(sim - real) / real; **bold** = beyond {tol:.0%}.", ""]
     for row in rows:
         a = row["loadgen_args"]
@@ -203,10 +213,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="pool blocks per replica (default: the calibration's capacity)")
     ap.add_argument("--eviction", default=None,
                     help="pool eviction (default: the calibration's engine_config, else lru)")
+    ap.add_argument("--step-time-factor", type=float, default=1.0,
+                    help="multiply every step-time coefficient (e.g. the CPU contention the "
+                    "real replicas saw: wall / CPU time of their engine threads)")
     ap.add_argument("--tolerance", type=float, default=TOLERANCE)
     ap.add_argument("--out", default="", help="write OUT.json and OUT.md")
     args = ap.parse_args(argv)
-    model = load_calibration(args.calibration)
+    model = scaled(load_calibration(args.calibration), args.step_time_factor)
     cal = json.loads(Path(args.calibration).read_text())
     eviction = args.eviction or cal.get("engine_config", {}).get("eviction", "lru")
     cfg = SimConfig(num_replicas=args.replicas, policy=args.policy, model=model,
@@ -214,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [compare(json.loads(Path(p).read_text()), cfg, args.tolerance) for p in args.loadgen]
     meta = {"calibration": args.calibration, "gpu": model.gpu, "replicas": args.replicas,
             "policy": args.policy, "num_blocks": args.num_blocks or model.kv_blocks(16),
-            "eviction": eviction, "tolerance": args.tolerance, "loadgen": args.loadgen}
+            "eviction": eviction, "tolerance": args.tolerance, "loadgen": args.loadgen,
+            "step_time_factor": args.step_time_factor}
     md = markdown(rows, meta, args.tolerance)
     print(md)
     if args.out:

@@ -161,3 +161,13 @@ def test_replayer_records_feed_sim_vs_real(tmp_path: Path) -> None:
     row = compare(json.loads(json.dumps(lg)), sim_config())
     assert row["real"]["num_requests"] == row["num_requests"] == len(w.requests)
     assert set(row["diff_sim_tokens"]) == set(METRICS)
+
+
+def test_step_time_factor_scales_every_step() -> None:
+    from benchmarks.sim_vs_real import scaled
+
+    m = load_calibration()
+    m2 = scaled(m, 2.5)
+    for shape in ((1, 1, 0.0, 100), (512, 1, 512 * 256.0, 0), (40, 9, 32 * 700.0, 8000)):
+        assert m2.step_time(*shape) == pytest.approx(2.5 * m.step_time(*shape))
+    assert scaled(m, 1.0) is m and m2.kv_capacity_tokens == m.kv_capacity_tokens
