@@ -1,7 +1,7 @@
 """The TinyServe selection objective (ARCHITECTURE.md, "The selection objective").
 
     score(c|q) = λ1·U(c|q) − λ2·C(c,q) + λ3·R(c)
-    U(c|q)     = N · softmax_c( wᵀφ(q,c) / T )               N = number of candidates
+    U(c|q)     = softmax_c( wᵀφ(q,c) / T ) / max_c softmax_c(...)   (best candidate: U = 1)
     φ(q,c)     = [ Q(q)·S(q,c), A(c,q), S(q,c), L(c,q) ]
     C(c,q)     = α1·Size + α2·Load + α3·Latency + α4·F_total
     R(c)       = Σ γ^(i−1)·r_i·1[hit_i] / Σ γ^(i−1)           over c's n latest outcomes
@@ -19,21 +19,40 @@ the host tier only):
 - Q (complexity) = 1 − exp(−num_prompt_tokens / q_scale_tokens). NOTE: Q(q) is the same for every
   candidate, so as a bare softmax input it would cancel. It acts through interaction: φ₀ = Q·S,
   i.e. a cache hit is worth more for a long (prefill-heavy) prompt than for a short one.
-- NOTE: U is scaled by N so an average candidate has U = 1 whatever the cluster size; a plain
-  softmax shrinks like 1/N and would let the cost terms drown it at 256 replicas.
+- NOTE: U is divided by its largest value, so the best-matching candidate has U = 1 and the
+  others exp(−Δlogit) whatever the cluster size. A plain softmax shrinks like 1/N and would let
+  the costs drown it at 256 replicas; the earlier N·softmax grew the winner's U like N (8 at 8
+  replicas, 128 at 128), so at scale no queue depth could outweigh a cached prefix.
 
 Costs: Size = blocks q still needs on c (uncached prompt + expected output) / c's free blocks,
-clipped to [0, 2]; Load = queued tokens / (num_blocks·block_size), clipped to [0, 4]; Latency =
-TTFT EWMA / latency_ref_s, clipped to [0, 4]; F_total = the pool's fragmentation score, [0, 4].
+clipped to [0, 2]; Latency = TTFT EWMA / latency_ref_s, clipped to [0, 4]; F_total = the pool's
+fragmentation score, [0, 4]; and Load, the estimated-TTFT trade-off, in seconds:
+
+    TTFT_est(c) = ( κ·queued_c + uncached_c(q) ) / prefill_tokens_per_s
+    Load(c)     = TTFT_est(c) − min_c' TTFT_est(c')                  clipped to [0, 60] s
+
+queued_c = c's reported tokens still to compute plus tokens routed to it since its last report
+(queue wait); κ = ``queued_token_weight``, the prefill-equivalent share of a queued token
+(NOTE: replicas report decode outputs owed and prompts in one number, and a decode token, one
+row in a batched step, costs far less time than a prefill token); uncached_c(q) = q's prompt tokens not covered on c (its own prefill; covered as in
+S: host blocks and pending inserts count with their weights). NOTE: this is the true trade-off
+of cache-aware routing: a hit saves its recompute time, a deep queue costs its wait, both in
+seconds. The best estimate costs 0, so Load is relative to the candidate set (like llm-d's
+min-max scorers) but in absolute seconds: alpha_load (1/s) says how many seconds of estimated
+TTFT one unit of utility (a full match versus none) is worth. The utility is the affinity bonus
+on top (it keeps a prefix's requests together, so later ones hit, and hot prefixes are not
+copied everywhere); Size, Latency and F_total are tie-breakers. The earlier Load (queued tokens
+/ pool capacity, 403k tokens on an H100) was too small next to U to stop hot-prefix pile-ups
+(benchmarks/results/tail_breakdown.md).
 
 Online learning (``learn=True``): after each Feedback, w += lr·(r − r̄)·(φ_chosen − E_p[φ]), the
 softmax policy-gradient step with a running-mean baseline r̄, r = realised cached-token ratio;
 w is kept in [0, w_max]. The selection itself stays greedy (argmax of the score), so this is
 the usual greedy approximation of REINFORCE.
 
-Defaults: provisional values that made the unit tests' scenarios behave (cache affinity wins
-until a replica's queue is ~1 pool of tokens deeper); they are meant to be replaced by the
-simulator sweep (issue 7) and are all overridable per deployment.
+Defaults: the simulator sweep's choice (see ``ObjectiveConfig``); all overridable per
+deployment. ``prefill_tokens_per_s`` should be the deployment's measured prefill throughput (the
+default is the simulator's H100 / Llama-3.1-8B calibration, ~1/32.5 us).
 """
 
 from __future__ import annotations
@@ -79,7 +98,9 @@ class ObjectiveConfig:
     host_weight: float = 0.5
     pending_weight: float = 0.8
     latency_ref_s: float = 1.0
-    default_capacity_tokens: int = 65536
+    prefill_tokens_per_s: float = 30000.0
+    queued_token_weight: float = 1.0
+    load_clip_s: float = 60.0
     learn: bool = False
     learning_rate: float = 0.05
     w_max: float = 10.0
@@ -152,6 +173,17 @@ class TinyServeObjective(Policy):
         q = 1.0 - math.exp(-request.num_prompt_tokens / cfg.q_scale_tokens)
         return {"complexity": q * sim, "frequency": freq, "similarity": sim, "locality": loc}
 
+    def ttft_estimate(self, request: SelectionRequest, c: Candidates) -> FloatArray:
+        """Estimated TTFT (seconds) of ``request`` on each candidate: (κ·queued tokens + its
+        own uncached prompt tokens) / prefill_tokens_per_s, κ = queued_token_weight."""
+        cfg = self.config
+        covered = c.num_matched_blocks - (1.0 - cfg.host_weight) * c.num_host_blocks
+        covered = covered + cfg.pending_weight * c.num_pending_blocks
+        uncached = np.maximum(request.num_prompt_tokens - covered * c.block_size, 0.0)
+        queued = np.maximum(c.num_queued_tokens, 0) * cfg.queued_token_weight
+        est: FloatArray = (queued + uncached) * (1.0 / cfg.prefill_tokens_per_s)
+        return est
+
     def costs(self, request: SelectionRequest, c: Candidates) -> dict[str, FloatArray]:
         """The four cost parts (each of length N)."""
         cfg = self.config
@@ -162,8 +194,9 @@ class TinyServeObjective(Policy):
             need = need - (-request.num_output_tokens // np.maximum(c.block_size, 1))
         known = c.num_blocks > 0
         size = np.where(known, np.minimum(need / np.maximum(c.num_free_blocks, 1), 2.0), 0.0)
-        capacity = np.where(known, c.num_blocks * c.block_size, cfg.default_capacity_tokens)
-        load = np.minimum(c.num_queued_tokens / capacity, 4.0)
+        load = self.ttft_estimate(request, c)
+        if len(load):
+            load = np.minimum(load - load.min(), cfg.load_clip_s)
         latency = np.minimum(c.ttft_ewma_s * (1.0 / cfg.latency_ref_s), 4.0)
         frag = np.minimum(c.f_total, 4.0)
         return {
@@ -186,11 +219,8 @@ class TinyServeObjective(Policy):
             logits = logits + phi["frequency"] * (w1 * inv_t)
         if w3:
             logits = logits + phi["locality"] * (w3 * inv_t)
-        if n:
-            e = np.exp(logits - logits.max())
-            utility = e * (n / float(e.sum()))
-        else:
-            utility = logits
+        # NOTE: softmax / max softmax == exp(logit − max logit): the best candidate has U = 1.
+        utility = np.exp(logits - logits.max()) if n else logits
         parts = self.costs(request, candidates)
         cost = (
             cfg.alpha_size * parts["size_cost"]
@@ -207,7 +237,9 @@ class TinyServeObjective(Policy):
         )
         if cfg.learn and n and request.request_id:
             mat = np.stack([phi[f] for f in FEATURES], axis=1)
-            self._remember(request.request_id, mat[int(ranking.order[0])], (utility / n) @ mat)
+            self._remember(
+                request.request_id, mat[int(ranking.order[0])], (utility / utility.sum()) @ mat
+            )
         return ranking
 
     def _remember(self, request_id: str, chosen: FloatArray, expected: FloatArray) -> None:

@@ -50,7 +50,8 @@ def test_score_is_lambda_combination_of_terms() -> None:
         + cfg.alpha_fragmentation * t["fragmentation_cost"]
     )
     np.testing.assert_allclose(t["cost"], cost)
-    assert abs(t["utility"].sum() - 3.0) < 1e-9  # N * softmax sums to N
+    # softmax / max softmax: the best-matching candidate has U = 1, the others less
+    assert t["utility"][0] == 1.0 and np.all(t["utility"][1:] < 1.0)
     assert t["size_cost"][2] > t["size_cost"][1]  # 2 free blocks cannot hold the request
     assert t["frequency"][1] > 0 == t["frequency"][0]
 
@@ -141,3 +142,51 @@ def test_online_learning_moves_w_towards_rewarded_feature() -> None:
     frozen.select(request(10, request_id="x"), c)
     frozen.on_feedback(Outcome("x", "warm", 160, 160))
     np.testing.assert_array_equal(frozen.w, np.asarray(ObjectiveConfig().w))
+
+
+def test_hot_replica_with_long_queue_loses_to_idle_one_when_recompute_is_cheaper() -> None:
+    """Load is the estimated-TTFT excess in seconds: a hot replica whose queue wait (30k tokens,
+    1 s) exceeds the recompute it would save (128 tokens) loses to an idle replica."""
+    cfg = ObjectiveConfig()
+    p = TinyServeObjective(cfg)
+    c = cands(_row("hot", num_matched_blocks=8, num_queued_tokens=30000, hotness=20.0),
+              _row("idle"))
+    r = p.select(request(8), c)
+    assert r.top(c, 1)[0].replica_id == "idle"
+    rate = cfg.prefill_tokens_per_s
+    kappa = cfg.queued_token_weight
+    np.testing.assert_allclose(r.terms["load_cost"], [kappa * 30000 / rate - 128 / rate, 0.0])
+    assert r.terms["utility"][0] == 1.0 > r.terms["utility"][1]  # the cache still counts
+
+
+def test_cached_replica_wins_when_its_wait_is_shorter_than_the_recompute_saved() -> None:
+    """The trade-off lives in the cost itself: with the utility switched off (w = 0) a cached
+    replica wins while its queue wait is below the recompute time it saves, and loses above."""
+    p = TinyServeObjective(ObjectiveConfig(w=(0.0, 0.0, 0.0, 0.0), queued_token_weight=1.0))
+    q = request(256)  # 4,096 prompt tokens, all cached on "cached"
+    short = cands(_row("cached", num_matched_blocks=256, num_queued_tokens=1000), _row("idle"))
+    long = cands(_row("cached", num_matched_blocks=256, num_queued_tokens=6000), _row("idle"))
+    assert _winner(p, q, short) == "cached"
+    assert _winner(p, q, long) == "idle"
+    # pending inserts and host-tier blocks save less recompute than device-resident blocks
+    est = p.ttft_estimate(q, cands(_row("gpu", num_matched_blocks=256),
+                                   _row("host", num_matched_blocks=256, num_host_blocks=256),
+                                   _row("pending", num_pending_blocks=256), _row("none")))
+    assert est[0] < est[2] < est[3] and est[0] < est[1] < est[3]
+
+
+def test_cache_versus_queue_decision_does_not_depend_on_cluster_size() -> None:
+    """U is normalised by its maximum, not scaled by N: adding 128 idle cold replicas neither
+    inflates the warm replica's utility nor flips the decision towards it."""
+    p = TinyServeObjective(ObjectiveConfig(alpha_load=10.0, queued_token_weight=1.0))
+    q = request(10)
+    warm = _row("warm", num_matched_blocks=8, num_queued_tokens=6000)
+    small = cands(warm, _row("cold"))
+    large = cands(warm, *(_row(f"cold{i}") for i in range(128)))
+    rs, rl = p.select(q, small), p.select(q, large)
+    assert rs.terms["utility"][0] == rl.terms["utility"][0] == 1.0
+    assert rs.top(small, 1)[0].replica_id == "cold"
+    assert rl.top(large, 1)[0].replica_id.startswith("cold")
+    light = cands(_row("warm", num_matched_blocks=8, num_queued_tokens=500),
+                  *(_row(f"cold{i}") for i in range(128)))
+    assert _winner(p, q, light) == "warm"
