@@ -49,7 +49,8 @@ POLICIES: dict[str, tuple[str, str]] = {
     "pow2": ("pow2", ""),
 }
 DEFAULT_POLICIES = ["tinyserve", "sglang_cache_aware", "dynamo_cost", "ray_prefix_affinity", "pow2"]
-# workload -> scale (8 replicas = 1), rate multiplier (1 = the design rate), builder overrides
+# workload -> scale at 2 replicas (x replicas/2; 8 replicas = 1 is the design point), rate
+# multiplier (1 = the design rate), builder overrides
 PLAN: dict[str, tuple[float, float, dict[str, Any]]] = {
     "generated_shared_prefix": (0.5, 1.5, {}),
     "multi_turn_chat": (0.5, 2.0, {}),
@@ -85,28 +86,37 @@ def make_llama1b(path: Path, tokenizer_dir: Path) -> Path:
 class PoolSampler:
     """Samples every LLM replica's pool stats (usage, counters) in a thread while a replay runs."""
 
-    def __init__(self, period_s: float = 0.5) -> None:
+    def __init__(self, num_replicas: int, period_s: float = 0.5) -> None:
         from ray import serve
 
         self.handle = serve.get_deployment_handle("LLMReplica", APP)
+        self.num_replicas = num_replicas
         self.period_s = period_s
         self.usage: dict[str, list[float]] = {}
         self.last: dict[str, dict[str, Any]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def snapshot(self, rounds: int = 16) -> dict[str, dict[str, Any]]:
-        """Latest stats of every replica (a handle call reaches one replica: repeat)."""
+    def _round(self, n: int) -> list[dict[str, Any]]:
+        # NOTE: a handle call reaches ONE replica, and power-of-two breaks ties the same way
+        # every time: calls in flight together are what spread over the replicas.
+        calls = [self.handle.stats.remote() for _ in range(n)]
+        return [c.result(timeout_s=60) for c in calls]
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Latest stats of every replica (RuntimeError if one cannot be reached)."""
         seen: dict[str, dict[str, Any]] = {}
-        for _ in range(rounds):
-            st = self.handle.stats.remote().result(timeout_s=60)
-            seen[st["replica_id"]] = st
-        return seen
+        for _ in range(20):
+            seen.update((st["replica_id"], st) for st in self._round(4 * self.num_replicas))
+            if len(seen) >= self.num_replicas:
+                return seen
+        raise RuntimeError(f"stats reached {len(seen)} of {self.num_replicas} replicas")
 
     def _run(self) -> None:
         while not self._stop.wait(self.period_s):
-            st = self.handle.stats.remote().result(timeout_s=60)
-            self.usage.setdefault(st["replica_id"], []).append(float(st["usage"]))
+            latest = {st["replica_id"]: st for st in self._round(2 * self.num_replicas)}
+            for rid, st in latest.items():
+                self.usage.setdefault(rid, []).append(float(st["usage"]))
 
     def __enter__(self) -> PoolSampler:
         self.before = self.snapshot()
@@ -165,13 +175,14 @@ def deploy(router: str, engine: dict[str, Any], replicas: int, device: str, http
 
 
 def replay(http: str, model: str, workload: str, seed: int, policy: str, nonce: str,
-           max_requests: int) -> dict[str, Any]:
+           max_requests: int, num_replicas: int) -> dict[str, Any]:
     import openai
 
     # NOTE: a fresh client per replay: its connection pool binds to the replay's event loop.
     client = openai.AsyncOpenAI(base_url=f"{http}/v1", api_key="unused", max_retries=0,
                                 timeout=600)
-    scale, rate, overrides = PLAN[workload]
+    base, rate, overrides = PLAN[workload]
+    scale = base * num_replicas / 2
     w = build_workload(workload, seed, scale, **overrides)
     extra: dict[str, Any] = {"ignore_eos": True}
     if POLICIES[policy][1]:
@@ -179,7 +190,7 @@ def replay(http: str, model: str, workload: str, seed: int, policy: str, nonce: 
     rep = Replayer(client, model, w, time_scale=1.0 / rate, max_requests=max_requests,
                    nonce=nonce, extra_body=extra)
     t0 = time.perf_counter()
-    with PoolSampler() as pools:
+    with PoolSampler(num_replicas) as pools:
         records = asyncio.run(rep.run())
     row = {"workload": workload, "policy": policy, "router": POLICIES[policy][0], "seed": seed,
            "scale": scale, "rate_multiplier": rate, "overrides": overrides,
@@ -237,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="default", help="checkpoint dir, or 'default' (SmolLM2)")
     ap.add_argument("--make-llama1b", default="", help="write a random 1B Llama here and serve it")
     ap.add_argument("--tokenizer", default=".whl/tokenizer", help="tokenizer files for it")
-    ap.add_argument("--num-blocks", type=int, default=19264,
-                    help="KV blocks per replica (default: B2B SaaS at 73%% demand)")
+    ap.add_argument("--num-blocks", type=int, default=0,
+                    help="KV blocks per replica (0: B2B SaaS's working set is 73%% of the pool)")
     ap.add_argument("--workloads", nargs="+", default=list(PLAN))
     ap.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES, choices=list(POLICIES))
     ap.add_argument("--rate", action="append", default=[], metavar="WORKLOAD=X",
@@ -265,12 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model
     if args.make_llama1b:
         model = str(make_llama1b(Path(args.make_llama1b), Path(args.tokenizer)))
+    b2b = PLAN["b2b_saas"]
+    num_blocks = args.num_blocks or build_workload(
+        "b2b_saas", args.seed, b2b[0] * args.replicas / 2, **b2b[2]).kv_blocks_per_replica
     engine: dict[str, Any] = {"model": model, "device": args.device,
-                              "num_blocks": args.num_blocks, "block_size": 16}
+                              "num_blocks": num_blocks, "block_size": 16}
     if args.device == "cuda":
         engine.update(dtype="bfloat16", max_num_seqs=256, max_num_batched_tokens=8192)
     else:
-        engine.update(num_blocks=min(args.num_blocks, 2048), max_num_seqs=8, num_threads=1)
+        engine.update(num_blocks=min(num_blocks or 2048, 2048), max_num_seqs=8, num_threads=1)
     # NOTE: enough logical CPUs for replicas + ingress + selector even on a 2-core box.
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4 * args.replicas + 4),
              num_gpus=args.replicas if args.device == "cuda" else 0, include_dashboard=False)
@@ -290,11 +304,13 @@ def main(argv: list[str] | None = None) -> int:
                 served = json.loads(r.read())["data"][0]["id"]
             mine = [p for p in args.policies if POLICIES[p][0] == router]
             # NOTE: warm-up (first-request compilation, CUDA graphs) outside any measurement.
-            replay(http, served, "generated_shared_prefix", 99, mine[0], "warmup", args.warmup)
+            replay(http, served, "generated_shared_prefix", 99, mine[0], "warmup", args.warmup,
+                   args.replicas)
             for w in args.workloads:
                 for p in mine:
                     results.append(replay(http, served, w, args.seed, p,
-                                          f"{p}-{w}-{len(results)}", args.max_requests))
+                                          f"{p}-{w}-{len(results)}", args.max_requests,
+                                          args.replicas))
             serve.delete(APP)
     finally:
         serve.shutdown()
