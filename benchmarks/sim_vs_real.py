@@ -156,18 +156,26 @@ def rel_diffs(real: dict[str, float], sim: dict[str, float], tol: float
     return out
 
 
-def compare(lg: dict[str, Any], cfg: SimConfig, tol: float = TOLERANCE) -> dict[str, Any]:
-    """One loadgen run vs the simulator (both columns); JSON-ready."""
+def compare(lg: dict[str, Any], cfg: SimConfig, tol: float = TOLERANCE,
+            step_time_factor: float = 1.0) -> dict[str, Any]:
+    """One loadgen run vs the simulator; JSON-ready. With ``step_time_factor`` != 1 a third
+    column (``sim_scaled``) runs the token-matched workload with every step time scaled."""
     w = replayed_workload(lg)
     real = real_figures(lg["records"])
     sim = sim_figures(cfg, w)
     wt, info = token_matched(w, lg["records"])
     sim_t = sim_figures(cfg, wt)
-    return {
+    row = {
         "workload": w.name, "loadgen_args": lg["args"], "num_requests": len(w.requests),
         "real": real, "sim": sim, "sim_tokens": sim_t, "token_matching": info,
         "diff_sim": rel_diffs(real, sim, tol), "diff_sim_tokens": rel_diffs(real, sim_t, tol),
+        "step_time_factor": step_time_factor,
     }
+    if step_time_factor != 1.0:
+        cfg_s = replace(cfg, model=scaled(cfg.model, step_time_factor))
+        row["sim_scaled"] = sim_figures(cfg_s, wt)
+        row["diff_sim_scaled"] = rel_diffs(real, row["sim_scaled"], tol)
+    return row
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], tol: float) -> str:
@@ -175,20 +183,25 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], tol: float) -> st
              "ttft_p99_s": "TTFT p99 (s)", "throughput_tok_s": "output tok/s",
              "hit_ratio": "prefix-hit token ratio"}
     lines = [f"# Simulated vs real ({meta['replicas']} replicas, policy {meta['policy']})", "",
-             f"Calibration: `{meta['calibration']}` ({meta['gpu']})"
-             + (f", step times x {meta['step_time_factor']:.2f}"
-                if meta.get("step_time_factor", 1.0) != 1.0 else "") + ". Differences are "
+             f"Calibration: `{meta['calibration']}` ({meta['gpu']}). Columns: `sim` = the "
+             "workload spec; `sim, real tokens` = real prompt/output token counts (chat "
+             "template header, EOS stops); `x factor` = that with every step time multiplied by "
+             "the run's measured CPU contention. Differences are "
              f"(sim - real) / real; **bold** = beyond {tol:.0%}.", ""]
     for row in rows:
         a = row["loadgen_args"]
+        cols = [("sim", "diff_sim", "sim"), ("sim_tokens", "diff_sim_tokens", "sim, real tokens")]
+        if "sim_scaled" in row:
+            cols.append(("sim_scaled", "diff_sim_scaled",
+                         f"sim, real tokens, x {row['step_time_factor']:.2f}"))
         lines += [f"## {row['workload']} (seed {a['seed']}, scale {a['scale']}, time-scale "
                   f"{a['time_scale']}, {row['num_requests']} requests"
                   + (f", set {' '.join(a['set'])}" if a.get("set") else "") + ")", "",
-                  "| metric | real | sim | diff | sim, real token counts | diff |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| metric | real | " + " | ".join(f"{c[2]} | diff" for c in cols) + " |",
+                  "|---|---:|" + "---:|---:|" * len(cols)]
         for m in METRICS:
             cells = [names[m], f"{row['real'][m]:.3f}"]
-            for col, diff in (("sim", "diff_sim"), ("sim_tokens", "diff_sim_tokens")):
+            for col, diff, _ in cols:
                 d = row[diff][m]
                 txt = f"{d['rel_diff']:+.0%}"
                 cells += [f"{row[col][m]:.3f}", f"**{txt}**" if d["flag"] else txt]
@@ -213,22 +226,29 @@ def main(argv: list[str] | None = None) -> int:
                     help="pool blocks per replica (default: the calibration's capacity)")
     ap.add_argument("--eviction", default=None,
                     help="pool eviction (default: the calibration's engine_config, else lru)")
-    ap.add_argument("--step-time-factor", type=float, default=1.0,
-                    help="multiply every step-time coefficient (e.g. the CPU contention the "
-                    "real replicas saw: wall / CPU time of their engine threads)")
+    ap.add_argument("--step-time-factor", type=float, nargs="+", default=[1.0],
+                    help="one per --loadgen file (or one for all): also simulate with every "
+                    "step time multiplied by it (e.g. the CPU contention the real replicas saw: "
+                    "wall / CPU time of their engine threads while busy)")
     ap.add_argument("--tolerance", type=float, default=TOLERANCE)
     ap.add_argument("--out", default="", help="write OUT.json and OUT.md")
     args = ap.parse_args(argv)
-    model = scaled(load_calibration(args.calibration), args.step_time_factor)
+    model = load_calibration(args.calibration)
+    factors = args.step_time_factor
+    if len(factors) == 1:
+        factors = factors * len(args.loadgen)
+    if len(factors) != len(args.loadgen):
+        ap.error("--step-time-factor takes one value, or one per --loadgen file")
     cal = json.loads(Path(args.calibration).read_text())
     eviction = args.eviction or cal.get("engine_config", {}).get("eviction", "lru")
     cfg = SimConfig(num_replicas=args.replicas, policy=args.policy, model=model,
                     num_blocks=args.num_blocks, eviction=eviction)
-    rows = [compare(json.loads(Path(p).read_text()), cfg, args.tolerance) for p in args.loadgen]
+    rows = [compare(json.loads(Path(p).read_text()), cfg, args.tolerance, f)
+            for p, f in zip(args.loadgen, factors, strict=True)]
     meta = {"calibration": args.calibration, "gpu": model.gpu, "replicas": args.replicas,
             "policy": args.policy, "num_blocks": args.num_blocks or model.kv_blocks(16),
             "eviction": eviction, "tolerance": args.tolerance, "loadgen": args.loadgen,
-            "step_time_factor": args.step_time_factor}
+            "step_time_factors": factors}
     md = markdown(rows, meta, args.tolerance)
     print(md)
     if args.out:
