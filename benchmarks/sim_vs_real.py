@@ -157,9 +157,11 @@ def rel_diffs(real: dict[str, float], sim: dict[str, float], tol: float
 
 
 def compare(lg: dict[str, Any], cfg: SimConfig, tol: float = TOLERANCE,
-            step_time_factor: float = 1.0) -> dict[str, Any]:
-    """One loadgen run vs the simulator; JSON-ready. With ``step_time_factor`` != 1 a third
-    column (``sim_scaled``) runs the token-matched workload with every step time scaled."""
+            step_time_factor: float = 1.0, ttft_overhead_s: float = 0.0) -> dict[str, Any]:
+    """One loadgen run vs the simulator; JSON-ready. With ``step_time_factor`` != 1 or
+    ``ttft_overhead_s`` a third column (``sim_scaled``) runs the token-matched workload with
+    every step time scaled and the overhead outside the engine (HTTP, ingress, routing, stream)
+    added to every TTFT."""
     w = replayed_workload(lg)
     real = real_figures(lg["records"])
     sim = sim_figures(cfg, w)
@@ -169,12 +171,15 @@ def compare(lg: dict[str, Any], cfg: SimConfig, tol: float = TOLERANCE,
         "workload": w.name, "loadgen_args": lg["args"], "num_requests": len(w.requests),
         "real": real, "sim": sim, "sim_tokens": sim_t, "token_matching": info,
         "diff_sim": rel_diffs(real, sim, tol), "diff_sim_tokens": rel_diffs(real, sim_t, tol),
-        "step_time_factor": step_time_factor,
+        "step_time_factor": step_time_factor, "ttft_overhead_s": ttft_overhead_s,
     }
-    if step_time_factor != 1.0:
+    if step_time_factor != 1.0 or ttft_overhead_s:
         cfg_s = replace(cfg, model=scaled(cfg.model, step_time_factor))
-        row["sim_scaled"] = sim_figures(cfg_s, wt)
-        row["diff_sim_scaled"] = rel_diffs(real, row["sim_scaled"], tol)
+        fig = sim_figures(cfg_s, wt)
+        for m in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s"):
+            fig[m] += ttft_overhead_s
+        row["sim_scaled"] = fig
+        row["diff_sim_scaled"] = rel_diffs(real, fig, tol)
     return row
 
 
@@ -185,15 +190,18 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], tol: float) -> st
     lines = [f"# Simulated vs real ({meta['replicas']} replicas, policy {meta['policy']})", "",
              f"Calibration: `{meta['calibration']}` ({meta['gpu']}). Columns: `sim` = the "
              "workload spec; `sim, real tokens` = real prompt/output token counts (chat "
-             "template header, EOS stops); `x factor` = that with every step time multiplied by "
-             "the run's measured CPU contention. Differences are "
+             "template header, EOS stops); `x factor + overhead` = that with every step time "
+             "multiplied by the run's measured CPU contention and the measured time outside the "
+             "engine added to every TTFT. Differences are "
              f"(sim - real) / real; **bold** = beyond {tol:.0%}.", ""]
     for row in rows:
         a = row["loadgen_args"]
         cols = [("sim", "diff_sim", "sim"), ("sim_tokens", "diff_sim_tokens", "sim, real tokens")]
         if "sim_scaled" in row:
+            over = row.get("ttft_overhead_s", 0.0)
             cols.append(("sim_scaled", "diff_sim_scaled",
-                         f"sim, real tokens, x {row['step_time_factor']:.2f}"))
+                         f"sim, real tokens, x {row['step_time_factor']:.2f}"
+                         + (f" + {over:.2f} s" if over else "")))
         lines += [f"## {row['workload']} (seed {a['seed']}, scale {a['scale']}, time-scale "
                   f"{a['time_scale']}, {row['num_requests']} requests"
                   + (f", set {' '.join(a['set'])}" if a.get("set") else "") + ")", "",
@@ -230,25 +238,29 @@ def main(argv: list[str] | None = None) -> int:
                     help="one per --loadgen file (or one for all): also simulate with every "
                     "step time multiplied by it (e.g. the CPU contention the real replicas saw: "
                     "wall / CPU time of their engine threads while busy)")
+    ap.add_argument("--ttft-overhead-s", type=float, nargs="+", default=[0.0],
+                    help="one per --loadgen file (or one for all): seconds outside the engine "
+                    "(client -> ingress -> router -> replica, first chunk back) added to every "
+                    "simulated TTFT of the scaled column")
     ap.add_argument("--tolerance", type=float, default=TOLERANCE)
     ap.add_argument("--out", default="", help="write OUT.json and OUT.md")
     args = ap.parse_args(argv)
     model = load_calibration(args.calibration)
-    factors = args.step_time_factor
-    if len(factors) == 1:
-        factors = factors * len(args.loadgen)
-    if len(factors) != len(args.loadgen):
-        ap.error("--step-time-factor takes one value, or one per --loadgen file")
+    factors, overheads = args.step_time_factor, args.ttft_overhead_s
+    factors = factors * len(args.loadgen) if len(factors) == 1 else factors
+    overheads = overheads * len(args.loadgen) if len(overheads) == 1 else overheads
+    if len(factors) != len(args.loadgen) or len(overheads) != len(args.loadgen):
+        ap.error("--step-time-factor / --ttft-overhead-s take one value, or one per --loadgen")
     cal = json.loads(Path(args.calibration).read_text())
     eviction = args.eviction or cal.get("engine_config", {}).get("eviction", "lru")
     cfg = SimConfig(num_replicas=args.replicas, policy=args.policy, model=model,
                     num_blocks=args.num_blocks, eviction=eviction)
-    rows = [compare(json.loads(Path(p).read_text()), cfg, args.tolerance, f)
-            for p, f in zip(args.loadgen, factors, strict=True)]
+    rows = [compare(json.loads(Path(p).read_text()), cfg, args.tolerance, f, o)
+            for p, f, o in zip(args.loadgen, factors, overheads, strict=True)]
     meta = {"calibration": args.calibration, "gpu": model.gpu, "replicas": args.replicas,
             "policy": args.policy, "num_blocks": args.num_blocks or model.kv_blocks(16),
             "eviction": eviction, "tolerance": args.tolerance, "loadgen": args.loadgen,
-            "step_time_factors": factors}
+            "step_time_factors": factors, "ttft_overheads_s": overheads}
     md = markdown(rows, meta, args.tolerance)
     print(md)
     if args.out:

@@ -143,19 +143,23 @@ def test_cli_writes_json_and_markdown(tmp_path: Path) -> None:
     assert main(["--loadgen", *paths, "--calibration",
                  str(Path("benchmarks/sim/calibration/h100_llama31_8b_derived.json")),
                  "--replicas", "2", "--eviction", "lru", "--step-time-factor", "1", "3",
-                 "--out", str(out)]) == 0
+                 "--ttft-overhead-s", "0.5", "0", "--out", str(out)]) == 0
     data = json.loads(out.with_suffix(".json").read_text())
     gsp, chat = data["runs"]
     assert [gsp["workload"], chat["workload"]] == ["generated_shared_prefix", "multi_turn_chat"]
     assert data["meta"]["replicas"] == 2 and data["meta"]["eviction"] == "lru"
     assert data["meta"]["step_time_factors"] == [1.0, 3.0]
-    assert "sim_scaled" not in gsp and chat["step_time_factor"] == 3.0
+    assert chat["step_time_factor"] == 3.0 and gsp["ttft_overhead_s"] == 0.5
+    # gsp: steps unscaled, +0.5 s on every TTFT
+    for m in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s"):
+        assert gsp["sim_scaled"][m] == pytest.approx(gsp["sim_tokens"][m] + 0.5)
+    assert gsp["sim_scaled"]["throughput_tok_s"] == gsp["sim_tokens"]["throughput_tok_s"]
     # slower steps: later first tokens, never earlier
     assert chat["sim_scaled"]["ttft_p50_s"] > chat["sim_tokens"]["ttft_p50_s"]
     assert set(chat["diff_sim_scaled"]) == set(METRICS)
     md = out.with_suffix(".md").read_text()
     assert md.count("| TTFT p99 (s) |") == 2 and "**-33%**" in md
-    assert md.count("x 3.00 | diff |") == 1
+    assert md.count("x 3.00 | diff |") == 1 and md.count("x 1.00 + 0.50 s | diff |") == 1
 
 
 def test_replayer_records_feed_sim_vs_real(tmp_path: Path) -> None:
