@@ -205,6 +205,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], tol: float) -> st
         lines += [f"## {row['workload']} (seed {a['seed']}, scale {a['scale']}, time-scale "
                   f"{a['time_scale']}, {row['num_requests']} requests"
                   + (f", set {' '.join(a['set'])}" if a.get("set") else "") + ")", "",
+                  *([f"Real run: `{row['loadgen_file']}`.", ""] if "loadgen_file" in row else []),
                   "| metric | real | " + " | ".join(f"{c[2]} | diff" for c in cols) + " |",
                   "|---|---:|" + "---:|---:|" * len(cols)]
         for m in METRICS:
@@ -255,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     eviction = args.eviction or cal.get("engine_config", {}).get("eviction", "lru")
     cfg = SimConfig(num_replicas=args.replicas, policy=args.policy, model=model,
                     num_blocks=args.num_blocks, eviction=eviction)
-    rows = [compare(json.loads(Path(p).read_text()), cfg, args.tolerance, f, o)
+    rows = [{"loadgen_file": p, **compare(json.loads(Path(p).read_text()), cfg, args.tolerance,
+                                          f, o)}
             for p, f, o in zip(args.loadgen, factors, overheads, strict=True)]
     meta = {"calibration": args.calibration, "gpu": model.gpu, "replicas": args.replicas,
             "policy": args.policy, "num_blocks": args.num_blocks or model.kv_blocks(16),
