@@ -84,39 +84,35 @@ def make_llama1b(path: Path, tokenizer_dir: Path) -> Path:
 
 
 class PoolSampler:
-    """Samples every LLM replica's pool stats (usage, counters) in a thread while a replay runs."""
+    """Samples every LLM replica's pool (usage, counters) in a thread while a replay runs.
+
+    NOTE: a handle call reaches ONE replica (whichever the router picks), so the replicas are
+    asked directly, through their Serve actors' ``record_routing_stats`` (the deployment's
+    routing-stats hook, which reports the pool's counters)."""
 
     def __init__(self, num_replicas: int, period_s: float = 0.5) -> None:
-        from ray import serve
+        import ray
 
-        self.handle = serve.get_deployment_handle("LLMReplica", APP)
-        self.num_replicas = num_replicas
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if f"{APP}#LLMReplica#" in a["name"]]
+        if len(names) != num_replicas:
+            raise RuntimeError(f"found {len(names)} LLMReplica actors, expected {num_replicas}")
+        self.actors = {n.rsplit("#", 1)[-1]: ray.get_actor(n, namespace="serve") for n in names}
         self.period_s = period_s
-        self.usage: dict[str, list[float]] = {}
-        self.last: dict[str, dict[str, Any]] = {}
+        self.usage: dict[str, list[float]] = {r: [] for r in self.actors}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _round(self, n: int) -> list[dict[str, Any]]:
-        # NOTE: a handle call reaches ONE replica, and power-of-two breaks ties the same way
-        # every time: calls in flight together are what spread over the replicas.
-        calls = [self.handle.stats.remote() for _ in range(n)]
-        return [c.result(timeout_s=60) for c in calls]
-
     def snapshot(self) -> dict[str, dict[str, Any]]:
-        """Latest stats of every replica (RuntimeError if one cannot be reached)."""
-        seen: dict[str, dict[str, Any]] = {}
-        for _ in range(20):
-            seen.update((st["replica_id"], st) for st in self._round(4 * self.num_replicas))
-            if len(seen) >= self.num_replicas:
-                return seen
-        raise RuntimeError(f"stats reached {len(seen)} of {self.num_replicas} replicas")
+        import ray
+
+        refs = {r: a.record_routing_stats.remote() for r, a in self.actors.items()}
+        return {r: ray.get(ref, timeout=60) for r, ref in refs.items()}
 
     def _run(self) -> None:
         while not self._stop.wait(self.period_s):
-            latest = {st["replica_id"]: st for st in self._round(2 * self.num_replicas)}
-            for rid, st in latest.items():
-                self.usage.setdefault(rid, []).append(float(st["usage"]))
+            for rid, st in self.snapshot().items():
+                self.usage[rid].append(float(st["kv_usage"]))
 
     def __enter__(self) -> PoolSampler:
         self.before = self.snapshot()

@@ -258,6 +258,8 @@ class LLMReplica:
             "kv_usage": stats.usage,
             "num_cached_blocks": stats.num_cached_blocks,
             "ttft_ewma_s": self._ttft_ewma,
+            "prefix_query_tokens": stats.prefix_query_tokens,
+            "prefix_hit_tokens": stats.prefix_hit_tokens,
         }
 
     def check_health(self) -> None:
