@@ -7,9 +7,9 @@ Coordinate sweep around a centre configuration: each axis in ``AXES`` is varied 
 rest at the centre), over every workload in ``--workloads`` and every seed. A configuration's
 score is the geometric mean over (workload, seed) of its TTFT p99 divided by the centre's TTFT
 p99 on the same (workload, seed) (lower is better); configurations whose mean hit ratio is more
-than 2 points below the best configuration's are not eligible. The winner of each axis is
-combined into ``best`` and written with every row (``<out>.json``, ``<out>.md``); pass
-``<out>_best.json`` to ``routing_bench --objective``. Never pick weights from one seed: the
+than 2 points below the best configuration's are not eligible. The best eligible measured
+configuration becomes ``best`` (see ``combine``) and is written with every row (``<out>.json``,
+``<out>.md``); pass ``<out>_best.json`` to ``routing_bench --objective``. Never pick weights from one seed: the
 default runs 3.
 """
 
@@ -25,21 +25,20 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.sim.runner import RunSpec, objective_config, run_specs
+from benchmarks.sim.runner import RunSpec, load_rows, objective_config, run_specs
 
-CENTRE: dict[str, Any] = {"alpha_load": 30.0}
+# NOTE: the objective's Load is the estimated-TTFT excess in seconds since this session
+# (cluster/objective.py); alpha_load is in 1/s and queued_token_weight is the prefill-equivalent
+# share of a reported queued token. The previous sweep (alpha_load over queued/capacity) is in
+# git history (commit 3cb2cec).
+CENTRE: dict[str, Any] = {"alpha_load": 10.0, "queued_token_weight": 1.0}
 AXES: dict[str, list[Any]] = {
-    "alpha_load": [1.0, 10.0, 30.0, 100.0, 300.0, 1000.0],
-    "alpha_size": [0.0, 0.5, 2.0],
-    "w": [[1.0, 0.5, 2.0, 0.5], [0.25, 0.125, 0.5, 0.125], [0.5, 0.25, 1.0, 0.25],
-          [2.0, 1.0, 4.0, 1.0]],
-    "pending_weight": [0.3, 0.8],
-    "lambda_reward": [0.0, 0.5],
-    "alpha_latency": [0.0, 0.25, 1.0],
+    "alpha_load": [3.0, 10.0, 30.0],
+    "queued_token_weight": [0.3, 0.5, 1.0],
+    "w": [[0.0, 0.0, 0.0, 0.0], [2.0, 1.0, 4.0, 1.0]],
+    "alpha_latency": [0.0, 0.25],
 }
-DEFAULT_WORKLOADS = [
-    "generated_shared_prefix", "multi_turn_chat", "sibling_bursts", "prefix_repetition",
-]
+DEFAULT_WORKLOADS = ["generated_shared_prefix", "multi_turn_chat", "tool_agent"]
 
 
 def configs() -> list[tuple[str, dict[str, Any]]]:
@@ -81,17 +80,16 @@ def score(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def combine(table: list[dict[str, Any]]) -> dict[str, Any]:
-    """Centre with, per axis, the value of that axis' best eligible configuration."""
-    best = dict(CENTRE)
-    for axis in AXES:
-        cands = [t for t in table if t["eligible"] and (t["tag"].startswith(f"{axis}=")
-                                                        or t["tag"] == "centre")]
-        if cands:
-            winner = min(cands, key=lambda t: t["ttft_p99_ratio_geomean"])
-            best[axis] = winner["objective"].get(axis, CENTRE.get(axis))
-            if best[axis] is None:
-                best.pop(axis)
-    return best
+    """The best eligible configuration that was measured (lowest geomean TTFT p99 ratio).
+
+    NOTE: not a combination of per-axis winners: alpha_load and queued_token_weight both scale
+    the queue part of Load (their product weighs queued tokens), so two winners that each moved
+    the queue weight by the same amount would, combined, move it twice, to a point no run
+    measured. Falls back to the centre when nothing is eligible."""
+    eligible = [t for t in table if t["eligible"]]
+    if not eligible:
+        return dict(CENTRE)
+    return dict(min(eligible, key=lambda t: t["ttft_p99_ratio_geomean"])["objective"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,20 +99,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/sweep")
+    ap.add_argument("--rows", default="",
+                    help="score the rows of an earlier output (.json / .partial.jsonl), run nothing")
     args = ap.parse_args(argv)
     specs = [RunSpec(wl, "tinyserve", n, seed, objective=json.dumps(cfg), tag=label)
              for label, cfg in configs() for n in args.sizes for wl in args.workloads
              for seed in args.seeds]
     t0 = time.perf_counter()
-    rows = run_specs(specs, args.jobs, desc="sweep_weights",
-                     partial=Path(args.out).with_suffix(".partial.jsonl"))
+    if args.rows:
+        rows = load_rows(args.rows)
+    else:
+        rows = run_specs(specs, args.jobs, desc="sweep_weights",
+                         partial=Path(args.out).with_suffix(".partial.jsonl"))
     table = score(rows)
     best = combine(table)
     lines = ["| config | TTFT p99 / centre (geomean) | mean hit ratio | eligible |",
              "|---|---:|---:|---|"]
     lines += [f"| {t['tag']} | {t['ttft_p99_ratio_geomean']:.3f} | {t['hit_ratio_mean']:.3f} | "
               f"{'yes' if t['eligible'] else 'no'} |" for t in table]
-    text = "\n".join(lines) + f"\n\nCombined best: `{json.dumps(best)}`\n"
+    text = "\n".join(lines) + f"\n\nBest (measured): `{json.dumps(best)}`\n"
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -75,18 +75,21 @@ class ObjectiveConfig:
     """Weights of the objective. λ: utility/cost/reward; α: cost parts; w: feature weights
     (order of ``FEATURES``); γ and n: reward discount and window.
 
-    NOTE: ``alpha_load``, ``alpha_size``, ``w`` and ``lambda_reward`` are the simulator sweep's
-    choice (``python -m benchmarks.sweep_weights --workloads generated_shared_prefix
-    multi_turn_chat sibling_bursts --seeds 0 1 2``, results in benchmarks/results/sweep.md):
-    each is the best value on its axis of that coordinate sweep (the earlier alpha_load=1 scored
-    1.09x the sweep centre's geomean TTFT p99). The reward term measured neutral there
-    (λ3 = 0 best by 2%, within seed noise), so it is off by default and kept for online use."""
+    NOTE: ``alpha_load`` (1/s) and ``queued_token_weight`` are the simulator sweep's choice for
+    the estimated-TTFT Load (``python -m benchmarks.sweep_weights --workloads
+    generated_shared_prefix multi_turn_chat tool_agent --seeds 0 1 2``, results in
+    benchmarks/results/sweep.md): the best measured configuration, 0.91x the centre's
+    (alpha_load 10) geomean TTFT p99 with 2.2 points more hits; a cached prefix is worth up to
+    1/alpha_load = 0.33 s of estimated TTFT. ``alpha_size`` 0, ``w`` and ``lambda_reward`` 0
+    come from the earlier sweep (commit 3cb2cec); w = 0 (pure estimated-TTFT routing) measured
+    1.18x worse with 10 points fewer hits, so the utility term stays. The reward term is off by
+    default and kept for online use."""
 
     lambda_utility: float = 1.0
     lambda_cost: float = 1.0
     lambda_reward: float = 0.0
     alpha_size: float = 0.0
-    alpha_load: float = 10.0
+    alpha_load: float = 3.0
     alpha_latency: float = 0.25
     alpha_fragmentation: float = 0.1
     w: tuple[float, float, float, float] = (2.0, 1.0, 4.0, 1.0)

@@ -53,3 +53,18 @@ def test_routing_bench_specs_and_reuse_keys_agree() -> None:
     assert parse_sets(["toolbench.zipf=1.2"]) == {"toolbench": {"zipf": 1.2}}
     with pytest.raises(SystemExit):
         parse_sets(["nope.rate=1"])
+
+
+def test_best_is_a_measured_configuration_not_a_mix_of_axis_winners() -> None:
+    """alpha_load and queued_token_weight both scale the queue term: two axis winners are not
+    combined into a configuration no run measured."""
+    rows = []
+    for seed in (0, 1):
+        rows += [_row("centre", sw.CENTRE, "a", seed, 1.0, 0.80),
+                 _row("alpha_load=3.0", {**sw.CENTRE, "alpha_load": 3.0}, "a", seed, 0.8, 0.80),
+                 _row("queued_token_weight=0.5", {**sw.CENTRE, "queued_token_weight": 0.5}, "a",
+                      seed, 0.9, 0.80)]
+    best = sw.combine(sw.score(rows))
+    assert best == {**sw.CENTRE, "alpha_load": 3.0}
+    # nothing eligible -> the centre
+    assert sw.combine([{"eligible": False, "ttft_p99_ratio_geomean": 0.1, "objective": {}}]) == sw.CENTRE
