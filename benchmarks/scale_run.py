@@ -76,14 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     n = len(workload)
     # NOTE: the workload (millions of tuples) never becomes garbage: keep it out of the cyclic
     # collector's scans, and collect the young generation less often (no effect on results).
+    threshold = gc.get_threshold()
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     print(f"{args.workload} x {n} requests, {args.replicas} replicas, {args.policy}; built in "
           f"{build_s:.0f} s", file=sys.stderr, flush=True)
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    with tqdm(total=n, desc="requests", unit="req", mininterval=30.0, file=sys.stderr) as bar:
-        summary = sim.run(progress=bar.update).to_dict()
+    try:
+        with tqdm(total=n, desc="requests", unit="req", mininterval=30.0, file=sys.stderr) as bar:
+            summary = sim.run(progress=bar.update).to_dict()
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     doc = {
