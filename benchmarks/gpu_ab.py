@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="rate multiplier over the workload's design rate")
     ap.add_argument("--set", action="append", default=[], metavar="WORKLOAD.PARAM=JSON",
                     help="workload builder override, e.g. b2b_saas.stage_s=4")
+    ap.add_argument("--engine", action="append", default=[], metavar="KEY=JSON",
+                    help="EngineConfig override, e.g. stream_interval=8")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--warmup", type=int, default=16, help="warm-up requests per deployment")
@@ -282,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         engine.update(num_blocks=min(num_blocks or 2048, 2048), max_num_seqs=8, num_threads=1)
     # NOTE: enough logical CPUs for replicas + ingress + selector even on a 2-core box.
+    for item in args.engine:
+        key, _, value = item.partition("=")
+        engine[key] = json.loads(value)
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4 * args.replicas + 4),
              num_gpus=args.replicas if args.device == "cuda" else 0, include_dashboard=False)
     http = f"http://127.0.0.1:{args.http_port}"

@@ -89,6 +89,12 @@ class EngineConfig(BaseModel):
         "batch size (replicas.cuda_graph); needs the CUDA decode kernel (fp16/bf16). Ignored "
         "on CPU, with sparse_attention, or where the step does not fit.",
     )
+    stream_interval: int = Field(
+        default=1,
+        ge=1,
+        description="Stream a request's output every this many tokens (the first token and the "
+        "last output always go at once); >1 cuts the per-token cost of the serving path.",
+    )
     sparse_attention: SparseAttentionConfig | None = Field(
         default=None,
         description="Sparse decode attention over the top pages per query (Quest-style page "

@@ -83,18 +83,26 @@ class AsyncLLMEngine:
         assert self._wakeup is not None
         self._wakeup.set()
         finished = False
+        sent_first = False
+        interval = self.config.stream_interval
         try:
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 error: BaseException | None = None
-                while not item.finished and not queue.empty():
-                    nxt = queue.get_nowait()
+                # NOTE: hold deltas back until ``stream_interval`` tokens are ready; the first
+                # token (TTFT) and the finishing output are never held.
+                while not item.finished and (
+                    not queue.empty()
+                    or (sent_first and len(item.new_token_ids) < interval)
+                ):
+                    nxt = await queue.get()
                     if isinstance(nxt, BaseException):
                         error = nxt
                         break
                     item = merge_outputs(item, nxt)
+                sent_first = sent_first or bool(item.new_token_ids)
                 finished = item.finished
                 yield item
                 if error is not None:

@@ -78,6 +78,19 @@ def test_a_slow_consumer_gets_merged_deltas_with_the_same_tokens(
     assert outs[-1].finished and outs[-1].num_output_tokens == len(tokens)
 
 
+def test_stream_interval_groups_tokens_but_never_delays_the_first(tiny_llama_dir: Path) -> None:
+    eng = AsyncLLMEngine(EngineConfig(model=str(tiny_llama_dir), num_blocks=48, block_size=4,
+                                      max_model_len=128, stream_interval=4))
+    prompt = random_prompts(1, [9], seed=8)[0]
+    params = SamplingParams(max_tokens=11, temperature=0.0, ignore_eos=True)
+    outs = asyncio.run(_collect(eng, "grouped", prompt, params))
+    tokens = [t for o in outs for t in o.new_token_ids]
+    assert tokens == hf_greedy(tiny_llama_dir, prompt, 11)[: len(tokens)] and len(tokens) == 11
+    assert len(outs[0].new_token_ids) == 1  # TTFT: the first token goes alone
+    assert all(len(o.new_token_ids) >= 4 for o in outs[1:-1])
+    assert outs[-1].finished and [len(o.new_token_ids) for o in outs] == [1, 4, 4, 2]
+
+
 def test_stop_string_token_and_ignore_eos(engine: AsyncLLMEngine) -> None:
     prompt = random_prompts(1, [8], seed=41)[0]
     free = asyncio.run(
