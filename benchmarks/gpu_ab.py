@@ -4,8 +4,10 @@ once per routing policy, back to back, over HTTP with the ``openai`` streaming c
     # on a GPU machine, after `. scripts/gpu_site.sh` (Ray carried as a wheelhouse):
     python3 -m benchmarks.gpu_ab --device cuda --replicas 2 --make-llama1b /tmp/llama1b \\
         --tokenizer .whl/tokenizer --out $OUT/gpu_ab
-    # smoke test here (SmolLM2 on CPU, a few requests per replay):
-    python -m benchmarks.gpu_ab --device cpu --replicas 2 --max-requests 8 --out /tmp/ab
+    # smoke test here (SmolLM2 on CPU, short prompts, a few requests per replay):
+    python -m benchmarks.gpu_ab --device cpu --max-requests 6 --warmup 2 --http-port 8123 \
+        --workloads generated_shared_prefix --set generated_shared_prefix.system_prompt_len=256 \
+        --set generated_shared_prefix.output_len=8 --policies pow2 tinyserve --out /tmp/ab/cpu
 
 Policies (``POLICIES``): ours and the SGLang-/Dynamo-/llm-d-style policies run in the
 selection service behind ``TinyServeRouter`` (one deployment; each request names its policy
@@ -52,10 +54,10 @@ DEFAULT_POLICIES = ["tinyserve", "sglang_cache_aware", "dynamo_cost", "ray_prefi
 # workload -> scale at 2 replicas (x replicas/2; 8 replicas = 1 is the design point), rate
 # multiplier (1 = the design rate), builder overrides
 PLAN: dict[str, tuple[float, float, dict[str, Any]]] = {
-    "generated_shared_prefix": (0.5, 1.5, {}),
-    "multi_turn_chat": (0.5, 2.0, {}),
-    "tool_agent": (0.25, 6.0, {}),
-    "b2b_saas": (0.25, 2.0, {"stage_s": 4.0}),
+    "generated_shared_prefix": (0.5, 3.0, {}),
+    "multi_turn_chat": (0.5, 4.0, {}),
+    "tool_agent": (0.25, 12.0, {}),
+    "b2b_saas": (0.25, 4.0, {"stage_s": 4.0}),
 }
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=64)
@@ -160,12 +162,14 @@ def deploy(router: str, engine: dict[str, Any], replicas: int, device: str, http
     t0 = time.perf_counter()
     serve.run(build_app(args), name=APP, route_prefix="/")
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
+    while True:
         try:
             with urllib.request.urlopen(f"{http}/v1/models", timeout=5) as r:
                 if r.status == 200:
                     break
         except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"router={router}: the app did not answer in 600 s") from None
             time.sleep(1)
     print(f"== deployed router={router} in {time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -186,8 +190,13 @@ def replay(http: str, model: str, workload: str, seed: int, policy: str, nonce: 
     rep = Replayer(client, model, w, time_scale=1.0 / rate, max_requests=max_requests,
                    nonce=nonce, extra_body=extra)
     t0 = time.perf_counter()
+
+    async def run() -> list[LoadRecord]:
+        async with client:  # NOTE: closed on the replay's own loop, not after it ends.
+            return await rep.run()
+
     with PoolSampler(num_replicas) as pools:
-        records = asyncio.run(rep.run())
+        records = asyncio.run(run())
     row = {"workload": workload, "policy": policy, "router": POLICIES[policy][0], "seed": seed,
            "scale": scale, "rate_multiplier": rate, "overrides": overrides,
            "num_sent": len(rep.requests), "wall_s": time.perf_counter() - t0,
