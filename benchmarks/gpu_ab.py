@@ -17,7 +17,7 @@ so it shares no KV with earlier replays: each policy starts from a pool full of 
 as a long-running server does. Per policy: TTFT p50/p90/p99 and TPOT (client side), output
 tokens/s, prefix-hit token ratio (``usage.cached_tokens``), load imbalance (max/mean prompt
 tokens per replica, from the pools' counters) and KV utilisation (pool usage sampled every
-0.5 s). Writes ``<out>.json`` (every replay, records included, loadgen's format), ``<out>.md``
+0.5 s). Writes ``<out>.json`` (every replay with its loadgen records; ``gpu_ab_sim.as_loadgen`` gives loadgen's exact shape), ``<out>.md``
 and ``<out>.png``.
 """
 
