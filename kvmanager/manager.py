@@ -134,11 +134,10 @@ class KVCacheManager:
         bs = self.block_size
         parent: NativeHash | None = None
         hash_block, external = self.hasher.hash_block, self.hasher.external
-        cached = self._hash_to_block
         for i in range((len(token_ids) - 1) // bs):
             native = hash_block(parent, token_ids[i * bs : (i + 1) * bs], extra_keys)
             ext = external(native)
-            block_id = cached.get(ext)
+            block_id = self._hash_to_block.get(ext)
             if block_id is None:
                 break
             hit.block_ids.append(block_id)
@@ -226,8 +225,7 @@ class KVCacheManager:
         # NOTE: each block's external hash is the next one's parent_ext (computed once).
         ext = None if req.last_native is None else external(req.last_native)
         for i in range(req.num_hashed_blocks, num_computed_tokens // bs):
-            parent_ext = ext
-            chunk = list(token_ids[i * bs : (i + 1) * bs])
+            parent_ext, chunk = ext, list(token_ids[i * bs : (i + 1) * bs])
             req.last_native = hash_block(req.last_native, chunk, req.extra_keys)
             ext = external(req.last_native)
             block_id = req.block_ids[i]
