@@ -11,6 +11,10 @@ One ``schedule()`` call decides one engine step::
     2. waiting requests, FCFS, while budget, max_num_seqs and the pool allow (not in a step
        that preempted): prefix lookup -> allocate_slots(prefix) -> only the uncached tokens
        are scheduled. The pool's None means "not now": the request stays queued.
+       In-batch prefix deferral: a first admission with nothing cached whose first
+       ``defer_blocks`` blocks equal those of a request admitted in this step waits one step
+       (keeping its queue place), so it hits the blocks this step computes instead of
+       computing them again (parallel samples, a burst on one cold system prompt).
 
 The returned chunks carry block tables and slot mappings copied out of the pool, so the model
 runner never touches the pool. ``update`` commits computed tokens after the forward pass.
@@ -25,6 +29,8 @@ from dataclasses import dataclass
 
 from kvmanager.manager import KVCacheManager
 from replicas.request import Request, RequestStatus
+
+DEFAULT_DEFER_BLOCKS = 8  # shared prompt blocks that trigger in-batch deferral (sim: the same)
 
 
 @dataclass(slots=True)
@@ -60,10 +66,14 @@ class SchedulerOutput:
 class Scheduler:
     """Owns the waiting queue and the running list; the pool is shared with nobody else."""
 
-    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+    def __init__(
+        self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int,
+        defer_blocks: int = DEFAULT_DEFER_BLOCKS,
+    ) -> None:
         self.kv = kv
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
+        self.defer_blocks = defer_blocks  # 0 turns in-batch prefix deferral off
         self.waiting: deque[Request] = deque()
         # NOTE: kept sorted by arrival_index, so the tail is always the youngest.
         self.running: list[Request] = []
@@ -116,12 +126,18 @@ class Scheduler:
             budget -= n
             i += 1
         now = time.monotonic()
+        deferred: list[Request] = []
+        admitted: set[tuple[int, ...]] = set()
         while self.waiting and budget > 0 and not preempted:
             if len(self.running) >= self.max_num_seqs:
                 break
             req = self.waiting[0]
             rid = req.request_id
             hit = self.kv.lookup_prefix(req.token_ids)
+            key = self._defer_key(req, hit.num_cached_tokens)
+            if key is not None and key in admitted:
+                deferred.append(self.waiting.popleft())
+                continue
             n = min(req.num_tokens - hit.num_cached_tokens, budget)
             expected = req.num_prompt_tokens + req.params.max_tokens
             if (
@@ -141,6 +157,9 @@ class Scheduler:
             n = min(n, req.num_tokens - req.num_computed_tokens)
             scheduled.append((req, req.num_computed_tokens, n))
             budget -= n
+            if key is not None:
+                admitted.add(key)
+        self.waiting.extendleft(reversed(deferred))
         chunks = [
             ScheduledChunk(
                 request=req,
@@ -152,6 +171,15 @@ class Scheduler:
             for req, start, n in scheduled
         ]
         return SchedulerOutput(chunks=chunks, preempted=preempted)
+
+    def _defer_key(self, req: Request, num_cached_tokens: int) -> tuple[int, ...] | None:
+        """The prefix that makes ``req`` wait for an identical one admitted this step; None
+        when deferral cannot help (off, re-admission after preemption, something cached, or a
+        prompt not longer than the deferral prefix)."""
+        n = self.defer_blocks * self.kv.block_size
+        if not n or req.num_cached_tokens is not None or num_cached_tokens:
+            return None
+        return tuple(req.token_ids[:n]) if req.num_prompt_tokens > n else None
 
     def update(self, output: SchedulerOutput) -> None:
         """After the forward pass: the chunks' tokens now hold K/V in the pool."""

@@ -71,7 +71,7 @@ class SimConfig:
     pending_ttl_s: float = 2.0
     objective: ObjectiveConfig | None = None
     max_macro_steps: int = 32
-    defer_shared_prefill: bool = False
+    defer_shared_prefill: bool = True  # mirrors replicas/scheduler.py (in-batch deferral)
     load_metric: str = "uncached_work"
     seed: int = 0
     reference: bool = False  # the unoptimised paths (full ranking, plain hashing, all snapshots)

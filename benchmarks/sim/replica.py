@@ -2,7 +2,7 @@
 
 Scheduling follows vLLM v1's shape: each step first serves running sequences in admission
 order (one token per decoding sequence, the next chunk of a partial prefill), then admits
-waiting sequences FCFS while the token budget (``max_num_batched_tokens``) and ``max_num_seqs``
+waiting sequences FCFS (with the engine's in-batch prefix deferral) while the token budget (``max_num_batched_tokens``) and ``max_num_seqs``
 allow. Admission does ``lookup_prefix`` + ``allocate_slots`` on the real pool (hits, best-fit
 allocation and eviction are the pool's own); a failed admission waits (backpressure); a failed
 allocation for a running sequence preempts the youngest running sequence (recompute later).
@@ -26,7 +26,7 @@ from cluster.types import LoadSnapshot
 from kvmanager.config import PoolConfig
 from kvmanager.manager import KVCacheManager
 
-DEFER_BLOCKS = 8  # shared-prefix length (blocks) that triggers in-batch deferral
+DEFER_BLOCKS = 8  # = replicas.scheduler.DEFAULT_DEFER_BLOCKS (no torch import here)
 # NOTE: "uncached_work" (tokens still to compute) mirrors replicas/deployment.py's load report;
 # "inflight_tokens" (prompt + max_tokens of every in-flight request, cached or not) is what it
 # reported before, kept to reproduce the earlier routing results.
@@ -73,7 +73,7 @@ class SimReplica:
 
     def __init__(
         self, replica_id: str, pool_config: PoolConfig, model: StepTimeModel,
-        max_macro_steps: int = 32, defer_shared_prefill: bool = False,
+        max_macro_steps: int = 32, defer_shared_prefill: bool = True,
         load_metric: str = "uncached_work",
     ) -> None:
         self.replica_id = replica_id
@@ -166,10 +166,11 @@ class SimReplica:
         return now + plan.cum[-1]
 
     def _defer_key(self, s: SeqState) -> tuple[int, ...] | None:
-        """With ``defer_shared_prefill`` (SGLang-style in-batch prefix deferral, NOT what
-        ``replicas/scheduler.py`` does): a waiting request whose first ``DEFER_BLOCKS`` prompt
-        blocks equal those of a request admitted in this step, and are not cached yet, waits
-        one step so it can hit the blocks that step computes."""
+        """With ``defer_shared_prefill`` (in-batch prefix deferral, as ``replicas/scheduler.py``
+        does): a first admission whose first ``DEFER_BLOCKS`` prompt blocks equal those of a
+        request admitted in this step, and are not cached yet, waits one step so it can hit the
+        blocks that step computes. NOTE: results before this became the default (2026-11-22,
+        third session) ran without it: siblings admitted in one step then never shared."""
         blocks = s.req.prompt_blocks
         if not self.defer_shared_prefill or len(blocks) <= DEFER_BLOCKS or s.first_token_s >= 0:
             return None

@@ -124,8 +124,8 @@ def test_speculative_inserts_route_followers_before_events_arrive() -> None:
 def test_in_batch_deferral_lets_colocated_siblings_hit() -> None:
     w = build_workload("sibling_bursts", 0, num_problems=4, num_rounds=2, problem_len=512,
                        output_len=16)
-    plain = _run(w, "sglang_cache_aware").summary  # type: ignore[attr-defined]
-    defer = _run(w, "sglang_cache_aware", defer_shared_prefill=True).summary  # type: ignore[attr-defined]
+    plain = _run(w, "sglang_cache_aware", defer_shared_prefill=False).summary  # type: ignore[attr-defined]
+    defer = _run(w, "sglang_cache_aware").summary  # type: ignore[attr-defined]  (the default)
     assert plain.hit_ratio < 0.2  # siblings admitted in one step cannot share (vLLM-like)
     assert defer.hit_ratio > plain.hit_ratio + 0.3
     assert defer.num_requests == plain.num_requests == len(w.requests)
@@ -138,3 +138,12 @@ def test_macro_steps_do_not_change_results_much() -> None:
     assert many.hit_ratio == pytest.approx(one.hit_ratio, abs=0.02)
     assert many.ttft_mean_s == pytest.approx(one.ttft_mean_s, rel=0.15)
     assert many.makespan_s == pytest.approx(one.makespan_s, rel=0.05)
+
+
+def test_sim_defers_like_the_engine() -> None:
+    from benchmarks.sim.replica import DEFER_BLOCKS
+    from replicas.config import EngineConfig
+    from replicas.scheduler import DEFAULT_DEFER_BLOCKS
+
+    assert DEFER_BLOCKS == DEFAULT_DEFER_BLOCKS == EngineConfig().defer_shared_prefix_blocks
+    assert SimConfig(1, "round_robin", MODEL).defer_shared_prefill
