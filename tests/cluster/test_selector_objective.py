@@ -190,3 +190,19 @@ def test_cache_versus_queue_decision_does_not_depend_on_cluster_size() -> None:
     light = cands(_row("warm", num_matched_blocks=8, num_queued_tokens=500),
                   *(_row(f"cold{i}") for i in range(128)))
     assert _winner(p, q, light) == "warm"
+
+
+def test_placement_that_evicts_cached_kv_costs_its_recompute() -> None:
+    """evict_token_weight: moving a cold context onto a replica full of cached KV displaces
+    blocks that others must recompute later; the same move onto empty blocks costs nothing."""
+    q = request(100, num_output_tokens=32)  # needs 100 + 2 blocks anywhere cold
+    c = cands(_row("full", num_free_blocks=300, num_cached_blocks=250),  # 50 empty
+              _row("empty", num_free_blocks=300), _row("cached_all", num_free_blocks=300,
+                                                     num_cached_blocks=900))
+    cfg = ObjectiveConfig(evict_token_weight=2.0)
+    r = TinyServeObjective(cfg).select(q, c)
+    per_token = 2.0 / cfg.prefill_tokens_per_s
+    np.testing.assert_allclose(r.terms["load_cost"], [52 * 16 * per_token, 0.0, 102 * 16 * per_token])
+    assert r.top(c, 1)[0].replica_id == "empty"
+    off = TinyServeObjective(ObjectiveConfig(evict_token_weight=0.0)).select(q, c)
+    np.testing.assert_allclose(off.terms["load_cost"], [0.0, 0.0, 0.0])
