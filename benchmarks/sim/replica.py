@@ -3,9 +3,10 @@
 Scheduling follows vLLM v1's shape: each step first serves running sequences in admission
 order (one token per decoding sequence, the next chunk of a partial prefill), then admits
 waiting sequences FCFS (with the engine's in-batch prefix deferral) while the token budget
-(``max_num_batched_tokens``) and ``max_num_seqs`` allow. Admission does ``lookup_prefix`` + ``allocate_slots`` on the real pool (hits, best-fit
-allocation and eviction are the pool's own); a failed admission waits (backpressure); a failed
-allocation for a running sequence preempts the youngest running sequence (recompute later).
+(``max_num_batched_tokens``) and ``max_num_seqs`` allow. Admission does ``lookup_prefix`` +
+``allocate_slots`` on the real pool (hits, best-fit allocation and eviction are the pool's own);
+a failed admission waits (backpressure); a failed allocation for a running sequence preempts
+the youngest running sequence (recompute later).
 
 Time: ``plan(now)`` builds one step and returns its end time; the cluster calls
 ``finish(end)`` at that time, which commits K/V to the pool, records first tokens and frees
