@@ -47,13 +47,6 @@ def _chain(req: SimRequest) -> list[int]:
     return keys
 
 
-def _cached_blocks(keys: list[int], num_prompt_blocks: int, seen: Any) -> int:
-    n = 0
-    while n < num_prompt_blocks and seen(keys[n]):
-        n += 1
-    return n
-
-
 def floors(workload: Workload, model: StepTimeModel) -> dict[str, float]:
     """request_id -> lower bound on its TTFT (seconds)."""
     bs = workload.block_size
@@ -66,13 +59,14 @@ def floors(workload: Workload, model: StepTimeModel) -> dict[str, float]:
         group = list(group_iter)
         together = Counter(k for r in group for k in chains[r.request_id])
         for r in group:
-            nb = len(r.prompt_blocks)
+            keys, nb, n = chains[r.request_id], len(r.prompt_blocks), 0
             if r.parent_id is not None:
-                cached[r.request_id] = _cached_blocks(chains[r.request_id], nb,
-                                                      lambda k: everyone[k] >= 2)
+                while n < nb and everyone[keys[n]] >= 2:
+                    n += 1
             else:
-                cached[r.request_id] = _cached_blocks(
-                    chains[r.request_id], nb, lambda k: k in prior or together[k] >= 2)
+                while n < nb and (keys[n] in prior or together[keys[n]] >= 2):
+                    n += 1
+            cached[r.request_id] = n
         for r in group:
             prior.update(chains[r.request_id])
     out = {}
