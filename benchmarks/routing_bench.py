@@ -62,7 +62,7 @@ def build_specs(args: argparse.Namespace) -> list[RunSpec]:
     sets = parse_sets(args.set)
     sim = json.dumps({"event_lag_s": args.event_lag, "snapshot_interval_s": args.snapshot_interval,
                       "load_metric": args.load_metric,
-                      "defer_shared_prefill": args.defer_shared_prefill == "on"})
+                      "share_in_step": args.share_in_step == "on"})
     specs = []
     for n in args.sizes:
         for wl in workloads:
@@ -88,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="what replicas report as running tokens (uncached_work = the product's "
                     "replicas/deployment.py since this session; inflight_tokens = before)")
     ap.add_argument("--snapshot-interval", type=float, default=0.05, help="load snapshot period (s)")
-    ap.add_argument("--defer-shared-prefill", choices=("on", "off"), default="on",
-                    help="the engine's in-batch prefix deferral (on = replicas/scheduler.py "
-                    "since the third session of 2026-11-22; off = the results before)")
+    ap.add_argument("--share-in-step", choices=("on", "off"), default="on",
+                    help="blocks hashed when scheduled, so a request admitted in the same step "
+                    "reuses them (on = replicas/scheduler.py since the fourth session; off = "
+                    "hashed after the step, as before the third session)")
     ap.add_argument("--calibration", default=str(DEFAULT_CALIBRATION))
     ap.add_argument("--out", default="benchmarks/results/routing")
     ap.add_argument("--reuse", nargs="*", default=[],

@@ -89,13 +89,6 @@ class EngineConfig(BaseModel):
         "batch size (replicas.cuda_graph); needs the CUDA decode kernel (fp16/bf16). Ignored "
         "on CPU, with sparse_attention, or where the step does not fit.",
     )
-    defer_shared_prefix_blocks: int = Field(
-        default=8,
-        ge=0,
-        description="In-batch prefix deferral: a new request with nothing cached whose first "
-        "this-many blocks equal those of a request admitted in the same step waits one step "
-        "and hits them instead of computing them twice (0 = off).",
-    )
     stream_interval: int = Field(
         default=1,
         ge=1,

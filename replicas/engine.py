@@ -160,6 +160,11 @@ class AsyncLLMEngine:
                 for rid in list(self.engine.requests):
                     self.engine.abort(rid)
                     self._route_error(rid, RuntimeError(f"engine step failed: {exc!r}"))
+                # NOTE: blocks are hashed when scheduled (replicas.scheduler), so the failed
+                # step may have cached hashes over K/V it never wrote; with every request
+                # aborted no block is in use and the reset cannot be refused.
+                with self.engine.lock:
+                    self.engine.kv.reset_prefix_cache()
                 continue
             for out in outputs:
                 queue = self._queues.get(out.request_id)

@@ -2,10 +2,11 @@
 
 One ``step()``::
 
-    scheduler.schedule()            -> chunks (decode + prefill), preempted requests
+    scheduler.schedule()            -> chunks (decode + prefill), preempted requests; pool.commit
+                                       (full blocks hashed, BlockStored events)
     model_runner.execute(chunks)    -> logits of the chunks that reach their last token
     sampler(logits)                 -> one token per sampling request
-    scheduler.update()              -> pool.commit (full blocks hashed, BlockStored events)
+    scheduler.update()              -> requests' num_computed_tokens advance
     output_processor                -> stop checks, text deltas -> list[RequestOutput]
 
 Admission checks (``validate``) raise ValueError naming the limit before anything is queued,
@@ -90,10 +91,7 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             max_num_seqs=config.max_num_seqs,
         )
-        self.scheduler = Scheduler(
-            self.kv, config.max_num_batched_tokens, config.max_num_seqs,
-            config.defer_shared_prefix_blocks,
-        )
+        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
         self.sampler = Sampler(config.seed, self.loaded.device)
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
         self.requests: dict[str, Request] = {}

@@ -11,13 +11,16 @@ One ``schedule()`` call decides one engine step::
     2. waiting requests, FCFS, while budget, max_num_seqs and the pool allow (not in a step
        that preempted): prefix lookup -> allocate_slots(prefix) -> only the uncached tokens
        are scheduled. The pool's None means "not now": the request stays queued.
-       In-batch prefix deferral: a first admission with nothing cached whose first
-       ``defer_blocks`` blocks equal those of a request admitted in this step waits one step
-       (keeping its queue place), so it hits the blocks this step computes instead of
-       computing them again (parallel samples, a burst on one cold system prompt).
+
+Every chunk is committed to the pool when it is scheduled (its full blocks hashed and
+cached), not after the forward pass: the attention writes all of a step's K/V before any
+row reads it (``replicas.attention``), so a request admitted later in the same step reuses
+blocks this step computes - parallel samples or a burst on one cold system prompt compute it
+once, in one step. A failed step therefore leaves hashes over unwritten K/V: the async
+engine aborts everything and resets the prefix cache (``replicas.engine``).
 
 The returned chunks carry block tables and slot mappings copied out of the pool, so the model
-runner never touches the pool. ``update`` commits computed tokens after the forward pass.
+runner never touches the pool. ``update`` advances the requests after the forward pass.
 """
 
 from __future__ import annotations
@@ -29,8 +32,6 @@ from dataclasses import dataclass
 
 from kvmanager.manager import KVCacheManager
 from replicas.request import Request, RequestStatus
-
-DEFAULT_DEFER_BLOCKS = 8  # shared prompt blocks that trigger in-batch deferral (sim: the same)
 
 
 @dataclass(slots=True)
@@ -66,14 +67,10 @@ class SchedulerOutput:
 class Scheduler:
     """Owns the waiting queue and the running list; the pool is shared with nobody else."""
 
-    def __init__(
-        self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int,
-        defer_blocks: int = DEFAULT_DEFER_BLOCKS,
-    ) -> None:
+    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
         self.kv = kv
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
-        self.defer_blocks = defer_blocks  # 0 turns in-batch prefix deferral off
         self.waiting: deque[Request] = deque()
         # NOTE: kept sorted by arrival_index, so the tail is always the youngest.
         self.running: list[Request] = []
@@ -122,22 +119,16 @@ class Scheduler:
                     break
             if req.status is RequestStatus.PREEMPTED:
                 break
-            scheduled.append((req, req.num_computed_tokens, n))
+            self._schedule(scheduled, req, n)
             budget -= n
             i += 1
         now = time.monotonic()
-        deferred: list[Request] = []
-        admitted: set[tuple[int, ...]] = set()
         while self.waiting and budget > 0 and not preempted:
             if len(self.running) >= self.max_num_seqs:
                 break
             req = self.waiting[0]
             rid = req.request_id
             hit = self.kv.lookup_prefix(req.token_ids)
-            key = self._defer_key(req, hit.num_cached_tokens)
-            if key is not None and key in admitted:
-                deferred.append(self.waiting.popleft())
-                continue
             n = min(req.num_tokens - hit.num_cached_tokens, budget)
             expected = req.num_prompt_tokens + req.params.max_tokens
             if (
@@ -155,11 +146,8 @@ class Scheduler:
             keys = [r.arrival_index for r in self.running]
             self.running.insert(bisect.bisect(keys, req.arrival_index), req)
             n = min(n, req.num_tokens - req.num_computed_tokens)
-            scheduled.append((req, req.num_computed_tokens, n))
+            self._schedule(scheduled, req, n)
             budget -= n
-            if key is not None:
-                admitted.add(key)
-        self.waiting.extendleft(reversed(deferred))
         chunks = [
             ScheduledChunk(
                 request=req,
@@ -172,18 +160,14 @@ class Scheduler:
         ]
         return SchedulerOutput(chunks=chunks, preempted=preempted)
 
-    def _defer_key(self, req: Request, num_cached_tokens: int) -> tuple[int, ...] | None:
-        """The prefix that makes ``req`` wait for an identical one admitted this step; None
-        when deferral cannot help (off, re-admission after preemption, something cached, or a
-        prompt not longer than the deferral prefix)."""
-        n = self.defer_blocks * self.kv.block_size
-        if not n or req.num_cached_tokens is not None or num_cached_tokens:
-            return None
-        return tuple(req.token_ids[:n]) if req.num_prompt_tokens > n else None
+    def _schedule(self, scheduled: list[tuple[Request, int, int]], req: Request, n: int) -> None:
+        """Add ``req``'s next ``n`` tokens to this step and commit them to the pool now (see the
+        module docstring: later admissions of this step may hit the blocks they fill)."""
+        start = req.num_computed_tokens
+        scheduled.append((req, start, n))
+        self.kv.commit(req.request_id, req.token_ids, start + n)
 
     def update(self, output: SchedulerOutput) -> None:
-        """After the forward pass: the chunks' tokens now hold K/V in the pool."""
+        """After the forward pass: the chunks' tokens now hold K/V (committed in schedule)."""
         for chunk in output.chunks:
-            req = chunk.request
-            req.num_computed_tokens = chunk.end
-            self.kv.commit(req.request_id, req.token_ids, req.num_computed_tokens)
+            chunk.request.num_computed_tokens = chunk.end

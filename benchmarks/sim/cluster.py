@@ -71,7 +71,7 @@ class SimConfig:
     pending_ttl_s: float = 2.0
     objective: ObjectiveConfig | None = None
     max_macro_steps: int = 32
-    defer_shared_prefill: bool = True  # mirrors replicas/scheduler.py (in-batch deferral)
+    share_in_step: bool = True  # blocks hashed when scheduled, as replicas/scheduler.py does
     load_metric: str = "uncached_work"
     seed: int = 0
     reference: bool = False  # the unoptimised paths (full ranking, plain hashing, all snapshots)
@@ -95,7 +95,7 @@ class ClusterSim:
         self.core = SelectorCore(core_cfg, clock=lambda: self.now)
         self.replicas = [
             SimReplica(f"r{i:03d}", pool_cfg, config.model, config.max_macro_steps,
-                       config.defer_shared_prefill, config.load_metric)
+                       config.share_in_step, config.load_metric)
             for i in range(config.num_replicas)
         ]
         self._by_id = {r.replica_id: r for r in self.replicas}

@@ -2,14 +2,16 @@
 
 Scheduling follows vLLM v1's shape: each step first serves running sequences in admission
 order (one token per decoding sequence, the next chunk of a partial prefill), then admits
-waiting sequences FCFS (with the engine's in-batch prefix deferral) while the token budget
-(``max_num_batched_tokens``) and ``max_num_seqs`` allow. Admission does ``lookup_prefix`` +
-``allocate_slots`` on the real pool (hits, best-fit allocation and eviction are the pool's own);
-a failed admission waits (backpressure); a failed allocation for a running sequence preempts
-the youngest running sequence (recompute later).
+waiting sequences FCFS while the token budget (``max_num_batched_tokens``) and
+``max_num_seqs`` allow. Admission does ``lookup_prefix`` + ``allocate_slots`` on the real pool
+(hits, best-fit allocation and eviction are the pool's own); a failed admission waits
+(backpressure); a failed allocation for a running sequence preempts the youngest running
+sequence (recompute later). With ``share_in_step`` (the engine's behaviour) prefill chunks are
+committed when planned, as ``replicas/scheduler.py`` does, so a sequence admitted later in the
+same step hits the blocks this step computes.
 
 Time: ``plan(now)`` builds one step and returns its end time; the cluster calls
-``finish(end)`` at that time, which commits K/V to the pool, records first tokens and frees
+``finish(end)`` at that time, which commits decode K/V to the pool, records first tokens and frees
 completed sequences. NOTE: decode-only stretches are planned as a *macro step* of up to
 ``max_macro_steps`` decode steps (one event instead of k); ``cut(now)`` shortens it to the step
 in progress when a new request arrives, so arrivals still join at a real step boundary.
@@ -27,7 +29,6 @@ from cluster.types import LoadSnapshot
 from kvmanager.config import PoolConfig
 from kvmanager.manager import KVCacheManager
 
-DEFER_BLOCKS = 8  # = replicas.scheduler.DEFAULT_DEFER_BLOCKS (no torch import here)
 # NOTE: "uncached_work" (tokens still to compute) mirrors replicas/deployment.py's load report;
 # "inflight_tokens" (prompt + max_tokens of every in-flight request, cached or not) is what it
 # reported before, kept to reproduce the earlier routing results.
@@ -74,14 +75,14 @@ class SimReplica:
 
     def __init__(
         self, replica_id: str, pool_config: PoolConfig, model: StepTimeModel,
-        max_macro_steps: int = 32, defer_shared_prefill: bool = True,
+        max_macro_steps: int = 32, share_in_step: bool = True,
         load_metric: str = "uncached_work",
     ) -> None:
         self.replica_id = replica_id
         self.pool = KVCacheManager(pool_config)
         self.model = model
         self.max_macro_steps = max_macro_steps
-        self.defer_shared_prefill = defer_shared_prefill
+        self.share_in_step = share_in_step
         if load_metric not in LOAD_METRICS:
             raise ValueError(f"load_metric must be one of {LOAD_METRICS}, got {load_metric!r}")
         self.load_metric = load_metric
@@ -128,27 +129,20 @@ class SimReplica:
                 continue
             if in_prefill:
                 prefill.append((s, n))
+                self._commit_ahead(s, n)
             else:
                 decode.append(s)
             budget -= n
-        deferred: list[SeqState] = []
-        admitted: set[tuple[int, ...]] = set()
         while self.waiting and budget > 0 and len(self.running) < m.max_num_seqs:
             s = self.waiting[0]
-            key = self._defer_key(s)
-            if key is not None and key in admitted:
-                deferred.append(self.waiting.popleft())
-                continue
             n = self._admit(s, budget)
             if n is None:
                 break
             self.waiting.popleft()
             self.running.append(s)
             prefill.append((s, n))
+            self._commit_ahead(s, n)
             budget -= n
-            if key is not None:
-                admitted.add(key)
-        self.waiting.extendleft(reversed(deferred))
         if not prefill and not decode:
             if self.waiting and not self.running:
                 raise RuntimeError(
@@ -165,19 +159,6 @@ class SimReplica:
         self.busy_s += plan.cum[-1]
         self.num_tokens_processed += sum(n for _, n in prefill) + plan.k * len(decode)
         return now + plan.cum[-1]
-
-    def _defer_key(self, s: SeqState) -> tuple[int, ...] | None:
-        """With ``defer_shared_prefill`` (in-batch prefix deferral, as ``replicas/scheduler.py``
-        does): a first admission whose first ``DEFER_BLOCKS`` prompt blocks equal those of a
-        request admitted in this step, and are not cached yet, waits one step so it can hit the
-        blocks that step computes. NOTE: results before this became the default (2026-11-22,
-        third session) ran without it: siblings admitted in one step then never shared."""
-        blocks = s.req.prompt_blocks
-        if not self.defer_shared_prefill or len(blocks) <= DEFER_BLOCKS or s.first_token_s >= 0:
-            return None
-        if self.pool.lookup_prefix(s.tokens[: (DEFER_BLOCKS + 1) * self.pool.block_size]).num_cached_tokens:
-            return None
-        return blocks[:DEFER_BLOCKS]
 
     def _admit(self, s: SeqState, budget: int) -> int | None:
         rid = s.req.request_id
@@ -214,11 +195,18 @@ class SimReplica:
         s.num_slots += len(new) * self.pool.block_size
         return True
 
-    def _commit(self, s: SeqState) -> None:
+    def _commit(self, s: SeqState, upto: int) -> None:
         bs = self.pool.block_size
-        if s.num_computed // bs > s.pool_computed // bs:
-            self.pool.commit(s.req.request_id, s.tokens, s.num_computed)
-            s.pool_computed = s.num_computed
+        if upto // bs > s.pool_computed // bs:
+            self.pool.commit(s.req.request_id, s.tokens, upto)
+            s.pool_computed = upto
+
+    def _commit_ahead(self, s: SeqState, n: int) -> None:
+        """``share_in_step``: commit the ``n`` prefill tokens planned for ``s`` now, not at the
+        step's end (the engine hashes at schedule time; its attention writes a step's K/V before
+        reading it, so a later admission of the same step may already reuse these blocks)."""
+        if self.share_in_step:
+            self._commit(s, s.num_computed + n)
 
     def _preempt(self, v: SeqState) -> None:
         self.pool.free(v.req.request_id)
@@ -277,7 +265,7 @@ class SimReplica:
         done: list[SeqState] = []
         for s, n in plan.prefill:
             s.num_computed += n
-            self._commit(s)
+            self._commit(s, s.num_computed)
             if s.num_computed == s.prefill_target and s.first_token_s < 0:
                 s.first_token_s = now
                 s.num_generated = 1
@@ -288,7 +276,7 @@ class SimReplica:
         for s in plan.decode:
             s.num_computed += k
             s.num_generated += k
-            self._commit(s)
+            self._commit(s, s.num_computed)
             if s.num_generated >= s.req.num_output_tokens:
                 done.append(s)
         for s in done:

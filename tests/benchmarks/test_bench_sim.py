@@ -121,14 +121,15 @@ def test_speculative_inserts_route_followers_before_events_arrive() -> None:
     assert hit_ratio(True) > hit_ratio(False) + 0.2
 
 
-def test_in_batch_deferral_lets_colocated_siblings_hit() -> None:
+def test_siblings_colocated_in_one_step_share_its_blocks() -> None:
     w = build_workload("sibling_bursts", 0, num_problems=4, num_rounds=2, problem_len=512,
                        output_len=16)
-    plain = _run(w, "sglang_cache_aware", defer_shared_prefill=False).summary  # type: ignore[attr-defined]
-    defer = _run(w, "sglang_cache_aware").summary  # type: ignore[attr-defined]  (the default)
-    assert plain.hit_ratio < 0.2  # siblings admitted in one step cannot share (vLLM-like)
-    assert defer.hit_ratio > plain.hit_ratio + 0.3
-    assert defer.num_requests == plain.num_requests == len(w.requests)
+    late = _run(w, "sglang_cache_aware", share_in_step=False).summary  # type: ignore[attr-defined]
+    now = _run(w, "sglang_cache_aware").summary  # type: ignore[attr-defined]  (the default)
+    assert late.hit_ratio < 0.2  # blocks hashed only after the step: siblings cannot share
+    assert now.hit_ratio > late.hit_ratio + 0.3
+    assert now.num_requests == late.num_requests == len(w.requests)
+    assert now.ttft_mean_s < late.ttft_mean_s  # one prefill of the problem per burst, not four
 
 
 def test_macro_steps_do_not_change_results_much() -> None:
@@ -140,10 +141,3 @@ def test_macro_steps_do_not_change_results_much() -> None:
     assert many.makespan_s == pytest.approx(one.makespan_s, rel=0.05)
 
 
-def test_sim_defers_like_the_engine() -> None:
-    from benchmarks.sim.replica import DEFER_BLOCKS
-    from replicas.config import EngineConfig
-    from replicas.scheduler import DEFAULT_DEFER_BLOCKS
-
-    assert DEFER_BLOCKS == DEFAULT_DEFER_BLOCKS == EngineConfig().defer_shared_prefix_blocks
-    assert SimConfig(1, "round_robin", MODEL).defer_shared_prefill

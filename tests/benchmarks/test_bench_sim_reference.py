@@ -24,8 +24,10 @@ from benchmarks.workloads import build_workload
 # use baseline policies and load_metric="inflight_tokens" so that they depend only on simulator
 # code: the TinyServe objective and the "uncached_work" load report are being changed on their
 # own (those changes move figures legitimately). TinyServe is covered by comparing the fast
-# simulator with its reference mode in the same process (test below).
-_INFLIGHT = {"load_metric": "inflight_tokens"}
+# simulator with its reference mode in the same process (test below). They also pin
+# share_in_step=False: the fixture predates the engine hashing blocks when scheduled (fourth
+# session), which moves figures legitimately too.
+_INFLIGHT = {"load_metric": "inflight_tokens", "share_in_step": False}
 _GSP = dict(num_groups=12, prompts_per_group=8, rate=150.0)
 CASES: dict[str, tuple[str, dict[str, Any], str, int, dict[str, Any]]] = {
     "gsp_sglang_16": ("generated_shared_prefix", _GSP, "sglang_cache_aware", 16, _INFLIGHT),

@@ -42,17 +42,17 @@ def test_routing_bench_specs_and_reuse_keys_agree() -> None:
     args = argparse.Namespace(workloads=["toolbench"], policies=["tinyserve", "round_robin"],
                               sizes=[8], seeds=[0, 1], objective="", set=["toolbench.rate=5"],
                               event_lag=0.02, snapshot_interval=0.05, calibration="x.json",
-                              load_metric="uncached_work", defer_shared_prefill="on")
+                              load_metric="uncached_work", share_in_step="on")
     specs = build_specs(args)
     assert len(specs) == 4
     row = {"workload": "toolbench", "policy": "round_robin", "num_replicas": 8, "seed": 1,
            "workload_overrides": {"rate": 5}, "objective_overrides": {},
            "sim_overrides": {"event_lag_s": 0.02, "snapshot_interval_s": 0.05,
-                             "load_metric": "uncached_work", "defer_shared_prefill": True}}
+                             "load_metric": "uncached_work", "share_in_step": True}}
     assert _key(row) in {_spec_key(s) for s in specs}
-    # a row simulated before deferral existed is not reused for a run with it
+    # a row simulated with other engine semantics (earlier sessions) is not reused
     old = dict(row, sim_overrides={k: v for k, v in row["sim_overrides"].items()
-                                   if k != "defer_shared_prefill"})
+                                   if k != "share_in_step"} | {"defer_shared_prefill": True})
     assert _key(old) not in {_spec_key(s) for s in specs}
     assert parse_sets(["toolbench.zipf=1.2"]) == {"toolbench": {"zipf": 1.2}}
     with pytest.raises(SystemExit):

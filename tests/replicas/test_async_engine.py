@@ -242,3 +242,24 @@ def test_shutdown_ends_open_streams(tiny_llama_dir: Path) -> None:
 
     last = asyncio.run(main())
     assert last.finished and last.finish_reason == "abort"
+
+
+def test_a_failed_step_fails_its_streams_and_drops_the_prefix_cache(tiny_llama_dir: Path) -> None:
+    eng = AsyncLLMEngine(EngineConfig(model=str(tiny_llama_dir), num_blocks=32, block_size=4))
+    prompt = random_prompts(1, [18], seed=48)[0]
+    params = SamplingParams(max_tokens=3, temperature=0.0)
+    runner = eng.engine.runner
+    execute = runner.execute
+
+    def broken(chunks: object) -> object:
+        raise RuntimeError("device lost")
+
+    runner.execute = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match=r"engine step failed.*device lost"):
+        asyncio.run(_collect(eng, "a", prompt, params))
+    # Blocks were hashed when scheduled but their K/V never written: nothing may stay cached.
+    assert eng.engine.kv.cached_block_hashes() == []
+    runner.execute = execute  # type: ignore[method-assign]
+    outs = asyncio.run(_collect(eng, "b", prompt, params))
+    assert outs[-1].num_cached_tokens == 0
+    assert [t for o in outs for t in o.new_token_ids] == hf_greedy(tiny_llama_dir, prompt, 3)

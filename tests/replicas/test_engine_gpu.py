@@ -41,22 +41,24 @@ def _engine(model_dir: Path, device: str, dtype: str, **kw: object) -> LLMEngine
 
 
 def _workload(engine: LLMEngine) -> tuple[list[list[int]], list[int]]:
-    """Mixed-length batch, then two prompts sharing the first prompt's prefix (cache hits).
-    Returns every output and the cached-token counts of the prefix-hit requests."""
+    """Mixed-length batch, then two prompts sharing the first prompt's prefix (cache hits)
+    and two copies of a cold prompt (the second reads the K/V the first writes in the same
+    step). Returns every output and the cached-token counts of those four requests."""
     mixed = random_prompts(6, [3, 17, 40, 1, 9, 70], seed=11)
     outs = engine.generate(mixed, GREEDY)
     shared = mixed[5][:64]
-    hits = [shared + t for t in random_prompts(2, [5, 1], seed=4)]
+    cold = random_prompts(1, [30], seed=9)[0]
+    hits = [shared + t for t in random_prompts(2, [5, 1], seed=4)] + [cold, cold]
     for i, p in enumerate(hits):
         engine.add_request(f"hit-{i}", p, GREEDY)
-    hit_out: dict[str, list[int]] = {"hit-0": [], "hit-1": []}
-    cached: list[int] = [0, 0]
+    hit_out: dict[str, list[int]] = {f"hit-{i}": [] for i in range(len(hits))}
+    cached: list[int] = [0] * len(hits)
     while engine.has_unfinished_requests():
         for out in engine.step():
             hit_out[out.request_id].extend(out.new_token_ids)
             cached[int(out.request_id[-1])] = out.num_cached_tokens
     engine.kv.check_integrity()
-    return [*outs, hit_out["hit-0"], hit_out["hit-1"]], cached
+    return [*outs, *hit_out.values()], cached
 
 
 def test_fp32_gpu_tokens_equal_cpu(tiny_llama_dir: Path) -> None:
@@ -65,7 +67,8 @@ def test_fp32_gpu_tokens_equal_cpu(tiny_llama_dir: Path) -> None:
     assert gpu.runner.graphs is None  # fp32 decode is the torch reference: not capturable
     gpu_out, gpu_cached = _workload(gpu)
     assert gpu_cached == cpu_cached
-    assert min(gpu_cached) >= 60  # the 64 shared tokens = 16 full blocks of 4 (minus the last)
+    assert min(gpu_cached[:2]) >= 60  # the 64 shared tokens = 16 full blocks of 4 (- the last)
+    assert gpu_cached[2:] == [0, 28]  # 30 tokens: 7 full blocks shared within the step
     assert gpu_out == cpu_out
     assert all(len(o) == MAX_NEW for o in gpu_out)
 
@@ -118,12 +121,13 @@ def test_bf16_kernels_and_graphs_follow_fp32_reference(hd64_llama_dir: Path) -> 
     eager = _engine(hd64_llama_dir, "cuda", "bfloat16", block_size=16, cuda_graphs=False)
     graphs = _engine(hd64_llama_dir, "cuda", "bfloat16", block_size=16, cuda_graphs=True)
     assert eager.runner.graphs is None and graphs.runner.graphs is not None
-    hit_prompts = [shared + t for t in random_prompts(2, [5, 1], seed=4)]
+    cold = random_prompts(1, [40], seed=9)[0]  # twice in one step: 2 blocks of 16 shared
+    hit_prompts = [shared + t for t in random_prompts(2, [5, 1], seed=4)] + [cold, cold]
     results = {}
     for name, engine in (("eager", eager), ("graphs", graphs)):
         outs = engine.generate(prompts, GREEDY)
         outs += engine.generate(hit_prompts, GREEDY)
-        assert engine.stats().prefix_hit_tokens >= 2 * 64
+        assert engine.stats().prefix_hit_tokens >= 2 * 64 + 32
         engine.kv.check_integrity()
         results[name] = outs
     assert graphs.runner.graphs is not None

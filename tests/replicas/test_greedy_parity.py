@@ -97,10 +97,10 @@ def test_preemption_with_prefix_cache_and_chunking(tiny_llama_dir: Path) -> None
     engine.kv.check_integrity()
 
 
-@pytest.mark.parametrize("defer", [8, 0])
-def test_identical_prompts_in_one_batch_share_the_prefill(tiny_llama_dir: Path, defer: int) -> None:
-    """In-batch prefix deferral: parallel samples of one cold prompt compute it once."""
-    engine = _engine(tiny_llama_dir, defer_shared_prefix_blocks=defer)
+def test_identical_prompts_in_one_batch_share_the_prefill(tiny_llama_dir: Path) -> None:
+    """Parallel samples of one cold prompt compute it once, in the same step: the later ones
+    read the K/V the first one writes in that step."""
+    engine = _engine(tiny_llama_dir)
     prompt = random_prompts(1, [41], seed=5)[0]
     other = random_prompts(1, [9], seed=6)[0]
     prompts = {"s0": prompt, "s1": prompt, "s2": prompt, "other": other}
@@ -108,12 +108,14 @@ def test_identical_prompts_in_one_batch_share_the_prefill(tiny_llama_dir: Path, 
         engine.add_request(rid, p, GREEDY)
     outs: dict[str, list[int]] = {rid: [] for rid in prompts}
     cached: dict[str, int] = {}
+    first_step: dict[str, int] = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             outs[out.request_id].extend(out.new_token_ids)
             cached[out.request_id] = out.num_cached_tokens
+            first_step.setdefault(out.request_id, engine.num_steps)
     # 41 tokens = 10 full blocks of 4, all reusable (the 41st token is computed anyway).
-    expected = {"s0": 0, "s1": 40, "s2": 40, "other": 0} if defer else dict.fromkeys(prompts, 0)
-    assert cached == expected
+    assert cached == {"s0": 0, "s1": 40, "s2": 40, "other": 0}
+    assert first_step == dict.fromkeys(prompts, 1)  # every first token from the first step
     _assert_parity(tiny_llama_dir, list(prompts.values()), list(outs.values()))
     engine.kv.check_integrity()

@@ -123,39 +123,36 @@ def test_pool_none_keeps_request_waiting() -> None:
     assert small.status is RequestStatus.WAITING
 
 
-def test_in_batch_deferral_lets_an_identical_prompt_hit_next_step() -> None:
-    sched = Scheduler(_pool(64), max_num_batched_tokens=100, max_num_seqs=8, defer_blocks=2)
+def test_a_request_admitted_later_in_the_step_shares_the_blocks_it_computes() -> None:
+    sched = Scheduler(_pool(64), max_num_batched_tokens=100, max_num_seqs=8)
     a, b, other = _req("a", 40), _req("b", 40), _req("other", 12, base=500)
     for r in (a, b, other):
         sched.add(r)
     out = sched.schedule()
-    # b waits (same first 2 blocks as a, nothing cached); other, behind it, is not held up.
-    assert [c.request.request_id for c in out.chunks] == ["a", "other"]
-    assert list(sched.waiting) == [b]
+    # a's 10 full blocks are hashed when scheduled; b, admitted after it in the same step,
+    # hits 9 of them (one token is always left to compute) and computes 4 tokens, not 40.
+    assert [(c.request.request_id, c.start, c.num_new_tokens) for c in out.chunks] == [
+        ("a", 0, 40), ("b", 36, 4), ("other", 0, 12)]
+    assert b.num_cached_tokens == 36 and other.num_cached_tokens == 0
+    assert out.chunks[1].block_table[:9] == out.chunks[0].block_table[:9]
+    assert out.chunks[1].block_table[9] != out.chunks[0].block_table[9]
+    # Committed at schedule time: the pool already counts the step's tokens as computed.
+    assert sched.kv.num_computed_tokens("a") == 40 and a.num_computed_tokens == 0
     _finish_step(sched, out)
-    out = sched.schedule()
-    assert b.num_cached_tokens == 36  # a's 9 full blocks (one token is always left to compute)
-    assert [(c.request.request_id, c.start, c.num_new_tokens) for c in out.chunks][-1] == ("b", 36, 4)
+    assert a.num_computed_tokens == b.num_computed_tokens == 40
     sched.kv.check_integrity()
 
 
-def test_no_deferral_when_off_short_or_partly_cached() -> None:
-    off = Scheduler(_pool(64), max_num_batched_tokens=100, max_num_seqs=8, defer_blocks=0)
-    for rid in ("a", "b"):
-        off.add(_req(rid, 40))
-    assert [c.request.request_id for c in off.schedule().chunks] == ["a", "b"]
-
-    short = Scheduler(_pool(64), max_num_batched_tokens=100, max_num_seqs=8, defer_blocks=2)
-    for rid in ("a", "b"):
-        short.add(_req(rid, 8))  # not longer than the 2-block deferral prefix
-    assert [c.request.request_id for c in short.schedule().chunks] == ["a", "b"]
-
-    warm = Scheduler(_pool(64), max_num_batched_tokens=100, max_num_seqs=8, defer_blocks=2)
-    first = _req("first", 12)
-    warm.add(first)
-    _finish_step(warm, warm.schedule())
-    warm.finish(first, "stop")
-    for rid in ("a", "b"):
-        warm.add(_req(rid, 40))  # 3 blocks cached already: both hit them at once
-    out = warm.schedule()
-    assert [(c.request.request_id, c.start) for c in out.chunks] == [("a", 12), ("b", 12)]
+def test_a_chunked_prompt_shares_only_what_this_step_computes() -> None:
+    sched = Scheduler(_pool(64), max_num_batched_tokens=24, max_num_seqs=8)
+    a, b = _req("a", 40), _req("b", 40)
+    sched.add(a)
+    out = sched.schedule()  # a's first 24 tokens
+    _finish_step(sched, out)
+    sched.add(b)
+    out = sched.schedule()
+    # a computes its last 16 tokens; b finds the 6 blocks computed so far plus the 4 a fills
+    # in this step (9 blocks; one token is always left to compute) and computes its last 4.
+    assert [(c.request.request_id, c.start, c.num_new_tokens) for c in out.chunks] == [
+        ("a", 24, 16), ("b", 36, 4)]
+    sched.kv.check_integrity()
