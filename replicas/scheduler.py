@@ -13,11 +13,12 @@ One ``schedule()`` call decides one engine step::
        are scheduled. The pool's None means "not now": the request stays queued.
 
 Every chunk is committed to the pool when it is scheduled (its full blocks hashed and
-cached), not after the forward pass: the attention writes all of a step's K/V before any
-row reads it (``replicas.attention``), so a request admitted later in the same step reuses
-blocks this step computes - parallel samples or a burst on one cold system prompt compute it
-once, in one step. A failed step therefore leaves hashes over unwritten K/V: the async
-engine aborts everything and resets the prefix cache (``replicas.engine``).
+cached), not after the forward pass, as vLLM v1's ``KVCacheManager.allocate_slots`` caches up
+to computed + new tokens. The attention writes all of a step's K/V before any row reads it
+(``replicas.attention``), so a request admitted later in the same step reuses blocks this
+step computes: parallel samples or a burst on one cold system prompt compute it once, in one
+step. A failed step therefore leaves hashes over unwritten K/V: the async engine aborts
+everything and resets the prefix cache (``replicas.engine``).
 
 The returned chunks carry block tables and slot mappings copied out of the pool, so the model
 runner never touches the pool. ``update`` advances the requests after the forward pass.
