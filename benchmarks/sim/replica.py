@@ -12,9 +12,10 @@ same step hits the blocks this step computes.
 
 Time: ``plan(now)`` builds one step and returns its end time; the cluster calls
 ``finish(end)`` at that time, which commits the rest of the step's K/V to the pool (all of it
-without ``share_in_step``), records first tokens and frees completed sequences. NOTE: decode-only stretches are planned as a *macro step* of up to
-``max_macro_steps`` decode steps (one event instead of k); ``cut(now)`` shortens it to the step
-in progress when a new request arrives, so arrivals still join at a real step boundary.
+without ``share_in_step``), records first tokens and frees completed sequences. NOTE:
+decode-only stretches are planned as a *macro step* of up to ``max_macro_steps`` decode steps
+(one event instead of k); ``cut(now)`` shortens it to the step in progress when a new request
+arrives, so arrivals still join at a real step boundary.
 """
 
 from __future__ import annotations
