@@ -23,7 +23,7 @@ def _req(rid: str, n: int, max_tokens: int = 8, base: int = 0) -> Request:
 
 
 def _finish_step(sched: Scheduler, out: SchedulerOutput, token: int = 7) -> None:
-    """What the engine does after a forward pass: commit, then append a sampled token."""
+    """What the engine does after a forward pass: advance the requests, append a sampled token."""
     sched.update(out)
     for c in out.chunks:
         if c.samples:
