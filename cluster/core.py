@@ -300,8 +300,7 @@ class SelectorCore:
         match = self._index.match(request.block_hashes, mask)
         cap = self._table.capacity
         matched, pending, host = match.arrays(cap)
-        lengths = {n for _, n in match.resident_segments}
-        hot = self._access.hotness(request.block_hashes, matched, lengths)
+        hot = self._access.hotness(request.block_hashes, matched, match.lengths())
         if request.origin_node_id:
             nodes = [self._table.by_slot[s].node_id for s in slots.tolist()]
             same = np.asarray([n == request.origin_node_id for n in nodes], np.bool_)
