@@ -13,8 +13,8 @@ words), stopping at the first block no candidate holds. Equivalence with the pre
 dict-of-ints index is tested by hypothesis (tests/cluster/test_selector_index.py).
 
 Contract: not thread-safe (the core serialises calls). Hash values are 64-bit external hashes
-(Python ints in [-2^63, 2^64); values >= 2^63 are folded to int64 two's complement, so a hash
-and its int64 view name the same block). Pending marks are dropped lazily: a Select drains at
+(Python ints in [-2^63, 2^64); a negative value and its 64-bit two's complement name the
+same block). Pending marks are dropped lazily: a Select drains at
 most a few expired marks and the service sweeps the rest every TTL/2, so under a backlog a mark
 may outlive its TTL by up to ~TTL/2.
 """
@@ -33,17 +33,20 @@ from cluster.mask_table import MaskTable
 from kvmanager.events import MEDIUM_CPU
 
 I64 = npt.NDArray[np.int64]
+U64 = npt.NDArray[np.uint64]
 
 
-def as_hash_array(block_hashes: Iterable[int]) -> I64:
-    """Block hashes as int64 (64-bit unsigned values wrap to their two's complement)."""
+def as_hash_array(block_hashes: Iterable[int]) -> U64:
+    """Block hashes as uint64 (negative int64 values wrap to their two's complement)."""
     if isinstance(block_hashes, np.ndarray):
-        return block_hashes.astype(np.int64, copy=False)
+        return block_hashes.astype(np.int64, copy=False).view(np.uint64)
     seq = block_hashes if isinstance(block_hashes, list | tuple) else list(block_hashes)
     try:
-        return np.asarray(seq, np.int64)
+        return np.asarray(seq, np.int64).view(np.uint64)
     except OverflowError:
-        return np.asarray([h - (1 << 64) if h >= 1 << 63 else h for h in seq], np.int64)
+        return np.asarray([h - (1 << 64) if h >= 1 << 63 else h for h in seq], np.int64).view(
+            np.uint64
+        )
 
 
 @dataclass(slots=True)
@@ -99,7 +102,7 @@ class KVIndex:
         self._num_gpu = np.zeros(64, np.int64)
         self._num_cpu = np.zeros(64, np.int64)
         self._pending_deadline: dict[int, dict[int, float]] = {}
-        self._pending_queue: deque[tuple[float, int, I64]] = deque()
+        self._pending_queue: deque[tuple[float, int, U64]] = deque()
 
     @property
     def num_words(self) -> int:
@@ -189,7 +192,8 @@ class KVIndex:
             return
         deadline = self._clock() + ttl_s
         hashes = as_hash_array(block_hashes)
-        self._pending_deadline[slot].update(dict.fromkeys(hashes.tolist(), deadline))
+        marks = dict.fromkeys(hashes.view(np.int64).tolist(), deadline)
+        self._pending_deadline[slot].update(marks)
         self._pending.set_bits(hashes, slot)
         self._pending_queue.append((deadline, slot, hashes))
 
@@ -208,14 +212,14 @@ class KVIndex:
             if per_slot is None:
                 continue
             expired = []
-            for h in hashes.tolist():
+            for h in hashes.view(np.int64).tolist():
                 # NOTE: a later mark_pending of the same hash pushed its deadline; keep that one.
                 deadline = per_slot.get(h)
                 if deadline is not None and deadline <= now:
                     del per_slot[h]
                     expired.append(h)
             if expired:
-                self._pending.clear_bits(np.asarray(expired, np.int64), slot)
+                self._pending.clear_bits(np.asarray(expired, np.int64).view(np.uint64), slot)
                 n += len(expired)
         return n
 
@@ -239,9 +243,9 @@ class KVIndex:
         g, c, p = self._gpu, self._cpu, self._pending
         k.walk(
             as_hash_array(block_hashes),
-            g.keys, g.state, g.masks, g.bits,
-            c.keys, c.state, c.masks, c.bits, len(c) > 0,
-            p.keys, p.state, p.masks, p.bits, len(p) > 0,
+            g.tab, g.bits,
+            c.tab, c.bits, len(c) > 0,
+            p.tab, p.bits, len(p) > 0,
             cand, res, both, host,
         )  # fmt: skip
         return PrefixMatch(res, both, host)
@@ -254,5 +258,5 @@ class KVIndex:
         return np.frombuffer(mask.to_bytes(8 * nw, "little"), np.uint64).copy()
 
     def holds(self, slot: int, block_hash: int) -> bool:
-        h = int(as_hash_array([block_hash])[0])
+        h = as_hash_array([block_hash])[0]
         return self._gpu.has(h, slot) or (len(self._cpu) > 0 and self._cpu.has(h, slot))

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from selector_helpers import FakeClock
-
 from index_reference import KVIndex as RefIndex
+from selector_helpers import FakeClock
 
 from cluster.index import KVIndex
 from kvmanager.events import MEDIUM_CPU
