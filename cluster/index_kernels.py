@@ -48,11 +48,11 @@ def _live(tab: Any, i: int) -> bool:
 def find(tab: Any, bits: int, key: Any) -> int:
     """Row of ``key`` (uint64) or -1."""
     m = np.int64((1 << bits) - 1)
-    i: int = _home(key, bits)
+    i: Any = _home(key, bits)
     while True:
         if _live(tab, i):
             if tab[i, 0] == key:
-                return i
+                return int(i)
         elif tab[i, 0] != _TOMB_KEY:
             return -1
         i = (i + 1) & m
