@@ -3,7 +3,7 @@
     OpenAIIngress  --handle-->  LLMReplica x num_replicas   (request router: ``router``)
                                     |  ReportKV / Feedback (gRPC)
                                     v
-                                CacheSelector x 1            (the selection service)
+                                CacheSelector x selector.num_replicas  (the selection service)
 
 ``build_app(args)`` validates ``args`` as an ``AppConfig`` (one field per YAML key) and binds
 the three deployments. The router's kwargs get ``block_size``/``hash_mode`` from the engine
@@ -46,7 +46,10 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     selector_enabled = config.selector.enabled and config.router == "tinyserve"
     selector = (
         cast(Deployment, CacheSelector)
-        .options(ray_actor_options={"num_cpus": config.selector.num_cpus})
+        .options(
+            num_replicas=config.selector.num_replicas,
+            ray_actor_options={"num_cpus": config.selector.num_cpus},
+        )
         .bind(config.selector.model_dump())
         if selector_enabled
         else None

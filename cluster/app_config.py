@@ -8,7 +8,7 @@ validation error at ``serve run`` time, not a silently ignored key:
       num_replicas: 2
       router: tinyserve                              # or prefix_cache_affinity / pow2
       router_kwargs: {select_timeout_s: 0.05}
-      selector: {port: 50051, policy: tinyserve}
+      selector: {port: 50051, policy: tinyserve, num_replicas: 2}
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ ROUTER_CLASSES: dict[str, str] = {
 
 
 class SelectorSettings(BaseModel):
-    """The cache-selection service deployment (one replica in the same app)."""
+    """The cache-selection service deployment (``num_replicas`` replicas in the same app)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -52,7 +52,13 @@ class SelectorSettings(BaseModel):
         default=30.0, gt=0, description="A silent replica expires after this long."
     )
     learn: bool = Field(default=False, description="Learn the objective's w from feedback.")
-    num_cpus: float = Field(default=0.5, ge=0, description="Ray CPUs of the service replica.")
+    num_cpus: float = Field(default=0.5, ge=0, description="Ray CPUs of each service replica.")
+    num_replicas: int = Field(
+        default=2,
+        ge=1,
+        description="Selection service replicas; each holds the full index (every LLM "
+        "replica streams to all) and the router fails over between them.",
+    )
 
 
 class AppConfig(BaseModel):

@@ -1,19 +1,25 @@
-"""CacheSelector: the cache-selection gRPC service as a one-replica deployment of the app.
+"""CacheSelector: the cache-selection gRPC service as a deployment of the app
+(``selector.num_replicas`` replicas, default 2).
 
-The service itself is ``cluster.selector`` (its own engineer's); this deployment only owns
-its lifetime: start a ``ServerThread`` on ``host:port`` in the replica, answer
-``address()`` ("node_ip:port", what replicas and the router dial), stop on shutdown.
-A crashed or killed CacheSelector is restarted by Serve; replicas resync on reconnect, the
-router falls back to power-of-two meanwhile and re-resolves the address afterwards.
+Each replica runs a full, independent service (``ServerThread`` on ``host:port``, or any free
+port when a sibling on the same node holds it) and heartbeats its address into the app's
+registry (``cluster.selector_registry``). Every LLM replica streams its KV events to every
+registered selection replica, so each holds the full index; ``address()`` answers the live
+list ("ip:port,ip:port"), which the router's client fails over between within one Select
+deadline. A killed replica is restarted by Serve; the LLM replicas see it in the registry
+within a second and resync it in full, so no request needs the power-of-two fallback while
+one selection replica is up.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from ray import serve
 
+from cluster import selector_registry
 from cluster.app_config import SelectorSettings
 from cluster.core import CoreConfig, SelectorCore
 from cluster.objective import ObjectiveConfig
@@ -22,7 +28,7 @@ from cluster.selector import ServerThread
 log = logging.getLogger("ray.serve")
 
 
-@serve.deployment(name="CacheSelector", num_replicas=1, health_check_period_s=5)
+@serve.deployment(name="CacheSelector", num_replicas=2, health_check_period_s=5)
 class CacheSelector:
     """Hosts the selection service; Serve methods are control-plane only (not the hot path)."""
 
@@ -38,16 +44,49 @@ class CacheSelector:
                 objective=ObjectiveConfig(learn=self.settings.learn),
             )
         )
-        self._server = ServerThread(core, host=self.settings.host, port=self.settings.port)
-        self._server.start()
+        self._server = self._start(core)
         host = self.settings.host
         if host in ("0.0.0.0", "::", ""):
             host = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
         self._address = f"{host}:{self._server.port}"
+        ctx = serve.get_replica_context()
+        self._app, self._replica = ctx.app_name, ctx.replica_id.unique_id
+        selector_registry.register(self._app, self._replica, self._address)
+        self._stopping = threading.Event()
+        self._heartbeat = threading.Thread(
+            target=self._heartbeat_loop, name="selector-registry", daemon=True
+        )
+        self._heartbeat.start()
         log.info("cache-selection service listening on %s", self._address)
 
+    def _start(self, core: SelectorCore) -> ServerThread:
+        """Serve on the configured port, or on any free one when a sibling holds it."""
+        try:
+            return ServerThread(core, host=self.settings.host, port=self.settings.port).start()
+        except RuntimeError:
+            if not self.settings.port:
+                raise
+            log.info("port %d taken (a sibling selection replica?): any free port", self.settings.port)
+            return ServerThread(core, host=self.settings.host, port=0).start()
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stopping.wait(selector_registry.HEARTBEAT_S):
+            try:
+                selector_registry.register(self._app, self._replica, self._address)
+            except Exception as exc:  # NOTE: the GCS may blip; the next beat retries.
+                log.info("selector registry heartbeat failed: %r", exc)
+
     def address(self) -> str:
-        """Where to dial the service (``host:port``)."""
+        """Where to dial the service: every live selection replica, this one first
+        (``"host:port,host:port"``; the selector client fails over between them)."""
+        try:
+            others = selector_registry.live_addresses(self._app)
+        except Exception:  # NOTE: the registry is an optimisation over our own address.
+            others = []
+        return ",".join([self._address, *(a for a in others if a != self._address)])
+
+    def own_address(self) -> str:
+        """This replica's own ``host:port``."""
         return self._address
 
     def stats(self) -> dict[str, Any]:
@@ -75,4 +114,9 @@ class CacheSelector:
             raise RuntimeError("selection server is not running")
 
     def __del__(self) -> None:
+        self._stopping.set()
+        try:
+            selector_registry.unregister(self._app, self._replica)
+        except Exception as exc:  # NOTE: it expires from the registry anyway.
+            log.info("selector registry unregister failed: %r", exc)
         self._server.stop()

@@ -76,6 +76,10 @@ async def start_server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # NOTE: gRPC sets SO_REUSEPORT by default; then a second selection replica on the
+            # same node would share the port and the kernel would split one replica's
+            # streams between two indexes. Off: a taken port is an error the caller handles.
+            ("grpc.so_reuseport", 0),
         ],
     )
     pb_grpc.add_CacheSelectionServicer_to_server(CacheSelectionServicer(core), server)  # type: ignore[no-untyped-call]
@@ -137,7 +141,11 @@ class ServerThread:
         fut = asyncio.run_coroutine_threadsafe(
             start_server(self.core, host, port, token), self._loop
         )
-        self._running = fut.result(timeout=30)
+        try:
+            self._running = fut.result(timeout=30)
+        except BaseException:
+            self.stop()  # NOTE: e.g. the port is taken: do not leak the loop thread
+            raise
         return self
 
     def stop(self) -> None:

@@ -2,7 +2,10 @@
 
 - ``SelectorClient`` / ``AsyncSelectorClient``: ``select(...)`` with a deadline; returns None on
   timeout or outage (the router then falls back to power-of-two locally), raises ValueError on
-  INVALID_ARGUMENT and PermissionError on UNAUTHENTICATED (caller bugs, not outages).
+  INVALID_ARGUMENT and PermissionError on UNAUTHENTICATED (caller bugs, not outages). The
+  address may list several selection replicas (``"h1:p1,h2:p2"``): a Select goes to one and,
+  within the same deadline, fails over to the next when it is down, slow (each attempt gets
+  its share of the time left) or knows none of the candidates (restarted, not yet resynced).
 - ``KVReporter``: a replica's ReportKV streamer on a background thread. ``publish(events)``
   numbers and sends kvmanager events, ``snapshot(load)`` sends load; every (re)connect sends
   Hello + a full resync built from ``resident_hashes()`` (the pool's cached block hashes), and
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -69,14 +73,54 @@ def _handle(err: grpc.RpcError) -> None:
     log.debug("selector call failed: %s", code)
 
 
+def split_addresses(address: str) -> list[str]:
+    """``"h1:p1,h2:p2"`` -> ``["h1:p1", "h2:p2"]`` (one selection replica per entry)."""
+    out = [a.strip() for a in address.split(",") if a.strip()]
+    if not out:
+        raise ValueError("no selection service address given")
+    return out
+
+
+def _unsynced(sel: Selection) -> bool:
+    """An answer from a replica that knows none of the named candidates (just restarted,
+    replicas not yet resynced): another replica may know better."""
+    return not sel.ranked and sel.num_unknown_replicas > 0
+
+
+class _Failover:
+    """Order in which to try a client's endpoints: a random primary (so many routers spread
+    over the selection replicas), the others after it; an endpoint that just failed is tried
+    last for ``penalty_s``."""
+
+    def __init__(self, num: int, penalty_s: float = 1.0) -> None:
+        self._num = num
+        self._primary = random.randrange(num)
+        self._down_until = [0.0] * num
+        self._penalty_s = penalty_s
+
+    def order(self) -> list[int]:
+        now = time.monotonic()
+        ring = [(self._primary + k) % self._num for k in range(self._num)]
+        return sorted(ring, key=lambda i: self._down_until[i] > now)  # NOTE: stable
+
+    def failed(self, i: int) -> None:
+        self._down_until[i] = time.monotonic() + self._penalty_s
+
+
 class SelectorClient:
-    """Synchronous client. ``timeout_s`` is the default Select deadline."""
+    """Synchronous client. ``address`` may list several selection replicas (comma-separated):
+    ``select`` fails over between them within one deadline. ``timeout_s`` is the default
+    Select deadline."""
 
     def __init__(self, address: str, token: str | None = None, timeout_s: float = 0.05) -> None:
-        self.channel = grpc.insecure_channel(address)
-        self.stub = pb_grpc.CacheSelectionStub(self.channel)  # type: ignore[no-untyped-call]
+        self.addresses = split_addresses(address)
+        self.channels = [grpc.insecure_channel(a) for a in self.addresses]
+        self.stubs = [pb_grpc.CacheSelectionStub(ch) for ch in self.channels]  # type: ignore[no-untyped-call]
+        self.channel, self.stub = self.channels[0], self.stubs[0]
         self._md = _metadata(token)
         self.timeout_s = timeout_s
+        self._failover = _Failover(len(self.stubs))
+        self.num_failovers = 0
 
     def select(
         self,
@@ -85,20 +129,34 @@ class SelectorClient:
         timeout_s: float | None = None,
         **kw: object,
     ) -> Selection | None:
-        """Rank replicas; ``kw`` are SelectRequest fields (candidate_replica_ids, policy, ...)."""
-        try:
-            resp = self.stub.Select(
-                _request(block_hashes, num_prompt_tokens, **kw),
-                timeout=timeout_s or self.timeout_s,
-                metadata=self._md,
-            )
-        except grpc.RpcError as err:
-            _handle(err)
-            return None
-        return selection_from_proto(resp)
+        """Rank replicas; ``kw`` are SelectRequest fields (candidate_replica_ids, policy, ...).
+        None when no selection replica answered within the deadline."""
+        msg = _request(block_hashes, num_prompt_tokens, **kw)
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        order = self._failover.order()
+        fallback: Selection | None = None
+        for k, i in enumerate(order):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                # NOTE: a hung replica may take only its share of the deadline.
+                resp = self.stubs[i].Select(msg, timeout=left / (len(order) - k), metadata=self._md)
+            except grpc.RpcError as err:
+                _handle(err)
+                self._failover.failed(i)
+                self.num_failovers += 1
+                continue
+            sel = selection_from_proto(resp)
+            if not _unsynced(sel):
+                return sel
+            fallback = fallback or sel
+            self._failover.failed(i)
+        return fallback
 
     def feedback(self, outcome: Outcome, timeout_s: float = 1.0) -> bool:
-        """Report a realised outcome; False when the service is unreachable or the replica unknown."""
+        """Report a realised outcome to every selection replica (each keeps its own reward
+        history); True when one accepted it."""
         msg = pb.FeedbackRequest(
             request_id=outcome.request_id,
             replica_id=outcome.replica_id,
@@ -107,24 +165,31 @@ class SelectorClient:
             ttft_s=outcome.ttft_s,
             num_output_tokens=outcome.num_output_tokens,
         )
-        try:
-            return bool(self.stub.Feedback(msg, timeout=timeout_s, metadata=self._md).accepted)
-        except grpc.RpcError as err:
-            _handle(err)
-            return False
+        accepted = False
+        for stub in self.stubs:
+            try:
+                accepted |= bool(stub.Feedback(msg, timeout=timeout_s, metadata=self._md).accepted)
+            except grpc.RpcError as err:
+                _handle(err)
+        return accepted
 
     def close(self) -> None:
-        self.channel.close()
+        for ch in self.channels:
+            ch.close()
 
 
 class AsyncSelectorClient:
-    """asyncio client (for the Serve request router)."""
+    """asyncio client (for the Serve request router); fails over like ``SelectorClient``."""
 
     def __init__(self, address: str, token: str | None = None, timeout_s: float = 0.05) -> None:
-        self.channel = grpc.aio.insecure_channel(address)
-        self.stub = pb_grpc.CacheSelectionStub(self.channel)  # type: ignore[no-untyped-call]
+        self.addresses = split_addresses(address)
+        self.channels = [grpc.aio.insecure_channel(a) for a in self.addresses]
+        self.stubs = [pb_grpc.CacheSelectionStub(ch) for ch in self.channels]  # type: ignore[no-untyped-call]
+        self.channel, self.stub = self.channels[0], self.stubs[0]
         self._md = _metadata(token)
         self.timeout_s = timeout_s
+        self._failover = _Failover(len(self.stubs))
+        self.num_failovers = 0
 
     async def select(
         self,
@@ -133,19 +198,33 @@ class AsyncSelectorClient:
         timeout_s: float | None = None,
         **kw: object,
     ) -> Selection | None:
-        try:
-            resp = await self.stub.Select(
-                _request(block_hashes, num_prompt_tokens, **kw),
-                timeout=timeout_s or self.timeout_s,
-                metadata=self._md,
-            )
-        except grpc.RpcError as err:
-            _handle(err)
-            return None
-        return selection_from_proto(resp)
+        msg = _request(block_hashes, num_prompt_tokens, **kw)
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        order = self._failover.order()
+        fallback: Selection | None = None
+        for k, i in enumerate(order):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                resp = await self.stubs[i].Select(
+                    msg, timeout=left / (len(order) - k), metadata=self._md
+                )
+            except grpc.RpcError as err:
+                _handle(err)
+                self._failover.failed(i)
+                self.num_failovers += 1
+                continue
+            sel = selection_from_proto(resp)
+            if not _unsynced(sel):
+                return sel
+            fallback = fallback or sel
+            self._failover.failed(i)
+        return fallback
 
     async def close(self) -> None:
-        await self.channel.close()
+        for ch in self.channels:
+            await ch.close()
 
 
 class KVReporter:

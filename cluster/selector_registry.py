@@ -1,0 +1,66 @@
+"""Where the selection service's replicas listen: a heartbeat registry in Ray's internal KV.
+
+Every ``CacheSelector`` replica writes ``tinyserve/selector/<app>/<replica>`` =
+``{"address": "host:port", "t": unix time}`` every ``HEARTBEAT_S``; ``live_addresses(app)``
+lists the entries fresher than ``max_age_s``. LLM replicas (``app_reporting.SelectorSink``)
+read it to stream their KV events to EVERY selection replica, so each holds the full index;
+routers get the list from ``CacheSelector.address()`` and fail over between its entries
+(``selector_client``).
+
+NOTE: why a registry: a Serve handle call reaches one replica of a deployment, and a replica
+only knows its own address; the selection replicas must be dialled individually (gRPC, not
+the handle), so their addresses must be published somewhere every process of the cluster can
+read. A replica that dies stops heartbeating and drops out after ``max_age_s`` (its clients
+have failed over long before: a dead address fails fast). Needs a connected Ray worker.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+NAMESPACE = "tinyserve"
+HEARTBEAT_S = 1.0
+MAX_AGE_S = 5.0
+
+
+def _prefix(app: str) -> bytes:
+    return f"tinyserve/selector/{app}/".encode()
+
+
+def register(app: str, replica: str, address: str) -> None:
+    """Publish (or refresh) ``replica``'s address under ``app``."""
+    from ray.experimental import internal_kv
+
+    value = json.dumps({"address": address, "t": time.time()}).encode()
+    internal_kv._internal_kv_put(
+        _prefix(app) + replica.encode(), value, overwrite=True, namespace=NAMESPACE
+    )
+
+
+def unregister(app: str, replica: str) -> None:
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_del(_prefix(app) + replica.encode(), namespace=NAMESPACE)
+
+
+def parse_entries(values: list[bytes], now: float, max_age_s: float = MAX_AGE_S) -> list[str]:
+    """The addresses of the fresh entries, sorted and deduplicated (malformed ones skipped)."""
+    out: set[str] = set()
+    for raw in values:
+        try:
+            entry = json.loads(raw)
+            if now - float(entry["t"]) <= max_age_s:
+                out.add(str(entry["address"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return sorted(out)
+
+
+def live_addresses(app: str, max_age_s: float = MAX_AGE_S) -> list[str]:
+    """Addresses of the selection replicas of ``app`` that heartbeated within ``max_age_s``."""
+    from ray.experimental import internal_kv
+
+    keys = internal_kv._internal_kv_list(_prefix(app), namespace=NAMESPACE)
+    values = [internal_kv._internal_kv_get(k, namespace=NAMESPACE) for k in keys]
+    return parse_entries([v for v in values if v], time.time(), max_age_s)
