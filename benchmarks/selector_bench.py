@@ -25,6 +25,7 @@ import asyncio
 import gc
 import json
 import multiprocessing as mp
+import os
 import resource
 import sys
 import time
@@ -79,6 +80,28 @@ def _pcts(xs: list[float]) -> dict[str, float]:
     }
 
 
+def _rss_mb() -> float:
+    """Resident set size now (MB); ``ru_maxrss`` is the peak (it includes population)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _populate(core: Any, num_replicas: int, blocks_per_replica: int, copies: int) -> int:
+    """Join R replicas and resync each with its chains; returns the number of chains."""
+    num_chains, _ = layout(num_replicas, blocks_per_replica, copies)
+    for r in range(num_replicas):
+        rid = f"replica-{r}"
+        core.join(
+            rid, node_id=f"node-{r // 8}", block_size=BLOCK_SIZE, num_blocks=2 * blocks_per_replica
+        )
+        first = (
+            r - np.arange(min(copies, num_replicas))
+        ) % num_replicas  # chains c: (c + j) % R == r
+        ids = np.concatenate([np.arange(f, num_chains, num_replicas) for f in first])
+        core.resync(rid, 0, chain_hashes(ids).ravel())
+    return num_chains
+
+
 # ------------------------------------------------------------------------------ server process
 def _server_main(
     conn: Connection,
@@ -97,18 +120,8 @@ def _server_main(
 
     # NOTE: the synthetic replicas never heartbeat; keep them from expiring mid-run.
     core = SelectorCore(CoreConfig(stale_after_s=1e9))
-    num_chains, _ = layout(num_replicas, blocks_per_replica, copies)
     t0 = time.perf_counter()
-    for r in range(num_replicas):
-        rid = f"replica-{r}"
-        core.join(
-            rid, node_id=f"node-{r // 8}", block_size=BLOCK_SIZE, num_blocks=2 * blocks_per_replica
-        )
-        first = (
-            r - np.arange(min(copies, num_replicas))
-        ) % num_replicas  # chains c: (c + j) % R == r
-        ids = np.concatenate([np.arange(f, num_chains, num_replicas) for f in first])
-        core.resync(rid, 0, chain_hashes(ids).ravel().tolist())
+    num_chains = _populate(core, num_replicas, blocks_per_replica, copies)
     populate_s = time.perf_counter() - t0
     gc.collect()
     gc.freeze()  # NOTE: the bulk index is long-lived; keep it out of every later GC pass
@@ -159,7 +172,9 @@ def _server_main(
             "populate_s": populate_s,
             "resident_blocks": resident,
             "unique_blocks": core.stats().num_unique_blocks,
-            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_mb": _rss_mb(),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "index_mb": core._index.nbytes() / 2**20,
             "compute_core": _pcts(core_t),
             "compute_core_cpu": _pcts(core_cpu),
             "compute_with_proto": _pcts(full_t),
@@ -306,6 +321,167 @@ def run_one(num_replicas: int, ns: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------ N processes
+def _replica_server_main(
+    conn: Connection, num_replicas: int, blocks_per_replica: int, copies: int
+) -> None:
+    """One selection process holding the full index (what each replica of the service is)."""
+    from cluster.core import CoreConfig, SelectorCore
+    from cluster.selector import ServerThread
+
+    core = SelectorCore(CoreConfig(stale_after_s=1e9))
+    num_chains = _populate(core, num_replicas, blocks_per_replica, copies)
+    gc.collect()
+    gc.freeze()
+    server = ServerThread(core).start()
+    conn.send({"port": server.port, "num_chains": num_chains, "rss_mb": _rss_mb()})
+    conn.recv()
+    server.stop()
+
+
+def _client_main(
+    conn: Connection, address: str, method: str, num_chains: int, ns: argparse.Namespace, k: int
+) -> None:
+    from protos import cache_selection_pb2 as pb
+
+    if method == "Ping":
+        msgs: list[Any] = [pb.PingRequest()]
+    else:
+        msgs = [
+            pb.SelectRequest(
+                request_id=f"s{k}-{i}",
+                block_hashes=h,
+                num_prompt_tokens=CHAIN_BLOCKS * BLOCK_SIZE,
+                max_results=4,
+            )
+            for i, h in enumerate(prompts(500, num_chains, ns.seed + 10 + k))
+        ]
+    conn.recv()  # start together
+    conn.send(asyncio.run(_throughput(address, method, msgs, ns.concurrency, ns.window_s)))
+
+
+def _aggregate(addresses: list[str], method: str, num_chains: int, ns: argparse.Namespace) -> float:
+    """Closed-loop calls/s summed over client processes spread over ``addresses``."""
+    ctx = mp.get_context("spawn")
+    procs, pipes = [], []
+    for k in range(max(ns.client_procs, len(addresses))):
+        parent, child = ctx.Pipe()
+        p = ctx.Process(
+            target=_client_main,
+            args=(child, addresses[k % len(addresses)], method, num_chains, ns, k),
+        )
+        p.start()
+        procs.append(p)
+        pipes.append(parent)
+    for c in pipes:
+        c.send("go")
+    total = sum(float(c.recv()) for c in pipes)
+    for p in procs:
+        p.join(30)
+    return total
+
+
+def run_scaling(ns: argparse.Namespace) -> dict[str, Any]:
+    """Select/s of N selection processes (each with the full index) at the largest R."""
+    num_replicas = max(ns.replicas)
+    ctx = mp.get_context("spawn")
+    servers, pipes, infos = [], [], []
+    try:
+        for _ in range(max(ns.procs)):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(
+                target=_replica_server_main,
+                args=(child, num_replicas, ns.blocks_per_replica, ns.copies),
+            )
+            p.start()
+            servers.append(p)
+            pipes.append(parent)
+        infos = [c.recv() for c in pipes]
+        addresses = [f"127.0.0.1:{i['port']}" for i in infos]
+        rows = []
+        for n in ns.procs:
+            pings, sels = [], []
+            for _ in range(1 if ns.quick else ns.scale_rounds):
+                pings.append(_aggregate(addresses[:n], "Ping", infos[0]["num_chains"], ns))
+                sels.append(_aggregate(addresses[:n], "Select", infos[0]["num_chains"], ns))
+            rows.append(
+                {
+                    "num_procs": n,
+                    "client_procs": max(ns.client_procs, n),
+                    "select_rps": float(np.median(sels)),
+                    "ping_rps": float(np.median(pings)),
+                    "select_rounds": sels,
+                    "ping_rounds": pings,
+                }
+            )
+            print(
+                f"  {n} selection process(es): {rows[-1]['select_rps']:.0f} Select/s, "
+                f"{rows[-1]['ping_rps']:.0f} Ping/s",
+                flush=True,
+            )
+        base = rows[0]["select_rps"] / rows[0]["num_procs"]
+        for r in rows:
+            r["scaling"] = r["select_rps"] / (base * r["num_procs"])
+        return {
+            "num_replicas": num_replicas,
+            "rss_mb_per_proc": [i["rss_mb"] for i in infos],
+            "rows": rows,
+        }
+    finally:
+        for c in pipes:
+            c.send("stop")
+        for p in servers:
+            p.join(60)
+            if p.is_alive():
+                p.terminate()
+
+
+TARGETS = {
+    "compute_p99_us": 100.0,
+    "select_over_ping_p50": 1.2,
+    "select_rps_one_proc": 10_000.0,
+    "scaling_at_4": 0.8,
+    "ingest_wire_events_per_s": 200_000.0,
+    "rss_mb": 1024.0,
+}
+
+
+def issue_figures(rows: list[dict[str, Any]], scaling: dict[str, Any] | None) -> dict[str, Any]:
+    """The issue-19 figures at the largest R, each with its target and whether it is met."""
+    r = max(rows, key=lambda x: x["num_replicas"])
+    figs: dict[str, Any] = {
+        "num_replicas": r["num_replicas"],
+        "compute_p99_us": r["compute_core_cpu"]["p99_us"],
+        "select_over_ping_p50": r["select_over_ping_p50"],
+        "select_rps_one_proc": r["throughput_select_rps"],
+        "ingest_wire_events_per_s": min(x["ingest_wire_events_per_s"] for x in rows),
+        "rss_mb": r["rss_mb"],
+    }
+    if scaling is not None:
+        by_n = {x["num_procs"]: x for x in scaling["rows"]}
+        figs["select_rps_one_proc"] = max(figs["select_rps_one_proc"], by_n[1]["select_rps"])
+        figs["scaling"] = {n: x["scaling"] for n, x in by_n.items()}
+        if 4 in by_n:
+            figs["scaling_at_4"] = by_n[4]["scaling"]
+    lower_is_better = {"compute_p99_us", "select_over_ping_p50", "rss_mb"}
+    figs["met"] = {
+        k: (figs[k] <= v if k in lower_is_better else figs[k] >= v)
+        for k, v in TARGETS.items()
+        if k in figs
+    }
+    return figs
+
+
+def figures_table(figs: dict[str, Any]) -> str:
+    lines = [f"issue 19 figures at R = {figs['num_replicas']} (target, met):"]
+    for k, v in TARGETS.items():
+        if k in figs:
+            lines.append(f"  {k:<26} {figs[k]:>12.2f}   target {v:g}   {'MET' if figs['met'][k] else 'NOT MET'}")
+    for n, x in figs.get("scaling", {}).items():
+        lines.append(f"  scaling N={n:<17} {x:>12.2f}   (Select/s / (N x one process))")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
         f"{'R':>4} {'blocks/R':>8} {'ping p50/p99 us':>16} {'select p50/p99 us':>18} {'p50 ratio':>9} "
@@ -339,6 +515,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window-s", type=float, default=0.5, help="length of one throughput window")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="fewer requests (smoke run)")
+    p.add_argument(
+        "--procs",
+        type=int,
+        nargs="*",
+        default=[1, 2, 4],
+        help="selection processes for the scaling run at the largest R (empty: skip)",
+    )
+    p.add_argument("--client-procs", type=int, default=2, help="client processes (at least N)")
+    p.add_argument("--scale-rounds", type=int, default=3)
     p.add_argument("--json", type=Path, default=None, help="write results here")
     ns = p.parse_args(argv)
     rows = []
@@ -347,6 +532,10 @@ def main(argv: list[str] | None = None) -> int:
         print(table(rows[-1:]).splitlines()[-1] if len(rows) > 1 else table(rows), flush=True)
     print()
     print(table(rows))
+    scaling = run_scaling(ns) if ns.procs else None
+    figs = issue_figures(rows, scaling)
+    print()
+    print(figures_table(figs))
     if ns.json is not None:
         ns.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {
@@ -354,7 +543,9 @@ def main(argv: list[str] | None = None) -> int:
             "prompt_tokens": CHAIN_BLOCKS * BLOCK_SIZE,
             "block_size": BLOCK_SIZE,
         }
-        ns.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+        meta["cpu_count"] = os.cpu_count()
+        out = {"meta": meta, "results": rows, "scaling": scaling, "issue19": figs}
+        ns.json.write_text(json.dumps(out, indent=2))
         print(f"wrote {ns.json}")
     return 0
 

@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cluster import index_kernels as k
-from cluster.mask_table import MaskTable
+from cluster.mask_table import MaskTable, warm_up
 from kvmanager.events import MEDIUM_CPU
 
 I64 = npt.NDArray[np.int64]
@@ -95,6 +95,7 @@ class KVIndex:
     """Resident and pending block hashes of every replica slot."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
+        warm_up()
         self._clock = clock
         self._gpu = MaskTable(bits=16)
         self._cpu = MaskTable()

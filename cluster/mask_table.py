@@ -99,3 +99,27 @@ class MaskTable:
 
     def nbytes(self) -> int:
         return int(self.tab.nbytes)
+
+
+_warm = False
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's disk cache) every kernel once per process, so the first
+    Select never pays for it (a service starts serving only after this). Idempotent."""
+    global _warm
+    if _warm:
+        return
+    t, other = MaskTable(bits=4), MaskTable(bits=4)
+    h = np.arange(1, 20, dtype=np.uint64)  # NOTE: 19 keys into 16 rows: forces a rehash
+    t.set_bits(h, 1)
+    other.set_bits(h[:3], 0)
+    t.clear_bits(h[:2], 1)
+    t.has(h[3], 1)
+    t.keys_missing_from(other)
+    out = np.zeros(64, np.int64)
+    cand = k.mask_from_slots(np.arange(2, dtype=np.int64), 1)
+    k.walk(h, t.tab, t.bits, other.tab, other.bits, True, t.tab, t.bits, True, cand, out,
+           out.copy(), out.copy())  # fmt: skip
+    t.clear_slot(1)
+    _warm = True

@@ -62,7 +62,9 @@ def cluster() -> Iterator[Cluster]:
             # NOTE: a generous deadline: this checks routing decisions, not latency, on a
             # 2-core machine where the model saturates both cores.
             "router_kwargs": {"select_timeout_s": 1.0},
-            "selector": {"port": 0, "stale_after_s": 600},
+            # NOTE: one selection replica: the outage test below checks the power-of-two fallback
+            # (two replicas fail over instead: test_selector_replication_e2e.py).
+            "selector": {"port": 0, "stale_after_s": 600, "num_replicas": 1},
         }
         serve.run(build_app(args), name=APP, route_prefix="/")
         base = f"http://127.0.0.1:{http_port}"
