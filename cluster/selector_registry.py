@@ -57,10 +57,28 @@ def parse_entries(values: list[bytes], now: float, max_age_s: float = MAX_AGE_S)
     return sorted(out)
 
 
-def live_addresses(app: str, max_age_s: float = MAX_AGE_S) -> list[str]:
-    """Addresses of the selection replicas of ``app`` that heartbeated within ``max_age_s``."""
+def _entries(app: str) -> dict[str, bytes]:
     from ray.experimental import internal_kv
 
-    keys = internal_kv._internal_kv_list(_prefix(app), namespace=NAMESPACE)
-    values = [internal_kv._internal_kv_get(k, namespace=NAMESPACE) for k in keys]
-    return parse_entries([v for v in values if v], time.time(), max_age_s)
+    prefix = _prefix(app)
+    keys = internal_kv._internal_kv_list(prefix, namespace=NAMESPACE)
+    values = {
+        k[len(prefix) :].decode(): internal_kv._internal_kv_get(k, namespace=NAMESPACE)
+        for k in keys
+    }
+    return {k: v for k, v in values.items() if v}
+
+
+def live_addresses(app: str, max_age_s: float = MAX_AGE_S) -> list[str]:
+    """Addresses of the selection replicas of ``app`` that heartbeated within ``max_age_s``."""
+    return parse_entries(list(_entries(app).values()), time.time(), max_age_s)
+
+
+def live_replicas(app: str, max_age_s: float = MAX_AGE_S) -> dict[str, str]:
+    """Serve replica id -> address of the live selection replicas of ``app``."""
+    now = time.time()
+    out = {}
+    for replica, raw in _entries(app).items():
+        for address in parse_entries([raw], now, max_age_s):
+            out[replica] = address
+    return out

@@ -95,6 +95,17 @@ def _indexes() -> dict[str, dict[str, tuple[int, bool]]]:
     return out
 
 
+def _num_selects(address: str) -> int:
+    import grpc
+
+    from protos import cache_selection_pb2 as pb
+    from protos import cache_selection_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        stats = pb_grpc.CacheSelectionStub(ch).Stats(pb.StatsRequest(), timeout=5)
+    return int(stats.num_selects)
+
+
 def _counter(text: str, name: str) -> float:
     total = 0.0
     for line in text.splitlines():
@@ -135,7 +146,14 @@ def test_killing_a_selection_replica_under_load_needs_no_fallback(app: tuple[Any
     for t in threads:
         t.start()
     _wait_for(lambda: len(done) >= 6, 120, "no load before the kill")
-    victim = _selector_actors()[0]
+    # NOTE: kill the replica the router has been using (the most Selects), so the requests
+    # in flight and the next ones must fail over.
+    from cluster import selector_registry
+
+    selects = {rid: _num_selects(a) for rid, a in selector_registry.live_replicas(APP).items()}
+    busiest = max(selects, key=lambda rid: selects[rid])
+    assert selects[busiest] > 0, selects
+    (victim,) = [n for n in _selector_actors() if n.endswith(f"#{busiest}")]
     killed_at = time.monotonic()
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     num_at_kill = len(done)
