@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from cluster import objective_kernel
 from cluster.access import AccessTracker
 from cluster.core_types import ApplyResult, CoreStats, ReplicaStatus, Selection
 from cluster.index import KVIndex
@@ -69,6 +70,7 @@ class SelectorCore:
         self.metrics = metrics or SelectorMetrics()
         self._lock = threading.Lock()
         self._index = KVIndex(clock)
+        objective_kernel.warm_up()  # NOTE: no Select pays for compiling
         self._table = ReplicaTable()
         self._access = AccessTracker(clock, self.config.hot_half_life_s)
         self._policies: dict[str, Policy] = {}

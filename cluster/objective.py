@@ -69,6 +69,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cluster import objective_kernel as kernel
 from cluster.policy import Policy, rank_by, register_policy
 from cluster.types import Candidates, FloatArray, Outcome, Ranking, SelectionRequest
 
@@ -157,6 +158,8 @@ class TinyServeObjective(Policy):
     def __init__(self, config: ObjectiveConfig | None = None, max_traces: int = 65536) -> None:
         self.config = config or ObjectiveConfig()
         self.w = np.asarray(self.config.w, dtype=np.float64)
+        self._packed: FloatArray | None = None
+        self._packed_w: FloatArray | None = None
         self._traces: OrderedDict[str, _Trace] = OrderedDict()
         self._max_traces = max_traces
         self._baseline = 0.0
@@ -226,6 +229,58 @@ class TinyServeObjective(Policy):
         }
 
     def select(self, request: SelectionRequest, candidates: Candidates) -> Ranking:
+        """Scores and terms of every candidate (``select_reference`` is the same in numpy)."""
+        cfg = self.config
+        c = candidates
+        n = len(c)
+        ints = np.stack(
+            (
+                c.num_matched_blocks,
+                c.num_pending_blocks,
+                c.num_host_blocks,
+                c.block_size,
+                c.num_blocks,
+                c.num_free_blocks,
+                c.num_cached_blocks,
+                c.num_queued_tokens,
+            )
+        ).astype(np.int64, copy=False)
+        floats = np.stack((c.hotness, c.ttft_ewma_s, c.f_total, c.reward, c.same_node)).astype(
+            np.float64, copy=False
+        )
+        req = np.asarray(
+            (
+                request.num_prompt_blocks,
+                request.num_prompt_tokens,
+                request.num_output_tokens,
+                1.0 if request.origin_node_id else 0.0,
+            ),
+            np.float64,
+        )
+        q = kernel.complexity(request.num_prompt_tokens, cfg.q_scale_tokens)
+        out = np.empty((len(kernel.OUT_ROWS), n), np.float64)
+        kernel.score(ints, floats, self._packed_config(), req, q, out)
+        terms = dict(zip(kernel.OUT_ROWS, out, strict=True))
+        scores = terms.pop("score")
+        terms["reward"] = c.reward
+        ranking = rank_by(self.name, scores, terms)
+        if cfg.learn and n and request.request_id:
+            mat = out[6:10].T  # NOTE: OUT_ROWS 6..9 are FEATURES, in order
+            utility = out[0]
+            self._remember(
+                request.request_id, mat[int(ranking.order[0])].copy(), (utility / utility.sum()) @ mat
+            )
+        return ranking
+
+    def _packed_config(self) -> FloatArray:
+        # NOTE: rebuilt only when w changes (online learning replaces the array).
+        if self._packed is None or self._packed_w is not self.w:
+            self._packed, self._packed_w = kernel.pack_config(self.config, self.w), self.w
+        return self._packed
+
+    def select_reference(self, request: SelectionRequest, candidates: Candidates) -> Ranking:
+        """The objective in numpy, term by term: the definition ``select`` computes in one
+        compiled pass (``objective_kernel``); tests check both agree. No learning trace."""
         cfg = self.config
         n = len(candidates)
         phi = self.features(request, candidates)
@@ -254,11 +309,6 @@ class TinyServeObjective(Policy):
         ranking = rank_by(
             self.name, scores, {"utility": utility, "cost": cost, "reward": reward, **parts, **phi}
         )
-        if cfg.learn and n and request.request_id:
-            mat = np.stack([phi[f] for f in FEATURES], axis=1)
-            self._remember(
-                request.request_id, mat[int(ranking.order[0])], (utility / utility.sum()) @ mat
-            )
         return ranking
 
     def _remember(self, request_id: str, chosen: FloatArray, expected: FloatArray) -> None:
