@@ -5,7 +5,7 @@ Layout (R replicas, each owning a small-int ``slot``; bit ``slot`` of a mask = t
     _gpu     : MaskTable  block_hash -> slots holding it on the device tier   (dense, big)
     _cpu     : MaskTable  block_hash -> slots holding it on the host tier     (usually empty)
     _pending : MaskTable  block_hash -> slots with a speculative insert       (TTL, mark_pending)
-    _pending_deadline[slot]: block_hash -> deadline of its pending mark
+    _deadlines: PendingDeadlines  (block_hash, slot) -> deadline of its pending mark
 
 NOTE: one compiled pass over the prompt's hashes (``index_kernels.walk``) ANDs the masks
 block by block and gives every candidate's longest prefix at once: O(prompt blocks x mask
@@ -29,7 +29,9 @@ import numpy as np
 import numpy.typing as npt
 
 from cluster import index_kernels as k
+from cluster import pending_deadlines
 from cluster.mask_table import MaskTable, warm_up
+from cluster.pending_deadlines import PendingDeadlines
 from kvmanager.events import MEDIUM_CPU
 
 I64 = npt.NDArray[np.int64]
@@ -96,13 +98,15 @@ class KVIndex:
 
     def __init__(self, clock: Callable[[], float]) -> None:
         warm_up()
+        pending_deadlines.warm_up()
         self._clock = clock
         self._gpu = MaskTable(bits=16)
         self._cpu = MaskTable()
         self._pending = MaskTable()
         self._num_gpu = np.zeros(64, np.int64)
         self._num_cpu = np.zeros(64, np.int64)
-        self._pending_deadline: dict[int, dict[int, float]] = {}
+        self._num_pending = np.zeros(64, np.int64)
+        self._deadlines = PendingDeadlines()
         self._pending_queue: deque[tuple[float, int, U64]] = deque()
 
     @property
@@ -124,14 +128,14 @@ class KVIndex:
             grow = max(2 * len(self._num_gpu), slot + 1) - len(self._num_gpu)
             self._num_gpu = np.concatenate([self._num_gpu, np.zeros(grow, np.int64)])
             self._num_cpu = np.concatenate([self._num_cpu, np.zeros(grow, np.int64)])
-        self._pending_deadline.setdefault(slot, {})
+            self._num_pending = np.concatenate([self._num_pending, np.zeros(grow, np.int64)])
 
     def remove_slot(self, slot: int) -> None:
         """Forget every resident and pending hash of ``slot``; the slot number may be reused."""
         self.clear(slot)
-        marks = self._pending_deadline.pop(slot, {})
-        if marks:
-            self._pending.clear_bits(as_hash_array(list(marks)), slot)
+        if slot < len(self._num_pending) and self._num_pending[slot]:
+            self._pending.clear_bits(self._deadlines.drop_slot(slot), slot)
+            self._num_pending[slot] = 0
 
     def num_resident(self, slot: int) -> int:
         if slot >= len(self._num_gpu):
@@ -139,7 +143,7 @@ class KVIndex:
         return int(self._num_gpu[slot] + self._num_cpu[slot])
 
     def num_pending(self, slot: int) -> int:
-        return len(self._pending_deadline.get(slot, ()))
+        return int(self._num_pending[slot]) if slot < len(self._num_pending) else 0
 
     @property
     def num_unique_blocks(self) -> int:
@@ -193,8 +197,7 @@ class KVIndex:
             return
         deadline = self._clock() + ttl_s
         hashes = as_hash_array(block_hashes)
-        marks = dict.fromkeys(hashes.view(np.int64).tolist(), deadline)
-        self._pending_deadline[slot].update(marks)
+        self._num_pending[slot] += self._deadlines.set(hashes, slot, deadline)
         self._pending.set_bits(hashes, slot)
         self._pending_queue.append((deadline, slot, hashes))
 
@@ -209,18 +212,11 @@ class KVIndex:
         while budget > 0 and queue and queue[0][0] <= now:
             budget -= 1
             _, slot, hashes = queue.popleft()
-            per_slot = self._pending_deadline.get(slot)
-            if per_slot is None:
-                continue
-            expired = []
-            for h in hashes.view(np.int64).tolist():
-                # NOTE: a later mark_pending of the same hash pushed its deadline; keep that one.
-                deadline = per_slot.get(h)
-                if deadline is not None and deadline <= now:
-                    del per_slot[h]
-                    expired.append(h)
-            if expired:
-                self._pending.clear_bits(np.asarray(expired, np.int64).view(np.uint64), slot)
+            # NOTE: a later mark_pending of the same hash pushed its deadline; that one stays.
+            expired = self._deadlines.expire(hashes, slot, now)
+            if len(expired):
+                self._pending.clear_bits(expired, slot)
+                self._num_pending[slot] -= len(expired)
                 n += len(expired)
         return n
 

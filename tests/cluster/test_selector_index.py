@@ -264,3 +264,30 @@ def test_table_grows_and_reuses_tombstones() -> None:
     assert idx.num_resident(0) == 4000 and idx.num_unique_blocks == 4000
     idx.clear(0)
     assert idx.num_unique_blocks == 100 and idx.match(chain, 0b11).resident == {1: 100}
+
+
+def test_many_pending_marks_through_rehashes_match_the_reference() -> None:
+    clock = FakeClock(0.0)
+    new, ref = KVIndex(clock), RefIndex(clock)
+    for idx in (new, ref):
+        for s in (0, 70):
+            idx.add_slot(s)
+    for i in range(300):
+        hashes = list(range(i * 7, i * 7 + 20))  # overlapping marks: later deadlines win
+        for idx in (new, ref):
+            idx.mark_pending((0, 70)[i % 2], hashes, ttl_s=1.0 + (i % 5))
+        clock.t += 0.01
+        if i % 50 == 49:
+            assert new.expire_pending(max_marks=20) == ref.expire_pending(max_marks=20)
+    for s in (0, 70):
+        assert new.num_pending(s) == ref.num_pending(s) > 0
+    q = list(range(0, 2200))
+    assert new.match(q, (1 << 0) | (1 << 70)).pending == ref.match(q, (1 << 0) | (1 << 70)).pending
+    clock.t += 3.0
+    assert new.expire_pending() == ref.expire_pending()
+    new.remove_slot(70)
+    ref.remove_slot(70)
+    assert new.num_pending(70) == 0 and new.num_pending(0) == ref.num_pending(0)
+    clock.t += 10.0
+    assert new.expire_pending() == ref.expire_pending()
+    assert new.match(q, 1).pending == {} == ref.match(q, 1).pending
