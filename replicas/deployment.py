@@ -144,15 +144,26 @@ class LLMReplica:
         request the engine refuses (too long, bad sampling params)."""
         if self._stopping:
             raise RuntimeError("replica is shutting down")
+        recv = time.time()
         rid = request.request_id
         stream = self.engine.generate(rid, request.prompt_token_ids, request.sampling_params)
         num_prompt, max_tokens = len(request.prompt_token_ids), request.sampling_params.max_tokens
         self._inflight[rid] = remaining_work_tokens(num_prompt, max_tokens, None)
+        first_yield = 0.0
+        num_outputs = 0
         try:
             async for out in stream:
                 self._inflight[rid] = remaining_work_tokens(num_prompt, max_tokens, out)
                 if out.finished:
                     self._on_finished(rid, out)
+                out.emit_time = time.time()
+                num_outputs += 1
+                if not first_yield:
+                    first_yield = out.emit_time
+                if out.trace is not None:
+                    out.trace.replica_recv = recv
+                    out.trace.replica_first_yield = first_yield
+                    out.trace.num_outputs = num_outputs
                 yield out
         finally:
             self._inflight.pop(rid, None)

@@ -19,10 +19,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from replicas.outputs import RequestOutput, TokenLogprobs
+from replicas.outputs import RequestOutput, RequestTrace, TokenLogprobs
 from replicas.request import Request
 
 _CONTEXT_TOKENS = 5
+# NOTE: the engine keeps time.monotonic(); traces cross processes, so they carry wall time.
+_WALL_OFFSET = time.time() - time.monotonic()
 
 
 class IncrementalDetokenizer:
@@ -34,6 +36,7 @@ class IncrementalDetokenizer:
         self.ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
+        self.seconds = 0.0  # time spent in add(), for the request's trace
 
     def _decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special))
@@ -78,7 +81,9 @@ class OutputProcessor:
                 )
                 self._detok[req.request_id] = detok
             old_len = len(req.output_text)
+            t0 = time.perf_counter()
             req.output_text += detok.add(token_id)
+            detok.seconds += time.perf_counter() - t0
             if params.stop and len(req.output_text) > old_len:
                 longest = max(len(s) for s in params.stop)
                 window_start = max(0, old_len - longest + 1)
@@ -111,8 +116,10 @@ class OutputProcessor:
         logprobs = None
         if req.params.logprobs is not None:
             logprobs, req.pending_logprobs = req.pending_logprobs, []
+        trace = None
         if req.is_finished:
-            self._detok.pop(req.request_id, None)
+            detok = self._detok.pop(req.request_id, None)
+            trace = self._trace(req, detok.seconds if detok is not None else 0.0)
         return RequestOutput(
             request_id=req.request_id,
             new_token_ids=new_ids,
@@ -124,4 +131,17 @@ class OutputProcessor:
             num_output_tokens=req.num_output_tokens,
             logprobs=logprobs,
             metrics=req.metrics(),
+            trace=trace,
+        )
+
+    @staticmethod
+    def _trace(req: Request, detokenize_s: float) -> RequestTrace:
+        """The engine's stamps of a finished request (the replica adds its own)."""
+        first = req.first_token_time
+        last = req.last_token_time
+        return RequestTrace(
+            engine_add=req.arrival_time + _WALL_OFFSET,
+            engine_first_token=first + _WALL_OFFSET if first is not None else 0.0,
+            engine_finish=last + _WALL_OFFSET if last is not None else 0.0,
+            detokenize_s=detokenize_s,
         )
