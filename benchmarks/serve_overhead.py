@@ -226,14 +226,12 @@ def run_engine(engine: Any, prompts: list[Prompt], c: int, endpoint: str,
 # -- served ----------------------------------------------------------------------------------------
 def run_served(http: str, model_name: str, prompts: list[Prompt], c: int, endpoint: str,
                stream: bool, args: argparse.Namespace) -> tuple[RunResult, list[Sample]]:
-    import httpx
     import openai
 
     async def main() -> tuple[list[Sample], int]:
-        limits = httpx.Limits(max_connections=c + 8, max_keepalive_connections=c + 8)
+        # NOTE: the client's default pool (1,000 connections) covers every concurrency here.
         async with openai.AsyncOpenAI(
-                base_url=f"{http}/v1", api_key="unused", max_retries=0, timeout=600,
-                http_client=httpx.AsyncClient(limits=limits, timeout=600)) as client:
+                base_url=f"{http}/v1", api_key="unused", max_retries=0, timeout=600) as client:
             common = dict(model=model_name, max_tokens=args.output_len, temperature=0,
                           extra_body={"ignore_eos": True})
 
@@ -301,7 +299,7 @@ def hop_breakdown(samples: list[Sample], traces: list[dict[str, Any]], stream: b
             "engine_to_replica_yield": t["replica_first_yield"] - t["engine_first_token"],
             "replica_to_ingress_first": t["first_out"] - t["replica_first_yield"],
             "replica_to_ingress_mean": t["hop_sum_s"] / max(t["num_outputs_received"], 1),
-            "ingress_first": t["first_sent"] - t["first_out"],
+            "ingress_last": t["last_sent"] - t["last_out"],
             "ingress_to_client_first": first - t["first_sent"] if stream else float("nan"),
             "ingress_to_client_last": last - t["last_sent"],
             "after_engine_finish": last - t["engine_finish"],

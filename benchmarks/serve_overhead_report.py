@@ -16,7 +16,7 @@ HOPS: list[tuple[str, str]] = [
     ("engine_to_replica_yield", "first token sampled to first output leaving the replica"),
     ("replica_to_ingress_first", "replica -> ingress, first output"),
     ("replica_to_ingress_mean", "replica -> ingress, mean over outputs"),
-    ("ingress_first", "ingress: first output to first chunk produced"),
+    ("ingress_last", "ingress: last output in to last chunk / body produced"),
     ("ingress_to_client_first", "ingress -> proxy -> client, first chunk"),
     ("ingress_to_client_last", "ingress -> proxy -> client, last chunk / body"),
     ("after_engine_finish", "last token sampled to client has it"),
