@@ -49,13 +49,9 @@ from typing import Any
 # sys.path either way.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.serve_overhead_report import HOPS, render_markdown  # noqa: E402
+from benchmarks.serve_overhead_report import HOPS, render_markdown
 
-WORDS = ("time year people way day man thing woman life child world school state family "
-         "student group country problem hand part place case week company system program "
-         "question work government number night point home water room mother area money story "
-         "fact month lot right study book eye job word business issue side kind head house "
-         "service friend father power hour game line end member law car city").split()
+WORDS = ["time", "year", "people", "way", "day", "man", "thing", "woman", "life", "child", "world", "school", "state", "family", "student", "group", "country", "problem", "hand", "part", "place", "case", "week", "company", "system", "program", "question", "work", "government", "number", "night", "point", "home", "water", "room", "mother", "area", "money", "story", "fact", "month", "lot", "right", "study", "book", "eye", "job", "word", "business", "issue", "side", "kind", "head", "house", "service", "friend", "father", "power", "hour", "game", "line", "end", "member", "law", "car", "city"]
 APP = "overhead"
 
 
@@ -322,6 +318,9 @@ def start_serve(args: argparse.Namespace, model: str, tokenizer_dir: Path) -> tu
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
     cuda = args.model != "smollm2"
+    for kv in args.serve_env:
+        key, _, value = kv.partition("=")
+        os.environ[key] = value
     # NOTE: address="local": always a private cluster; workers inherit this environment.
     ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False,
              log_to_driver=False)
@@ -366,7 +365,7 @@ def print_table(results: list[RunResult]) -> None:
     for r in results:
         base = engine.get((r.endpoint, r.concurrency))
         ratio = r.output_tok_s / base.output_tok_s if base else float("nan")
-        print(f"{r.side:<8}{r.endpoint:<13}{str(r.stream):<8}{r.concurrency:>5}"
+        print(f"{r.side:<8}{r.endpoint:<13}{r.stream!s:<8}{r.concurrency:>5}"
               f"{r.output_tok_s:>9.1f}{ratio:>7.2f}{ms(r.ttft_p50_ms):>10}{ms(r.ttft_p99_ms):>9}"
               f"{ms(r.tpot_p50_ms):>10}{ms(r.tpot_p99_ms):>9}{r.latency_p50_ms:>10.1f}"
               f"{r.num_errors:>5}")
@@ -389,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="CPU: torch threads of the engine")
     p.add_argument("--max-num-batched-tokens", type=int, default=0)
     p.add_argument("--app-args", default="{}", help="JSON merged into the app's args")
+    p.add_argument("--serve-env", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="environment of the Ray cluster (Serve flags), e.g. "
+                   "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0")
     p.add_argument("--checkpoint-dir", default="", help="where random checkpoints are written")
     p.add_argument("--tokenizer", default="", help="tokenizer dir of random checkpoints")
     p.add_argument("--label", default="", help="a note stored with the results")

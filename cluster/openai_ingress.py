@@ -15,10 +15,12 @@ away cancels the Serve call, which aborts the request in the replica's engine.
 # ingress rewrites the route methods' signatures, and FastAPI then cannot resolve postponed
 # (string) annotations such as ``request: Request`` (it would read them as query params).
 
+import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
@@ -109,6 +111,10 @@ class OpenAIIngress:
         self.tokenizer = load_tokenizer(resolve_model_dir(self.config.engine.model))
         self.llm = llm.options(stream=True)
         self.trace_log = TraceLog()
+        # NOTE: tokenizing (and the chat template) runs off the event loop, so streams keep
+        # flowing while a long prompt is encoded. One thread: HF fast tokenizers are not safe
+        # to call from several threads at once ("Already borrowed").
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tinyserve-tokenize")
 
     # -- plumbing ------------------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
@@ -159,6 +165,10 @@ class OpenAIIngress:
             finally:
                 if not done:
                     gen.cancel()  # NOTE: client went away: abort on the replica.
+
+    async def _tokenize(self, fn: Callable[[Any], tuple[str, list[int]]], body: Any
+                        ) -> tuple[str, list[int]]:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, body)
 
     def _tokenize_chat(self, body: ChatCompletionRequest) -> tuple[str, list[int]]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
@@ -275,7 +285,7 @@ class OpenAIIngress:
         body = await _parse(request, ChatCompletionRequest)
         self._check_model(body.model)
         body.check_supported()
-        text, ids = self._tokenize_chat(body)
+        text, ids = await self._tokenize(self._tokenize_chat, body)
         return await self._generate("chat", "chatcmpl", body, text, ids, recv)
 
     @api.post("/v1/completions")
@@ -284,7 +294,7 @@ class OpenAIIngress:
         body = await _parse(request, CompletionRequest)
         self._check_model(body.model)
         body.check_supported()
-        text, ids = self._tokenize_completion(body)
+        text, ids = await self._tokenize(self._tokenize_completion, body)
         return await self._generate("completion", "cmpl", body, text, ids, recv)
 
     def traces(self) -> list[dict[str, Any]]:

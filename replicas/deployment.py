@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from ray import serve
 
 from kvmanager.events import KVEvent
+from kvmanager.metrics import PoolStats
 from replicas.config import EngineConfig
 from replicas.deployment_metrics import ReplicaMetrics
 from replicas.engine import AsyncLLMEngine
@@ -179,8 +180,9 @@ class LLMReplica:
             self._sink.feedback(request_id, out)
 
     # -- reporting -----------------------------------------------------------------------------
-    def load(self) -> ReplicaLoad:
-        stats = self.engine.stats()
+    def load(self, stats: PoolStats | None = None) -> ReplicaLoad:
+        """The load snapshot; ``stats`` (the pool's, just taken) saves taking it again."""
+        stats = stats if stats is not None else self.engine.stats()
         tokens = sum(self._inflight.values())
         return ReplicaLoad(
             num_blocks=stats.num_blocks,
@@ -218,7 +220,7 @@ class LLMReplica:
             return
         if self._sink is not None:
             self._sink.close()
-        stats = self.engine.stats()
+        stats = await asyncio.to_thread(self.engine.stats)
         self._address = address
         self._sink = self._sink_factory(
             SinkSpec(
@@ -241,13 +243,16 @@ class LLMReplica:
             now = time.monotonic()
             try:
                 await self._ensure_sink(now, disconnected_since)
-                events = self.engine.take_events()
+                # NOTE: the pool's readers wait for a running step (the engine lock): off
+                # the event loop, or every stream of this replica would stall for a step.
+                events = await asyncio.to_thread(self.engine.take_events)
                 if events and self._sink is not None:
                     self._sink.publish(events)
                 if now - last_snapshot >= SNAPSHOT_EVERY_S:
                     last_snapshot = now
-                    load = self.load()
-                    self.metrics.on_pool(self.engine.stats(), len(self._inflight))
+                    stats = await asyncio.to_thread(self.engine.stats)
+                    load = self.load(stats)
+                    self.metrics.on_pool(stats, len(self._inflight))
                     sparse = self.engine.engine.runner.sparse
                     if sparse is not None:
                         self.metrics.on_sparse(sparse.stats())
