@@ -49,7 +49,7 @@ from typing import Any
 # sys.path either way.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.serve_overhead_report import HOPS, render_markdown
+from benchmarks.serve_overhead_report import HOPS, render_comparison, render_markdown
 
 WORDS = ["time", "year", "people", "way", "day", "man", "thing", "woman", "life", "child", "world", "school", "state", "family", "student", "group", "country", "problem", "hand", "part", "place", "case", "week", "company", "system", "program", "question", "work", "government", "number", "night", "point", "home", "water", "room", "mother", "area", "money", "story", "fact", "month", "lot", "right", "study", "book", "eye", "job", "word", "business", "issue", "side", "kind", "head", "house", "service", "friend", "father", "power", "hour", "game", "line", "end", "member", "law", "car", "city"]
 APP = "overhead"
@@ -396,7 +396,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default="", help="a note stored with the results")
     p.add_argument("--json", type=Path, default=None, help="results JSON (+ .md beside it)")
     p.add_argument("--render", type=Path, default=None, help="only re-render this JSON's .md")
+    p.add_argument("--compare", nargs="+", default=None, metavar="NAME=JSON",
+                   help="only print a side-by-side markdown of several results files")
     args = p.parse_args(argv)
+    if args.compare:
+        runs = [(n, json.loads(Path(f).read_text()))
+                for n, _, f in (c.partition("=") for c in args.compare)]
+        print(render_comparison(runs), end="")
+        return 0
     if args.render is not None:
         data = json.loads(args.render.read_text())
         args.render.with_suffix(".md").write_text(render_markdown(data))

@@ -69,3 +69,47 @@ def render_markdown(data: dict[str, Any]) -> str:
             vals = [_f(r["hops_ms"].get(key), 2) for r in served]
             lines.append(f"| {key}: {meaning} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
+
+
+def render_comparison(runs: list[tuple[str, dict[str, Any]]]) -> str:
+    """Side by side: served/engine tok/s ratio and the hop medians of the same served
+    configuration in several results files (e.g. before / after a change)."""
+
+    def served(data: dict[str, Any]) -> dict[tuple[str, bool, int], dict[str, Any]]:
+        return {(r["endpoint"], r["stream"], r["concurrency"]): r
+                for r in data["results"] if r["side"] == "served"}
+
+    def ratios(data: dict[str, Any]) -> dict[tuple[str, bool, int], float]:
+        engine = {(r["endpoint"], r["concurrency"]): r["output_tok_s"]
+                  for r in data["results"] if r["side"] == "engine"}
+        return {k: r["output_tok_s"] / engine[k[0], k[2]] for k, r in served(data).items()}
+
+    names = [n for n, _ in runs]
+    keys = list(served(runs[0][1]))
+    lines = ["| served config | " + " | ".join(f"{n}: served/engine" for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    all_ratios = [ratios(d) for _, d in runs]
+    for k in keys:
+        cells = [_f(r.get(k), 2) for r in all_ratios]
+        lines.append(f"| {k[0]} {'stream' if k[1] else 'no stream'} c={k[2]} | "
+                     + " | ".join(cells) + " |")
+    geo = []
+    for r in all_ratios:
+        vals = [r[k] for k in keys if k in r]
+        prod = 1.0
+        for v in vals:
+            prod *= v
+        geo.append(prod ** (1 / len(vals)) if vals else None)
+    lines.append("| geometric mean | " + " | ".join(_f(g, 3) for g in geo) + " |")
+    lines += ["", "Per-hop medians (ms), " + " / ".join(names) + ":", ""]
+    lines.append("| hop | " + " | ".join(f"{k[0][:4]} {'s' if k[1] else 'ns'} c{k[2]}"
+                                         for k in keys) + " |")
+    lines.append("|---|" + "---|" * len(keys))
+    all_served = [served(d) for _, d in runs]
+    for hop, _ in HOPS:
+        cells = []
+        for k in keys:
+            vals = [s[k]["hops_ms"].get(hop) if k in s else None for s in all_served]
+            cells.append(" / ".join(_f(v, 1) for v in vals))
+        lines.append(f"| {hop} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
