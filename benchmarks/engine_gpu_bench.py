@@ -74,8 +74,46 @@ def prompts_for(batch: int, prompt_len: int, seed: int, vocab: int) -> list[list
     return torch.randint(3, vocab, (batch, prompt_len), generator=gen).tolist()
 
 
-def run_ours(engine: LLMEngine, prompts: list[list[int]], decode_tokens: int) -> dict[str, Any]:
-    """Step B requests to completion; decode rate after all have their first token."""
+class PhaseTimes:
+    """Host wall time per phase of the engine's steps while ``on`` (wraps the engine's parts):
+    schedule, execute (staging + launches; the GPU runs asynchronously), sample (includes
+    waiting for the GPU: its device->host copy is the step's one sync); the rest of a step is
+    scheduler.update + output processing."""
+
+    PHASES = ("schedule", "execute", "sample")
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.on = False
+        self.totals = dict.fromkeys(self.PHASES, 0.0)
+        engine.scheduler.schedule = self._wrap("schedule", engine.scheduler.schedule)  # type: ignore[method-assign]
+        engine.runner.execute = self._wrap("execute", engine.runner.execute)  # type: ignore[method-assign]
+        engine.sampler = self._wrap("sample", engine.sampler)  # type: ignore[assignment]
+
+    def _wrap(self, name: str, fn: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if not self.on:
+                return fn(*args, **kwargs)
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.totals[name] += time.perf_counter() - t
+
+        return timed
+
+    def take(self) -> dict[str, float]:
+        out, self.totals = self.totals, dict.fromkeys(self.PHASES, 0.0)
+        return out
+
+
+def run_ours(
+    engine: LLMEngine,
+    prompts: list[list[int]],
+    decode_tokens: int,
+    phases: PhaseTimes | None = None,
+) -> dict[str, Any]:
+    """Step B requests to completion; decode rate after all have their first token. With
+    ``phases``: mean host ms per decode step in each phase (``step_phase_ms``)."""
     params = SamplingParams(max_tokens=1 + decode_tokens, temperature=0.0, ignore_eos=True)
     tag = time.perf_counter_ns()
     for i, p in enumerate(prompts):
@@ -96,9 +134,20 @@ def run_ours(engine: LLMEngine, prompts: list[list[int]], decode_tokens: int) ->
             started.add(o.request_id)
         if t_first is None and len(started) == len(prompts):
             t_first = te
+            if phases is not None:
+                phases.take()
+                phases.on = True
     t_end = time.perf_counter()
     assert t_first is not None
+    extra: dict[str, Any] = {}
+    if phases is not None:
+        phases.on = False
+        steps = max(len(step_times), 1)
+        per = {k: 1e3 * v / steps for k, v in phases.take().items()}
+        per["update_and_outputs"] = 1e3 * sum(step_times) / steps - sum(per.values())
+        extra["step_phase_ms"] = per
     return {
+        **extra,
         "prefill_s": t_first - t0,
         "decode_s": t_end - t_first,
         "decode_tokens": decode_produced,
@@ -107,15 +156,17 @@ def run_ours(engine: LLMEngine, prompts: list[list[int]], decode_tokens: int) ->
     }
 
 
-def graph_replay_ms(engine: LLMEngine, batch: int, iters: int = 20) -> float | None:
-    """GPU time of one replay of the graph this batch used (the model alone, no host work)."""
+def graph_replay_ms(engine: LLMEngine, batch: int, context: int, iters: int = 20) -> float | None:
+    """GPU time of one replay of the graph a decode step of ``batch`` sequences at ``context``
+    tokens uses (the model alone, no host work; the static buffers hold the last step's rows)."""
     graphs = engine.runner.graphs
     if graphs is None:
         return None
-    keys = [k for k in graphs.captured if k[0] >= batch]
-    if not keys:
+    b = next(s for s in graphs.buckets if s >= batch)
+    w = graphs.width_bucket(-(-context // BLOCK_SIZE))
+    if (b, w) not in graphs.captured:
         return None
-    graph, _ = graphs._graphs[min(keys)]
+    graph, _ = graphs._graphs[b, w]
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -218,6 +269,7 @@ def main() -> None:
     with random_weights() if args.no_hf else contextlib.nullcontext():
         engine = LLMEngine(config)
     weight_bytes, _ = param_bytes_and_flops(engine.loaded.model)
+    phases = PhaseTimes(engine)
     graphs = engine.runner.graphs
     assert graphs is not None, "CUDA graphs unavailable (CuPy kernels missing?)"
     cfg = engine.loaded.arch
@@ -236,12 +288,19 @@ def main() -> None:
             prompts = prompts_for(batch, args.prompt_len, seed, vocab)
             prof = cProfile.Profile() if args.profile and mode == "graphs" else None
             with prof if prof is not None else contextlib.nullcontext():
-                row[mode] = run_ours(engine, prompts, args.decode_tokens)
+                row[mode] = run_ours(
+                    engine, prompts, args.decode_tokens, phases if mode == "graphs" else None
+                )
             if prof is not None:
                 pstats.Stats(prof).sort_stats("tottime").print_stats(18)
-            print(f"  b{batch} {mode}: {row[mode]['decode_tok_s']:.0f} tok/s", flush=True)
+            phase = row[mode].get("step_phase_ms", {})
+            print(f"  b{batch} {mode}: {row[mode]['decode_tok_s']:.0f} tok/s, median step "
+                  f"{row[mode]['median_step_ms']:.2f} ms "
+                  + " ".join(f"{k} {v:.2f}" for k, v in phase.items()), flush=True)  # fmt: skip
         engine.runner.graphs = graphs
-        row["graph_replay_ms"] = graph_replay_ms(engine, batch)
+        row["graph_replay_ms"] = graph_replay_ms(
+            engine, batch, args.prompt_len + args.decode_tokens
+        )
         seed += 1
         best = max(row["eager"]["decode_tok_s"], row["graphs"]["decode_tok_s"])
         if hf is not None:
