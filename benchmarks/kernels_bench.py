@@ -25,8 +25,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from benchmarks.flex_peer import make_flex_paged_decode
 from benchmarks.gpu_timing import copy_tbps, profile_host, rotations, time_ms
-from cuda_kernels import ops, reference
+from benchmarks.prefill_bench import bench_prefill
+from cuda_kernels import ops
 
 try:
     from cuda_kernels import block_copy, decode, launchers, runtime
@@ -81,6 +83,20 @@ def bench_decode(batch: int, context: int, iters: int, reps: int) -> dict[str, f
         return F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True)
 
     err = float((ours(0).float() - sdpa(0).squeeze(2).float()).norm() / sdpa(0).float().norm())
+    flex: dict[str, float | str] = {}
+    try:  # NOTE: FlexAttention over the paged cache (benchmarks/flex_peer.py), compiled per shape
+        runs = [make_flex_paged_decode(q, k_cache, v_cache, tables[r], seq_lens, scale)
+                for r in range(rot)]  # fmt: skip
+        ref = sdpa(0).squeeze(2).float()
+        flex["rel_err_vs_sdpa"] = float((runs[0]().float() - ref).norm() / ref.norm())
+        try:
+            flex["flex_us"] = time_ms(lambda r: runs[r](), rot, iters, reps, graph=True) * 1e3
+        except Exception:  # NOTE: not graph-capturable here: time it eagerly instead
+            flex["flex_us"] = time_ms(lambda r: runs[r](), rot, iters, reps, graph=False) * 1e3
+            flex["flex_eager"] = 1.0
+        flex["flex_TBps"] = kv_bytes / 1e9 / (flex["flex_us"] / 1e3)
+    except Exception as exc:  # NOTE: the peer's failure is a result to report
+        flex["flex_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     t_ours = time_ms(ours, rot, iters, reps, graph=True)
     t_ours_eager = time_ms(ours, rot, iters, reps, graph=False)
     t_simt = time_ms(ours_simt, rot, iters, reps, graph=True)
@@ -105,6 +121,7 @@ def bench_decode(batch: int, context: int, iters: int, reps: int) -> dict[str, f
         "ratio_vs_gather_sdpa": t_gather / t_ours,
         "copy_TBps": copy_tbps(kv_bytes, iters, reps),
         "rel_err_vs_sdpa": err,
+        **{f"flex_{k}" if not k.startswith("flex") else k: v for k, v in flex.items()},
     }
 
 
@@ -228,62 +245,6 @@ def bench_copy_blocks(
     }
 
 
-def bench_prefill(
-    num_seqs: int, context: int, chunk: int, iters: int, reps: int
-) -> dict[str, float | int]:
-    blocks = context // BLOCK_SIZE
-    shape = (num_seqs * blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-    k_cache = torch.randn(shape, device="cuda").to(DTYPE)
-    v_cache = torch.randn(shape, device="cuda").to(DTYPE)
-    tables = torch.randperm(num_seqs * blocks, device="cuda").to(torch.int32).view(num_seqs, blocks)
-    q = torch.randn(num_seqs * chunk, NUM_HEADS, HEAD_DIM, device="cuda").to(DTYPE)
-    cu = torch.arange(0, num_seqs + 1, dtype=torch.int32) * chunk  # host tensors: no sync
-    lens = torch.full((num_seqs,), context, dtype=torch.int32)
-    scale = 1 / math.sqrt(HEAD_DIM)
-    k_c = [
-        k_cache[tables[i]].view(context, NUM_KV_HEADS, HEAD_DIM).transpose(0, 1).contiguous()
-        for i in range(num_seqs)
-    ]
-    v_c = [
-        v_cache[tables[i]].view(context, NUM_KV_HEADS, HEAD_DIM).transpose(0, 1).contiguous()
-        for i in range(num_seqs)
-    ]
-    mask = (
-        torch.arange(context, device="cuda")[None, :]
-        <= torch.arange(context - chunk, context, device="cuda")[:, None]
-    )
-
-    def ours(r: int) -> torch.Tensor:
-        return ops.paged_prefill_attention(q, k_cache, v_cache, cu, lens, tables, scale)
-
-    def sdpa_contig(r: int) -> None:  # the same SDPA call over contiguous K/V: no gather
-        for i in range(num_seqs):
-            qi = q[i * chunk : (i + 1) * chunk].transpose(0, 1)
-            reference._causal_sdpa(qi, k_c[i], v_c[i], scale)
-
-    def sdpa_boolmask(r: int) -> None:  # contiguous K/V, bool mask + enable_gqa (math path)
-        for i in range(num_seqs):
-            qi = q[i * chunk : (i + 1) * chunk].transpose(0, 1)
-            F.scaled_dot_product_attention(
-                qi, k_c[i], v_c[i], attn_mask=mask, scale=scale, enable_gqa=True
-            )
-
-    t_ours = time_ms(ours, 1, iters, reps, graph=False)
-    t_sdpa = time_ms(sdpa_contig, 1, iters, reps, graph=False)
-    t_bool = time_ms(sdpa_boolmask, 1, iters, reps, graph=False)
-    flops = 4 * num_seqs * chunk * context * NUM_HEADS * HEAD_DIM  # QK + PV, full rectangle
-    return {
-        "num_seqs": num_seqs,
-        "context": context,
-        "chunk": chunk,
-        "gather_sdpa_us": t_ours * 1e3,
-        "sdpa_contig_us": t_sdpa * 1e3,
-        "sdpa_boolmask_contig_us": t_bool * 1e3,
-        "gather_overhead": t_ours / t_sdpa,
-        "gather_sdpa_TFLOPs": flops / t_ours / 1e9,
-    }
-
-
 def profile_launch(calls: int = 300) -> None:
     """Where the host time of an eager decode call goes (batch 1, context 4096)."""
     k = torch.randn(256, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device="cuda").to(DTYPE)
@@ -323,6 +284,11 @@ def main() -> None:
             f"{r['batch']:>5} {r['context']:>6} | {r['ours_TBps']:>9.2f} {r['simt_TBps']:>5.2f} {r['sdpa_contig_TBps']:>6.2f} {r['gather_sdpa_TBps']:>9.2f} {r['copy_TBps']:>6.2f} | "
             f"{r['ratio_vs_sdpa_contig']:>6.2f} {r['ratio_vs_gather_sdpa']:>6.2f} | {r['ours_us']:>8.1f} {r['ours_eager_us']:>8.1f} {r['rel_err_vs_sdpa']:>8.1e}"
         )
+    for r in decode:
+        flex_line = (f"FlexAttention (paged, compiled) {r['flex_TBps']:.2f} TB/s, ours x"
+                     f"{r['ours_TBps'] / r['flex_TBps']:.2f}, err {r['flex_rel_err_vs_sdpa']:.1e}"
+                     if "flex_TBps" in r else f"FlexAttention failed: {r.get('flex_error')}")  # fmt: skip
+        print(f"  b{r['batch']} ctx {r['context']}: {flex_line}")
     split_expr = f"paged_decode_mma_kernel<bf16_t, {HEAD_DIM}, {BLOCK_SIZE}, 3>"
     kern = runtime.get_kernel(
         ("paged_decode.cu", "paged_decode_mma.cu"),
@@ -379,7 +345,8 @@ def main() -> None:
         print(
             f"seqs {r['num_seqs']} ctx {r['context']} chunk {r['chunk']}: gather+SDPA {r['gather_sdpa_us']:.1f} us, "
             f"SDPA contiguous {r['sdpa_contig_us']:.1f} us, overhead x{r['gather_overhead']:.2f}, "
-            f"{r['gather_sdpa_TFLOPs']:.0f} TFLOP/s (bool-mask SDPA {r['sdpa_boolmask_contig_us']:.1f} us)"
+            f"{r['gather_sdpa_TFLOPs']:.0f} TFLOP/s (bool-mask SDPA {r['sdpa_boolmask_contig_us']:.1f} us); "
+            f"vs the SDPA kernel alone on pre-expanded K/V {r['sdpa_pure_us']:.1f} us: x{r['over_sdpa_pure']:.2f}"
         )
     if args.json:
         with open(args.json, "w") as f:
