@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.gpu_models import SHAPES
 from benchmarks.loadgen import LoadRecord, Replayer, summarize
 from benchmarks.workloads import build_workload
 
@@ -63,8 +64,9 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=64)
 
 
-LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+# NOTE: the engine benchmarks' 8B shape (benchmarks.gpu_models), less its vocabulary: a served
+# checkpoint takes the real tokenizer's.
+LLAMA_8B = {k: v for k, v in SHAPES["8b"].items() if k != "vocab_size"}
 
 
 def make_llama1b(path: Path, tokenizer_dir: Path) -> Path:
