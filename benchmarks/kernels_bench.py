@@ -40,7 +40,9 @@ NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
 
 
-def bench_decode(batch: int, context: int, iters: int, reps: int) -> dict[str, float | int]:
+def _decode_inputs(batch: int, context: int) -> tuple[torch.Tensor, ...]:
+    """(q, k_cache, v_cache, tables stacked [rot, batch, blocks], seq_lens) for one grid row:
+    scattered tables, ``rot`` copies so the working set exceeds L2."""
     gen = torch.Generator(device="cuda").manual_seed(batch * 7 + context)
     kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
     rot = rotations(kv_bytes)
@@ -56,6 +58,37 @@ def bench_decode(batch: int, context: int, iters: int, reps: int) -> dict[str, f
     ]
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+    return q, k_cache, v_cache, torch.stack(tables), seq_lens
+
+
+def bench_flex(batch: int, context: int, iters: int, reps: int) -> dict[str, float | str]:
+    """FlexAttention over the paged cache (flex_peer.py) on bench_decode's inputs."""
+    q, k_cache, v_cache, tables, seq_lens = _decode_inputs(batch, context)
+    scale = 1 / math.sqrt(HEAD_DIM)
+    rot, kv_bytes = tables.shape[0], 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+    out: dict[str, float | str] = {"batch": batch, "context": context}
+    try:
+        runs = [make_flex_paged_decode(q, k_cache, v_cache, tables[r], seq_lens, scale)
+                for r in range(rot)]  # fmt: skip
+        ours = launchers.paged_decode_attention(q, k_cache, v_cache, tables[0], seq_lens, scale)
+        out["rel_err_vs_ours"] = float(
+            (runs[0]().float() - ours.float()).norm() / ours.float().norm()
+        )
+        try:
+            ms = time_ms(lambda r: runs[r](), rot, iters, reps, graph=True)
+        except Exception:  # NOTE: not graph-capturable here: time it eagerly instead
+            ms, out["eager"] = time_ms(lambda r: runs[r](), rot, iters, reps, graph=False), 1.0
+        out["flex_us"], out["flex_TBps"] = ms * 1e3, kv_bytes / 1e9 / ms
+    except Exception as exc:  # NOTE: the peer's failure is a result to report
+        out["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    return out
+
+
+def bench_decode(batch: int, context: int, iters: int, reps: int) -> dict[str, float | int]:
+    q, k_cache, v_cache, stacked, seq_lens = _decode_inputs(batch, context)
+    tables = list(stacked)
+    rot = len(tables)
+    kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
     scale = 1 / math.sqrt(HEAD_DIM)
 
     def gathered(r: int, cache: torch.Tensor) -> torch.Tensor:  # [B, Hkv, L, D]
@@ -83,20 +116,6 @@ def bench_decode(batch: int, context: int, iters: int, reps: int) -> dict[str, f
         return F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True)
 
     err = float((ours(0).float() - sdpa(0).squeeze(2).float()).norm() / sdpa(0).float().norm())
-    flex: dict[str, float | str] = {}
-    try:  # NOTE: FlexAttention over the paged cache (benchmarks/flex_peer.py), compiled per shape
-        runs = [make_flex_paged_decode(q, k_cache, v_cache, tables[r], seq_lens, scale)
-                for r in range(rot)]  # fmt: skip
-        ref = sdpa(0).squeeze(2).float()
-        flex["rel_err_vs_sdpa"] = float((runs[0]().float() - ref).norm() / ref.norm())
-        try:
-            flex["flex_us"] = time_ms(lambda r: runs[r](), rot, iters, reps, graph=True) * 1e3
-        except Exception:  # NOTE: not graph-capturable here: time it eagerly instead
-            flex["flex_us"] = time_ms(lambda r: runs[r](), rot, iters, reps, graph=False) * 1e3
-            flex["flex_eager"] = 1.0
-        flex["flex_TBps"] = kv_bytes / 1e9 / (flex["flex_us"] / 1e3)
-    except Exception as exc:  # NOTE: the peer's failure is a result to report
-        flex["flex_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     t_ours = time_ms(ours, rot, iters, reps, graph=True)
     t_ours_eager = time_ms(ours, rot, iters, reps, graph=False)
     t_simt = time_ms(ours_simt, rot, iters, reps, graph=True)
@@ -121,7 +140,6 @@ def bench_decode(batch: int, context: int, iters: int, reps: int) -> dict[str, f
         "ratio_vs_gather_sdpa": t_gather / t_ours,
         "copy_TBps": copy_tbps(kv_bytes, iters, reps),
         "rel_err_vs_sdpa": err,
-        **{f"flex_{k}" if not k.startswith("flex") else k: v for k, v in flex.items()},
     }
 
 
@@ -259,6 +277,12 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write results to this path")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument(
+        "--flex",
+        action="store_true",
+        help="also time FlexAttention over the paged cache (flex_peer.py), after everything "
+        "else (its compile takes ~minutes)",
+    )
     parser.add_argument("--profile-launch", action="store_true", help="cProfile eager decode calls")
     args = parser.parse_args()
     if not (torch.cuda.is_available() and ops.cuda_kernels_available()):
@@ -284,11 +308,6 @@ def main() -> None:
             f"{r['batch']:>5} {r['context']:>6} | {r['ours_TBps']:>9.2f} {r['simt_TBps']:>5.2f} {r['sdpa_contig_TBps']:>6.2f} {r['gather_sdpa_TBps']:>9.2f} {r['copy_TBps']:>6.2f} | "
             f"{r['ratio_vs_sdpa_contig']:>6.2f} {r['ratio_vs_gather_sdpa']:>6.2f} | {r['ours_us']:>8.1f} {r['ours_eager_us']:>8.1f} {r['rel_err_vs_sdpa']:>8.1e}"
         )
-    for r in decode:
-        flex_line = (f"FlexAttention (paged, compiled) {r['flex_TBps']:.2f} TB/s, ours x"
-                     f"{r['ours_TBps'] / r['flex_TBps']:.2f}, err {r['flex_rel_err_vs_sdpa']:.1e}"
-                     if "flex_TBps" in r else f"FlexAttention failed: {r.get('flex_error')}")  # fmt: skip
-        print(f"  b{r['batch']} ctx {r['context']}: {flex_line}")
     split_expr = f"paged_decode_mma_kernel<bf16_t, {HEAD_DIM}, {BLOCK_SIZE}, 3>"
     kern = runtime.get_kernel(
         ("paged_decode.cu", "paged_decode_mma.cu"),
@@ -348,6 +367,14 @@ def main() -> None:
             f"{r['gather_sdpa_TFLOPs']:.0f} TFLOP/s (bool-mask SDPA {r['sdpa_boolmask_contig_us']:.1f} us); "
             f"vs the SDPA kernel alone on pre-expanded K/V {r['sdpa_pure_us']:.1f} us: x{r['over_sdpa_pure']:.2f}"
         )
+    if args.flex:  # NOTE: last: a device-side assert here would end the process
+        res["flex"] = flex = [bench_flex(b, c, args.iters, args.reps) for b, c in DECODE_GRID]
+        print("\nFlexAttention over the paged cache (compiled, 16-token pages) vs ours")
+        for fr, dr in zip(flex, decode, strict=True):
+            line = (f"{fr['flex_TBps']:.2f} TB/s, ours x{dr['ours_TBps'] / fr['flex_TBps']:.2f}, "
+                    f"err vs ours {fr['rel_err_vs_ours']:.1e}" if "flex_TBps" in fr
+                    else f"failed: {fr.get('error')}")  # fmt: skip
+            print(f"  b{fr['batch']} ctx {fr['context']}: {line}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
