@@ -126,12 +126,14 @@ def describe_checkpoint(path: str) -> str:
 
 def random_llama_checkpoint(path: Path, layers: int, max_positions: int) -> dict[str, Any]:
     """A 1B-class Llama (engine_gpu_bench's shape) with random bf16 weights, saved to path."""
-    from benchmarks.engine_gpu_bench import ARCH, make_checkpoint
+    from benchmarks.engine_gpu_bench import make_checkpoint
+    from benchmarks.gpu_models import SHAPES
 
-    model = make_checkpoint(path, layers, max_positions)
+    shape = {**SHAPES["1b"], "num_hidden_layers": layers}
+    model = make_checkpoint(path, shape, max_positions)
     del model
     torch.cuda.empty_cache()
-    return {**ARCH, "num_hidden_layers": layers, "head_dim": 64, "dtype": "bfloat16",
+    return {**shape, "head_dim": 64, "dtype": "bfloat16",
             "weights": "random", "architecture": "LlamaForCausalLM"}
 
 

@@ -2,9 +2,10 @@
 CUDA-graph decode, vs transformers ``generate`` on the same GPU in the same run, and as a
 fraction of the memory-bandwidth roofline.
 
-Model: a 1B-class Llama architecture (16 layers, hidden 2048, 32/8 heads of 64, intermediate
-8192, vocab 32000) with random bf16 weights, written once as a HF checkpoint so both sides
-load the SAME weights. Per batch size B: B fresh random prompts of --prompt-len tokens,
+Model: a random bf16 Llama shape (benchmarks.gpu_models: ``--shape 1b`` = 16 layers, hidden
+2048, 32/8 heads of 64, intermediate 8192, vocab 32000; ``--shape 8b`` = Llama-3-8B), written
+once as a HF checkpoint so both sides load the SAME weights; with ``--no-hf`` the weights are
+filled in place instead (no checkpoint, no transformers row). Per batch size B: B fresh random prompts of --prompt-len tokens,
 greedy, ignore_eos, --decode-tokens new tokens each.
 
 - ours: all B requests added to LLMEngine at once and stepped to completion; the decode rate
@@ -19,14 +20,18 @@ greedy, ignore_eos, --decode-tokens new tokens each.
 
 Run (GPU machine, repo root):
     PYTHONPATH=. python3 benchmarks/engine_gpu_bench.py --json benchmarks/results/engine_gpu_h200.json
+    PYTHONPATH=. python3 benchmarks/engine_gpu_bench.py --shape 8b --no-hf --decode-tokens 64
 ``--smoke``: a 2-layer model and tiny sizes, to check the code path in seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import json
 import platform
+import pstats
 import statistics
 import tempfile
 import time
@@ -35,43 +40,20 @@ from typing import Any
 
 import torch
 
+from benchmarks.gpu_models import SHAPES, copy_bandwidth, random_checkpoint_dir, random_weights
 from replicas.config import EngineConfig
 from replicas.llm_engine import LLMEngine
 from replicas.sampling_params import SamplingParams
 
-ARCH = dict(
-    vocab_size=32000,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-)
 BLOCK_SIZE = 16
 
 
-def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> float:
-    """Device-to-device copy bandwidth, bytes/s, counting bytes read plus bytes written."""
-    src = torch.randn(nbytes // 2, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * nbytes / statistics.median(times)
-
-
-def make_checkpoint(path: Path, num_layers: int, max_positions: int) -> Any:
+def make_checkpoint(path: Path, shape: dict[str, int], max_positions: int) -> Any:
     """Random bf16 Llama written with save_pretrained; returns the transformers model (GPU)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        **{**ARCH, "num_hidden_layers": num_layers},
+        **shape,
         max_position_embeddings=max_positions,
         rms_norm_eps=1e-5,
         rope_theta=500000.0,
@@ -92,8 +74,46 @@ def prompts_for(batch: int, prompt_len: int, seed: int, vocab: int) -> list[list
     return torch.randint(3, vocab, (batch, prompt_len), generator=gen).tolist()
 
 
-def run_ours(engine: LLMEngine, prompts: list[list[int]], decode_tokens: int) -> dict[str, Any]:
-    """Step B requests to completion; decode rate after all have their first token."""
+class PhaseTimes:
+    """Host wall time per phase of the engine's steps while ``on`` (wraps the engine's parts):
+    schedule, execute (staging + launches; the GPU runs asynchronously), sample (includes
+    waiting for the GPU: its device->host copy is the step's one sync); the rest of a step is
+    scheduler.update + output processing."""
+
+    PHASES = ("schedule", "execute", "sample")
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.on = False
+        self.totals = dict.fromkeys(self.PHASES, 0.0)
+        engine.scheduler.schedule = self._wrap("schedule", engine.scheduler.schedule)  # type: ignore[method-assign]
+        engine.runner.execute = self._wrap("execute", engine.runner.execute)  # type: ignore[method-assign]
+        engine.sampler = self._wrap("sample", engine.sampler)  # type: ignore[assignment]
+
+    def _wrap(self, name: str, fn: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if not self.on:
+                return fn(*args, **kwargs)
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.totals[name] += time.perf_counter() - t
+
+        return timed
+
+    def take(self) -> dict[str, float]:
+        out, self.totals = self.totals, dict.fromkeys(self.PHASES, 0.0)
+        return out
+
+
+def run_ours(
+    engine: LLMEngine,
+    prompts: list[list[int]],
+    decode_tokens: int,
+    phases: PhaseTimes | None = None,
+) -> dict[str, Any]:
+    """Step B requests to completion; decode rate after all have their first token. With
+    ``phases``: mean host ms per decode step in each phase (``step_phase_ms``)."""
     params = SamplingParams(max_tokens=1 + decode_tokens, temperature=0.0, ignore_eos=True)
     tag = time.perf_counter_ns()
     for i, p in enumerate(prompts):
@@ -114,9 +134,20 @@ def run_ours(engine: LLMEngine, prompts: list[list[int]], decode_tokens: int) ->
             started.add(o.request_id)
         if t_first is None and len(started) == len(prompts):
             t_first = te
+            if phases is not None:
+                phases.take()
+                phases.on = True
     t_end = time.perf_counter()
     assert t_first is not None
+    extra: dict[str, Any] = {}
+    if phases is not None:
+        phases.on = False
+        steps = max(len(step_times), 1)
+        per = {k: 1e3 * v / steps for k, v in phases.take().items()}
+        per["update_and_outputs"] = 1e3 * sum(step_times) / steps - sum(per.values())
+        extra["step_phase_ms"] = per
     return {
+        **extra,
         "prefill_s": t_first - t0,
         "decode_s": t_end - t_first,
         "decode_tokens": decode_produced,
@@ -125,15 +156,17 @@ def run_ours(engine: LLMEngine, prompts: list[list[int]], decode_tokens: int) ->
     }
 
 
-def graph_replay_ms(engine: LLMEngine, batch: int, iters: int = 20) -> float | None:
-    """GPU time of one replay of the graph this batch used (the model alone, no host work)."""
+def graph_replay_ms(engine: LLMEngine, batch: int, context: int, iters: int = 20) -> float | None:
+    """GPU time of one replay of the graph a decode step of ``batch`` sequences at ``context``
+    tokens uses (the model alone, no host work; the static buffers hold the last step's rows)."""
     graphs = engine.runner.graphs
     if graphs is None:
         return None
-    keys = [k for k in graphs.captured if k[0] >= batch]
-    if not keys:
+    b = next(s for s in graphs.buckets if s >= batch)
+    w = graphs.width_bucket(-(-context // BLOCK_SIZE))
+    if (b, w) not in graphs.captured:
         return None
-    graph, _ = graphs._graphs[min(keys)]
+    graph, _ = graphs._graphs[b, w]
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -171,12 +204,11 @@ def run_hf(model: Any, prompts: list[list[int]], decode_tokens: int) -> dict[str
 
 
 def roofline(
-    model: Any, batch: int, mean_ctx: float, bandwidth: float, kv_bytes_per_token: int
-) -> dict[str, float]:
-    embed = model.get_input_embeddings().weight
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    weights -= embed.numel() * embed.element_size()
-    weights += batch * embed.shape[1] * embed.element_size()
+    weight_bytes: int, hidden: int, batch: int, mean_ctx: float, bandwidth: float,
+    kv_bytes_per_token: int,
+) -> dict[str, float]:  # fmt: skip
+    """weight_bytes: every weight but the embedding table, of which only B rows are read."""
+    weights = weight_bytes + batch * hidden * 2
     kv = batch * mean_ctx * kv_bytes_per_token
     step_s = (weights + kv) / bandwidth
     return {
@@ -194,35 +226,50 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--decode-tokens", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=ARCH["num_hidden_layers"])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    ap.add_argument("--layers", type=int, default=None, help="override the shape's layers")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers (random weights)")
+    ap.add_argument("--profile", action="store_true", help="cProfile the host side of each "
+                    "batch's CUDA-graph decode run (top functions by own time)")  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="2 layers, batches 1 4, short")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.smoke:
         args.batches, args.prompt_len, args.decode_tokens, args.layers = [1, 4], 64, 8, 2
+    shape = dict(SHAPES[args.shape])
+    if args.layers is not None:
+        shape["num_hidden_layers"] = args.layers
     import transformers
+
+    from benchmarks.gpu_models import param_bytes_and_flops
 
     torch.backends.cuda.matmul.allow_tf32 = False
     dev_name = torch.cuda.get_device_name()
     bandwidth = copy_bandwidth()
     max_len = -(-(args.prompt_len + args.decode_tokens + 2) // BLOCK_SIZE) * BLOCK_SIZE
-    tmp = Path(tempfile.mkdtemp(prefix="engine_gpu_bench_"))
-    hf = make_checkpoint(tmp, args.layers, max_len)
+    hf = None
+    if args.no_hf:
+        model_dir = random_checkpoint_dir(shape, max_len)
+    else:
+        model_dir = Path(tempfile.mkdtemp(prefix="engine_gpu_bench_"))
+        hf = make_checkpoint(model_dir, shape, max_len)
     max_batch = max(args.batches)
     num_blocks = max_batch * (max_len // BLOCK_SIZE) + 64
-    engine = LLMEngine(
-        EngineConfig(
-            model=str(tmp),
-            device="cuda",
-            dtype="bfloat16",
-            num_blocks=num_blocks,
-            block_size=BLOCK_SIZE,
-            max_num_seqs=max_batch,
-            max_num_batched_tokens=max(8192, args.prompt_len),
-            max_model_len=max_len,
-            cuda_graphs=True,
-        )
+    config = EngineConfig(
+        model=str(model_dir),
+        device="cuda",
+        dtype="bfloat16",
+        num_blocks=num_blocks,
+        block_size=BLOCK_SIZE,
+        max_num_seqs=max_batch,
+        max_num_batched_tokens=max(8192, args.prompt_len),
+        max_model_len=max_len,
+        cuda_graphs=True,
     )
+    with random_weights() if args.no_hf else contextlib.nullcontext():
+        engine = LLMEngine(config)
+    weight_bytes, _ = param_bytes_and_flops(engine.loaded.model)
+    phases = PhaseTimes(engine)
     graphs = engine.runner.graphs
     assert graphs is not None, "CUDA graphs unavailable (CuPy kernels missing?)"
     cfg = engine.loaded.arch
@@ -239,20 +286,33 @@ def main() -> None:
             run_ours(engine, prompts_for(batch, args.prompt_len, 10_000 + seed, vocab), 4)
             seed += 1
             prompts = prompts_for(batch, args.prompt_len, seed, vocab)
-            row[mode] = run_ours(engine, prompts, args.decode_tokens)
-            print(f"  b{batch} {mode}: {row[mode]['decode_tok_s']:.0f} tok/s", flush=True)
+            prof = cProfile.Profile() if args.profile and mode == "graphs" else None
+            with prof if prof is not None else contextlib.nullcontext():
+                row[mode] = run_ours(
+                    engine, prompts, args.decode_tokens, phases if mode == "graphs" else None
+                )
+            if prof is not None:
+                pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+            phase = row[mode].get("step_phase_ms", {})
+            print(f"  b{batch} {mode}: {row[mode]['decode_tok_s']:.0f} tok/s, median step "
+                  f"{row[mode]['median_step_ms']:.2f} ms "
+                  + " ".join(f"{k} {v:.2f}" for k, v in phase.items()), flush=True)  # fmt: skip
         engine.runner.graphs = graphs
-        row["graph_replay_ms"] = graph_replay_ms(engine, batch)
-        seed += 1
-        run_hf(hf, prompts_for(batch, args.prompt_len, 20_000 + seed, vocab), 2)
-        row["transformers"] = run_hf(hf, prompts, args.decode_tokens)
-        print(
-            f"  b{batch} transformers: {row['transformers']['decode_tok_s']:.0f} tok/s", flush=True
+        row["graph_replay_ms"] = graph_replay_ms(
+            engine, batch, args.prompt_len + args.decode_tokens
         )
-        row["roofline"] = roofline(hf, batch, mean_ctx, bandwidth, kv_tok)
+        seed += 1
         best = max(row["eager"]["decode_tok_s"], row["graphs"]["decode_tok_s"])
+        if hf is not None:
+            run_hf(hf, prompts_for(batch, args.prompt_len, 20_000 + seed, vocab), 2)
+            row["transformers"] = run_hf(hf, prompts, args.decode_tokens)
+            print(f"  b{batch} transformers: {row['transformers']['decode_tok_s']:.0f} tok/s",
+                  flush=True)  # fmt: skip
+            row["best_over_transformers"] = best / row["transformers"]["decode_tok_s"]
+        row["roofline"] = roofline(
+            weight_bytes, cfg.hidden_size, batch, mean_ctx, bandwidth, kv_tok
+        )
         row["graphs_over_eager"] = row["graphs"]["decode_tok_s"] / row["eager"]["decode_tok_s"]
-        row["best_over_transformers"] = best / row["transformers"]["decode_tok_s"]
         row["graphs_fraction_of_roofline"] = (
             row["graphs"]["decode_tok_s"] / row["roofline"]["tok_s"]
         )
@@ -269,9 +329,9 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "machine": platform.platform(),
+        "shape": args.shape,
         "model": {
-            **ARCH,
-            "num_hidden_layers": args.layers,
+            **shape,
             "head_dim": cfg.head_dim,
             "dtype": "bfloat16",
             "weights": "random",
@@ -282,19 +342,25 @@ def main() -> None:
         "copy_bandwidth_bytes_per_s": bandwidth,
         "kv_bytes_per_token": kv_tok,
         "rows": rows,
-        "target": "graphs_fraction_of_roofline >= 0.5 at batch 64",
+        "targets": {
+            "1b": "graphs_fraction_of_roofline >= 0.50 at batch 1, >= 0.60 at batch 64",
+            "8b": "graphs_fraction_of_roofline >= 0.70 at batch 1, >= 0.65 at batch 64",
+        }[args.shape]
+        if args.shape in ("1b", "8b")
+        else "",
     }
     print()
     print(f"engine_gpu_bench  {dev_name}  copy {bandwidth / 1e12:.2f} TB/s  prompt "
-          f"{args.prompt_len}  decode {args.decode_tokens}  layers {args.layers}")  # fmt: skip
+          f"{args.prompt_len}  decode {args.decode_tokens}  shape {args.shape}  layers "
+          f"{shape['num_hidden_layers']}")  # fmt: skip
     hdr = ("batch", "eager tok/s", "graphs tok/s", "HF tok/s", "roofline", "graphs/roof",
            "replay/roof", "vs HF", "graph/eager")  # fmt: skip
     print("".join(f"{h:>13}" for h in hdr))
     for r in rows:
         vals = (r["batch"], r["eager"]["decode_tok_s"], r["graphs"]["decode_tok_s"],
-                r["transformers"]["decode_tok_s"], r["roofline"]["tok_s"],
+                r.get("transformers", {}).get("decode_tok_s", 0.0), r["roofline"]["tok_s"],
                 r["graphs_fraction_of_roofline"], r.get("graph_replay_fraction_of_roofline", 0.0),
-                r["best_over_transformers"], r["graphs_over_eager"])  # fmt: skip
+                r.get("best_over_transformers", 0.0), r["graphs_over_eager"])  # fmt: skip
         print("".join(f"{v:>13.0f}" if i < 5 else f"{v:>13.2f}" for i, v in enumerate(vals)))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

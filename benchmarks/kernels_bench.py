@@ -25,8 +25,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from benchmarks.flex_peer import make_flex_paged_decode
 from benchmarks.gpu_timing import copy_tbps, profile_host, rotations, time_ms
-from cuda_kernels import ops, reference
+from benchmarks.prefill_bench import bench_prefill
+from cuda_kernels import ops
 
 try:
     from cuda_kernels import block_copy, decode, launchers, runtime
@@ -38,7 +40,9 @@ NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
 
 
-def bench_decode(batch: int, context: int, iters: int, reps: int) -> dict[str, float | int]:
+def _decode_inputs(batch: int, context: int) -> tuple[torch.Tensor, ...]:
+    """(q, k_cache, v_cache, tables stacked [rot, batch, blocks], seq_lens) for one grid row:
+    scattered tables, ``rot`` copies so the working set exceeds L2."""
     gen = torch.Generator(device="cuda").manual_seed(batch * 7 + context)
     kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
     rot = rotations(kv_bytes)
@@ -54,6 +58,37 @@ def bench_decode(batch: int, context: int, iters: int, reps: int) -> dict[str, f
     ]
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+    return q, k_cache, v_cache, torch.stack(tables), seq_lens
+
+
+def bench_flex(batch: int, context: int, iters: int, reps: int) -> dict[str, float | str]:
+    """FlexAttention over the paged cache (flex_peer.py) on bench_decode's inputs."""
+    q, k_cache, v_cache, tables, seq_lens = _decode_inputs(batch, context)
+    scale = 1 / math.sqrt(HEAD_DIM)
+    rot, kv_bytes = tables.shape[0], 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+    out: dict[str, float | str] = {"batch": batch, "context": context}
+    try:
+        runs = [make_flex_paged_decode(q, k_cache, v_cache, tables[r], seq_lens, scale)
+                for r in range(rot)]  # fmt: skip
+        ours = launchers.paged_decode_attention(q, k_cache, v_cache, tables[0], seq_lens, scale)
+        out["rel_err_vs_ours"] = float(
+            (runs[0]().float() - ours.float()).norm() / ours.float().norm()
+        )
+        try:
+            ms = time_ms(lambda r: runs[r](), rot, iters, reps, graph=True)
+        except Exception:  # NOTE: not graph-capturable here: time it eagerly instead
+            ms, out["eager"] = time_ms(lambda r: runs[r](), rot, iters, reps, graph=False), 1.0
+        out["flex_us"], out["flex_TBps"] = ms * 1e3, kv_bytes / 1e9 / ms
+    except Exception as exc:  # NOTE: the peer's failure is a result to report
+        out["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    return out
+
+
+def bench_decode(batch: int, context: int, iters: int, reps: int) -> dict[str, float | int]:
+    q, k_cache, v_cache, stacked, seq_lens = _decode_inputs(batch, context)
+    tables = list(stacked)
+    rot = len(tables)
+    kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
     scale = 1 / math.sqrt(HEAD_DIM)
 
     def gathered(r: int, cache: torch.Tensor) -> torch.Tensor:  # [B, Hkv, L, D]
@@ -228,62 +263,6 @@ def bench_copy_blocks(
     }
 
 
-def bench_prefill(
-    num_seqs: int, context: int, chunk: int, iters: int, reps: int
-) -> dict[str, float | int]:
-    blocks = context // BLOCK_SIZE
-    shape = (num_seqs * blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-    k_cache = torch.randn(shape, device="cuda").to(DTYPE)
-    v_cache = torch.randn(shape, device="cuda").to(DTYPE)
-    tables = torch.randperm(num_seqs * blocks, device="cuda").to(torch.int32).view(num_seqs, blocks)
-    q = torch.randn(num_seqs * chunk, NUM_HEADS, HEAD_DIM, device="cuda").to(DTYPE)
-    cu = torch.arange(0, num_seqs + 1, dtype=torch.int32) * chunk  # host tensors: no sync
-    lens = torch.full((num_seqs,), context, dtype=torch.int32)
-    scale = 1 / math.sqrt(HEAD_DIM)
-    k_c = [
-        k_cache[tables[i]].view(context, NUM_KV_HEADS, HEAD_DIM).transpose(0, 1).contiguous()
-        for i in range(num_seqs)
-    ]
-    v_c = [
-        v_cache[tables[i]].view(context, NUM_KV_HEADS, HEAD_DIM).transpose(0, 1).contiguous()
-        for i in range(num_seqs)
-    ]
-    mask = (
-        torch.arange(context, device="cuda")[None, :]
-        <= torch.arange(context - chunk, context, device="cuda")[:, None]
-    )
-
-    def ours(r: int) -> torch.Tensor:
-        return ops.paged_prefill_attention(q, k_cache, v_cache, cu, lens, tables, scale)
-
-    def sdpa_contig(r: int) -> None:  # the same SDPA call over contiguous K/V: no gather
-        for i in range(num_seqs):
-            qi = q[i * chunk : (i + 1) * chunk].transpose(0, 1)
-            reference._causal_sdpa(qi, k_c[i], v_c[i], scale)
-
-    def sdpa_boolmask(r: int) -> None:  # contiguous K/V, bool mask + enable_gqa (math path)
-        for i in range(num_seqs):
-            qi = q[i * chunk : (i + 1) * chunk].transpose(0, 1)
-            F.scaled_dot_product_attention(
-                qi, k_c[i], v_c[i], attn_mask=mask, scale=scale, enable_gqa=True
-            )
-
-    t_ours = time_ms(ours, 1, iters, reps, graph=False)
-    t_sdpa = time_ms(sdpa_contig, 1, iters, reps, graph=False)
-    t_bool = time_ms(sdpa_boolmask, 1, iters, reps, graph=False)
-    flops = 4 * num_seqs * chunk * context * NUM_HEADS * HEAD_DIM  # QK + PV, full rectangle
-    return {
-        "num_seqs": num_seqs,
-        "context": context,
-        "chunk": chunk,
-        "gather_sdpa_us": t_ours * 1e3,
-        "sdpa_contig_us": t_sdpa * 1e3,
-        "sdpa_boolmask_contig_us": t_bool * 1e3,
-        "gather_overhead": t_ours / t_sdpa,
-        "gather_sdpa_TFLOPs": flops / t_ours / 1e9,
-    }
-
-
 def profile_launch(calls: int = 300) -> None:
     """Where the host time of an eager decode call goes (batch 1, context 4096)."""
     k = torch.randn(256, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device="cuda").to(DTYPE)
@@ -298,6 +277,12 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write results to this path")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument(
+        "--flex",
+        action="store_true",
+        help="also time FlexAttention over the paged cache (flex_peer.py), after everything "
+        "else (its compile takes ~minutes)",
+    )
     parser.add_argument("--profile-launch", action="store_true", help="cProfile eager decode calls")
     args = parser.parse_args()
     if not (torch.cuda.is_available() and ops.cuda_kernels_available()):
@@ -379,8 +364,17 @@ def main() -> None:
         print(
             f"seqs {r['num_seqs']} ctx {r['context']} chunk {r['chunk']}: gather+SDPA {r['gather_sdpa_us']:.1f} us, "
             f"SDPA contiguous {r['sdpa_contig_us']:.1f} us, overhead x{r['gather_overhead']:.2f}, "
-            f"{r['gather_sdpa_TFLOPs']:.0f} TFLOP/s (bool-mask SDPA {r['sdpa_boolmask_contig_us']:.1f} us)"
+            f"{r['gather_sdpa_TFLOPs']:.0f} TFLOP/s (bool-mask SDPA {r['sdpa_boolmask_contig_us']:.1f} us); "
+            f"vs the SDPA kernel alone on pre-expanded K/V {r['sdpa_pure_us']:.1f} us: x{r['over_sdpa_pure']:.2f}"
         )
+    if args.flex:  # NOTE: last: a device-side assert here would end the process
+        res["flex"] = flex = [bench_flex(b, c, args.iters, args.reps) for b, c in DECODE_GRID]
+        print("\nFlexAttention over the paged cache (compiled, 16-token pages) vs ours")
+        for fr, dr in zip(flex, decode, strict=True):
+            line = (f"{fr['flex_TBps']:.2f} TB/s, ours x{dr['ours_TBps'] / fr['flex_TBps']:.2f}, "
+                    f"err vs ours {fr['rel_err_vs_ours']:.1e}" if "flex_TBps" in fr
+                    else f"failed: {fr.get('error')}")  # fmt: skip
+            print(f"  b{fr['batch']} ctx {fr['context']}: {line}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -15,9 +15,12 @@ away cancels the Serve call, which aborts the request in the replica's engine.
 # ingress rewrites the route methods' signatures, and FastAPI then cannot resolve postponed
 # (string) annotations such as ``request: Request`` (it would read them as query params).
 
+import asyncio
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
@@ -30,6 +33,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from cluster.app_config import AppConfig
 from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from cluster.openai_responses import Accumulated, ResponseContext, sse
+from cluster.openai_trace import IngressTrace, TraceLog
 from cluster.policy import policy_names
 from replicas.deployment import GenerateRequest
 from replicas.outputs import RequestOutput
@@ -106,6 +110,11 @@ class OpenAIIngress:
         self.model_name = self.config.model_name()
         self.tokenizer = load_tokenizer(resolve_model_dir(self.config.engine.model))
         self.llm = llm.options(stream=True)
+        self.trace_log = TraceLog()
+        # NOTE: tokenizing (and the chat template) runs off the event loop, so streams keep
+        # flowing while a long prompt is encoded. One thread: HF fast tokenizers are not safe
+        # to call from several threads at once ("Already borrowed").
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tinyserve-tokenize")
 
     # -- plumbing ------------------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
@@ -118,7 +127,7 @@ class OpenAIIngress:
             )
 
     async def _outputs(
-        self, req: GenerateRequest, restartable: bool
+        self, req: GenerateRequest, restartable: bool, trace: IngressTrace
     ) -> AsyncIterator[RequestOutput | None]:
         """The replica's deltas. If a replica dies, the request is re-sent to another one
         (up to ``MAX_ATTEMPTS``) when nothing has reached the client yet: before the first
@@ -133,6 +142,7 @@ class OpenAIIngress:
             try:
                 async for out in gen:
                     started = True
+                    trace.on_output(out)
                     yield out
                 done = True
                 return
@@ -156,6 +166,10 @@ class OpenAIIngress:
                 if not done:
                     gen.cancel()  # NOTE: client went away: abort on the replica.
 
+    async def _tokenize(self, fn: Callable[[Any], tuple[str, list[int]]], body: Any
+                        ) -> tuple[str, list[int]]:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, body)
+
     def _tokenize_chat(self, body: ChatCompletionRequest) -> tuple[str, list[int]]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise OpenAIError("this model has no chat template; use /v1/completions")
@@ -175,9 +189,14 @@ class OpenAIIngress:
         return prompt, list(self.tokenizer.encode(prompt))
 
     async def _respond(
-        self, ctx: ResponseContext, req: GenerateRequest, stream: bool, include_usage: bool
+        self,
+        ctx: ResponseContext,
+        req: GenerateRequest,
+        stream: bool,
+        include_usage: bool,
+        trace: IngressTrace,
     ) -> Any:
-        outputs = self._outputs(req, restartable=not stream)
+        outputs = self._outputs(req, restartable=not stream, trace=trace)
         if not stream:
             acc = Accumulated()
             async for out in outputs:
@@ -185,13 +204,16 @@ class OpenAIIngress:
                     acc = Accumulated()  # the replica died mid-way: start over elsewhere
                 else:
                     acc.add(out)
-            return JSONResponse(ctx.body(acc))
+            response = JSONResponse(ctx.body(acc))
+            trace.on_sent(first=True, last=True)
+            self.trace_log.add(trace)
+            return response
         # NOTE: wait for the first delta before answering 200, so a refused request (too
         # long, bad parameters) still gets a 4xx status instead of an error inside the stream.
         first = await outputs.__anext__()
         assert first is not None
         return StreamingResponse(
-            self._sse(ctx, first, outputs, include_usage), media_type="text/event-stream"
+            self._sse(ctx, first, outputs, include_usage, trace), media_type="text/event-stream"
         )
 
     async def _sse(
@@ -200,6 +222,7 @@ class OpenAIIngress:
         first: RequestOutput,
         rest: AsyncIterator[RequestOutput | None],
         include_usage: bool,
+        trace: IngressTrace,
     ) -> AsyncIterator[str]:
         acc = Accumulated()
         extra: dict[str, Any] = {"usage": None} if include_usage else {}
@@ -217,6 +240,7 @@ class OpenAIIngress:
                 offset = len(acc.text)
                 acc.add(out)
                 if out.text_delta or out.finished or out.logprobs:
+                    trace.on_sent(first=bool(out.text_delta), last=out.finished)
                     yield sse(
                         {
                             **ctx.chunk(
@@ -233,6 +257,7 @@ class OpenAIIngress:
                 yield sse(ctx.usage_chunk(acc))
         except OpenAIError as err:
             yield sse(err.body())
+        self.trace_log.add(trace)
         yield sse("[DONE]")
 
     # -- routes ----------------------------------------------------------------------------------
@@ -256,19 +281,26 @@ class OpenAIIngress:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
+        recv = time.time()
         body = await _parse(request, ChatCompletionRequest)
         self._check_model(body.model)
         body.check_supported()
-        text, ids = self._tokenize_chat(body)
-        return await self._generate("chat", "chatcmpl", body, text, ids)
+        text, ids = await self._tokenize(self._tokenize_chat, body)
+        return await self._generate("chat", "chatcmpl", body, text, ids, recv)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
+        recv = time.time()
         body = await _parse(request, CompletionRequest)
         self._check_model(body.model)
         body.check_supported()
-        text, ids = self._tokenize_completion(body)
-        return await self._generate("completion", "cmpl", body, text, ids)
+        text, ids = await self._tokenize(self._tokenize_completion, body)
+        return await self._generate("completion", "cmpl", body, text, ids, recv)
+
+    def traces(self) -> list[dict[str, Any]]:
+        """Finished requests' per-hop stamps since the last call (``cluster.openai_trace``);
+        for benchmarks and operators, through the deployment handle."""
+        return self.trace_log.take()
 
     async def _generate(
         self,
@@ -277,8 +309,10 @@ class OpenAIIngress:
         body: ChatCompletionRequest | CompletionRequest,
         text: str,
         ids: list[int],
+        recv: float,
     ) -> Any:
         rid = f"{id_prefix}-{uuid.uuid4().hex}"
+        trace = IngressTrace(rid, recv)
         params = body.sampling_params(self.config.default_max_tokens)
         req = GenerateRequest(
             rid,
@@ -289,4 +323,5 @@ class OpenAIIngress:
             routing_policy=_checked_policy(body.routing_policy),
         )
         ctx = ResponseContext(kind, rid, self.model_name, self.tokenizer, params.logprobs)
-        return await self._respond(ctx, req, body.stream, body.include_usage())
+        trace.tokenized = time.time()
+        return await self._respond(ctx, req, body.stream, body.include_usage(), trace)

@@ -23,6 +23,10 @@ Signatures::
     paged_prefill_attention(query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables,
                             scale) -> Tensor
     copy_blocks(kv_caches: list[Tensor], src: Tensor, dst: Tensor) -> None  (mutates caches)
+    rms_norm(x, weight, eps, residual=None) -> (out, residual_out)        (consumes x, residual)
+    rope_and_cache(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping)
+        -> (q_rot, k_rot)                                     (consumes q, k; mutates caches)
+    silu_and_mul(gate_up) -> Tensor
     update_page_minmax(key, k_min, k_max, slot_mapping, block_size, k_cache=None) -> None
                                                                              (mutates meta)
     sparse_paged_decode_attention(query, k_cache, v_cache, k_min, k_max, block_tables,
@@ -45,7 +49,7 @@ import os
 
 import torch
 
-from cuda_kernels import reference, sparse_reference
+from cuda_kernels import fused_reference, reference, sparse_reference
 
 
 @functools.cache
@@ -118,6 +122,54 @@ def paged_prefill_attention(
     )
 
 
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight * norm(x + residual), x + residual)``; x and residual are consumed (the CUDA
+    kernel overwrites them), use only the returned tensors (cuda_kernels.fused_reference)."""
+    if _on_cuda(x):
+        from cuda_kernels import fused
+
+        if fused.supported_rms_norm(x, residual):
+            return fused.rms_norm(x, weight, eps, residual)
+    return fused_reference.rms_norm(x, weight, eps, residual)
+
+
+def rope_and_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on q and k (consumed), then k and v written to the caches at slot_mapping;
+    returns the rotated (q, k) (cuda_kernels.fused_reference)."""
+    if _on_cuda(q):
+        from cuda_kernels import fused
+
+        if fused.supported_rope(q, k_cache):
+            return fused.rope_and_cache(
+                q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping
+            )
+    return fused_reference.rope_and_cache(
+        q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping
+    )
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of a fused [num_tokens, 2 * intermediate] projection (new tensor)."""
+    if _on_cuda(gate_up):
+        from cuda_kernels import fused
+
+        if fused.supported_silu_and_mul(gate_up):
+            return fused.silu_and_mul(gate_up)
+    return fused_reference.silu_and_mul(gate_up)
+
+
 def copy_blocks(kv_caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
     """Copy blocks src[i] -> dst[i] in every cache, sequential semantics. Mutates the caches."""
     if kv_caches and _on_cuda(kv_caches[0]):
@@ -183,6 +235,9 @@ __all__ = [
     "paged_decode_attention",
     "paged_prefill_attention",
     "reshape_and_cache",
+    "rms_norm",
+    "rope_and_cache",
+    "silu_and_mul",
     "sparse_paged_decode_attention",
     "update_page_minmax",
 ]

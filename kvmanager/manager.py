@@ -167,10 +167,15 @@ class KVCacheManager:
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         req = self._requests.get(request_id)
+        bs = self.block_size
+        if req is not None and req.num_computed_tokens + num_new_tokens <= len(req.block_ids) * bs:
+            # NOTE: the common decode step (the token fits the last block): the full path below
+            # would reach the same result, at ~10x the host cost per request and step.
+            self._tick()
+            return []
         hit = self._validated(prefix, token_ids, extra_keys) if req is None else PrefixHit()
         num_computed = hit.num_cached_tokens if req is None else req.num_computed_tokens
         num_held = len(hit.block_ids) if req is None else len(req.block_ids)
-        bs = self.block_size
         need = max(0, -(-(num_computed + num_new_tokens) // bs) - num_held)
         revived = sum(1 for b in hit.block_ids if self._ref_cnt[b] == 0)
         if need > self._alloc.num_empty + len(self._evictable) - revived:
@@ -220,6 +225,8 @@ class KVCacheManager:
         if not self.config.enable_prefix_caching:
             return
         self._tick()
+        if num_computed_tokens // bs <= req.num_hashed_blocks:
+            return  # NOTE: no block became full (most decode steps): nothing to hash
         stored: BlockStored | None = None
         hash_block, external = self.hasher.hash_block, self.hasher.external
         # NOTE: each block's external hash is the next one's parent_ext (computed once).

@@ -6,8 +6,9 @@ The engine packs one step's tokens as ``[decode tokens | prefill tokens]``::
     meaning     one new token per decode seq      new chunk of each prefill seq (concatenated)
     kernel      ops.paged_decode_attention        ops.paged_prefill_attention
 
-Every row's new K/V is written into the layer's cache first (``ops.reshape_and_cache`` at
-``slot_mapping``), then both kernels read context through ``block_tables``.
+Every row's new K/V is written into the layer's cache first (``ops.rope_and_cache`` rotates
+q and k and writes k, v at ``slot_mapping``), then both kernels read context through
+``block_tables``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from cuda_kernels import ops
-from replicas.layers import RopeTables, apply_rope
+from replicas.layers import RotaryEmbedding
 from replicas.model_config import ModelArchConfig
 
 if TYPE_CHECKING:
@@ -72,26 +73,31 @@ class PagedAttention(nn.Module):
 
     def forward(
         self,
-        rope: RopeTables,
+        rotary: RotaryEmbedding,
+        positions: torch.Tensor,
         hidden: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """hidden ``[num_tokens, hidden]`` -> ``[num_tokens, hidden]``; writes K/V to caches."""
+        """hidden ``[num_tokens, hidden]`` -> ``[num_tokens, hidden]``; writes K/V to caches.
+        positions ``[num_tokens]`` int64 index the rotary tables."""
         n = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(rope, q, k)
-        ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        # NOTE: q, k, v are views into the qkv output; on CUDA they are rotated in place.
+        q, k = ops.rope_and_cache(
+            q, k, v, rotary.cos_cached, rotary.sin_cached, positions,
+            k_cache, v_cache, meta.slot_mapping,
+        )  # fmt: skip
         if self.sparse is not None:
             self.sparse.on_cache_write(k, k_cache, meta.slot_mapping)
         nd = meta.num_decode_tokens
         outs: list[torch.Tensor] = []
         if nd:
-            q_dec = q[:nd].contiguous()
+            q_dec = q[:nd]  # NOTE: strided view; the decode launcher reads the strides
             bt, lens = meta.decode_block_tables, meta.decode_seq_lens
             dec = None
             if self.sparse is not None:

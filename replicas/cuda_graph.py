@@ -15,8 +15,9 @@ Contract:
   ``(sampling_chunks, float32 logits)`` as ``ModelRunner.execute``, or None when the step
   does not fit (a prefill chunk, more rows than the largest bucket, a table wider than the
   captured width); the caller then runs eagerly.
-- Graphs are captured lazily, one per (batch bucket, table-width bucket), the first time a
-  step needs it. NOTE: the decode kernel sizes its grid by the table width (it reads no
+- One graph per (batch bucket, table-width bucket): ``capture_all()`` takes them all at
+  start-up (ModelRunner does); a pair still missing is captured the first time a step needs
+  it. NOTE: the decode kernel sizes its grid by the table width (it reads no
   lengths on the host), so one graph at max_model_len's width would launch mostly-empty
   CTAs on every short step; widths are powers of two blocks instead.
 
@@ -163,6 +164,17 @@ class DecodeGraphs:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         return graph, out
 
+    def capture_all(self) -> None:
+        """Capture every (batch bucket, width bucket) graph now, as vLLM captures at start-up:
+        a lazy capture inside a step stalls every running request for tens of milliseconds
+        (each capture runs the forward pass twice)."""
+        widths = sorted({self.width_bucket(w) for w in range(1, self.max_blocks + 1)})
+        for b in self.buckets:
+            for w in widths:
+                if (b, w) not in self._graphs:
+                    self._graphs[b, w] = self._capture(b, w)
+        torch.cuda.synchronize(self.device)
+
     def run(
         self, chunks: Sequence[ScheduledChunk]
     ) -> tuple[list[ScheduledChunk], torch.Tensor] | None:
@@ -180,10 +192,13 @@ class DecodeGraphs:
         graph, logits = self._graphs[b, w]
         self._copied.synchronize()
         stage = self._staging.numpy()
-        stage[:b] = (0, 0, -1, 0)
+        # NOTE: one numpy conversion of a list of rows (a row assignment each costs ~1 us).
+        stage[:n] = [
+            (c.request.token_ids[c.start], c.start, c.slot_mapping[0], c.end) for c in chunks
+        ]
+        stage[n:b] = (0, 0, -1, 0)
         tables = self._host_tables[w].numpy()
         for i, c in enumerate(chunks):
-            stage[i] = (c.request.token_ids[c.start], c.start, c.slot_mapping[0], c.end)
             tables[i, : len(c.block_table)] = c.block_table
         staged = self._staging[:b].to(self.device, non_blocking=True)
         self.input_ids[:b].copy_(staged[:, 0])

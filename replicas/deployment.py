@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from ray import serve
 
 from kvmanager.events import KVEvent
+from kvmanager.metrics import PoolStats
 from replicas.config import EngineConfig
 from replicas.deployment_metrics import ReplicaMetrics
 from replicas.engine import AsyncLLMEngine
@@ -144,15 +145,26 @@ class LLMReplica:
         request the engine refuses (too long, bad sampling params)."""
         if self._stopping:
             raise RuntimeError("replica is shutting down")
+        recv = time.time()
         rid = request.request_id
         stream = self.engine.generate(rid, request.prompt_token_ids, request.sampling_params)
         num_prompt, max_tokens = len(request.prompt_token_ids), request.sampling_params.max_tokens
         self._inflight[rid] = remaining_work_tokens(num_prompt, max_tokens, None)
+        first_yield = 0.0
+        num_outputs = 0
         try:
             async for out in stream:
                 self._inflight[rid] = remaining_work_tokens(num_prompt, max_tokens, out)
                 if out.finished:
                     self._on_finished(rid, out)
+                out.emit_time = time.time()
+                num_outputs += 1
+                if not first_yield:
+                    first_yield = out.emit_time
+                if out.trace is not None:
+                    out.trace.replica_recv = recv
+                    out.trace.replica_first_yield = first_yield
+                    out.trace.num_outputs = num_outputs
                 yield out
         finally:
             self._inflight.pop(rid, None)
@@ -168,8 +180,9 @@ class LLMReplica:
             self._sink.feedback(request_id, out)
 
     # -- reporting -----------------------------------------------------------------------------
-    def load(self) -> ReplicaLoad:
-        stats = self.engine.stats()
+    def load(self, stats: PoolStats | None = None) -> ReplicaLoad:
+        """The load snapshot; ``stats`` (the pool's, just taken) saves taking it again."""
+        stats = stats if stats is not None else self.engine.stats()
         tokens = sum(self._inflight.values())
         return ReplicaLoad(
             num_blocks=stats.num_blocks,
@@ -207,7 +220,7 @@ class LLMReplica:
             return
         if self._sink is not None:
             self._sink.close()
-        stats = self.engine.stats()
+        stats = await asyncio.to_thread(self.engine.stats)
         self._address = address
         self._sink = self._sink_factory(
             SinkSpec(
@@ -230,13 +243,16 @@ class LLMReplica:
             now = time.monotonic()
             try:
                 await self._ensure_sink(now, disconnected_since)
-                events = self.engine.take_events()
+                # NOTE: the pool's readers wait for a running step (the engine lock): off
+                # the event loop, or every stream of this replica would stall for a step.
+                events = await asyncio.to_thread(self.engine.take_events)
                 if events and self._sink is not None:
                     self._sink.publish(events)
                 if now - last_snapshot >= SNAPSHOT_EVERY_S:
                     last_snapshot = now
-                    load = self.load()
-                    self.metrics.on_pool(self.engine.stats(), len(self._inflight))
+                    stats = await asyncio.to_thread(self.engine.stats)
+                    load = self.load(stats)
+                    self.metrics.on_pool(stats, len(self._inflight))
                     sparse = self.engine.engine.runner.sparse
                     if sparse is not None:
                         self.metrics.on_sparse(sparse.stats())

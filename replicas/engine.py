@@ -5,10 +5,17 @@
         ...                                   # RequestOutput deltas; the last has finished=True
     engine.abort(request_id); engine.take_events(); engine.stats(); await engine.shutdown()
 
-One background task drives the engine: it applies queued adds/aborts, then runs ``step()`` in
-a worker thread (so the event loop keeps serving while the model computes) and routes each
-output to its request's queue. Every engine mutation happens on that task, between steps.
-Leaving the ``async for`` early (break, cancellation) aborts the request.
+The engine core steps on its own thread (``tinyserve-engine-core``)::
+
+    event loop(s)                         engine-core thread
+    generate() -> pending adds  --lock-->  apply adds/aborts, step(), step(), ...
+    _stream() <- asyncio.Queue  <--------  one call_soon_threadsafe per loop per step
+                                           (that step's outputs, one per request)
+
+so streaming never waits on a step and a step never waits on streaming: the next step starts
+as soon as the last one's outputs are handed over, whatever the loop is doing. Every engine
+mutation happens on that thread, between steps. Leaving the ``async for`` early (break,
+cancellation) aborts the request.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -31,18 +39,36 @@ logger = logging.getLogger(__name__)
 __all__ = ["AsyncLLMEngine", "RequestMetrics", "RequestOutput", "SamplingParams"]
 
 
+class _Sink:
+    """Where one request's outputs go: its queue, on the loop that iterates it."""
+
+    __slots__ = ("loop", "queue")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+
+def _deliver(batch: list[tuple[_Sink, RequestOutput | BaseException]]) -> None:
+    """Runs on the sinks' loop: hand a step's outputs to their streams."""
+    for sink, item in batch:
+        sink.queue.put_nowait(item)
+
+
 class AsyncLLMEngine:
-    """Async facade. Construct inside or outside a running loop; the driver task starts on
-    the first ``generate`` call."""
+    """Async facade. Construct inside or outside a running loop; the engine-core thread
+    starts on the first ``generate`` call and serves every loop that streams from it."""
 
     def __init__(self, config: EngineConfig, engine: LLMEngine | None = None) -> None:
         self.engine = engine if engine is not None else LLMEngine(config)
         self.config = config
-        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._sinks: dict[str, _Sink] = {}
+        # NOTE: guards the pending lists, _sinks and _stopped; the engine itself is touched
+        # only by the core thread (and by shutdown() after that thread has ended).
+        self._cond = threading.Condition()
         self._pending_adds: list[tuple[str, list[int], SamplingParams]] = []
         self._pending_aborts: list[str] = []
-        self._wakeup: asyncio.Event | None = None
-        self._driver: asyncio.Task[None] | None = None
+        self._thread: threading.Thread | None = None
         self._stopped = False
 
     @property
@@ -54,19 +80,21 @@ class AsyncLLMEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
-    def _ensure_driver(self) -> None:
+    def _ensure_core(self) -> None:
         if self._stopped:
             raise RuntimeError("engine is shut down")
-        if self._driver is None or self._driver.done():
-            self._wakeup = asyncio.Event()
-            self._driver = asyncio.get_running_loop().create_task(self._drive())
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(
+                target=self._run_core, name="tinyserve-engine-core", daemon=True
+            )
+            self._thread.start()
 
     def generate(
         self, request_id: str, prompt_token_ids: Sequence[int], sampling_params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
         """Validate now (ValueError naming the limit, nothing scheduled), then return the
         request's output stream; the request is queued when iteration starts."""
-        if request_id in self._queues:
+        if request_id in self._sinks:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.engine.validate(request_id, prompt_token_ids, sampling_params)
         return self._stream(request_id, list(prompt_token_ids), sampling_params)
@@ -74,14 +102,15 @@ class AsyncLLMEngine:
     async def _stream(
         self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
-        if request_id in self._queues:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        self._ensure_driver()
-        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._queues[request_id] = queue
-        self._pending_adds.append((request_id, prompt_token_ids, sampling_params))
-        assert self._wakeup is not None
-        self._wakeup.set()
+        sink = _Sink(asyncio.get_running_loop())
+        with self._cond:
+            if request_id in self._sinks:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            self._ensure_core()
+            self._sinks[request_id] = sink
+            self._pending_adds.append((request_id, prompt_token_ids, sampling_params))
+            self._cond.notify()
+        queue = sink.queue
         finished = False
         sent_first = False
         interval = self.config.stream_interval
@@ -92,7 +121,8 @@ class AsyncLLMEngine:
                     raise item
                 error: BaseException | None = None
                 # NOTE: hold deltas back until ``stream_interval`` tokens are ready; the first
-                # token (TTFT) and the finishing output are never held.
+                # token (TTFT) and the finishing output are never held. Whatever queued up
+                # while the consumer was busy goes out merged, as one delta.
                 while not item.finished and (
                     not queue.empty()
                     or (sent_first and len(item.new_token_ids) < interval)
@@ -112,67 +142,96 @@ class AsyncLLMEngine:
         finally:
             if not finished:
                 self.abort(request_id)
-            self._queues.pop(request_id, None)
+            with self._cond:
+                self._sinks.pop(request_id, None)
 
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op if unknown/finished); its stream ends with "abort"."""
-        self._pending_aborts.append(request_id)
-        if self._wakeup is not None:
-            self._wakeup.set()
+        with self._cond:
+            self._pending_aborts.append(request_id)
+            self._cond.notify()
 
-    def _apply_pending(self) -> None:
-        adds, self._pending_adds = self._pending_adds, []
-        for rid, prompt, params in adds:
-            try:
-                self.engine.add_request(rid, prompt, params)
-            except ValueError as exc:
-                self._route_error(rid, exc)
-        aborts, self._pending_aborts = self._pending_aborts, []
-        for rid in aborts:
-            out = self.engine.abort(rid)
-            if out is not None and rid in self._queues:
-                self._queues[rid].put_nowait(out)
-
-    def _route_error(self, request_id: str, exc: BaseException) -> None:
-        queue = self._queues.get(request_id)
-        if queue is not None:
-            queue.put_nowait(exc)
-
-    async def _drive(self) -> None:
-        assert self._wakeup is not None
-        while not self._stopped:
-            self._apply_pending()
-            if not self.engine.has_unfinished_requests():
-                self._wakeup.clear()
-                if self._pending_adds or self._pending_aborts:
-                    continue
-                # NOTE: idle: every block is free or cached, the cheapest moment to verify.
+    # -- the engine-core thread ------------------------------------------------------------------
+    def _run_core(self) -> None:
+        """Apply adds/aborts, step, hand outputs to their loops; sleep when idle."""
+        checked_idle = True
+        while True:
+            with self._cond:
+                while not (
+                    self._stopped
+                    or self._pending_adds
+                    or self._pending_aborts
+                    or self.engine.has_unfinished_requests()
+                ):
+                    if not checked_idle:
+                        checked_idle = True
+                        self._cond.release()
+                        try:
+                            self._check_idle()
+                        finally:
+                            self._cond.acquire()
+                        continue
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                adds, self._pending_adds = self._pending_adds, []
+                aborts, self._pending_aborts = self._pending_aborts, []
+            checked_idle = False
+            routed: list[tuple[str, RequestOutput | BaseException]] = []
+            for rid, prompt, params in adds:
                 try:
-                    with self.engine.lock:
-                        self.engine.kv.check_integrity()
-                except AssertionError:
-                    logger.exception("KV pool integrity check failed")
-                await self._wakeup.wait()
-                continue
-            try:
-                outputs = await asyncio.to_thread(self.engine.step)
-            except Exception as exc:  # NOTE: a broken step must not hang every stream.
-                for rid in list(self.engine.requests):
-                    self.engine.abort(rid)
-                    self._route_error(rid, RuntimeError(f"engine step failed: {exc!r}"))
-                # NOTE: blocks are hashed when scheduled (replicas.scheduler), so the failed
-                # step may have cached hashes over K/V it never wrote; with every request
-                # aborted no block is in use and the reset cannot be refused.
-                with self.engine.lock:
-                    self.engine.kv.reset_prefix_cache()
-                continue
-            for out in outputs:
-                queue = self._queues.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
+                    self.engine.add_request(rid, prompt, params)
+                except ValueError as exc:
+                    routed.append((rid, exc))
+            for rid in aborts:
+                out = self.engine.abort(rid)
+                if out is not None:
+                    routed.append((rid, out))
+            if self.engine.has_unfinished_requests():
+                routed.extend((out.request_id, out) for out in self._step())
+            self._route(routed)
 
+    def _step(self) -> list[RequestOutput]:
+        try:
+            return self.engine.step()
+        except Exception as exc:  # NOTE: a broken step must not hang every stream.
+            logger.exception("engine step failed; aborting every request")
+            failed = [rid for rid in list(self.engine.requests) if self.engine.abort(rid)]
+            # NOTE: blocks are hashed when scheduled (replicas.scheduler), so the failed
+            # step may have cached hashes over K/V it never wrote; with every request
+            # aborted no block is in use and the reset cannot be refused.
+            with self.engine.lock:
+                self.engine.kv.reset_prefix_cache()
+            self._route([(rid, RuntimeError(f"engine step failed: {exc!r}")) for rid in failed])
+            return []
+
+    def _check_idle(self) -> None:
+        # NOTE: idle: every block is free or cached, the cheapest moment to verify.
+        try:
+            with self.engine.lock:
+                self.engine.kv.check_integrity()
+        except AssertionError:
+            logger.exception("KV pool integrity check failed")
+
+    def _route(self, routed: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """One ``call_soon_threadsafe`` per loop for a whole step's outputs."""
+        if not routed:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Sink, Any]]] = {}
+        with self._cond:
+            for rid, item in routed:
+                sink = self._sinks.get(rid)
+                if sink is not None:
+                    by_loop.setdefault(sink.loop, []).append((sink, item))
+        for loop, batch in by_loop.items():
+            # NOTE: a loop closed under a stream (its asyncio.run ended) has no reader left.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_deliver, batch)
+
+    # -- observability and shutdown ------------------------------------------------------------
     def take_events(self) -> list[KVEvent]:
-        """Drain the pool's KV events (blocks at most one step while one runs)."""
+        """Drain the pool's KV events (blocks at most one step while one runs: call it off
+        the event loop, e.g. ``asyncio.to_thread``)."""
         return self.engine.take_events()
 
     def cached_block_hashes(self) -> list[int]:
@@ -184,16 +243,19 @@ class AsyncLLMEngine:
         return self.engine.stats()
 
     async def shutdown(self) -> None:
-        """Stop the driver after its current step, then abort everything still in flight
-        (each open stream ends with finish_reason "abort")."""
-        self._stopped = True
-        if self._wakeup is not None:
-            self._wakeup.set()
-        if self._driver is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._driver
-        self._pending_adds.clear()
+        """Stop the core thread after its current step, then abort everything still in
+        flight (each open stream ends with finish_reason "abort")."""
+        with self._cond:
+            self._stopped = True
+            adds, self._pending_adds = self._pending_adds, []
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        routed: list[tuple[str, RequestOutput | BaseException]] = [
+            (rid, RuntimeError("engine is shut down")) for rid, _, _ in adds
+        ]
         for rid in list(self.engine.requests):
             out = self.engine.abort(rid)
-            if out is not None and rid in self._queues:
-                self._queues[rid].put_nowait(out)
+            if out is not None:
+                routed.append((rid, out))
+        self._route(routed)

@@ -5,6 +5,8 @@ request's new tokens into one row list, so there is no batch/padding dimension a
 
 NOTE: the arithmetic follows Hugging Face transformers step by step (norm in float32, cos/sin
 from a float32 outer product, ``rotate_half`` layout) so greedy decoding is token-identical.
+The elementwise work runs through cuda_kernels.ops: fused CUDA kernels on a GPU (RMSNorm with
+the residual add, RoPE with the cache write, SiLU-and-mul), their torch references on CPU.
 """
 
 from __future__ import annotations
@@ -14,26 +16,24 @@ import math
 import torch
 from torch import nn
 
+from cuda_kernels import ops
 from replicas.model_config import RopeConfig
-
-# (cos, sin), each [num_tokens, 1, head_dim]
-RopeTables = tuple[torch.Tensor, torch.Tensor]
 
 
 class RMSNorm(nn.Module):
-    """``weight * x / sqrt(mean(x²) + eps)``, computed in float32, cast back to x's dtype."""
+    """``weight * h / sqrt(mean(h²) + eps)`` of ``h = x + residual`` (or x), in float32, cast
+    back to x's dtype. Returns ``(normed, h)``: h is the next residual. NOTE: x and residual
+    are consumed (the CUDA kernel overwrites them in place)."""
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        variance = h.pow(2).mean(-1, keepdim=True)
-        h = h * torch.rsqrt(variance + self.eps)
-        return self.weight * h.to(dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -60,10 +60,10 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE tables for absolute positions (apply them with ``apply_rope``).
+    """RoPE tables for absolute positions (applied by ``ops.rope_and_cache``).
 
     The cos/sin table ``[max_positions, head_dim]`` is built once (float32) and cast to the
-    activation dtype on use.
+    activation dtype on use, per row, inside the kernel (or its reference).
     """
 
     def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig) -> None:
@@ -87,27 +87,6 @@ class RotaryEmbedding(nn.Module):
         self.cos_cached = emb.cos().to(device)
         self.sin_cached = emb.sin().to(device)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTables:
-        """cos/sin rows of ``positions`` ``[num_tokens]``, shaped ``[num_tokens, 1, head_dim]``
-        to broadcast over heads. NOTE: gathered once per step and shared by every layer."""
-        cos = self.cos_cached[positions].to(dtype).unsqueeze(1)
-        sin = self.sin_cached[positions].to(dtype).unsqueeze(1)
-        return cos, sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(
-    rope: RopeTables, q: torch.Tensor, k: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q ``[num_tokens, num_heads, head_dim]`` and k ``[num_tokens, num_kv_heads,
-    head_dim]`` with the tables from ``RotaryEmbedding.cos_sin``; returns new tensors."""
-    cos, sin = rope
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
 
 class SwiGLUMLP(nn.Module):
     """``down(silu(gate(x)) * up(x))`` with gate and up fused into one matmul.
@@ -123,6 +102,5 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        out: torch.Tensor = self.down_proj(nn.functional.silu(gate) * up)
+        out: torch.Tensor = self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
         return out

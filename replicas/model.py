@@ -14,12 +14,17 @@ import torch
 from torch import nn
 
 from replicas.attention import AttentionMetadata, PagedAttention
-from replicas.layers import RMSNorm, RopeTables, RotaryEmbedding, SwiGLUMLP
+from replicas.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
 from replicas.model_config import ModelArchConfig
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: ``h += attn(norm(h)); h += mlp(norm(h))`` (HF order of operations)."""
+    """Pre-norm block: ``h += attn(norm(h)); h += mlp(norm(h))`` (HF order of operations).
+
+    NOTE: the residual adds are folded into the next norm (vLLM's layout): a layer takes and
+    returns ``(hidden, residual)`` with the true hidden state = hidden + residual, so each add
+    rides in the fused RMSNorm kernel instead of a kernel of its own.
+    """
 
     def __init__(self, cfg: ModelArchConfig) -> None:
         super().__init__()
@@ -30,18 +35,18 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        rope: RopeTables,
+        rotary: RotaryEmbedding,
+        positions: torch.Tensor,
         hidden: torch.Tensor,
+        residual: torch.Tensor | None,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        residual = hidden
-        hidden = self.self_attn(rope, self.input_layernorm(hidden), k_cache, v_cache, meta)
-        hidden = residual + hidden
-        residual = hidden
-        hidden = self.mlp(self.post_attention_layernorm(hidden))
-        return residual + hidden
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(rotary, positions, hidden, k_cache, v_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class DecoderModel(nn.Module):
@@ -85,9 +90,11 @@ class CausalLM(nn.Module):
         Returns float32 logits ``[len(logits_indices), vocab_size]`` for the selected rows only
         (NOTE: the LM head over every prefill token would dominate a step's cost)."""
         hidden = self.model.embed_tokens(input_ids)
-        rope = self.model.rotary.cos_sin(positions, hidden.dtype)
+        residual: torch.Tensor | None = None
+        rotary = self.model.rotary
         for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches, strict=True):
-            hidden = layer(rope, hidden, k_cache, v_cache, meta)
-        hidden = self.model.norm(hidden[logits_indices])
+            hidden, residual = layer(rotary, positions, hidden, residual, k_cache, v_cache, meta)
+        assert residual is not None
+        hidden, _ = self.model.norm(hidden[logits_indices], residual[logits_indices])
         logits: torch.Tensor = self.lm_head(hidden).float()
         return logits

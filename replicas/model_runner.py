@@ -86,6 +86,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(
                 model, self.kv_caches, max_num_seqs, -(-max_model_len // block_size), device
             )
+            self.graphs.capture_all()
 
     def _decode_groups(self, seq_lens: list[int]) -> list[tuple[int, int]] | None:
         """Row ranges of ascending ``seq_lens`` whose longest context is at most

@@ -22,6 +22,28 @@ class RequestMetrics:
 
 
 @dataclass(slots=True)
+class RequestTrace:
+    """Wall-clock stamps (``time.time()``, seconds) of one request inside a replica, carried
+    on its last output only: the replica's half of the per-hop breakdown
+    (``cluster.openai_trace`` adds the ingress's half). 0.0 = not stamped.
+
+    replica_recv: the replica's ``generate`` entered; engine_add: the engine accepted it;
+    engine_first_token / engine_finish: its first / last token sampled; replica_first_yield:
+    its first output left the replica; detokenize_s: time spent turning its tokens into text.
+    NOTE: one host's wall clock is shared by its processes, so hops between processes are
+    differences of these stamps; across hosts they carry the clocks' skew.
+    """
+
+    replica_recv: float = 0.0
+    engine_add: float = 0.0
+    engine_first_token: float = 0.0
+    engine_finish: float = 0.0
+    replica_first_yield: float = 0.0
+    detokenize_s: float = 0.0
+    num_outputs: int = 0
+
+
+@dataclass(slots=True)
 class RequestOutput:
     """One streamed delta of a request.
 
@@ -29,6 +51,8 @@ class RequestOutput:
     output of this request. The counters are cumulative. ``num_cached_tokens`` is the prefix-hit
     length at the request's first scheduling. ``finished`` is set on the last output, with
     ``finish_reason`` "stop" (EOS, stop token, stop string), "length" or "abort".
+    ``emit_time`` is the wall-clock time the replica handed it on (0.0 inside the engine);
+    ``trace`` is set on the last output only.
     """
 
     request_id: str
@@ -41,6 +65,8 @@ class RequestOutput:
     num_output_tokens: int
     logprobs: list[TokenLogprobs] | None
     metrics: RequestMetrics
+    emit_time: float = 0.0
+    trace: RequestTrace | None = None
 
 
 def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
@@ -63,4 +89,6 @@ def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
         later.num_output_tokens,
         logprobs,
         later.metrics,
+        later.emit_time,
+        later.trace,
     )

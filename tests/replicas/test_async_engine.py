@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -263,3 +265,51 @@ def test_a_failed_step_fails_its_streams_and_drops_the_prefix_cache(tiny_llama_d
     outs = asyncio.run(_collect(eng, "b", prompt, params))
     assert outs[-1].num_cached_tokens == 0
     assert [t for o in outs for t in o.new_token_ids] == hf_greedy(tiny_llama_dir, prompt, 3)
+
+
+def test_the_core_steps_while_the_event_loop_is_blocked(
+    engine: AsyncLLMEngine, tiny_llama_dir: Path
+) -> None:
+    """The engine core has its own thread: a loop stuck in synchronous work does not stop
+    generation, and what was produced meanwhile arrives merged, in order."""
+    prompt = random_prompts(1, [6], seed=61)[0]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+    async def main() -> tuple[int, list[RequestOutput]]:
+        stream = engine.generate("blocked", prompt, params)
+        outs = [await stream.__anext__()]
+        before = engine.engine.num_steps
+        # NOTE: no await here: this loop is blocked until the core has stepped 3 more times
+        # (the deadline only keeps a broken engine from hanging the test).
+        deadline = time.monotonic() + 60
+        while engine.engine.num_steps < before + 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        stepped = engine.engine.num_steps - before
+        outs += [o async for o in stream]
+        return stepped, outs
+
+    stepped, outs = asyncio.run(main())
+    assert stepped >= 3
+    tokens = [t for o in outs for t in o.new_token_ids]
+    assert tokens == hf_greedy(tiny_llama_dir, prompt, 10)
+    assert len(outs[1].new_token_ids) >= 3  # the steps run while blocked, as one delta
+
+
+def test_streams_from_several_event_loops_share_one_core(
+    engine: AsyncLLMEngine, tiny_llama_dir: Path
+) -> None:
+    prompts = random_prompts(3, [5, 9, 13], seed=71)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    results: dict[int, list[int]] = {}
+
+    def client(i: int) -> None:
+        outs = asyncio.run(_collect(engine, f"loop{i}", prompts[i], params))
+        results[i] = [t for o in outs for t in o.new_token_ids]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for i, prompt in enumerate(prompts):
+        assert results[i] == hf_greedy(tiny_llama_dir, prompt, 6)

@@ -121,6 +121,11 @@ def test_bf16_kernels_and_graphs_follow_fp32_reference(hd64_llama_dir: Path) -> 
     eager = _engine(hd64_llama_dir, "cuda", "bfloat16", block_size=16, cuda_graphs=False)
     graphs = _engine(hd64_llama_dir, "cuda", "bfloat16", block_size=16, cuda_graphs=True)
     assert eager.runner.graphs is None and graphs.runner.graphs is not None
+    # every (batch bucket, width bucket) pair is captured at start-up, none inside a step
+    dg = graphs.runner.graphs
+    widths = {dg.width_bucket(w) for w in range(1, dg.max_blocks + 1)}
+    at_start = dg.captured
+    assert at_start == sorted((b, w) for b in dg.buckets for w in widths)
     cold = random_prompts(1, [40], seed=9)[0]  # twice in one step: 2 blocks of 16 shared
     hit_prompts = [shared + t for t in random_prompts(2, [5, 1], seed=4)] + [cold, cold]
     results = {}
@@ -132,6 +137,7 @@ def test_bf16_kernels_and_graphs_follow_fp32_reference(hd64_llama_dir: Path) -> 
         results[name] = outs
     assert graphs.runner.graphs is not None
     assert graphs.runner.graphs.num_replays > 0
+    assert graphs.runner.graphs.captured == at_start
     all_prompts = prompts + hit_prompts
     for name, outs in results.items():
         assert all(len(o) == MAX_NEW for o in outs), name

@@ -89,6 +89,20 @@ def test_penalties_count_output_tokens_only() -> None:
     assert picked == 1
 
 
+def test_greedy_batch_penalises_only_its_penalised_rows_and_keeps_logits() -> None:
+    sampler = Sampler(seed=0, device=torch.device("cpu"))
+    plain = SamplingParams(temperature=0.0)
+    strong = SamplingParams(temperature=0.0, frequency_penalty=2.0)
+    for extra in ([], [SamplingParams(temperature=1.0, top_k=1)]):
+        params = [plain, strong, *extra]
+        logits = LOGITS[None, :].repeat(len(params), 1)
+        before = logits.clone()
+        reqs = [_req(p, outputs=[0]) for p in params]
+        picked = sampler(logits, reqs).token_ids
+        assert picked[:2] == [0, 1]  # the penalty moves only the penalised row off token 0
+        assert torch.equal(logits, before)
+
+
 def test_logprobs_are_raw_log_softmax_and_include_sampled() -> None:
     sampler = Sampler(seed=0, device=torch.device("cpu"))
     req = _req(SamplingParams(temperature=1.0, top_k=1, logprobs=2))

@@ -1,0 +1,490 @@
+"""Serving-path overhead: the Serve app against its own engine, same model, same requests.
+
+In one run on one machine:
+
+- engine: ``AsyncLLMEngine`` driven directly in this process (``generate`` per request);
+- served: a real local Ray cluster, the app of ``cluster.app:build_app`` (one replica, router
+  ``tinyserve`` with its selection service), real HTTP through the ``openai`` client, for
+  each endpoint (completions, chat) streaming and not.
+
+Requests: distinct prompts of about ``--prompt-len`` tokens (random words, tokenized exactly
+as the ingress does, so the engine gets the very token ids the app computes), ``--output-len``
+tokens each (``ignore_eos``, greedy), prefix caching off (every run does the same work).
+Closed loop: ``c`` clients, each sending its next request when the last one finished,
+``max(--min-requests, --rounds * c)`` requests per run. Per run: output tok/s (output tokens
+/ wall), TTFT p50/p99 (send -> first output; streaming only), TPOT p50/p99 ((last - first) /
+(n - 1); streaming only), latency p50; and served / engine ratios. Served runs also join the
+ingress's and replica's stamps (``cluster.openai_trace``) with the client's into the per-hop
+breakdown (medians, ms).
+
+    # CPU (SmolLM2-135M, small sizes)
+    python benchmarks/serve_overhead.py --model smollm2 --concurrency 1 4 16 \\
+        --json benchmarks/results/serve_overhead_cpu.json
+    # GPU machine (random bf16 Llama shapes), after `. scripts/gpu_site.sh`
+    python3 benchmarks/serve_overhead.py --model random-1b --json $OUT/serve_overhead_h100_1b.json
+    # re-render the markdown of a results file
+    python benchmarks/serve_overhead.py --render benchmarks/results/serve_overhead_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# NOTE: run as a script (python benchmarks/serve_overhead.py) or a module: the repo root on
+# sys.path either way.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.serve_overhead_report import HOPS, render_comparison, render_markdown
+
+WORDS = ["time", "year", "people", "way", "day", "man", "thing", "woman", "life", "child", "world", "school", "state", "family", "student", "group", "country", "problem", "hand", "part", "place", "case", "week", "company", "system", "program", "question", "work", "government", "number", "night", "point", "home", "water", "room", "mother", "area", "money", "story", "fact", "month", "lot", "right", "study", "book", "eye", "job", "word", "business", "issue", "side", "kind", "head", "house", "service", "friend", "father", "power", "hour", "game", "line", "end", "member", "law", "car", "city"]
+APP = "overhead"
+
+
+@dataclass(slots=True)
+class Prompt:
+    """One request as the client sends it and as the engine receives it."""
+
+    text: str  # completions: the prompt; chat: the user message
+    token_ids: list[int]  # what the ingress computes from it (template included for chat)
+
+
+@dataclass(slots=True)
+class Sample:
+    send: float
+    first: float  # first output (streaming), else = last
+    last: float
+    num_output_tokens: int
+    response_id: str = ""
+
+
+@dataclass(slots=True)
+class RunResult:
+    side: str  # "engine" or "served"
+    endpoint: str  # "completions" / "chat"
+    stream: bool
+    concurrency: int
+    num_requests: int
+    num_errors: int
+    output_tok_s: float
+    ttft_p50_ms: float | None
+    ttft_p99_ms: float | None
+    tpot_p50_ms: float | None
+    tpot_p99_ms: float | None
+    latency_p50_ms: float
+    wall_s: float
+    hops_ms: dict[str, float] = field(default_factory=dict)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def summarize(side: str, endpoint: str, stream: bool, c: int, samples: list[Sample],
+              errors: int) -> RunResult:
+    wall = max(s.last for s in samples) - min(s.send for s in samples)
+    ttft = [1e3 * (s.first - s.send) for s in samples]
+    tpot = [1e3 * (s.last - s.first) / (s.num_output_tokens - 1) for s in samples
+            if s.num_output_tokens > 1]
+    return RunResult(
+        side=side, endpoint=endpoint, stream=stream, concurrency=c, num_requests=len(samples),
+        num_errors=errors, output_tok_s=sum(s.num_output_tokens for s in samples) / wall,
+        ttft_p50_ms=statistics.median(ttft) if stream else None,
+        ttft_p99_ms=pct(ttft, 0.99) if stream else None,
+        tpot_p50_ms=statistics.median(tpot) if stream and tpot else None,
+        tpot_p99_ms=pct(tpot, 0.99) if stream and tpot else None,
+        latency_p50_ms=statistics.median(1e3 * (s.last - s.send) for s in samples),
+        wall_s=wall,
+    )
+
+
+# -- model and requests ------------------------------------------------------------------------
+def default_tokenizer_dir() -> Path:
+    """The embedded model's tokenizer; on the GPU machine the copy in .whl/tokenizer."""
+    try:
+        from replicas.model_source import resolve_model_dir
+
+        return resolve_model_dir("default")
+    except Exception:
+        return Path(__file__).resolve().parent.parent / ".whl" / "tokenizer"
+
+
+def prepare_model(args: argparse.Namespace) -> tuple[str, Path]:
+    """(EngineConfig.model, tokenizer directory) for ``--model``."""
+    if args.model == "smollm2":
+        from replicas.model_source import resolve_model_dir
+
+        return "default", resolve_model_dir("default")
+    from benchmarks.gpu_ab import LLAMA_1B, LLAMA_8B, make_random_llama
+
+    shape = LLAMA_1B if args.model == "random-1b" else LLAMA_8B
+    path = Path(args.checkpoint_dir or tempfile.gettempdir()) / f"serve_overhead_{args.model}"
+    t0 = time.perf_counter()
+    make_random_llama(path, Path(args.tokenizer or default_tokenizer_dir()), shape)
+    print(f"checkpoint {path} ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    return str(path), path
+
+
+def make_prompts(tokenizer: Any, endpoint: str, n: int, prompt_len: int, seed: int) -> list[Prompt]:
+    """``n`` distinct prompts of about ``prompt_len`` tokens, with the ingress's token ids."""
+    rng = random.Random(seed)
+    prompts = []
+    for i in range(n):
+        words = [f"Request {seed}-{i}:"] + [rng.choice(WORDS) for _ in range(prompt_len)]
+        text = " ".join(words)
+        ids = tokenizer.encode(text, add_special_tokens=False)[:prompt_len]
+        text = tokenizer.decode(ids)
+        if endpoint == "chat":
+            templated = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+            token_ids = list(tokenizer.encode(templated, add_special_tokens=False))
+        else:
+            token_ids = list(tokenizer.encode(text))
+        prompts.append(Prompt(text, token_ids))
+    return prompts
+
+
+def engine_config(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    cuda = args.model != "smollm2"
+    max_c = max(args.concurrency)
+    max_len = args.prompt_len + args.output_len + 64
+    blocks_per_req = -(-max_len // 16)
+    return {
+        "model": model,
+        "device": "cuda" if cuda else "cpu",
+        "dtype": "bfloat16" if cuda else "auto",
+        "num_blocks": max_c * blocks_per_req + 64,
+        "max_num_seqs": min(max_c, 256),
+        "max_num_batched_tokens": args.max_num_batched_tokens or (8192 if cuda else 512),
+        "enable_prefix_caching": False,
+        "stream_interval": args.stream_interval,
+        **({} if cuda else {"num_threads": args.threads}),
+    }
+
+
+# -- engine alone --------------------------------------------------------------------------------
+async def closed_loop(concurrency: int, n: int, one: Callable[[int], Any]) -> tuple[
+        list[Sample], int]:
+    """``concurrency`` workers draining request indices 0..n-1; (samples, errors)."""
+    samples: list[Sample] = []
+    errors = 0
+    next_index = iter(range(n))
+
+    async def worker() -> None:
+        nonlocal errors
+        for i in next_index:
+            try:
+                samples.append(await one(i))
+            except Exception as exc:  # NOTE: counted and shown; the run goes on.
+                errors += 1
+                print(f"  request {i} failed: {exc!r}", file=sys.stderr)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return samples, errors
+
+
+def run_engine(engine: Any, prompts: list[Prompt], c: int, endpoint: str,
+               args: argparse.Namespace) -> RunResult:
+    from replicas.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    tag = time.perf_counter_ns()
+
+    async def one(i: int) -> Sample:
+        send = time.perf_counter()
+        first = 0.0
+        n = 0
+        async for out in engine.generate(f"e{tag}-{i}", prompts[i].token_ids, params):
+            if out.new_token_ids and not first:
+                first = time.perf_counter()
+            n = out.num_output_tokens
+        return Sample(send, first, time.perf_counter(), n)
+
+    samples, errors = asyncio.run(closed_loop(c, len(prompts), one))
+    return summarize("engine", endpoint, True, c, samples, errors)
+
+
+# -- served ----------------------------------------------------------------------------------------
+def run_served(http: str, model_name: str, prompts: list[Prompt], c: int, endpoint: str,
+               stream: bool, args: argparse.Namespace) -> tuple[RunResult, list[Sample]]:
+    import openai
+
+    async def main() -> tuple[list[Sample], int]:
+        # NOTE: the client's default pool (1,000 connections) covers every concurrency here.
+        async with openai.AsyncOpenAI(
+                base_url=f"{http}/v1", api_key="unused", max_retries=0, timeout=600) as client:
+            common = dict(model=model_name, max_tokens=args.output_len, temperature=0,
+                          extra_body={"ignore_eos": True})
+
+            async def one(i: int) -> Sample:
+                text = prompts[i].text
+                send = time.perf_counter()
+                if endpoint == "chat":
+                    msgs = [{"role": "user", "content": text}]
+                    if not stream:
+                        r = await client.chat.completions.create(messages=msgs, **common)
+                        end = time.perf_counter()
+                        return Sample(send, end, end, r.usage.completion_tokens, r.id)
+                    s = await client.chat.completions.create(
+                        messages=msgs, stream=True, stream_options={"include_usage": True},
+                        **common)
+                else:
+                    if not stream:
+                        r = await client.completions.create(prompt=text, **common)
+                        end = time.perf_counter()
+                        return Sample(send, end, end, r.usage.completion_tokens, r.id)
+                    s = await client.completions.create(
+                        prompt=text, stream=True, stream_options={"include_usage": True},
+                        **common)
+                first = last = 0.0
+                n = 0
+                rid = ""
+                async for chunk in s:
+                    now = time.perf_counter()
+                    rid = chunk.id
+                    if chunk.choices:
+                        first = first or now
+                        if chunk.choices[0].finish_reason is not None:
+                            last = now
+                    if chunk.usage is not None:
+                        n = chunk.usage.completion_tokens
+                return Sample(send, first, last or time.perf_counter(), n, rid)
+
+            return await closed_loop(c, len(prompts), one)
+
+    samples, errors = asyncio.run(main())
+    return summarize("served", endpoint, stream, c, samples, errors), samples
+
+
+def hop_breakdown(samples: list[Sample], traces: list[dict[str, Any]], stream: bool
+                  ) -> dict[str, float]:
+    """Median milliseconds of each hop (``benchmarks.serve_overhead_report.HOPS``), joining
+    the client's samples with the ingress traces by response id. Client stamps are
+    ``perf_counter``; they are moved onto the wall clock through one offset."""
+    offset = time.time() - time.perf_counter()
+    by_id = {t["response_id"]: t for t in traces}
+    rows: dict[str, list[float]] = {h: [] for h, _ in HOPS}
+    for s in samples:
+        t = by_id.get(s.response_id)
+        if t is None or not t.get("engine_add"):
+            continue
+        send, first, last = s.send + offset, s.first + offset, s.last + offset
+        vals = {
+            "client_to_ingress": t["recv"] - send,
+            "parse_tokenize": t["tokenized"] - t["recv"],
+            "router_select": t["replica_recv"] - t["tokenized"],
+            "replica_queue": t["engine_add"] - t["replica_recv"],
+            "engine_ttft": t["engine_first_token"] - t["engine_add"],
+            "engine_total": t["engine_finish"] - t["engine_add"],
+            "detokenize": t["detokenize_s"],
+            "engine_to_replica_yield": t["replica_first_yield"] - t["engine_first_token"],
+            "replica_to_ingress_first": t["first_out"] - t["replica_first_yield"],
+            "replica_to_ingress_mean": t["hop_sum_s"] / max(t["num_outputs_received"], 1),
+            "ingress_last": t["last_sent"] - t["last_out"],
+            "ingress_to_client_first": first - t["first_sent"] if stream else float("nan"),
+            "ingress_to_client_last": last - t["last_sent"],
+            "after_engine_finish": last - t["engine_finish"],
+            "client_total": last - send,
+        }
+        for k, v in vals.items():
+            if v == v:  # NOTE: skips NaN (no first chunk when not streaming)
+                rows[k].append(1e3 * v)
+    return {k: statistics.median(v) for k, v in rows.items() if v}
+
+
+def start_serve(args: argparse.Namespace, model: str, tokenizer_dir: Path) -> tuple[str, str]:
+    """Local Ray + Serve + the app; returns (base http url, served model name)."""
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    cuda = args.model != "smollm2"
+    for kv in args.serve_env:
+        key, _, value = kv.partition("=")
+        os.environ[key] = value
+    # NOTE: address="local": always a private cluster; workers inherit this environment.
+    ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False,
+             log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    max_c = max(args.concurrency)
+    app_args = {
+        "engine": engine_config(args, model),
+        "num_replicas": 1,
+        "num_cpus_per_replica": 1.0,
+        "num_gpus_per_replica": 1.0 if cuda else 0.0,
+        "max_ongoing_requests": max(max_c, 1),
+        "router": "tinyserve",
+        "selector": {"port": 0},
+        "served_model_name": "overhead",
+        "default_max_tokens": args.output_len,
+        **json.loads(args.app_args),
+    }
+    t0 = time.perf_counter()
+    serve.run(build_app(app_args), name=APP, route_prefix="/")
+    print(f"app up in {time.perf_counter() - t0:.0f} s", flush=True)
+    return f"http://127.0.0.1:{port}", "overhead"
+
+
+def served_traces() -> list[dict[str, Any]]:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("OpenAIIngress", APP)
+    return list(handle.traces.remote().result(timeout_s=60))
+
+
+# -- main --------------------------------------------------------------------------------------------
+def print_table(results: list[RunResult]) -> None:
+    engine = {(r.endpoint, r.concurrency): r for r in results if r.side == "engine"}
+    head = (f"{'side':<8}{'endpoint':<13}{'stream':<8}{'c':>5}{'tok/s':>9}{'ratio':>7}"
+            f"{'TTFT p50':>10}{'p99':>9}{'TPOT p50':>10}{'p99':>9}{'lat p50':>10}{'err':>5}")
+    print(head)
+    print("-" * len(head))
+
+    def ms(v: float | None) -> str:
+        return f"{v:.1f}" if v is not None else "-"
+
+    for r in results:
+        base = engine.get((r.endpoint, r.concurrency))
+        ratio = r.output_tok_s / base.output_tok_s if base else float("nan")
+        print(f"{r.side:<8}{r.endpoint:<13}{r.stream!s:<8}{r.concurrency:>5}"
+              f"{r.output_tok_s:>9.1f}{ratio:>7.2f}{ms(r.ttft_p50_ms):>10}{ms(r.ttft_p99_ms):>9}"
+              f"{ms(r.tpot_p50_ms):>10}{ms(r.tpot_p99_ms):>9}{r.latency_p50_ms:>10.1f}"
+              f"{r.num_errors:>5}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", choices=("smollm2", "random-1b", "random-8b"), default="smollm2")
+    p.add_argument("--concurrency", type=int, nargs="+", default=None,
+                   help="default: 1 16 64 256 (GPU), 1 4 16 (CPU)")
+    p.add_argument("--prompt-len", type=int, default=None, help="default 1024 GPU, 64 CPU")
+    p.add_argument("--output-len", type=int, default=None, help="default 128 GPU, 32 CPU")
+    p.add_argument("--rounds", type=int, default=2, help="requests per client per run")
+    p.add_argument("--min-requests", type=int, default=8)
+    p.add_argument("--endpoints", nargs="+", default=["completions", "chat"],
+                   choices=("completions", "chat"))
+    p.add_argument("--modes", nargs="+", default=["stream", "nostream"],
+                   choices=("stream", "nostream"))
+    p.add_argument("--stream-interval", type=int, default=None, help="default 8 GPU, 1 CPU")
+    p.add_argument("--threads", type=int, default=1, help="CPU: torch threads of the engine")
+    p.add_argument("--max-num-batched-tokens", type=int, default=0)
+    p.add_argument("--app-args", default="{}", help="JSON merged into the app's args")
+    p.add_argument("--serve-env", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="environment of the Ray cluster (Serve flags), e.g. "
+                   "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0")
+    p.add_argument("--checkpoint-dir", default="", help="where random checkpoints are written")
+    p.add_argument("--tokenizer", default="", help="tokenizer dir of random checkpoints")
+    p.add_argument("--label", default="", help="a note stored with the results")
+    p.add_argument("--json", type=Path, default=None, help="results JSON (+ .md beside it)")
+    p.add_argument("--render", type=Path, default=None, help="only re-render this JSON's .md")
+    p.add_argument("--compare", nargs="+", default=None, metavar="NAME=JSON",
+                   help="only print a side-by-side markdown of several results files")
+    args = p.parse_args(argv)
+    if args.compare:
+        runs = [(n, json.loads(Path(f).read_text()))
+                for n, _, f in (c.partition("=") for c in args.compare)]
+        print(render_comparison(runs), end="")
+        return 0
+    if args.render is not None:
+        data = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(render_markdown(data))
+        print(f"wrote {args.render.with_suffix('.md')}")
+        return 0
+    gpu = args.model != "smollm2"
+    args.concurrency = args.concurrency or ([1, 16, 64, 256] if gpu else [1, 4, 16])
+    args.prompt_len = args.prompt_len or (1024 if gpu else 64)
+    args.output_len = args.output_len or (128 if gpu else 32)
+    args.stream_interval = args.stream_interval or (8 if gpu else 1)
+
+    t_start = time.perf_counter()
+    model, tok_dir = prepare_model(args)
+    from replicas.model_loader import load_tokenizer
+
+    tokenizer = load_tokenizer(tok_dir)
+    workload: dict[tuple[str, int], list[Prompt]] = {}
+    for endpoint in args.endpoints:
+        for c in args.concurrency:
+            n = max(args.min_requests, args.rounds * c)
+            workload[endpoint, c] = make_prompts(tokenizer, endpoint, n, args.prompt_len, c)
+
+    results: list[RunResult] = []
+    # Phase 1: the engine alone, in this process.
+    import torch
+
+    from replicas.config import EngineConfig
+    from replicas.engine import AsyncLLMEngine
+
+    engine = AsyncLLMEngine(EngineConfig(**engine_config(args, model)))
+    warm = make_prompts(tokenizer, "completions", 2, args.prompt_len, 99_999)
+    run_engine(engine, warm, 2, "completions", args)
+    for (endpoint, c), prompts in workload.items():
+        r = run_engine(engine, prompts, c, endpoint, args)
+        results.append(r)
+        print(f"engine {endpoint} c={c}: {r.output_tok_s:.1f} tok/s", flush=True)
+    asyncio.run(engine.shutdown())
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    device_name = torch.cuda.get_device_name() if gpu else platform.processor() or "cpu"
+
+    # Phase 2: the served app, the same requests.
+    import ray
+    from ray import serve
+
+    http, model_name = start_serve(args, model, tok_dir)
+    try:
+        run_served(http, model_name, warm, 2, "completions", True, args)
+        served_traces()
+        for (endpoint, c), prompts in workload.items():
+            for mode in args.modes:
+                stream = mode == "stream"
+                r, samples = run_served(http, model_name, prompts, c, endpoint, stream, args)
+                r.hops_ms = hop_breakdown(samples, served_traces(), stream)
+                results.append(r)
+                print(f"served {endpoint} {mode} c={c}: {r.output_tok_s:.1f} tok/s", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print_table(results)
+    total_s = time.perf_counter() - t_start
+    print(f"total {total_s:.0f} s")
+    if args.json:
+        data = {
+            "benchmark": "serve_overhead",
+            "device": device_name,
+            "machine": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "label": args.label,
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "total_s": total_s,
+            "results": [asdict(r) for r in results],
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+        args.json.with_suffix(".md").write_text(render_markdown(data))
+        print(f"wrote {args.json} and {args.json.with_suffix('.md')}")
+    return 1 if any(r.num_errors for r in results) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""serve_overhead: run summaries, the hop join of client samples with ingress traces, reports."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from benchmarks.serve_overhead import Sample, hop_breakdown, summarize
+from benchmarks.serve_overhead_report import render_comparison, render_markdown
+
+
+def test_summary_rates_and_streaming_only_latencies() -> None:
+    samples = [Sample(0.0, 0.1, 1.1, 11), Sample(0.5, 0.7, 2.0, 11)]
+    r = summarize("served", "chat", True, 2, samples, 0)
+    assert r.output_tok_s == pytest.approx(22 / 2.0)
+    assert r.ttft_p50_ms == pytest.approx(150.0)
+    assert r.tpot_p50_ms == pytest.approx(((1.0 / 10) + (1.3 / 10)) / 2 * 1e3)
+    flat = summarize("served", "chat", False, 2, samples, 0)
+    assert flat.ttft_p50_ms is None and flat.tpot_p50_ms is None
+
+
+def test_hops_join_by_response_id_and_add_up() -> None:
+    off = time.time() - time.perf_counter()
+    send = 100.0
+    t = {"response_id": "a", "recv": send + off + 0.010, "tokenized": send + off + 0.012,
+         "replica_recv": send + off + 0.015, "engine_add": send + off + 0.016,
+         "engine_first_token": send + off + 0.116, "engine_finish": send + off + 1.0,
+         "detokenize_s": 0.002, "replica_first_yield": send + off + 0.117,
+         "first_out": send + off + 0.119, "last_out": send + off + 1.003,
+         "first_sent": send + off + 0.120, "last_sent": send + off + 1.004,
+         "hop_sum_s": 0.02, "num_outputs_received": 10}
+    sample = Sample(send, send + 0.122, send + 1.006, 10, "a")
+    other = Sample(send, send + 0.2, send + 2.0, 10, "unknown")  # no trace: left out
+    hops = hop_breakdown([sample, other], [t], stream=True)
+    assert hops["client_to_ingress"] == pytest.approx(10.0, abs=0.01)
+    assert hops["parse_tokenize"] == pytest.approx(2.0, abs=0.01)
+    assert hops["router_select"] == pytest.approx(3.0, abs=0.01)
+    assert hops["engine_ttft"] == pytest.approx(100.0, abs=0.01)
+    assert hops["replica_to_ingress_mean"] == pytest.approx(2.0, abs=0.01)
+    assert hops["ingress_to_client_first"] == pytest.approx(2.0, abs=0.01)
+    assert hops["after_engine_finish"] == pytest.approx(6.0, abs=0.01)
+    assert hops["client_total"] == pytest.approx(1006.0, abs=0.01)
+    assert "ingress_to_client_first" not in hop_breakdown([sample], [t], stream=False)
+
+
+def test_reports_show_ratios_against_the_engine() -> None:
+    def res(side: str, tok_s: float, stream: bool = True) -> dict:
+        return {"side": side, "endpoint": "chat", "stream": stream, "concurrency": 4,
+                "output_tok_s": tok_s, "ttft_p50_ms": 1.0, "ttft_p99_ms": 2.0,
+                "tpot_p50_ms": 3.0, "tpot_p99_ms": 4.0, "latency_p50_ms": 5.0, "num_errors": 0,
+                "hops_ms": {"parse_tokenize": 1.5} if side == "served" else {}}
+
+    data = {"device": "cpu", "machine": "m", "cpu_count": 2, "total_s": 1.0, "label": "x",
+            "config": {"model": "smollm2", "prompt_len": 64, "output_len": 32,
+                       "stream_interval": 1, "concurrency": [4]},
+            "results": [res("engine", 100.0), res("served", 80.0)]}
+    md = render_markdown(data)
+    assert "| served | chat | yes | 4 | 80.0 | 0.80 |" in md
+    assert "| parse_tokenize: ingress parse + validate + tokenize | 1.50 |" in md
+    later = {**data, "results": [res("engine", 100.0), res("served", 90.0)]}
+    cmp = render_comparison([("before", data), ("after", later)])
+    assert "| chat stream c=4 | 0.80 | 0.90 |" in cmp
+    assert "| parse_tokenize | 1.5 / 1.5 |" in cmp
