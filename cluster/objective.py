@@ -233,7 +233,8 @@ class TinyServeObjective(Policy):
         cfg = self.config
         c = candidates
         n = len(c)
-        ints = np.stack(
+        # NOTE: np.array over a list is one C call; np.stack is ~20 Python-level numpy calls.
+        ints = np.array(
             (
                 c.num_matched_blocks,
                 c.num_pending_blocks,
@@ -243,11 +244,10 @@ class TinyServeObjective(Policy):
                 c.num_free_blocks,
                 c.num_cached_blocks,
                 c.num_queued_tokens,
-            )
-        ).astype(np.int64, copy=False)
-        floats = np.stack((c.hotness, c.ttft_ewma_s, c.f_total, c.reward, c.same_node)).astype(
-            np.float64, copy=False
+            ),
+            np.int64,
         )
+        floats = np.array((c.hotness, c.ttft_ewma_s, c.f_total, c.reward, c.same_node), np.float64)
         req = np.asarray(
             (
                 request.num_prompt_blocks,
