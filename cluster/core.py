@@ -35,8 +35,8 @@ from cluster.objective import (
     realised_reward,
 )
 from cluster.policy import Policy, make_policy, policy_names
-from cluster.replica_table import ReplicaRecord, ReplicaTable
-from cluster.types import Candidates, LoadSnapshot, Outcome, SelectionRequest
+from cluster.replica_table import _FLOAT_COLS, _INT_COLS, ReplicaRecord, ReplicaTable
+from cluster.types import Candidates, LoadSnapshot, Outcome, Ranked, ScoreTerms, SelectionRequest
 from kvmanager.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 
@@ -52,6 +52,15 @@ class CoreConfig:
     max_events_per_batch: int = 65536
     max_hashes_per_event: int = 65536
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+
+
+# NOTE: the fast path reads ReplicaTable columns by position and lays out the answer's terms
+# as OUT_ROWS (minus the score), then reward; these names pin both orders.
+assert _INT_COLS[:4] == ("block_size", "num_blocks", "num_free_blocks", "num_cached_blocks")
+assert _INT_COLS[6] == "num_queued_tokens" and _FLOAT_COLS[:2] == ("ttft_ewma_s", "f_total")
+assert _FLOAT_COLS[3] == "reward" and objective_kernel.OUT_ROWS[-1] == "score"
+_FAST_TERMS = (*objective_kernel.OUT_ROWS[:-1], "reward")
+_SCORE = len(_FAST_TERMS)
 
 
 class SelectorCore:
@@ -70,6 +79,8 @@ class SelectorCore:
         self.metrics = metrics or SelectorMetrics()
         self._lock = threading.Lock()
         self._index = KVIndex(clock)
+        # NOTE: the tinyserve policy's compiled path (no Candidates); False = the generic one.
+        self.fast_path = True
         objective_kernel.warm_up()  # NOTE: no Select pays for compiling
         self._table = ReplicaTable()
         self._access = AccessTracker(clock, self.config.hot_half_life_s)
@@ -245,17 +256,15 @@ class SelectorCore:
             # NOTE: bounded: a backlog is drained by expire_stale(), not by one unlucky Select.
             self._index.expire_pending(max_marks=8)
             slots, ids, unknown, mask = self._candidate_slots(candidate_ids)
-            cands = self._candidates(request, slots, ids, mask)
-            ranking = pol.select(request, cands)
-            ranked = ranking.top(cands, max_results)
+            if self.fast_path and isinstance(pol, TinyServeObjective) and not pol.config.learn:
+                ranked, matched = self._rank_fast(request, pol, slots, ids, mask, max_results)
+            else:
+                cands = self._candidates(request, slots, ids, mask)
+                ranking = pol.select(request, cands)
+                ranked = ranking.top(cands, max_results)
+                matched = int(cands.num_matched_blocks[ranking.order[0]]) if ranked else 0
             if ranked:
-                self._route(
-                    request,
-                    ranked[0].replica_id,
-                    pol.name,
-                    int(cands.num_matched_blocks[ranking.order[0]]),
-                    speculative,
-                )
+                self._route(request, ranked[0].replica_id, pol.name, matched, speculative)
             self.counters["selects"] += 1
             self._decisions[pol.name] = self._decisions.get(pol.name, 0) + 1
             decisions, latency = self._policy_metrics(pol.name)
@@ -296,6 +305,51 @@ class SelectorCore:
             mask,
         )
 
+    def _same_node(self, request: SelectionRequest, slots: np.ndarray) -> np.ndarray:
+        if not request.origin_node_id:
+            return np.zeros(len(slots), np.bool_)
+        nodes = [self._table.by_slot[s].node_id for s in slots.tolist()]
+        return np.asarray([n == request.origin_node_id for n in nodes], np.bool_)
+
+    def _rank_fast(
+        self,
+        request: SelectionRequest,
+        pol: TinyServeObjective,
+        slots: np.ndarray,
+        ids: list[str],
+        mask: int,
+        k: int,
+    ) -> tuple[list[Ranked], int]:
+        """The TinyServe objective without ``Candidates``: one compiled pass from the index's
+        per-slot answer and the table's columns (``objective_kernel.score_slots``). Returns
+        (best ``k`` rows, the winner's matched blocks). Same answer as the generic path
+        (tests/cluster/test_selector_core.py compares them)."""
+        match = self._index.match(request.block_hashes, mask)
+        hot = self._access.hotness(request.block_hashes, match.resident_blocks, match.lengths())
+        same = self._same_node(request, slots).astype(np.float64)
+        t = self._table
+        order, out = pol.rank_slots(request, slots, match, hot, t.ints, t.floats, same)
+        rows = order if k <= 0 else order[:k]
+        top = slots[rows]
+        res = match.resident_blocks[top]
+        # columns: terms (OUT_ROWS but the score), reward, score, matched, pending
+        cols = np.concatenate(
+            (
+                out[:-1, rows],
+                t.floats[3:4, top],
+                out[-1:, rows],
+                res[None],
+                (match.both_blocks[top] - res)[None],
+            )
+        ).T.tolist()
+        ranked = []
+        for i, vals in zip(rows.tolist(), cols, strict=True):
+            terms = ScoreTerms(**dict(zip(_FAST_TERMS, vals, strict=False)))
+            terms.num_matched_blocks = int(vals[-2])
+            terms.num_pending_blocks = int(vals[-1])
+            ranked.append(Ranked(ids[i], vals[_SCORE], terms))
+        return ranked, int(res[0]) if len(rows) else 0
+
     def _candidates(
         self, request: SelectionRequest, slots: np.ndarray, ids: list[str], mask: int
     ) -> Candidates:
@@ -303,11 +357,7 @@ class SelectorCore:
         cap = self._table.capacity
         matched, pending, host = match.arrays(cap)
         hot = self._access.hotness(request.block_hashes, matched, match.lengths())
-        if request.origin_node_id:
-            nodes = [self._table.by_slot[s].node_id for s in slots.tolist()]
-            same = np.asarray([n == request.origin_node_id for n in nodes], np.bool_)
-        else:
-            same = np.zeros(len(slots), np.bool_)
+        same = self._same_node(request, slots)
         c = self._table.gather(slots)
         return Candidates(
             ids,

@@ -66,12 +66,13 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from cluster import objective_kernel as kernel
 from cluster.policy import Policy, rank_by, register_policy
-from cluster.types import Candidates, FloatArray, Outcome, Ranking, SelectionRequest
+from cluster.types import Candidates, FloatArray, IntArray, Outcome, Ranking, SelectionRequest
 
 FEATURES = ("complexity", "frequency", "similarity", "locality")
 
@@ -271,6 +272,38 @@ class TinyServeObjective(Policy):
                 request.request_id, mat[int(ranking.order[0])].copy(), (utility / utility.sum()) @ mat
             )
         return ranking
+
+    def rank_slots(
+        self,
+        request: SelectionRequest,
+        slots: IntArray,
+        match: Any,
+        hot: FloatArray,
+        tab_ints: IntArray,
+        tab_floats: FloatArray,
+        same: FloatArray,
+    ) -> tuple[IntArray, FloatArray]:
+        """The core's fast path (no ``Candidates``): (order best first, out[OUT_ROWS, N]) for
+        the candidates at ``slots``, from the index's ``PrefixMatch`` and the replica table's
+        columns. Same numbers as ``select``; not for ``learn=True`` (no trace is kept)."""
+        n = len(slots)
+        req = np.asarray(
+            (
+                request.num_prompt_blocks,
+                request.num_prompt_tokens,
+                request.num_output_tokens,
+                1.0 if request.origin_node_id else 0.0,
+            ),
+            np.float64,
+        )
+        q = kernel.complexity(request.num_prompt_tokens, self.config.q_scale_tokens)
+        out = np.empty((len(kernel.OUT_ROWS), n), np.float64)
+        order = np.empty(n, np.int64)
+        kernel.score_slots(
+            slots, match.resident_blocks, match.both_blocks, match.host_blocks, hot,
+            tab_ints, tab_floats, same, self._packed_config(), req, q, out, order,
+        )  # fmt: skip
+        return order, out
 
     def _packed_config(self) -> FloatArray:
         # NOTE: rebuilt only when w changes (online learning replaces the array).

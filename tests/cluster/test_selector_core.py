@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from selector_helpers import FakeClock, request
 
@@ -168,3 +170,64 @@ def test_feedback_sets_reward_and_metrics(clock: FakeClock) -> None:
         'tinyserve_selector_block_events_total{kind="stored"} 4.0',
     ):
         assert name in text, name
+
+
+_step = st.one_of(
+    st.tuples(st.just("store"), st.integers(0, 5), st.integers(0, 40), st.booleans()),
+    st.tuples(st.just("remove"), st.integers(0, 5), st.integers(0, 40), st.booleans()),
+    st.tuples(st.just("load"), st.integers(0, 5), st.integers(0, 3000), st.booleans()),
+    st.tuples(st.just("feedback"), st.integers(0, 5), st.integers(0, 64), st.booleans()),
+    st.tuples(st.just("select"), st.integers(0, 5), st.integers(1, 40), st.booleans()),
+    st.tuples(st.just("tick"), st.integers(0, 5), st.integers(0, 3), st.booleans()),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=st.lists(_step, min_size=1, max_size=40), reward=st.sampled_from([0.0, 0.5]))
+def test_fast_path_answers_exactly_like_the_generic_path(
+    steps: list[tuple[str, int, int, bool]], reward: float
+) -> None:
+    """The tinyserve policy's compiled path (no Candidates) and the generic one (Candidates ->
+    policy.select -> top) give identical Selections on any history: rankings, scores, terms,
+    and so identical pending marks and in-flight load afterwards."""
+    from cluster.objective import ObjectiveConfig
+
+    clock = FakeClock(0.0)
+    cfg = CoreConfig(objective=ObjectiveConfig(lambda_reward=reward))
+    fast, slow = SelectorCore(cfg, clock=clock), SelectorCore(cfg, clock=clock)
+    slow.fast_path = False
+    seqs = [0] * 6
+    for core in (fast, slow):
+        for r in range(6):
+            core.join(f"r{r}", node_id=f"n{r % 2}", block_size=16, num_blocks=200 * (r % 3))
+    chain = list(range(1000, 1040))
+    for op, r, x, flag in steps:
+        rid = f"r{r}"
+        if op in ("store", "remove"):
+            seqs[r] += 1
+            ev: BlockStored | BlockRemoved
+            if op == "store":
+                ev = BlockStored(chain[:x], None, [], 16, None, MEDIUM_CPU if flag else None)
+            else:
+                ev = BlockRemoved(chain[x:], MEDIUM_CPU if flag else None)
+            for core in (fast, slow):
+                core.apply_events(rid, seqs[r], [ev])
+        elif op == "load":
+            snap = LoadSnapshot(num_blocks=400, num_free_blocks=x % 400, num_cached_blocks=x % 97,
+                                num_running_tokens=x, ttft_ewma_s=x / 1000, f_total=x / 3000)  # fmt: skip
+            for core in (fast, slow):
+                core.update_load(rid, snap)
+        elif op == "feedback":
+            for core in (fast, slow):
+                core.feedback(Outcome(f"q{x}", rid, 64, x, ttft_s=0.1))
+        elif op == "tick":
+            clock.advance(x)
+        else:
+            q = request(x, prefix=0, request_id=f"q{len(steps)}-{x}", num_output_tokens=r * 7,
+                        origin_node_id="n1" if flag else "")  # fmt: skip
+            q = type(q)(q.request_id, chain[:x], q.num_prompt_tokens, q.num_output_tokens,
+                        q.session_id, q.origin_node_id)  # fmt: skip
+            cands = [f"r{i}" for i in range(6) if i != r] if flag else []
+            a = fast.select(q, cands, max_results=r)
+            b = slow.select(q, cands, max_results=r)
+            assert a == b
