@@ -8,15 +8,19 @@ validation error at ``serve run`` time, not a silently ignored key:
       num_replicas: 2
       router: tinyserve                              # or prefix_cache_affinity / pow2
       router_kwargs: {select_timeout_s: 0.05}
-      selector: {port: 50051, policy: tinyserve, num_replicas: 2}
+      selector: {port: 50051, policy: tinyserve, num_replicas: 2,
+                 objective: {alpha_load: 3.0}}       # cluster.objective.ObjectiveConfig
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cluster.objective import ObjectiveConfig
+from cluster.objective_settings import objective_from_mapping
 from replicas.config import EngineConfig
 
 RouterName = Literal["tinyserve", "prefix_cache_affinity", "pow2"]
@@ -52,6 +56,11 @@ class SelectorSettings(BaseModel):
         default=30.0, gt=0, description="A silent replica expires after this long."
     )
     learn: bool = Field(default=False, description="Learn the objective's w from feedback.")
+    objective: dict[str, Any] = Field(
+        default_factory=dict,
+        description="ObjectiveConfig overrides (cluster/objective.py), e.g. {alpha_load: 3}; "
+        "unknown keys and out-of-range values are refused at deploy time.",
+    )
     num_cpus: float = Field(default=0.5, ge=0, description="Ray CPUs of each service replica.")
     num_replicas: int = Field(
         default=2,
@@ -59,6 +68,18 @@ class SelectorSettings(BaseModel):
         description="Selection service replicas; each holds the full index (every LLM "
         "replica streams to all) and the router fails over between them.",
     )
+
+
+    @field_validator("objective")
+    @classmethod
+    def _check_objective(cls, v: dict[str, Any]) -> dict[str, Any]:
+        objective_from_mapping(v)  # NOTE: ValueError -> pydantic ValidationError naming it
+        return v
+
+    def objective_config(self) -> ObjectiveConfig:
+        """The service's ObjectiveConfig: the defaults, ``objective``, then ``learn``."""
+        cfg = objective_from_mapping(self.objective)
+        return replace(cfg, learn=True) if self.learn else cfg
 
 
 class AppConfig(BaseModel):

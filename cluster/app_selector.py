@@ -22,7 +22,6 @@ from ray import serve
 from cluster import selector_registry
 from cluster.app_config import SelectorSettings
 from cluster.core import CoreConfig, SelectorCore
-from cluster.objective import ObjectiveConfig
 from cluster.selector import ServerThread
 
 log = logging.getLogger("ray.serve")
@@ -41,7 +40,7 @@ class CacheSelector:
                 default_policy=self.settings.policy,
                 pending_ttl_s=self.settings.pending_ttl_s,
                 stale_after_s=self.settings.stale_after_s,
-                objective=ObjectiveConfig(learn=self.settings.learn),
+                objective=self.settings.objective_config(),
             )
         )
         self._server = self._start(core)

@@ -28,11 +28,11 @@ Costs: Size = blocks q still needs on c (uncached prompt + expected output) / c'
 clipped to [0, 2]; Latency = TTFT EWMA / latency_ref_s, clipped to [0, 4]; F_total = the pool's
 fragmentation score, [0, 4]; and Load, the estimated-TTFT trade-off, in seconds:
 
-    TTFT_est(c) = ( κ·queued_c + uncached_c(q) ) / prefill_tokens_per_s
+    TTFT_est(c) = ( κ·queued_c + uncached_c(q) ) / rate_c
     Load(c)     = TTFT_est(c) − min_c' TTFT_est(c')                  clipped to [0, 60] s
 
 With ``evict_token_weight`` ε > 0 the estimate also charges displaced KV, in seconds:
-ε·evicted_c(q)/prefill_tokens_per_s, evicted = the blocks q needs beyond c's empty ones (free
+ε·evicted_c(q)/rate_c, evicted = the blocks q needs beyond c's empty ones (free
 minus cached) in tokens: a context moved onto a full replica evicts others that their next
 requests must recompute (B2B at 73% KV demand).
 
@@ -55,9 +55,16 @@ softmax policy-gradient step with a running-mean baseline r̄, r = realised cach
 w is kept in [0, w_max]. The selection itself stays greedy (argmax of the score), so this is
 the usual greedy approximation of REINFORCE.
 
+rate_c is c's own prefill rate as it measured and reported it (``LoadSnapshot.
+prefill_tokens_per_s``, replicas/rate_meter.py). NOTE: a constant rate was 100x off on the CPU
+app (SmolLM2: ~250 tokens/s against the H100 default 30000), so the Load term vanished and
+every request followed the shared chat-template prefix to one replica (issue 20). The
+configured ``prefill_tokens_per_s`` only stands in for a replica that has reported no rate
+(a vLLM engine seen through its KV events, or before its first snapshot).
+
 Defaults: the simulator sweep's choice (see ``ObjectiveConfig``); all overridable per
-deployment. ``prefill_tokens_per_s`` should be the deployment's measured prefill throughput (the
-default is the simulator's H100 / Llama-3.1-8B calibration, ~1/32.5 us).
+deployment (``deploy/app.yaml`` selector.objective, the service CLI's ``--objective``;
+``cluster/objective_settings.py`` validates them).
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ from typing import Any
 import numpy as np
 
 from cluster import objective_kernel as kernel
+from cluster.objective_settings import check_objective
 from cluster.policy import Policy, rank_by, register_policy
 from cluster.types import Candidates, FloatArray, IntArray, Outcome, Ranking, SelectionRequest
 
@@ -119,6 +127,9 @@ class ObjectiveConfig:
     learn: bool = False
     learning_rate: float = 0.05
     w_max: float = 10.0
+
+    def __post_init__(self) -> None:
+        check_objective(self)  # NOTE: a bad weight fails at construction, naming the field
 
 
 def realised_reward(outcome: Outcome, cfg: ObjectiveConfig) -> tuple[float, bool]:
@@ -190,15 +201,22 @@ class TinyServeObjective(Policy):
         q = 1.0 - math.exp(-request.num_prompt_tokens / cfg.q_scale_tokens)
         return {"complexity": q * sim, "frequency": freq, "similarity": sim, "locality": loc}
 
+    def prefill_rates(self, c: Candidates) -> FloatArray:
+        """Each candidate's prefill rate (tokens/s): its measured, reported one, or the
+        configured ``prefill_tokens_per_s`` where it has reported none (0)."""
+        reported = c.prefill_tokens_per_s
+        rates: FloatArray = np.where(reported > 0, reported, self.config.prefill_tokens_per_s)
+        return rates
+
     def ttft_estimate(self, request: SelectionRequest, c: Candidates) -> FloatArray:
         """Estimated TTFT (seconds) of ``request`` on each candidate: (κ·queued tokens + its
-        own uncached prompt tokens) / prefill_tokens_per_s, κ = queued_token_weight."""
+        own uncached prompt tokens) / c's prefill rate, κ = queued_token_weight."""
         cfg = self.config
         covered = c.num_matched_blocks - (1.0 - cfg.host_weight) * c.num_host_blocks
         covered = covered + cfg.pending_weight * c.num_pending_blocks
         uncached = np.maximum(request.num_prompt_tokens - covered * c.block_size, 0.0)
         queued = np.maximum(c.num_queued_tokens, 0) * cfg.queued_token_weight
-        est: FloatArray = (queued + uncached) * (1.0 / cfg.prefill_tokens_per_s)
+        est: FloatArray = (queued + uncached) * (1.0 / self.prefill_rates(c))
         return est
 
     def costs(self, request: SelectionRequest, c: Candidates) -> dict[str, FloatArray]:
@@ -217,7 +235,7 @@ class TinyServeObjective(Policy):
             # on the empty ones, so this never misses an eviction (it may see too many).
             empty = np.maximum(c.num_free_blocks - c.num_cached_blocks, 0)
             evicted = np.where(known, np.maximum(need - empty, 0), 0) * c.block_size
-            load = load + evicted * (cfg.evict_token_weight / cfg.prefill_tokens_per_s)
+            load = load + evicted * (cfg.evict_token_weight / self.prefill_rates(c))
         if len(load):
             load = np.minimum(load - load.min(), cfg.load_clip_s)
         latency = np.minimum(c.ttft_ewma_s * (1.0 / cfg.latency_ref_s), 4.0)
@@ -248,7 +266,10 @@ class TinyServeObjective(Policy):
             ),
             np.int64,
         )
-        floats = np.array((c.hotness, c.ttft_ewma_s, c.f_total, c.reward, c.same_node), np.float64)
+        floats = np.array(
+            (c.hotness, c.ttft_ewma_s, c.f_total, c.reward, c.same_node, c.prefill_tokens_per_s),
+            np.float64,
+        )
         req = np.asarray(
             (
                 request.num_prompt_blocks,

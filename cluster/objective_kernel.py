@@ -10,7 +10,8 @@ call; 30 separate columns cost more than the arithmetic):
 
     ints   [INT_ROWS, N]   int64:   matched, pending, host, block_size, num_blocks,
                                     num_free_blocks, num_cached_blocks, num_queued_tokens
-    floats [FLOAT_ROWS, N] float64: hotness, ttft_ewma_s, f_total, reward, same_node
+    floats [FLOAT_ROWS, N] float64: hotness, ttft_ewma_s, f_total, reward, same_node,
+                                    prefill_tokens_per_s (0 = use the configured rate)
     cfg    [CFG_LEN]       float64: see ``pack_config``
     req    [4]             float64: num_prompt_blocks, num_prompt_tokens, num_output_tokens,
                                     origin_node_id given (0/1)
@@ -43,7 +44,7 @@ OUT_ROWS = (
     "score",
 )
 INT_ROWS = 8
-FLOAT_ROWS = 5
+FLOAT_ROWS = 6
 CFG_LEN = 21  # entries of pack_config
 
 
@@ -121,10 +122,11 @@ def score(ints: Any, floats: Any, cfg: Any, req: Any, q: float, out: Any) -> Non
         known = nblocks > 0
         size = min(need / max(free, 1), 2.0) if known else 0.0
         uncached = max(npt - covered * bs, 0.0)
-        load = (max(queued, 0) * qtw + uncached) * (1.0 / pps)
+        rate = floats[5, j] if floats[5, j] > 0 else pps
+        load = (max(queued, 0) * qtw + uncached) * (1.0 / rate)
         if etw:
             evicted = (max(need - max(free - cached, 0), 0) if known else 0) * bs
-            load = load + evicted * (etw / pps)
+            load = load + evicted * (etw / rate)
         min_load = min(min_load, load)
         out[0, j] = logit
         out[2, j] = size
@@ -163,7 +165,7 @@ def warm_up() -> None:
         per_slot = np.zeros(64, np.int64)
         score_slots(
             np.zeros(1, np.int64), per_slot, per_slot, per_slot, np.zeros(64),
-            np.ones((7, 64), np.int64), np.ones((4, 64)), np.zeros(1), cfg, np.ones(4), 0.5,
+            np.ones((7, 64), np.int64), np.ones((5, 64)), np.zeros(1), cfg, np.ones(4), 0.5,
             out, np.zeros(1, np.int64),
         )  # fmt: skip
         _warm = True
@@ -212,6 +214,7 @@ def score_slots(
         floats[2, j] = tab_floats[1, s]  # f_total
         floats[3, j] = tab_floats[3, s]  # reward
         floats[4, j] = same[j]
+        floats[5, j] = tab_floats[4, s]  # prefill_tokens_per_s
     score(ints, floats, cfg, req, q, out)
     neg = -out[10]
     order[:] = np.argsort(neg, kind="mergesort")

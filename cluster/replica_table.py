@@ -25,7 +25,8 @@ _INT_COLS = (
     "num_waiting_reqs",
     "num_queued_tokens",
 )
-_FLOAT_COLS = ("ttft_ewma_s", "f_total", "usage", "reward")
+# NOTE: the objective kernel reads these by row index (objective_kernel.score_slots): append.
+_FLOAT_COLS = ("ttft_ewma_s", "f_total", "usage", "reward", "prefill_tokens_per_s")
 
 
 @dataclass(slots=True)
@@ -147,6 +148,7 @@ class ReplicaTable:
         c["ttft_ewma_s"][s] = load.ttft_ewma_s
         c["f_total"][s] = load.f_total
         c["usage"][s] = load.usage
+        c["prefill_tokens_per_s"][s] = load.prefill_tokens_per_s
 
     def add_inflight(self, rec: ReplicaRecord, num_tokens: int) -> None:
         """Optimistic load accounting for a request just routed to ``rec``."""

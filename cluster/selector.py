@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cluster.core import CoreConfig, SelectorCore
 from cluster.objective import ObjectiveConfig
+from cluster.objective_settings import objective_from_mapping, parse_assignments
 from cluster.servicer import CacheSelectionServicer, TokenAuthInterceptor
 from protos import cache_selection_pb2 as pb
 from protos import cache_selection_pb2_grpc as pb_grpc
@@ -177,13 +178,31 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stale-after-s", type=float, default=30.0)
     p.add_argument("--learn", action="store_true", help="learn the objective's w from Feedback")
     p.add_argument(
+        "--objective",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an ObjectiveConfig override, value as JSON (e.g. alpha_load=3, 'w=[2,1,4,1]')",
+    )
+    p.add_argument(
         "--vllm",
         action="append",
         default=[],
         metavar="ID=PUB[@REPLAY]",
         help="subscribe to a vLLM engine's KV events",
     )
-    return p.parse_args(argv)
+    ns = p.parse_args(argv)
+    try:
+        ns.objective_config = objective_from_args(ns.objective, ns.learn)
+    except ValueError as exc:
+        p.error(str(exc))
+    return ns
+
+
+def objective_from_args(items: list[str], learn: bool = False) -> ObjectiveConfig:
+    """The CLI's ObjectiveConfig: ``--objective KEY=VALUE`` items, then ``--learn``."""
+    cfg = objective_from_mapping(parse_assignments(items))
+    return replace(cfg, learn=True) if learn else cfg
 
 
 async def _serve(ns: argparse.Namespace) -> None:
@@ -191,7 +210,7 @@ async def _serve(ns: argparse.Namespace) -> None:
         default_policy=ns.policy,
         pending_ttl_s=ns.pending_ttl_s,
         stale_after_s=ns.stale_after_s,
-        objective=ObjectiveConfig(learn=ns.learn),
+        objective=ns.objective_config,
     )
     core = SelectorCore(config)
     if ns.metrics_port:

@@ -54,6 +54,8 @@ class LoadSnapshot:
     f_total: float = 0.0
     usage: float = 0.0
     external_fragmentation: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -77,6 +79,7 @@ class CandidateRow:
     usage: float = 0.0
     reward: float = 0.0
     same_node: bool = False
+    prefill_tokens_per_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -86,7 +89,9 @@ class Candidates:
     ``num_pending_blocks`` the extra prefix covered only by speculative (pending) inserts;
     ``num_host_blocks`` how many matched blocks live only on the host tier;
     ``num_queued_tokens`` running + waiting tokens + tokens routed since the last snapshot;
-    ``reward`` is R(c), already discounted. Read-only for policies."""
+    ``reward`` is R(c), already discounted; ``prefill_tokens_per_s`` is c's measured prefill
+    rate (0 = not reported: the objective's configured rate stands in). Read-only for
+    policies."""
 
     replica_ids: list[str]
     num_matched_blocks: IntArray
@@ -105,6 +110,7 @@ class Candidates:
     usage: FloatArray
     reward: FloatArray
     same_node: BoolArray
+    prefill_tokens_per_s: FloatArray
 
     def __len__(self) -> int:
         return len(self.replica_ids)

@@ -418,6 +418,8 @@ class LoadSnapshot(_message.Message):
     F_TOTAL_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     EXTERNAL_FRAGMENTATION_FIELD_NUMBER: _builtins.int
+    PREFILL_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
+    DECODE_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     num_blocks: _builtins.int
     num_free_blocks: _builtins.int
     num_cached_blocks: _builtins.int
@@ -431,6 +433,11 @@ class LoadSnapshot(_message.Message):
     f_total: _builtins.float
     usage: _builtins.float
     external_fragmentation: _builtins.float
+    prefill_tokens_per_s: _builtins.float
+    """The replica's own measured rates (tokens/s; 0 = not measured): the objective's Load term
+    turns queued and uncached tokens into seconds with them.
+    """
+    decode_tokens_per_s: _builtins.float
     def __init__(
         self,
         *,
@@ -447,10 +454,12 @@ class LoadSnapshot(_message.Message):
         f_total: _builtins.float = ...,
         usage: _builtins.float = ...,
         external_fragmentation: _builtins.float = ...,
+        prefill_tokens_per_s: _builtins.float = ...,
+        decode_tokens_per_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["external_fragmentation", b"external_fragmentation", "f_total", b"f_total", "num_blocks", b"num_blocks", "num_cached_blocks", b"num_cached_blocks", "num_free_blocks", b"num_free_blocks", "num_running_reqs", b"num_running_reqs", "num_running_tokens", b"num_running_tokens", "num_used_blocks", b"num_used_blocks", "num_waiting_reqs", b"num_waiting_reqs", "num_waiting_tokens", b"num_waiting_tokens", "step_time_ewma_s", b"step_time_ewma_s", "ttft_ewma_s", b"ttft_ewma_s", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decode_tokens_per_s", b"decode_tokens_per_s", "external_fragmentation", b"external_fragmentation", "f_total", b"f_total", "num_blocks", b"num_blocks", "num_cached_blocks", b"num_cached_blocks", "num_free_blocks", b"num_free_blocks", "num_running_reqs", b"num_running_reqs", "num_running_tokens", b"num_running_tokens", "num_used_blocks", b"num_used_blocks", "num_waiting_reqs", b"num_waiting_reqs", "num_waiting_tokens", b"num_waiting_tokens", "prefill_tokens_per_s", b"prefill_tokens_per_s", "step_time_ewma_s", b"step_time_ewma_s", "ttft_ewma_s", b"ttft_ewma_s", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

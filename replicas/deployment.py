@@ -30,6 +30,7 @@ from replicas.config import EngineConfig
 from replicas.deployment_metrics import ReplicaMetrics
 from replicas.engine import AsyncLLMEngine
 from replicas.outputs import RequestOutput
+from replicas.rate_meter import calibrate
 from replicas.sampling_params import SamplingParams
 
 log = logging.getLogger("ray.serve")
@@ -73,6 +74,8 @@ class ReplicaLoad:
     f_total: float
     usage: float
     external_fragmentation: float
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -125,6 +128,11 @@ class LLMReplica:
     ) -> None:
         self.config = EngineConfig(**engine_config)
         self.engine = AsyncLLMEngine(self.config)
+        # NOTE: measured before serving (the core thread starts with the first request), so
+        # the first snapshot already carries this replica's own rates.
+        rates = await asyncio.to_thread(calibrate, self.engine.engine)
+        log.info("replica rates: prefill %.0f tok/s, decode %.0f tok/s",
+                 rates.prefill_tokens_per_s, rates.decode_tokens_per_s)
         ctx = serve.get_replica_context()
         self.replica_id: str = ctx.replica_id.unique_id
         self.metrics = ReplicaMetrics()
@@ -184,6 +192,7 @@ class LLMReplica:
         """The load snapshot; ``stats`` (the pool's, just taken) saves taking it again."""
         stats = stats if stats is not None else self.engine.stats()
         tokens = sum(self._inflight.values())
+        rates = self.engine.engine.rates.rates()
         return ReplicaLoad(
             num_blocks=stats.num_blocks,
             num_free_blocks=stats.num_free_blocks,
@@ -198,6 +207,8 @@ class LLMReplica:
             f_total=stats.f_total,
             usage=stats.usage,
             external_fragmentation=stats.external_fragmentation,
+            prefill_tokens_per_s=rates.prefill_tokens_per_s,
+            decode_tokens_per_s=rates.decode_tokens_per_s,
         )
 
     async def _resolve_address(self) -> str | None:

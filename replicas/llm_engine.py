@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +32,7 @@ from replicas.model_loader import LoadedModel, load_model
 from replicas.model_runner import ModelRunner, kv_bytes_per_block
 from replicas.output_processor import OutputProcessor
 from replicas.outputs import RequestOutput
+from replicas.rate_meter import RateMeter
 from replicas.request import Request
 from replicas.sampler import Sampler
 from replicas.sampling_params import SamplingParams
@@ -99,6 +101,7 @@ class LLMEngine:
         self.lock = threading.Lock()
         self._arrivals = itertools.count()
         self.num_steps = 0
+        self.rates = RateMeter()  # NOTE: measured rates, reported to the selection service
 
     # -- admission ---------------------------------------------------------------------------
     def validate(
@@ -169,10 +172,15 @@ class LLMEngine:
             return self._step()
 
     def _step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
         sched = self.scheduler.schedule()
         if not sched.chunks:
             return []
         self.num_steps += 1
+        # NOTE: a chunk of several tokens is prompt (or recompute) work; a one-token chunk is
+        # a decode row (a one-token prompt chunk is rare and cheap either way).
+        num_prefill = sum(c.num_new_tokens for c in sched.chunks if c.num_new_tokens > 1)
+        num_decode = sched.num_batched_tokens - num_prefill
         sampling, logits = self.runner.execute(sched.chunks)
         self.scheduler.update(sched)
         requests = [c.request for c in sampling]
@@ -191,6 +199,7 @@ class LLMEngine:
                 self.scheduler.finish(req, reason)
                 del self.requests[req.request_id]
             outputs.append(self.outputs.make_output(req))
+        self.rates.observe(num_prefill, num_decode, time.perf_counter() - start)
         return outputs
 
     def generate(

@@ -29,6 +29,7 @@ from benchmarks.workloads.types import SimRequest
 from cluster.types import LoadSnapshot
 from kvmanager.config import PoolConfig
 from kvmanager.manager import KVCacheManager
+from replicas.rate_meter import RateMeter
 
 # NOTE: "uncached_work" (tokens still to compute) mirrors replicas/deployment.py's load report;
 # "inflight_tokens" (prompt + max_tokens of every in-flight request, cached or not) is what it
@@ -101,6 +102,12 @@ class SimReplica:
         self.ttft_ewma_s = 0.0
         self.step_ewma_s = 0.0
         self.f_total = 0.0
+        # NOTE: the replica's own measured rates, as replicas/rate_meter.py: a start-up probe
+        # (one 256-token prefill, one decode step; replicas.rate_meter.calibrate), then EWMA
+        # over the simulated steps.
+        self.rates = RateMeter()
+        self.rates.observe(256, 0, model.prefill_time(256))
+        self.rates.observe(0, 1, model.step_time(1, 1, 0.0, 256))
 
     # ------------------------------------------------------------------ queue
     @property
@@ -263,6 +270,8 @@ class SimReplica:
         assert plan is not None, "finish() without a planned step"
         self.plan_ = None
         self.step_ewma_s += 0.1 * (plan.cum[-1] / plan.k - self.step_ewma_s)
+        n_pre = sum(n for _, n in plan.prefill)
+        self.rates.observe(n_pre, len(plan.decode) * plan.k, plan.cum[-1])
         done: list[SeqState] = []
         for s, n in plan.prefill:
             s.num_computed += n
@@ -300,6 +309,7 @@ class SimReplica:
         else:
             run_tokens = sum(s.prefill_target + s.req.num_output_tokens for s in self.running)
         wait_tokens = sum(s.prefill_target + s.req.num_output_tokens for s in self.waiting)
+        rates = self.rates.rates()
         return LoadSnapshot(
             num_blocks=pool.num_blocks,
             num_free_blocks=free,
@@ -313,4 +323,6 @@ class SimReplica:
             step_time_ewma_s=self.step_ewma_s,
             f_total=self.f_total,
             usage=(pool.num_blocks - free) / pool.num_blocks,
+            prefill_tokens_per_s=rates.prefill_tokens_per_s,
+            decode_tokens_per_s=rates.decode_tokens_per_s,
         )
