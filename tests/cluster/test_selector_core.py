@@ -214,7 +214,8 @@ def test_fast_path_answers_exactly_like_the_generic_path(
                 core.apply_events(rid, seqs[r], [ev])
         elif op == "load":
             snap = LoadSnapshot(num_blocks=400, num_free_blocks=x % 400, num_cached_blocks=x % 97,
-                                num_running_tokens=x, ttft_ewma_s=x / 1000, f_total=x / 3000)  # fmt: skip
+                                num_running_tokens=x, ttft_ewma_s=x / 1000, f_total=x / 3000,
+                                prefill_tokens_per_s=(0.0, 200.0, 29000.0)[x % 3])  # fmt: skip
             for core in (fast, slow):
                 core.update_load(rid, snap)
         elif op == "feedback":

@@ -227,6 +227,7 @@ _rows = st.lists(
         f_total=st.sampled_from([0.0, 0.4, 9.0]),
         reward=st.sampled_from([0.0, 0.0, 0.3, 1.0]),
         same_node=st.booleans(),
+        prefill_tokens_per_s=st.sampled_from([0.0, 0.0, 180.0, 29000.0]),
     ),
     min_size=0,
     max_size=40,
@@ -270,3 +271,36 @@ def test_compiled_select_equals_the_numpy_definition(
     s = np.sort(want.scores)
     if len(s) < 2 or np.min(np.diff(s)) > 1e-9:
         assert got.order.tolist() == want.order.tolist()
+
+
+def test_each_replica_is_charged_at_its_own_measured_rate() -> None:
+    """The same queue costs a slow replica more seconds: its reported rate, not a constant."""
+    p = TinyServeObjective()
+    q = request(10)
+    c = cands(
+        _row("fast", num_queued_tokens=3000, prefill_tokens_per_s=30000.0),
+        _row("slow", num_queued_tokens=3000, prefill_tokens_per_s=3000.0),
+        _row("unreported", num_queued_tokens=3000),
+    )
+    load = p.select(q, c).terms["load_cost"]
+    # (3000 queued + 160 own) tokens / rate, relative to the best: fast 0, configured rate 0,
+    # slow 3160/3000 - 3160/30000 s.
+    np.testing.assert_allclose(load, [0.0, 3160 / 3000 - 3160 / 30000, 0.0], rtol=1e-12)
+    assert _winner(p, q, c) in ("fast", "unreported")
+
+
+def test_cpu_rates_spread_a_shared_template_prefix() -> None:
+    """Issue 20: at the H100 default rate a 2-block chat-template hit outweighs a busy queue
+    and every request piles onto one replica; at the CPU rates the replicas report (~200
+    tokens/s, SmolLM2) the same queue is seconds of wait and the idle replica wins."""
+    p = TinyServeObjective()
+    q = request(3, num_output_tokens=64)  # 48-token prompt, template in its first 2 blocks
+
+    def pair(rate: float) -> object:
+        return cands(
+            _row("busy", num_matched_blocks=2, num_queued_tokens=300, prefill_tokens_per_s=rate),
+            _row("idle", num_matched_blocks=0, prefill_tokens_per_s=rate),
+        )
+
+    assert _winner(p, q, pair(0.0)) == "busy"  # the configured (H100) rate stands in
+    assert _winner(p, q, pair(200.0)) == "idle"
