@@ -76,6 +76,9 @@ class SimConfig:
     seed: int = 0
     reference: bool = False  # the unoptimised paths (full ranking, plain hashing, all snapshots)
     keep_records: bool = True  # False: no RequestRecord per request (1M-request runs)
+    # False: replicas report no measured rates, so the objective's configured rate stands in
+    # (the behaviour before issue 20, kept to show what measuring changes).
+    report_rates: bool = True
 
 
 class ClusterSim:
@@ -95,7 +98,7 @@ class ClusterSim:
         self.core = SelectorCore(core_cfg, clock=lambda: self.now)
         self.replicas = [
             SimReplica(f"r{i:03d}", pool_cfg, config.model, config.max_macro_steps,
-                       config.share_in_step, config.load_metric)
+                       config.share_in_step, config.load_metric, config.report_rates)
             for i in range(config.num_replicas)
         ]
         self._by_id = {r.replica_id: r for r in self.replicas}
@@ -326,3 +329,12 @@ def expand_tokens(req: SimRequest, block_size: int) -> list[int]:
 def simulate(config: SimConfig, workload: Workload) -> RunSummary:
     """Convenience: one run."""
     return ClusterSim(config, workload).run()
+
+
+def simulate_records(config: SimConfig, workload: Workload) -> list[RequestRecord]:
+    """One run's per-request records (completion order); needs ``keep_records``."""
+    if not config.keep_records:
+        raise ValueError("simulate_records needs SimConfig(keep_records=True)")
+    sim = ClusterSim(config, workload)
+    sim.run()
+    return sim.records

@@ -29,7 +29,7 @@ from benchmarks.workloads.types import SimRequest
 from cluster.types import LoadSnapshot
 from kvmanager.config import PoolConfig
 from kvmanager.manager import KVCacheManager
-from replicas.rate_meter import RateMeter
+from replicas.rate_meter import RateMeter, Rates
 
 # NOTE: "uncached_work" (tokens still to compute) mirrors replicas/deployment.py's load report;
 # "inflight_tokens" (prompt + max_tokens of every in-flight request, cached or not) is what it
@@ -78,7 +78,7 @@ class SimReplica:
     def __init__(
         self, replica_id: str, pool_config: PoolConfig, model: StepTimeModel,
         max_macro_steps: int = 32, share_in_step: bool = True,
-        load_metric: str = "uncached_work",
+        load_metric: str = "uncached_work", report_rates: bool = True,
     ) -> None:
         self.replica_id = replica_id
         self.pool = KVCacheManager(pool_config)
@@ -106,6 +106,7 @@ class SimReplica:
         # (one 256-token prefill, one decode step; replicas.rate_meter.calibrate), then EWMA
         # over the simulated steps.
         self.rates = RateMeter()
+        self.report_rates = report_rates
         self.rates.observe(256, 0, model.prefill_time(256))
         self.rates.observe(0, 1, model.step_time(1, 1, 0.0, 256))
 
@@ -309,7 +310,7 @@ class SimReplica:
         else:
             run_tokens = sum(s.prefill_target + s.req.num_output_tokens for s in self.running)
         wait_tokens = sum(s.prefill_target + s.req.num_output_tokens for s in self.waiting)
-        rates = self.rates.rates()
+        rates = self.rates.rates() if self.report_rates else Rates()
         return LoadSnapshot(
             num_blocks=pool.num_blocks,
             num_free_blocks=free,
