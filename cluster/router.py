@@ -32,7 +32,14 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-from cluster.router_core import PromptHasher, RouterSettings, prompt_info, ranks_from_selection
+from cluster.router_core import (
+    PromptHasher,
+    RouterSettings,
+    own_node_id,
+    prompt_info,
+    ranks_from_selection,
+    select_kwargs,
+)
 from cluster.selector_client import AsyncSelectorClient
 
 log = logging.getLogger("ray.serve")
@@ -73,6 +80,8 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self._resolving = False
         self._failures = 0
         self._metrics = _RouterMetrics()
+        # NOTE: the router runs in the ingress replica's process: its node is the origin.
+        self._origin_node_id = own_node_id()
         self.num_decisions = 0
         self.num_fallbacks = 0
 
@@ -144,12 +153,7 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             selection = await client.select(
                 self._hasher(info.prompt_token_ids),
                 len(info.prompt_token_ids),
-                request_id=info.request_id,
-                num_output_tokens=info.max_tokens,
-                session_id=info.session_id,
-                candidate_replica_ids=list(by_id),
-                policy=info.policy or self.settings.policy,
-                max_results=self.settings.max_ranked,
+                **select_kwargs(info, self.settings, list(by_id), self._origin_node_id),
             )
         except (ValueError, PermissionError) as exc:  # NOTE: caller bug; still serve it.
             log.warning("TinyServeRouter: Select refused: %s", exc)

@@ -82,6 +82,42 @@ def prompt_info(args: Sequence[Any]) -> PromptInfo | None:
     return None
 
 
+def select_kwargs(
+    info: PromptInfo,
+    settings: RouterSettings,
+    candidate_replica_ids: list[str],
+    origin_node_id: str = "",
+) -> dict[str, Any]:
+    """The Select call's keyword arguments for one request (block hashes aside).
+
+    ``origin_node_id`` is the node of the router's own process, i.e. of the ingress replica
+    that owns the handle: the request's origin. NOTE: the objective's L term halves the
+    locality of a candidate on another node (cluster/objective.py), so between otherwise equal
+    replicas the one beside the ingress wins and the token stream skips a network hop."""
+    return {
+        "request_id": info.request_id,
+        "num_output_tokens": info.max_tokens,
+        "session_id": info.session_id,
+        "candidate_replica_ids": candidate_replica_ids,
+        "policy": info.policy or settings.policy,
+        "max_results": settings.max_ranked,
+        "origin_node_id": origin_node_id,
+    }
+
+
+def own_node_id() -> str:
+    """This process's Ray node id ("" outside a Ray worker or when Ray cannot say)."""
+    try:
+        import ray
+
+        # NOTE: outside a Ray process get_runtime_context() would start Ray: ask first.
+        if not ray.is_initialized():
+            return ""
+        return str(ray.get_runtime_context().get_node_id() or "")
+    except Exception:  # NOTE: unknown origin = locality off, never a routing failure
+        return ""
+
+
 class PromptHasher:
     """Chained external block hashes of a prompt, as the replicas' pools compute them."""
 

@@ -298,8 +298,11 @@ class LLMReplica:
     def stats(self) -> dict[str, Any]:
         """Pool stats + identity (for tests, benchmarks and operators)."""
         d = self.engine.stats().to_dict()
+        rates = self.engine.engine.rates.rates()
         d.update(
             replica_id=self.replica_id,
+            prefill_tokens_per_s=rates.prefill_tokens_per_s,
+            decode_tokens_per_s=rates.decode_tokens_per_s,
             num_inflight=len(self._inflight),
             selector_address=self._address,
             selector_connected=bool(self._sink and self._sink.connected()),
