@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.openai_auth import AuthSettings
+from cluster.openai_limits import LimitSettings
 from replicas.config import EngineConfig
 
 RouterName = Literal["tinyserve", "prefix_cache_affinity", "pow2"]
@@ -98,6 +100,12 @@ class AppConfig(BaseModel):
         default=0.05, gt=0, description="How often a replica flushes KV events to the service."
     )
     selector: SelectorSettings = Field(default_factory=SelectorSettings)
+    auth: AuthSettings = Field(
+        default_factory=AuthSettings, description="API keys of the HTTP API (on by default)."
+    )
+    limits: LimitSettings = Field(
+        default_factory=LimitSettings, description="Per-request input limits of the ingress."
+    )
 
     def model_name(self) -> str:
         """The model id clients send and /v1/models lists."""
