@@ -35,6 +35,7 @@ from cluster import openai_limits as limits
 from cluster.app_config import AppConfig
 from cluster.openai_auth import check_local_only, load_keys
 from cluster.openai_guard import Guard, install
+from cluster.openai_health import HealthCache
 from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from cluster.openai_responses import Accumulated, ResponseContext, sse
 from cluster.openai_trace import IngressTrace, TraceLog
@@ -151,6 +152,7 @@ class OpenAIIngress:
         self.max_token_chars = limits.max_token_chars(self.tokenizer)
         check_local_only(self.config.auth, _serve_http_host())
         api.state.guard = Guard(load_keys(self.config.auth), self.limits)
+        self._health = HealthCache(serve.get_replica_context().app_name)
 
     # -- plumbing ------------------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
@@ -326,8 +328,10 @@ class OpenAIIngress:
 
     # -- routes ----------------------------------------------------------------------------------
     @api.get("/health")
-    async def health(self) -> dict[str, str]:
-        return {"status": "ok"}
+    async def health(self) -> JSONResponse:
+        """200 while an LLM replica runs, else 503 (``cluster.openai_health``)."""
+        state = await self._health.get()
+        return JSONResponse(state.body(), status_code=200 if state.healthy else 503)
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:

@@ -119,3 +119,71 @@ def test_prompt_char_bound_never_refuses_what_would_fit() -> None:
             check_prompt_chars(len(text), longest, lim)  # must not refuse a prompt that fits
     # A text far over the limit is refused without tokenizing it.
     _refused(check_prompt_chars, 64 * longest + 1, longest, lim)
+
+
+class _FailingGen:
+    """A replica stream that yields ``num_ok`` outputs, then fails as a broken engine step."""
+
+    def __init__(self, num_ok: int) -> None:
+        self.num_ok = num_ok
+        self.cancelled = False
+
+    def __aiter__(self) -> _FailingGen:
+        return self
+
+    async def __anext__(self) -> object:
+        from replicas.outputs import RequestMetrics, RequestOutput
+
+        if self.num_ok == 0:
+            raise RuntimeError("engine step failed: boom")
+        self.num_ok -= 1
+        return RequestOutput("r", [7], "Hi", False, None, 4, 0, 1, None,
+                             RequestMetrics(0.0, 0.1, 0.01))
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_engine_failure_mid_stream_ends_with_error_event_then_done() -> None:
+    import asyncio
+    import json
+    from types import SimpleNamespace
+
+    from cluster.openai_ingress import OpenAIIngress
+    from cluster.openai_responses import ResponseContext
+    from cluster.openai_trace import IngressTrace, TraceLog
+    from replicas.deployment import GenerateRequest
+    from replicas.sampling_params import SamplingParams
+
+    cls = OpenAIIngress.func_or_class
+    gens: list[_FailingGen] = []
+
+    def remote(req: GenerateRequest) -> _FailingGen:
+        gens.append(_FailingGen(num_ok=2))
+        return gens[-1]
+
+    fake = SimpleNamespace(llm=SimpleNamespace(generate=SimpleNamespace(remote=remote)),
+                           trace_log=TraceLog())
+    req = GenerateRequest("chatcmpl-1", [1, 2], SamplingParams(max_tokens=8))
+    ctx = ResponseContext("chat", "chatcmpl-1", "m", None, None)
+
+    async def run() -> list[str]:
+        trace = IngressTrace("chatcmpl-1", 0.0)
+        outputs = cls._outputs(fake, req, False, trace)
+        first = await outputs.__anext__()
+        return [c async for c in cls._sse(fake, ctx, first, outputs, False, trace)]
+
+    events = asyncio.run(run())
+    assert events[-1] == "data: [DONE]\n\n"
+    error = json.loads(events[-2][len("data: "):])["error"]
+    assert error["type"] == "server_error" and "RuntimeError" in error["message"]
+    assert sum('"content":"Hi"' in e for e in events) == 2  # what streamed before the failure
+    assert len(gens) == 1  # a stream that started is never re-sent
+
+    async def whole() -> None:  # non-streamed: the same failure is an OpenAIError (500)
+        async for _ in cls._outputs(fake, req, True, IngressTrace("chatcmpl-1", 0.0)):
+            pass
+
+    with pytest.raises(OpenAIError) as info:
+        asyncio.run(whole())
+    assert info.value.status_code == 500 and info.value.err_type == "server_error"
