@@ -44,7 +44,11 @@ class SelectorSettings(BaseModel):
         description="Run the selection service; when False replicas report nothing and the "
         "tinyserve router always uses its power-of-two fallback.",
     )
-    host: str = Field(default="0.0.0.0", description="gRPC bind address of the service.")
+    host: str = Field(
+        default="",
+        description="gRPC bind address of the service; '' = the node's own address (what "
+        "replicas and routers dial), not every interface.",
+    )
     port: int = Field(default=50051, ge=0, le=65535, description="gRPC port (0 = any free port).")
     policy: str = Field(default="tinyserve", description="The service's default policy.")
     pending_ttl_s: float = Field(

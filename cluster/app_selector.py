@@ -26,10 +26,11 @@ log = logging.getLogger("ray.serve")
 class CacheSelector:
     """Hosts the selection service; Serve methods are control-plane only (not the hot path)."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, Any], token: str | None = None) -> None:
         import ray
 
         self.settings = SelectorSettings(**settings)
+        self._token = token  # NOTE: every RPC but health needs it (cluster.grpc_auth)
         core = SelectorCore(
             CoreConfig(
                 default_policy=self.settings.policy,
@@ -38,17 +39,22 @@ class CacheSelector:
                 objective=ObjectiveConfig(learn=self.settings.learn),
             )
         )
-        self._server = ServerThread(core, host=self.settings.host, port=self.settings.port)
+        node_ip = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+        host = self.settings.host or node_ip  # NOTE: "" = this node's address only
+        self._server = ServerThread(core, host=host, port=self.settings.port, token=token)
         self._server.start()
-        host = self.settings.host
-        if host in ("0.0.0.0", "::", ""):
-            host = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+        if host in ("0.0.0.0", "::"):
+            host = node_ip
         self._address = f"{host}:{self._server.port}"
         log.info("cache-selection service listening on %s", self._address)
 
     def address(self) -> str:
         """Where to dial the service (``host:port``)."""
         return self._address
+
+    def auth_token(self) -> str | None:
+        """The token gRPC clients must send (for the router, through its Serve handle)."""
+        return self._token
 
     def stats(self) -> dict[str, Any]:
         """The core's counters, for tests and operators."""

@@ -297,6 +297,38 @@ def test_limits_and_malformed_input_get_openai_4xx_and_disturb_nothing(
     assert _chat(cluster, "still fine?").choices[0].message.content
 
 
+def test_selection_service_refuses_clients_without_the_app_token(cluster: Cluster) -> None:
+    import grpc
+
+    from protos import cache_selection_pb2 as pb
+    from protos import cache_selection_pb2_grpc as pb_grpc
+
+    handle = serve.get_deployment_handle("CacheSelector", APP)
+    address = handle.address.remote().result(timeout_s=30).split(",")[0]
+    assert not address.startswith(("0.0.0.0", "127.")), address  # the node's address
+    before = _selector_stats()
+    fake = [pb.ReportKVRequest(replica_id="fake-replica", hello=pb.ReplicaHello(
+                block_size=16, num_blocks=64)),
+            pb.ReportKVRequest(replica_id="fake-replica", resync=pb.KVResync(
+                seq=1, block_hashes=list(range(1, 33)), done=True))]
+    with grpc.insecure_channel(address) as ch:
+        stub = pb_grpc.CacheSelectionStub(ch)
+        for md in ((), (("authorization", "Bearer not-the-token"),)):
+            for call, arg in ((stub.Stats, pb.StatsRequest()), (stub.ReportKV, iter(fake)),
+                              (stub.Select, pb.SelectRequest(block_hashes=[1, 2]))):
+                with pytest.raises(grpc.RpcError) as info:
+                    call(arg, timeout=10, metadata=md)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    after = _selector_stats()
+    assert {r["replica_id"] for r in after["replicas"]} == {
+        r["replica_id"] for r in before["replicas"]}
+    assert after["num_unique_blocks"] == before["num_unique_blocks"]
+    # The app's own router and replicas hold the token: routing is still cache-aware.
+    _chat(cluster, "Question one?", system=_prefix("hotel"))
+    assert _chat(cluster, "Again?", system=_prefix("hotel")).usage.prompt_tokens_details\
+        .cached_tokens >= 8 * 16
+
+
 # -- monitoring ---------------------------------------------------------------------------------
 def test_dashboard_lists_the_app_running(cluster: Cluster) -> None:
     from ray._private.authentication.http_token_authentication import (
