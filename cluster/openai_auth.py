@@ -97,6 +97,9 @@ def load_keys(settings: AuthSettings, environ: dict[str, str] | None = None) -> 
         path = Path(settings.api_keys_file).expanduser()
         try:
             keys += parse_keys(path.read_text())
+        except FileNotFoundError as exc:
+            if not keys:  # NOTE: keys from the env suffice; a file named but absent then is fine
+                raise ValueError(f"auth.api_keys_file {str(path)!r} does not exist") from exc
         except OSError as exc:
             raise ValueError(f"auth.api_keys_file {str(path)!r} unreadable: {exc}") from exc
     if not keys:

@@ -44,8 +44,13 @@ def test_keys_from_env_and_file_and_bearer_check(tmp_path) -> None:
 def test_auth_fails_closed_and_off_means_loopback_only(tmp_path) -> None:
     with pytest.raises(ValueError, match="no API key"):
         load_keys(AuthSettings(), environ={})
+    missing = AuthSettings(api_keys_file=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_keys(missing, environ={})
+    assert load_keys(missing, environ={"TINYSERVE_API_KEYS": KEY}) is not None
+    (tmp_path / "dir").mkdir()
     with pytest.raises(ValueError, match="unreadable"):
-        load_keys(AuthSettings(api_keys_file=str(tmp_path / "missing")), environ={})
+        load_keys(AuthSettings(api_keys_file=str(tmp_path / "dir")), environ={})
     with pytest.raises(ValueError, match="at least 16"):
         ApiKeys.from_keys(["short"])
     off = AuthSettings(enabled=False)
