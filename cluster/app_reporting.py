@@ -89,6 +89,7 @@ class SelectorSink:
                 log.warning("feedback for %s failed: %r", outcome.request_id, exc)
 
 
-def make_selector_sink(spec: SinkSpec) -> SelectorSink:
-    """The ``SinkFactory`` the app builder injects into every LLM replica."""
-    return SelectorSink(spec)
+def make_selector_sink(spec: SinkSpec, token: str | None = None) -> SelectorSink:
+    """The ``SinkFactory`` the app builder injects into every LLM replica (``token``: the
+    selection service's, bound by ``cluster.grpc_auth.TokenSinkFactory``)."""
+    return SelectorSink(spec, token=token)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 
-from cluster.app_reporting import SelectorSink
+from cluster.app_reporting import SelectorSink, make_selector_sink
 from replicas.deployment import SinkSpec
 
 
@@ -29,4 +29,4 @@ class TokenSinkFactory:
     token: str = field(repr=False)  # NOTE: never in Serve's logs of init args
 
     def __call__(self, spec: SinkSpec) -> SelectorSink:
-        return SelectorSink(spec, token=self.token)
+        return make_selector_sink(spec, token=self.token)
