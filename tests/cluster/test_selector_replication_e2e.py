@@ -52,6 +52,7 @@ def app() -> Iterator[tuple[Any, str]]:
             # fallback for reasons unrelated to the kill. Failover must happen within it.
             "router_kwargs": {"select_timeout_s": 1.0},
             "selector": {"port": 0, "stale_after_s": 600, "num_replicas": 2, "num_cpus": 0.5},
+            "auth": {"enabled": False},  # NOTE: loopback only (serve.start above)
         }
         serve.run(build_app(args), name=APP, route_prefix="/")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused",
