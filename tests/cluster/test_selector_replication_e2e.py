@@ -74,6 +74,14 @@ def _selector_actors() -> list[str]:
             if "#CacheSelector#" in a["name"]]  # fmt: skip
 
 
+def _auth() -> tuple[tuple[str, str], ...]:
+    """gRPC metadata with the app's selection-service token (cluster.grpc_auth)."""
+    from ray import serve
+
+    token = serve.get_deployment_handle("CacheSelector", APP).auth_token.remote().result()
+    return (("authorization", f"Bearer {token}"),)
+
+
 def _indexes() -> dict[str, dict[str, tuple[int, bool]]]:
     """Per live selection replica (from the registry, dialled directly over gRPC): replica_id
     -> (resident blocks, synced)."""
@@ -88,7 +96,7 @@ def _indexes() -> dict[str, dict[str, tuple[int, bool]]]:
         with grpc.insecure_channel(address) as ch:
             try:
                 resp = pb_grpc.CacheSelectionStub(ch).ListReplicas(
-                    pb.ListReplicasRequest(), timeout=5
+                    pb.ListReplicasRequest(), timeout=5, metadata=_auth()
                 )
             except grpc.RpcError:
                 continue
@@ -103,7 +111,9 @@ def _num_selects(address: str) -> int:
     from protos import cache_selection_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(address) as ch:
-        stats = pb_grpc.CacheSelectionStub(ch).Stats(pb.StatsRequest(), timeout=5)
+        stats = pb_grpc.CacheSelectionStub(ch).Stats(
+            pb.StatsRequest(), timeout=5, metadata=_auth()
+        )
     return int(stats.num_selects)
 
 
