@@ -68,11 +68,12 @@ def main() -> None:
         "step ms | host ms outside the GPU wait | target |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    # NOTE: one row set per run (separate machine starts): the host part of a step varies
-    # between GPU machines by up to ~1.5x, and with it the small shape's figures.
+    # NOTE: one row set per run (separate machine starts; numbered as in engine_notes.md): the
+    # host part of a step varies between GPU machines by up to ~1.7x, and with it the small
+    # shape's figures.
     for shape in ("1b", "8b"):
         for path in sorted(RESULTS.glob(f"engine_gpu_{shape}_h100*.json")):
-            run = path.stem.removeprefix(f"engine_gpu_{shape}_h100").lstrip("_") or "run2"
+            run = path.stem.removeprefix(f"engine_gpu_{shape}_h100").lstrip("_") or "run4"
             lines += decode_rows(shape, run, json.loads(path.read_text()))
     lines += [
         "",

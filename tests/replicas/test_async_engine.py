@@ -313,3 +313,37 @@ def test_streams_from_several_event_loops_share_one_core(
         t.join(timeout=120)
     for i, prompt in enumerate(prompts):
         assert results[i] == hf_greedy(tiny_llama_dir, prompt, 6)
+
+
+def _idle_checks(tiny_llama_dir: Path, after_s: float, wait_for_one: bool) -> list[float]:
+    """Times of the pool checks of an engine with ``idle_check_after_s=after_s`` that served
+    two requests back to back (then waited up to 5 s for a check when ``wait_for_one``)."""
+    cfg = EngineConfig(model=str(tiny_llama_dir), num_blocks=48, block_size=4, max_model_len=128)
+    eng = AsyncLLMEngine(cfg, idle_check_after_s=after_s)
+    calls: list[float] = []
+    check = eng.engine.kv.check_integrity
+
+    def counted() -> None:
+        calls.append(time.monotonic())
+        check()
+
+    eng.engine.kv.check_integrity = counted  # type: ignore[method-assign]
+    params = SamplingParams(max_tokens=3, temperature=0.0)
+
+    async def main() -> None:
+        for i in range(2):
+            await _collect(eng, f"q{i}", [5, 6, 7], params)
+        deadline = time.monotonic() + 5.0
+        while wait_for_one and not calls and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await eng.shutdown()
+
+    asyncio.run(main())
+    return calls
+
+
+def test_integrity_check_waits_for_a_quiet_spell(tiny_llama_dir: Path) -> None:
+    """The pool check runs once the replica has been idle ``idle_check_after_s``, never right
+    after a request (where it delayed the last output and the next request)."""
+    assert _idle_checks(tiny_llama_dir, 60.0, wait_for_one=False) == []
+    assert len(_idle_checks(tiny_llama_dir, 0.05, wait_for_one=True)) >= 1
