@@ -139,8 +139,10 @@ def test_structured_output_validates_streamed_or_not_beside_free_requests(app: A
 
     def json_object() -> str:
         r = app.client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "A JSON object about a dog."}],
+            model=MODEL, messages=[{"role": "user", "content":
+                                    "Give me a JSON object describing a cat with name and age."}],
             response_format={"type": "json_object"}, max_tokens=100, temperature=0)
+        assert r.choices[0].finish_reason == "stop"
         return r.choices[0].message.content or ""
 
     def free() -> str:
