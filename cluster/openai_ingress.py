@@ -1,7 +1,9 @@
 """OpenAIIngress: the HTTP front door (FastAPI through ``serve.ingress``).
 
-Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``,
-``POST /v1/chat/completions`` (``stream`` true = SSE). Bad input gets OpenAI's error body
+Routes: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{model}``,
+``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream`` true = SSE), vLLM's
+``POST /tokenize`` and ``/detokenize`` (``cluster.openai_extras``); any other path or method
+answers 404/405 in OpenAI's error shape. Bad input gets OpenAI's error body
 with the right status (400 invalid request, 404 unknown model, 503 no replica answered) and
 disturbs nothing else. The prompt is tokenized here, once; the token ids travel in a
 ``GenerateRequest`` through the router (which hashes them) to the replica.
@@ -34,6 +36,15 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from cluster import openai_limits as limits
 from cluster.app_config import AppConfig
 from cluster.openai_auth import check_local_only, load_keys
+from cluster.openai_extras import (
+    DetokenizeRequest,
+    TokenizeRequest,
+    detokenize,
+    install_error_handlers,
+    model_card,
+    served_max_model_len,
+    tokenize,
+)
 from cluster.openai_guard import Guard, install
 from cluster.openai_health import HealthCache
 from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
@@ -48,6 +59,7 @@ MAX_ATTEMPTS = 3
 M = TypeVar("M", bound=BaseModel)
 api = FastAPI(title="TinyServe Cluster", version="0.1.0")
 install(api)  # NOTE: API key and body size, before any route runs (cluster.openai_guard)
+install_error_handlers(api)
 
 
 @api.exception_handler(OpenAIError)
@@ -140,7 +152,9 @@ class OpenAIIngress:
 
         self.config = AppConfig(**settings)
         self.model_name = self.config.model_name()
-        self.tokenizer = load_tokenizer(resolve_model_dir(self.config.engine.model))
+        model_dir = resolve_model_dir(self.config.engine.model)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.max_model_len = served_max_model_len(self.config.engine.max_model_len, model_dir)
         self.llm = llm.options(stream=True)
         self.trace_log = TraceLog()
         # NOTE: tokenizing (and the chat template) runs off the event loop, so streams keep
@@ -255,13 +269,14 @@ class OpenAIIngress:
     ) -> Any:
         outputs = self._outputs(req, restartable=not stream, trace=trace)
         if not stream:
-            acc = Accumulated()
+            accs = [Accumulated() for _ in range(req.n)]
             async for out in outputs:
                 if out is None:
-                    acc = Accumulated()  # the replica died mid-way: start over elsewhere
+                    # the replica died mid-way: start over elsewhere
+                    accs = [Accumulated() for _ in range(req.n)]
                 else:
-                    acc.add(out)
-            response = JSONResponse(ctx.body(acc))
+                    accs[out.index].add(out)
+            response = JSONResponse(ctx.body(accs))
             trace.on_sent(first=True, last=True)
             self.trace_log.add(trace)
             return response
@@ -270,7 +285,8 @@ class OpenAIIngress:
         first = await outputs.__anext__()
         assert first is not None
         return StreamingResponse(
-            self._sse(ctx, first, outputs, include_usage, trace), media_type="text/event-stream"
+            self._sse(ctx, first, outputs, include_usage, trace, req.n),
+            media_type="text/event-stream",
         )
 
     async def _sse(
@@ -280,8 +296,11 @@ class OpenAIIngress:
         rest: AsyncIterator[RequestOutput | None],
         include_usage: bool,
         trace: IngressTrace,
+        n: int = 1,
     ) -> AsyncIterator[str]:
-        acc = Accumulated()
+        # NOTE: n > 1: one accumulator per choice; chunks carry the choice's index and go out
+        # in the order the sequences produced them (interleaved).
+        accs = [Accumulated() for _ in range(n)]
         extra: dict[str, Any] = {"usage": None} if include_usage else {}
 
         async def chain() -> AsyncIterator[RequestOutput]:
@@ -291,9 +310,11 @@ class OpenAIIngress:
                 yield out
 
         if ctx.endpoint == "chat":
-            yield sse({**ctx.chunk("", first=True), **extra})
+            for index in range(n):
+                yield sse({**ctx.chunk("", first=True, index=index), **extra})
         try:
             async for out in chain():
+                acc = accs[out.index]
                 offset = len(acc.text)
                 acc.add(out)
                 if out.text_delta or out.finished or out.logprobs:
@@ -306,12 +327,13 @@ class OpenAIIngress:
                                 out.logprobs,
                                 out.finish_reason if out.finished else None,
                                 text_offset=offset,
+                                index=out.index,
                             ),
                             **extra,
                         }
                     )
             if include_usage:
-                yield sse(ctx.usage_chunk(acc))
+                yield sse(ctx.usage_chunk(accs))
         except OpenAIError as err:
             yield sse(err.body())
         except Exception as exc:  # NOTE: whatever breaks, the client gets an error event
@@ -335,17 +357,30 @@ class OpenAIIngress:
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": self.model_name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "tinyserve",
-                }
-            ],
-        }
+        return {"object": "list", "data": [model_card(self.model_name, self.max_model_len)]}
+
+    @api.get("/v1/models/{model:path}")
+    async def model(self, model: str) -> dict[str, Any]:
+        self._check_model(model)
+        return model_card(self.model_name, self.max_model_len)
+
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request) -> dict[str, Any]:
+        body = await _parse(request, TokenizeRequest, self.limits)
+        if body.model is not None:
+            self._check_model(body.model)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_pool, tokenize, self.tokenizer, body, self.max_model_len
+        )
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request) -> dict[str, Any]:
+        body = await _parse(request, DetokenizeRequest, self.limits)
+        if body.model is not None:
+            self._check_model(body.model)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_pool, detokenize, self.tokenizer, body, None
+        )
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
@@ -391,6 +426,7 @@ class OpenAIIngress:
             prompt=text,
             session_id=body.session_id or "",
             routing_policy=_checked_policy(body.routing_policy),
+            n=body.n,
         )
         ctx = ResponseContext(kind, rid, self.model_name, self.tokenizer, params.logprobs)
         trace.tokenized = time.time()
