@@ -175,7 +175,8 @@ def deploy(router: str, engine: dict[str, Any], replicas: int, device: str, http
             "num_cpus_per_replica": 2 if device == "cuda" else 1,
             "num_gpus_per_replica": 1 if device == "cuda" else 0,
             "max_ongoing_requests": 1024, "ingress_num_replicas": 4 if device == "cuda" else 1,
-            "selector": {"port": 0, "stale_after_s": 600}}
+            "selector": {"port": 0, "stale_after_s": 600},
+            "auth": {"enabled": False}}  # NOTE: the proxy binds loopback (see main())
     if router == "tinyserve":  # NOTE: router_kwargs go to whichever router class is chosen.
         args["router_kwargs"] = {"select_timeout_s": 0.05 if device == "cuda" else 1.0}
     t0 = time.perf_counter()

@@ -114,6 +114,7 @@ def run_router(router: str, args: argparse.Namespace, http_port: int) -> RouterR
         "router_kwargs": {"select_timeout_s": args.select_timeout_s} if router == "tinyserve"
         else {},
         "selector": {"port": 0},
+        "auth": {"enabled": False},  # NOTE: the proxy binds loopback (see main())
     }
     serve.run(build_app(app_args), name="bench", route_prefix="/")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused",

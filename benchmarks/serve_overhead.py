@@ -336,6 +336,7 @@ def start_serve(args: argparse.Namespace, model: str, tokenizer_dir: Path) -> tu
         "selector": {"port": 0},
         "served_model_name": "overhead",
         "default_max_tokens": args.output_len,
+        "auth": {"enabled": False},  # NOTE: the proxy binds loopback, above
         **json.loads(args.app_args),
     }
     t0 = time.perf_counter()

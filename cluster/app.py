@@ -17,8 +17,8 @@ from typing import Any, cast
 from ray.serve.deployment import Application, Deployment
 
 from cluster.app_config import AppConfig
-from cluster.app_reporting import make_selector_sink
 from cluster.app_selector import CacheSelector
+from cluster.grpc_auth import TokenSinkFactory, new_token
 from cluster.openai_ingress import OpenAIIngress
 from replicas.deployment import LLMReplica
 
@@ -44,13 +44,14 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     errors name the bad key)."""
     config = AppConfig(**(args or {}))
     selector_enabled = config.selector.enabled and config.router == "tinyserve"
+    token = new_token()  # NOTE: one per deploy; cluster.grpc_auth says who gets it and how
     selector = (
         cast(Deployment, CacheSelector)
         .options(
             num_replicas=config.selector.num_replicas,
             ray_actor_options={"num_cpus": config.selector.num_cpus},
         )
-        .bind(config.selector.model_dump())
+        .bind(config.selector.model_dump(), token)
         if selector_enabled
         else None
     )
@@ -68,7 +69,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         .bind(
             config.engine.model_dump(),
             selector,
-            make_selector_sink if selector_enabled else None,
+            TokenSinkFactory(token) if selector_enabled else None,
             config.report_interval_s,
         )
     )

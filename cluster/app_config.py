@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cluster.objective import ObjectiveConfig
 from cluster.objective_settings import objective_from_mapping
+from cluster.openai_auth import AuthSettings
+from cluster.openai_limits import LimitSettings
 from replicas.config import EngineConfig
 
 RouterName = Literal["tinyserve", "prefix_cache_affinity", "pow2"]
@@ -46,7 +48,11 @@ class SelectorSettings(BaseModel):
         description="Run the selection service; when False replicas report nothing and the "
         "tinyserve router always uses its power-of-two fallback.",
     )
-    host: str = Field(default="0.0.0.0", description="gRPC bind address of the service.")
+    host: str = Field(
+        default="",
+        description="gRPC bind address of the service; '' = the node's own address (what "
+        "replicas and routers dial), not every interface.",
+    )
     port: int = Field(default=50051, ge=0, le=65535, description="gRPC port (0 = any free port).")
     policy: str = Field(default="tinyserve", description="The service's default policy.")
     pending_ttl_s: float = Field(
@@ -125,6 +131,12 @@ class AppConfig(BaseModel):
         default=0.05, gt=0, description="How often a replica flushes KV events to the service."
     )
     selector: SelectorSettings = Field(default_factory=SelectorSettings)
+    auth: AuthSettings = Field(
+        default_factory=AuthSettings, description="API keys of the HTTP API (on by default)."
+    )
+    limits: LimitSettings = Field(
+        default_factory=LimitSettings, description="Per-request input limits of the ingress."
+    )
 
     def model_name(self) -> str:
         """The model id clients send and /v1/models lists."""

@@ -169,12 +169,15 @@ class SelectorSink:
                 client.close()
 
 
-def make_selector_sink(spec: SinkSpec) -> SelectorSink:
+def make_selector_sink(spec: SinkSpec, token: str | None = None) -> SelectorSink:
     """The ``SinkFactory`` the app builder injects into every LLM replica: streams to every
-    selection replica the app's registry lists."""
+    selection replica the app's registry lists (``token``: the selection service's, bound by
+    ``cluster.grpc_auth.TokenSinkFactory``)."""
     from ray import serve
 
     from cluster import selector_registry
 
     app = serve.get_replica_context().app_name
-    return SelectorSink(spec, directory=lambda: selector_registry.live_addresses(app))
+    return SelectorSink(
+        spec, token=token, directory=lambda: selector_registry.live_addresses(app)
+    )

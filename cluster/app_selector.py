@@ -31,10 +31,11 @@ log = logging.getLogger("ray.serve")
 class CacheSelector:
     """Hosts the selection service; Serve methods are control-plane only (not the hot path)."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, Any], token: str | None = None) -> None:
         import ray
 
         self.settings = SelectorSettings(**settings)
+        self._token = token  # NOTE: every RPC but health needs it (cluster.grpc_auth)
         core = SelectorCore(
             CoreConfig(
                 default_policy=self.settings.policy,
@@ -43,10 +44,11 @@ class CacheSelector:
                 objective=self.settings.objective_config(),
             )
         )
-        self._server = self._start(core)
-        host = self.settings.host
-        if host in ("0.0.0.0", "::", ""):
-            host = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+        node_ip = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+        host = self.settings.host or node_ip  # NOTE: "" = this node's address only
+        self._server = self._start(core, host, token)
+        if host in ("0.0.0.0", "::"):
+            host = node_ip
         self._address = f"{host}:{self._server.port}"
         ctx = serve.get_replica_context()
         self._app, self._replica = ctx.app_name, ctx.replica_id.unique_id
@@ -58,15 +60,15 @@ class CacheSelector:
         self._heartbeat.start()
         log.info("cache-selection service listening on %s", self._address)
 
-    def _start(self, core: SelectorCore) -> ServerThread:
+    def _start(self, core: SelectorCore, host: str, token: str | None) -> ServerThread:
         """Serve on the configured port, or on any free one when a sibling holds it."""
         try:
-            return ServerThread(core, host=self.settings.host, port=self.settings.port).start()
+            return ServerThread(core, host=host, port=self.settings.port, token=token).start()
         except RuntimeError:
             if not self.settings.port:
                 raise
             log.info("port %d taken (a sibling selection replica?): any free port", self.settings.port)
-            return ServerThread(core, host=self.settings.host, port=0).start()
+            return ServerThread(core, host=host, port=0, token=token).start()
 
     def _heartbeat_loop(self) -> None:
         while not self._stopping.wait(selector_registry.HEARTBEAT_S):
@@ -87,6 +89,10 @@ class CacheSelector:
     def own_address(self) -> str:
         """This replica's own ``host:port``."""
         return self._address
+
+    def auth_token(self) -> str | None:
+        """The token gRPC clients must send (for the router, through its Serve handle)."""
+        return self._token
 
     def stats(self) -> dict[str, Any]:
         """The core's counters, for tests and operators."""

@@ -15,6 +15,7 @@ from protos import cache_selection_pb2 as pb
 
 MAX_ID_CHARS = 256
 MAX_CANDIDATES = 4096
+MAX_BLOCK_SIZE = 1024
 _LOAD_FIELDS = tuple(f.name for f in pb.LoadSnapshot.DESCRIPTOR.fields)
 _TERM_FIELDS = tuple(f.name for f in pb.ScoreTerms.DESCRIPTOR.fields)
 
@@ -78,6 +79,14 @@ def events_from_proto(batch: pb.KVEventBatch, max_events: int, max_hashes: int) 
             s = ev.block_stored
             if len(s.block_hashes) > max_hashes:
                 raise ValueError(f"event {i}: {len(s.block_hashes)} hashes; limit {max_hashes}")
+            if s.block_size > MAX_BLOCK_SIZE:
+                raise ValueError(f"event {i}: block_size {s.block_size}; limit {MAX_BLOCK_SIZE}")
+            # NOTE: a block holds at most block_size tokens: more token ids are not KV events.
+            max_tokens = len(s.block_hashes) * (s.block_size or MAX_BLOCK_SIZE)
+            if len(s.token_ids) > max_tokens:
+                raise ValueError(
+                    f"event {i}: {len(s.token_ids)} token_ids for {len(s.block_hashes)} blocks"
+                )
             out.append(
                 BlockStored(
                     block_hashes=list(s.block_hashes),

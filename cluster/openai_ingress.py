@@ -1,7 +1,9 @@
 """OpenAIIngress: the HTTP front door (FastAPI through ``serve.ingress``).
 
-Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``,
-``POST /v1/chat/completions`` (``stream`` true = SSE). Bad input gets OpenAI's error body
+Routes: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{model}``,
+``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream`` true = SSE), vLLM's
+``POST /tokenize`` and ``/detokenize`` (``cluster.openai_extras``); any other path or method
+answers 404/405 in OpenAI's error shape. Bad input gets OpenAI's error body
 with the right status (400 invalid request, 404 unknown model, 503 no replica answered) and
 disturbs nothing else. The prompt is tokenized here, once; the token ids travel in a
 ``GenerateRequest`` through the router (which hashes them) to the replica.
@@ -16,6 +18,7 @@ away cancels the Serve call, which aborts the request in the replica's engine.
 # (string) annotations such as ``request: Request`` (it would read them as query params).
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -30,7 +33,20 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
+from cluster import openai_limits as limits
 from cluster.app_config import AppConfig
+from cluster.openai_auth import check_local_only, load_keys
+from cluster.openai_extras import (
+    DetokenizeRequest,
+    TokenizeRequest,
+    detokenize,
+    install_error_handlers,
+    model_card,
+    served_max_model_len,
+    tokenize,
+)
+from cluster.openai_guard import Guard, install
+from cluster.openai_health import HealthCache
 from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from cluster.openai_responses import Accumulated, ResponseContext, sse
 from cluster.openai_trace import IngressTrace, TraceLog
@@ -42,6 +58,8 @@ log = logging.getLogger("ray.serve")
 MAX_ATTEMPTS = 3
 M = TypeVar("M", bound=BaseModel)
 api = FastAPI(title="TinyServe Cluster", version="0.1.0")
+install(api)  # NOTE: API key and body size, before any route runs (cluster.openai_guard)
+install_error_handlers(api)
 
 
 @api.exception_handler(OpenAIError)
@@ -58,18 +76,33 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return JSONResponse(err.body(), status_code=400)
 
 
-async def _parse(request: Request, model: type[M]) -> M:
-    """The JSON body as ``model``; OpenAIError 400 naming the first bad field.
+async def _read_body(request: Request, settings: limits.LimitSettings) -> bytes:
+    """The body, counted while it arrives: 413 once it passes ``max_body_bytes`` (the guard
+    has already refused a too-large declared Content-Length)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        limits.check_body_bytes(size, settings)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse(request: Request, model: type[M], settings: limits.LimitSettings) -> M:
+    """The JSON body as ``model``; OpenAIError 400 naming the first bad field (413 for a body
+    over the limit; ``openai_limits.check_raw`` before validation).
 
     NOTE: parsed by hand rather than by a FastAPI body parameter: Serve's class-based ingress
     rewrites method signatures, which defeats FastAPI's resolution of postponed annotations.
     """
+    raw = await _read_body(request, settings)
     try:
-        data = await request.json()
+        data = json.loads(raw)
     except ValueError as exc:
         raise OpenAIError(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise OpenAIError("request body must be a JSON object")
+    limits.check_raw(data, model.model_fields, settings)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -91,6 +124,17 @@ def _checked_policy(name: str | None) -> str:
     return name
 
 
+def _serve_http_host() -> str | None:
+    """The address Serve's HTTP proxies bind (None when it cannot be read)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client()
+        return str(client.http_config.host) if client is not None else None
+    except Exception:  # NOTE: unknown counts as not loopback (auth off then refuses to start)
+        return None
+
+
 def _cause(exc: BaseException) -> BaseException:
     """The user-level exception inside a Ray task error."""
     cause = getattr(exc, "cause", None)
@@ -108,13 +152,21 @@ class OpenAIIngress:
 
         self.config = AppConfig(**settings)
         self.model_name = self.config.model_name()
-        self.tokenizer = load_tokenizer(resolve_model_dir(self.config.engine.model))
+        model_dir = resolve_model_dir(self.config.engine.model)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.max_model_len = served_max_model_len(self.config.engine.max_model_len, model_dir)
         self.llm = llm.options(stream=True)
         self.trace_log = TraceLog()
         # NOTE: tokenizing (and the chat template) runs off the event loop, so streams keep
         # flowing while a long prompt is encoded. One thread: HF fast tokenizers are not safe
         # to call from several threads at once ("Already borrowed").
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tinyserve-tokenize")
+        self.limits = self.config.limits
+        self.vocab_size = len(self.tokenizer) if self.tokenizer is not None else None
+        self.max_token_chars = limits.max_token_chars(self.tokenizer)
+        check_local_only(self.config.auth, _serve_http_host())
+        api.state.guard = Guard(load_keys(self.config.auth), self.limits)
+        self._health = HealthCache(serve.get_replica_context().app_name)
 
     # -- plumbing ------------------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
@@ -162,6 +214,17 @@ class OpenAIIngress:
             except ValueError as exc:
                 done = True
                 raise OpenAIError(str(_cause(exc))) from exc
+            except OpenAIError:
+                done = True
+                raise
+            except Exception as exc:
+                # NOTE: e.g. a failed engine step: OpenAI's server_error, never a bare 500 or a
+                # stream cut without an error event.
+                done = True
+                log.warning("request %s failed: %r", base_id, _cause(exc))
+                raise OpenAIError(
+                    f"generation failed: {type(_cause(exc)).__name__}", 500, "server_error"
+                ) from exc
             finally:
                 if not done:
                     gen.cancel()  # NOTE: client went away: abort on the replica.
@@ -173,20 +236,28 @@ class OpenAIIngress:
     def _tokenize_chat(self, body: ChatCompletionRequest) -> tuple[str, list[int]]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise OpenAIError("this model has no chat template; use /v1/completions")
-        text = self.tokenizer.apply_chat_template(
-            body.chat(), tokenize=False, add_generation_prompt=True
-        )
+        chat = body.chat()
+        num_chars = sum(len(m["content"]) for m in chat)
+        limits.check_prompt_chars(num_chars, self.max_token_chars, self.limits, "messages")
+        text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         # NOTE: the template already holds the special tokens; do not add a BOS twice.
-        return text, list(self.tokenizer.encode(text, add_special_tokens=False))
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        limits.check_prompt_tokens(len(ids), self.limits, "messages")
+        return text, ids
 
     def _tokenize_completion(self, body: CompletionRequest) -> tuple[str, list[int]]:
         prompt = body.single_prompt()
         if isinstance(prompt, list):
+            limits.check_prompt_tokens(len(prompt), self.limits)
+            limits.check_token_ids(prompt, self.vocab_size, "prompt")
             text = self.tokenizer.decode(prompt) if self.tokenizer is not None else ""
             return text, prompt
         if self.tokenizer is None:
             raise OpenAIError("this model has no tokenizer; send token ids as the prompt")
-        return prompt, list(self.tokenizer.encode(prompt))
+        limits.check_prompt_chars(len(prompt), self.max_token_chars, self.limits)
+        ids = list(self.tokenizer.encode(prompt))
+        limits.check_prompt_tokens(len(ids), self.limits)
+        return prompt, ids
 
     async def _respond(
         self,
@@ -198,13 +269,14 @@ class OpenAIIngress:
     ) -> Any:
         outputs = self._outputs(req, restartable=not stream, trace=trace)
         if not stream:
-            acc = Accumulated()
+            accs = [Accumulated() for _ in range(req.n)]
             async for out in outputs:
                 if out is None:
-                    acc = Accumulated()  # the replica died mid-way: start over elsewhere
+                    # the replica died mid-way: start over elsewhere
+                    accs = [Accumulated() for _ in range(req.n)]
                 else:
-                    acc.add(out)
-            response = JSONResponse(ctx.body(acc))
+                    accs[out.index].add(out)
+            response = JSONResponse(ctx.body(accs))
             trace.on_sent(first=True, last=True)
             self.trace_log.add(trace)
             return response
@@ -213,7 +285,8 @@ class OpenAIIngress:
         first = await outputs.__anext__()
         assert first is not None
         return StreamingResponse(
-            self._sse(ctx, first, outputs, include_usage, trace), media_type="text/event-stream"
+            self._sse(ctx, first, outputs, include_usage, trace, req.n),
+            media_type="text/event-stream",
         )
 
     async def _sse(
@@ -223,8 +296,11 @@ class OpenAIIngress:
         rest: AsyncIterator[RequestOutput | None],
         include_usage: bool,
         trace: IngressTrace,
+        n: int = 1,
     ) -> AsyncIterator[str]:
-        acc = Accumulated()
+        # NOTE: n > 1: one accumulator per choice; chunks carry the choice's index and go out
+        # in the order the sequences produced them (interleaved).
+        accs = [Accumulated() for _ in range(n)]
         extra: dict[str, Any] = {"usage": None} if include_usage else {}
 
         async def chain() -> AsyncIterator[RequestOutput]:
@@ -234,9 +310,11 @@ class OpenAIIngress:
                 yield out
 
         if ctx.endpoint == "chat":
-            yield sse({**ctx.chunk("", first=True), **extra})
+            for index in range(n):
+                yield sse({**ctx.chunk("", first=True, index=index), **extra})
         try:
             async for out in chain():
+                acc = accs[out.index]
                 offset = len(acc.text)
                 acc.add(out)
                 if out.text_delta or out.finished or out.logprobs:
@@ -249,51 +327,78 @@ class OpenAIIngress:
                                 out.logprobs,
                                 out.finish_reason if out.finished else None,
                                 text_offset=offset,
+                                index=out.index,
                             ),
                             **extra,
                         }
                     )
             if include_usage:
-                yield sse(ctx.usage_chunk(acc))
+                yield sse(ctx.usage_chunk(accs))
         except OpenAIError as err:
             yield sse(err.body())
+        except Exception as exc:  # NOTE: whatever breaks, the client gets an error event
+            log.warning("stream %s failed: %r", ctx.response_id, exc)
+            yield sse(OpenAIError(f"stream failed: {type(exc).__name__}", 500,
+                                  "server_error").body())
         self.trace_log.add(trace)
         yield sse("[DONE]")
 
+    def _check_limits(self, body: ChatCompletionRequest | CompletionRequest) -> None:
+        limits.check_params(
+            body.stop, body.stop_token_ids, body.session_id, self.vocab_size, self.limits
+        )
+
     # -- routes ----------------------------------------------------------------------------------
     @api.get("/health")
-    async def health(self) -> dict[str, str]:
-        return {"status": "ok"}
+    async def health(self) -> JSONResponse:
+        """200 while an LLM replica runs, else 503 (``cluster.openai_health``)."""
+        state = await self._health.get()
+        return JSONResponse(state.body(), status_code=200 if state.healthy else 503)
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": self.model_name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "tinyserve",
-                }
-            ],
-        }
+        return {"object": "list", "data": [model_card(self.model_name, self.max_model_len)]}
+
+    @api.get("/v1/models/{model:path}")
+    async def model(self, model: str) -> dict[str, Any]:
+        self._check_model(model)
+        return model_card(self.model_name, self.max_model_len)
+
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request) -> dict[str, Any]:
+        body = await _parse(request, TokenizeRequest, self.limits)
+        if body.model is not None:
+            self._check_model(body.model)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_pool, tokenize, self.tokenizer, body, self.max_model_len
+        )
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request) -> dict[str, Any]:
+        body = await _parse(request, DetokenizeRequest, self.limits)
+        if body.model is not None:
+            self._check_model(body.model)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_pool, detokenize, self.tokenizer, body, None
+        )
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
         recv = time.time()
-        body = await _parse(request, ChatCompletionRequest)
+        body = await _parse(request, ChatCompletionRequest, self.limits)
         self._check_model(body.model)
         body.check_supported()
+        self._check_limits(body)
         text, ids = await self._tokenize(self._tokenize_chat, body)
         return await self._generate("chat", "chatcmpl", body, text, ids, recv)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
         recv = time.time()
-        body = await _parse(request, CompletionRequest)
+        body = await _parse(request, CompletionRequest, self.limits)
         self._check_model(body.model)
         body.check_supported()
+        self._check_limits(body)
         text, ids = await self._tokenize(self._tokenize_completion, body)
         return await self._generate("completion", "cmpl", body, text, ids, recv)
 
@@ -321,6 +426,7 @@ class OpenAIIngress:
             prompt=text,
             session_id=body.session_id or "",
             routing_policy=_checked_policy(body.routing_policy),
+            n=body.n,
         )
         ctx = ResponseContext(kind, rid, self.model_name, self.tokenizer, params.logprobs)
         trace.tokenized = time.time()

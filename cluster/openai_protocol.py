@@ -1,9 +1,11 @@
 """OpenAI API request models and their mapping onto the engine's SamplingParams.
 
-Only what the engine can honour is accepted: ``n`` > 1, ``best_of``, ``echo``, tools and
-non-text message parts are refused with a 400 naming the field (never silently ignored).
-Unknown extra fields are ignored, as OpenAI's own server does. vLLM's sampling extensions
-(``top_k``, ``min_p``, ``ignore_eos``, ``stop_token_ids``) are accepted too.
+Only what the engine can honour is accepted: ``best_of`` other than ``n``, ``echo``, tools
+and non-text message parts are refused with a 400 naming the field (never silently ignored).
+Unknown extra fields are ignored, as OpenAI's own server does. ``n`` (1-16 sequences sharing
+the prompt's blocks), ``response_format`` (``cluster.openai_formats``) and ``logit_bias`` are
+served; vLLM's sampling extensions (``top_k``, ``min_p``, ``ignore_eos``, ``stop_token_ids``,
+``min_tokens``, ``repetition_penalty``) are accepted too.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.openai_formats import ResponseFormat, logit_bias_ids
+from replicas.parallel_sampling import MAX_N
 from replicas.sampling_params import SamplingParams
 
 
@@ -58,7 +62,7 @@ class _SamplingFields(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
@@ -70,6 +74,10 @@ class _SamplingFields(BaseModel):
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     ignore_eos: bool = False
     stop_token_ids: list[int] = Field(default_factory=list)
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int = Field(default=0, ge=0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    response_format: ResponseFormat | None = None
     session_id: str | None = None
     # NOTE: A/B routing: the selection-service policy for this request (cluster.policy names);
     # None = the router's configured policy. Checked by the ingress against the registry.
@@ -79,8 +87,6 @@ class _SamplingFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def check_supported(self) -> None:
-        if self.n != 1:
-            raise OpenAIError("only n=1 is supported", param="n")
         if self.stream_options is not None and not self.stream:
             raise OpenAIError(
                 "stream_options is only allowed with stream=true", param="stream_options"
@@ -90,6 +96,12 @@ class _SamplingFields(BaseModel):
         self, max_tokens: int | None, default_max_tokens: int, logprobs: int | None
     ) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        try:
+            bias = logit_bias_ids(self.logit_bias)
+            structured = self.response_format.spec() if self.response_format else None
+        except ValueError as exc:
+            param = "logit_bias" if "logit_bias" in str(exc) else "response_format"
+            raise OpenAIError(str(exc), param=param) from exc
         return SamplingParams(
             max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -103,6 +115,10 @@ class _SamplingFields(BaseModel):
             stop_token_ids=list(self.stop_token_ids),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            logit_bias=bias,
+            min_tokens=self.min_tokens,
+            repetition_penalty=self.repetition_penalty,
+            structured_output=structured,
         )
 
 
@@ -168,8 +184,10 @@ class CompletionRequest(_SamplingFields):
         super().check_supported()
         if self.echo:
             raise OpenAIError("echo is not supported", param="echo")
-        if self.best_of not in (None, 1):
-            raise OpenAIError("only best_of=1 is supported", param="best_of")
+        # NOTE: best_of > n is refused, as vLLM v1 does: it would need n sequences ranked by
+        # cumulative logprob and the rest thrown away.
+        if self.best_of not in (None, self.n):
+            raise OpenAIError("best_of must equal n (or be left out)", param="best_of")
         if self.suffix:
             raise OpenAIError("suffix is not supported", param="suffix")
 

@@ -2,13 +2,16 @@
 
 Pure functions of their inputs (no Ray, no HTTP), so the wire format is unit-tested on its own.
 ``usage.prompt_tokens_details.cached_tokens`` is the engine's ``num_cached_tokens``: the
-prompt tokens whose K/V came from the replica's prefix cache.
+prompt tokens whose K/V came from the replica's prefix cache. With ``n`` > 1 every choice
+has its own ``Accumulated``; usage counts the prompt once (the first sequence's prompt and
+cache hit, as OpenAI counts one prompt) and the completion tokens of every choice.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -100,6 +103,17 @@ class Accumulated:
         self.num_output_tokens = out.num_output_tokens
 
 
+def usage_of(accs: Accumulated | Sequence[Accumulated]) -> dict[str, Any]:
+    """Usage of one response: the prompt once, the outputs of every choice."""
+    accs = [accs] if isinstance(accs, Accumulated) else list(accs)
+    first = accs[0]
+    return usage(
+        first.num_prompt_tokens,
+        sum(a.num_output_tokens for a in accs),
+        first.num_cached_tokens,
+    )
+
+
 @dataclass(slots=True)
 class ResponseContext:
     """What every body/chunk of one response repeats."""
@@ -122,24 +136,28 @@ class ResponseContext:
             return chat_logprobs(self.tokenizer, token_ids, lps, self.logprobs)
         return completion_logprobs(self.tokenizer, token_ids, lps, offset)
 
-    def body(self, acc: Accumulated) -> dict[str, Any]:
-        """The full non-streamed response."""
-        choice: dict[str, Any] = {
-            "index": 0,
-            "finish_reason": acc.finish_reason,
-            "logprobs": self._logprobs(acc.token_ids, acc.logprobs, 0),
-        }
-        if self.endpoint == "chat":
-            choice["message"] = {"role": "assistant", "content": acc.text}
-        else:
-            choice["text"] = acc.text
+    def body(self, accs: Accumulated | Sequence[Accumulated]) -> dict[str, Any]:
+        """The full non-streamed response (one ``Accumulated`` per choice, by index)."""
+        accs = [accs] if isinstance(accs, Accumulated) else list(accs)
+        choices = []
+        for index, acc in enumerate(accs):
+            choice: dict[str, Any] = {
+                "index": index,
+                "finish_reason": acc.finish_reason,
+                "logprobs": self._logprobs(acc.token_ids, acc.logprobs, 0),
+            }
+            if self.endpoint == "chat":
+                choice["message"] = {"role": "assistant", "content": acc.text}
+            else:
+                choice["text"] = acc.text
+            choices.append(choice)
         return {
             "id": self.response_id,
             "object": self.object_name,
             "created": self.created,
             "model": self.model,
-            "choices": [choice],
-            "usage": usage(acc.num_prompt_tokens, acc.num_output_tokens, acc.num_cached_tokens),
+            "choices": choices,
+            "usage": usage_of(accs),
         }
 
     def chunk(
@@ -150,10 +168,11 @@ class ResponseContext:
         finish_reason: str | None = None,
         first: bool = False,
         text_offset: int = 0,
+        index: int = 0,
     ) -> dict[str, Any]:
         """One streamed choice delta (``usage`` left to ``usage_chunk``)."""
         choice: dict[str, Any] = {
-            "index": 0,
+            "index": index,
             "finish_reason": finish_reason,
             "logprobs": self._logprobs(token_ids or [], lps or [], text_offset),
         }
@@ -170,7 +189,7 @@ class ResponseContext:
             "choices": [choice],
         }
 
-    def usage_chunk(self, acc: Accumulated) -> dict[str, Any]:
+    def usage_chunk(self, acc: Accumulated | Sequence[Accumulated]) -> dict[str, Any]:
         """The last chunk when ``stream_options.include_usage``: empty choices plus usage."""
         obj = "chat.completion.chunk" if self.endpoint == "chat" else "text_completion"
         return {
@@ -179,7 +198,7 @@ class ResponseContext:
             "created": self.created,
             "model": self.model,
             "choices": [],
-            "usage": usage(acc.num_prompt_tokens, acc.num_output_tokens, acc.num_cached_tokens),
+            "usage": usage_of(acc),
         }
 
 

@@ -19,6 +19,7 @@ Metrics (Serve API, labelled with the ingress deployment that owns the handle):
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -75,6 +76,9 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self.settings = RouterSettings.from_kwargs(kwargs)
         self._hasher = PromptHasher(self.settings.block_size, self.settings.hash_mode)
         self._address: str | None = self.settings.selector_address
+        # NOTE: a standalone service (``selector_address``) takes its token from the env;
+        # the app's own is fetched with its address (cluster.grpc_auth).
+        self._token: str | None = os.environ.get("TINYSERVE_SELECTOR_TOKEN") or None
         self._client: AsyncSelectorClient | None = None
         self._client_address: str | None = None
         self._resolving = False
@@ -100,6 +104,8 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                 handle = serve.get_deployment_handle(
                     self.settings.selector_deployment, self.app_name
                 )
+                token = handle.auth_token.remote().result(timeout_s=10.0)
+                self._token = str(token) if token else None
                 self._address = str(handle.address.remote().result(timeout_s=10.0))
                 self._failures = 0
             except Exception as exc:
@@ -116,7 +122,9 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             return None
         if self._client is None or self._client_address != address:
             # NOTE: grpc.aio channels bind to the running loop: create it on the router loop.
-            self._client = AsyncSelectorClient(address, timeout_s=self.settings.select_timeout_s)
+            self._client = AsyncSelectorClient(
+                address, token=self._token, timeout_s=self.settings.select_timeout_s
+            )
             self._client_address = address
         return self._client
 

@@ -32,7 +32,9 @@ from protos import cache_selection_pb2 as pb
 from protos import cache_selection_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CacheSelection"].full_name
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# NOTE: the largest legitimate message is a resync chunk (65,536 hashes, < 1 MB) or a Select
+# of max_prompt_blocks hashes; 16 MB leaves room and refuses memory-hungry garbage.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 log = logging.getLogger("tinyserve.selector")
 
 

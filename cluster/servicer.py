@@ -28,7 +28,16 @@ from cluster.core import SelectorCore
 from protos import cache_selection_pb2 as pb
 from protos import cache_selection_pb2_grpc as pb_grpc
 
-MAX_RESYNC_HASHES = 8_000_000
+# NOTE: a resync lists a replica's resident blocks: at most its pool (hello.num_blocks) on
+# the device tier; the bound covers a host tier too, at ~9 bytes a hash (~18 MB buffered).
+MAX_RESYNC_HASHES = 2_000_000
+# Replica ids that the streams of one peer host may hold open at once (one per GPU replica).
+MAX_REPLICAS_PER_PEER = 256
+
+
+def _peer_host(context: grpc.aio.ServicerContext) -> str:
+    """``ipv4:10.0.0.5:41234`` -> ``ipv4:10.0.0.5`` (the port differs per connection)."""
+    return str(context.peer() or "").rsplit(":", 1)[0]
 
 
 class CacheSelectionServicer(pb_grpc.CacheSelectionServicer):
@@ -37,6 +46,7 @@ class CacheSelectionServicer(pb_grpc.CacheSelectionServicer):
 
     def __init__(self, core: SelectorCore) -> None:
         self.core = core
+        self._peer_replicas: dict[str, dict[str, int]] = {}  # host -> replica_id -> streams
 
     async def _invalid(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         self.core.metrics.errors.labels("invalid_argument").inc()
@@ -69,6 +79,8 @@ class CacheSelectionServicer(pb_grpc.CacheSelectionServicer):
         left = False
         resync_gpu: list[int] = []
         resync_cpu: list[int] = []
+        max_resync = MAX_RESYNC_HASHES
+        peer = _peer_host(context)
         try:
             async for msg in request_iterator:
                 num_messages += 1
@@ -76,13 +88,18 @@ class CacheSelectionServicer(pb_grpc.CacheSelectionServicer):
                 if not replica_id:
                     if kind != "hello":
                         raise ValueError(f"the first ReportKV message must be hello, got {kind}")
-                    replica_id = check_id(msg.replica_id, "replica_id")
+                    claimed = check_id(msg.replica_id, "replica_id")
+                    self._claim(peer, claimed)
+                    replica_id = claimed
                 if msg.replica_id and msg.replica_id != replica_id:
                     raise ValueError(
                         f"stream of {replica_id!r} sent a message for {msg.replica_id!r}"
                     )
                 if kind == "hello":
                     h = msg.hello
+                    check_id(h.node_id, "node_id", required=False)
+                    if h.num_blocks:
+                        max_resync = min(MAX_RESYNC_HASHES, 2 * h.num_blocks)
                     core.join(replica_id, h.node_id, h.block_size or 16, h.num_blocks)
                 elif kind == "batch":
                     events = events_from_proto(
@@ -103,8 +120,8 @@ class CacheSelectionServicer(pb_grpc.CacheSelectionServicer):
                     r = msg.resync
                     resync_gpu.extend(r.block_hashes)
                     resync_cpu.extend(r.host_block_hashes)
-                    if len(resync_gpu) + len(resync_cpu) > MAX_RESYNC_HASHES:
-                        raise ValueError(f"resync exceeds {MAX_RESYNC_HASHES} block hashes")
+                    if len(resync_gpu) + len(resync_cpu) > max_resync:
+                        raise ValueError(f"resync exceeds {max_resync} block hashes")
                     if r.done:
                         core.resync(replica_id, r.seq, resync_gpu, resync_cpu)
                         last_seq = r.seq
@@ -119,9 +136,29 @@ class CacheSelectionServicer(pb_grpc.CacheSelectionServicer):
         except ValueError as exc:
             await self._invalid(context, exc)
         finally:
+            if replica_id:
+                self._release(peer, replica_id)
             if replica_id and not left:
                 core.disconnect(replica_id)
         return pb.ReportKVResponse(last_applied_seq=last_seq, num_messages=num_messages)
+
+    def _claim(self, peer: str, replica_id: str) -> None:
+        """Count an open stream of ``replica_id`` from ``peer``; ValueError past the limit
+        (``_release`` is only reached for a claim that succeeded: the id is set after it)."""
+        held = self._peer_replicas.setdefault(peer, {})
+        if replica_id not in held and len(held) >= MAX_REPLICAS_PER_PEER:
+            raise ValueError(f"{peer} already reports {len(held)} replicas; limit "
+                             f"{MAX_REPLICAS_PER_PEER}")
+        held[replica_id] = held.get(replica_id, 0) + 1
+
+    def _release(self, peer: str, replica_id: str) -> None:
+        held = self._peer_replicas.get(peer, {})
+        if replica_id in held:
+            held[replica_id] -= 1
+            if held[replica_id] <= 0:
+                del held[replica_id]
+        if not held:
+            self._peer_replicas.pop(peer, None)
 
     async def Feedback(
         self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext

@@ -46,7 +46,9 @@ class GenerateRequest:
     ``prompt`` is the text form, read only by Ray's own ``PrefixCacheAffinityRouter`` (it
     looks for a ``.prompt`` attribute); the engine uses ``prompt_token_ids``.
     ``routing_policy`` asks the TinyServe router for one selection-service policy ("" = its
-    configured one), for A/B runs over one deployment.
+    configured one), for A/B runs over one deployment. ``n`` > 1 asks for that many sequences
+    of the prompt (one routed request; the replica's engine fans out, sharing the prompt's
+    blocks), their outputs tagged with ``index``.
     """
 
     request_id: str
@@ -55,6 +57,7 @@ class GenerateRequest:
     prompt: str = ""
     session_id: str = ""
     routing_policy: str = ""
+    n: int = 1
 
 
 @dataclass(slots=True)
@@ -155,8 +158,13 @@ class LLMReplica:
             raise RuntimeError("replica is shutting down")
         recv = time.time()
         rid = request.request_id
-        stream = self.engine.generate(rid, request.prompt_token_ids, request.sampling_params)
+        n = request.n
+        stream = self.engine.generate(
+            rid, request.prompt_token_ids, request.sampling_params, n=n
+        )
+        # NOTE: n sequences owe n times the outputs (approximated from the latest delta).
         num_prompt, max_tokens = len(request.prompt_token_ids), request.sampling_params.max_tokens
+        max_tokens *= n
         self._inflight[rid] = remaining_work_tokens(num_prompt, max_tokens, None)
         first_yield = 0.0
         num_outputs = 0
@@ -164,7 +172,7 @@ class LLMReplica:
             async for out in stream:
                 self._inflight[rid] = remaining_work_tokens(num_prompt, max_tokens, out)
                 if out.finished:
-                    self._on_finished(rid, out)
+                    self._on_finished(rid, out, feedback=out.index == 0)
                 out.emit_time = time.time()
                 num_outputs += 1
                 if not first_yield:
@@ -177,14 +185,15 @@ class LLMReplica:
         finally:
             self._inflight.pop(rid, None)
 
-    def _on_finished(self, request_id: str, out: RequestOutput) -> None:
+    def _on_finished(self, request_id: str, out: RequestOutput, feedback: bool = True) -> None:
         self.metrics.on_finished(out)
         m = out.metrics
         if m.ttft_s is not None:
             self._ttft_ewma += EWMA_ALPHA * (m.ttft_s - self._ttft_ewma)
         if m.tpot_s is not None:
             self._tpot_ewma += EWMA_ALPHA * (m.tpot_s - self._tpot_ewma)
-        if self._sink is not None and out.finish_reason != "abort":
+        # NOTE: the router routed one request: one outcome (the first sequence's) goes back.
+        if self._sink is not None and feedback and out.finish_reason != "abort":
             self._sink.feedback(request_id, out)
 
     # -- reporting -----------------------------------------------------------------------------

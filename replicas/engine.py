@@ -3,6 +3,8 @@
     engine = AsyncLLMEngine(EngineConfig(...))
     async for out in engine.generate(request_id, prompt_token_ids, SamplingParams(...)):
         ...                                   # RequestOutput deltas; the last has finished=True
+    async for out in engine.generate(request_id, prompt_token_ids, params, n=4):
+        ...                                   # 4 sequences' deltas, interleaved, out.index 0-3
     engine.abort(request_id); engine.take_events(); engine.stats(); await engine.shutdown()
 
 The engine core steps on its own thread (``tinyserve-engine-core``)::
@@ -15,7 +17,9 @@ The engine core steps on its own thread (``tinyserve-engine-core``)::
 so streaming never waits on a step and a step never waits on streaming: the next step starts
 as soon as the last one's outputs are handed over, whatever the loop is doing. Every engine
 mutation happens on that thread, between steps. Leaving the ``async for`` early (break,
-cancellation) aborts the request.
+cancellation) aborts the request. A structured-output grammar is compiled on a worker thread
+before the request is queued (``replicas.structured_output``); ``n`` > 1 queues the request's
+sequences in one hand-over (``replicas.parallel_sampling``).
 """
 
 from __future__ import annotations
@@ -25,14 +29,20 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvmanager.events import KVEvent
 from kvmanager.metrics import PoolStats
 from replicas.config import EngineConfig
 from replicas.llm_engine import LLMEngine
 from replicas.outputs import RequestMetrics, RequestOutput, merge_outputs
+from replicas.parallel_sampling import check_n, child_params, child_request_id
 from replicas.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import xgrammar
+
+_Add = tuple[str, list[int], SamplingParams, "xgrammar.CompiledGrammar | None"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +89,7 @@ class AsyncLLMEngine:
         # NOTE: guards the pending lists, _sinks and _stopped; the engine itself is touched
         # only by the core thread (and by shutdown() after that thread has ended).
         self._cond = threading.Condition()
-        self._pending_adds: list[tuple[str, list[int], SamplingParams]] = []
+        self._pending_adds: list[_Add] = []
         self._pending_aborts: list[str] = []
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -103,26 +113,49 @@ class AsyncLLMEngine:
             self._thread.start()
 
     def generate(
-        self, request_id: str, prompt_token_ids: Sequence[int], sampling_params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling_params: SamplingParams,
+        n: int = 1,
     ) -> AsyncIterator[RequestOutput]:
         """Validate now (ValueError naming the limit, nothing scheduled), then return the
-        request's output stream; the request is queued when iteration starts."""
+        request's output stream; the request is queued when iteration starts (after its
+        grammar, if any, compiled: a bad schema raises ValueError there, before any output).
+        ``n`` > 1: ``n`` sequences of the prompt, their deltas interleaved, ``index`` set."""
+        check_n(n)
         if request_id in self._sinks:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.engine.validate(request_id, prompt_token_ids, sampling_params)
+        if n > 1:
+            return self._stream_parallel(request_id, list(prompt_token_ids), sampling_params, n)
         return self._stream(request_id, list(prompt_token_ids), sampling_params)
+
+    async def _compile(self, params: SamplingParams) -> xgrammar.CompiledGrammar | None:
+        """The request's grammar, compiled on a worker thread (never on the step thread)."""
+        spec = params.structured_output
+        if spec is None:
+            return None
+        return await asyncio.to_thread(lambda: self.engine.grammar_compiler().compile(spec))
+
+    def _register(self, sink: _Sink, adds: list[_Add]) -> None:
+        """Queue ``adds`` for the core thread in one hand-over (one step admits them all)."""
+        with self._cond:
+            taken = [a[0] for a in adds if a[0] in self._sinks]
+            if taken:
+                raise ValueError(f"request_id {taken[0]!r} is already in use")
+            self._ensure_core()
+            for add in adds:
+                self._sinks[add[0]] = sink
+            self._pending_adds.extend(adds)
+            self._cond.notify()
 
     async def _stream(
         self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
         sink = _Sink(asyncio.get_running_loop())
-        with self._cond:
-            if request_id in self._sinks:
-                raise ValueError(f"request_id {request_id!r} is already in use")
-            self._ensure_core()
-            self._sinks[request_id] = sink
-            self._pending_adds.append((request_id, prompt_token_ids, sampling_params))
-            self._cond.notify()
+        grammar = await self._compile(sampling_params)
+        self._register(sink, [(request_id, prompt_token_ids, sampling_params, grammar)])
         queue = sink.queue
         finished = False
         sent_first = False
@@ -157,6 +190,42 @@ class AsyncLLMEngine:
                 self.abort(request_id)
             with self._cond:
                 self._sinks.pop(request_id, None)
+
+    async def _stream_parallel(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, n: int
+    ) -> AsyncIterator[RequestOutput]:
+        """``n`` child sequences on one queue; each delta tagged with its child's ``index``.
+        Whatever queued up while the consumer was busy is merged per child."""
+        sink = _Sink(asyncio.get_running_loop())
+        grammar = await self._compile(params)
+        index = {child_request_id(request_id, i): i for i in range(n)}
+        self._register(
+            sink,
+            [(rid, prompt_token_ids, child_params(params, i), grammar) for rid, i in index.items()],
+        )
+        unfinished = set(index)
+        try:
+            while unfinished:
+                items = [await sink.queue.get()]
+                while not sink.queue.empty():
+                    items.append(sink.queue.get_nowait())
+                merged: dict[str, RequestOutput] = {}
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    prev = merged.get(item.request_id)
+                    merged[item.request_id] = item if prev is None else merge_outputs(prev, item)
+                for rid, out in merged.items():
+                    out.index = index[rid]
+                    if out.finished:
+                        unfinished.discard(rid)
+                    yield out
+        finally:
+            for rid in unfinished:
+                self.abort(rid)
+            with self._cond:
+                for rid in index:
+                    self._sinks.pop(rid, None)
 
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op if unknown/finished); its stream ends with "abort"."""
@@ -195,9 +264,9 @@ class AsyncLLMEngine:
                 aborts, self._pending_aborts = self._pending_aborts, []
             checked_idle = False
             routed: list[tuple[str, RequestOutput | BaseException]] = []
-            for rid, prompt, params in adds:
+            for rid, prompt, params, grammar in adds:
                 try:
-                    self.engine.add_request(rid, prompt, params)
+                    self.engine.add_request(rid, prompt, params, grammar)
                 except ValueError as exc:
                     routed.append((rid, exc))
             for rid in aborts:
@@ -269,7 +338,7 @@ class AsyncLLMEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
         routed: list[tuple[str, RequestOutput | BaseException]] = [
-            (rid, RuntimeError("engine is shut down")) for rid, _, _ in adds
+            (rid, RuntimeError("engine is shut down")) for rid, *_ in adds
         ]
         for rid in list(self.engine.requests):
             out = self.engine.abort(rid)

@@ -146,7 +146,12 @@ class OutputProcessor:
             t0 = time.perf_counter()
             req.output_text += detok.add(token_id)
             detok.seconds += time.perf_counter() - t0
-            if params.stop and len(req.output_text) > old_len:
+            # NOTE: as vLLM, stop strings count only past min_tokens outputs.
+            if (
+                params.stop
+                and len(req.output_text) > old_len
+                and req.num_output_tokens > params.min_tokens
+            ):
                 longest = max(len(s) for s in params.stop)
                 window_start = max(0, old_len - longest + 1)
                 hits = [

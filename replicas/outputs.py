@@ -52,7 +52,8 @@ class RequestOutput:
     length at the request's first scheduling. ``finished`` is set on the last output, with
     ``finish_reason`` "stop" (EOS, stop token, stop string), "length" or "abort".
     ``emit_time`` is the wall-clock time the replica handed it on (0.0 inside the engine);
-    ``trace`` is set on the last output only.
+    ``trace`` is set on the last output only. ``index`` is the sequence's choice index
+    among a parallel-sampling request's ``n`` (0 otherwise).
     """
 
     request_id: str
@@ -67,6 +68,7 @@ class RequestOutput:
     metrics: RequestMetrics
     emit_time: float = 0.0
     trace: RequestTrace | None = None
+    index: int = 0
 
 
 def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
@@ -91,4 +93,5 @@ def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
         later.metrics,
         later.emit_time,
         later.trace,
+        later.index,
     )

@@ -10,6 +10,7 @@ import torch
 
 from replicas.outputs import RequestMetrics, TokenLogprobs
 from replicas.sampling_params import SamplingParams
+from replicas.structured_output import GrammarState
 
 
 class RequestStatus(enum.Enum):
@@ -42,6 +43,8 @@ class Request:
     finish_reason: str | None = None
     num_preemptions: int = 0
     generator: torch.Generator | None = None
+    # NOTE: structured output: the sequence's grammar matcher, advanced after each sample.
+    grammar: GrammarState | None = None
     # Streaming cursors: how much of the outputs/text was already handed out.
     num_sent_tokens: int = 0
     output_text: str = ""

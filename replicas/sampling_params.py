@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 # NOTE: temperatures below this are treated as greedy (argmax), as in vLLM.
 GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutputSpec:
+    """What the output must match: ``json_object`` (any JSON object) or ``json_schema``
+    (``schema`` is the JSON Schema as a canonical JSON string, so it hashes as a cache key)."""
+
+    kind: Literal["json_object", "json_schema"]
+    schema: str | None = None
 
 
 @dataclass(slots=True)
@@ -19,6 +30,12 @@ class SamplingParams:
     cut from the text; ``stop_token_ids`` end it too (the id stays in new_token_ids).
     ``logprobs`` = n returns the n most likely tokens' log-probabilities (plus the sampled
     one) per generated token, from the raw model distribution.
+
+    vLLM's logits knobs: ``logit_bias`` (token id -> added to its logit, [-100, 100]);
+    ``min_tokens`` (EOS, ``stop_token_ids`` and stop strings cannot end the output before it);
+    ``repetition_penalty`` (> 1 discourages every token of prompt + output: positive logits
+    divided by it, negative multiplied; 1 = off). ``structured_output`` constrains the output to
+    a grammar (``replicas.structured_output``).
     """
 
     max_tokens: int = 16
@@ -34,6 +51,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
+    repetition_penalty: float = 1.0
+    structured_output: StructuredOutputSpec | None = None
 
     @property
     def greedy(self) -> bool:
@@ -41,7 +62,16 @@ class SamplingParams:
 
     @property
     def has_penalties(self) -> bool:
-        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
+
+    @property
+    def has_logits_processors(self) -> bool:
+        """True when a row needs logit_bias or min_tokens (the sampler's fast path skips it)."""
+        return bool(self.logit_bias) or self.min_tokens > 0
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError naming the first invalid field and its allowed range."""
@@ -59,6 +89,15 @@ class SamplingParams:
             value = getattr(self, name)
             if not -2.0 <= value <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
+            )
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        bias = [v for v in self.logit_bias.values() if not -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS]
+        if bias:
+            raise ValueError(f"logit_bias values must be in [-100, 100], got {bias[0]}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -67,3 +106,6 @@ class SamplingParams:
             bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
             if bad:
                 raise ValueError(f"stop_token_ids {bad} outside the vocabulary [0, {vocab_size})")
+            bad = [t for t in self.logit_bias if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(f"logit_bias token ids {bad[:5]} outside [0, {vocab_size})")

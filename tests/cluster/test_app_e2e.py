@@ -28,6 +28,9 @@ openai = pytest.importorskip("openai")
 
 APP = "tinyserve"
 MODEL = "smollm2-135m-instruct"
+KEY = "sk-e2e-" + uuid.uuid4().hex
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MAX_PROMPT_TOKENS = 1000
 # NOTE: Ray's own labels on every series (camelCase, not ours); dropped before promtool lint.
 RAY_LABELS = ("Component", "NodeAddress", "SessionName", "Version", "WorkerId")
 
@@ -47,9 +50,11 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     from cluster.app import build_app
 
+    key_file = tmp_path_factory.mktemp("auth") / "api_keys"
+    key_file.write_text(f"# e2e\n{KEY}\n")
     http_port, dash_port, metrics_port = _free_port(), _free_port(), _free_port()
     ray.init(address="local", num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=dash_port, _metrics_export_port=metrics_port)
@@ -65,10 +70,12 @@ def cluster() -> Iterator[Cluster]:
             # NOTE: one selection replica: the outage test below checks the power-of-two fallback
             # (two replicas fail over instead: test_selector_replication_e2e.py).
             "selector": {"port": 0, "stale_after_s": 600, "num_replicas": 1},
+            "auth": {"api_keys_file": str(key_file)},
+            "limits": {"max_prompt_tokens": MAX_PROMPT_TOKENS},
         }
         serve.run(build_app(args), name=APP, route_prefix="/")
         base = f"http://127.0.0.1:{http_port}"
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0,
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0,
                                timeout=120)
         yield Cluster(base, f"http://127.0.0.1:{dash_port}",
                       f"http://127.0.0.1:{metrics_port}/metrics", client)
@@ -169,14 +176,14 @@ def test_bad_requests_get_openai_errors_and_disturb_nothing(cluster: Cluster) ->
          400, None),
     ]
     for body, status, param in cases:
-        r = requests.post(url, json=body, timeout=60)
+        r = requests.post(url, json=body, timeout=60, headers=AUTH)
         assert r.status_code == status, r.text
         err = r.json()["error"]
         assert err["message"] and err["type"]
         if param:
             assert err["param"] is not None and err["param"].startswith(param)
-    r = requests.post(url, data=b"{not json", headers={"content-type": "application/json"},
-                   timeout=30)
+    r = requests.post(url, data=b"{not json", timeout=30,
+                      headers={"content-type": "application/json", **AUTH})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     assert _chat(cluster, "still fine?").choices[0].message.content
 
@@ -238,7 +245,7 @@ def test_a_request_can_ask_for_its_own_routing_policy(cluster: Cluster) -> None:
         out = _chat(cluster, f"policy probe {i}", extra_body={"routing_policy": "round_robin"})
         assert out.choices[0].message.content
     assert _selector_stats()["decisions"].get("round_robin", 0) == before + 3
-    r = requests.post(f"{cluster.http}/v1/chat/completions", timeout=30, json={
+    r = requests.post(f"{cluster.http}/v1/chat/completions", timeout=30, headers=AUTH, json={
         "model": MODEL, "messages": [{"role": "user", "content": "x"}],
         "routing_policy": "fastest_please"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "routing_policy"
@@ -248,7 +255,7 @@ def test_client_disconnect_aborts_on_the_replica(cluster: Cluster) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story."}],
             "max_tokens": 400, "ignore_eos": True, "stream": True}
     with requests.post(f"{cluster.http}/v1/chat/completions", json=body, stream=True,
-                       timeout=60) as resp:
+                       timeout=60, headers=AUTH) as resp:
         assert resp.status_code == 200
         lines = resp.iter_lines()
         for _ in range(3):
@@ -259,6 +266,107 @@ def test_client_disconnect_aborts_on_the_replica(cluster: Cluster) -> None:
     while sum(s["num_inflight"] for s in _replica_stats().values()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert sum(s["num_inflight"] for s in _replica_stats().values()) == 0
+
+
+# -- trust: API keys, limits, health -------------------------------------------------------------
+def test_every_api_route_needs_the_key_and_health_shows_the_replicas(cluster: Cluster) -> None:
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    calls = [("get", "/v1/models", None), ("post", "/v1/chat/completions", chat),
+             ("post", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1})]
+    for headers in ({}, {"Authorization": f"Bearer {KEY[:-1]}"}, {"Authorization": KEY}):
+        for method, path, body in calls:
+            r = requests.request(method, cluster.http + path, json=body, headers=headers,
+                                 timeout=30)
+            assert r.status_code == 401, (path, headers, r.text)
+            assert r.json()["error"]["code"] == "invalid_api_key"
+            assert r.headers["www-authenticate"] == "Bearer"
+    bad = openai.OpenAI(base_url=f"{cluster.http}/v1", api_key="sk-wrong-key-0123456789",
+                        max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    for method, path, body in calls:
+        r = requests.request(method, cluster.http + path, json=body, headers=AUTH, timeout=60)
+        assert r.status_code == 200, r.text
+    health = requests.get(f"{cluster.http}/health", timeout=30)  # probes carry no key
+    assert health.status_code == 200
+    assert health.json()["replicas"]["num_running"] == 2
+
+
+def _post(c: Cluster, path: str, **kw: Any) -> requests.Response:
+    return requests.post(c.http + path, timeout=60, **{"headers": AUTH, **kw})
+
+
+def test_limits_and_malformed_input_get_openai_4xx_and_disturb_nothing(
+        cluster: Cluster) -> None:
+    msg = [{"role": "user", "content": "x"}]
+    chat = {"model": MODEL, "messages": msg, "max_tokens": 1}
+    cases: list[tuple[str, dict[str, Any], str]] = [
+        ("/v1/completions", {"model": MODEL, "prompt": [-1]}, "prompt"),
+        ("/v1/completions", {"model": MODEL, "prompt": [10**7]}, "prompt"),
+        ("/v1/completions", {"model": MODEL, "prompt": [5] * (MAX_PROMPT_TOKENS + 1)},
+         "prompt"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hello " * 200_000}, "prompt"),
+        ("/v1/chat/completions", {**chat, "stop": [f"s{i}" for i in range(17)]}, "stop"),
+        ("/v1/chat/completions", {**chat, "stop": "x" * 257}, "stop"),
+        ("/v1/chat/completions", {**chat, "stop_token_ids": list(range(65))}, "stop_token_ids"),
+        ("/v1/chat/completions", {**chat, "session_id": "s" * 257}, "session_id"),
+        ("/v1/chat/completions", {**chat, "messages": msg * 1025}, "messages"),
+        ("/v1/chat/completions", {**chat, "tool_choice": "auto"}, "tool_choice"),
+        ("/v1/chat/completions", {**chat, "functions": [{"name": "f"}]}, "functions"),
+        ("/v1/chat/completions", {**chat, "messages": [
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}, *msg]},
+         "messages[0].tool_calls"),
+        ("/v1/chat/completions", {**chat, "max_token": 3}, "max_token"),
+        ("/v1/chat/completions", {**chat, "stream": True, "stop": ["x"] * 17}, "stop"),
+    ]
+    for path, body, param in cases:
+        r = _post(cluster, path, json=body)
+        assert r.status_code == 400, (param, r.text[:300])
+        assert r.json()["error"]["param"] == param, r.text[:300]
+    # Lone surrogates, as a JSON escape (Python's json would refuse to write them).
+    for path, raw in (("/v1/completions", '{"model": "%s", "prompt": "a\\ud800b"}'),
+                      ("/v1/chat/completions", '{"model": "%s", "messages": '
+                       '[{"role": "user", "content": "\\udfff"}]}')):
+        r = _post(cluster, path, data=(raw % MODEL).encode(),
+                  headers={**AUTH, "content-type": "application/json"})
+        assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"], r.text
+    big = b'{"model": "x", "prompt": "' + b"a" * (2 * 1024 * 1024) + b'"}'
+    r = _post(cluster, "/v1/completions", data=big,
+              headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert _chat(cluster, "still fine?").choices[0].message.content
+
+
+def test_selection_service_refuses_clients_without_the_app_token(cluster: Cluster) -> None:
+    import grpc
+
+    from protos import cache_selection_pb2 as pb
+    from protos import cache_selection_pb2_grpc as pb_grpc
+
+    handle = serve.get_deployment_handle("CacheSelector", APP)
+    address = handle.address.remote().result(timeout_s=30).split(",")[0]
+    assert not address.startswith(("0.0.0.0", "127.")), address  # the node's address
+    before = _selector_stats()
+    fake = [pb.ReportKVRequest(replica_id="fake-replica", hello=pb.ReplicaHello(
+                block_size=16, num_blocks=64)),
+            pb.ReportKVRequest(replica_id="fake-replica", resync=pb.KVResync(
+                seq=1, block_hashes=list(range(1, 33)), done=True))]
+    with grpc.insecure_channel(address) as ch:
+        stub = pb_grpc.CacheSelectionStub(ch)
+        for md in ((), (("authorization", "Bearer not-the-token"),)):
+            for call, arg in ((stub.Stats, pb.StatsRequest()), (stub.ReportKV, iter(fake)),
+                              (stub.Select, pb.SelectRequest(block_hashes=[1, 2]))):
+                with pytest.raises(grpc.RpcError) as info:
+                    call(arg, timeout=10, metadata=md)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    after = _selector_stats()
+    assert {r["replica_id"] for r in after["replicas"]} == {
+        r["replica_id"] for r in before["replicas"]}
+    assert after["num_unique_blocks"] == before["num_unique_blocks"]
+    # The app's own router and replicas hold the token: routing is still cache-aware.
+    _chat(cluster, "Question one?", system=_prefix("hotel"))
+    assert _chat(cluster, "Again?", system=_prefix("hotel")).usage.prompt_tokens_details\
+        .cached_tokens >= 8 * 16
 
 
 # -- monitoring ---------------------------------------------------------------------------------

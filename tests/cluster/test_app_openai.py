@@ -41,7 +41,6 @@ def test_chat_request_maps_onto_sampling_params() -> None:
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"n": 2}, "n"),
     ({"tools": [{"type": "function"}]}, "tools"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"top_logprobs": 2}, "top_logprobs"),

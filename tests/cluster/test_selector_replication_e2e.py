@@ -52,6 +52,7 @@ def app() -> Iterator[tuple[Any, str]]:
             # fallback for reasons unrelated to the kill. Failover must happen within it.
             "router_kwargs": {"select_timeout_s": 1.0},
             "selector": {"port": 0, "stale_after_s": 600, "num_replicas": 2, "num_cpus": 0.5},
+            "auth": {"enabled": False},  # NOTE: loopback only (serve.start above)
         }
         serve.run(build_app(args), name=APP, route_prefix="/")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused",
@@ -73,6 +74,14 @@ def _selector_actors() -> list[str]:
             if "#CacheSelector#" in a["name"]]  # fmt: skip
 
 
+def _auth() -> tuple[tuple[str, str], ...]:
+    """gRPC metadata with the app's selection-service token (cluster.grpc_auth)."""
+    from ray import serve
+
+    token = serve.get_deployment_handle("CacheSelector", APP).auth_token.remote().result()
+    return (("authorization", f"Bearer {token}"),)
+
+
 def _indexes() -> dict[str, dict[str, tuple[int, bool]]]:
     """Per live selection replica (from the registry, dialled directly over gRPC): replica_id
     -> (resident blocks, synced)."""
@@ -87,7 +96,7 @@ def _indexes() -> dict[str, dict[str, tuple[int, bool]]]:
         with grpc.insecure_channel(address) as ch:
             try:
                 resp = pb_grpc.CacheSelectionStub(ch).ListReplicas(
-                    pb.ListReplicasRequest(), timeout=5
+                    pb.ListReplicasRequest(), timeout=5, metadata=_auth()
                 )
             except grpc.RpcError:
                 continue
@@ -102,7 +111,9 @@ def _num_selects(address: str) -> int:
     from protos import cache_selection_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(address) as ch:
-        stats = pb_grpc.CacheSelectionStub(ch).Stats(pb.StatsRequest(), timeout=5)
+        stats = pb_grpc.CacheSelectionStub(ch).Stats(
+            pb.StatsRequest(), timeout=5, metadata=_auth()
+        )
     return int(stats.num_selects)
 
 
