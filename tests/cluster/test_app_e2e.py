@@ -190,14 +190,17 @@ def test_bad_requests_get_openai_errors_and_disturb_nothing(cluster: Cluster) ->
 
 def test_shared_prefix_lands_on_one_replica_and_hits_its_cache(cluster: Cluster) -> None:
     # NOTE: with random (power-of-two) placement each sibling would hit with p=1/2; all four
-    # hitting by chance is 1/16.
+    # hitting by chance is 1/16. A router's very first request may be routed before it has
+    # resolved the service's address (power-of-two, "unresolved"): warm it up first.
+    _chat(cluster, "Warm up?")
+    decisions = _selector_stats()["decisions"].get("tinyserve", 0)
     for tag in ("alpha", "bravo", "charlie", "delta"):
         first = _chat(cluster, "Question one?", system=_prefix(tag))
         second = _chat(cluster, "Another question?", system=_prefix(tag))
         assert first.usage.prompt_tokens_details.cached_tokens == 0
         assert second.usage.prompt_tokens_details.cached_tokens >= 8 * 16, tag
     stats = _selector_stats()
-    assert stats["decisions"].get("tinyserve", 0) >= 8
+    assert stats["decisions"].get("tinyserve", 0) - decisions >= 8
     assert stats["num_replicas"] == 2 and all(r["synced"] for r in stats["replicas"])
 
 

@@ -83,6 +83,15 @@ def test_a_slow_consumer_gets_merged_deltas_with_the_same_tokens(
 def test_stream_interval_groups_tokens_but_never_delays_the_first(tiny_llama_dir: Path) -> None:
     eng = AsyncLLMEngine(EngineConfig(model=str(tiny_llama_dir), num_blocks=48, block_size=4,
                                       max_model_len=128, stream_interval=4))
+    step = eng.engine.step
+
+    def paced_step() -> list[RequestOutput]:
+        # NOTE: a step at least 20 ms long, so the consumer drains each step's output before
+        # the next arrives even on a loaded box (else queued outputs merge, by design).
+        time.sleep(0.02)
+        return step()
+
+    eng.engine.step = paced_step  # type: ignore[method-assign]
     prompt = random_prompts(1, [9], seed=8)[0]
     params = SamplingParams(max_tokens=11, temperature=0.0, ignore_eos=True)
     outs = asyncio.run(_collect(eng, "grouped", prompt, params))
