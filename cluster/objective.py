@@ -161,6 +161,19 @@ class _Trace:
     expected: FloatArray
 
 
+def _request_row(request: SelectionRequest) -> FloatArray:
+    """The request's columns the compiled kernel reads (``objective_kernel``'s ``req``)."""
+    return np.asarray(
+        (
+            request.num_prompt_blocks,
+            request.num_prompt_tokens,
+            request.num_output_tokens,
+            1.0 if request.origin_node_id else 0.0,
+        ),
+        np.float64,
+    )
+
+
 @register_policy
 class TinyServeObjective(Policy):
     """λ1·U − λ2·C + λ3·R over the candidates (see the module docstring)."""
@@ -270,15 +283,7 @@ class TinyServeObjective(Policy):
             (c.hotness, c.ttft_ewma_s, c.f_total, c.reward, c.same_node, c.prefill_tokens_per_s),
             np.float64,
         )
-        req = np.asarray(
-            (
-                request.num_prompt_blocks,
-                request.num_prompt_tokens,
-                request.num_output_tokens,
-                1.0 if request.origin_node_id else 0.0,
-            ),
-            np.float64,
-        )
+        req = _request_row(request)
         q = kernel.complexity(request.num_prompt_tokens, cfg.q_scale_tokens)
         out = np.empty((len(kernel.OUT_ROWS), n), np.float64)
         kernel.score(ints, floats, self._packed_config(), req, q, out)
@@ -308,15 +313,7 @@ class TinyServeObjective(Policy):
         the candidates at ``slots``, from the index's ``PrefixMatch`` and the replica table's
         columns. Same numbers as ``select``; not for ``learn=True`` (no trace is kept)."""
         n = len(slots)
-        req = np.asarray(
-            (
-                request.num_prompt_blocks,
-                request.num_prompt_tokens,
-                request.num_output_tokens,
-                1.0 if request.origin_node_id else 0.0,
-            ),
-            np.float64,
-        )
+        req = _request_row(request)
         q = kernel.complexity(request.num_prompt_tokens, self.config.q_scale_tokens)
         out = np.empty((len(kernel.OUT_ROWS), n), np.float64)
         order = np.empty(n, np.int64)
