@@ -106,6 +106,22 @@ class _Failover:
     def failed(self, i: int) -> None:
         self._down_until[i] = time.monotonic() + self._penalty_s
 
+    def attempts(self, timeout_s: float) -> Iterator[tuple[int, float]]:
+        """(endpoint, its timeout) in failover order, all within one deadline of ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        order = self.order()
+        for k, i in enumerate(order):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            # NOTE: a hung replica may take only its share of what is left of the deadline.
+            yield i, left / (len(order) - k)
+
+    def error(self, err: grpc.RpcError, i: int) -> None:
+        """An RPC to endpoint ``i`` failed: re-raise what is no outage, else try it last."""
+        _handle(err)
+        self.failed(i)
+
 
 class SelectorClient:
     """Synchronous client. ``address`` may list several selection replicas (comma-separated):
@@ -120,7 +136,6 @@ class SelectorClient:
         self._md = _metadata(token)
         self.timeout_s = timeout_s
         self._failover = _Failover(len(self.stubs))
-        self.num_failovers = 0
 
     def select(
         self,
@@ -132,20 +147,12 @@ class SelectorClient:
         """Rank replicas; ``kw`` are SelectRequest fields (candidate_replica_ids, policy, ...).
         None when no selection replica answered within the deadline."""
         msg = _request(block_hashes, num_prompt_tokens, **kw)
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
-        order = self._failover.order()
         fallback: Selection | None = None
-        for k, i in enumerate(order):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
+        for i, timeout in self._failover.attempts(timeout_s or self.timeout_s):
             try:
-                # NOTE: a hung replica may take only its share of the deadline.
-                resp = self.stubs[i].Select(msg, timeout=left / (len(order) - k), metadata=self._md)
+                resp = self.stubs[i].Select(msg, timeout=timeout, metadata=self._md)
             except grpc.RpcError as err:
-                _handle(err)
-                self._failover.failed(i)
-                self.num_failovers += 1
+                self._failover.error(err, i)
                 continue
             sel = selection_from_proto(resp)
             if not _unsynced(sel):
@@ -189,7 +196,6 @@ class AsyncSelectorClient:
         self._md = _metadata(token)
         self.timeout_s = timeout_s
         self._failover = _Failover(len(self.stubs))
-        self.num_failovers = 0
 
     async def select(
         self,
@@ -199,21 +205,12 @@ class AsyncSelectorClient:
         **kw: object,
     ) -> Selection | None:
         msg = _request(block_hashes, num_prompt_tokens, **kw)
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
-        order = self._failover.order()
         fallback: Selection | None = None
-        for k, i in enumerate(order):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
+        for i, timeout in self._failover.attempts(timeout_s or self.timeout_s):
             try:
-                resp = await self.stubs[i].Select(
-                    msg, timeout=left / (len(order) - k), metadata=self._md
-                )
+                resp = await self.stubs[i].Select(msg, timeout=timeout, metadata=self._md)
             except grpc.RpcError as err:
-                _handle(err)
-                self._failover.failed(i)
-                self.num_failovers += 1
+                self._failover.error(err, i)
                 continue
             sel = selection_from_proto(resp)
             if not _unsynced(sel):
