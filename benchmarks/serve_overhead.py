@@ -36,12 +36,11 @@ import os
 import platform
 import random
 import socket
-import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,8 @@ from typing import Any
 # sys.path either way.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.serve_overhead_report import HOPS, render_comparison, render_markdown
+from benchmarks.serve_overhead_report import render_comparison, render_markdown
+from benchmarks.serve_overhead_stats import RunResult, Sample, hop_breakdown, print_table, summarize
 
 WORDS = ["time", "year", "people", "way", "day", "man", "thing", "woman", "life", "child", "world", "school", "state", "family", "student", "group", "country", "problem", "hand", "part", "place", "case", "week", "company", "system", "program", "question", "work", "government", "number", "night", "point", "home", "water", "room", "mother", "area", "money", "story", "fact", "month", "lot", "right", "study", "book", "eye", "job", "word", "business", "issue", "side", "kind", "head", "house", "service", "friend", "father", "power", "hour", "game", "line", "end", "member", "law", "car", "city"]
 APP = "overhead"
@@ -61,56 +61,6 @@ class Prompt:
 
     text: str  # completions: the prompt; chat: the user message
     token_ids: list[int]  # what the ingress computes from it (template included for chat)
-
-
-@dataclass(slots=True)
-class Sample:
-    send: float
-    first: float  # first output (streaming), else = last
-    last: float
-    num_output_tokens: int
-    response_id: str = ""
-
-
-@dataclass(slots=True)
-class RunResult:
-    side: str  # "engine" or "served"
-    endpoint: str  # "completions" / "chat"
-    stream: bool
-    concurrency: int
-    num_requests: int
-    num_errors: int
-    output_tok_s: float
-    ttft_p50_ms: float | None
-    ttft_p99_ms: float | None
-    tpot_p50_ms: float | None
-    tpot_p99_ms: float | None
-    latency_p50_ms: float
-    wall_s: float
-    hops_ms: dict[str, float] = field(default_factory=dict)
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def summarize(side: str, endpoint: str, stream: bool, c: int, samples: list[Sample],
-              errors: int) -> RunResult:
-    wall = max(s.last for s in samples) - min(s.send for s in samples)
-    ttft = [1e3 * (s.first - s.send) for s in samples]
-    tpot = [1e3 * (s.last - s.first) / (s.num_output_tokens - 1) for s in samples
-            if s.num_output_tokens > 1]
-    return RunResult(
-        side=side, endpoint=endpoint, stream=stream, concurrency=c, num_requests=len(samples),
-        num_errors=errors, output_tok_s=sum(s.num_output_tokens for s in samples) / wall,
-        ttft_p50_ms=statistics.median(ttft) if stream else None,
-        ttft_p99_ms=pct(ttft, 0.99) if stream else None,
-        tpot_p50_ms=statistics.median(tpot) if stream and tpot else None,
-        tpot_p99_ms=pct(tpot, 0.99) if stream and tpot else None,
-        latency_p50_ms=statistics.median(1e3 * (s.last - s.send) for s in samples),
-        wall_s=wall,
-    )
 
 
 # -- model and requests ------------------------------------------------------------------------
@@ -271,42 +221,6 @@ def run_served(http: str, model_name: str, prompts: list[Prompt], c: int, endpoi
     return summarize("served", endpoint, stream, c, samples, errors), samples
 
 
-def hop_breakdown(samples: list[Sample], traces: list[dict[str, Any]], stream: bool
-                  ) -> dict[str, float]:
-    """Median milliseconds of each hop (``benchmarks.serve_overhead_report.HOPS``), joining
-    the client's samples with the ingress traces by response id. Client stamps are
-    ``perf_counter``; they are moved onto the wall clock through one offset."""
-    offset = time.time() - time.perf_counter()
-    by_id = {t["response_id"]: t for t in traces}
-    rows: dict[str, list[float]] = {h: [] for h, _ in HOPS}
-    for s in samples:
-        t = by_id.get(s.response_id)
-        if t is None or not t.get("engine_add"):
-            continue
-        send, first, last = s.send + offset, s.first + offset, s.last + offset
-        vals = {
-            "client_to_ingress": t["recv"] - send,
-            "parse_tokenize": t["tokenized"] - t["recv"],
-            "router_select": t["replica_recv"] - t["tokenized"],
-            "replica_queue": t["engine_add"] - t["replica_recv"],
-            "engine_ttft": t["engine_first_token"] - t["engine_add"],
-            "engine_total": t["engine_finish"] - t["engine_add"],
-            "detokenize": t["detokenize_s"],
-            "engine_to_replica_yield": t["replica_first_yield"] - t["engine_first_token"],
-            "replica_to_ingress_first": t["first_out"] - t["replica_first_yield"],
-            "replica_to_ingress_mean": t["hop_sum_s"] / max(t["num_outputs_received"], 1),
-            "ingress_last": t["last_sent"] - t["last_out"],
-            "ingress_to_client_first": first - t["first_sent"] if stream else float("nan"),
-            "ingress_to_client_last": last - t["last_sent"],
-            "after_engine_finish": last - t["engine_finish"],
-            "client_total": last - send,
-        }
-        for k, v in vals.items():
-            if v == v:  # NOTE: skips NaN (no first chunk when not streaming)
-                rows[k].append(1e3 * v)
-    return {k: statistics.median(v) for k, v in rows.items() if v}
-
-
 def start_serve(args: argparse.Namespace, model: str, tokenizer_dir: Path) -> tuple[str, str]:
     """Local Ray + Serve + the app; returns (base http url, served model name)."""
     import ray
@@ -353,25 +267,6 @@ def served_traces() -> list[dict[str, Any]]:
 
 
 # -- main --------------------------------------------------------------------------------------------
-def print_table(results: list[RunResult]) -> None:
-    engine = {(r.endpoint, r.concurrency): r for r in results if r.side == "engine"}
-    head = (f"{'side':<8}{'endpoint':<13}{'stream':<8}{'c':>5}{'tok/s':>9}{'ratio':>7}"
-            f"{'TTFT p50':>10}{'p99':>9}{'TPOT p50':>10}{'p99':>9}{'lat p50':>10}{'err':>5}")
-    print(head)
-    print("-" * len(head))
-
-    def ms(v: float | None) -> str:
-        return f"{v:.1f}" if v is not None else "-"
-
-    for r in results:
-        base = engine.get((r.endpoint, r.concurrency))
-        ratio = r.output_tok_s / base.output_tok_s if base else float("nan")
-        print(f"{r.side:<8}{r.endpoint:<13}{r.stream!s:<8}{r.concurrency:>5}"
-              f"{r.output_tok_s:>9.1f}{ratio:>7.2f}{ms(r.ttft_p50_ms):>10}{ms(r.ttft_p99_ms):>9}"
-              f"{ms(r.tpot_p50_ms):>10}{ms(r.tpot_p99_ms):>9}{r.latency_p50_ms:>10.1f}"
-              f"{r.num_errors:>5}")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", choices=("smollm2", "random-1b", "random-8b"), default="smollm2")

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from benchmarks.serve_overhead import Sample, hop_breakdown, summarize
 from benchmarks.serve_overhead_report import render_comparison, render_markdown
+from benchmarks.serve_overhead_stats import Sample, hop_breakdown, summarize
 
 
 def test_summary_rates_and_streaming_only_latencies() -> None:
