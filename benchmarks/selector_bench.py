@@ -37,6 +37,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.selector_report import figures_table, issue_figures, table
+
 CHAIN_BLOCKS = 128
 BLOCK_SIZE = 16
 
@@ -321,187 +323,6 @@ def run_one(num_replicas: int, ns: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-# ------------------------------------------------------------------------------ N processes
-def _replica_server_main(
-    conn: Connection, num_replicas: int, blocks_per_replica: int, copies: int
-) -> None:
-    """One selection process holding the full index (what each replica of the service is)."""
-    from cluster.core import CoreConfig, SelectorCore
-    from cluster.selector import ServerThread
-
-    core = SelectorCore(CoreConfig(stale_after_s=1e9))
-    num_chains = _populate(core, num_replicas, blocks_per_replica, copies)
-    gc.collect()
-    gc.freeze()
-    server = ServerThread(core).start()
-    conn.send({"port": server.port, "num_chains": num_chains, "rss_mb": _rss_mb()})
-    conn.recv()
-    server.stop()
-
-
-def _client_main(
-    conn: Connection, address: str, method: str, num_chains: int, ns: argparse.Namespace, k: int
-) -> None:
-    from protos import cache_selection_pb2 as pb
-
-    if method == "Ping":
-        msgs: list[Any] = [pb.PingRequest()]
-    else:
-        msgs = [
-            pb.SelectRequest(
-                request_id=f"s{k}-{i}",
-                block_hashes=h,
-                num_prompt_tokens=CHAIN_BLOCKS * BLOCK_SIZE,
-                max_results=4,
-            )
-            for i, h in enumerate(prompts(500, num_chains, ns.seed + 10 + k))
-        ]
-    conn.recv()  # start together
-    conn.send(asyncio.run(_throughput(address, method, msgs, ns.concurrency, ns.window_s)))
-
-
-def _aggregate(addresses: list[str], method: str, num_chains: int, ns: argparse.Namespace) -> float:
-    """Closed-loop calls/s summed over client processes spread over ``addresses``."""
-    ctx = mp.get_context("spawn")
-    procs, pipes = [], []
-    for k in range(max(ns.client_procs, len(addresses))):
-        parent, child = ctx.Pipe()
-        p = ctx.Process(
-            target=_client_main,
-            args=(child, addresses[k % len(addresses)], method, num_chains, ns, k),
-        )
-        p.start()
-        procs.append(p)
-        pipes.append(parent)
-    for c in pipes:
-        c.send("go")
-    total = sum(float(c.recv()) for c in pipes)
-    for p in procs:
-        p.join(30)
-    return total
-
-
-def run_scaling(ns: argparse.Namespace) -> dict[str, Any]:
-    """Select/s of N selection processes (each with the full index) at the largest R."""
-    num_replicas = max(ns.replicas)
-    ctx = mp.get_context("spawn")
-    servers, pipes, infos = [], [], []
-    try:
-        for _ in range(max(ns.procs)):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(
-                target=_replica_server_main,
-                args=(child, num_replicas, ns.blocks_per_replica, ns.copies),
-            )
-            p.start()
-            servers.append(p)
-            pipes.append(parent)
-        infos = [c.recv() for c in pipes]
-        addresses = [f"127.0.0.1:{i['port']}" for i in infos]
-        rows = []
-        for n in ns.procs:
-            pings, sels = [], []
-            for _ in range(1 if ns.quick else ns.scale_rounds):
-                pings.append(_aggregate(addresses[:n], "Ping", infos[0]["num_chains"], ns))
-                sels.append(_aggregate(addresses[:n], "Select", infos[0]["num_chains"], ns))
-            rows.append(
-                {
-                    "num_procs": n,
-                    "client_procs": max(ns.client_procs, n),
-                    "select_rps": float(np.median(sels)),
-                    "ping_rps": float(np.median(pings)),
-                    "select_rounds": sels,
-                    "ping_rounds": pings,
-                }
-            )
-            print(
-                f"  {n} selection process(es): {rows[-1]['select_rps']:.0f} Select/s, "
-                f"{rows[-1]['ping_rps']:.0f} Ping/s",
-                flush=True,
-            )
-        base = rows[0]["select_rps"] / rows[0]["num_procs"]
-        for r in rows:
-            r["scaling"] = r["select_rps"] / (base * r["num_procs"])
-        return {
-            "num_replicas": num_replicas,
-            "rss_mb_per_proc": [i["rss_mb"] for i in infos],
-            "rows": rows,
-        }
-    finally:
-        for c in pipes:
-            c.send("stop")
-        for p in servers:
-            p.join(60)
-            if p.is_alive():
-                p.terminate()
-
-
-TARGETS = {
-    "compute_p99_us": 100.0,
-    "select_over_ping_p50": 1.2,
-    "select_rps_one_proc": 10_000.0,
-    "scaling_at_4": 0.8,
-    "ingest_wire_events_per_s": 200_000.0,
-    "rss_mb": 1024.0,
-}
-
-
-def issue_figures(rows: list[dict[str, Any]], scaling: dict[str, Any] | None) -> dict[str, Any]:
-    """The issue-19 figures at the largest R, each with its target and whether it is met."""
-    r = max(rows, key=lambda x: x["num_replicas"])
-    figs: dict[str, Any] = {
-        "num_replicas": r["num_replicas"],
-        "compute_p99_us": r["compute_core_cpu"]["p99_us"],
-        "select_over_ping_p50": r["select_over_ping_p50"],
-        "select_rps_one_proc": r["throughput_select_rps"],
-        "ingest_wire_events_per_s": min(x["ingest_wire_events_per_s"] for x in rows),
-        "rss_mb": r["rss_mb"],
-    }
-    if scaling is not None:
-        by_n = {x["num_procs"]: x for x in scaling["rows"]}
-        figs["select_rps_one_proc"] = max(figs["select_rps_one_proc"], by_n[1]["select_rps"])
-        figs["scaling"] = {n: x["scaling"] for n, x in by_n.items()}
-        if 4 in by_n:
-            figs["scaling_at_4"] = by_n[4]["scaling"]
-    lower_is_better = {"compute_p99_us", "select_over_ping_p50", "rss_mb"}
-    figs["met"] = {
-        k: (figs[k] <= v if k in lower_is_better else figs[k] >= v)
-        for k, v in TARGETS.items()
-        if k in figs
-    }
-    return figs
-
-
-def figures_table(figs: dict[str, Any]) -> str:
-    lines = [f"issue 19 figures at R = {figs['num_replicas']} (target, met):"]
-    for k, v in TARGETS.items():
-        if k in figs:
-            lines.append(f"  {k:<26} {figs[k]:>12.2f}   target {v:g}   {'MET' if figs['met'][k] else 'NOT MET'}")
-    for n, x in figs.get("scaling", {}).items():
-        lines.append(f"  scaling N={n:<17} {x:>12.2f}   (Select/s / (N x one process))")
-    return "\n".join(lines)
-
-
-def table(rows: list[dict[str, Any]]) -> str:
-    head = (
-        f"{'R':>4} {'blocks/R':>8} {'ping p50/p99 us':>16} {'select p50/p99 us':>18} {'p50 ratio':>9} "
-        f"{'ping rps':>9} {'select rps':>10} {'rps ratio':>9} {'core p50/p99 us':>16} {'+proto p50/p99':>15} "
-        f"{'core cpu p50/p99':>16} {'ingest ev/s inproc':>18} {'wire':>9} {'rss MB':>7}"
-    )
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(
-            f"{r['num_replicas']:>4} {r['blocks_per_replica']:>8} "
-            f"{r['ping']['p50_us']:>7.0f}/{r['ping']['p99_us']:<8.0f} {r['select']['p50_us']:>8.0f}/{r['select']['p99_us']:<9.0f} "
-            f"{r['select_over_ping_p50']:>9.2f} {r['throughput_ping_rps']:>9.0f} {r['throughput_select_rps']:>10.0f} "
-            f"{r['throughput_ratio']:>9.2f} {r['compute_core']['p50_us']:>7.0f}/{r['compute_core']['p99_us']:<8.0f} "
-            f"{r['compute_with_proto']['p50_us']:>6.0f}/{r['compute_with_proto']['p99_us']:<8.0f} "
-            f"{r['compute_core_cpu']['p50_us']:>7.0f}/{r['compute_core_cpu']['p99_us']:<8.0f} "
-            f"{r['ingest_inproc_events_per_s']:>18.0f} {r['ingest_wire_events_per_s']:>9.0f} {r['rss_mb']:>7.0f}"
-        )
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--replicas", type=int, nargs="+", default=[8, 64, 256])
@@ -532,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         print(table(rows[-1:]).splitlines()[-1] if len(rows) > 1 else table(rows), flush=True)
     print()
     print(table(rows))
+    from benchmarks.selector_scaling import run_scaling  # NOTE: it imports this module
+
     scaling = run_scaling(ns) if ns.procs else None
     figs = issue_figures(rows, scaling)
     print()

@@ -1,0 +1,137 @@
+"""selector_bench's N-process scaling: N selection processes, each holding the full index
+(what each replica of the service is), driven closed-loop by client processes spread over
+them; Select/s and Ping/s per N, and the scaling factor against N x one process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import multiprocessing as mp
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from benchmarks.selector_bench import (
+    BLOCK_SIZE,
+    CHAIN_BLOCKS,
+    _populate,
+    _rss_mb,
+    _throughput,
+    prompts,
+)
+
+
+def _replica_server_main(
+    conn: Connection, num_replicas: int, blocks_per_replica: int, copies: int
+) -> None:
+    """One selection process holding the full index (what each replica of the service is)."""
+    from cluster.core import CoreConfig, SelectorCore
+    from cluster.selector import ServerThread
+
+    core = SelectorCore(CoreConfig(stale_after_s=1e9))
+    num_chains = _populate(core, num_replicas, blocks_per_replica, copies)
+    gc.collect()
+    gc.freeze()
+    server = ServerThread(core).start()
+    conn.send({"port": server.port, "num_chains": num_chains, "rss_mb": _rss_mb()})
+    conn.recv()
+    server.stop()
+
+
+def _client_main(
+    conn: Connection, address: str, method: str, num_chains: int, ns: argparse.Namespace, k: int
+) -> None:
+    from protos import cache_selection_pb2 as pb
+
+    if method == "Ping":
+        msgs: list[Any] = [pb.PingRequest()]
+    else:
+        msgs = [
+            pb.SelectRequest(
+                request_id=f"s{k}-{i}",
+                block_hashes=h,
+                num_prompt_tokens=CHAIN_BLOCKS * BLOCK_SIZE,
+                max_results=4,
+            )
+            for i, h in enumerate(prompts(500, num_chains, ns.seed + 10 + k))
+        ]
+    conn.recv()  # start together
+    conn.send(asyncio.run(_throughput(address, method, msgs, ns.concurrency, ns.window_s)))
+
+
+def _aggregate(addresses: list[str], method: str, num_chains: int, ns: argparse.Namespace) -> float:
+    """Closed-loop calls/s summed over client processes spread over ``addresses``."""
+    ctx = mp.get_context("spawn")
+    procs, pipes = [], []
+    for k in range(max(ns.client_procs, len(addresses))):
+        parent, child = ctx.Pipe()
+        p = ctx.Process(
+            target=_client_main,
+            args=(child, addresses[k % len(addresses)], method, num_chains, ns, k),
+        )
+        p.start()
+        procs.append(p)
+        pipes.append(parent)
+    for c in pipes:
+        c.send("go")
+    total = sum(float(c.recv()) for c in pipes)
+    for p in procs:
+        p.join(30)
+    return total
+
+
+def run_scaling(ns: argparse.Namespace) -> dict[str, Any]:
+    """Select/s of N selection processes (each with the full index) at the largest R."""
+    num_replicas = max(ns.replicas)
+    ctx = mp.get_context("spawn")
+    servers, pipes, infos = [], [], []
+    try:
+        for _ in range(max(ns.procs)):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(
+                target=_replica_server_main,
+                args=(child, num_replicas, ns.blocks_per_replica, ns.copies),
+            )
+            p.start()
+            servers.append(p)
+            pipes.append(parent)
+        infos = [c.recv() for c in pipes]
+        addresses = [f"127.0.0.1:{i['port']}" for i in infos]
+        rows = []
+        for n in ns.procs:
+            pings, sels = [], []
+            for _ in range(1 if ns.quick else ns.scale_rounds):
+                pings.append(_aggregate(addresses[:n], "Ping", infos[0]["num_chains"], ns))
+                sels.append(_aggregate(addresses[:n], "Select", infos[0]["num_chains"], ns))
+            rows.append(
+                {
+                    "num_procs": n,
+                    "client_procs": max(ns.client_procs, n),
+                    "select_rps": float(np.median(sels)),
+                    "ping_rps": float(np.median(pings)),
+                    "select_rounds": sels,
+                    "ping_rounds": pings,
+                }
+            )
+            print(
+                f"  {n} selection process(es): {rows[-1]['select_rps']:.0f} Select/s, "
+                f"{rows[-1]['ping_rps']:.0f} Ping/s",
+                flush=True,
+            )
+        base = rows[0]["select_rps"] / rows[0]["num_procs"]
+        for r in rows:
+            r["scaling"] = r["select_rps"] / (base * r["num_procs"])
+        return {
+            "num_replicas": num_replicas,
+            "rss_mb_per_proc": [i["rss_mb"] for i in infos],
+            "rows": rows,
+        }
+    finally:
+        for c in pipes:
+            c.send("stop")
+        for p in servers:
+            p.join(60)
+            if p.is_alive():
+                p.terminate()
