@@ -18,18 +18,16 @@ away cancels the Serve call, which aborts the request in the replica's engine.
 # (string) annotations such as ``request: Request`` (it would read them as query params).
 
 import asyncio
-import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
@@ -47,16 +45,15 @@ from cluster.openai_extras import (
 )
 from cluster.openai_guard import Guard, install
 from cluster.openai_health import HealthCache
+from cluster.openai_parse import checked_policy, parse_body
 from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from cluster.openai_responses import Accumulated, ResponseContext, sse
 from cluster.openai_trace import IngressTrace, TraceLog
-from cluster.policy import policy_names
 from replicas.deployment import GenerateRequest
 from replicas.outputs import RequestOutput
 
 log = logging.getLogger("ray.serve")
 MAX_ATTEMPTS = 3
-M = TypeVar("M", bound=BaseModel)
 api = FastAPI(title="TinyServe Cluster", version="0.1.0")
 install(api)  # NOTE: API key and body size, before any route runs (cluster.openai_guard)
 install_error_handlers(api)
@@ -74,54 +71,6 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     msg = f"{'.'.join(loc) + ': ' if loc else ''}{first.get('msg', 'invalid request')}"
     err = OpenAIError(msg, param=loc[0] if loc else None)
     return JSONResponse(err.body(), status_code=400)
-
-
-async def _read_body(request: Request, settings: limits.LimitSettings) -> bytes:
-    """The body, counted while it arrives: 413 once it passes ``max_body_bytes`` (the guard
-    has already refused a too-large declared Content-Length)."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        limits.check_body_bytes(size, settings)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _parse(request: Request, model: type[M], settings: limits.LimitSettings) -> M:
-    """The JSON body as ``model``; OpenAIError 400 naming the first bad field (413 for a body
-    over the limit; ``openai_limits.check_raw`` before validation).
-
-    NOTE: parsed by hand rather than by a FastAPI body parameter: Serve's class-based ingress
-    rewrites method signatures, which defeats FastAPI's resolution of postponed annotations.
-    """
-    raw = await _read_body(request, settings)
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise OpenAIError(f"request body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise OpenAIError("request body must be a JSON object")
-    limits.check_raw(data, model.model_fields, settings)
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(x) for x in first.get("loc", ()))
-        raise OpenAIError(
-            f"{loc + ': ' if loc else ''}{first.get('msg')}", param=loc or None
-        ) from exc
-
-
-def _checked_policy(name: str | None) -> str:
-    """A request's ``routing_policy``: "" when unset, else a registered policy name."""
-    if not name:
-        return ""
-    if name not in policy_names():
-        raise OpenAIError(
-            f"unknown routing_policy {name!r}; known: {policy_names()}", param="routing_policy"
-        )
-    return name
 
 
 def _serve_http_host() -> str | None:
@@ -366,7 +315,7 @@ class OpenAIIngress:
 
     @api.post("/tokenize")
     async def tokenize(self, request: Request) -> dict[str, Any]:
-        body = await _parse(request, TokenizeRequest, self.limits)
+        body = await parse_body(request, TokenizeRequest, self.limits)
         if body.model is not None:
             self._check_model(body.model)
         return await asyncio.get_running_loop().run_in_executor(
@@ -375,7 +324,7 @@ class OpenAIIngress:
 
     @api.post("/detokenize")
     async def detokenize(self, request: Request) -> dict[str, Any]:
-        body = await _parse(request, DetokenizeRequest, self.limits)
+        body = await parse_body(request, DetokenizeRequest, self.limits)
         if body.model is not None:
             self._check_model(body.model)
         return await asyncio.get_running_loop().run_in_executor(
@@ -385,7 +334,7 @@ class OpenAIIngress:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
         recv = time.time()
-        body = await _parse(request, ChatCompletionRequest, self.limits)
+        body = await parse_body(request, ChatCompletionRequest, self.limits)
         self._check_model(body.model)
         body.check_supported()
         self._check_limits(body)
@@ -395,7 +344,7 @@ class OpenAIIngress:
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
         recv = time.time()
-        body = await _parse(request, CompletionRequest, self.limits)
+        body = await parse_body(request, CompletionRequest, self.limits)
         self._check_model(body.model)
         body.check_supported()
         self._check_limits(body)
@@ -425,7 +374,7 @@ class OpenAIIngress:
             params,
             prompt=text,
             session_id=body.session_id or "",
-            routing_policy=_checked_policy(body.routing_policy),
+            routing_policy=checked_policy(body.routing_policy),
             n=body.n,
         )
         ctx = ResponseContext(kind, rid, self.model_name, self.tokenizer, params.logprobs)

@@ -130,14 +130,14 @@ def test_app_config_model_name_and_refuses_unknown_keys() -> None:
 
 
 def test_routing_policy_is_checked_against_the_policy_registry() -> None:
-    from cluster.openai_ingress import _checked_policy
+    from cluster.openai_parse import checked_policy
 
     body = ChatCompletionRequest.model_validate(
         {"model": "m", "messages": [{"role": "user", "content": "hi"}],
          "routing_policy": "dynamo_cost"}
     )
-    assert _checked_policy(body.routing_policy) == "dynamo_cost"
-    assert _checked_policy(None) == ""
+    assert checked_policy(body.routing_policy) == "dynamo_cost"
+    assert checked_policy(None) == ""
     with pytest.raises(OpenAIError) as exc:
-        _checked_policy("fastest_please")
+        checked_policy("fastest_please")
     assert exc.value.body()["error"]["param"] == "routing_policy"
