@@ -116,6 +116,11 @@ class AppConfig(BaseModel):
         "context; bounded here so a CPU replica answers in seconds).",
     )
     ingress_num_replicas: int = Field(default=1, ge=1, description="HTTP ingress replicas.")
+    ingress_tokenizer_threads: int = Field(
+        default=4,
+        ge=1,
+        description="Threads per ingress replica that tokenize prompts (one tokenizer copy each).",
+    )
     ingress_num_cpus: float = Field(
         default=0.5, ge=0, description="Ray CPUs per ingress replica (tokenization only)."
     )

@@ -17,12 +17,10 @@ away cancels the Serve call, which aborts the request in the replica's engine.
 # ingress rewrites the route methods' signatures, and FastAPI then cannot resolve postponed
 # (string) annotations such as ``request: Request`` (it would read them as query params).
 
-import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -49,6 +47,7 @@ from cluster.openai_parse import checked_policy, parse_body
 from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from cluster.openai_responses import Accumulated, ResponseContext, sse
 from cluster.openai_trace import IngressTrace, TraceLog
+from cluster.tokenizer_pool import TokenizerPool
 from replicas.deployment import GenerateRequest
 from replicas.outputs import RequestOutput
 
@@ -107,9 +106,8 @@ class OpenAIIngress:
         self.llm = llm.options(stream=True)
         self.trace_log = TraceLog()
         # NOTE: tokenizing (and the chat template) runs off the event loop, so streams keep
-        # flowing while a long prompt is encoded. One thread: HF fast tokenizers are not safe
-        # to call from several threads at once ("Already borrowed").
-        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tinyserve-tokenize")
+        # flowing while a long prompt is encoded; one tokenizer copy per thread.
+        self._tokenize_pool = TokenizerPool(self.tokenizer, self.config.ingress_tokenizer_threads)
         self.limits = self.config.limits
         self.vocab_size = len(self.tokenizer) if self.tokenizer is not None else None
         self.max_token_chars = limits.max_token_chars(self.tokenizer)
@@ -178,33 +176,31 @@ class OpenAIIngress:
                 if not done:
                     gen.cancel()  # NOTE: client went away: abort on the replica.
 
-    async def _tokenize(self, fn: Callable[[Any], tuple[str, list[int]]], body: Any
-                        ) -> tuple[str, list[int]]:
-        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, body)
-
-    def _tokenize_chat(self, body: ChatCompletionRequest) -> tuple[str, list[int]]:
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+    def _tokenize_chat(self, tokenizer: Any, body: ChatCompletionRequest
+                       ) -> tuple[str, list[int]]:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise OpenAIError("this model has no chat template; use /v1/completions")
         chat = body.chat()
         num_chars = sum(len(m["content"]) for m in chat)
         limits.check_prompt_chars(num_chars, self.max_token_chars, self.limits, "messages")
-        text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         # NOTE: the template already holds the special tokens; do not add a BOS twice.
-        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
         limits.check_prompt_tokens(len(ids), self.limits, "messages")
         return text, ids
 
-    def _tokenize_completion(self, body: CompletionRequest) -> tuple[str, list[int]]:
+    def _tokenize_completion(self, tokenizer: Any, body: CompletionRequest
+                             ) -> tuple[str, list[int]]:
         prompt = body.single_prompt()
         if isinstance(prompt, list):
             limits.check_prompt_tokens(len(prompt), self.limits)
             limits.check_token_ids(prompt, self.vocab_size, "prompt")
-            text = self.tokenizer.decode(prompt) if self.tokenizer is not None else ""
+            text = tokenizer.decode(prompt) if tokenizer is not None else ""
             return text, prompt
-        if self.tokenizer is None:
+        if tokenizer is None:
             raise OpenAIError("this model has no tokenizer; send token ids as the prompt")
         limits.check_prompt_chars(len(prompt), self.max_token_chars, self.limits)
-        ids = list(self.tokenizer.encode(prompt))
+        ids = list(tokenizer.encode(prompt))
         limits.check_prompt_tokens(len(ids), self.limits)
         return prompt, ids
 
@@ -318,18 +314,14 @@ class OpenAIIngress:
         body = await parse_body(request, TokenizeRequest, self.limits)
         if body.model is not None:
             self._check_model(body.model)
-        return await asyncio.get_running_loop().run_in_executor(
-            self._tokenize_pool, tokenize, self.tokenizer, body, self.max_model_len
-        )
+        return await self._tokenize_pool.run(tokenize, body, self.max_model_len)
 
     @api.post("/detokenize")
     async def detokenize(self, request: Request) -> dict[str, Any]:
         body = await parse_body(request, DetokenizeRequest, self.limits)
         if body.model is not None:
             self._check_model(body.model)
-        return await asyncio.get_running_loop().run_in_executor(
-            self._tokenize_pool, detokenize, self.tokenizer, body, None
-        )
+        return await self._tokenize_pool.run(detokenize, body, None)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
@@ -338,7 +330,7 @@ class OpenAIIngress:
         self._check_model(body.model)
         body.check_supported()
         self._check_limits(body)
-        text, ids = await self._tokenize(self._tokenize_chat, body)
+        text, ids = await self._tokenize_pool.run(self._tokenize_chat, body)
         return await self._generate("chat", "chatcmpl", body, text, ids, recv)
 
     @api.post("/v1/completions")
@@ -348,7 +340,7 @@ class OpenAIIngress:
         self._check_model(body.model)
         body.check_supported()
         self._check_limits(body)
-        text, ids = await self._tokenize(self._tokenize_completion, body)
+        text, ids = await self._tokenize_pool.run(self._tokenize_completion, body)
         return await self._generate("completion", "cmpl", body, text, ids, recv)
 
     def traces(self) -> list[dict[str, Any]]:

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# NOTE: step sizes by device when unset. On a GPU a 512-token budget and 64 sequences halve a
+# replica's throughput (benchmarks/results/serve_overhead_notes.md); vLLM 0.33's API server
+# uses 8,192 tokens on >= 70 GiB GPUs and 2,048 below (vllm/engine/arg_utils.py). 256
+# sequences keeps the CUDA-graph buckets captured at start-up to a few dozen.
+DEVICE_STEP_DEFAULTS: dict[str, dict[str, int]] = {
+    "cpu": {"max_num_batched_tokens": 512, "max_num_seqs": 64},
+    "cuda": {"max_num_batched_tokens": 8192, "max_num_seqs": 256},
+}
 
 
 class SparseAttentionConfig(BaseModel):
@@ -58,9 +67,12 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(
         default=512,
         gt=0,
-        description="Token budget of one engine step (decode tokens + prefill chunk tokens).",
+        description="Token budget of one engine step (decode tokens + prefill chunk tokens); "
+        "unset = 512 on CPU, 8192 on CUDA.",
     )
-    max_num_seqs: int = Field(default=64, gt=0, description="Most requests running at once.")
+    max_num_seqs: int = Field(
+        default=64, gt=0, description="Most requests running at once; unset = 64 on CPU, 256 on CUDA."
+    )
     max_model_len: int | None = Field(
         default=None,
         gt=0,
@@ -100,3 +112,15 @@ class EngineConfig(BaseModel):
         description="Sparse decode attention over the top pages per query (Quest-style page "
         "selection); None = dense. Prefill always stays dense.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _device_step_defaults(cls, data: Any) -> Any:
+        """Fill the unset step sizes from ``DEVICE_STEP_DEFAULTS`` of the configured device."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name, value in DEVICE_STEP_DEFAULTS.get(str(data.get("device", "cpu")), {}).items():
+            if data.get(name) is None:
+                data[name] = value
+        return data
