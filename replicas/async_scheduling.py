@@ -102,6 +102,9 @@ class AsyncStepper:
         self.lane = StepLane(worker_thread)
         self._in_flight: InFlightStep | None = None
         self._last_resolved = time.perf_counter()
+        # NOTE: tokens computed past a stop (or an abort) and dropped: the price of checking
+        # stops one step late.
+        self.num_discarded_tokens = 0
 
     @property
     def in_flight(self) -> bool:
@@ -164,8 +167,9 @@ class AsyncStepper:
             launched.requests, sampled.token_ids, sampled.logprobs, strict=True
         ):
             req.num_pending_tokens -= 1
-            if req.is_finished:
-                continue  # NOTE: stopped (or aborted) while this token was computed: discarded
+            if req.is_finished:  # stopped (or aborted) while this token was computed
+                self.num_discarded_tokens += 1
+                continue
             outputs.append(eng.emit_token(req, token_id, logprobs))
             if not req.is_finished:
                 eng.scheduler.commit_known(req)
