@@ -197,7 +197,8 @@ class DecodeGraphs:
         if (b, w) not in self._graphs:
             self._graphs[b, w] = self._capture(b, w)
         graph, logits = self._graphs[b, w]
-        self._copied.synchronize()
+        if not self._copied.query():  # NOTE: query first: no sync call when already done
+            self._copied.synchronize()
         stage = self._staging.numpy()
         # NOTE: one numpy conversion of a list of rows (a row assignment each costs ~1 us).
         rows = pending.rows if pending is not None else {}
