@@ -45,6 +45,8 @@ def _h2d(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     the stream (it would wait for the step in flight); pinned + non_blocking does not."""
     if device.type != "cuda":
         return t
+    if t.numel() == 0:
+        return torch.empty(t.shape, dtype=t.dtype, device=device)
     return t.pin_memory().to(device, non_blocking=True)
 
 
