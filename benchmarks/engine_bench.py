@@ -17,8 +17,9 @@ Quote only the ratios (this machine is shared; absolute times are noise-prone).
 
 ``--compare-async``: instead, the throughput workload on ONE engine in three step loops,
 order rotated per repeat, the prefix cache dropped before each run: synchronous,
-asynchronous scheduling with the forward on a worker thread (the CPU default), and
-asynchronous with the forward inline (no overlap: the bookkeeping's own cost). Ratios are
+asynchronous scheduling with the forward on a worker thread (overlapping the host's Python),
+and asynchronous with the forward inline (the CPU default: no overlap, the bookkeeping's own
+cost). Ratios are
 tokens/s over the synchronous run of the same repeat.
 """
 
@@ -99,8 +100,9 @@ def set_mode(engine: LLMEngine, mode: str) -> None:
     from replicas.async_scheduling import AsyncStepper
 
     engine.set_async_scheduling(mode != "sync")
-    if mode == "async_inline":
-        engine._stepper = AsyncStepper(engine, worker_thread=False)
+    if engine._stepper is not None:
+        engine._stepper.close()
+        engine._stepper = AsyncStepper(engine, worker_thread=mode == "async_worker")
     assert engine.kv.reset_prefix_cache(), "blocks still in use"
 
 

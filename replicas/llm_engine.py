@@ -50,10 +50,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# NOTE: asynchronous scheduling on CPU runs each step's forward on a worker thread, so the
-# host's Python (scheduling, detokenizing, streaming) overlaps it. Measured with
-# benchmarks/engine_bench.py --compare-async (benchmarks/results/engine_notes.md).
-CPU_WORKER_THREAD = True
+# NOTE: asynchronous scheduling on CPU can run each step's forward on a worker thread, so the
+# host's Python (scheduling, detokenizing, streaming) overlaps it. It did not pay on the
+# shared 2-core box (benchmarks/engine_bench.py --compare-async: 0.97x the synchronous loop,
+# SmolLM2, 1 torch thread; benchmarks/results/engine_notes.md): a CPU step is ~98% forward, so
+# the pipeline runs inline there (same semantics, no overlap).
+CPU_WORKER_THREAD = False
 
 
 def derive_num_blocks(config: EngineConfig, loaded: LoadedModel) -> int:
@@ -134,7 +136,7 @@ class LLMEngine:
     def set_async_scheduling(self, enabled: bool) -> list[RequestOutput]:
         """Switch the step loop (benchmarks compare both on one engine); drains first and
         returns what the step in flight produced. On CPU the forward runs on a worker thread
-        (``CPU_WORKER_THREAD``)."""
+        only if ``CPU_WORKER_THREAD``."""
         with self.lock:
             outputs = self._stepper.drain() if self._stepper is not None else []
             if enabled == (self._stepper is not None):

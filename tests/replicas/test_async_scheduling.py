@@ -2,8 +2,9 @@
 the same workload: identical tokens, text, finish reasons, cache hits and pool hashes; stops
 exact though checked one step late; aborts and preemption while a step is in flight.
 
-Both lanes run here: the CPU worker thread (the default on CPU) and the inline lane (what CUDA
-uses; on CPU the forward then simply runs on the calling thread)."""
+Both lanes run here: the CPU worker thread (the forward overlaps the host's Python; most tests
+use it, it has the most to get wrong) and the inline lane (what CUDA uses, and CPU by default:
+the forward runs on the calling thread)."""
 
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ def _engine(model_dir: Path, async_on: bool, worker: bool = True, **kw: object) 
     )
     args.update(kw)
     engine = LLMEngine(EngineConfig(**args))  # type: ignore[arg-type]
-    if async_on and not worker:
-        engine._stepper = AsyncStepper(engine, worker_thread=False)
+    if async_on and engine._stepper is not None:
+        engine._stepper.close()
+        engine._stepper = AsyncStepper(engine, worker_thread=worker)
     return engine
 
 
