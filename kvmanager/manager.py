@@ -211,10 +211,8 @@ class KVCacheManager:
         hashed; the first block per hash is cached (``BlockStored``), a duplicate of an
         already cached hash stays private and returns to empty on free.
 
-        ``token_ids`` may be shorter than ``num_computed_tokens`` (asynchronous scheduling:
-        the newest token was sampled on the device and is not known yet): only full blocks
-        whose tokens are all given are hashed; a later commit with the same (or a larger)
-        count and the longer ``token_ids`` hashes the rest."""
+        ``token_ids`` may be shorter (asynchronous scheduling: a token still on the device):
+        blocks not fully given are hashed by a later commit that brings their tokens."""
         req = self._get(request_id)
         bs = self.block_size
         if not req.num_computed_tokens <= num_computed_tokens <= len(req.block_ids) * bs:
