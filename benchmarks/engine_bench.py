@@ -14,6 +14,13 @@ Two measurements, SmolLM2-135M-Instruct (the embedded default model) on CPU, flo
 
 Run:  python benchmarks/engine_bench.py --json results/engine_bench.json
 Quote only the ratios (this machine is shared; absolute times are noise-prone).
+
+``--compare-async``: instead, the throughput workload on ONE engine in three step loops,
+order rotated per repeat, the prefix cache dropped before each run: synchronous,
+asynchronous scheduling with the forward on a worker thread (overlapping the host's Python),
+and asynchronous with the forward inline (the CPU default: no overlap, the bookkeeping's own
+cost). Ratios are
+tokens/s over the synchronous run of the same repeat.
 """
 
 from __future__ import annotations
@@ -83,6 +90,45 @@ def run_ours(engine: LLMEngine, workload: list[tuple[list[int], int]]) -> dict[s
         "steps": engine.num_steps - steps0,
         "median_ttft_s": statistics.median(ttfts),
     }
+
+
+ASYNC_MODES = ("sync", "async_worker", "async_inline")
+
+
+def set_mode(engine: LLMEngine, mode: str) -> None:
+    """Put ``engine`` in one of ASYNC_MODES (idle engine; drops its prefix cache)."""
+    from replicas.async_scheduling import AsyncStepper
+
+    engine.set_async_scheduling(mode != "sync")
+    if engine._stepper is not None:
+        engine._stepper.close()
+        engine._stepper = AsyncStepper(engine, worker_thread=mode == "async_worker")
+    assert engine.kv.reset_prefix_cache(), "blocks still in use"
+
+
+def compare_async(engine: LLMEngine, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
+    """Throughput of the step loops of ASYNC_MODES on the same workloads (module docstring)."""
+    rows: list[dict[str, Any]] = []
+    for r in range(args.repeats):
+        workload = make_workload(
+            args.num_requests, *args.prompt_len, *args.max_tokens, seed=args.seed + r, vocab=vocab
+        )
+        row: dict[str, Any] = {"repeat": r}
+        order = ASYNC_MODES[r % 3 :] + ASYNC_MODES[: r % 3]
+        for mode in order:
+            set_mode(engine, mode)
+            row[mode] = run_ours(engine, workload)
+        for mode in ASYNC_MODES[1:]:
+            row[f"{mode}_over_sync"] = row["sync"]["seconds"] / row[mode]["seconds"]
+        print(f"  repeat {r}: " + "  ".join(f"{m} {row[m]['seconds']:.2f}s" for m in ASYNC_MODES),
+              flush=True)  # fmt: skip
+        rows.append(row)
+    set_mode(engine, "sync")
+    medians = {
+        f"median_{m}_over_sync": statistics.median(row[f"{m}_over_sync"] for row in rows)
+        for m in ASYNC_MODES[1:]
+    }
+    return {"repeats": rows, **medians}
 
 
 def run_hf(model: Any, workload: list[tuple[list[int], int]], pad_id: int) -> dict[str, Any]:
@@ -166,9 +212,14 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="write results here")
+    ap.add_argument("--compare-async", action="store_true",
+                    help="sync vs async scheduling step loops instead (module docstring)")  # fmt: skip
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compare_async:
+        main_compare_async(args)
+        return
 
     from transformers import AutoModelForCausalLM
 
@@ -276,6 +327,48 @@ def main() -> None:
         f"{ttft['median_warm_ttft_s']:>12.3f}{ttft['median_cold_ttft_s']:>12.3f}"
         f"{ttft['ratio_warm_over_cold']:>9.3f}{'<= 0.3':>9}"
     )
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+
+
+def main_compare_async(args: argparse.Namespace) -> None:
+    engine = LLMEngine(
+        EngineConfig(
+            model=args.model,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=max(64, args.num_requests),
+            seed=args.seed,
+        )
+    )
+    vocab = engine.vocab_size
+    for mode in ASYNC_MODES:  # NOTE: warm-up of every loop (the worker thread starts here)
+        set_mode(engine, mode)
+        run_ours(engine, make_workload(4, 8, 32, 2, 4, seed=999, vocab=vocab))
+    res = compare_async(engine, args, vocab)
+    result = {
+        "benchmark": "engine_bench_async",
+        "model": args.model,
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "machine": platform.platform(),
+        "args": {
+            k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+        },
+        **res,
+    }
+    print()
+    print(f"engine_bench --compare-async  model={args.model}  cpu threads="
+          f"{torch.get_num_threads()}  requests={args.num_requests}  repeats={args.repeats}")  # fmt: skip
+    print(f"{'step loop':<16}{'median tok/s':>14}{'median ratio vs sync':>22}")
+    for m in ASYNC_MODES:
+        tps = statistics.median(
+            row[m]["output_tokens"] / row[m]["seconds"] for row in res["repeats"]
+        )
+        ratio = 1.0 if m == "sync" else res[f"median_{m}_over_sync"]
+        print(f"{m:<16}{tps:>14.1f}{ratio:>22.3f}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

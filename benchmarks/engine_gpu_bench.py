@@ -22,6 +22,9 @@ Run (GPU machine, repo root):
     PYTHONPATH=. python3 benchmarks/engine_gpu_bench.py --json benchmarks/results/engine_gpu_h200.json
     PYTHONPATH=. python3 benchmarks/engine_gpu_bench.py --shape 8b --no-hf --decode-tokens 64
 ``--smoke``: a 2-layer model and tiny sizes, to check the code path in seconds.
+``--async-scheduling``: one more mode per batch, ``graphs_async`` (CUDA graphs with
+EngineConfig.async_scheduling switched on, same engine, same run), its fraction of the
+roofline and ``async_over_graphs`` (its decode tok/s over the synchronous graphs mode).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.engine_phases import PhaseTimes
 from benchmarks.gpu_models import SHAPES, copy_bandwidth, random_checkpoint_dir, random_weights
 from replicas.config import EngineConfig
 from replicas.llm_engine import LLMEngine
@@ -72,38 +76,6 @@ def make_checkpoint(path: Path, shape: dict[str, int], max_positions: int) -> An
 def prompts_for(batch: int, prompt_len: int, seed: int, vocab: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, prompt_len), generator=gen).tolist()
-
-
-class PhaseTimes:
-    """Host wall time per phase of the engine's steps while ``on`` (wraps the engine's parts):
-    schedule, execute (staging + launches; the GPU runs asynchronously), sample (includes
-    waiting for the GPU: its device->host copy is the step's one sync); the rest of a step is
-    scheduler.update + output processing."""
-
-    PHASES = ("schedule", "execute", "sample")
-
-    def __init__(self, engine: LLMEngine) -> None:
-        self.on = False
-        self.totals = dict.fromkeys(self.PHASES, 0.0)
-        engine.scheduler.schedule = self._wrap("schedule", engine.scheduler.schedule)  # type: ignore[method-assign]
-        engine.runner.execute = self._wrap("execute", engine.runner.execute)  # type: ignore[method-assign]
-        engine.sampler = self._wrap("sample", engine.sampler)  # type: ignore[assignment]
-
-    def _wrap(self, name: str, fn: Any) -> Any:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            if not self.on:
-                return fn(*args, **kwargs)
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.totals[name] += time.perf_counter() - t
-
-        return timed
-
-    def take(self) -> dict[str, float]:
-        out, self.totals = self.totals, dict.fromkeys(self.PHASES, 0.0)
-        return out
 
 
 def run_ours(
@@ -232,6 +204,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="cProfile the host side of each "
                     "batch's CUDA-graph decode run (top functions by own time)")  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="2 layers, batches 1 4, short")
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="also run graphs_async: CUDA graphs + async scheduling")  # fmt: skip
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.smoke:
@@ -280,8 +254,11 @@ def main() -> None:
     seed = 0
     for batch in args.batches:
         row: dict[str, Any] = {"batch": batch}
-        for mode in ("eager", "graphs"):
-            engine.runner.graphs = graphs if mode == "graphs" else None
+        modes = ("eager", "graphs", "graphs_async") if args.async_scheduling else ("eager", "graphs")
+        for mode in modes:
+            engine.runner.graphs = graphs if mode != "eager" else None
+            engine.set_async_scheduling(mode == "graphs_async")
+            phases.attach_stepper(engine)
             seed += 1
             run_ours(engine, prompts_for(batch, args.prompt_len, 10_000 + seed, vocab), 4)
             seed += 1
@@ -289,7 +266,7 @@ def main() -> None:
             prof = cProfile.Profile() if args.profile and mode == "graphs" else None
             with prof if prof is not None else contextlib.nullcontext():
                 row[mode] = run_ours(
-                    engine, prompts, args.decode_tokens, phases if mode == "graphs" else None
+                    engine, prompts, args.decode_tokens, phases if mode != "eager" else None
                 )
             if prof is not None:
                 pstats.Stats(prof).sort_stats("tottime").print_stats(18)
@@ -298,6 +275,7 @@ def main() -> None:
                   f"{row[mode]['median_step_ms']:.2f} ms "
                   + " ".join(f"{k} {v:.2f}" for k, v in phase.items()), flush=True)  # fmt: skip
         engine.runner.graphs = graphs
+        engine.set_async_scheduling(False)
         row["graph_replay_ms"] = graph_replay_ms(
             engine, batch, args.prompt_len + args.decode_tokens
         )
@@ -317,6 +295,13 @@ def main() -> None:
             row["graphs"]["decode_tok_s"] / row["roofline"]["tok_s"]
         )
         row["eager_fraction_of_roofline"] = row["eager"]["decode_tok_s"] / row["roofline"]["tok_s"]
+        if "graphs_async" in row:
+            row["graphs_async_fraction_of_roofline"] = (
+                row["graphs_async"]["decode_tok_s"] / row["roofline"]["tok_s"]
+            )
+            row["async_over_graphs"] = (
+                row["graphs_async"]["decode_tok_s"] / row["graphs"]["decode_tok_s"]
+            )
         if row["graph_replay_ms"]:
             row["graph_replay_fraction_of_roofline"] = (
                 row["roofline"]["step_ms"] / row["graph_replay_ms"]
@@ -341,6 +326,7 @@ def main() -> None:
         "block_size": BLOCK_SIZE,
         "copy_bandwidth_bytes_per_s": bandwidth,
         "kv_bytes_per_token": kv_tok,
+        "async_scheduling_measured": args.async_scheduling,
         "rows": rows,
         "targets": {
             "1b": "graphs_fraction_of_roofline >= 0.50 at batch 1, >= 0.60 at batch 64",
@@ -362,6 +348,12 @@ def main() -> None:
                 r["graphs_fraction_of_roofline"], r.get("graph_replay_fraction_of_roofline", 0.0),
                 r.get("best_over_transformers", 0.0), r["graphs_over_eager"])  # fmt: skip
         print("".join(f"{v:>13.0f}" if i < 5 else f"{v:>13.2f}" for i, v in enumerate(vals)))
+    if args.async_scheduling:
+        print(f"{'batch':>13}{'async tok/s':>13}{'async/roof':>13}{'async/graphs':>13}")
+        for r in rows:
+            print(f"{r['batch']:>13}{r['graphs_async']['decode_tok_s']:>13.0f}"
+                  f"{r['graphs_async_fraction_of_roofline']:>13.2f}"
+                  f"{r['async_over_graphs']:>13.2f}")  # fmt: skip
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

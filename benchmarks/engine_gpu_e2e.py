@@ -17,6 +17,9 @@ CUDA graphs on, block_size 16, weights filled in place (no checkpoint on disk).
 Run (GPU machine, repo root):
     PYTHONPATH=. python3 benchmarks/engine_gpu_e2e.py --shape 1b --json benchmarks/results/engine_e2e_1b_h100.json
 ``--smoke``: 2 layers, small sizes.
+``--async-scheduling``: each concurrency is also run with EngineConfig.async_scheduling
+switched on (same engine, right after the synchronous run, same prompts): ``async`` in each
+row, and ``async_over_sync`` (output tok/s ratio).
 """
 
 from __future__ import annotations
@@ -124,6 +127,8 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--prefill-len", type=int, default=8192)
     ap.add_argument("--smoke", action="store_true", help="2 layers, tiny sizes")
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="also run each concurrency with async scheduling")  # fmt: skip
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     shape = dict(SHAPES[args.shape])
@@ -190,9 +195,15 @@ def main() -> None:
         run_requests(
             engine, _prompts(c, args.prompt_len, 1000 + i, vocab), args.output_len, f"w{c}"
         )
-        res = run_requests(
-            engine, _prompts(c, args.prompt_len, 2000 + i, vocab), args.output_len, f"c{c}"
-        )
+        prompts = _prompts(c, args.prompt_len, 2000 + i, vocab)
+        res = run_requests(engine, prompts, args.output_len, f"c{c}")
+        if args.async_scheduling:
+            engine.set_async_scheduling(True)
+            res["async"] = run_requests(engine, prompts, args.output_len, f"a{c}")
+            engine.set_async_scheduling(False)
+            res["async_over_sync"] = res["async"]["output_tok_s"] / res["output_tok_s"]
+            print(f"c{c} async: {res['async']['output_tok_s']:.0f} tok/s = "
+                  f"{res['async_over_sync']:.2f}x sync", flush=True)  # fmt: skip
         limit = hardware_limit(c, args.prompt_len, args.output_len, shape, weight_bytes,
                                linear_params, kv_tok, peak, bandwidth)  # fmt: skip
         res.update(concurrency=c, limit=limit,
@@ -213,6 +224,7 @@ def main() -> None:
         "prompt_len": args.prompt_len,
         "output_len": args.output_len,
         "prefill": prefill,
+        "async_scheduling_measured": args.async_scheduling,
         "rows": rows,
         "targets": {
             "prefill_fraction_of_matmul_peak": 0.6,

@@ -209,7 +209,10 @@ class KVCacheManager:
     def commit(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
         """Record that tokens[:num_computed_tokens] now hold K/V. Blocks that became full are
         hashed; the first block per hash is cached (``BlockStored``), a duplicate of an
-        already cached hash stays private and returns to empty on free."""
+        already cached hash stays private and returns to empty on free.
+
+        ``token_ids`` may be shorter (asynchronous scheduling: a token still on the device):
+        blocks not fully given are hashed by a later commit that brings their tokens."""
         req = self._get(request_id)
         bs = self.block_size
         if not req.num_computed_tokens <= num_computed_tokens <= len(req.block_ids) * bs:
@@ -217,21 +220,18 @@ class KVCacheManager:
                 f"num_computed_tokens {num_computed_tokens} must lie in "
                 f"[{req.num_computed_tokens}, {len(req.block_ids) * bs}] for {request_id!r}"
             )
-        if num_computed_tokens > len(token_ids):
-            raise ValueError(
-                f"num_computed_tokens {num_computed_tokens} exceeds the {len(token_ids)} tokens given"
-            )
         req.num_computed_tokens = num_computed_tokens
         if not self.config.enable_prefix_caching:
             return
         self._tick()
-        if num_computed_tokens // bs <= req.num_hashed_blocks:
+        num_known = min(num_computed_tokens, len(token_ids))
+        if num_known // bs <= req.num_hashed_blocks:
             return  # NOTE: no block became full (most decode steps): nothing to hash
         stored: BlockStored | None = None
         hash_block, external = self.hasher.hash_block, self.hasher.external
         # NOTE: each block's external hash is the next one's parent_ext (computed once).
         ext = None if req.last_native is None else external(req.last_native)
-        for i in range(req.num_hashed_blocks, num_computed_tokens // bs):
+        for i in range(req.num_hashed_blocks, num_known // bs):
             parent_ext, chunk = ext, list(token_ids[i * bs : (i + 1) * bs])
             req.last_native = hash_block(req.last_native, chunk, req.extra_keys)
             ext = external(req.last_native)
@@ -251,7 +251,7 @@ class KVCacheManager:
                 stored = BlockStored([], parent_ext, [], bs)
             stored.block_hashes.append(ext)
             stored.token_ids.extend(chunk)
-        req.num_hashed_blocks = max(req.num_hashed_blocks, num_computed_tokens // bs)
+        req.num_hashed_blocks = max(req.num_hashed_blocks, num_known // bs)
         if stored is not None:
             self._events.append(stored)
 

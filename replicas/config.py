@@ -101,6 +101,14 @@ class EngineConfig(BaseModel):
         "batch size (replicas.cuda_graph); needs the CUDA decode kernel (fp16/bf16). Ignored "
         "on CPU, with sparse_attention, or where the step does not fit.",
     )
+    async_scheduling: bool = Field(
+        default=False,
+        description="Schedule and launch step N+1 while step N runs (vLLM v1-style): sampled "
+        "ids stay on the device and feed the next step's inputs; the host learns them one "
+        "step later, so stops are checked one step late and a token computed past a stop is "
+        "discarded. Requests with penalties or structured output step synchronously. Off "
+        "until measured on a GPU (benchmarks/results/engine_notes.md).",
+    )
     stream_interval: int = Field(
         default=1,
         ge=1,

@@ -30,6 +30,10 @@ Static buffers (one set, shared by every bucket; a bucket of size B uses rows ``
 
 Padding rows (real rows n .. B-1) get slot -1 (reshape_and_cache skips it) and seq_len 0
 (the decode kernel writes zeros), position 0 and token 0: they compute garbage nobody reads.
+
+Placeholder rows (asynchronous scheduling) stage the row of ``PendingTokens`` that holds their
+token; ``input_ids`` is then filled by a device gather before the replay, so the host never
+waits for the step in flight.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import torch
 from cuda_kernels import ops
 from replicas.attention import AttentionMetadata
 from replicas.model import CausalLM
+from replicas.sampled_tokens import PendingTokens
 from replicas.scheduler import ScheduledChunk
 
 # NOTE: small steps padded to a power of two, larger ones to a multiple of 16: at most 16
@@ -83,8 +88,9 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
         self.logits_indices = torch.arange(n, dtype=torch.long, device=dev)
         # NOTE: host staging in pinned memory: one packed int64 row per sequence (token,
-        # position, slot, seq_len), so a step's scalars travel in ONE H2D copy.
-        self._staging = torch.zeros((n, 4), dtype=torch.long).pin_memory()
+        # position, slot, seq_len, pending row or -1), so a step's scalars travel in ONE H2D
+        # copy.
+        self._staging = torch.zeros((n, 5), dtype=torch.long).pin_memory()
         self._host_tables: dict[int, torch.Tensor] = {}  # width -> pinned [max_batch, w]
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: object | None = None
@@ -176,9 +182,10 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
 
     def run(
-        self, chunks: Sequence[ScheduledChunk]
+        self, chunks: Sequence[ScheduledChunk], pending: PendingTokens | None = None
     ) -> tuple[list[ScheduledChunk], torch.Tensor] | None:
-        """Replay the graph of this decode-only step; None when it does not fit (see module)."""
+        """Replay the graph of this decode-only step; None when it does not fit (see module).
+        ``pending`` supplies the placeholder rows' ids (on the device)."""
         n = len(chunks)
         if n == 0 or n > self.max_batch or any(c.num_new_tokens != 1 for c in chunks):
             return None
@@ -190,18 +197,28 @@ class DecodeGraphs:
         if (b, w) not in self._graphs:
             self._graphs[b, w] = self._capture(b, w)
         graph, logits = self._graphs[b, w]
-        self._copied.synchronize()
+        if not self._copied.query():  # NOTE: query first: no sync call when already done
+            self._copied.synchronize()
         stage = self._staging.numpy()
         # NOTE: one numpy conversion of a list of rows (a row assignment each costs ~1 us).
+        rows = pending.rows if pending is not None else {}
         stage[:n] = [
-            (c.request.token_ids[c.start], c.start, c.slot_mapping[0], c.end) for c in chunks
+            (0, c.start, c.slot_mapping[0], c.end, rows[c.request.request_id])
+            if c.placeholder
+            else (c.request.token_ids[c.start], c.start, c.slot_mapping[0], c.end, -1)
+            for c in chunks
         ]
-        stage[n:b] = (0, 0, -1, 0)
+        stage[n:b] = (0, 0, -1, 0, -1)
         tables = self._host_tables[w].numpy()
         for i, c in enumerate(chunks):
             tables[i, : len(c.block_table)] = c.block_table
         staged = self._staging[:b].to(self.device, non_blocking=True)
-        self.input_ids[:b].copy_(staged[:, 0])
+        if pending is not None and any(c.placeholder for c in chunks):
+            src = staged[:, 4]
+            fed = pending.token_ids.index_select(0, src.clamp(min=0))
+            self.input_ids[:b].copy_(torch.where(src >= 0, fed, staged[:, 0]))
+        else:
+            self.input_ids[:b].copy_(staged[:, 0])
         self.positions[:b].copy_(staged[:, 1])
         self.slot_mapping[:b].copy_(staged[:, 2])
         self.seq_lens[:b].copy_(staged[:, 3])

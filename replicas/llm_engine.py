@@ -9,6 +9,10 @@ One ``step()``::
     scheduler.update()              -> requests' num_computed_tokens advance
     output_processor                -> stop checks, text deltas -> list[RequestOutput]
 
+With ``EngineConfig.async_scheduling`` the same parts run pipelined: step N+1 is scheduled and
+launched before step N's tokens reach the host (``replicas.async_scheduling``); ``step()``
+then returns the previous step's outputs, and ``drain()`` resolves the step in flight.
+
 Admission checks (``validate``) raise ValueError naming the limit before anything is queued,
 so a bad request never disturbs the others. Not thread-safe: one thread drives it.
 """
@@ -28,11 +32,12 @@ from kvmanager.config import PoolConfig
 from kvmanager.events import KVEvent
 from kvmanager.manager import KVCacheManager
 from kvmanager.metrics import PoolStats
+from replicas.async_scheduling import AsyncStepper
 from replicas.config import EngineConfig
 from replicas.model_loader import LoadedModel, load_model
 from replicas.model_runner import ModelRunner, kv_bytes_per_block
 from replicas.output_processor import OutputProcessor
-from replicas.outputs import RequestOutput
+from replicas.outputs import RequestOutput, TokenLogprobs
 from replicas.rate_meter import RateMeter
 from replicas.request import Request
 from replicas.sampler import Sampler
@@ -44,6 +49,13 @@ if TYPE_CHECKING:
     import xgrammar
 
 logger = logging.getLogger(__name__)
+
+# NOTE: asynchronous scheduling on CPU can run each step's forward on a worker thread, so the
+# host's Python (scheduling, detokenizing, streaming) overlaps it. It did not pay on the
+# shared 2-core box (benchmarks/engine_bench.py --compare-async: 0.97x the synchronous loop,
+# SmolLM2, 1 torch thread; benchmarks/results/engine_notes.md): a CPU step is ~98% forward, so
+# the pipeline runs inline there (same semantics, no overlap).
+CPU_WORKER_THREAD = False
 
 
 def derive_num_blocks(config: EngineConfig, loaded: LoadedModel) -> int:
@@ -100,7 +112,9 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             max_num_seqs=config.max_num_seqs,
         )
-        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len
+        )
         self.sampler = Sampler(config.seed, self.loaded.device)
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
         self.requests: dict[str, Request] = {}
@@ -111,6 +125,36 @@ class LLMEngine:
         self.rates = RateMeter()  # NOTE: measured rates, reported to the selection service
         self._grammars: GrammarCompiler | None = None
         self._grammars_lock = threading.Lock()
+        self._stepper: AsyncStepper | None = None
+        self.set_async_scheduling(config.async_scheduling)
+
+    # -- asynchronous scheduling -------------------------------------------------------------
+    @property
+    def async_scheduling(self) -> bool:
+        return self._stepper is not None
+
+    def set_async_scheduling(self, enabled: bool) -> list[RequestOutput]:
+        """Switch the step loop (benchmarks compare both on one engine); drains first and
+        returns what the step in flight produced. On CPU the forward runs on a worker thread
+        only if ``CPU_WORKER_THREAD``."""
+        with self.lock:
+            outputs = self._stepper.drain() if self._stepper is not None else []
+            if enabled == (self._stepper is not None):
+                return outputs
+            if self._stepper is not None:
+                self._stepper.close()
+                self._stepper = None
+            else:
+                worker = self.loaded.device.type == "cpu" and CPU_WORKER_THREAD
+                self._stepper = AsyncStepper(self, worker_thread=worker)
+            return outputs
+
+    def drain(self) -> list[RequestOutput]:
+        """Resolve the step in flight (asynchronous scheduling) and return its outputs; after
+        it nothing runs on the device. The place for between-steps work that moves blocks
+        (compaction). No-op (empty) when synchronous or idle."""
+        with self.lock:
+            return self._stepper.drain() if self._stepper is not None else []
 
     def grammar_compiler(self) -> GrammarCompiler:
         """The structured-output compiler (built on first use; thread-safe). ValueError when
@@ -193,14 +237,24 @@ class LLMEngine:
 
     # -- stepping ----------------------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        """True while a request is unfinished or a step is in flight (it must be resolved)."""
+        stepper = self._stepper
+        return self.scheduler.num_unfinished > 0 or (stepper is not None and stepper.in_flight)
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling + forward + sampling step; returns the outputs it produced."""
+        """Run one scheduling + forward + sampling step; returns the outputs it produced
+        (asynchronous scheduling: launches a step and returns the previous step's outputs)."""
         with self.lock:
-            return self._step()
+            if self._stepper is None:
+                return self.step_sync()
+            try:
+                return self._stepper.step()
+            except BaseException:
+                self._stepper.discard()
+                raise
 
-    def _step(self) -> list[RequestOutput]:
+    def step_sync(self) -> list[RequestOutput]:
+        """One synchronous step (the caller holds ``lock``; nothing in flight)."""
         start = time.perf_counter()
         sched = self.scheduler.schedule()
         if not sched.chunks:
@@ -214,25 +268,33 @@ class LLMEngine:
         self.scheduler.update(sched)
         requests = [c.request for c in sampling]
         sampled = self.sampler(logits, requests)
-        outputs: list[RequestOutput] = []
-        for req, token_id, logprobs in zip(
-            requests, sampled.token_ids, sampled.logprobs, strict=True
-        ):
-            if req.grammar is not None and not req.grammar.accept(token_id):
-                # NOTE: cannot happen under the bitmask; kept visible if it ever does.
-                logger.warning("request %s: grammar refused token %d", req.request_id, token_id)
-            first = req.first_token_time is None
-            reason = self.outputs.append_token(req, token_id, logprobs)
-            if first and req.first_token_time is not None:
-                # NOTE: feeds the pool's F_access: TTFT served from cached KV vs recompute.
-                level = "device" if req.num_cached_tokens else "recompute"
-                self.kv.observe_latency(level, req.first_token_time - req.arrival_time)
-            if reason is not None:
-                self.scheduler.finish(req, reason)
-                del self.requests[req.request_id]
-            outputs.append(self.outputs.make_output(req))
+        outputs = [
+            self.emit_token(req, token_id, logprobs)
+            for req, token_id, logprobs in zip(
+                requests, sampled.token_ids, sampled.logprobs, strict=True
+            )
+        ]
         self.rates.observe(num_prefill, num_decode, time.perf_counter() - start)
         return outputs
+
+    def emit_token(
+        self, req: Request, token_id: int, logprobs: TokenLogprobs | None
+    ) -> RequestOutput:
+        """Append a sampled token to ``req``, finish it if it stops there, and return its
+        output delta (the caller holds ``lock``)."""
+        if req.grammar is not None and not req.grammar.accept(token_id):
+            # NOTE: cannot happen under the bitmask; kept visible if it ever does.
+            logger.warning("request %s: grammar refused token %d", req.request_id, token_id)
+        first = req.first_token_time is None
+        reason = self.outputs.append_token(req, token_id, logprobs)
+        if first and req.first_token_time is not None:
+            # NOTE: feeds the pool's F_access: TTFT served from cached KV vs recompute.
+            level = "device" if req.num_cached_tokens else "recompute"
+            self.kv.observe_latency(level, req.first_token_time - req.arrival_time)
+        if reason is not None:
+            self.scheduler.finish(req, reason)
+            del self.requests[req.request_id]
+        return self.outputs.make_output(req)
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
@@ -247,6 +309,7 @@ class LLMEngine:
             for out in self.step():
                 if out.request_id in results:
                     results[out.request_id].extend(out.new_token_ids)
+        self.drain()  # NOTE: only discarded tokens of these requests can be left in flight
         return [results[rid] for rid in ids]
 
     # -- observability -----------------------------------------------------------------------

@@ -21,11 +21,14 @@ def apply_logit_bias(row: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
     return row.index_add(0, ids, values)
 
 
-def min_tokens_blocked(req: Request) -> list[int]:
+def min_tokens_blocked(req: Request, num_output_tokens: int | None = None) -> list[int]:
     """Token ids that may not be sampled yet: EOS (unless ignored) and ``stop_token_ids`` while
-    the request has fewer than ``min_tokens`` outputs, as vLLM's MinTokensLogitsProcessor."""
+    the request has fewer than ``min_tokens`` outputs, as vLLM's MinTokensLogitsProcessor.
+    ``num_output_tokens``: the outputs before this sample (default the request's count; the
+    asynchronous engine passes it, a token of its may still be on the device)."""
     params = req.params
-    if req.num_output_tokens >= params.min_tokens:
+    count = req.num_output_tokens if num_output_tokens is None else num_output_tokens
+    if count >= params.min_tokens:
         return []
     blocked = set(params.stop_token_ids)
     if not params.ignore_eos:
@@ -33,10 +36,12 @@ def min_tokens_blocked(req: Request) -> list[int]:
     return sorted(blocked)
 
 
-def apply_logits_processors(row: torch.Tensor, req: Request) -> torch.Tensor:
+def apply_logits_processors(
+    row: torch.Tensor, req: Request, num_output_tokens: int | None = None
+) -> torch.Tensor:
     """logit_bias then min_tokens on one ``[vocab_size]`` row (returns a new row)."""
     row = apply_logit_bias(row, req.params.logit_bias)
-    blocked = [t for t in min_tokens_blocked(req) if t < row.shape[-1]]
+    blocked = [t for t in min_tokens_blocked(req, num_output_tokens) if t < row.shape[-1]]
     if blocked:
         row = row.index_fill(0, torch.tensor(blocked, device=row.device), float("-inf"))
     return row

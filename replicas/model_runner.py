@@ -8,6 +8,11 @@ Packed step layout (decode rows first, then prefill chunks; see replicas.attenti
     prefill: cu_seqlens_q [num_prefill + 1] int32, seq_lens, block_tables
 
 KV cache: per layer a (K, V) pair, each ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+
+Placeholder rows (asynchronous scheduling): a chunk whose token was sampled by the previous
+step, still on the device, gets its input id by a device gather from ``PendingTokens``; the
+host never waits for it. On CUDA the per-step integer tensors go up from pinned memory,
+non-blocking, so building a step never waits for the one in flight.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from replicas.attention import AttentionMetadata
 from replicas.config import SparseAttentionConfig
 from replicas.cuda_graph import DecodeGraphs
 from replicas.model import CausalLM
+from replicas.sampled_tokens import PendingTokens
 from replicas.scheduler import ScheduledChunk
 from replicas.sparse import SparseAttention, attach_sparse_attention
 
@@ -34,12 +40,26 @@ def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> 
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
 
 
+def _h2d(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``. NOTE: a blocking copy from pageable memory synchronises
+    the stream (it would wait for the step in flight); pinned + non_blocking does not."""
+    if device.type != "cuda":
+        return t
+    if t.numel() == 0:
+        return torch.empty(t.shape, dtype=t.dtype, device=device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _device_tensor(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return _h2d(torch.tensor(values, dtype=dtype), device)
+
+
 def _block_table_tensor(tables: list[list[int]], device: torch.device) -> torch.Tensor:
     width = max((len(t) for t in tables), default=0)
     out = torch.zeros((len(tables), max(width, 1)), dtype=torch.int32)
     for i, t in enumerate(tables):
         out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-    return out.to(device)
+    return _h2d(out, device)
 
 
 class ModelRunner:
@@ -102,12 +122,13 @@ class ModelRunner:
         return groups
 
     def execute(
-        self, chunks: Sequence[ScheduledChunk]
+        self, chunks: Sequence[ScheduledChunk], pending: PendingTokens | None = None
     ) -> tuple[list[ScheduledChunk], torch.Tensor]:
         """Forward pass over ``chunks``. Returns the sampling chunks (in row order) and their
-        float32 logits ``[num_sampling_chunks, vocab_size]``."""
+        float32 logits ``[num_sampling_chunks, vocab_size]``. ``pending`` supplies the ids of
+        placeholder chunks (required when there are any)."""
         if self.graphs is not None:
-            replayed = self.graphs.run(chunks)
+            replayed = self.graphs.run(chunks, pending)
             if replayed is not None:
                 return replayed
         # NOTE: decode rows sorted by context length, so length groups are row ranges.
@@ -119,8 +140,13 @@ class ModelRunner:
         slots: list[int] = []
         logits_rows: list[int] = []
         sampling: list[ScheduledChunk] = []
+        placeholders: list[int] = []
         for c in ordered:
-            input_ids.extend(c.request.token_ids[c.start : c.end])
+            if c.placeholder:
+                placeholders.append(len(input_ids))
+                input_ids.append(0)  # NOTE: overwritten on the device below
+            else:
+                input_ids.extend(c.request.token_ids[c.start : c.end])
             positions.extend(range(c.start, c.end))
             slots.extend(c.slot_mapping)
             if c.samples:
@@ -131,10 +157,10 @@ class ModelRunner:
         for c in prefill:
             cu.append(cu[-1] + c.num_new_tokens)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            slot_mapping=_device_tensor(slots, torch.long, dev),
             num_decode_tokens=len(decode),
             decode_block_tables=_block_table_tensor([c.block_table for c in decode], dev),
-            decode_seq_lens=torch.tensor([c.end for c in decode], dtype=torch.int32, device=dev),
+            decode_seq_lens=_device_tensor([c.end for c in decode], torch.int32, dev),
             # NOTE: prefill lengths stay on the host: the prefill kernel reads them there, and a
             # device copy would force a sync per layer.
             prefill_cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
@@ -145,11 +171,18 @@ class ModelRunner:
         )
         if self.sparse is not None:
             self.sparse.count_step([c.end for c in decode], meta.decode_block_tables.shape[1])
+        ids = _device_tensor(input_ids, torch.long, dev)
+        if placeholders:
+            assert pending is not None, "placeholder rows need the pending tokens"
+            src = pending.sources([c.request.request_id for c in ordered if c.placeholder])
+            ids[_device_tensor(placeholders, torch.long, dev)] = pending.token_ids[
+                _device_tensor(src, torch.long, dev)
+            ]
         logits = self.model(
-            torch.tensor(input_ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
+            ids,
+            _device_tensor(positions, torch.long, dev),
             self.kv_caches,
             meta,
-            torch.tensor(logits_rows, dtype=torch.long, device=dev),
+            _device_tensor(logits_rows, torch.long, dev),
         )
         return sampling, logits

@@ -28,6 +28,11 @@ class Request:
     K/V is in the pool; after a preemption it drops to 0 and the request is recomputed (the
     outputs become part of the re-prefilled context). ``arrival_index`` orders requests by
     age: preemption takes the largest (youngest) first.
+
+    ``num_pending_tokens`` (asynchronous scheduling, ``replicas.async_scheduling``): tokens
+    sampled on the device by a step still in flight, not yet in ``token_ids``. The scheduler
+    counts them (``num_tokens + num_pending_tokens`` is the length being computed); the host
+    appends them one step later. Always 0 between steps of a synchronous engine.
     """
 
     request_id: str
@@ -38,6 +43,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_pending_tokens: int = 0
     num_cached_tokens: int | None = None
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
@@ -73,6 +79,12 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def needs_host_history(self) -> bool:
+        """True when sampling reads the outputs so far on the host (penalties, a grammar):
+        such a request cannot have a token still on the device, so it steps synchronously."""
+        return self.grammar is not None or self.params.has_penalties
 
     @property
     def is_finished(self) -> bool:

@@ -11,29 +11,24 @@ Order of operations per row (logits are float32 ``[num_seqs, vocab_size]``)::
                                                 |   -> min-p -> softmax -> draw
 NOTE: the draw is ``argmax(p / Exp(1))`` (the exponential-race form of sampling from p) with
 the request's own torch.Generator when it has a seed, so a seeded request draws the same
-numbers whatever it is batched with.
+numbers whatever it is batched with. ``sample`` keeps the tokens on the device (no host sync
+on the greedy and random paths; penalties, grammar masks and logits processors copy host
+lists); ``__call__`` brings them to the host (``replicas.sampled_tokens``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from replicas.logits_processors import apply_logits_processors
-from replicas.outputs import TokenLogprobs
 from replicas.request import Request
+from replicas.sampled_tokens import DeviceSample, SamplerOutput, logprob_groups
 from replicas.sampling_params import SamplingParams
 from replicas.structured_output import GrammarState, apply_token_bitmask, fill_bitmask
 
-
-@dataclass(slots=True)
-class SamplerOutput:
-    """One sampled token per input row, plus its top-n logprobs when asked for."""
-
-    token_ids: list[int]
-    logprobs: list[TokenLogprobs | None]
+__all__ = ["Sampler", "SamplerOutput", "apply_penalties", "filter_logits"]
 
 
 def apply_penalties(
@@ -82,16 +77,6 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def top_logprobs(raw_logprobs: torch.Tensor, n: int, sampled: int) -> TokenLogprobs:
-    """The n most likely tokens' log-probabilities plus the sampled token's."""
-    out: TokenLogprobs = {}
-    if n > 0:
-        values, ids = torch.topk(raw_logprobs, n)
-        out = {int(i): float(v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)}
-    out[sampled] = float(raw_logprobs[sampled])
-    return out
-
-
 class Sampler:
     """Stateless apart from the fallback generator for requests without a seed."""
 
@@ -100,7 +85,9 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     @staticmethod
-    def _process(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    def _process(
+        logits: torch.Tensor, requests: Sequence[Request], num_output_tokens: Sequence[int]
+    ) -> torch.Tensor:
         """Grammar bitmask and logits processors on the rows that ask for them; ``logits``
         itself is returned untouched when no row does (the common case)."""
         grammar_rows: list[int] = []
@@ -119,32 +106,38 @@ class Sampler:
         if grammar_rows:
             apply_token_bitmask(logits, fill_bitmask(states, logits.shape[-1]), grammar_rows)
         for i in processed:
-            logits[i] = apply_logits_processors(logits[i], requests[i])
+            logits[i] = apply_logits_processors(logits[i], requests[i], num_output_tokens[i])
         return logits
 
-    def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> SamplerOutput:
-        """logits ``[len(requests), vocab]`` float32 -> one token per request (no mutation)."""
+    def sample(
+        self,
+        logits: torch.Tensor,
+        requests: Sequence[Request],
+        num_output_tokens: Sequence[int] | None = None,
+    ) -> DeviceSample:
+        """logits ``[len(requests), vocab]`` float32 -> one token per request, left on the
+        logits' device (no mutation of ``logits``). ``num_output_tokens``: each row's outputs
+        before the sampled one (min_tokens), default the requests' own counts (a request with
+        a token still on the device is one short of it)."""
         assert logits.shape[0] == len(requests)
+        counts = (
+            [r.num_output_tokens for r in requests]
+            if num_output_tokens is None
+            else list(num_output_tokens)
+        )
         want_logprobs = any(r.params.logprobs is not None for r in requests)
         raw = logits.log_softmax(-1) if want_logprobs else None
-        logits = self._process(logits, requests)
-        greedy_rows = [i for i, r in enumerate(requests) if r.params.greedy]
-        token_ids = [0] * len(requests)
-        if greedy_rows:
-            # NOTE: one argmax and one device->host copy for the greedy rows; only rows with
-            # penalties get a row op of their own (a per-row loop cost ~10 us a row).
-            all_rows = len(greedy_rows) == len(requests)
-            rows = logits if all_rows else logits[greedy_rows]
-            penalised = [j for j, i in enumerate(greedy_rows) if requests[i].params.has_penalties]
-            if penalised:
-                rows = rows.clone() if all_rows else rows
-                for j in penalised:
-                    req = requests[greedy_rows[j]]
-                    rows[j] = apply_penalties(
-                        rows[j], req.output_token_ids, req.params, req.prompt_token_ids
-                    )
-            for i, t in zip(greedy_rows, rows.argmax(-1).tolist(), strict=True):
-                token_ids[i] = int(t)
+        logits = self._process(logits, requests, counts)
+        # NOTE: one argmax over every row (the random rows' results are overwritten below):
+        # selecting the greedy rows by a host index list would copy it synchronously.
+        penalised = [
+            i for i, r in enumerate(requests) if r.params.greedy and r.params.has_penalties
+        ]
+        rows = logits.clone() if penalised else logits
+        for i in penalised:
+            req = requests[i]
+            rows[i] = apply_penalties(rows[i], req.output_token_ids, req.params, req.prompt_token_ids)
+        token_ids = rows.argmax(-1)
         for i, req in enumerate(requests):
             if req.params.greedy:
                 continue
@@ -154,10 +147,17 @@ class Sampler:
             probs = filter_logits(row, req.params).softmax(-1)
             gen = req.generator if req.generator is not None else self.generator
             race = torch.empty_like(probs).exponential_(generator=gen)
-            token_ids[i] = int((probs / race).argmax())
-        logprobs: list[TokenLogprobs | None] = [None] * len(requests)
+            token_ids[i] = (probs / race).argmax()
+        groups = []
         if raw is not None:
-            for i, req in enumerate(requests):
-                if req.params.logprobs is not None:
-                    logprobs[i] = top_logprobs(raw[i], req.params.logprobs, token_ids[i])
-        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+            groups = logprob_groups(raw, token_ids, [r.params.logprobs for r in requests])
+        return DeviceSample(token_ids, groups)
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        requests: Sequence[Request],
+        num_output_tokens: Sequence[int] | None = None,
+    ) -> SamplerOutput:
+        """``sample`` and bring the result to the host (waits for the device)."""
+        return self.sample(logits, requests, num_output_tokens).to_host().output()

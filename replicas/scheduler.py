@@ -22,6 +22,13 @@ everything and resets the prefix cache (``replicas.engine``).
 
 The returned chunks carry block tables and slot mappings copied out of the pool, so the model
 runner never touches the pool. ``update`` advances the requests after the forward pass.
+
+Asynchronous scheduling (``replicas.async_scheduling``): a request's token sampled by the step
+still in flight is pending (``Request.num_pending_tokens``); its next chunk is that one token,
+marked ``placeholder`` (the runner takes its id from the device). Its block is hashed once the
+token is known (``commit_known``), so a hash never covers a token that is later discarded. A
+request certain to end by length once its pending token lands is not scheduled again, and a
+waiting (preempted) request with a pending token waits until the token is known.
 """
 
 from __future__ import annotations
@@ -37,22 +44,24 @@ from replicas.request import Request, RequestStatus
 
 @dataclass(slots=True)
 class ScheduledChunk:
-    """Tokens ``[start, start + num_new_tokens)`` of ``request`` are computed this step."""
+    """Tokens ``[start, start + num_new_tokens)`` of ``request`` are computed this step.
+
+    ``samples``: the chunk reaches the request's last token, so its logits give the next one.
+    ``placeholder``: the chunk's one token is pending (sampled on the device by the step in
+    flight); its id is not in ``request.token_ids`` yet. Both are fixed when scheduled (the
+    request moves on while the step runs)."""
 
     request: Request
     start: int
     num_new_tokens: int
     block_table: list[int]
     slot_mapping: list[int]
+    samples: bool = True
+    placeholder: bool = False
 
     @property
     def end(self) -> int:
         return self.start + self.num_new_tokens
-
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the last known token: its logits give the next one."""
-        return self.end == self.request.num_tokens
 
 
 @dataclass(slots=True)
@@ -68,10 +77,17 @@ class SchedulerOutput:
 class Scheduler:
     """Owns the waiting queue and the running list; the pool is shared with nobody else."""
 
-    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        max_model_len: int | None = None,
+    ) -> None:
         self.kv = kv
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         # NOTE: kept sorted by arrival_index, so the tail is always the youngest.
         self.running: list[Request] = []
@@ -110,7 +126,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_pending_tokens and self._ends_by_length(req):
+                i += 1  # NOTE: its pending token is its last: computing past it is waste
+                continue
+            n = min(req.num_tokens + req.num_pending_tokens - req.num_computed_tokens, budget)
             assert n > 0, f"running request {req.request_id} has nothing to compute"
             while self.kv.allocate_slots(req.request_id, req.token_ids, n) is None:
                 victim = self.running[-1]
@@ -128,6 +147,8 @@ class Scheduler:
             if len(self.running) >= self.max_num_seqs:
                 break
             req = self.waiting[0]
+            if req.num_pending_tokens:
+                break  # NOTE: preempted in flight: re-admitted once its token is known
             rid = req.request_id
             hit = self.kv.lookup_prefix(req.token_ids)
             n = min(req.num_tokens - hit.num_cached_tokens, budget)
@@ -156,10 +177,25 @@ class Scheduler:
                 num_new_tokens=n,
                 block_table=self.kv.block_table(req.request_id),
                 slot_mapping=self.kv.slot_mapping(req.request_id, start, start + n),
+                samples=start + n == req.num_tokens + req.num_pending_tokens,
+                placeholder=start + n > req.num_tokens,
             )
             for req, start, n in scheduled
         ]
         return SchedulerOutput(chunks=chunks, preempted=preempted)
+
+    def _ends_by_length(self, req: Request) -> bool:
+        """True when the request's pending tokens reach max_tokens or max_model_len."""
+        total = req.num_tokens + req.num_pending_tokens
+        if self.max_model_len is not None and total >= self.max_model_len:
+            return True
+        return total - req.num_prompt_tokens >= req.params.max_tokens
+
+    def commit_known(self, req: Request) -> None:
+        """Hash the blocks that ``req``'s newly known tokens complete (asynchronous
+        scheduling: ``schedule`` committed past the pending token; see the module)."""
+        if req.status is RequestStatus.RUNNING:
+            self.kv.commit(req.request_id, req.token_ids, req.num_computed_tokens)
 
     def _schedule(self, scheduled: list[tuple[Request, int, int]], req: Request, n: int) -> None:
         """Add ``req``'s next ``n`` tokens to this step and commit them to the pool now (see the

@@ -257,3 +257,25 @@ def test_prefix_caching_disabled() -> None:
     assert m.lookup_prefix(list(range(9))).num_cached_tokens == 0
     assert m.take_events() == []
     assert m.stats().num_empty_blocks == 16
+
+
+def test_commit_past_the_known_tokens_defers_their_blocks_hashes() -> None:
+    """Asynchronous scheduling commits a step whose last token is still on the device: the
+    block it fills is hashed only when a later commit brings that token."""
+    m = pool()
+    tokens = list(range(10, 17))  # 7 known tokens; the 8th is being sampled
+    assert m.allocate_slots("a", tokens, 8) is not None
+    m.commit("a", tokens, 8)
+    assert m.num_computed_tokens("a") == 8
+    assert len(m.cached_block_hashes()) == 1  # block 0 only: block 1 waits for token 8
+    first = m.take_events()
+    assert [len(e.block_hashes) for e in first if isinstance(e, BlockStored)] == [1]
+    m.commit("a", [*tokens, 99], 8)  # the token arrives
+    assert len(m.cached_block_hashes()) == 2
+    (stored,) = m.take_events()
+    assert isinstance(stored, BlockStored) and stored.token_ids == [14, 15, 16, 99]
+    # The same chain as a synchronous commit of all 8 tokens.
+    ref = pool()
+    run_prompt(ref, "r", [*tokens, 99])
+    assert sorted(ref.cached_block_hashes()) == sorted(m.cached_block_hashes())
+    m.check_integrity()

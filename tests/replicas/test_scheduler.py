@@ -156,3 +156,47 @@ def test_a_chunked_prompt_shares_only_what_this_step_computes() -> None:
     assert [(c.request.request_id, c.start, c.num_new_tokens) for c in out.chunks] == [
         ("a", 24, 16), ("b", 36, 4)]
     sched.kv.check_integrity()
+
+
+def test_pending_tokens_are_scheduled_as_placeholders_and_hashed_once_known() -> None:
+    """Asynchronous scheduling: a token still on the device is the next chunk (a
+    placeholder); its block is hashed only by commit_known, after the token lands."""
+    kv = _pool(64)
+    sched = Scheduler(kv, max_num_batched_tokens=64, max_num_seqs=8, max_model_len=64)
+    a = _req("a", 7, max_tokens=3)
+    sched.add(a)
+    first = sched.schedule()
+    assert [(c.num_new_tokens, c.samples, c.placeholder) for c in first.chunks] == [
+        (7, True, False)
+    ]
+    sched.update(first)
+    a.num_pending_tokens = 1  # sampled on the device, not known yet
+    second = sched.schedule()
+    (chunk,) = second.chunks
+    assert (chunk.start, chunk.num_new_tokens, chunk.samples, chunk.placeholder) == (7, 1, True, True)
+    assert len(kv.cached_block_hashes()) == 1  # block 1 (tokens 4..7) waits for token 7
+    sched.update(second)
+    a.num_pending_tokens = 2
+    a.token_ids.append(70)  # step 1's token lands
+    a.num_pending_tokens -= 1
+    sched.commit_known(a)
+    assert len(kv.cached_block_hashes()) == 2
+    (third,) = sched.schedule().chunks  # position 8: token 2 still pending
+    assert (third.start, third.placeholder) == (8, True)
+    sched.update(SchedulerOutput([third], []))
+    a.num_pending_tokens = 2
+    a.token_ids.append(71)
+    a.num_pending_tokens -= 1
+    # 2 known outputs + 1 pending = max_tokens: nothing left to compute for it.
+    assert sched.schedule().chunks == []
+    # A request preempted with a token in flight waits for it before re-admission.
+    b = _req("b", 5, max_tokens=8, base=100)
+    sched.add(b)
+    sched.update(sched.schedule())
+    b.num_pending_tokens = 1
+    sched._preempt(b)
+    assert sched.schedule().chunks == [] and b in sched.waiting
+    b.token_ids.append(72)
+    b.num_pending_tokens = 0
+    (again,) = sched.schedule().chunks
+    assert (again.request, again.placeholder, again.end) == (b, False, 6)
