@@ -64,7 +64,8 @@ class SelectorMetrics:
         )
         self.errors = Counter(
             "tinyserve_selector_errors_total",
-            "Rejected or ignored input by kind (invalid_argument, unknown_replica, seq_gap, unauthenticated).",
+            "Rejected or ignored input by kind (invalid_argument, malformed, unknown_replica, "
+            "seq_gap, unauthenticated).",
             ["kind"],
             registry=r,
         )

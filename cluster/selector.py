@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cluster.core import CoreConfig, SelectorCore
+from cluster.grpc_decode import DecodeErrorInterceptor
 from cluster.grpc_tls import ServerTLS, TLSSettings
 from cluster.objective import ObjectiveConfig
 from cluster.objective_settings import objective_from_mapping, parse_assignments
@@ -73,11 +74,13 @@ async def start_server(
     port. ``tls``: serve TLS only (plaintext clients fail their handshake). The caller owns
     ``stop()``."""
     core = core or SelectorCore()
-    interceptors = []
+    interceptors: list[grpc.aio.ServerInterceptor] = []
     if token:
         interceptors.append(
             TokenAuthInterceptor(token, core.metrics.errors.labels("unauthenticated").inc)
         )
+    # NOTE: after auth: an unauthenticated peer is refused before its bytes are parsed.
+    interceptors.append(DecodeErrorInterceptor(core.metrics.errors.labels("malformed").inc))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
