@@ -8,7 +8,8 @@ registered selection replica, so each holds the full index; ``address()`` answer
 list ("ip:port,ip:port"), which the router's client fails over between within one Select
 deadline. A killed replica is restarted by Serve; the LLM replicas see it in the registry
 within a second and resync it in full, so no request needs the power-of-two fallback while
-one selection replica is up.
+one selection replica is up. Its ``tinyserve_selector_*`` metrics reach Ray's metrics port
+through ``cluster.metrics_mirror``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from cluster import selector_registry
 from cluster.app_config import SelectorSettings
 from cluster.core import CoreConfig, SelectorCore
 from cluster.grpc_tls import ClientTLS, ServerTLS
+from cluster.metrics_mirror import MetricsMirror
 from cluster.selector import ServerThread
 
 log = logging.getLogger("ray.serve")
@@ -68,6 +70,8 @@ class CacheSelector:
             target=self._heartbeat_loop, name="selector-registry", daemon=True
         )
         self._heartbeat.start()
+        # NOTE: the core's tinyserve_selector_* series, exported by Ray (cluster.metrics_mirror)
+        self._mirror = MetricsMirror(core.metrics.registry).start()
         log.info(
             "cache-selection service listening on %s (%s)",
             self._address,
@@ -140,6 +144,7 @@ class CacheSelector:
 
     def __del__(self) -> None:
         self._stopping.set()
+        self._mirror.stop()
         try:
             selector_registry.unregister(self._app, self._replica)
         except Exception as exc:  # NOTE: it expires from the registry anyway.

@@ -48,6 +48,7 @@ from cluster.openai_health import HealthCache
 from cluster.openai_parse import checked_policy, parse_body
 from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from cluster.openai_responses import Accumulated, ResponseContext, sse
+from cluster.openai_schema import install_openapi
 from cluster.openai_trace import IngressTrace, TraceLog
 from replicas.deployment import GenerateRequest
 from replicas.outputs import RequestOutput
@@ -57,6 +58,7 @@ MAX_ATTEMPTS = 3
 api = FastAPI(title="TinyServe Cluster", version="0.1.0")
 install(api)  # NOTE: API key and body size, before any route runs (cluster.openai_guard)
 install_error_handlers(api)
+install_openapi(api)  # NOTE: /openapi.json with the real request and response bodies
 
 
 @api.exception_handler(OpenAIError)
