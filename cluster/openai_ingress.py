@@ -117,6 +117,7 @@ class OpenAIIngress:
         self.max_token_chars = limits.max_token_chars(self.tokenizer)
         check_local_only(self.config.auth, _serve_http_host())
         api.state.guard = Guard(load_keys(self.config.auth), self.limits)
+        install_openapi(api, self.model_name)  # NOTE: request bodies name the served model
         self._health = HealthCache(serve.get_replica_context().app_name)
 
     # -- plumbing ------------------------------------------------------------------------------

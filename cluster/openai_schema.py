@@ -176,8 +176,20 @@ def _operation(op: dict[str, Any], route: Route) -> None:
         op["requestBody"] = {"required": True, "content": _json(_ref(route.body))}
 
 
-def build_openapi(api: FastAPI) -> dict[str, Any]:
-    """The whole schema (see the module docstring)."""
+def _narrow_model(components: dict[str, Any], model_name: str) -> None:
+    """``model`` of every request body: the one served name (another answers 404)."""
+    only = {"type": "string", "enum": [model_name], "description": "the served model"}
+    for route in ROUTES.values():
+        if route.body is None:
+            continue
+        props = components[route.body.__name__]["properties"]
+        required = "model" in components[route.body.__name__].get("required", [])
+        props["model"] = only if required else {"anyOf": [only, {"type": "null"}]}
+
+
+def build_openapi(api: FastAPI, model_name: str | None = None) -> dict[str, Any]:
+    """The whole schema (see the module docstring); with ``model_name`` the request bodies'
+    ``model`` is that name."""
     schema = get_openapi(title=api.title, version=api.version, routes=api.routes)
     paths: dict[str, Any] = schema.setdefault("paths", {})
     # NOTE: Starlette's ``{model:path}`` converter shows as ``{model}`` in OpenAPI.
@@ -189,6 +201,8 @@ def build_openapi(api: FastAPI) -> dict[str, Any]:
     for unused in ("HTTPValidationError", "ValidationError"):  # NOTE: FastAPI's 422, never sent
         components.pop(unused, None)
     components.update(defs.get("$defs", {}))
+    if model_name:
+        _narrow_model(components, model_name)
     schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     for path, ops in paths.items():
         for op in ops.values():
@@ -196,12 +210,14 @@ def build_openapi(api: FastAPI) -> dict[str, Any]:
     return schema
 
 
-def install_openapi(api: FastAPI) -> None:
-    """Serve ``build_openapi(api)`` as the app's ``/openapi.json`` (built once, then cached)."""
+def install_openapi(api: FastAPI, model_name: str | None = None) -> None:
+    """Serve ``build_openapi(api, model_name)`` as the app's ``/openapi.json`` (built on first
+    use, then cached; a new call resets it)."""
+    api.openapi_schema = None
 
     def openapi() -> dict[str, Any]:
         if api.openapi_schema is None:
-            api.openapi_schema = build_openapi(api)
+            api.openapi_schema = build_openapi(api, model_name)
         return api.openapi_schema
 
     api.openapi = openapi  # type: ignore[method-assign]

@@ -71,3 +71,13 @@ def test_request_schemas_agree_with_the_route_models(
         assert not v.is_valid(body), body
         with pytest.raises(ValueError):
             model.model_validate(body)
+
+
+def test_served_model_name_narrows_the_request_bodies() -> None:
+    named = json.loads(json.dumps(build_openapi(api, "tiny-model")))
+    chat = _validator(named, "ChatCompletionRequest")
+    body = {"model": "tiny-model", "messages": [{"role": "user", "content": "hi"}]}
+    assert chat.is_valid(body) and not chat.is_valid({**body, "model": "other"})
+    tok = _validator(named, "TokenizeRequest")
+    assert tok.is_valid({"prompt": "x"}) and tok.is_valid({"model": "tiny-model", "prompt": "x"})
+    assert not tok.is_valid({"model": "other", "prompt": "x"})
