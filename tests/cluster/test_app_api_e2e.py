@@ -262,6 +262,7 @@ def _bounded(case: Any) -> None:
 def test_schemathesis_fuzz_of_every_route_gives_no_server_error(app: App) -> None:
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
     from schemathesis.checks import (
         content_type_conformance,
@@ -293,7 +294,11 @@ def test_schemathesis_fuzz_of_every_route_gives_no_server_error(app: App) -> Non
                 counts[f"{response.status_code}"] = counts.get(f"{response.status_code}", 0) + 1
                 case.validate_response(response, checks=checks)
 
-            run()
+            try:
+                run()
+            except Unsatisfiable:
+                # NOTE: e.g. a free-form path parameter: no request violates the schema
+                assert not mode.is_positive, op.label
     assert not [c for c in counts if c.startswith("5")], counts
     assert counts.get("200", 0) > 0 and counts.get("400", 0) > 0, counts
     # the app still serves afterwards
