@@ -122,12 +122,15 @@ class HealthResponse(_Open):
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """What the schema says of one operation beyond FastAPI's view of it."""
+    """What the schema says of one operation beyond FastAPI's view of it (``errors``: the
+    statuses answered with an ``ErrorResponse``; ``answer_errors``: those answered with the
+    route's own ``answer`` body, e.g. /health's 503)."""
 
     body: type[BaseModel] | None
     answer: type[BaseModel]
     errors: tuple[int, ...]
     streams: bool = False
+    answer_errors: tuple[int, ...] = ()
 
 
 # NOTE: 401 no or a wrong key, 413 body too large, 503 the ingress still starting (the guard,
@@ -141,8 +144,9 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("post", "/tokenize"): Route(TokenizeRequest, TokenizeResponse, _BODY_ERRORS),
     ("post", "/detokenize"): Route(DetokenizeRequest, DetokenizeResponse, _BODY_ERRORS),
     ("get", "/v1/models"): Route(None, ModelList, (401, 503)),
-    ("get", "/v1/models/{model}"): Route(None, ModelCard, (401, 404, 503)),
-    ("get", "/health"): Route(None, HealthResponse, (503,)),
+    # NOTE: 400 too: the HTTP server refuses a path it cannot decode
+    ("get", "/v1/models/{model}"): Route(None, ModelCard, (400, 401, 404, 503)),
+    ("get", "/health"): Route(None, HealthResponse, (), answer_errors=(503,)),
 }
 _MODELS: list[type[BaseModel]] = [
     ErrorResponse,
@@ -170,6 +174,10 @@ def _operation(op: dict[str, Any], route: Route) -> None:
         **{
             str(code): {"description": "OpenAI error", "content": _json(_ref(ErrorResponse))}
             for code in route.errors
+        },
+        **{
+            str(code): {"description": "unhealthy", "content": _json(_ref(route.answer))}
+            for code in route.answer_errors
         },
     }
     if route.body is not None:
