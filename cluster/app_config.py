@@ -9,7 +9,8 @@ validation error at ``serve run`` time, not a silently ignored key:
       router: tinyserve                              # or prefix_cache_affinity / pow2
       router_kwargs: {select_timeout_s: 0.05}
       selector: {port: 50051, policy: tinyserve, num_replicas: 2,
-                 objective: {alpha_load: 3.0}}       # cluster.objective.ObjectiveConfig
+                 objective: {alpha_load: 3.0},       # cluster.objective.ObjectiveConfig
+                 tls: {cert_file: ..., key_file: ..., ca_file: ...}}  # cluster.grpc_tls
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cluster.grpc_tls import TLSSettings
 from cluster.objective import ObjectiveConfig
 from cluster.objective_settings import objective_from_mapping
 from cluster.openai_auth import AuthSettings
@@ -74,12 +76,22 @@ class SelectorSettings(BaseModel):
         description="Selection service replicas; each holds the full index (every LLM "
         "replica streams to all) and the router fails over between them.",
     )
-
+    tls: TLSSettings = Field(
+        default_factory=TLSSettings,
+        description="TLS of the service's gRPC (cluster/grpc_tls.py): cert_file, key_file and "
+        "ca_file together, or none (plaintext). Read once at deploy time, handed through Ray.",
+    )
 
     @field_validator("objective")
     @classmethod
     def _check_objective(cls, v: dict[str, Any]) -> dict[str, Any]:
         objective_from_mapping(v)  # NOTE: ValueError -> pydantic ValidationError naming it
+        return v
+
+    @field_validator("tls")
+    @classmethod
+    def _check_tls(cls, v: TLSSettings) -> TLSSettings:
+        v.require_both()  # NOTE: the app's selection replicas serve and its clients dial
         return v
 
     def objective_config(self) -> ObjectiveConfig:

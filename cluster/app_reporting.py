@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict
 
+from cluster.grpc_tls import ClientTLS
 from cluster.selector_client import KVReporter, SelectorClient, split_addresses
 from cluster.types import LoadSnapshot, Outcome
 from kvmanager.events import KVEvent
@@ -44,6 +45,7 @@ class SelectorSink:
         token: str | None = None,
         directory: Callable[[], list[str]] | None = None,
         refresh_s: float = 1.0,
+        tls: ClientTLS | None = None,
     ) -> None:
         self._hello = pb.ReplicaHello(
             node_id=spec.node_id,
@@ -52,6 +54,7 @@ class SelectorSink:
             hash_mode=spec.hash_mode,
         )
         self._spec, self._token, self._directory = spec, token, directory
+        self._tls = tls
         self.replica_id = spec.replica_id
         self._lock = threading.Lock()
         self.reporters: dict[str, KVReporter] = {}
@@ -85,6 +88,7 @@ class SelectorSink:
             self._spec.resident_hashes,
             hello=self._hello,
             token=self._token,
+            tls=self._tls,
         ).start()
 
     def refresh(self) -> None:
@@ -159,7 +163,9 @@ class SelectorSink:
                 for address in [rep.address for rep in self._each()]:
                     client = clients.get(address)
                     if client is None:
-                        client = clients[address] = SelectorClient(address, token=self._token)
+                        client = clients[address] = SelectorClient(
+                            address, token=self._token, tls=self._tls
+                        )
                     try:
                         client.feedback(outcome)
                     except Exception as exc:  # NOTE: a caller bug shows in the log only.
@@ -169,15 +175,17 @@ class SelectorSink:
                 client.close()
 
 
-def make_selector_sink(spec: SinkSpec, token: str | None = None) -> SelectorSink:
+def make_selector_sink(
+    spec: SinkSpec, token: str | None = None, tls: ClientTLS | None = None
+) -> SelectorSink:
     """The ``SinkFactory`` the app builder injects into every LLM replica: streams to every
-    selection replica the app's registry lists (``token``: the selection service's, bound by
-    ``cluster.grpc_auth.TokenSinkFactory``)."""
+    selection replica the app's registry lists (``token`` and ``tls``: the selection
+    service's, bound by ``cluster.grpc_auth.TokenSinkFactory``)."""
     from ray import serve
 
     from cluster import selector_registry
 
     app = serve.get_replica_context().app_name
     return SelectorSink(
-        spec, token=token, directory=lambda: selector_registry.live_addresses(app)
+        spec, token=token, directory=lambda: selector_registry.live_addresses(app), tls=tls
     )

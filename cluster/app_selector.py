@@ -8,7 +8,8 @@ registered selection replica, so each holds the full index; ``address()`` answer
 list ("ip:port,ip:port"), which the router's client fails over between within one Select
 deadline. A killed replica is restarted by Serve; the LLM replicas see it in the registry
 within a second and resync it in full, so no request needs the power-of-two fallback while
-one selection replica is up.
+one selection replica is up. Its ``tinyserve_selector_*`` metrics reach Ray's metrics port
+through ``cluster.metrics_mirror``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from ray import serve
 from cluster import selector_registry
 from cluster.app_config import SelectorSettings
 from cluster.core import CoreConfig, SelectorCore
+from cluster.grpc_tls import ClientTLS, ServerTLS
+from cluster.metrics_mirror import MetricsMirror
 from cluster.selector import ServerThread
 
 log = logging.getLogger("ray.serve")
@@ -31,11 +34,20 @@ log = logging.getLogger("ray.serve")
 class CacheSelector:
     """Hosts the selection service; Serve methods are control-plane only (not the hot path)."""
 
-    def __init__(self, settings: dict[str, Any], token: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        token: str | None = None,
+        tls: ServerTLS | None = None,
+        client_tls: ClientTLS | None = None,
+    ) -> None:
         import ray
 
+        # NOTE: ``settings`` comes without ``tls`` (its files may exist only where the app was
+        # deployed): ``tls`` / ``client_tls`` are the PEM bytes read there (cluster.grpc_tls).
         self.settings = SelectorSettings(**settings)
         self._token = token  # NOTE: every RPC but health needs it (cluster.grpc_auth)
+        self._tls, self._client_tls = tls, client_tls
         core = SelectorCore(
             CoreConfig(
                 default_policy=self.settings.policy,
@@ -58,17 +70,25 @@ class CacheSelector:
             target=self._heartbeat_loop, name="selector-registry", daemon=True
         )
         self._heartbeat.start()
-        log.info("cache-selection service listening on %s", self._address)
+        # NOTE: the core's tinyserve_selector_* series, exported by Ray (cluster.metrics_mirror)
+        self._mirror = MetricsMirror(core.metrics.registry).start()
+        log.info(
+            "cache-selection service listening on %s (%s)",
+            self._address,
+            "TLS" if tls is not None else "plaintext",
+        )
 
     def _start(self, core: SelectorCore, host: str, token: str | None) -> ServerThread:
         """Serve on the configured port, or on any free one when a sibling holds it."""
         try:
-            return ServerThread(core, host=host, port=self.settings.port, token=token).start()
+            return ServerThread(
+                core, host=host, port=self.settings.port, token=token, tls=self._tls
+            ).start()
         except RuntimeError:
             if not self.settings.port:
                 raise
             log.info("port %d taken (a sibling selection replica?): any free port", self.settings.port)
-            return ServerThread(core, host=host, port=0, token=token).start()
+            return ServerThread(core, host=host, port=0, token=token, tls=self._tls).start()
 
     def _heartbeat_loop(self) -> None:
         while not self._stopping.wait(selector_registry.HEARTBEAT_S):
@@ -93,6 +113,10 @@ class CacheSelector:
     def auth_token(self) -> str | None:
         """The token gRPC clients must send (for the router, through its Serve handle)."""
         return self._token
+
+    def client_tls(self) -> ClientTLS | None:
+        """How gRPC clients verify this service (None: it serves plaintext)."""
+        return self._client_tls
 
     def stats(self) -> dict[str, Any]:
         """The core's counters, for tests and operators."""
@@ -120,6 +144,7 @@ class CacheSelector:
 
     def __del__(self) -> None:
         self._stopping.set()
+        self._mirror.stop()
         try:
             selector_registry.unregister(self._app, self._replica)
         except Exception as exc:  # NOTE: it expires from the registry anyway.

@@ -14,6 +14,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from cluster.app_reporting import SelectorSink, make_selector_sink
+from cluster.grpc_tls import ClientTLS
 from replicas.deployment import SinkSpec
 
 
@@ -24,9 +25,11 @@ def new_token() -> str:
 
 @dataclass(frozen=True, slots=True)
 class TokenSinkFactory:
-    """The LLM replicas' ``SinkFactory``: a ``SelectorSink`` that sends ``token``."""
+    """The LLM replicas' ``SinkFactory``: a ``SelectorSink`` that sends ``token`` (over TLS
+    verified with ``tls`` when the service serves TLS: ``cluster.grpc_tls``)."""
 
     token: str = field(repr=False)  # NOTE: never in Serve's logs of init args
+    tls: ClientTLS | None = None
 
     def __call__(self, spec: SinkSpec) -> SelectorSink:
-        return make_selector_sink(spec, token=self.token)
+        return make_selector_sink(spec, token=self.token, tls=self.tls)

@@ -43,16 +43,23 @@ class SelectorMetrics:
         )
         self.index_blocks = Gauge(
             "tinyserve_selector_index_blocks",
-            "Resident blocks indexed per replica.",
+            "Resident blocks indexed per replica. Unit: blocks; range: 0 to the replica's "
+            "pool (num_blocks, plus its host tier if any).",
             ["replica_id"],
             registry=r,
         )
         self.unique_blocks = Gauge(
             "tinyserve_selector_index_unique_blocks",
-            "Distinct block hashes in the index.",
+            "Distinct block hashes in the index. Unit: blocks; range: 0 to the sum of the "
+            "replicas' pools.",
             registry=r,
         )
-        self.replicas = Gauge("tinyserve_selector_replicas", "Known replicas.", registry=r)
+        self.replicas = Gauge(
+            "tinyserve_selector_replicas",
+            "LLM replicas the service knows (connected or not yet expired). Unit: replicas; "
+            "range: >= 0.",
+            registry=r,
+        )
         self.block_events = Counter(
             "tinyserve_selector_block_events_total",
             "Block events applied to the index, by kind (stored/removed/cleared).",
@@ -64,7 +71,8 @@ class SelectorMetrics:
         )
         self.errors = Counter(
             "tinyserve_selector_errors_total",
-            "Rejected or ignored input by kind (invalid_argument, unknown_replica, seq_gap, unauthenticated).",
+            "Rejected or ignored input by kind (invalid_argument, malformed, unknown_replica, "
+            "seq_gap, unauthenticated).",
             ["kind"],
             registry=r,
         )

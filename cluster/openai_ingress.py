@@ -46,6 +46,7 @@ from cluster.openai_health import HealthCache
 from cluster.openai_parse import checked_policy, parse_body
 from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from cluster.openai_responses import Accumulated, ResponseContext, sse
+from cluster.openai_schema import install_openapi
 from cluster.openai_trace import IngressTrace, TraceLog
 from cluster.tokenizer_pool import TokenizerPool
 from replicas.deployment import GenerateRequest
@@ -56,6 +57,7 @@ MAX_ATTEMPTS = 3
 api = FastAPI(title="TinyServe Cluster", version="0.1.0")
 install(api)  # NOTE: API key and body size, before any route runs (cluster.openai_guard)
 install_error_handlers(api)
+install_openapi(api)  # NOTE: /openapi.json with the real request and response bodies
 
 
 @api.exception_handler(OpenAIError)
@@ -113,6 +115,7 @@ class OpenAIIngress:
         self.max_token_chars = limits.max_token_chars(self.tokenizer)
         check_local_only(self.config.auth, _serve_http_host())
         api.state.guard = Guard(load_keys(self.config.auth), self.limits)
+        install_openapi(api, self.model_name)  # NOTE: request bodies name the served model
         self._health = HealthCache(serve.get_replica_context().app_name)
 
     # -- plumbing ------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from cluster.grpc_tls import ClientTLS, TLSSettings
 from cluster.router_core import (
     PromptHasher,
     RouterSettings,
@@ -79,6 +80,10 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         # NOTE: a standalone service (``selector_address``) takes its token from the env;
         # the app's own is fetched with its address (cluster.grpc_auth).
         self._token: str | None = os.environ.get("TINYSERVE_SELECTOR_TOKEN") or None
+        # NOTE: a standalone service's CA comes from the kwargs; the app's with its token.
+        self._tls: ClientTLS | None = TLSSettings(
+            ca_file=self.settings.tls_ca_file, server_name=self.settings.tls_server_name
+        ).client()
         self._client: AsyncSelectorClient | None = None
         self._client_address: str | None = None
         self._resolving = False
@@ -106,6 +111,7 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                 )
                 token = handle.auth_token.remote().result(timeout_s=10.0)
                 self._token = str(token) if token else None
+                self._tls = handle.client_tls.remote().result(timeout_s=10.0)
                 self._address = str(handle.address.remote().result(timeout_s=10.0))
                 self._failures = 0
             except Exception as exc:
@@ -123,7 +129,10 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         if self._client is None or self._client_address != address:
             # NOTE: grpc.aio channels bind to the running loop: create it on the router loop.
             self._client = AsyncSelectorClient(
-                address, token=self._token, timeout_s=self.settings.select_timeout_s
+                address,
+                token=self._token,
+                timeout_s=self.settings.select_timeout_s,
+                tls=self._tls,
             )
             self._client_address = address
         return self._client

@@ -25,6 +25,9 @@ class RouterSettings:
         matters when the better ones reject (at max_ongoing_requests).
     reresolve_after_failures: consecutive failed Selects before the router asks the
         CacheSelector deployment for its address again (it may have restarted elsewhere).
+    tls_ca_file / tls_server_name: TLS to a standalone service (``selector_address``): the
+        CA that signed its certificate and the name to expect in it (``cluster.grpc_tls``);
+        the app's own service hands its router these itself.
     """
 
     block_size: int = 16
@@ -35,6 +38,8 @@ class RouterSettings:
     selector_deployment: str = "CacheSelector"
     selector_address: str | None = None
     reresolve_after_failures: int = 5
+    tls_ca_file: str = ""
+    tls_server_name: str = ""
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any]) -> RouterSettings:

@@ -2,7 +2,8 @@
 
 Binds 127.0.0.1 unless ``--host`` says otherwise. Serves ``tinyserve.v1.CacheSelection``, the
 standard ``grpc.health.v1.Health`` service and server reflection; optional shared-token auth
-(``--token`` or ``$TINYSERVE_SELECTOR_TOKEN``), Prometheus metrics (``--metrics-port``) and
+(``--token`` or ``$TINYSERVE_SELECTOR_TOKEN``), optional TLS (``--tls-cert``/``--tls-key``,
+``cluster.grpc_tls``), Prometheus metrics (``--metrics-port``) and
 vLLM ZMQ KV-event subscriptions (``--vllm replica_id=tcp://host:5557[@tcp://host:5558]``,
 the part after ``@`` being the replay endpoint).
 
@@ -25,6 +26,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cluster.core import CoreConfig, SelectorCore
+from cluster.grpc_decode import DecodeErrorInterceptor
+from cluster.grpc_tls import ServerTLS, TLSSettings
 from cluster.objective import ObjectiveConfig
 from cluster.objective_settings import objective_from_mapping, parse_assignments
 from cluster.servicer import CacheSelectionServicer, TokenAuthInterceptor
@@ -65,15 +68,19 @@ async def start_server(
     port: int = 0,
     token: str | None = None,
     expire_interval_s: float | None = None,
+    tls: ServerTLS | None = None,
 ) -> RunningServer:
     """Start serving on ``host:port`` (0 = a free port) in the running loop; returns the bound
-    port. The caller owns ``stop()``."""
+    port. ``tls``: serve TLS only (plaintext clients fail their handshake). The caller owns
+    ``stop()``."""
     core = core or SelectorCore()
-    interceptors = []
+    interceptors: list[grpc.aio.ServerInterceptor] = []
     if token:
         interceptors.append(
             TokenAuthInterceptor(token, core.metrics.errors.labels("unauthenticated").inc)
         )
+    # NOTE: after auth: an unauthenticated peer is refused before its bytes are parsed.
+    interceptors.append(DecodeErrorInterceptor(core.metrics.errors.labels("malformed").inc))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -91,7 +98,12 @@ async def start_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bind = f"{host}:{port}"
+    bound = (
+        server.add_secure_port(bind, tls.credentials())
+        if tls is not None
+        else server.add_insecure_port(bind)
+    )
     if bound == 0:
         raise RuntimeError(f"could not bind {host}:{port}")
     await server.start()
@@ -115,9 +127,11 @@ class ServerThread:
         host: str = "127.0.0.1",
         port: int = 0,
         token: str | None = None,
+        tls: ServerTLS | None = None,
     ) -> None:
         self.core = core or SelectorCore()
         self._args = (host, port, token)
+        self._tls = tls
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="selector-server", daemon=True
@@ -142,7 +156,7 @@ class ServerThread:
         self._thread.start()
         host, port, token = self._args
         fut = asyncio.run_coroutine_threadsafe(
-            start_server(self.core, host, port, token), self._loop
+            start_server(self.core, host, port, token, tls=self._tls), self._loop
         )
         try:
             self._running = fut.result(timeout=30)
@@ -175,6 +189,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--token", default=os.environ.get("TINYSERVE_SELECTOR_TOKEN"), help="shared auth token"
     )
+    p.add_argument("--tls-cert", default="", metavar="PEM", help="serve TLS: certificate chain")
+    p.add_argument("--tls-key", default="", metavar="PEM", help="serve TLS: private key")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
     p.add_argument("--pending-ttl-s", type=float, default=2.0)
     p.add_argument("--stale-after-s", type=float, default=30.0)
@@ -196,7 +212,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ns = p.parse_args(argv)
     try:
         ns.objective_config = objective_from_args(ns.objective, ns.learn)
-    except ValueError as exc:
+        ns.tls = TLSSettings(cert_file=ns.tls_cert, key_file=ns.tls_key).server()
+    except ValueError as exc:  # NOTE: pydantic's ValidationError is a ValueError
         p.error(str(exc))
     return ns
 
@@ -226,8 +243,16 @@ async def _serve(ns: argparse.Namespace) -> None:
         replica_id, _, endpoints = spec.partition("=")
         pub, _, replay = endpoints.partition("@")
         subscribers.append(VllmKVSubscriber(core, replica_id, pub, replay or None).start())
-    running = await start_server(core, ns.host, ns.port, ns.token)
-    log.info("cache-selection service on %s:%d (policy %s)", ns.host, running.port, ns.policy)
+    if ns.token and ns.tls is None and ns.host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("the token travels in clear on %s: add --tls-cert/--tls-key", ns.host)
+    running = await start_server(core, ns.host, ns.port, ns.token, tls=ns.tls)
+    log.info(
+        "cache-selection service on %s:%d (policy %s, %s)",
+        ns.host,
+        running.port,
+        ns.policy,
+        "TLS" if ns.tls else "plaintext",
+    )
     print(f"listening on {ns.host}:{running.port}", flush=True)
     try:
         await running.server.wait_for_termination()

@@ -11,6 +11,8 @@
   Hello + a full resync built from ``resident_hashes()`` (the pool's cached block hashes), and
   so does a service-requested resync after a sequence gap. While disconnected, events are
   dropped: the resync on reconnect covers them.
+
+Every client takes ``tls`` (``cluster.grpc_tls.ClientTLS``): None dials plaintext.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import grpc
 
 from cluster.convert import events_to_proto, load_to_proto
 from cluster.core_types import Selection
+from cluster.grpc_tls import ClientTLS, aio_channel, channel
 from cluster.types import LoadSnapshot, Outcome, Ranked, ScoreTerms
 from kvmanager.events import KVEvent
 from protos import cache_selection_pb2 as pb
@@ -128,9 +131,15 @@ class SelectorClient:
     ``select`` fails over between them within one deadline. ``timeout_s`` is the default
     Select deadline."""
 
-    def __init__(self, address: str, token: str | None = None, timeout_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        timeout_s: float = 0.05,
+        tls: ClientTLS | None = None,
+    ) -> None:
         self.addresses = split_addresses(address)
-        self.channels = [grpc.insecure_channel(a) for a in self.addresses]
+        self.channels = [channel(a, tls) for a in self.addresses]
         self.stubs = [pb_grpc.CacheSelectionStub(ch) for ch in self.channels]  # type: ignore[no-untyped-call]
         self.channel, self.stub = self.channels[0], self.stubs[0]
         self._md = _metadata(token)
@@ -188,9 +197,15 @@ class SelectorClient:
 class AsyncSelectorClient:
     """asyncio client (for the Serve request router); fails over like ``SelectorClient``."""
 
-    def __init__(self, address: str, token: str | None = None, timeout_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        timeout_s: float = 0.05,
+        tls: ClientTLS | None = None,
+    ) -> None:
         self.addresses = split_addresses(address)
-        self.channels = [grpc.aio.insecure_channel(a) for a in self.addresses]
+        self.channels = [aio_channel(a, tls) for a in self.addresses]
         self.stubs = [pb_grpc.CacheSelectionStub(ch) for ch in self.channels]  # type: ignore[no-untyped-call]
         self.channel, self.stub = self.channels[0], self.stubs[0]
         self._md = _metadata(token)
@@ -236,8 +251,10 @@ class KVReporter:
         token: str | None = None,
         heartbeat_s: float = 1.0,
         retry_s: float = 0.2,
+        tls: ClientTLS | None = None,
     ) -> None:
         self.address = address
+        self._tls = tls
         self.replica_id = replica_id
         self._resident = resident_hashes
         self._hello = hello or pb.ReplicaHello()
@@ -309,7 +326,7 @@ class KVReporter:
                 yield pb.ReportKVRequest(replica_id=self.replica_id, hello=self._hello)  # heartbeat
 
     def _run(self) -> None:
-        stub = pb_grpc.CacheSelectionStub(grpc.insecure_channel(self.address))  # type: ignore[no-untyped-call]
+        stub = pb_grpc.CacheSelectionStub(channel(self.address, self._tls))  # type: ignore[no-untyped-call]
         while not self._stop.is_set():
             closed = threading.Event()
             q = self._open()

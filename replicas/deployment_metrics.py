@@ -54,24 +54,43 @@ class ReplicaMetrics:
             description="Arrival at the engine to first scheduling.",
             boundaries=LATENCY_BUCKETS_S,
         )
+        # NOTE: every gauge's help says its unit and range ("Unit: ...; range: ..."): a test
+        # checks the scrape for it.
         self.num_requests_inflight = metrics.Gauge(
             "tinyserve_num_requests_inflight",
-            description="Requests admitted by this replica and not finished (queue length).",
+            description="Requests admitted by this replica and not finished (queue length). "
+            "Unit: requests; range: 0 to the deployment's max_ongoing_requests.",
         )
         self.num_blocks = metrics.Gauge(
-            "tinyserve_kv_num_blocks", description="KV blocks by state.", tag_keys=("state",)
+            "tinyserve_kv_num_blocks",
+            description="KV blocks by state: empty (free runs and growth reservations), "
+            "evictable (cached, ref_cnt 0), used (ref_cnt > 0); the states partition the pool. "
+            "Unit: blocks; range: 0 to num_blocks, the three summing to num_blocks.",
+            tag_keys=("state",),
+        )
+        self.cached_blocks = metrics.Gauge(
+            "tinyserve_kv_cached_blocks",
+            description="KV blocks holding a reusable prefix block_hash (evictable or used; "
+            "not a state of its own). Unit: blocks; range: 0 to num_blocks.",
         )
         self.kv_usage = metrics.Gauge(
-            "tinyserve_kv_usage_ratio", description="Used KV blocks / total (vLLM's usage)."
+            "tinyserve_kv_usage_ratio",
+            description="Used KV blocks / num_blocks (vLLM's usage: evictable blocks count as "
+            "free). Unit: ratio; range: 0 to 1.",
         )
         self.kv_utilization = metrics.Gauge(
             "tinyserve_kv_utilization_ratio",
-            description="Token slots holding real K/V / allocated slots.",
+            description="Token slots holding real K/V / allocated slots of the used blocks "
+            "(1 when none is used). Unit: ratio; range: 0 to 1.",
         )
         self.fragmentation = metrics.Gauge(
             "tinyserve_kv_fragmentation",
-            description="Pool fragmentation by kind (f_total, f_spatial, f_temporal, f_access, "
-            "external).",
+            description="Pool fragmentation by kind, 0 = none (kvmanager/fragmentation.py). "
+            "Unit: dimensionless; range: external 0 to 1 (1 - largest free run / free "
+            "blocks), f_spatial 0 to (free runs - 1) (distance-weighted squared CV of free "
+            "run sizes), f_temporal 0 to 2 (access churn between epochs), f_access >= 0 "
+            "(level entropy x latency dispersion, unbounded), f_total >= 0 (their weighted "
+            "sum, unbounded).",
             tag_keys=("kind",),
         )
         self.sparse_pages = metrics.Counter(
@@ -100,14 +119,16 @@ class ReplicaMetrics:
     def on_pool(self, stats: PoolStats, num_inflight: int) -> None:
         """Refresh the gauges from a pool snapshot."""
         self.num_requests_inflight.set(num_inflight)
+        # NOTE: a partition of the pool (PoolStats' block accounting); "cached" overlaps
+        # evictable and used, so it is a gauge of its own, not a state.
         block_counts: tuple[tuple[str, float], ...] = (
             ("empty", stats.num_empty_blocks),
             ("evictable", stats.num_evictable_blocks),
             ("used", stats.num_used_blocks),
-            ("cached", stats.num_cached_blocks),
         )
         for state, value in block_counts:
             self.num_blocks.set(value, tags={"state": state})
+        self.cached_blocks.set(stats.num_cached_blocks)
         self.kv_usage.set(stats.usage)
         self.kv_utilization.set(stats.utilization)
         for kind, value in (

@@ -31,6 +31,7 @@ MODEL = "smollm2-135m-instruct"
 KEY = "sk-e2e-" + uuid.uuid4().hex
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_PROMPT_TOKENS = 1000
+NUM_BLOCKS = 256
 # NOTE: Ray's own labels on every series (camelCase, not ours); dropped before promtool lint.
 RAY_LABELS = ("Component", "NodeAddress", "SessionName", "Version", "WorkerId")
 
@@ -61,7 +62,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         args = {
-            "engine": {"num_blocks": 256, "max_num_seqs": 8, "num_threads": 1},
+            "engine": {"num_blocks": NUM_BLOCKS, "max_num_seqs": 8, "num_threads": 1},
             "num_replicas": 2,
             "num_cpus_per_replica": 1,
             # NOTE: a generous deadline: this checks routing decisions, not latency, on a
@@ -388,21 +389,46 @@ def test_dashboard_lists_the_app_running(cluster: Cluster) -> None:
     assert {d["status"] for d in app["deployments"].values()} == {"HEALTHY"}
 
 
+def _readme_metrics() -> set[str]:
+    """The series the README's metrics table names."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = text.split("<!-- metrics-table:")[1].split("<!-- end metrics-table -->")[0]
+    return set(re.findall(r"^\| `(ray_tinyserve_\w+)` \|", table, re.M))
+
+
 def test_metrics_port_serves_tinyserve_series_that_pass_promtool(cluster: Cluster) -> None:
-    wanted = {"ray_tinyserve_prefix_hit_tokens_total", "ray_tinyserve_router_decisions_total",
-              "ray_tinyserve_time_to_first_token_seconds_bucket",
-              "ray_tinyserve_kv_usage_ratio", "ray_tinyserve_kv_fragmentation",
-              "ray_tinyserve_selector_latency_seconds_bucket"}
-    deadline = time.monotonic() + 60
+    wanted = _readme_metrics()
+    assert len(wanted) >= 20, wanted  # the table was found and read
+    deadline = time.monotonic() + 90
     while True:
         text = requests.get(cluster.metrics, timeout=30).text
-        names = set(re.findall(r"^(ray_tinyserve_\w+)\{", text, re.M))
+        names = set(re.findall(r"^(ray_tinyserve_\w+?)(?:_bucket)?\{", text, re.M))
         if wanted <= names or time.monotonic() > deadline:
             break
         time.sleep(2)
     assert wanted <= names, sorted(wanted - names)
     assert re.search(r'ray_tinyserve_prefix_hit_tokens_total\{[^}]*deployment="LLMReplica"', text)
     assert re.search(r'ray_tinyserve_router_decisions_total\{[^}]*policy="tinyserve"', text)
+    assert re.search(r'ray_tinyserve_selector_decisions_total\{[^}]*deployment="CacheSelector"',
+                     text)
+    # the block states partition each replica's pool (engine num_blocks = NUM_BLOCKS)
+    states: dict[str, dict[str, float]] = {}
+    for labels, value in re.findall(r"^ray_tinyserve_kv_num_blocks\{([^}]*)\} (\S+)$", text,
+                                    re.M):
+        tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        states.setdefault(tags["replica"], {})[tags["state"]] = float(value)
+    assert len(states) == 2, states
+    for replica, by_state in states.items():
+        assert set(by_state) == {"empty", "evictable", "used"}, by_state
+        assert sum(by_state.values()) == NUM_BLOCKS, (replica, by_state)
+    # every gauge's help states its unit and range
+    gauges = set(re.findall(r"^# TYPE (ray_tinyserve_\w+) gauge$", text, re.M))
+    assert gauges >= {n for n in wanted if "_ratio" in n or "kv_num_blocks" in n}
+    for name in gauges:
+        help_line = re.search(rf"^# HELP {name} (.*)$", text, re.M)
+        assert help_line and re.search(r"Unit: [^;]+; range: .+", help_line.group(1)), name
     promtool = shutil.which("promtool")
     assert promtool, "promtool missing: apt-get install prometheus (see Makefile setup)"
     ours = _our_families(text)
