@@ -60,9 +60,20 @@ def selection_to_proto(sel: Selection) -> pb.SelectResponse:
         num_prompt_blocks=sel.num_prompt_blocks,
         num_unknown_replicas=sel.num_unknown_replicas,
     )
+    add = out.replicas.add
+    Terms = pb.ScoreTerms
+    # NOTE: every field spelled out (a test pins them to _TERM_FIELDS): ~3x faster than a
+    # getattr loop into **kwargs, and this runs for every answered Select.
     for r in sel.ranked:
-        terms = {name: getattr(r.terms, name) for name in _TERM_FIELDS}
-        out.replicas.add(replica_id=r.replica_id, score=r.score, terms=pb.ScoreTerms(**terms))
+        t = r.terms
+        terms = Terms(
+            utility=t.utility, cost=t.cost, reward=t.reward, size_cost=t.size_cost,
+            load_cost=t.load_cost, latency_cost=t.latency_cost,
+            fragmentation_cost=t.fragmentation_cost, complexity=t.complexity,
+            frequency=t.frequency, similarity=t.similarity, locality=t.locality,
+            num_matched_blocks=t.num_matched_blocks, num_pending_blocks=t.num_pending_blocks,
+        )  # fmt: skip
+        add(replica_id=r.replica_id, score=r.score, terms=terms)
     return out
 
 
