@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from cluster.core_types import ReplicaStatus, Selection
 from cluster.types import LoadSnapshot, Outcome, SelectionRequest
 from kvmanager.events import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
@@ -45,7 +47,9 @@ def select_request_from_proto(
     candidates = [check_id(r, "candidate replica_id") for r in msg.candidate_replica_ids]
     request = SelectionRequest(
         request_id=msg.request_id,
-        block_hashes=list(msg.block_hashes),
+        # NOTE: one conversion into what the index reads (uint64); a list of Python ints
+        # first cost twice as much (~6 us + ~2.5 us at 128 hashes).
+        block_hashes=np.array(msg.block_hashes, np.uint64),
         num_prompt_tokens=msg.num_prompt_tokens,
         num_output_tokens=msg.num_output_tokens,
         session_id=msg.session_id,

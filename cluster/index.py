@@ -231,7 +231,7 @@ class KVIndex:
         return out
 
     def match(
-        self, block_hashes: Sequence[int] | I64, slots_mask: int | npt.NDArray[np.uint64]
+        self, block_hashes: Sequence[int] | I64 | U64, slots_mask: int | npt.NDArray[np.uint64]
     ) -> PrefixMatch:
         """Longest exact prefix of ``block_hashes`` on every slot in ``slots_mask`` (a Python
         int bitmask, or the words from ``slots_mask()``)."""
