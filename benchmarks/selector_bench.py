@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.selector_report import figures_table, issue_figures, table
+from benchmarks.selector_report import cpu_table, figures_table, issue_figures, table
 
 CHAIN_BLOCKS = 128
 BLOCK_SIZE = 16
@@ -183,7 +183,26 @@ def _server_main(
             "ingest_inproc_events_per_s": 2 * 64 * len(batches) / ingest_s,
         }
     )
-    conn.recv()  # wait for "stop"
+    # NOTE: the same core.select timed while it serves RPCs: between calls gRPC's own work
+    # evicts its code and data from the caches, so it is slower there than in the loop above.
+    served: list[tuple[float, float]] = []
+    plain_select = core.select
+
+    def timed_select(*args: Any, **kwargs: Any) -> Any:
+        t, c = time.perf_counter(), time.thread_time()
+        out = plain_select(*args, **kwargs)
+        served.append((time.perf_counter() - t, time.thread_time() - c))
+        return out
+
+    core.select = timed_select  # type: ignore[method-assign]
+    while conn.recv() == "served":  # until "stop"
+        conn.send(
+            {
+                "wall": _pcts([x[0] for x in served]) if served else None,
+                "cpu": _pcts([x[1] for x in served]) if served else None,
+            }
+        )
+        served.clear()
     server.stop()
 
 
@@ -222,6 +241,34 @@ async def _throughput(
         t = time.perf_counter()
         await asyncio.gather(*(worker(k) for k in range(concurrency)))
         return done / (time.perf_counter() - t)
+
+
+def _cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system, all threads) of this process or of ``pid``."""
+    if pid is None:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_throughput(
+    address: str, method: str, msgs: list[Any], ns: argparse.Namespace, server_pid: int
+) -> dict[str, float]:
+    """One closed-loop window, with the CPU each side spent per call: what bounds the rate
+    (the client runs in this process; the server is ``server_pid``)."""
+    c0, s0, t0 = _cpu_s(), _cpu_s(server_pid), time.perf_counter()
+    rps = asyncio.run(_throughput(address, method, msgs, ns.concurrency, ns.window_s))
+    calls = rps * ns.window_s
+    wall = time.perf_counter() - t0
+    return {
+        "rps": rps,
+        "client_cpu_us": (_cpu_s() - c0) / calls * 1e6,
+        "server_cpu_us": (_cpu_s(server_pid) - s0) / calls * 1e6,
+        "server_cores": (_cpu_s(server_pid) - s0) / wall,
+        "client_cores": (_cpu_s() - c0) / wall,
+    }
 
 
 def _wire_ingest(address: str, num_batches: int, seed: int) -> float:
@@ -282,22 +329,26 @@ def run_one(num_replicas: int, ns: argparse.Namespace) -> dict[str, Any]:
             for _ in range(50):  # warm-up
                 stub.Ping(ping, timeout=10)
                 stub.Select(sel_msgs[0], timeout=10)
+            parent.send("served")
+            parent.recv()  # NOTE: resets the server-side samples
             # NOTE: interleave the two in rounds so drift in machine load hits both alike
             ping_t: list[float] = []
             sel_t: list[float] = []
             for k in range(0, n, 100):
                 ping_t += _latency(stub.Ping, lambda i: ping, min(100, n - k))
                 sel_t += _latency(stub.Select, lambda i, k=k: sel_msgs[k + i], min(100, n - k))
+            parent.send("served")
+            served = parent.recv()
         # NOTE: alternate short Ping / Select windows; the medians resist load drift.
         rounds = 2 if ns.quick else ns.rounds
         tp_ping_l, tp_sel_l = [], []
+        cpu: dict[str, list[dict[str, float]]] = {"ping": [], "select": []}
+        assert proc.pid is not None
         for _ in range(rounds):
-            tp_ping_l.append(
-                asyncio.run(_throughput(address, "Ping", [ping], ns.concurrency, ns.window_s))
-            )
-            tp_sel_l.append(
-                asyncio.run(_throughput(address, "Select", sel_msgs, ns.concurrency, ns.window_s))
-            )
+            cpu["ping"].append(_cpu_throughput(address, "Ping", [ping], ns, proc.pid))
+            cpu["select"].append(_cpu_throughput(address, "Select", sel_msgs, ns, proc.pid))
+            tp_ping_l.append(cpu["ping"][-1]["rps"])
+            tp_sel_l.append(cpu["select"][-1]["rps"])
         tp_ping, tp_sel = float(np.median(tp_ping_l)), float(np.median(tp_sel_l))
         tp_ratio = float(np.median(np.asarray(tp_sel_l) / np.asarray(tp_ping_l)))
         wire = _wire_ingest(address, 100 if ns.quick else 500, ns.seed + 4)
@@ -315,10 +366,15 @@ def run_one(num_replicas: int, ns: argparse.Namespace) -> dict[str, Any]:
         "select": sel_p,
         "select_over_ping_p50": sel_p["p50_us"] / ping_p["p50_us"],
         "select_over_ping_p99": sel_p["p99_us"] / ping_p["p99_us"],
+        "core_in_server": served,
         "throughput_ping_rps": tp_ping,
         "throughput_select_rps": tp_sel,
         "throughput_ratio": tp_ratio,
         "throughput_rounds": {"ping": tp_ping_l, "select": tp_sel_l},
+        # NOTE: medians over the rounds; CPU is per call and in cores busy during the window
+        "throughput_cpu": {
+            m: {k: float(np.median([x[k] for x in xs])) for k in xs[0]} for m, xs in cpu.items()
+        },
         "ingest_wire_events_per_s": wire,
     }
 
@@ -353,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         print(table(rows[-1:]).splitlines()[-1] if len(rows) > 1 else table(rows), flush=True)
     print()
     print(table(rows))
+    print()
+    print(cpu_table(rows))
     from benchmarks.selector_scaling import run_scaling  # NOTE: it imports this module
 
     scaling = run_scaling(ns) if ns.procs else None

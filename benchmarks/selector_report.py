@@ -50,11 +50,29 @@ def figures_table(figs: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cpu_table(rows: list[dict[str, Any]]) -> str:
+    """Closed-loop CPU per call on each side (what limits the rate) and the per-core rate."""
+    head = (
+        f"{'R':>4} {'call':>6} {'rps':>7} {'server cpu us/call':>18} {'server cores':>12} "
+        f"{'client cpu us/call':>18} {'client cores':>12} {'calls/s per server core':>23}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        for m, x in r["throughput_cpu"].items():
+            lines.append(
+                f"{r['num_replicas']:>4} {m:>6} {x['rps']:>7.0f} {x['server_cpu_us']:>18.0f} "
+                f"{x['server_cores']:>12.2f} {x['client_cpu_us']:>18.0f} {x['client_cores']:>12.2f} "
+                f"{1e6 / x['server_cpu_us']:>23.0f}"
+            )
+    return "\n".join(lines)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
         f"{'R':>4} {'blocks/R':>8} {'ping p50/p99 us':>16} {'select p50/p99 us':>18} {'p50 ratio':>9} "
         f"{'ping rps':>9} {'select rps':>10} {'rps ratio':>9} {'core p50/p99 us':>16} {'+proto p50/p99':>15} "
-        f"{'core cpu p50/p99':>16} {'ingest ev/s inproc':>18} {'wire':>9} {'rss MB':>7}"
+        f"{'core cpu p50/p99':>16} {'in server p50/p99':>17} {'ingest ev/s inproc':>18} "
+        f"{'wire':>9} {'rss MB':>7}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -65,6 +83,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['throughput_ratio']:>9.2f} {r['compute_core']['p50_us']:>7.0f}/{r['compute_core']['p99_us']:<8.0f} "
             f"{r['compute_with_proto']['p50_us']:>6.0f}/{r['compute_with_proto']['p99_us']:<8.0f} "
             f"{r['compute_core_cpu']['p50_us']:>7.0f}/{r['compute_core_cpu']['p99_us']:<8.0f} "
+            f"{r['core_in_server']['wall']['p50_us']:>8.0f}/{r['core_in_server']['wall']['p99_us']:<8.0f} "
             f"{r['ingest_inproc_events_per_s']:>18.0f} {r['ingest_wire_events_per_s']:>9.0f} {r['rss_mb']:>7.0f}"
         )
     return "\n".join(lines)

@@ -95,7 +95,7 @@ class SessionHash(Policy):
 
         if request.session_id:
             key_src = request.session_id.encode()
-        elif request.block_hashes:
+        elif len(request.block_hashes):
             key_src = int(request.block_hashes[0]).to_bytes(8, "little")
         else:
             key_src = request.request_id.encode()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from cluster.core_types import ReplicaStatus, Selection
 from cluster.types import LoadSnapshot, Outcome, SelectionRequest
 from kvmanager.events import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
@@ -45,7 +47,9 @@ def select_request_from_proto(
     candidates = [check_id(r, "candidate replica_id") for r in msg.candidate_replica_ids]
     request = SelectionRequest(
         request_id=msg.request_id,
-        block_hashes=list(msg.block_hashes),
+        # NOTE: one conversion into what the index reads (uint64); a list of Python ints
+        # first cost twice as much (~6 us + ~2.5 us at 128 hashes).
+        block_hashes=np.array(msg.block_hashes, np.uint64),
         num_prompt_tokens=msg.num_prompt_tokens,
         num_output_tokens=msg.num_output_tokens,
         session_id=msg.session_id,
@@ -60,9 +64,20 @@ def selection_to_proto(sel: Selection) -> pb.SelectResponse:
         num_prompt_blocks=sel.num_prompt_blocks,
         num_unknown_replicas=sel.num_unknown_replicas,
     )
+    add = out.replicas.add
+    Terms = pb.ScoreTerms
+    # NOTE: every field spelled out (a test pins them to _TERM_FIELDS): ~3x faster than a
+    # getattr loop into **kwargs, and this runs for every answered Select.
     for r in sel.ranked:
-        terms = {name: getattr(r.terms, name) for name in _TERM_FIELDS}
-        out.replicas.add(replica_id=r.replica_id, score=r.score, terms=pb.ScoreTerms(**terms))
+        t = r.terms
+        terms = Terms(
+            utility=t.utility, cost=t.cost, reward=t.reward, size_cost=t.size_cost,
+            load_cost=t.load_cost, latency_cost=t.latency_cost,
+            fragmentation_cost=t.fragmentation_cost, complexity=t.complexity,
+            frequency=t.frequency, similarity=t.similarity, locality=t.locality,
+            num_matched_blocks=t.num_matched_blocks, num_pending_blocks=t.num_pending_blocks,
+        )  # fmt: skip
+        add(replica_id=r.replica_id, score=r.score, terms=terms)
     return out
 
 

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from cluster import objective_kernel
+from cluster import access, index_kernels, objective_kernel, select_kernel
 from cluster.access import AccessTracker
 from cluster.core_types import ApplyResult, CoreStats, ReplicaStatus, Selection
-from cluster.index import KVIndex
+from cluster.index import U64, KVIndex, as_hash_array
 from cluster.metrics import SelectorMetrics
 from cluster.objective import (
     ObjectiveConfig,
@@ -54,13 +54,10 @@ class CoreConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
-# NOTE: the fast path reads ReplicaTable columns by position and lays out the answer's terms
-# as OUT_ROWS (minus the score), then reward; these names pin both orders.
+# NOTE: the fast path's kernels read ReplicaTable columns by position; these names pin them.
 assert _INT_COLS[:4] == ("block_size", "num_blocks", "num_free_blocks", "num_cached_blocks")
 assert _INT_COLS[6] == "num_queued_tokens" and _FLOAT_COLS[:2] == ("ttft_ewma_s", "f_total")
-assert _FLOAT_COLS[3] == "reward" and objective_kernel.OUT_ROWS[-1] == "score"
-_FAST_TERMS = (*objective_kernel.OUT_ROWS[:-1], "reward")
-_SCORE = len(_FAST_TERMS)
+assert _FLOAT_COLS[3] == "reward" and _FLOAT_COLS[4] == "prefill_tokens_per_s"
 
 
 class SelectorCore:
@@ -81,7 +78,15 @@ class SelectorCore:
         self._index = KVIndex(clock)
         # NOTE: the tinyserve policy's compiled path (no Candidates); False = the generic one.
         self.fast_path = True
-        objective_kernel.warm_up()  # NOTE: no Select pays for compiling
+        # NOTE: no Select pays for compiling
+        objective_kernel.warm_up()
+        access.warm_up()
+        select_kernel.warm_up()
+        # the fast path's reused buffers (grown on demand; see _rank_fast)
+        self._match = np.zeros((3, 64), np.int64)
+        self._top = np.zeros(0, np.int64)
+        self._result = np.zeros((0, len(select_kernel.RESULT_COLS)))
+        self._cand_cache: tuple[int, U64] | None = None
         self._table = ReplicaTable()
         self._access = AccessTracker(clock, self.config.hot_half_life_s)
         self._policies: dict[str, Policy] = {}
@@ -256,15 +261,18 @@ class SelectorCore:
             # NOTE: bounded: a backlog is drained by expire_stale(), not by one unlucky Select.
             self._index.expire_pending(max_marks=8)
             slots, ids, unknown, mask = self._candidate_slots(candidate_ids)
+            hashes: Sequence[int] | U64 = request.block_hashes
             if self.fast_path and isinstance(pol, TinyServeObjective) and not pol.config.learn:
-                ranked, matched = self._rank_fast(request, pol, slots, ids, mask, max_results)
+                ranked, matched, hashes = self._rank_fast(
+                    request, pol, slots, ids, mask, max_results
+                )
             else:
                 cands = self._candidates(request, slots, ids, mask)
                 ranking = pol.select(request, cands)
                 ranked = ranking.top(cands, max_results)
                 matched = int(cands.num_matched_blocks[ranking.order[0]]) if ranked else 0
             if ranked:
-                self._route(request, ranked[0].replica_id, pol.name, matched, speculative)
+                self._route(request, hashes, ranked[0].replica_id, pol.name, matched, speculative)
             self.counters["selects"] += 1
             self._decisions[pol.name] = self._decisions.get(pol.name, 0) + 1
             decisions, latency = self._policy_metrics(pol.name)
@@ -319,36 +327,41 @@ class SelectorCore:
         ids: list[str],
         mask: int,
         k: int,
-    ) -> tuple[list[Ranked], int]:
-        """The TinyServe objective without ``Candidates``: one compiled pass from the index's
-        per-slot answer and the table's columns (``objective_kernel.score_slots``). Returns
-        (best ``k`` rows, the winner's matched blocks). Same answer as the generic path
+    ) -> tuple[list[Ranked], int, U64]:
+        """The TinyServe objective without ``Candidates``: one compiled call from the hashes to
+        the ranked rows (``select_kernel.rank``). Returns (best ``k`` rows, the winner's
+        matched blocks, the hashes as uint64 for the route). Same answer as the generic path
         (tests/cluster/test_selector_core.py compares them)."""
-        match = self._index.match(request.block_hashes, mask)
-        hot = self._access.hotness(request.block_hashes, match.resident_blocks, match.lengths())
-        same = self._same_node(request, slots).astype(np.float64)
-        t = self._table
-        order, out = pol.rank_slots(request, slots, match, hot, t.ints, t.floats, same)
-        rows = order if k <= 0 else order[:k]
-        top = slots[rows]
-        res = match.resident_blocks[top]
-        # columns: terms (OUT_ROWS but the score), reward, score, matched, pending
-        cols = np.concatenate(
-            (
-                out[:-1, rows],
-                t.floats[3:4, top],
-                out[-1:, rows],
-                res[None],
-                (match.both_blocks[top] - res)[None],
-            )
-        ).T.tolist()
-        ranked = []
-        for i, vals in zip(rows.tolist(), cols, strict=True):
-            terms = ScoreTerms(**dict(zip(_FAST_TERMS, vals, strict=False)))
-            terms.num_matched_blocks = int(vals[-2])
-            terms.num_pending_blocks = int(vals[-1])
-            ranked.append(Ranked(ids[i], vals[_SCORE], terms))
-        return ranked, int(res[0]) if len(rows) else 0
+        hashes = as_hash_array(request.block_hashes)
+        n = len(slots)
+        if len(self._top) < n:
+            self._top = np.zeros(n, np.int64)
+            self._result = np.zeros((n, len(select_kernel.RESULT_COLS)))
+        if self._match.shape[1] < 64 * self._index.num_words:
+            self._match = np.zeros((3, 64 * self._index.num_words), np.int64)
+        cand = self._cand_words(mask)
+        acc, t = self._access, self._table
+        cfg, req, q = pol.kernel_inputs(request)
+        r = select_kernel.rank(
+            hashes, *self._index.walk_args(), cand, self._match,
+            acc.keys, acc.slots, acc.vt, acc.bits, self.clock(), acc.rate,
+            slots, t.ints, t.floats, t.node_of_slot, t.node_code(request.origin_node_id),
+            cfg, req, q, k, self._result, self._top, index_kernels.SINK,
+        )  # fmt: skip
+        ranked = [
+            Ranked(ids[i], x[13], ScoreTerms(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7],
+                                             x[8], x[9], x[10], int(x[11]), int(x[12])))
+            for i, x in zip(self._top[:r].tolist(), self._result[:r].tolist(), strict=True)
+        ]  # fmt: skip
+        return ranked, ranked[0].terms.num_matched_blocks if ranked else 0, hashes
+
+    def _cand_words(self, mask: int) -> U64:
+        """The walk's candidate words of ``mask``, cached for the last mask (the live set)."""
+        words = self._index.num_words
+        cached = self._cand_cache
+        if cached is None or cached[0] != mask or len(cached[1]) != words:
+            cached = self._cand_cache = (mask, self._index.mask_words(mask))
+        return cached[1]
 
     def _candidates(
         self, request: SelectionRequest, slots: np.ndarray, ids: list[str], mask: int
@@ -372,6 +385,7 @@ class SelectorCore:
     def _route(
         self,
         request: SelectionRequest,
+        hashes: Sequence[int] | U64,
         replica_id: str,
         policy: str,
         matched: int,
@@ -380,11 +394,9 @@ class SelectorCore:
         rec = self._table.records[replica_id]
         if speculative:
             # NOTE: the matched prefix is resident already; only the rest needs a pending mark.
-            self._index.mark_pending(
-                rec.slot, request.block_hashes[matched:], self.config.pending_ttl_s
-            )
+            self._index.mark_pending(rec.slot, hashes[matched:], self.config.pending_ttl_s)
             self._table.add_inflight(rec, request.num_prompt_tokens + request.num_output_tokens)
-            self._access.bump(rec.slot, request.block_hashes)
+            self._access.bump(rec.slot, hashes)
         if request.request_id:
             self._routed[request.request_id] = (policy, matched * rec.block_size)
             if len(self._routed) > 65536:

@@ -36,11 +36,14 @@ from kvmanager.events import MEDIUM_CPU
 
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
+U64Table = npt.NDArray[np.uint64]  # [rows, 1 + words]: a MaskTable's array
 
 
 def as_hash_array(block_hashes: Iterable[int]) -> U64:
     """Block hashes as uint64 (negative int64 values wrap to their two's complement)."""
     if isinstance(block_hashes, np.ndarray):
+        if block_hashes.dtype == np.uint64:
+            return block_hashes
         return block_hashes.astype(np.int64, copy=False).view(np.uint64)
     seq = block_hashes if isinstance(block_hashes, list | tuple) else list(block_hashes)
     try:
@@ -190,7 +193,7 @@ class KVIndex:
         self.store(slot, gpu_hashes)
         self.store(slot, cpu_hashes, MEDIUM_CPU)
 
-    def mark_pending(self, slot: int, block_hashes: Sequence[int], ttl_s: float) -> None:
+    def mark_pending(self, slot: int, block_hashes: Sequence[int] | U64, ttl_s: float) -> None:
         """Speculative insert: treat ``block_hashes`` as held by ``slot`` for ``ttl_s`` seconds
         (so siblings of a burst follow the first request before its KV events arrive)."""
         if not len(block_hashes) or ttl_s <= 0:
@@ -228,7 +231,7 @@ class KVIndex:
         return out
 
     def match(
-        self, block_hashes: Sequence[int] | I64, slots_mask: int | npt.NDArray[np.uint64]
+        self, block_hashes: Sequence[int] | I64 | U64, slots_mask: int | npt.NDArray[np.uint64]
     ) -> PrefixMatch:
         """Longest exact prefix of ``block_hashes`` on every slot in ``slots_mask`` (a Python
         int bitmask, or the words from ``slots_mask()``)."""
@@ -243,9 +246,19 @@ class KVIndex:
             g.tab, g.bits,
             c.tab, c.bits, len(c) > 0,
             p.tab, p.bits, len(p) > 0,
-            cand, res, both, host,
+            cand, res, both, host, k.SINK,
         )  # fmt: skip
         return PrefixMatch(res, both, host)
+
+    def walk_args(self) -> tuple[U64Table, int, U64Table, int, bool, U64Table, int, bool]:
+        """The device, host and pending tables as ``index_kernels.walk`` takes them (tab,
+        bits, ... use_cpu ..., use_pending); valid until the next mutation of the index."""
+        g, c, p = self._gpu, self._cpu, self._pending
+        return g.tab, g.bits, c.tab, c.bits, len(c) > 0, p.tab, p.bits, len(p) > 0
+
+    def mask_words(self, mask: int) -> npt.NDArray[np.uint64]:
+        """The candidate bitmask (a Python int over slots) as the walk's uint64 words."""
+        return self._mask_words(mask)
 
     def _mask_words(self, mask: int | npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
         if isinstance(mask, np.ndarray):

@@ -71,7 +71,7 @@ class MaskTable:
         """Set ``slot``'s bit on every hash (inserting new keys); returns how many were newly
         set (duplicates and already-set bits count 0)."""
         self._reserve(len(hashes))
-        added, created, reused = k.set_bits(self.tab, self.bits, hashes, slot)
+        added, created, reused = k.set_bits(self.tab, self.bits, hashes, slot, k.SINK)
         self.count += int(created)
         self.tombs -= int(reused)  # NOTE: a new key may take a tombstone's place
         return int(added)
@@ -120,6 +120,6 @@ def warm_up() -> None:
     out = np.zeros(64, np.int64)
     cand = k.mask_from_slots(np.arange(2, dtype=np.int64), 1)
     k.walk(h, t.tab, t.bits, other.tab, other.bits, True, t.tab, t.bits, True, cand, out,
-           out.copy(), out.copy())  # fmt: skip
+           out.copy(), out.copy(), k.SINK)  # fmt: skip
     t.clear_slot(1)
     _warm = True

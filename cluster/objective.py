@@ -73,14 +73,13 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from cluster import objective_kernel as kernel
 from cluster.objective_settings import check_objective
 from cluster.policy import Policy, rank_by, register_policy
-from cluster.types import Candidates, FloatArray, IntArray, Outcome, Ranking, SelectionRequest
+from cluster.types import Candidates, FloatArray, Outcome, Ranking, SelectionRequest
 
 FEATURES = ("complexity", "frequency", "similarity", "locality")
 
@@ -299,29 +298,13 @@ class TinyServeObjective(Policy):
             )
         return ranking
 
-    def rank_slots(
-        self,
-        request: SelectionRequest,
-        slots: IntArray,
-        match: Any,
-        hot: FloatArray,
-        tab_ints: IntArray,
-        tab_floats: FloatArray,
-        same: FloatArray,
-    ) -> tuple[IntArray, FloatArray]:
-        """The core's fast path (no ``Candidates``): (order best first, out[OUT_ROWS, N]) for
-        the candidates at ``slots``, from the index's ``PrefixMatch`` and the replica table's
-        columns. Same numbers as ``select``; not for ``learn=True`` (no trace is kept)."""
-        n = len(slots)
+    def kernel_inputs(self, request: SelectionRequest) -> tuple[FloatArray, FloatArray, float]:
+        """(cfg, req, q): the scalars the compiled kernels take for ``request`` (the core's
+        fast path, ``select_kernel.rank``). Same numbers as ``select``; not for ``learn=True``
+        (no trace is kept)."""
         req = _request_row(request)
         q = kernel.complexity(request.num_prompt_tokens, self.config.q_scale_tokens)
-        out = np.empty((len(kernel.OUT_ROWS), n), np.float64)
-        order = np.empty(n, np.int64)
-        kernel.score_slots(
-            slots, match.resident_blocks, match.both_blocks, match.host_blocks, hot,
-            tab_ints, tab_floats, same, self._packed_config(), req, q, out, order,
-        )  # fmt: skip
-        return order, out
+        return self._packed_config(), req, q
 
     def _packed_config(self) -> FloatArray:
         # NOTE: rebuilt only when w changes (online learning replaces the array).

@@ -163,39 +163,22 @@ def warm_up() -> None:
         cfg = np.ones(CFG_LEN)
         score(np.ones((INT_ROWS, 1), np.int64), np.ones((FLOAT_ROWS, 1)), cfg, np.ones(4), 0.5, out)
         per_slot = np.zeros(64, np.int64)
-        score_slots(
-            np.zeros(1, np.int64), per_slot, per_slot, per_slot, np.zeros(64),
-            np.ones((7, 64), np.int64), np.ones((5, 64)), np.zeros(1), cfg, np.ones(4), 0.5,
-            out, np.zeros(1, np.int64),
-        )  # fmt: skip
+        gather(np.zeros(1, np.int64), per_slot, per_slot, per_slot, np.zeros(1),
+               np.ones((7, 64), np.int64), np.ones((5, 64)), np.zeros(1))  # fmt: skip
         _warm = True
 
 
 @_jit
-def score_slots(
-    slots: Any,
-    res: Any,
-    both: Any,
-    host: Any,
-    hot: Any,
-    tab_ints: Any,
-    tab_floats: Any,
+def gather(
+    slots: Any, res: Any, both: Any, host: Any, hot: Any, tab_ints: Any, tab_floats: Any,
     same: Any,
-    cfg: Any,
-    req: Any,
-    q: float,
-    out: Any,
-    order: Any,
-) -> None:
-    """``score`` straight from the service's per-slot state, plus the ranking.
-
-    ``slots`` are the candidates' slots in candidate order; ``res``/``both``/``host`` are the
-    index walk's outputs and ``hot`` the hotness, all indexed by slot; ``tab_ints`` /
-    ``tab_floats`` are ``ReplicaTable.ints`` / ``.floats`` (rows in its column order); ``same``
-    is per candidate. Writes ``out`` like ``score`` and ``order`` = candidates best first
-    (stable: ties keep candidate order, as ``rank_by``).
-    NOTE: the same arithmetic as Candidates -> ``score`` -> ``rank_by`` (core tests compare
-    the two paths exactly); this one skips building ~20 numpy columns per Select."""
+) -> tuple[Any, Any]:  # fmt: skip
+    """``score``'s (ints, floats) inputs of the candidates at ``slots`` (in candidate order)
+    from the service's per-slot state: ``res``/``both``/``host`` are the index walk's outputs,
+    indexed by slot; ``tab_ints`` / ``tab_floats`` are ``ReplicaTable.ints`` / ``.floats``
+    (rows in its column order); ``hot`` and ``same`` are per candidate.
+    NOTE: the same columns as Candidates -> ``TinyServeObjective.select`` (core tests compare
+    the two paths exactly) without building ~20 numpy columns per Select."""
     n = slots.shape[0]
     ints = np.empty((INT_ROWS, n), np.int64)
     floats = np.empty((FLOAT_ROWS, n), np.float64)
@@ -209,12 +192,10 @@ def score_slots(
         ints[5, j] = tab_ints[2, s]  # num_free_blocks
         ints[6, j] = tab_ints[3, s]  # num_cached_blocks
         ints[7, j] = tab_ints[6, s]  # num_queued_tokens
-        floats[0, j] = hot[s]
+        floats[0, j] = hot[j]
         floats[1, j] = tab_floats[0, s]  # ttft_ewma_s
         floats[2, j] = tab_floats[1, s]  # f_total
         floats[3, j] = tab_floats[3, s]  # reward
         floats[4, j] = same[j]
         floats[5, j] = tab_floats[4, s]  # prefill_tokens_per_s
-    score(ints, floats, cfg, req, q, out)
-    neg = -out[10]
-    order[:] = np.argsort(neg, kind="mergesort")
+    return ints, floats

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cluster.index_kernels import _jit
+from cluster.index_kernels import SINK, _jit
 
 U64 = npt.NDArray[np.uint64]
 MAX_LOAD = 0.7
@@ -48,10 +48,16 @@ def _find(keys: Any, slots: Any, bits: int, key: Any, slot: int) -> int:
 
 @_jit
 def _upsert(
-    keys: Any, slots: Any, dl: Any, bits: int, hashes: Any, slot: int, deadline: float
+    keys: Any, slots: Any, dl: Any, bits: int, hashes: Any, slot: int, deadline: float, sink: Any
 ) -> tuple[int, int]:
-    """Set the deadline of (h, slot) for every h. Returns (entries created, tombs reused)."""
+    """Set the deadline of (h, slot) for every h. Returns (entries created, tombs reused).
+    ``sink``: see ``index_kernels.touch``."""
     m = np.int64((1 << bits) - 1)
+    # NOTE: a prefetch of every home entry (see index_kernels.touch)
+    acc = 0
+    for j in range(hashes.shape[0]):
+        acc ^= slots[_home(hashes[j], slot, bits)]
+    sink[0] ^= np.uint64(acc)
     created = reused = 0
     for j in range(hashes.shape[0]):
         key = hashes[j]
@@ -108,11 +114,13 @@ def _drop_slot(keys: Any, slots: Any, slot: int) -> Any:
 
 
 @_jit
-def _rehash(keys: Any, slots: Any, dl: Any, nkeys: Any, nslots: Any, ndl: Any, nbits: int) -> None:
+def _rehash(
+    keys: Any, slots: Any, dl: Any, nkeys: Any, nslots: Any, ndl: Any, nbits: int, sink: Any
+) -> None:
     for i in range(slots.shape[0]):
         if slots[i] > 0:
             one = keys[i : i + 1]
-            _upsert(nkeys, nslots, ndl, nbits, one, slots[i] - 1, dl[i])
+            _upsert(nkeys, nslots, ndl, nbits, one, slots[i] - 1, dl[i], sink)
 
 
 class PendingDeadlines:
@@ -137,13 +145,15 @@ class PendingDeadlines:
             bits += 1
         old = (self.keys, self.slots, self.dl)
         self._alloc(bits)
-        _rehash(*old, self.keys, self.slots, self.dl, bits)
+        _rehash(*old, self.keys, self.slots, self.dl, bits, SINK)
         self.tombs = 0
 
     def set(self, hashes: U64, slot: int, deadline: float) -> int:
         """Deadline of (h, slot) := ``deadline`` for every h; returns how many were new."""
         self._reserve(len(hashes))
-        created, reused = _upsert(self.keys, self.slots, self.dl, self.bits, hashes, slot, deadline)
+        created, reused = _upsert(
+            self.keys, self.slots, self.dl, self.bits, hashes, slot, deadline, SINK
+        )
         self.count += int(created)
         self.tombs -= int(reused)
         return int(created)

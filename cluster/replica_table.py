@@ -25,7 +25,7 @@ _INT_COLS = (
     "num_waiting_reqs",
     "num_queued_tokens",
 )
-# NOTE: the objective kernel reads these by row index (objective_kernel.score_slots): append.
+# NOTE: the objective kernel reads these by row index (objective_kernel.gather): append.
 _FLOAT_COLS = ("ttft_ewma_s", "f_total", "usage", "reward", "prefill_tokens_per_s")
 
 
@@ -60,6 +60,10 @@ class ReplicaTable:
         self.cols: dict[str, np.ndarray] = {}
         self.ints = np.zeros((len(_INT_COLS), 0), np.int64)
         self.floats = np.zeros((len(_FLOAT_COLS), 0), np.float64)
+        # NOTE: node ids as small ints per slot, so the Select kernel tests "same node as the
+        # caller" without a Python loop over candidates (-1: no node id).
+        self.node_of_slot = np.zeros(0, np.int64)
+        self._node_codes: dict[str, int] = {}
         self._grow(capacity)
         self.live_mask = 0
         self._live_cache: tuple[np.ndarray, list[str]] | None = None
@@ -73,6 +77,9 @@ class ReplicaTable:
             ints[:, : self._capacity] = self.ints
             floats[:, : self._capacity] = self.floats
         self.ints, self.floats = ints, floats
+        node_of_slot = np.full(capacity, -1, np.int64)
+        node_of_slot[: self._capacity] = self.node_of_slot
+        self.node_of_slot = node_of_slot
         self.cols = {name: ints[i] for i, name in enumerate(_INT_COLS)}
         self.cols.update({name: floats[i] for i, name in enumerate(_FLOAT_COLS)})
         self._capacity = capacity
@@ -117,6 +124,9 @@ class ReplicaTable:
             for col in self.cols.values():
                 col[slot] = 0
         rec.node_id = node_id or rec.node_id
+        if rec.node_id:
+            code = self._node_codes.setdefault(rec.node_id, len(self._node_codes))
+            self.node_of_slot[rec.slot] = code
         rec.block_size = block_size or rec.block_size
         rec.num_blocks = num_blocks or rec.num_blocks
         self.cols["block_size"][rec.slot] = rec.block_size
@@ -125,6 +135,11 @@ class ReplicaTable:
             self.cols["num_free_blocks"][rec.slot] = rec.num_blocks
         return rec, created
 
+    def node_code(self, node_id: str) -> int:
+        """``node_of_slot``'s code of ``node_id``: -1 when empty, -2 when no replica has it
+        (so neither matches any slot)."""
+        return self._node_codes.get(node_id, -2) if node_id else -1
+
     def remove(self, replica_id: str) -> ReplicaRecord | None:
         rec = self.records.pop(replica_id, None)
         if rec is not None:
@@ -132,6 +147,7 @@ class ReplicaTable:
             self._free_slots.append(rec.slot)
             self.live_mask &= ~(1 << rec.slot)
             self._live_cache = None
+            self.node_of_slot[rec.slot] = -1
         return rec
 
     def set_load(self, rec: ReplicaRecord, load: LoadSnapshot) -> None:

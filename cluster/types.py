@@ -23,10 +23,12 @@ BoolArray = npt.NDArray[np.bool_]
 @dataclass(slots=True, frozen=True)
 class SelectionRequest:
     """One request to place. ``block_hashes`` are the chained 64-bit hashes of the prompt's full
-    blocks; ``num_output_tokens`` is the expected output length (0 = unknown)."""
+    blocks (Python ints, or uint64 straight from the wire: the service decodes a Select's
+    hashes into an array, once); ``num_output_tokens`` is the expected output length
+    (0 = unknown)."""
 
     request_id: str
-    block_hashes: Sequence[int]
+    block_hashes: Sequence[int] | npt.NDArray[np.uint64]
     num_prompt_tokens: int
     num_output_tokens: int = 0
     session_id: str = ""
