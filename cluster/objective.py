@@ -4,7 +4,8 @@
     U(c|q)     = softmax_c( wᵀφ(q,c) / T ) / max_c softmax_c(...)   (best candidate: U = 1)
     φ(q,c)     = [ Q(q)·S(q,c), A(c,q), S(q,c), L(c,q) ]
     C(c,q)     = α1·Size + α2·Load + α3·Latency + α4·F_total
-    R(c)       = Σ γ^(i−1)·r_i·1[hit_i] / Σ γ^(i−1)           over c's n latest outcomes
+    R(c)       = −Σ γ^(i−1)·d_i·1[hit_i] / Σ γ^(i−1)·1[hit_i]    over c's n latest outcomes
+                 (d_i: realised TTFT beyond the predicted one, seconds; cluster/reward.py)
 
 Feature definitions (all in [0, 1]; n_q = prompt blocks, m_c = matched resident blocks,
 p_c = extra blocks matched only through pending speculative inserts, h_c = matched blocks on
@@ -71,7 +72,6 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +115,8 @@ class ObjectiveConfig:
     temperature: float = 1.0
     gamma: float = 0.9
     reward_window: int = 16
+    reward_tolerance: float = 0.25
+    reward_half_life_s: float = 10.0
     q_scale_tokens: float = 2048.0
     hot_scale: float = 4.0
     host_weight: float = 0.5
@@ -130,24 +132,6 @@ class ObjectiveConfig:
 
     def __post_init__(self) -> None:
         check_objective(self)  # NOTE: a bad weight fails at construction, naming the field
-
-
-def realised_reward(outcome: Outcome, cfg: ObjectiveConfig) -> tuple[float, bool]:
-    """(r_i, hit_i) of one outcome: cached-token ratio discounted by TTFT, hit = any cached."""
-    r = outcome.cached_ratio / (1.0 + max(outcome.ttft_s, 0.0) / cfg.latency_ref_s)
-    return r, outcome.num_cached_tokens > 0
-
-
-def discounted_reward(history: Iterable[tuple[float, bool]], gamma: float) -> float:
-    """R(c) over outcomes newest first, normalised by Σγ^(i−1) so it stays in [0, 1]."""
-    num = den = 0.0
-    g = 1.0
-    for r, hit in history:
-        if hit:
-            num += g * r
-        den += g
-        g *= gamma
-    return num / den if den else 0.0
 
 
 def _clip(x: FloatArray, lo: float, hi: float) -> FloatArray:  # used by the learner
