@@ -130,3 +130,62 @@ def test_a_replica_slower_than_its_reports_loses_traffic_then_recovers(
     clock.advance(60.0)
     core.update_load("r0", _LOAD)
     assert core.select(request(16, prefix=800), speculative=False).replica_id == "r0"
+
+
+def test_feedback_over_grpc_from_the_replica_sink_penalises_the_slow_replica() -> None:
+    """The real path: each replica's SelectorSink (replicas/deployment.py's sink) streams its
+    load and sends Feedback on completion over loopback gRPC; the router's SelectorClient
+    then sees R(c) < 0 for the replica 4x slower than its reports, and it is not chosen."""
+    import time
+
+    from cluster.app_reporting import SelectorSink
+    from cluster.selector import ServerThread
+    from cluster.selector_client import SelectorClient
+    from replicas.deployment import ReplicaLoad, SinkSpec
+    from replicas.outputs import RequestMetrics, RequestOutput
+
+    core = SelectorCore(CoreConfig(objective=_cfg(lambda_reward=1.0)))
+    with ServerThread(core) as st:
+        sinks = {f"r{i}": SelectorSink(SinkSpec(st.address, f"r{i}", "n0", 16, 1000, "fast"))
+                 for i in range(4)}  # fmt: skip
+        client = SelectorClient(st.address, timeout_s=5.0)
+        try:
+            load = ReplicaLoad(1000, 1000, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0,
+                               prefill_tokens_per_s=1000.0)  # fmt: skip
+
+            def report() -> None:
+                for s in sinks.values():
+                    s.snapshot(load)
+                deadline = time.monotonic() + 5.0
+                while time.monotonic() < deadline and not all(
+                    r.load.prefill_tokens_per_s == 1000.0 for r in core.list_replicas()
+                ):
+                    time.sleep(0.01)
+
+            report()
+            for b in range(6):
+                chosen = []
+                for i in range(3):
+                    q = request(16, prefix=10 + 3 * b + i, request_id=f"g{b}-{i}")
+                    sel = client.select(q.block_hashes, q.num_prompt_tokens, request_id=q.request_id)
+                    assert sel is not None and sel.replica_id is not None
+                    chosen.append((q.request_id, sel.replica_id))
+                n_before = core.counters["feedback"]
+                for rid, rep in chosen:
+                    ttft = 0.256 * (4.0 if rep == "r0" else 1.0)
+                    out = RequestOutput(rid, [1], "", True, "length", 256, 0, 1, None,
+                                        RequestMetrics(ttft_s=ttft))  # fmt: skip
+                    sinks[rep].feedback(rid, out)
+                deadline = time.monotonic() + 5.0
+                while core.counters["feedback"] < n_before + 3 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                report()
+            sel = client.select(request(16, prefix=500).block_hashes, 256)
+            assert sel is not None
+            reward = {r.replica_id: r.terms.reward for r in sel.ranked}
+            assert reward["r0"] < 0.0 and reward["r1"] == reward["r2"] == reward["r3"] == 0.0
+            assert sel.replica_id != "r0"
+        finally:
+            client.close()
+            for s in sinks.values():
+                s.close()
