@@ -57,9 +57,11 @@ def _key(row: dict[str, Any]) -> str:
 
 def build_specs(args: argparse.Namespace) -> list[RunSpec]:
     workloads = list(WORKLOADS) if args.workloads == ["all"] else list(args.workloads)
-    workloads += [TRACE_PREFIX + t for t in args.trace]
-    if args.trace and args.workloads == ["all"] and not args.builtin_too:
-        workloads = [TRACE_PREFIX + t for t in args.trace]
+    # NOTE: getattr: other scripts build this Namespace by hand without the newer options.
+    traces = getattr(args, "trace", [])
+    workloads += [TRACE_PREFIX + t for t in traces]
+    if traces and args.workloads == ["all"] and not getattr(args, "builtin_too", False):
+        workloads = [TRACE_PREFIX + t for t in traces]
     policies = all_policies() if args.policies == ["all"] else args.policies
     objective = Path(args.objective).read_text() if args.objective else "{}"
     objective = json.dumps(json.loads(objective).get("objective", json.loads(objective)))
@@ -69,9 +71,9 @@ def build_specs(args: argparse.Namespace) -> list[RunSpec]:
                               "load_metric": args.load_metric,
                               "share_in_step": args.share_in_step == "on"}
     # NOTE: only when set, so rows of runs without a scenario keep their earlier keys (--reuse)
-    if args.scenario:
+    if getattr(args, "scenario", ""):
         sim_kw["scenario"] = args.scenario
-    if args.scenario_reported:
+    if getattr(args, "scenario_reported", False):
         sim_kw["scenario_reported"] = True
     sim = json.dumps(sim_kw)
     specs = []
@@ -81,7 +83,8 @@ def build_specs(args: argparse.Namespace) -> list[RunSpec]:
                 for p in policies:
                     specs.append(RunSpec(wl, p, n, seed, json.dumps(sets.get(wl, {})),
                                          objective if p == "tinyserve" else "{}", sim,
-                                         str(args.calibration), records_dir=args.records))
+                                         str(args.calibration),
+                                         records_dir=getattr(args, "records", "")))
     return specs
 
 
