@@ -116,7 +116,8 @@ class ReplicaReward:
 
     def slowness(self, gamma: float, m: float) -> float:
         """k(c): realised TTFT over predicted own prefill, relative to the fleet's ``m``."""
-        return discounted_ratio(self.outcomes, gamma) / m
+        # NOTE: m = 0 when the fleet reported no TTFT at all (0.0 = unknown): no evidence.
+        return discounted_ratio(self.outcomes, gamma) / m if m > 0 else 1.0
 
     def value(self, now: float, m: float, cfg: ObjectiveConfig) -> float:
         """R(c) at ``now`` (≤ 0; 0 without history)."""
