@@ -4,8 +4,9 @@
     U(c|q)     = softmax_c( wᵀφ(q,c) / T ) / max_c softmax_c(...)   (best candidate: U = 1)
     φ(q,c)     = [ Q(q)·S(q,c), A(c,q), S(q,c), L(c,q) ]
     C(c,q)     = α1·Size + α2·Load + α3·Latency + α4·F_total
-    R(c)       = −Σ γ^(i−1)·d_i·1[hit_i] / Σ γ^(i−1)·1[hit_i]    over c's n latest outcomes
-                 (d_i: realised TTFT beyond the predicted one, seconds; cluster/reward.py)
+    R(c)       = −max(0, k(c) − 1 − ρ)·2^(−age/half_life)      k(c): c's realised TTFT per
+                 predicted own-prefill second over its n latest outcomes (γ-discounted),
+                 relative to the fleet's (cluster/reward.py)
 
 Feature definitions (all in [0, 1]; n_q = prompt blocks, m_c = matched resident blocks,
 p_c = extra blocks matched only through pending speculative inserts, h_c = matched blocks on
@@ -101,7 +102,8 @@ class ObjectiveConfig:
     ``reward_tolerance`` 0.5 (R(c), cluster/reward.py: a replica slower than its reports) are
     the issue-20 measurement's choice (benchmarks/results/reward_scenarios.md): simulated
     multi_turn_chat at 32 replicas with a quarter at half speed, p99 0.109 s (R off) -> 0.087 s
-    (0.5), 0.093 s (1), 0.105 s (2). ``evict_token_weight`` 2 is the choice of a sweep over
+    (0.5); 1 and 2 measured 0.093 s and 0.105 s in an ad-hoc run (R moves more traffic off the
+    slow replicas and the rest queue deeper). ``evict_token_weight`` 2 is the choice of a sweep over
     all 8 workloads x 3 seeds at 8 replicas against the best baseline per (workload, seed)
     (benchmarks/results/sweep_evict.md): B2B TTFT p99 1.31x -> 1.06x the best baseline with
     the hit gap 3.8 -> 1.2 points, no other workload more than 0.02 worse; alpha_load 1, 5
