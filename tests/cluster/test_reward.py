@@ -144,7 +144,9 @@ def test_feedback_over_grpc_from_the_replica_sink_penalises_the_slow_replica() -
     from replicas.deployment import ReplicaLoad, SinkSpec
     from replicas.outputs import RequestMetrics, RequestOutput
 
-    core = SelectorCore(CoreConfig(objective=_cfg(lambda_reward=1.0)))
+    # NOTE: lambda 2: the penalty (~0.8 x 2) clears a stale in-flight charge (~0.77) that a
+    # snapshot still on the wire has not reset yet
+    core = SelectorCore(CoreConfig(objective=_cfg(lambda_reward=2.0)))
     with ServerThread(core) as st:
         sinks = {f"r{i}": SelectorSink(SinkSpec(st.address, f"r{i}", "n0", 16, 1000, "fast"))
                  for i in range(4)}  # fmt: skip
@@ -157,8 +159,9 @@ def test_feedback_over_grpc_from_the_replica_sink_penalises_the_slow_replica() -
                 for s in sinks.values():
                     s.snapshot(load)
                 deadline = time.monotonic() + 5.0
-                while time.monotonic() < deadline and not all(
-                    r.load.prefill_tokens_per_s == 1000.0 for r in core.list_replicas()
+                while time.monotonic() < deadline and not (
+                    len(core.list_replicas()) == 4
+                    and all(r.load.prefill_tokens_per_s == 1000.0 for r in core.list_replicas())
                 ):
                     time.sleep(0.01)
 
