@@ -14,8 +14,8 @@ and is replaced in place (``--check``: exit 1 when the README differs, write not
   TinyServe with R off (``lambda_reward`` 0) and on (the defaults), each p99 and its ratio.
 - ``reward-matrix``: TinyServe with R on over R off on the fault-free matrix (p99 and hits).
 
-``collect_scenarios`` also assembles the scenario JSON from routing_bench outputs
-(``--collect OUT FILES...``).
+``--collect OUT FILES...`` assembles routing_bench outputs into one JSON (every row, and the
+scenario cells) plus ``OUT.md`` with the tables.
 """
 
 from __future__ import annotations
@@ -158,6 +158,11 @@ def collect(out: Path, files: list[str], command: str) -> dict[str, Any]:
     rows = [r for f in files for r in load_rows(f)]
     doc = {"command": command, "sources": files, "runs": rows, "cells": scenario_cells(rows)}
     out.write_text(json.dumps(doc, indent=1))
+    tables = [reward_scenarios(doc)] if doc["cells"] else []
+    matrix = reward_matrix(doc)
+    if matrix.count("\n") > 1:
+        tables.append(matrix)
+    out.with_suffix(".md").write_text(f"Command: `{command}`\n\n" + "\n\n".join(tables) + "\n")
     return doc
 
 
@@ -174,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python -m benchmarks.readme_tables " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.collect:
         out, *files = args.collect
-        doc = collect(Path(out), files, cmd)
-        print(reward_scenarios(doc))
+        collect(Path(out), files, cmd)
+        print(Path(out).with_suffix(".md").read_text())
         return 0
     path = Path(args.readme)
     text = new = path.read_text()
