@@ -24,7 +24,8 @@ from benchmarks.sim.policies import all_policies
 from benchmarks.sim.replica import LOAD_METRICS
 from benchmarks.sim.report import aggregate, markdown, plots, targets
 from benchmarks.sim.runner import RunSpec, load_rows, run_specs
-from benchmarks.workloads import WORKLOADS
+from benchmarks.sim.scenarios import SCENARIOS
+from benchmarks.workloads import TRACE_PREFIX, WORKLOADS
 
 
 def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -55,14 +56,26 @@ def _key(row: dict[str, Any]) -> str:
 
 
 def build_specs(args: argparse.Namespace) -> list[RunSpec]:
-    workloads = list(WORKLOADS) if args.workloads == ["all"] else args.workloads
+    workloads = list(WORKLOADS) if args.workloads == ["all"] else list(args.workloads)
+    # NOTE: getattr: other scripts build this Namespace by hand without the newer options.
+    traces = getattr(args, "trace", [])
+    workloads += [TRACE_PREFIX + t for t in traces]
+    if traces and args.workloads == ["all"] and not getattr(args, "builtin_too", False):
+        workloads = [TRACE_PREFIX + t for t in traces]
     policies = all_policies() if args.policies == ["all"] else args.policies
     objective = Path(args.objective).read_text() if args.objective else "{}"
     objective = json.dumps(json.loads(objective).get("objective", json.loads(objective)))
     sets = parse_sets(args.set)
-    sim = json.dumps({"event_lag_s": args.event_lag, "snapshot_interval_s": args.snapshot_interval,
-                      "load_metric": args.load_metric,
-                      "share_in_step": args.share_in_step == "on"})
+    sim_kw: dict[str, Any] = {"event_lag_s": args.event_lag,
+                              "snapshot_interval_s": args.snapshot_interval,
+                              "load_metric": args.load_metric,
+                              "share_in_step": args.share_in_step == "on"}
+    # NOTE: only when set, so rows of runs without a scenario keep their earlier keys (--reuse)
+    if getattr(args, "scenario", ""):
+        sim_kw["scenario"] = args.scenario
+    if getattr(args, "scenario_reported", False):
+        sim_kw["scenario_reported"] = True
+    sim = json.dumps(sim_kw)
     specs = []
     for n in args.sizes:
         for wl in workloads:
@@ -70,13 +83,22 @@ def build_specs(args: argparse.Namespace) -> list[RunSpec]:
                 for p in policies:
                     specs.append(RunSpec(wl, p, n, seed, json.dumps(sets.get(wl, {})),
                                          objective if p == "tinyserve" else "{}", sim,
-                                         str(args.calibration)))
+                                         str(args.calibration),
+                                         records_dir=getattr(args, "records", "")))
     return specs
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workloads", nargs="+", default=["all"], help=f"'all' or of {list(WORKLOADS)}")
+    ap.add_argument("--workloads", nargs="+", default=["all"],
+                    help=f"'all' or of {list(WORKLOADS)}, or trace:FILE")
+    ap.add_argument("--trace", action="append", default=[],
+                    help="JSONL trace file to replay (schema: benchmarks/workloads/trace.py); "
+                    "repeatable; replaces the built-in workloads unless --builtin-too")
+    ap.add_argument("--builtin-too", action="store_true",
+                    help="with --trace and --workloads all: run the built-in workloads too")
+    ap.add_argument("--records", default="",
+                    help="directory: write every run's per-request records there (JSONL)")
     ap.add_argument("--policies", nargs="+", default=["all"])
     ap.add_argument("--sizes", nargs="+", type=int, default=[8])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -92,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="blocks hashed when scheduled, so a request admitted in the same step "
                     "reuses them (on = replicas/scheduler.py since the fourth session; off = "
                     "hashed after the step, as before the third session)")
+    ap.add_argument("--scenario", default="", choices=("", *SCENARIOS),
+                    help="fault scenario (benchmarks/sim/scenarios.py): hetero = a quarter of "
+                    "the replicas at half speed, slowdown = one replica at a third of its speed "
+                    "mid-run, lossy_events = 10%% of one replica's KV events lost")
+    ap.add_argument("--scenario-reported", action="store_true",
+                    help="slowed replicas measure and report their real rates (default: they "
+                    "report their nominal ones, i.e. they are slower than their reports)")
     ap.add_argument("--calibration", default=str(DEFAULT_CALIBRATION))
     ap.add_argument("--out", default="benchmarks/results/routing")
     ap.add_argument("--reuse", nargs="*", default=[],

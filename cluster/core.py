@@ -28,14 +28,10 @@ from cluster.access import AccessTracker
 from cluster.core_types import ApplyResult, CoreStats, ReplicaStatus, Selection
 from cluster.index import U64, KVIndex, as_hash_array
 from cluster.metrics import SelectorMetrics
-from cluster.objective import (
-    ObjectiveConfig,
-    TinyServeObjective,
-    discounted_reward,
-    realised_reward,
-)
-from cluster.policy import Policy, make_policy, policy_names
+from cluster.objective import ObjectiveConfig, TinyServeObjective
+from cluster.policy import Policy, make_policy, policy_names, policy_params
 from cluster.replica_table import _FLOAT_COLS, _INT_COLS, ReplicaRecord, ReplicaTable
+from cluster.reward import RewardBook, predict
 from cluster.types import Candidates, LoadSnapshot, Outcome, Ranked, ScoreTerms, SelectionRequest
 from kvmanager.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
@@ -52,6 +48,7 @@ class CoreConfig:
     max_events_per_batch: int = 65536
     max_hashes_per_event: int = 65536
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    seed: int = 0  # NOTE: passed to every policy that takes one (power-of-two's sampling)
 
 
 # NOTE: the fast path's kernels read ReplicaTable columns by position; these names pin them.
@@ -89,6 +86,7 @@ class SelectorCore:
         self._cand_cache: tuple[int, U64] | None = None
         self._table = ReplicaTable()
         self._access = AccessTracker(clock, self.config.hot_half_life_s)
+        self._rewards = RewardBook(self.config.objective)  # NOTE: R(c), cluster/reward.py
         self._policies: dict[str, Policy] = {}
         self._routed: OrderedDict[str, tuple[str, int]] = (
             OrderedDict()
@@ -110,7 +108,11 @@ class SelectorCore:
         name = name or self.config.default_policy
         pol = self._policies.get(name)
         if pol is None:
-            kwargs = {"config": self.config.objective} if name == TinyServeObjective.name else {}
+            kwargs: dict[str, Any] = (
+                {"config": self.config.objective} if name == TinyServeObjective.name else {}
+            )
+            if "seed" in policy_params(name):
+                kwargs["seed"] = self.config.seed
             pol = make_policy(name, **kwargs)
             self._policies[name] = pol
         return pol
@@ -154,6 +156,7 @@ class SelectorCore:
             return False
         self._index.remove_slot(rec.slot)
         self._access.forget(rec.slot)
+        self._rewards.forget(replica_id)
         self.metrics.replicas.set(len(self._table))
         with contextlib.suppress(KeyError):
             self.metrics.index_blocks.remove(replica_id)
@@ -232,6 +235,8 @@ class SelectorCore:
             rec = self._known(replica_id)
             if rec is not None:
                 self._table.set_load(rec, load)
+                # NOTE: R(c) fades with time; a report refreshes it even without traffic.
+                self._table.set_reward(rec, self._rewards.value(replica_id, self.clock()))
             return rec is not None
 
     def _update_index_gauges(self, rec: ReplicaRecord) -> None:
@@ -398,20 +403,35 @@ class SelectorCore:
             self._table.add_inflight(rec, request.num_prompt_tokens + request.num_output_tokens)
             self._access.bump(rec.slot, hashes)
         if request.request_id:
+            self._expect(request, rec, matched)
             self._routed[request.request_id] = (policy, matched * rec.block_size)
             if len(self._routed) > 65536:
                 self._routed.popitem(last=False)
 
     # ------------------------------------------------------------------ feedback and stats
+    def _expect(self, request: SelectionRequest, rec: ReplicaRecord, matched: int) -> None:
+        """The objective's prediction for ``request`` on ``rec`` (cluster/reward.py)."""
+        self._rewards.expect(
+            request.request_id,
+            predict(
+                rec.replica_id,
+                request.num_prompt_tokens,
+                matched * rec.block_size,
+                float(self._table.cols["prefill_tokens_per_s"][rec.slot]),
+                self.config.objective,
+            ),
+        )
+
     def feedback(self, outcome: Outcome) -> bool:
-        """Record a realised outcome; False (counted) for an unknown replica."""
+        """Record a realised outcome (R(c) of its replica, the policy's feedback hook);
+        False (counted) for an unknown replica."""
         with self._lock:
             rec = self._known(outcome.replica_id)
             if rec is None:
                 return False
-            r, hit = realised_reward(outcome, self.config.objective)
-            rec.rewards.appendleft((r, hit))
-            self._table.set_reward(rec, discounted_reward(rec.rewards, self.config.objective.gamma))
+            r = self._rewards.observe(outcome, self.clock())
+            if r is not None:
+                self._table.set_reward(rec, r)
             self.counters["feedback"] += 1
             routed = self._routed.pop(outcome.request_id, None)
             if routed is not None:

@@ -18,6 +18,7 @@ Interface (in-process, no gRPC, no Ray)::
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
@@ -70,6 +71,15 @@ def make_policy(name: str, **kwargs: Any) -> Policy:
     if cls is None:
         raise ValueError(f"unknown policy {name!r}; known: {sorted(_REGISTRY)}")
     return cls(**kwargs)
+
+
+def policy_params(name: str) -> list[str]:
+    """The keyword arguments policy ``name``'s constructor takes (e.g. ``seed``)."""
+    _ensure_builtin()
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise ValueError(f"unknown policy {name!r}; known: {sorted(_REGISTRY)}")
+    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
 
 
 def rank_by(name: str, scores: FloatArray, terms: dict[str, FloatArray] | None = None) -> Ranking:

@@ -9,7 +9,6 @@ Contract: not thread-safe (the core serialises calls). Slots of departed replica
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,8 +42,6 @@ class ReplicaRecord:
     synced: bool = False
     connected: bool = False
     load: LoadSnapshot = field(default_factory=LoadSnapshot)
-    # (reward r_i, hit_i) of the most recent routed requests, newest first.
-    rewards: deque[tuple[float, bool]] = field(default_factory=lambda: deque(maxlen=16))
     num_inflight_tokens: int = 0
 
 

@@ -22,6 +22,7 @@ on simulated seconds. Nothing here models hits: they are whatever the pools retu
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import time
 from array import array
@@ -40,6 +41,7 @@ from benchmarks.sim.results import (
     percentile,
     stage_throughput,
 )
+from benchmarks.sim.scenarios import resolve
 from benchmarks.workloads.types import SimRequest, Workload
 from cluster.core import CoreConfig, SelectorCore
 from cluster.objective import ObjectiveConfig
@@ -79,6 +81,10 @@ class SimConfig:
     # False: replicas report no measured rates, so the objective's configured rate stands in
     # (the behaviour before issue 20, kept to show what measuring changes).
     report_rates: bool = True
+    # fault scenario (benchmarks/sim/scenarios.py: hetero, slowdown, lossy_events; '' = none);
+    # ``scenario_reported``: slowed replicas' rate meters see their real step times.
+    scenario: str = ""
+    scenario_reported: bool = False
 
 
 class ClusterSim:
@@ -94,13 +100,21 @@ class ClusterSim:
         self.num_blocks = num_blocks
         self.now = 0.0
         core_cfg = CoreConfig(default_policy=config.policy, pending_ttl_s=config.pending_ttl_s,
-                              stale_after_s=1e9, objective=config.objective or ObjectiveConfig())
+                              stale_after_s=1e9, objective=config.objective or ObjectiveConfig(),
+                              seed=config.seed)
         self.core = SelectorCore(core_cfg, clock=lambda: self.now)
+        span = max((r.arrival_s for r in workload.requests), default=0.0)
+        self.faults = resolve(config.scenario, config.num_replicas, span, config.scenario_reported)
         self.replicas = [
             SimReplica(f"r{i:03d}", pool_cfg, config.model, config.max_macro_steps,
-                       config.share_in_step, config.load_metric, config.report_rates)
+                       config.share_in_step, config.load_metric, config.report_rates,
+                       self.faults.speed_windows(i), self.faults.reported)
             for i in range(config.num_replicas)
         ]
+        # NOTE: its own stream, so a lossy replica's drops never shift another random draw.
+        self._drop_rng = np.random.default_rng([config.seed, 20])
+        self._drop_p = [self.faults.drop_probability(i) for i in range(config.num_replicas)]
+        self.num_dropped_events = 0
         self._by_id = {r.replica_id: r for r in self.replicas}
         for r in self.replicas:
             self.core.join(r.replica_id, block_size=bs, num_blocks=num_blocks)
@@ -254,7 +268,32 @@ class ClusterSim:
                 replica.num_cached_blocks -= len(ev.block_hashes)
             elif isinstance(ev, AllBlocksCleared):
                 replica.num_cached_blocks = 0
+        p = self._drop_p[self._index[replica.replica_id]]
+        if p > 0.0:
+            events = self._lossy(events, p)
+            if not events:
+                return
         self._deliveries.append((self.now + self.config.event_lag_s, replica.replica_id, events))
+
+    def _lossy(self, events: list[KVEvent], p: float) -> list[KVEvent]:
+        """``events`` with each block's stored/removed notice lost with probability ``p``
+        (the lossy_events scenario). NOTE: per block, not per event object: one BlockStored
+        carries a whole prefill's blocks, so dropping objects would lose all or nothing."""
+        out: list[KVEvent] = []
+        for ev in events:
+            if isinstance(ev, BlockStored | BlockRemoved):
+                keep = self._drop_rng.random(len(ev.block_hashes)) >= p
+                self.num_dropped_events += int(len(keep) - keep.sum())
+                hashes = [h for h, k in zip(ev.block_hashes, keep, strict=True) if k]
+                if not hashes:
+                    continue
+                if isinstance(ev, BlockStored):
+                    # NOTE: the core's index reads hashes and medium only (no tokens needed).
+                    ev = dataclasses.replace(ev, block_hashes=hashes, token_ids=[])
+                else:
+                    ev = dataclasses.replace(ev, block_hashes=hashes)
+            out.append(ev)
+        return out
 
     def _deliver_due(self) -> None:
         q = self._deliveries
@@ -285,6 +324,7 @@ class ClusterSim:
         first = float(arrival.min())
         last = float(finish.max())
         span = max(last - first, 1e-9)
+        arrival_span = max(float(arrival.max()) - first, 1e-9)
         out = np.asarray(self._out)
         out_tokens = int(out.sum())
         stats = [r.pool.stats() for r in self.replicas]
@@ -310,9 +350,12 @@ class ClusterSim:
             num_evicted_blocks=sum(s.num_evicted_blocks for s in stats),
             makespan_s=span, sim_wall_s=wall_s,
             stage_throughput_tok_s=stage_throughput(finish, out, self.workload.stages),
+            offered_load_req_s=n / arrival_span, offered_load_tok_s=(prompt + out_tokens) / arrival_span,
+            cluster_utilization=float(busy.mean() / span),
             extra={"num_blocks_per_replica": self.num_blocks,
                    "busy_fraction": float(busy.mean() / span),
-                   "num_steps": sum(r.num_steps for r in self.replicas)},
+                   "num_steps": sum(r.num_steps for r in self.replicas),
+                   "num_dropped_events": self.num_dropped_events},
         )
 
 

@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from benchmarks.sim.calibration import StepTimeModel
+from benchmarks.sim.scenarios import speed_at
 from benchmarks.workloads.types import SimRequest
 from cluster.types import LoadSnapshot
 from kvmanager.config import PoolConfig
@@ -66,6 +67,7 @@ class _Plan:
     prefill: list[tuple[SeqState, int]]
     decode: list[SeqState]
     cum: list[float] = field(default_factory=list)  # cumulative end offsets of the k steps
+    speed: float = 1.0  # the replica's speed factor when the step started (scenarios.py)
 
     @property
     def k(self) -> int:
@@ -79,6 +81,8 @@ class SimReplica:
         self, replica_id: str, pool_config: PoolConfig, model: StepTimeModel,
         max_macro_steps: int = 32, share_in_step: bool = True,
         load_metric: str = "uncached_work", report_rates: bool = True,
+        speed_windows: list[tuple[float, float, float]] | None = None,
+        slow_reported: bool = False,
     ) -> None:
         self.replica_id = replica_id
         self.pool = KVCacheManager(pool_config)
@@ -107,6 +111,10 @@ class SimReplica:
         # over the simulated steps.
         self.rates = RateMeter()
         self.report_rates = report_rates
+        # NOTE: fault scenarios (benchmarks/sim/scenarios.py): step times divided by the speed
+        # in force; unless ``slow_reported``, the rate meter still sees the nominal times.
+        self.speed_windows = speed_windows or []
+        self.slow_reported = slow_reported
         self.rates.observe(256, 0, model.prefill_time(256))
         self.rates.observe(0, 1, model.step_time(1, 1, 0.0, 256))
 
@@ -241,11 +249,13 @@ class SimReplica:
             k = max(k, 1)
             if k > 1 and not all(self._reserve(s, k) for s in plan.decode):
                 k = 1  # NOTE: blocks already grown stay in the tables; later steps use them.
+        speed = speed_at(self.speed_windows, plan.start) if self.speed_windows else 1.0
         t, cum = 0.0, []
         for i in range(k):
-            t += m.step_time(n_pre + b, seqs, pairs, ctx + i * b)
+            t += m.step_time(n_pre + b, seqs, pairs, ctx + i * b) / speed
             cum.append(t)
         plan.cum = cum
+        plan.speed = speed
 
     # ------------------------------------------------------------------ step completion
     def cut(self, now: float) -> float | None:
@@ -272,7 +282,8 @@ class SimReplica:
         self.plan_ = None
         self.step_ewma_s += 0.1 * (plan.cum[-1] / plan.k - self.step_ewma_s)
         n_pre = sum(n for _, n in plan.prefill)
-        self.rates.observe(n_pre, len(plan.decode) * plan.k, plan.cum[-1])
+        seen = plan.cum[-1] if self.slow_reported else plan.cum[-1] * plan.speed
+        self.rates.observe(n_pre, len(plan.decode) * plan.k, seen)
         done: list[SeqState] = []
         for s, n in plan.prefill:
             s.num_computed += n

@@ -19,6 +19,7 @@ from benchmarks.sim.policies import LOAD_ONLY, TINYSERVE
 METRICS = (
     "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "throughput_tok_s", "hit_ratio", "imbalance",
     "usage", "utilization", "f_total", "num_preemptions", "sim_wall_s",
+    "offered_load_req_s", "cluster_utilization",
 )
 
 
@@ -33,7 +34,8 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         agg: dict[str, Any] = {"workload": w, "policy": p, "num_replicas": n,
                                "seeds": sorted(r["seed"] for r in rs)}
         for m in METRICS:
-            agg[m] = float(np.median([r[m] for r in rs]))
+            # NOTE: rows from before a metric existed (--reuse of older outputs) give NaN.
+            agg[m] = float(np.median([r.get(m, np.nan) for r in rs]))
         stages = [r["stage_throughput_tok_s"] for r in rs if r.get("stage_throughput_tok_s")]
         agg["stage_throughput_tok_s"] = np.median(np.asarray(stages), axis=0).tolist() if stages else []
         out.append(agg)
@@ -101,14 +103,16 @@ def _top_stage_ratio(ours: dict[str, Any], ref: dict[str, Any]) -> float:
 def markdown(agg: Sequence[dict[str, Any]], tg: dict[str, Any]) -> str:
     """The results table (one row per workload x size x policy) plus target summaries."""
     lines = ["| workload | replicas | policy | TTFT p50 s | TTFT p90 s | TTFT p99 s | "
-             "throughput tok/s | hit ratio | imbalance | usage | F_total | preempt |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "throughput tok/s | hit ratio | imbalance | usage | F_total | preempt | "
+             "offered req/s | busy |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for a in sorted(agg, key=lambda a: (a["workload"], a["num_replicas"], a["ttft_p99_s"])):
         lines.append(
             f"| {a['workload']} | {a['num_replicas']} | {a['policy']} | {a['ttft_p50_s']:.3f} | "
             f"{a['ttft_p90_s']:.3f} | {a['ttft_p99_s']:.3f} | {a['throughput_tok_s']:.0f} | "
             f"{a['hit_ratio']:.3f} | {a['imbalance']:.2f} | {a['usage']:.2f} | "
-            f"{a['f_total']:.3f} | {a['num_preemptions']:.0f} |")
+            f"{a['f_total']:.3f} | {a['num_preemptions']:.0f} | "
+            f"{a['offered_load_req_s']:.0f} | {a['cluster_utilization']:.2f} |")
     lines += ["", "| workload | replicas | best baseline (p99) | its TTFT p99 s | TinyServe p99 s | "
               "ratio | hit gap (pts, vs best-hit baseline) | p99 ok | <=0.8x | hit ok |",
               "|---|---:|---|---:|---:|---:|---:|---|---|---|"]

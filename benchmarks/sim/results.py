@@ -38,6 +38,10 @@ class RunSummary:
     - usage / utilization / external_fragmentation / f_total: time averages of sampled
       ``PoolStats`` (see kvmanager.metrics).
     - stage_throughput_tok_s: output tokens completed inside each QPS stage / stage length.
+    - offered_load_req_s / offered_load_tok_s: requests and (prompt + output) tokens offered
+      per second over the arrival span (first to last arrival, closed-loop turns included).
+    - cluster_utilization: mean over replicas of time spent in steps / makespan (1.0 = every
+      replica busy all the time: saturated; compare with the offered load).
     """
 
     workload: str
@@ -64,6 +68,9 @@ class RunSummary:
     makespan_s: float
     sim_wall_s: float
     stage_throughput_tok_s: list[float] = field(default_factory=list)
+    offered_load_req_s: float = 0.0
+    offered_load_tok_s: float = 0.0
+    cluster_utilization: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

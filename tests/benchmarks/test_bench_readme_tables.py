@@ -1,0 +1,51 @@
+"""README tables are generated from JSON: sections replaced between markers, cells computed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.readme_tables import main, replace_section, reward_matrix, scenario_cells
+
+
+def _row(policy: str, p99: float, seed: int = 0, obj: dict[str, float] | None = None,
+         scenario: str = "hetero", hit: float = 0.5) -> dict[str, object]:  # fmt: skip
+    sim = {"scenario": scenario} if scenario else {}
+    return {"workload": "w", "num_replicas": 32, "seed": seed, "policy": policy,
+            "ttft_p99_s": p99, "hit_ratio": hit, "cluster_utilization": 0.5,
+            "objective_overrides": obj or {}, "sim_overrides": sim}  # fmt: skip
+
+
+def test_replace_section_keeps_the_rest() -> None:
+    text = "a\n<!-- t:begin -->\nold\n<!-- t:end -->\nb\n"
+    assert replace_section(text, "t", "new") == "a\n<!-- t:begin -->\nnew\n<!-- t:end -->\nb\n"
+    with pytest.raises(ValueError, match="markers"):
+        replace_section("no markers", "t", "x")
+
+
+def test_scenario_cells_take_the_best_baseline_and_both_variants() -> None:
+    rows = [_row("preble", 0.2), _row("preble", 0.4, seed=1), _row("llmd_weighted", 0.25),
+            _row("llmd_weighted", 0.25, seed=1), _row("load_only", 0.01),
+            _row("tinyserve", 0.15), _row("tinyserve", 0.17, seed=1),
+            _row("tinyserve", 0.3, obj={"lambda_reward": 0.0})]  # fmt: skip
+    (cell,) = scenario_cells(rows)
+    assert cell["best_baseline"] == "llmd_weighted" and cell["best_baseline_ttft_p99_s"] == 0.25
+    assert cell["R on"]["ttft_p99_s"] == pytest.approx(0.16)
+    assert cell["R on"]["ratio"] == pytest.approx(0.64) and cell["R off"]["ratio"] == 1.2
+
+
+def test_reward_matrix_and_the_cli_rewrite(tmp_path: Path) -> None:
+    rows = [_row("tinyserve", 0.1, scenario=""),
+            _row("tinyserve", 0.11, obj={"lambda_reward": 0.0}, scenario="")]  # fmt: skip
+    table = reward_matrix({"runs": rows})
+    assert "| w | 32 | 0 | 0.110 | 0.100 | 0.909 |" in table
+    src = tmp_path / "rows.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- reward-matrix:begin -->\n<!-- reward-matrix:end -->\n")
+    assert main(["--reward-matrix", str(src), "--readme", str(readme), "--check"]) == 1
+    assert main(["--reward-matrix", str(src), "--readme", str(readme)]) == 0
+    assert "0.909" in readme.read_text()
+    assert main(["--reward-matrix", str(src), "--readme", str(readme), "--check"]) == 0
