@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from kvmanager.allocator import BlockAllocator
-from kvmanager.compaction import apply_moves, plan_moves
+from kvmanager.compaction import CompactionPlan, apply_moves, plan_contiguous, plan_moves
 from kvmanager.config import PoolConfig
 from kvmanager.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from kvmanager.eviction import make_eviction_policy
@@ -60,6 +60,7 @@ class _Request:
     last_native: NativeHash | None
     extra_keys: tuple[Any, ...] | None
     expected_num_tokens: int | None
+    num_prefix_blocks: int = 0  # blocks that came from a prefix hit (the table's first run)
 
 
 class KVCacheManager:
@@ -86,12 +87,20 @@ class KVCacheManager:
         self._prefix_hit_tokens = 0
         self._prefix_query_tokens = 0
         self._num_evicted = 0
+        self._num_compactions = 0
+        self._num_split_allocations = 0
+        self._num_blocks_moved = 0
 
     # -- queries -----------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
         """Blocks an allocation could obtain: empty (incl. reserved) + evictable cached."""
         return self._alloc.num_empty + len(self._evictable)
+
+    @property
+    def num_split_allocations(self) -> int:
+        """Allocations that started a new run of a request's private blocks (running total)."""
+        return self._num_split_allocations
 
     @property
     def num_reserved_blocks(self) -> int:
@@ -200,6 +209,12 @@ class KVCacheManager:
         if shortfall > 0:
             self._evict(shortfall)
         new_ids = self._alloc.allocate(request_id, need, last, want)
+        if new_ids and (
+            new_ids[-1] - new_ids[0] != len(new_ids) - 1
+            or (len(req.block_ids) > req.num_prefix_blocks and new_ids[0] != last + 1)  # type: ignore[operator]
+        ):
+            # NOTE: the request's own blocks gained a run: what compaction can gather again.
+            self._num_split_allocations += 1
         for b in new_ids:
             self._ref_cnt[b] = 1
         req.block_ids += new_ids
@@ -296,20 +311,38 @@ class KVCacheManager:
         events, self._events = self._events, []
         return events
 
-    # -- compaction --------------------------------------------------------------------------
+    # -- compaction (kvmanager.compaction) -------------------------------------------------------
     def plan_compaction(self) -> list[tuple[int, int]]:
-        """Minimal (src, dst) moves that pack every non-empty block into the low ids. Releases
-        all growth reservations first (they are empty space to the plan)."""
+        """``pack``: fewest (src, dst) moves that leave free space as one run at the top.
+        Releases all growth reservations first (they are empty space to the plan)."""
         self._alloc.release_all()
         return plan_moves(self._free, self.num_blocks)
 
+    def plan_contiguous_compaction(self, keep_free: int = 0) -> CompactionPlan:
+        """``contiguous``: a layout where every request's table is one run (or [shared prefix]
+        [own blocks]) followed by its growth room, free space one run at the top with at least
+        ``keep_free`` blocks where the pool has them. Releases growth reservations first."""
+        self._alloc.release_all()
+        return plan_contiguous(self, keep_free)
+
     def apply_compaction(
-        self, moves: Sequence[tuple[int, int]], kv_caches: Sequence[torch.Tensor] = ()
-    ) -> None:
-        """Move blocks' K/V (every tensor in ``kv_caches``, block dim first) and rewrite block
-        tables, hash map, ref counts and free space in one step. Sources must hold data,
-        destinations must be empty, and the two sets must be disjoint (as planned)."""
-        apply_moves(self, moves, kv_caches)
+        self,
+        plan: CompactionPlan | Sequence[tuple[int, int]],
+        kv_caches: Sequence[torch.Tensor] = (),
+    ) -> dict[int, int]:
+        """Move blocks' K/V (every tensor in ``kv_caches``, block dim first; pass none when
+        the caller copies them itself, e.g. with ``ops.copy_blocks`` over the same moves) and
+        rewrite block tables, hash map, ref counts, free space and reservations in one step.
+        Moves apply in order: each source must hold data and each destination be empty at its
+        turn (ValueError otherwise, nothing changed). Emits no KV event (a move keeps every
+        hash resident). Returns {old block_id: new block_id}."""
+        if isinstance(plan, CompactionPlan):
+            remap = apply_moves(self, plan.moves, kv_caches, plan.rooms)
+        else:
+            remap = apply_moves(self, plan, kv_caches)
+        self._num_compactions += 1
+        self._num_blocks_moved += len(remap)
+        return remap
 
     # -- stats and invariants ----------------------------------------------------------------
     def stats(self) -> PoolStats:
@@ -371,7 +404,7 @@ class KVCacheManager:
         self._levels.tokens["recompute"] += len(token_ids) - hit.num_cached_tokens
         req = _Request(
             list(hit.block_ids), hit.num_cached_tokens, len(hit.block_ids), hit.parent_native,
-            extra_keys, expected_num_tokens,
+            extra_keys, expected_num_tokens, len(hit.block_ids),
         )
         self._requests[request_id] = req
         return req

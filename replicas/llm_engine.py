@@ -28,6 +28,7 @@ from kvmanager.config import PoolConfig
 from kvmanager.events import KVEvent
 from kvmanager.manager import KVCacheManager
 from kvmanager.metrics import PoolStats
+from replicas.compaction import Compactor
 from replicas.config import EngineConfig
 from replicas.model_loader import LoadedModel, load_model
 from replicas.model_runner import ModelRunner, kv_bytes_per_block
@@ -101,6 +102,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
         )
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
+        self.compactor = Compactor(self.kv, self.runner, config.compaction)
         self.sampler = Sampler(config.seed, self.loaded.device)
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
         self.requests: dict[str, Request] = {}
@@ -198,6 +200,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling + forward + sampling step; returns the outputs it produced."""
         with self.lock:
+            # NOTE: between steps (nothing in flight, no chunk holds a table): the one place
+            # the pool may move blocks (replicas.compaction).
+            self.compactor.maybe_compact()
             return self._step()
 
     def _step(self) -> list[RequestOutput]:
