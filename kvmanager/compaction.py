@@ -94,38 +94,66 @@ def plan_moves(free: FreeRuns, num_blocks: int) -> list[tuple[int, int]]:
 _EMPTY_BLOCK, _EVICTABLE, _USED = 0, 1, 2
 
 
-def plan_contiguous(mgr: KVCacheManager, keep_free: int = 0) -> CompactionPlan:
-    """``contiguous`` (module docstring). Call with every growth reservation released."""
-    plan = _plan_windows(mgr, keep_free)
-    return plan if plan is not None else _plan_slide(mgr, keep_free)
+def plan_contiguous(
+    mgr: KVCacheManager,
+    reserved: dict[str, tuple[int, int]],
+    keep_free: int = 0,
+    full_layout_after: int = 1,
+) -> CompactionPlan:
+    """``contiguous`` (module docstring). Call with every growth reservation released;
+    ``reserved`` are those reservations (request_id -> (start, length)): a request that does
+    not move keeps its room. Lays out the whole pool when ``full_layout_after`` split tails
+    found no window (0: never)."""
+    plan, num_left = _plan_windows(mgr, reserved, keep_free)
+    if full_layout_after and num_left >= full_layout_after:
+        return _plan_slide(mgr, keep_free)
+    return plan
 
 
-def _plan_windows(mgr: KVCacheManager, keep_free: int) -> CompactionPlan | None:
-    """Each split private tail into its cheapest window (module docstring); None when one
-    has no window free of other requests' blocks."""
+def _plan_windows(
+    mgr: KVCacheManager, reserved: dict[str, tuple[int, int]], keep_free: int
+) -> tuple[CompactionPlan, int]:
+    """Each split private tail into its cheapest window (module docstring). Returns the plan
+    and how many split tails found no window free of other requests' blocks (left as is)."""
     n, bs, ref = mgr.num_blocks, mgr.block_size, mgr._ref_cnt
     state = [_USED if ref[b] else _EVICTABLE for b in range(n)]
     for start, length in mgr._free.runs():
         state[start : start + length] = [_EMPTY_BLOCK] * length
     num_empty = mgr._free.num_free
     plan = CompactionPlan()
+    for rid, (start, length) in reserved.items():  # rooms stay unless their request moves
+        state[start : start + length] = [_USED] * length
+        plan.rooms[rid] = (start, length)
+        num_empty -= length
+    num_left = 0
     for rid, req in mgr._requests.items():
         ids = req.block_ids
         k = len(ids)
         while k > 0 and ref[ids[k - 1]] == 1:
             k -= 1
         tail = ids[k:]  # the private tail: after the table's last shared block
-        if _num_runs(tail) <= 1:
+        if num_runs(tail) <= 1:
             continue
         want = 0
         if req.expected_num_tokens is not None:
             want = max(0, -(-req.expected_num_tokens // bs) - len(ids))
+        old_start, old_len = plan.rooms.pop(rid, (0, 0))  # its own room is fair game
+        state[old_start : old_start + old_len] = [_EMPTY_BLOCK] * old_len
+        num_empty += old_len
         want = min(want, max(0, num_empty - keep_free))
         found = None
+        st = torch.tensor(state, dtype=torch.int8)
+        mine = torch.zeros(n, dtype=torch.bool)
+        mine[tail] = True
         for room in sorted({want, want // 2, min(want, 1), 0}, reverse=True):
-            found = found or _window(state, set(tail), len(tail) + room, num_empty)
+            found = found or _window(st, mine, len(tail) + room, num_empty)
         if found is None:
-            return None
+            if old_len:
+                state[old_start : old_start + old_len] = [_USED] * old_len
+                plan.rooms[rid] = (old_start, old_len)
+                num_empty -= old_len
+            num_left += 1
+            continue
         start, length = found
         window = range(start, start + length)
         outside = (b for b in range(n - 1, -1, -1) if state[b] == _EMPTY_BLOCK and b not in window)
@@ -136,8 +164,9 @@ def _plan_windows(mgr: KVCacheManager, keep_free: int) -> CompactionPlan | None:
                 state[b], state[d] = _EMPTY_BLOCK, _EVICTABLE
         target = {s: start + i for i, s in enumerate(tail) if s != start + i}
         ordered = order_moves(target, lambda b: state[b] == _EMPTY_BLOCK, n)
-        if ordered is None:
-            return None
+        if ordered is None:  # NOTE: a cycle needs an empty block; the window has none left
+            num_left += 1
+            continue
         plan.moves += ordered
         for s in tail:
             state[s] = _EMPTY_BLOCK
@@ -146,7 +175,7 @@ def _plan_windows(mgr: KVCacheManager, keep_free: int) -> CompactionPlan | None:
             plan.rooms[rid] = (start + len(tail), length - len(tail))
             num_empty -= length - len(tail)
             state[start + len(tail) : start + length] = [_USED] * (length - len(tail))
-    return plan
+    return plan, num_left
 
 
 def _plan_slide(mgr: KVCacheManager, keep_free: int) -> CompactionPlan:
@@ -155,21 +184,17 @@ def _plan_slide(mgr: KVCacheManager, keep_free: int) -> CompactionPlan:
     if free.num_free == 0:
         return CompactionPlan()
     holder_of: dict[int, str] = {}
-    for rid, req in mgr._requests.items():
-        for b in req.block_ids:
-            holder_of.setdefault(b, rid)
+    for request_id, state in mgr._requests.items():
+        for b in state.block_ids:
+            holder_of.setdefault(b, request_id)
     room_budget = max(0, free.num_free - keep_free)
     target: dict[int, int] = {}
     rooms: dict[str, tuple[int, int]] = {}
     cursor = 0
     for b in _occupied(free, mgr.num_blocks):
-        if b in target:
-            continue
         rid = holder_of.get(b)
-        if rid is None:
-            target[b] = cursor
-            cursor += 1
-            continue
+        if b in target or rid is None:
+            continue  # NOTE: evictable blocks are laid out after every request's blocks
         req = mgr._requests[rid]
         for x in req.block_ids:
             if x not in target:
@@ -183,6 +208,11 @@ def _plan_slide(mgr: KVCacheManager, keep_free: int) -> CompactionPlan:
             rooms[rid] = (cursor, room)
             cursor += room
             room_budget -= room
+    # NOTE: hottest first, so the next victims sit right below the free run at the top:
+    # eviction then extends that run instead of punching holes between requests' blocks.
+    for b in reversed(mgr._evictable.eviction_order()):
+        target[b] = cursor
+        cursor += 1
     moved = {s: d for s, d in target.items() if s != d}
     ordered = order_moves(moved, free.is_free, mgr.num_blocks)
     return CompactionPlan() if ordered is None else CompactionPlan(ordered, rooms)
@@ -199,20 +229,21 @@ def _occupied(free: FreeRuns, num_blocks: int) -> list[int]:
     return out
 
 
-def _num_runs(ids: Sequence[int]) -> int:
+def num_runs(ids: Sequence[int]) -> int:
+    """Maximal runs of consecutive ids in a block table."""
     return sum(1 for i, b in enumerate(ids) if i == 0 or b != ids[i - 1] + 1)
 
 
-def _window(state: list[int], own: set[int], length: int, num_empty: int) -> tuple[int, int] | None:
+def _window(
+    st: torch.Tensor, mine: torch.Tensor, length: int, num_empty: int
+) -> tuple[int, int] | None:
     """The window [start, start + length) holding no other request's block that costs the
     fewest moves (evictable blocks inside + own blocks outside), with enough empty blocks
-    outside it for the evictable ones; None if there is none. Prefix sums over the pool."""
-    n = len(state)
+    outside it for the evictable ones; None if there is none. ``st``: block states (int8),
+    ``mine``: the request's own blocks. Prefix sums over the pool."""
+    n = st.shape[0]
     if length > n or length <= 0:
         return None
-    st = torch.tensor(state, dtype=torch.int8)
-    mine = torch.zeros(n, dtype=torch.bool)
-    mine[list(own)] = True
 
     def sums(mask: torch.Tensor) -> torch.Tensor:  # [n - length + 1] counts per window start
         c = torch.cat([torch.zeros(1, dtype=torch.int64), mask.to(torch.int64).cumsum(0)])
@@ -221,7 +252,7 @@ def _window(state: list[int], own: set[int], length: int, num_empty: int) -> tup
     used = sums((st == _USED) & ~mine)
     ev = sums((st == _EVICTABLE) & ~mine)
     empty = sums((st == _EMPTY_BLOCK) & ~mine)
-    cost = ev + (len(own) - sums(mine))
+    cost = ev + (int(mine.sum()) - sums(mine))
     ok = (used == 0) & (num_empty - empty >= ev)
     if not bool(ok.any()):
         return None
@@ -291,14 +322,16 @@ def copy_blocks_reference(
 
 def apply_moves(
     mgr: KVCacheManager,
-    moves: Sequence[tuple[int, int]],
-    kv_caches: Sequence[torch.Tensor],
-    rooms: dict[str, tuple[int, int]] | None = None,
+    plan: CompactionPlan | Sequence[tuple[int, int]],
+    kv_caches: Sequence[torch.Tensor] = (),
 ) -> dict[int, int]:
-    """Execute a plan on ``mgr`` (see ``KVCacheManager.apply_compaction``): validate every move
-    in order (ValueError, nothing changed), copy the data, then rewrite ref counts, hashes, the
-    hash map, eviction order, access epochs, free space, every block table and the growth
+    """Execute a plan on ``mgr`` (``KVCacheManager.apply_compaction``): validate every move in
+    order (each source holds K/V, each destination is empty at its turn; ValueError, nothing
+    changed), copy the data in ``kv_caches`` (none: the caller copies it, e.g. with
+    ``ops.copy_blocks`` over the same ordered moves), then rewrite ref counts, hashes, the hash
+    map, eviction order, access epochs, free space, every block table and the growth
     reservations in one step. Returns {old block: new block}."""
+    moves, rooms = (plan.moves, plan.rooms) if isinstance(plan, CompactionPlan) else (plan, {})
     mgr._alloc.release_all()
     holder: dict[int, int] = {}
     for s, d in moves:
@@ -310,15 +343,17 @@ def apply_moves(
             raise ValueError(f"move ({s}, {d}): source must hold data, destination be empty")
         holder[d] = holder.get(s, s)
         holder[s] = _EMPTY
-    for rid, (start, length) in (rooms or {}).items():
+    for rid, (start, length) in rooms.items():
         if rid not in mgr._requests or length <= 0:
             raise ValueError(f"room {start, length} for unknown request {rid!r} or empty")
     remap = {orig: pos for pos, orig in holder.items() if orig not in (_EMPTY, pos)}
     copy_blocks_reference(kv_caches, list(remap), list(remap.values()))
     _rewrite(mgr, remap, holder)
-    for rid, (start, length) in (rooms or {}).items():
+    for rid, (start, length) in rooms.items():
         mgr._free.take_range(start, length)
         mgr._alloc.reserve(rid, start, length)
+    mgr._num_compactions += bool(remap)
+    mgr._num_blocks_moved += len(remap)
     return remap
 
 

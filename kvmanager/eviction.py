@@ -45,6 +45,10 @@ class EvictionPolicy(ABC):
         """Choose and remove a victim. Raises IndexError when the set is empty."""
 
     @abstractmethod
+    def eviction_order(self) -> list[int]:
+        """Every evictable block, the next victim first (leaf rules aside): a snapshot."""
+
+    @abstractmethod
     def __len__(self) -> int: ...
 
     @abstractmethod
@@ -84,6 +88,9 @@ class LRUPolicy(EvictionPolicy):
 
     def pop(self, is_leaf: Callable[[int], bool]) -> int:
         return self._order.popitem(last=False)[0]
+
+    def eviction_order(self) -> list[int]:
+        return list(self._order)
 
     def rename_many(self, remap: dict[int, int]) -> None:
         # NOTE: one rebuild keeps the order; O(evictable) per compaction, not per move.
@@ -148,6 +155,12 @@ class AdaptivePolicy(EvictionPolicy):
         victim = min(self._members, key=lambda b: self._score.get(b, -math.inf))
         self._members.discard(victim)
         return victim
+
+    def eviction_order(self) -> list[int]:
+        # NOTE: the heap's key (score, -depth): coldest first, deeper first among equals.
+        return sorted(
+            self._members, key=lambda b: (self._score.get(b, -math.inf), -self._depth.get(b, 0))
+        )
 
     def leaf_ready(self, block_id: int) -> None:
         if block_id in self._members:

@@ -86,7 +86,9 @@ class Compactor:
         blocks moved."""
         start = time.perf_counter()
         if plan is None:
-            plan = self.kv.plan_contiguous_compaction(self.config.keep_free_blocks)
+            plan = self.kv.plan_contiguous_compaction(
+                self.config.keep_free_blocks, self.config.full_layout_after
+            )
         if plan.moves:
             src = torch.tensor([s for s, _ in plan.moves], dtype=torch.long)
             dst = torch.tensor([d for _, d in plan.moves], dtype=torch.long)
@@ -102,7 +104,7 @@ class Compactor:
         seconds = time.perf_counter() - start
         s = self.stats
         self.stats = CompactionStats(
-            s.num_compactions_total + 1,
+            s.num_compactions_total + bool(remap),
             s.num_blocks_moved_total + len(remap),
             s.seconds_total + seconds,
             len(remap),

@@ -44,6 +44,13 @@ class CompactionConfig(BaseModel):
         ge=1,
         description="Engine steps between two compactions at least (bounds the cost).",
     )
+    full_layout_after: int = Field(
+        default=16,
+        ge=0,
+        description="Lay out the whole pool (every block may move) when this many split "
+        "sequences found no window free of other requests' blocks; 0 = never (only the "
+        "cheap per-sequence moves). Measured trade-off: benchmarks/compaction_bench.py.",
+    )
     keep_free_blocks: int = Field(
         default=0,
         ge=0,

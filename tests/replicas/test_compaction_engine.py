@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
+from replica_helpers import random_prompts
 
 from kvmanager.compaction import CompactionPlan
 from replicas.compaction import Compactor
 from replicas.config import CompactionConfig, EngineConfig
 from replicas.llm_engine import LLMEngine
 from replicas.sampling_params import SamplingParams
-from replica_helpers import random_prompts
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 OFF = {"enabled": False}
