@@ -21,10 +21,12 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 OFF = {"enabled": False}
 
 
-def engine(model_dir: Path, compaction: dict[str, object], **kw: object) -> LLMEngine:
+def engine(
+    model_dir: Path, compaction: dict[str, object], num_blocks: int = 64, **kw: object
+) -> LLMEngine:
     return LLMEngine(
         EngineConfig(
-            model=str(model_dir), num_blocks=64, block_size=4, max_num_batched_tokens=64,
+            model=str(model_dir), num_blocks=num_blocks, block_size=4, max_num_batched_tokens=64,
             compaction=compaction, **kw,  # type: ignore[arg-type]
         )
     )  # fmt: skip
@@ -76,13 +78,19 @@ def test_sparse_metadata_moves_with_its_blocks(tiny_llama_dir: Path) -> None:
     assert got == want
 
 
-def test_engine_compacts_on_split_allocations_and_outputs_match(tiny_llama_dir: Path) -> None:
+@pytest.mark.parametrize(
+    ("num_blocks", "full_layout_after"),
+    [(48, 16), (64, 1)],  # split tails moved into windows / the whole pool laid out
+)
+def test_engine_compacts_on_split_allocations_and_outputs_match(
+    tiny_llama_dir: Path, num_blocks: int, full_layout_after: int
+) -> None:
     """A pool too small for every request's expected length: growth rooms are cut, decode
     splits sequences, the engine compacts between steps (verify=True checks integrity after
     each one), and the greedy outputs equal those of an engine that never compacts."""
     prompts = random_prompts(8, [13, 27, 6, 40, 18, 9, 33, 21], seed=11)
-    off = engine(tiny_llama_dir, OFF)
-    on = engine(tiny_llama_dir, {"verify": True})
+    off = engine(tiny_llama_dir, OFF, num_blocks)
+    on = engine(tiny_llama_dir, {"verify": True, "full_layout_after": full_layout_after}, num_blocks)
     assert run(on, prompts) == run(off, prompts)
     assert off.kv.num_split_allocations > 0 and off.compactor.stats.num_compactions_total == 0
     s = on.compactor.stats
