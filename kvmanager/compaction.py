@@ -14,19 +14,28 @@ exactly this contract, so the engine runs the same list on the GPU.
 
 Minimal, but blind to sequences: a request's blocks end up wherever a hole was.
 
-``contiguous`` (``plan_contiguous``): a sliding layout that also gathers sequences::
+``contiguous`` (``plan_contiguous``): make each request's PRIVATE TAIL (the blocks after its
+last shared block) one run followed by its growth room, so every table is at most
+[shared prefix run][own run], the "<= 2 contiguous runs" the TinyServe pool aims for.
 
-    before:  A0 .  e  B0 A1 .  .  B1 .  .        A, B requests (table order), e evictable
-    after:   A0 A1 r  r  e  B0 B1 r  .  .        r = growth room reserved for the request
+1. Windows (cheap; most compactions): for each request whose tail spans several runs, the
+   window of tail + room blocks that holds no other request's block and costs the fewest moves
+   (evictable blocks inside step aside to empty blocks outside; tail blocks outside move in),
+   found with prefix sums over the pool. Room shrinks (want, want/2, 1, 0) until one fits.
+   Requests that do not move keep their growth reservation::
 
-Walk the pool upward; the first time a request's block is met, lay out every not-yet-placed
-block of its table in table order, then its growth room (the empty blocks best fit would have
-reserved: expected size minus held blocks, while the room budget lasts); a block no request
-holds (evictable, cached) slides down in address order. A shared prefix is laid out with the
-first request that meets it, so every sharer ends up as [prefix run][own run]: the
-"<= 2 contiguous runs" the TinyServe pool aims for. Blocks already at their place do not move.
-The moves form chains (each ends in an empty block) and cycles; a cycle goes through one empty
-block (the temp), so a plan needs at least one empty block (else it is empty).
+       before:  A0 e  B0 B1 .  .  A1 .        A, B requests (table order), e evictable
+       after:   A0 A1 B0 B1 .  .  e  .        (window [0, 2): e steps aside, A1 moves in)
+
+2. Whole pool (``_plan_slide``), once ``full_layout_after`` split tails found no window: every
+   request's table laid out in address order of first appearance, each followed by its room,
+   then the evictable blocks hottest first, so the next victims sit right below the free run
+   at the top and eviction extends that run instead of punching holes between requests::
+
+       after:   A0 A1 r  B0 B1 r  e  .        r = growth room, . = the free run
+
+Moves form chains (each ends in an empty block) and cycles; a cycle goes through one empty
+block (the temp), so a pool with no empty block cannot compact (the plan is empty).
 
 NOTE on KV events: a move changes where a block_hash lives in THIS pool, not whether it is
 resident, and vLLM's KV events (BlockStored / BlockRemoved) speak of hashes, never block ids.
