@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
-from replica_helpers import random_prompts
+from replica_helpers import EOS_ID, VOCAB, random_prompts
 
 from kvmanager.compaction import CompactionPlan
 from replicas.compaction import Compactor
@@ -24,10 +24,11 @@ OFF = {"enabled": False}
 def engine(
     model_dir: Path, compaction: dict[str, object], num_blocks: int = 64, **kw: object
 ) -> LLMEngine:
+    args: dict[str, object] = {"block_size": 4, **kw}
     return LLMEngine(
         EngineConfig(
-            model=str(model_dir), num_blocks=num_blocks, block_size=4, max_num_batched_tokens=64,
-            compaction=compaction, **kw,  # type: ignore[arg-type]
+            model=str(model_dir), num_blocks=num_blocks, max_num_batched_tokens=64,
+            compaction=compaction, **args,  # type: ignore[arg-type]
         )
     )  # fmt: skip
 
@@ -138,13 +139,29 @@ def test_compaction_counters_advance_by_delta() -> None:
     assert incs == [("c", 1), ("b", 40), ("c", 2), ("b", 30)]
 
 
+def _hd64_llama(path: Path) -> Path:
+    """A tiny random Llama with head_dim 64: the shapes the CUDA decode kernel instantiates."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(4321)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=EOS_ID, bos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    )  # fmt: skip
+    LlamaForCausalLM(cfg).float().eval().save_pretrained(str(path))
+    return path
+
+
 @pytest.mark.gpu
-def test_kernel_path_and_captured_graphs_after_compaction(tiny_llama_dir: Path) -> None:
-    """CUDA: the batched block-copy kernel moves K/V, the graphs' persistent tables are
-    remapped, and greedy outputs match an engine that never compacts (NOT run on CPU CI)."""
-    prompts = random_prompts(5, [9, 22, 5, 31, 14], seed=3)
-    kw = {"device": "cuda", "dtype": "float16", "cuda_graphs": True}
-    want = run(engine(tiny_llama_dir, OFF, **kw), prompts)
-    e = engine(tiny_llama_dir, OFF, **kw)
+def test_kernel_path_and_captured_graphs_after_compaction(tmp_path: Path) -> None:
+    """CUDA, bf16: the batched block-copy kernel moves K/V, the graphs' persistent tables are
+    remapped, and greedy outputs equal an identical engine that never compacts (same kernels,
+    same reduction order: block ids do not enter the arithmetic). NOT run on CPU CI."""
+    model_dir = _hd64_llama(tmp_path / "hd64")
+    prompts = random_prompts(5, [9, 40, 5, 70, 23], seed=3)
+    kw = {"device": "cuda", "dtype": "bfloat16", "cuda_graphs": True, "block_size": 16}
+    want = run(engine(model_dir, OFF, 128, **kw), prompts)
+    e = engine(model_dir, OFF, 128, **kw)
     assert e.runner.graphs is not None
-    assert run(e, prompts, compact_at=6) == want and e.runner.graphs.num_replays > 0
+    assert run(e, prompts, compact_at=4) == want and e.runner.graphs.num_replays > 0
