@@ -18,9 +18,10 @@ Execution (``Compactor.compact``):
    metadata_tensors()``: per block key min/max), with the plan's ordered moves;
 3. the persistent device block tables of the CUDA graphs are remapped on the same stream
    (``DecodeGraphs.remap_block_tables``), so a replay never reads a moved id;
-4. the pool's bookkeeping (``apply_compaction``): block tables, ref counts, hash map, free
-   space, reservations, all at once. No KV event: every block hash stays resident (see
-   kvmanager.compaction), so the selection service's view is still exact.
+4. the pool's bookkeeping (``apply_compaction``, done first: it validates the plan before any
+   data moves): block tables, ref counts, hash map, free space, reservations, all at once. No
+   KV event: every block hash stays resident (see kvmanager.compaction), so the selection
+   service's view is still exact.
 Steps 2-4 run on the engine thread under the engine lock, with every GPU op on the current
 stream after the previous step's kernels: nothing reads a table while it changes.
 """
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from cuda_kernels import ops
-from kvmanager.compaction import CompactionPlan, compose
+from kvmanager.compaction import CompactionPlan
 from kvmanager.manager import KVCacheManager
 from replicas.config import CompactionConfig
 from replicas.model_runner import ModelRunner
@@ -89,14 +90,15 @@ class Compactor:
             plan = self.kv.plan_contiguous_compaction(
                 self.config.keep_free_blocks, self.config.full_layout_after
             )
+        # NOTE: bookkeeping first: it validates the plan (ValueError, nothing changed) before
+        # any data moves; nothing reads the pool or the caches until this method returns.
+        remap = self.kv.apply_compaction(plan)
         if plan.moves:
             src = torch.tensor([s for s, _ in plan.moves], dtype=torch.long)
             dst = torch.tensor([d for _, d in plan.moves], dtype=torch.long)
             move_blocks(self.runner, src, dst)
-        remap = compose(plan.moves)
         if remap and self.runner.graphs is not None:
             self.runner.graphs.remap_block_tables(remap, self.kv.num_blocks)
-        self.kv.apply_compaction(plan)  # NOTE: bookkeeping only: the data moved above
         if self.config.verify:
             self.kv.check_integrity()
         self._last_step = self._num_steps
