@@ -11,7 +11,8 @@ compaction and ``min_interval_steps`` steps have passed) and the pool's contiguo
 the K/V of every block in a CPU tensor of ``--bytes-per-block`` (default: one layer of
 SmolLM2-135M in fp32, 24 KiB) so the copy is real. Reports, median over seeds:
 ``seqs_in_le2_runs`` (finished sequences whose blocks sit in <= 2 contiguous runs),
-F_total and external fragmentation (time averages), triggers and compactions (a trigger
+F_total and external fragmentation (time averages, and the medians right before / after
+each compaction), triggers and compactions (a trigger
 whose plan moves nothing is not counted as a compaction), blocks moved per compaction and per
 replay step, and CPU ms per compaction split into planning, copy and bookkeeping.
 """
@@ -47,6 +48,8 @@ class _Trigger:
         self.copy_s: list[float] = []
         self.apply_s: list[float] = []
         self.moved: list[int] = []
+        self.f_total: list[tuple[float, float]] = []  # (before, after) each compaction
+        self.ext: list[tuple[float, float]] = []
 
     def __call__(self, m: KVCacheManager) -> None:
         self.steps += 1
@@ -55,6 +58,7 @@ class _Trigger:
             or self.steps - self.last < self.cfg.min_interval_steps
         ):
             return
+        before = m.stats()
         t0 = time.perf_counter()
         plan = m.plan_contiguous_compaction(self.cfg.keep_free_blocks, self.cfg.full_layout_after)
         t1 = time.perf_counter()
@@ -71,6 +75,9 @@ class _Trigger:
         self.copy_s.append(t2 - t1)
         self.apply_s.append(t3 - t2)
         self.moved.append(len(remap))
+        after = m.stats()
+        self.f_total.append((before.f_total, after.f_total))
+        self.ext.append((before.external_fragmentation, after.external_fragmentation))
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -89,6 +96,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             r = replay("best_fit", "adaptive", args.blocks, args.requests, seed, trig)
             n = len(trig.moved) if trig else 0
             ms = lambda xs: 1000 * statistics.median(xs) if xs else 0.0  # noqa: E731
+            med = lambda xs: statistics.median(xs) if xs else 0.0  # noqa: E731
             per_seed.append(
                 {
                     "seqs_in_le2_runs": r["seqs_in_le2_runs"],
@@ -100,6 +108,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "num_compactions": n,
                     "blocks_moved_per_compaction": statistics.median(trig.moved) if n else 0,
                     "blocks_moved_per_step": sum(trig.moved) / r["num_steps"] if trig else 0.0,
+                    "f_total_before": med([b for b, _ in trig.f_total]) if n else 0.0,
+                    "f_total_after": med([a for _, a in trig.f_total]) if n else 0.0,
+                    "ext_frag_before": med([b for b, _ in trig.ext]) if n else 0.0,
+                    "ext_frag_after": med([a for _, a in trig.ext]) if n else 0.0,
                     "plan_ms": ms(trig.plan_s) if trig else 0.0,
                     "copy_ms": ms(trig.copy_s) if trig else 0.0,
                     "apply_ms": ms(trig.apply_s) if trig else 0.0,
