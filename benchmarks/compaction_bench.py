@@ -143,11 +143,18 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     rows = run(args)
-    print(f"## Chat replay, {args.blocks} blocks of {BS} tokens, median over {args.seeds} seeds\n")
-    print(_table(rows))
+    text = (
+        f"## Chat replay, {args.blocks} blocks of {BS} tokens, median over {args.seeds} seeds\n\n"
+        + _table(rows)
+        + "\n\n# command: python benchmarks/compaction_bench.py "
+        + " ".join(sys.argv[1:])
+        + "\n"
+    )
+    print(text)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"rows": rows, "args": vars(args) | {"json": str(args.json)}}, indent=1))
+        args.json.with_suffix(".md").write_text(text)  # NOTE: generated from the same rows
 
 
 if __name__ == "__main__":
