@@ -173,7 +173,11 @@ class _Seq:
     out_len: int
 
 
-def replay(allocator: str, eviction: str, num_blocks: int, num_requests: int, seed: int) -> dict[str, float]:
+def replay(
+    allocator: str, eviction: str, num_blocks: int, num_requests: int, seed: int,
+    between_steps: Callable[[KVCacheManager], None] | None = None,
+) -> dict[str, float]:
+    """One chat replay; ``between_steps(pool)`` runs after every step (compaction_bench)."""
     rng = random.Random(seed)
     m = KVCacheManager(
         PoolConfig(num_blocks=num_blocks, block_size=BS, allocator=allocator, eviction=eviction)
@@ -225,6 +229,8 @@ def replay(allocator: str, eviction: str, num_blocks: int, num_requests: int, se
             m.free(victim.rid)
             pending.insert(0, (victim.rid + "r", victim.prompt, victim.out_len))
             preempted += 1
+        if between_steps is not None:
+            between_steps(m)
         s = m.stats()
         util.append(s.utilization)
         ext.append(s.external_fragmentation)

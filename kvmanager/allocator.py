@@ -176,6 +176,12 @@ class BlockAllocator:
         for request_id in list(self.reserved):
             self.release(request_id)
 
+    def reserve(self, request_id: str, start: int, length: int) -> None:
+        """Set aside [start, start + length), already taken out of ``runs``, as the growth
+        room of ``request_id`` (compaction hands rooms back this way)."""
+        assert request_id not in self.reserved, f"{request_id!r} already holds a reservation"
+        self._reserve(request_id, start, length)
+
     def _reserve(self, request_id: str, start: int, length: int) -> None:
         self.reserved[request_id] = (start, length)
         self.num_reserved += length

@@ -45,6 +45,10 @@ class EvictionPolicy(ABC):
         """Choose and remove a victim. Raises IndexError when the set is empty."""
 
     @abstractmethod
+    def eviction_order(self) -> list[int]:
+        """Every evictable block, the next victim first (leaf rules aside): a snapshot."""
+
+    @abstractmethod
     def __len__(self) -> int: ...
 
     @abstractmethod
@@ -56,9 +60,14 @@ class EvictionPolicy(ABC):
     def leaf_ready(self, block_id: int) -> None:  # noqa: B027 - optional hook, default no-op
         """``block_id`` lost its last cached child: it may now be a victim."""
 
-    @abstractmethod
     def rename(self, old: int, new: int) -> None:
         """Compaction moved an evictable block: keep its place and history under ``new``."""
+        self.rename_many({old: new})
+
+    @abstractmethod
+    def rename_many(self, remap: dict[int, int]) -> None:
+        """Compaction moved evictable blocks (old -> new, all at once: a new id may be another
+        entry's old id): keep their order and history under the new ids."""
 
 
 class LRUPolicy(EvictionPolicy):
@@ -80,9 +89,13 @@ class LRUPolicy(EvictionPolicy):
     def pop(self, is_leaf: Callable[[int], bool]) -> int:
         return self._order.popitem(last=False)[0]
 
-    def rename(self, old: int, new: int) -> None:
-        # NOTE: rebuild keeps the order; compaction is rare, so O(n) is fine here.
-        self._order = OrderedDict((new if b == old else b, None) for b in self._order)
+    def eviction_order(self) -> list[int]:
+        return list(self._order)
+
+    def rename_many(self, remap: dict[int, int]) -> None:
+        # NOTE: one rebuild keeps the order; O(evictable) per compaction, not per move.
+        if remap:
+            self._order = OrderedDict((remap.get(b, b), None) for b in self._order)
 
     def __len__(self) -> int:
         return len(self._order)
@@ -143,17 +156,32 @@ class AdaptivePolicy(EvictionPolicy):
         self._members.discard(victim)
         return victim
 
+    def eviction_order(self) -> list[int]:
+        # NOTE: the heap's key (score, -depth): coldest first, deeper first among equals.
+        return sorted(
+            self._members, key=lambda b: (self._score.get(b, -math.inf), -self._depth.get(b, 0))
+        )
+
     def leaf_ready(self, block_id: int) -> None:
         if block_id in self._members:
             self._push(block_id)
 
-    def rename(self, old: int, new: int) -> None:
-        if old in self._score:
-            self._score[new] = self._score.pop(old)
-        if old in self._depth:
-            self._depth[new] = self._depth.pop(old)
-        self.remove(old)
-        self.add(new, 0)
+    def rename_many(self, remap: dict[int, int]) -> None:
+        if not remap:
+            return
+        # NOTE: histories move with their blocks; a stale heap entry (old id, old version) is
+        # skipped by pop, and every moved member gets a fresh entry under its new id.
+        score = {b: self._score.pop(b) for b in remap if b in self._score}
+        depth = {b: self._depth.pop(b) for b in remap if b in self._depth}
+        moved = [b for b in remap if b in self._members]
+        for b in moved:
+            self.remove(b)
+        for b, s in score.items():
+            self._score[remap[b]] = s
+        for b, d in depth.items():
+            self._depth[remap[b]] = d
+        for b in moved:
+            self.add(remap[b], 0)
 
     def forget(self, block_id: int) -> None:
         self._score.pop(block_id, None)

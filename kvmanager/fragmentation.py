@@ -51,6 +51,16 @@ class AccessEpochs:
     def record(self, block_ids: Iterable[int]) -> None:
         self._open.update(block_ids)
 
+    def rename(self, remap: dict[int, int]) -> None:
+        """Compaction moved blocks (old -> new, all at once): their counts move with them, so
+        a move is not read as access churn."""
+        if not remap:
+            return
+        for counts in [*self._closed, self._open]:
+            moved = {b: counts.pop(b) for b in remap if b in counts}
+            for b, c in moved.items():
+                counts[remap[b]] = c
+
     def tick(self) -> None:
         """One pool operation; closes the epoch every ``epoch_ops`` ticks."""
         self._ops += 1

@@ -119,6 +119,14 @@ class FreeRuns:
         if block_id + 1 < start + length:
             self._add_run(block_id + 1, start + length - block_id - 1)
 
+    def take_range(self, start: int, n: int) -> None:
+        """Remove the free range [start, start + n) (it must lie inside one run)."""
+        i = self._by_start.bisect_right(start) - 1
+        assert i >= 0, "range not free"
+        run = self._by_start[i]
+        assert start + n <= run + self._len_at[run], "range not free"
+        self.take_at(run, start - run, n)
+
     def put(self, block_id: int) -> None:
         """Return one block to free space, merging with neighbouring runs."""
         self.put_range(block_id, 1)

@@ -24,13 +24,18 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from kvmanager.allocator import BlockAllocator
-from kvmanager.compaction import apply_moves, plan_moves
+from kvmanager.compaction import (
+    CompactionPlan,
+    apply_moves,
+    num_runs,
+    plan_contiguous,
+    plan_moves,
+)
 from kvmanager.config import PoolConfig
 from kvmanager.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from kvmanager.eviction import make_eviction_policy
@@ -38,28 +43,7 @@ from kvmanager.fragmentation import AccessEpochs, LevelLatencies
 from kvmanager.free_runs import FreeRuns
 from kvmanager.hashing import NativeHash, make_hasher
 from kvmanager.metrics import PoolStats, pool_stats
-
-
-@dataclass(slots=True)
-class PrefixHit:
-    """Longest cached prefix of a token sequence. ``block_hashes`` are the external (64-bit)
-    hashes; ``parent_native`` is the hasher's native hash of the last hit block (opaque; lets
-    the pool continue the chain without rehashing)."""
-
-    block_ids: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)
-    num_cached_tokens: int = 0
-    parent_native: NativeHash | None = None
-
-
-@dataclass(slots=True)
-class _Request:
-    block_ids: list[int]
-    num_computed_tokens: int
-    num_hashed_blocks: int
-    last_native: NativeHash | None
-    extra_keys: tuple[Any, ...] | None
-    expected_num_tokens: int | None
+from kvmanager.request_state import PrefixHit, RequestState, register
 
 
 class KVCacheManager:
@@ -78,7 +62,7 @@ class KVCacheManager:
         self._free = FreeRuns(config.num_blocks)
         self._alloc = BlockAllocator(self._free, config.allocator)
         self._evictable = make_eviction_policy(config.eviction, config.adaptive_half_life)
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, RequestState] = {}
         self._events: list[KVEvent] = []
         self._clock = 0
         self._epochs = AccessEpochs(config.epoch_ops, config.num_epochs)
@@ -86,12 +70,20 @@ class KVCacheManager:
         self._prefix_hit_tokens = 0
         self._prefix_query_tokens = 0
         self._num_evicted = 0
+        self._num_compactions = 0
+        self._num_split_allocations = 0
+        self._num_blocks_moved = 0
 
     # -- queries -----------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
         """Blocks an allocation could obtain: empty (incl. reserved) + evictable cached."""
         return self._alloc.num_empty + len(self._evictable)
+
+    @property
+    def num_split_allocations(self) -> int:
+        """Allocations that started a new run of a request's private blocks (running total)."""
+        return self._num_split_allocations
 
     @property
     def num_reserved_blocks(self) -> int:
@@ -182,7 +174,7 @@ class KVCacheManager:
             return None
         self._tick()
         if req is None:
-            req = self._register(request_id, token_ids, hit, extra_keys, expected_num_tokens)
+            req = register(self, request_id, token_ids, hit, extra_keys, expected_num_tokens)
         last = req.block_ids[-1] if req.block_ids else None
         want = None
         if req.expected_num_tokens is not None:
@@ -200,6 +192,8 @@ class KVCacheManager:
         if shortfall > 0:
             self._evict(shortfall)
         new_ids = self._alloc.allocate(request_id, need, last, want)
+        # NOTE: a new run of the request's own blocks: what compaction gathers again.
+        self._num_split_allocations += req.splits(len(req.block_ids), new_ids)
         for b in new_ids:
             self._ref_cnt[b] = 1
         req.block_ids += new_ids
@@ -296,20 +290,29 @@ class KVCacheManager:
         events, self._events = self._events, []
         return events
 
-    # -- compaction --------------------------------------------------------------------------
+    # -- compaction (kvmanager.compaction) -------------------------------------------------------
     def plan_compaction(self) -> list[tuple[int, int]]:
-        """Minimal (src, dst) moves that pack every non-empty block into the low ids. Releases
-        all growth reservations first (they are empty space to the plan)."""
+        """``pack``: fewest (src, dst) moves that leave free space as one run at the top.
+        Releases all growth reservations first (they are empty space to the plan)."""
         self._alloc.release_all()
         return plan_moves(self._free, self.num_blocks)
 
+    def plan_contiguous_compaction(
+        self, keep_free: int = 0, full_layout_after: int = 1
+    ) -> CompactionPlan:
+        """``contiguous``: each split private tail (with its growth room) into one run; the
+        whole pool laid out once ``full_layout_after`` tails (0: never) find no window."""
+        reserved = dict(self._alloc.reserved)
+        self._alloc.release_all()
+        return plan_contiguous(self, reserved, keep_free, full_layout_after)
+
     def apply_compaction(
-        self, moves: Sequence[tuple[int, int]], kv_caches: Sequence[torch.Tensor] = ()
-    ) -> None:
-        """Move blocks' K/V (every tensor in ``kv_caches``, block dim first) and rewrite block
-        tables, hash map, ref counts and free space in one step. Sources must hold data,
-        destinations must be empty, and the two sets must be disjoint (as planned)."""
-        apply_moves(self, moves, kv_caches)
+        self, plan: CompactionPlan | Sequence[tuple[int, int]], kv_caches: Sequence[torch.Tensor] = ()
+    ) -> dict[int, int]:
+        """Execute a plan in one step (``kvmanager.compaction.apply_moves``: moves in order,
+        ValueError and nothing changed on a bad one; K/V copied in ``kv_caches``, or by the
+        caller with ``ops.copy_blocks``). No KV event. Returns {old block_id: new block_id}."""
+        return apply_moves(self, plan, kv_caches)
 
     # -- stats and invariants ----------------------------------------------------------------
     def stats(self) -> PoolStats:
@@ -318,8 +321,7 @@ class KVCacheManager:
 
     def num_runs(self, request_id: str) -> int:
         """Number of maximal contiguous id runs in a request's block table."""
-        ids = self._get(request_id).block_ids
-        return sum(1 for i, b in enumerate(ids) if i == 0 or b != ids[i - 1] + 1)
+        return num_runs(self._get(request_id).block_ids)
 
     def check_integrity(self) -> None:
         """Raise AssertionError if any pool invariant is broken (see module docstring)."""
@@ -328,7 +330,7 @@ class KVCacheManager:
         check_pool(self)
 
     # -- internals ---------------------------------------------------------------------------
-    def _get(self, request_id: str) -> _Request:
+    def _get(self, request_id: str) -> RequestState:
         req = self._requests.get(request_id)
         if req is None:
             raise KeyError(f"unknown request {request_id!r}")
@@ -350,31 +352,6 @@ class KVCacheManager:
                 # NOTE: a block was evicted (or moved) between lookup and allocate: look again.
                 return self.lookup_prefix(token_ids, extra_keys)
         return prefix
-
-    def _register(
-        self,
-        request_id: str,
-        token_ids: Sequence[int],
-        hit: PrefixHit,
-        extra_keys: tuple[Any, ...] | None,
-        expected_num_tokens: int | None,
-    ) -> _Request:
-        for depth, b in enumerate(hit.block_ids):
-            if self._ref_cnt[b] == 0:
-                self._evictable.remove(b)
-            self._ref_cnt[b] += 1
-            self._evictable.touch(b, self._clock, depth)
-        self._epochs.record(hit.block_ids)
-        self._prefix_query_tokens += len(token_ids)
-        self._prefix_hit_tokens += hit.num_cached_tokens
-        self._levels.tokens["device"] += hit.num_cached_tokens
-        self._levels.tokens["recompute"] += len(token_ids) - hit.num_cached_tokens
-        req = _Request(
-            list(hit.block_ids), hit.num_cached_tokens, len(hit.block_ids), hit.parent_native,
-            extra_keys, expected_num_tokens,
-        )
-        self._requests[request_id] = req
-        return req
 
     def _evict(self, n: int) -> None:
         removed: list[int] = []

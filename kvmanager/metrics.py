@@ -28,6 +28,9 @@ class PoolStats:
       excluded: they are already placed).
     - f_spatial / f_temporal / f_access / f_total: the TinyServe fragmentation terms.
     - prefix_hit_tokens / prefix_query_tokens: prompt tokens served from cache / looked up.
+    - num_split_allocations: allocations that started a new run of a request's own blocks
+      (scattered, or not next to its last block); num_compactions / num_compacted_blocks:
+      compactions applied and blocks they moved (running totals).
     """
 
     num_blocks: int
@@ -51,6 +54,9 @@ class PoolStats:
     prefix_hit_tokens: int
     prefix_query_tokens: int
     num_evicted_blocks: int
+    num_split_allocations: int = 0
+    num_compactions: int = 0
+    num_compacted_blocks: int = 0
 
     @property
     def prefix_hit_ratio(self) -> float:
@@ -103,4 +109,7 @@ def pool_stats(mgr: KVCacheManager) -> PoolStats:
         prefix_hit_tokens=mgr._prefix_hit_tokens,
         prefix_query_tokens=mgr._prefix_query_tokens,
         num_evicted_blocks=mgr._num_evicted,
+        num_split_allocations=mgr._num_split_allocations,
+        num_compactions=mgr._num_compactions,
+        num_compacted_blocks=mgr._num_blocks_moved,
     )

@@ -32,6 +32,47 @@ class SparseAttentionConfig(BaseModel):
     )
 
 
+class CompactionConfig(BaseModel):
+    """When the engine compacts its KV pool (replicas.compaction); on by default."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = Field(
+        default=True,
+        description="Compact between steps when allocations break sequences' contiguity.",
+    )
+    min_split_allocations: int = Field(
+        default=1,
+        ge=1,
+        description="Compact once this many allocations have started a new run of a "
+        "request's private blocks since the last compaction (PoolStats."
+        "num_split_allocations): the fragmentation a compaction repairs.",
+    )
+    min_interval_steps: int = Field(
+        default=1,
+        ge=1,
+        description="Engine steps between two compactions at least (bounds the cost).",
+    )
+    full_layout_after: int = Field(
+        default=16,
+        ge=0,
+        description="Lay out the whole pool (every block may move) when this many split "
+        "sequences found no window free of other requests' blocks; 0 = never (only the "
+        "cheap per-sequence moves). Measured trade-off: benchmarks/compaction_bench.py.",
+    )
+    keep_free_blocks: int = Field(
+        default=0,
+        ge=0,
+        description="Empty blocks a full-pool layout keeps out of growth rooms (as one free "
+        "run for the next admissions).",
+    )
+    verify: bool = Field(
+        default=False,
+        description="Run the pool's O(num_blocks) integrity check after every compaction "
+        "(tests; AssertionError on a broken pool).",
+    )
+
+
 class EngineConfig(BaseModel):
     """How one replica serves one model. Unset sizes are derived when the engine starts."""
 
@@ -114,6 +155,10 @@ class EngineConfig(BaseModel):
         ge=1,
         description="Stream a request's output every this many tokens (the first token and the "
         "last output always go at once); >1 cuts the per-token cost of the serving path.",
+    )
+    compaction: CompactionConfig = Field(
+        default_factory=CompactionConfig,
+        description="KV-pool compaction between steps (replicas.compaction).",
     )
     sparse_attention: SparseAttentionConfig | None = Field(
         default=None,

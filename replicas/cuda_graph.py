@@ -181,6 +181,15 @@ class DecodeGraphs:
                     self._graphs[b, w] = self._capture(b, w)
         torch.cuda.synchronize(self.device)
 
+    def remap_block_tables(self, remap: dict[int, int], num_blocks: int) -> None:
+        """Compaction moved blocks (old -> new): rewrite every persistent device table on the
+        current stream (after the last replay, before the next), so no row keeps a moved id."""
+        lut = torch.arange(num_blocks, dtype=torch.int32)
+        lut[list(remap)] = torch.tensor(list(remap.values()), dtype=torch.int32)
+        lut = lut.to(self.device)
+        for tables in self.block_tables.values():
+            tables.copy_(lut[tables.long()])
+
     def run(
         self, chunks: Sequence[ScheduledChunk], pending: PendingTokens | None = None
     ) -> tuple[list[ScheduledChunk], torch.Tensor] | None:

@@ -99,6 +99,13 @@ class ReplicaMetrics:
             tag_keys=("kind",),
         )
         self._sparse_seen = (0, 0)
+        self.compactions = metrics.Counter(
+            "tinyserve_kv_compactions", description="KV-pool compactions run between steps."
+        )
+        self.compacted_blocks = metrics.Counter(
+            "tinyserve_kv_compacted_blocks", description="KV blocks moved by compactions."
+        )
+        self._compaction_seen = (0, 0)
 
     def on_finished(self, out: RequestOutput) -> None:
         """Account one finished request (its last output)."""
@@ -139,6 +146,16 @@ class ReplicaMetrics:
             ("external", stats.external_fragmentation),
         ):
             self.fragmentation.set(value, tags={"kind": kind})
+        self.on_compaction(stats.num_compactions, stats.num_compacted_blocks)
+
+    def on_compaction(self, num_compactions: int, num_blocks: int) -> None:
+        """Advance the compaction counters to the pool's running totals."""
+        seen_c, seen_b = self._compaction_seen
+        if num_compactions > seen_c:
+            self.compactions.inc(num_compactions - seen_c)
+        if num_blocks > seen_b:
+            self.compacted_blocks.inc(num_blocks - seen_b)
+        self._compaction_seen = (num_compactions, num_blocks)
 
     def on_sparse(self, stats: SparseAttentionStats) -> None:
         """Advance the sparse-attention page counters to the engine's running totals."""

@@ -33,6 +33,7 @@ from kvmanager.events import KVEvent
 from kvmanager.manager import KVCacheManager
 from kvmanager.metrics import PoolStats
 from replicas.async_scheduling import AsyncStepper
+from replicas.compaction import Compactor
 from replicas.config import EngineConfig
 from replicas.model_loader import LoadedModel, load_model
 from replicas.model_runner import ModelRunner, kv_bytes_per_block
@@ -115,6 +116,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.kv, config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len
         )
+        self.compactor = Compactor(self.kv, self.runner, config.compaction)
         self.sampler = Sampler(config.seed, self.loaded.device)
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
         self.requests: dict[str, Request] = {}
@@ -245,10 +247,17 @@ class LLMEngine:
         """Run one scheduling + forward + sampling step; returns the outputs it produced
         (asynchronous scheduling: launches a step and returns the previous step's outputs)."""
         with self.lock:
+            # NOTE: compaction runs between steps (nothing in flight, no chunk holds a
+            # table): the one place the pool may move blocks (replicas.compaction). With
+            # asynchronous scheduling the step in flight is resolved first.
             if self._stepper is None:
+                self.compactor.maybe_compact()
                 return self.step_sync()
             try:
-                return self._stepper.step()
+                drained: list[RequestOutput] = []
+                stepper = self._stepper
+                self.compactor.maybe_compact(before=lambda: drained.extend(stepper.drain()))
+                return drained + self._stepper.step()
             except BaseException:
                 self._stepper.discard()
                 raise

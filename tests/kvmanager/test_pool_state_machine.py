@@ -78,6 +78,15 @@ class PoolMachine(RuleBasedStateMachine):
         s = self.m.stats()
         assert s.num_free_runs <= 1
 
+    @rule(full_layout_after=st.integers(0, 2), keep_free=st.integers(0, 3))
+    def compact_contiguous(self, full_layout_after: int, keep_free: int) -> None:
+        self.m.take_events()
+        hashes = sorted(self.m.cached_block_hashes())
+        plan = self.m.plan_contiguous_compaction(keep_free, full_layout_after)
+        self.m.apply_compaction(plan, [self.cache])
+        # a move keeps every hash resident: no KV event, same cached set (contents: invariant)
+        assert self.m.take_events() == [] and sorted(self.m.cached_block_hashes()) == hashes
+
     @rule()
     def reset(self) -> None:
         assert self.m.reset_prefix_cache() == (not self.tokens)
