@@ -103,8 +103,10 @@ def running(app: App, deployment: str) -> int:
 
 
 def full_strength(app: App) -> bool:
-    """Every LLM and selection replica running, and every selection replica indexing exactly
-    the live LLM replicas, all synced."""
+    """Every LLM and selection replica running, and every selection replica indexing every
+    live LLM replica, synced. NOTE: a killed replica may stay in an index until it expires
+    (``stale_after_s``); the router only offers live replicas as candidates, so it is never
+    chosen meanwhile."""
     spec = app.spec
     if running(app, "LLMReplica") != spec.num_replicas:
         return False
@@ -113,18 +115,23 @@ def full_strength(app: App) -> bool:
     live = replica_ids(app, "LLMReplica")
     views = selector_views(app)
     return len(views) == spec.num_selectors and all(
-        set(v) == live and all(v.values()) for v in views.values())
+        live <= set(v) and all(v[r] for r in live) for v in views.values())
 
 
-def wait_cache_aware(app: App, since: float, timeout_s: float) -> dict[str, Any]:
+def wait_cache_aware(app: App, since: float, timeout_s: float,
+                     victim: tuple[str, str] | None = None) -> dict[str, Any]:
     """Probe until full strength and then ``NUM_HITS`` hits in a row. Returns the seconds
-    from ``since`` to the first probe hit, to full strength and to cache-aware again (None
-    when not reached within ``timeout_s``), and the probe counts."""
+    from ``since`` to the killed replica ``victim`` = (deployment, replica id) being gone
+    from Ray's view (a node's death takes Ray's health checks to see), to the first probe
+    hit, to full strength (counted only once the victim is gone) and to cache-aware again
+    (None when not reached within ``timeout_s``), and the probe counts."""
     deadline = since + timeout_s
-    first_hit = strong = aware = None
+    first_hit = strong = aware = gone = None
     streak = num_probes = num_hits = 0
     while time.time() < deadline and aware is None:
-        if strong is None and full_strength(app):
+        if gone is None and (victim is None or victim[1] not in replica_ids(app, victim[0])):
+            gone = time.time() - since
+        if gone is not None and strong is None and full_strength(app):
             strong = time.time() - since
             streak = 0  # NOTE: only hits at full strength count toward "cache-aware"
         hit = probe_hits(app)
@@ -137,7 +144,7 @@ def wait_cache_aware(app: App, since: float, timeout_s: float) -> dict[str, Any]
             aware = time.time() - since
         if not hit:
             time.sleep(0.2)
-    return {"first_probe_hit_s": first_hit, "full_strength_s": strong,
+    return {"victim_gone_s": gone, "first_probe_hit_s": first_hit, "full_strength_s": strong,
             "cache_aware_s": aware, "num_probes": num_probes, "num_probe_hits": num_hits}
 
 

@@ -69,31 +69,34 @@ def _busiest_replica(app: App) -> tuple[str, str]:
     return rid, str(stats[rid]["node_id"])
 
 
-def kill_llm_replica(app: App) -> str:
+Victim = tuple[str, str]  # (deployment, replica id) whose death a fault causes
+
+
+def kill_llm_replica(app: App) -> Victim:
     rid, _ = _busiest_replica(app)
     kill_replica(app, "LLMReplica", rid)
-    return rid
+    return "LLMReplica", rid
 
 
-def kill_selection_replica(app: App) -> str:
+def kill_selection_replica(app: App) -> Victim:
     # NOTE: the one the routers use most (most Selects answered) is the one worth killing.
     selects = num_selects(app)
     rid = max(selects, key=lambda r: selects[r])
     kill_replica(app, "CacheSelector", rid)
-    return rid
+    return "CacheSelector", rid
 
 
-def kill_worker(app: App) -> str:
-    """Kill the worker node that runs an LLM replica, then add a fresh node."""
+def kill_worker(app: App) -> Victim:
+    """Kill the worker node that runs an LLM replica (with it), then add a fresh node."""
     stats = each_replica(app, "stats")
-    nodes = {str(s["node_id"]) for s in stats.values()} & set(app.workers)
-    (node,) = sorted(nodes)[:1]
+    (rid, node), *_ = [(r, str(s["node_id"])) for r, s in sorted(stats.items())
+                       if str(s["node_id"]) in app.workers]  # fmt: skip
     kill_worker_node(app, node)
     add_worker_node(app)
-    return node
+    return "LLMReplica", rid
 
 
-FAULTS: dict[str, Callable[[App], str]] = {
+FAULTS: dict[str, Callable[[App], Victim]] = {
     "llm_replica": kill_llm_replica,
     "selection_replica": kill_selection_replica,
     "worker_node": kill_worker,
@@ -114,19 +117,20 @@ def run_fault(app: App, load: MixedLoad, fault: str, settle_s: float = 5.0,
     wait_for(lambda: sum(s["num_inflight"] for s in each_replica(app, "stats").values()) >= 3,
              60, "no requests in flight before the fault")  # fmt: skip
     t0 = time.time()
-    target = FAULTS[fault](app)
-    recovery = wait_cache_aware(app, t0, timeout_s)
+    victim = FAULTS[fault](app)
+    recovery = wait_cache_aware(app, t0, timeout_s, victim)
     time.sleep(settle_s)
     window = in_window(load.outcomes, t0, time.time())
     bad = [o for o in window if o.status not in ("ok",)]
-    return FaultResult(fault, target, t0, count(window), recovery,
+    return FaultResult(fault, "#".join(victim), t0, count(window), recovery,
                        [f"{o.status}: {o.error}" for o in bad][:20])
 
 
 def table(results: list[FaultResult]) -> str:
     lines = ["| fault | requests | ok | lost before streaming | streams cut (clean / dirty) | "
-             "first probe hit (s) | full strength (s) | cache-aware again (s) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "victim gone (s) | first probe hit (s) | full strength (s) | "
+             "cache-aware again (s) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         c, rec = r.counts, r.recovery
 
@@ -134,7 +138,8 @@ def table(results: list[FaultResult]) -> str:
             return "n/a" if rec[key] is None else f"{rec[key]:.1f}"
 
         lines.append(f"| {r.fault} | {sum(c.values())} | {c['ok']} | {c['lost']} | "
-                     f"{c['cut_clean']} / {c['cut_dirty']} | {s('first_probe_hit_s')} | "
+                     f"{c['cut_clean']} / {c['cut_dirty']} | {s('victim_gone_s')} | "
+                     f"{s('first_probe_hit_s')} | "
                      f"{s('full_strength_s')} | {s('cache_aware_s')} |")
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ validation error at ``serve run`` time, not a silently ignored key:
       router_kwargs: {select_timeout_s: 0.05}
       selector: {port: 50051, policy: tinyserve, num_replicas: 2,
                  objective: {alpha_load: 3.0}}       # cluster.objective.ObjectiveConfig
+      placement: {llm: {llm: 1}, ingress: {head: 1}} # custom Ray resources pinning replicas
 """
 
 from __future__ import annotations
