@@ -112,7 +112,12 @@ def full_strength(app: App) -> bool:
         return False
     if running(app, "CacheSelector") != spec.num_selectors:
         return False
+    # NOTE: Serve's status lags a kill by a moment: count the live actors too.
     live = replica_ids(app, "LLMReplica")
+    if len(live) != spec.num_replicas:
+        return False
+    if len(replica_ids(app, "CacheSelector")) != spec.num_selectors:
+        return False
     views = selector_views(app)
     return len(views) == spec.num_selectors and all(
         live <= set(v) and all(v[r] for r in live) for v in views.values())

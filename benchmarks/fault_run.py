@@ -87,10 +87,15 @@ def kill_selection_replica(app: App) -> Victim:
 
 
 def kill_worker(app: App) -> Victim:
-    """Kill the worker node that runs an LLM replica (with it), then add a fresh node."""
+    """Kill the worker node that runs an LLM replica (with it), once that replica holds two
+    requests (or after 30 s), then add a fresh node."""
     stats = each_replica(app, "stats")
     (rid, node), *_ = [(r, str(s["node_id"])) for r, s in sorted(stats.items())
                        if str(s["node_id"]) in app.workers]  # fmt: skip
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline and (
+            each_replica(app, "stats").get(rid, {}).get("num_inflight", 0) < 2):
+        time.sleep(0.05)
     kill_worker_node(app, node)
     add_worker_node(app)
     return "LLMReplica", rid
