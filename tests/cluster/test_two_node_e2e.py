@@ -115,7 +115,7 @@ def test_a_tie_is_broken_toward_the_ingress_node(app: App) -> None:
 def test_short_soak_mixed_traffic_leaves_every_pool_intact(app: App) -> None:
     from benchmarks.soak import soak
 
-    res = soak(app, duration_s=30.0, concurrency=4, sample_every_s=5.0, warmup_s=5.0,
+    res = soak(app, duration_s=20.0, concurrency=4, sample_every_s=5.0, warmup_s=5.0,
                seed=1, mix=Mix(p_cancel=0.15, p_bad=0.1))
     c = res.counts
     print(f"short soak: {res.num_requests} requests {c}; memory {res.memory}")
