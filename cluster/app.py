@@ -39,6 +39,13 @@ def router_config(config: AppConfig) -> dict[str, Any]:
     }
 
 
+def _actor_options(num_cpus: float, resources: dict[str, float]) -> dict[str, Any]:
+    options: dict[str, Any] = {"num_cpus": num_cpus}
+    if resources:
+        options["resources"] = dict(resources)
+    return options
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Bind the app from ``serve run``/``serve deploy`` args (ValueError-style pydantic
     errors name the bad key)."""
@@ -52,13 +59,15 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         cast(Deployment, CacheSelector)
         .options(
             num_replicas=config.selector.num_replicas,
-            ray_actor_options={"num_cpus": config.selector.num_cpus},
+            ray_actor_options=_actor_options(
+                config.selector.num_cpus, config.placement.selector
+            ),
         )
         .bind(config.selector.model_dump(exclude={"tls"}), token, server_tls, client_tls)
         if selector_enabled
         else None
     )
-    actor_options: dict[str, Any] = {"num_cpus": config.num_cpus_per_replica}
+    actor_options = _actor_options(config.num_cpus_per_replica, config.placement.llm)
     if config.num_gpus_per_replica:
         actor_options["num_gpus"] = config.num_gpus_per_replica
     llm = (
@@ -79,5 +88,5 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     ingress = cast(Deployment, OpenAIIngress)
     return ingress.options(
         num_replicas=config.ingress_num_replicas,
-        ray_actor_options={"num_cpus": config.ingress_num_cpus},
+        ray_actor_options=_actor_options(config.ingress_num_cpus, config.placement.ingress),
     ).bind(llm, config.model_dump(exclude=no_tls))

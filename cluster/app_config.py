@@ -11,6 +11,7 @@ validation error at ``serve run`` time, not a silently ignored key:
       selector: {port: 50051, policy: tinyserve, num_replicas: 2,
                  objective: {alpha_load: 3.0},       # cluster.objective.ObjectiveConfig
                  tls: {cert_file: ..., key_file: ..., ca_file: ...}}  # cluster.grpc_tls
+      placement: {llm: {llm: 1}, ingress: {head: 1}} # custom Ray resources pinning replicas
 """
 
 from __future__ import annotations
@@ -100,6 +101,35 @@ class SelectorSettings(BaseModel):
         return replace(cfg, learn=True) if self.learn else cfg
 
 
+class PlacementSettings(BaseModel):
+    """Custom Ray resources each deployment's replicas ask for, to pin them to nodes that
+    offer them (``ray start --resources='{"llm": 1}'``): e.g. LLM replicas on GPU nodes only,
+    the ingress and the selection service on the head. Empty = anywhere (Serve spreads)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ingress: dict[str, float] = Field(
+        default_factory=dict, description="Resources of each OpenAIIngress replica."
+    )
+    llm: dict[str, float] = Field(
+        default_factory=dict, description="Resources of each LLMReplica."
+    )
+    selector: dict[str, float] = Field(
+        default_factory=dict, description="Resources of each CacheSelector replica."
+    )
+
+    @field_validator("ingress", "llm", "selector")
+    @classmethod
+    def _check(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if not name or name in ("CPU", "GPU", "memory") or not amount > 0:
+                raise ValueError(
+                    f"{name!r}: {amount}: custom resources only (set CPUs and GPUs with "
+                    "num_cpus/num_gpus fields), amounts > 0"
+                )
+        return v
+
+
 class AppConfig(BaseModel):
     """Everything ``build_app`` needs; every field has a working default (SmolLM2 on CPU)."""
 
@@ -148,6 +178,10 @@ class AppConfig(BaseModel):
         default=0.05, gt=0, description="How often a replica flushes KV events to the service."
     )
     selector: SelectorSettings = Field(default_factory=SelectorSettings)
+    placement: PlacementSettings = Field(
+        default_factory=PlacementSettings,
+        description="Custom Ray resources pinning each deployment to nodes (default: none).",
+    )
     auth: AuthSettings = Field(
         default_factory=AuthSettings, description="API keys of the HTTP API (on by default)."
     )

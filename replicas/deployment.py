@@ -310,6 +310,7 @@ class LLMReplica:
         rates = self.engine.engine.rates.rates()
         d.update(
             replica_id=self.replica_id,
+            node_id=_node_id(),
             prefill_tokens_per_s=rates.prefill_tokens_per_s,
             decode_tokens_per_s=rates.decode_tokens_per_s,
             num_inflight=len(self._inflight),
@@ -317,6 +318,28 @@ class LLMReplica:
             selector_connected=bool(self._sink and self._sink.connected()),
         )
         return d
+
+    async def check_integrity(self) -> dict[str, Any]:
+        """The pool's ``check_integrity()`` run now, between steps, plus what is still held
+        (for soak and fault runs: at rest, ``num_used_blocks`` and ``num_requests`` are 0).
+        Never raises: a broken invariant comes back as ``ok=False`` with its message."""
+        error = ""
+        try:
+            await asyncio.to_thread(self.engine.check_integrity)
+        except AssertionError as exc:
+            error = str(exc) or "AssertionError"
+        stats = await asyncio.to_thread(self.engine.stats)
+        return {
+            "replica_id": self.replica_id,
+            "ok": not error,
+            "error": error,
+            "num_inflight": len(self._inflight),
+            "num_requests": stats.num_requests,
+            "num_used_blocks": stats.num_used_blocks,
+            "num_free_blocks": stats.num_free_blocks,
+            "num_cached_blocks": stats.num_cached_blocks,
+            "num_blocks": stats.num_blocks,
+        }
 
     async def __del__(self) -> None:
         """Graceful shutdown: stop reporting, end open streams with "abort", leave the

@@ -328,6 +328,12 @@ class AsyncLLMEngine:
         """The pool's stats snapshot (blocks at most one step while one runs)."""
         return self.engine.stats()
 
+    def check_integrity(self) -> None:
+        """The pool's ``check_integrity()`` between steps (AssertionError when broken; blocks
+        at most one step while one runs)."""
+        with self.engine.lock:
+            self.engine.kv.check_integrity()
+
     async def shutdown(self) -> None:
         """Stop the core thread after its current step, then abort everything still in
         flight (each open stream ends with finish_reason "abort")."""

@@ -2,9 +2,9 @@
 node as origin_node_id (select_kwargs -> SelectRequest on the wire -> SelectionRequest), and
 between replicas that hold the same prefix at equal load the one on that node wins.
 
-NOTE: the two-node ``ray.cluster_utils.Cluster`` e2e of issue 20 item 4 is not here (a
-two-node cluster with model replicas does not fit this 2-core machine's test budget); this
-covers the same chain of calls with the real gRPC message and the real selection core."""
+The two-node ``ray.cluster_utils.Cluster`` e2e of issue 20 item 4 (the same tie through the
+real app, the ingress on one node) is ``test_two_node_e2e.py``; this covers the chain of
+calls without Ray, with the real gRPC message and the real selection core."""
 
 from __future__ import annotations
 
