@@ -18,11 +18,21 @@ class _Gauge:
         self.values[key] = value
 
 
+class _Counter:
+    def __init__(self) -> None:
+        self.total = 0.0
+
+    def inc(self, value: float = 1.0) -> None:
+        self.total += value
+
+
 def _metrics() -> ReplicaMetrics:
     m = object.__new__(ReplicaMetrics)  # NOTE: no Ray here; only the gauges are exercised
     for name in ("num_requests_inflight", "num_blocks", "cached_blocks", "kv_usage",
                  "kv_utilization", "fragmentation"):
         setattr(m, name, _Gauge())
+    m.compactions, m.compacted_blocks = _Counter(), _Counter()  # type: ignore[assignment]
+    m._compaction_seen = (0, 0)
     return m
 
 
