@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 # NOTE: asynchronous scheduling on CPU can run each step's forward on a worker thread, so the
 # host's Python (scheduling, detokenizing, streaming) overlaps it. It did not pay on the
 # shared 2-core box (benchmarks/engine_bench.py --compare-async: 0.97x the synchronous loop,
-# SmolLM2, 1 torch thread; benchmarks/results/engine_notes.md): a CPU step is ~98% forward, so
+# SmolLM2, 1 torch thread; benchmarks/results/engine_notes.md): a CPU step is nearly all forward, so
 # the pipeline runs inline there (same semantics, no overlap).
 CPU_WORKER_THREAD = False
 
