@@ -223,14 +223,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    engine = LLMEngine(
-        EngineConfig(
-            model=args.model,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_num_seqs=max(64, args.num_requests),
-            seed=args.seed,
-        )
-    )
+    engine = _engine(args)
     vocab = engine.vocab_size
     hf = AutoModelForCausalLM.from_pretrained(
         str(engine.loaded.model_dir), dtype=torch.float32
@@ -333,8 +326,9 @@ def main() -> None:
         print(f"wrote {args.json}")
 
 
-def main_compare_async(args: argparse.Namespace) -> None:
-    engine = LLMEngine(
+def _engine(args: argparse.Namespace) -> LLMEngine:
+    """The engine every mode of this benchmark measures."""
+    return LLMEngine(
         EngineConfig(
             model=args.model,
             max_num_batched_tokens=args.max_num_batched_tokens,
@@ -342,6 +336,10 @@ def main_compare_async(args: argparse.Namespace) -> None:
             seed=args.seed,
         )
     )
+
+
+def main_compare_async(args: argparse.Namespace) -> None:
+    engine = _engine(args)
     vocab = engine.vocab_size
     for mode in ASYNC_MODES:  # NOTE: warm-up of every loop (the worker thread starts here)
         set_mode(engine, mode)
