@@ -38,6 +38,7 @@ from cluster.openai_extras import (
     detokenize,
     install_error_handlers,
     model_card,
+    render_chat,
     served_max_model_len,
     tokenize,
 )
@@ -186,7 +187,7 @@ class OpenAIIngress:
         chat = body.chat()
         num_chars = sum(len(m["content"]) for m in chat)
         limits.check_prompt_chars(num_chars, self.max_token_chars, self.limits, "messages")
-        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        text = render_chat(tokenizer, chat, add_generation_prompt=True)
         # NOTE: the template already holds the special tokens; do not add a BOS twice.
         ids = list(tokenizer.encode(text, add_special_tokens=False))
         limits.check_prompt_tokens(len(ids), self.limits, "messages")

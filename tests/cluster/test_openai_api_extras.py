@@ -104,3 +104,18 @@ def test_tokenize_and_detokenize_bodies() -> None:
         tokenize(tokenizer, TokenizeRequest(), 99)
     with pytest.raises(OpenAIError, match="outside the vocabulary"):
         detokenize(tokenizer, DetokenizeRequest(tokens=[10**9]), None)
+    # found by the schemathesis fuzz: an empty conversation was a plain-text 500
+    with pytest.raises(OpenAIError, match="messages must not be empty") as info:
+        tokenize(tokenizer, TokenizeRequest.model_validate({"messages": []}), 99)
+    assert info.value.status_code == 400 and info.value.param == "messages"
+
+    class Refusing:
+        chat_template = "{{ raise_exception('no') }}"
+
+        def apply_chat_template(self, *args: object, **kw: object) -> str:
+            from jinja2 import TemplateError
+
+            raise TemplateError("roles must alternate")
+
+    with pytest.raises(OpenAIError, match="chat template refused the messages: roles must"):
+        tokenize(Refusing(), TokenizeRequest.model_validate({"messages": MSG}), 99)
