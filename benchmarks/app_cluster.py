@@ -7,7 +7,7 @@
 With ``num_worker_nodes`` > 0 it is a multi-node ``ray.cluster_utils.Cluster`` (one raylet per
 node, all on this host): the head node offers the custom resources ``ingress``, ``selector``
 and one ``llm``; each worker node one ``llm``; the app pins its deployments with
-``placement`` (``cluster.app_config.PlacementSettings``), so the ingress and the selection
+``placement`` (``cluster.serve.app_config.PlacementSettings``), so the ingress and the selection
 service stay on the head and there is exactly one LLM replica per node. A killed worker node
 takes its replica with it; ``add_worker_node`` brings a node up for Serve's replacement
 replica (what an autoscaler does). With 0 worker nodes it is ``ray.init(address="local")``.
@@ -95,7 +95,7 @@ def start_app(spec: AppSpec, key_file: str = "", api_key: str = "") -> App:
     import ray
     from ray import serve
 
-    from cluster.app import build_app
+    from cluster.serve.app import build_app
 
     name = f"ts{uuid.uuid4().hex[:6]}"
     cluster = None

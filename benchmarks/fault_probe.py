@@ -51,7 +51,7 @@ def selector_views(app: App) -> dict[str, dict[str, bool]]:
     LLM replica id -> synced."""
     import grpc
 
-    from cluster import selector_registry
+    from cluster.serve import selector_registry
     from protos import cache_selection_pb2 as pb
     from protos import cache_selection_pb2_grpc as pb_grpc
 
@@ -73,7 +73,7 @@ def num_selects(app: App) -> dict[str, int]:
     """Selects answered so far by each live selection replica (replica id -> count)."""
     import grpc
 
-    from cluster import selector_registry
+    from cluster.serve import selector_registry
     from protos import cache_selection_pb2 as pb
     from protos import cache_selection_pb2_grpc as pb_grpc
 
@@ -159,8 +159,8 @@ def dry_select(app: App, token_ids: list[int], origin_node_id: str = "",
     replica, over the live LLM replicas: address -> ranked ``pb.RankedReplica`` list."""
     import grpc
 
-    from cluster import selector_registry
-    from cluster.router_core import PromptHasher
+    from cluster.serve import selector_registry
+    from cluster.serve.router_core import PromptHasher
     from protos import cache_selection_pb2 as pb
     from protos import cache_selection_pb2_grpc as pb_grpc
     from replicas.config import EngineConfig

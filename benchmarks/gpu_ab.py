@@ -169,7 +169,7 @@ def tpot(records: list[LoadRecord]) -> dict[str, float]:
 def deploy(router: str, engine: dict[str, Any], replicas: int, device: str, http: str) -> None:
     from ray import serve
 
-    from cluster.app import build_app
+    from cluster.serve.app import build_app
 
     args = {"engine": engine, "num_replicas": replicas, "router": router,
             "num_cpus_per_replica": 2 if device == "cuda" else 1,

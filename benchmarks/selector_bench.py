@@ -113,10 +113,10 @@ def _server_main(
     seed: int,
     quick: bool,
 ) -> None:
-    from cluster.convert import select_request_from_proto, selection_to_proto
-    from cluster.core import CoreConfig, SelectorCore
-    from cluster.selector import ServerThread
-    from cluster.types import SelectionRequest
+    from cluster.selector.convert import select_request_from_proto, selection_to_proto
+    from cluster.selector.core import CoreConfig, SelectorCore
+    from cluster.selector.server import ServerThread
+    from cluster.selector.types import SelectionRequest
     from kvmanager.events import BlockRemoved, BlockStored
     from protos import cache_selection_pb2 as pb
 

@@ -27,8 +27,8 @@ def _replica_server_main(
     conn: Connection, num_replicas: int, blocks_per_replica: int, copies: int
 ) -> None:
     """One selection process holding the full index (what each replica of the service is)."""
-    from cluster.core import CoreConfig, SelectorCore
-    from cluster.selector import ServerThread
+    from cluster.selector.core import CoreConfig, SelectorCore
+    from cluster.selector.server import ServerThread
 
     core = SelectorCore(CoreConfig(stale_after_s=1e9))
     num_chains = _populate(core, num_replicas, blocks_per_replica, copies)

@@ -1,6 +1,6 @@
 """Serve benchmark: our router vs Ray's PrefixCacheAffinityRouter vs Serve's power-of-two.
 
-One local Ray cluster; for each router the app (``cluster.app:build_app``, SmolLM2 on CPU) is
+One local Ray cluster; for each router the app (``cluster.serve.app:build_app``, SmolLM2 on CPU) is
 deployed fresh (cold caches), warmed up with two unrelated requests, then driven with the same
 shared-prefix chat workload over real HTTP (``openai`` client, streaming, include_usage):
 
@@ -104,7 +104,7 @@ def run_router(router: str, args: argparse.Namespace, http_port: int) -> RouterR
     import openai
     from ray import serve
 
-    from cluster.app import build_app
+    from cluster.serve.app import build_app
 
     app_args = {
         "engine": {"num_blocks": args.num_blocks, "max_num_seqs": 8, "num_threads": 1},

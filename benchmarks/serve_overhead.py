@@ -3,7 +3,7 @@
 In one run on one machine:
 
 - engine: ``AsyncLLMEngine`` driven directly in this process (``generate`` per request);
-- served: a real local Ray cluster, the app of ``cluster.app:build_app`` (one replica, router
+- served: a real local Ray cluster, the app of ``cluster.serve.app:build_app`` (one replica, router
   ``tinyserve`` with its selection service), real HTTP through the ``openai`` client, for
   each endpoint (completions, chat) streaming and not.
 
@@ -14,7 +14,7 @@ Closed loop: ``c`` clients, each sending its next request when the last one fini
 ``max(--min-requests, --rounds * c)`` requests per run. Per run: output tok/s (output tokens
 / wall), TTFT p50/p99 (send -> first output; streaming only), TPOT p50/p99 ((last - first) /
 (n - 1); streaming only), latency p50; and served / engine ratios. Served runs also join the
-ingress's and replica's stamps (``cluster.openai_trace``) with the client's into the per-hop
+ingress's and replica's stamps (``cluster.serve.openai_trace``) with the client's into the per-hop
 breakdown (medians, ms).
 
     # CPU (SmolLM2-135M, small sizes)
@@ -226,7 +226,7 @@ def start_serve(args: argparse.Namespace, model: str, tokenizer_dir: Path) -> tu
     import ray
     from ray import serve
 
-    from cluster.app import build_app
+    from cluster.serve.app import build_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -28,7 +28,7 @@ from typing import Any
 from benchmarks.sim.runner import RunSpec, load_rows, objective_config, run_specs
 
 # NOTE: the objective's Load is the estimated-TTFT excess in seconds since this session
-# (cluster/objective.py); alpha_load is in 1/s and queued_token_weight is the prefill-equivalent
+# (cluster/selector/objective.py); alpha_load is in 1/s and queued_token_weight is the prefill-equivalent
 # share of a reported queued token. The previous sweep (alpha_load over queued/capacity) is in
 # git history (commit 3cb2cec).
 CENTRE: dict[str, Any] = {"alpha_load": 10.0, "queued_token_weight": 1.0}

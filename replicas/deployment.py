@@ -7,7 +7,7 @@
 - A background loop drains the pool's KV events every ``report_interval_s`` and hands them,
   plus a load snapshot, to a ``KVSink`` (the selection service's ReportKV stream). The sink
   comes from an injected factory: ``replicas`` never imports ``cluster`` (dependency
-  direction), the app builder passes ``cluster.app_reporting.SelectorSink``.
+  direction), the app builder passes ``cluster.serve.app_reporting.SelectorSink``.
 - Cancelling the Serve call (client disconnect) aborts the request in the engine.
 - ``record_routing_stats`` / ``check_health`` / ``__del__`` are Serve's hooks.
 """

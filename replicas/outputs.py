@@ -25,7 +25,7 @@ class RequestMetrics:
 class RequestTrace:
     """Wall-clock stamps (``time.time()``, seconds) of one request inside a replica, carried
     on its last output only: the replica's half of the per-hop breakdown
-    (``cluster.openai_trace`` adds the ingress's half). 0.0 = not stamped.
+    (``cluster.serve.openai_trace`` adds the ingress's half). 0.0 = not stamped.
 
     replica_recv: the replica's ``generate`` entered; engine_add: the engine accepted it;
     engine_first_token / engine_finish: its first / last token sampled; replica_first_yield:

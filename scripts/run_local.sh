@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make run`: serve TinyServe Cluster on this machine.
 #   1. the venv is set up by make (target `run: $(STAMP)`); the project is installed into it
-#      before Ray starts, so Serve can import cluster.router / replicas.deployment;
+#      before Ray starts, so Serve can import cluster.serve.router / replicas.deployment;
 #   2. an API key: $TINYSERVE_API_KEYS if set, else the first key of
 #      ~/.config/tinyserve/api_keys (made on first use, mode 600; deploy/app.yaml names it);
 #   3. start a local Ray head (unless one is already running: then it is reused and left up);

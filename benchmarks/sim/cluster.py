@@ -43,9 +43,9 @@ from benchmarks.sim.results import (
 )
 from benchmarks.sim.scenarios import resolve
 from benchmarks.workloads.types import SimRequest, Workload
-from cluster.core import CoreConfig, SelectorCore
-from cluster.objective import ObjectiveConfig
-from cluster.types import Outcome, SelectionRequest
+from cluster.selector.core import CoreConfig, SelectorCore
+from cluster.selector.objective import ObjectiveConfig
+from cluster.selector.types import Outcome, SelectionRequest
 from kvmanager.config import PoolConfig
 from kvmanager.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 

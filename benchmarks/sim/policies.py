@@ -1,4 +1,4 @@
-"""Benchmark-only policy variants registered into ``cluster.policy``'s registry.
+"""Benchmark-only policy variants registered into ``cluster.selector.policy``'s registry.
 
 ``load_only`` is llm-d's scheduler with the prefix-cache scorer switched off (queue 2 +
 kv-utilisation 2): the "load-aware" routing of llm-d's B2B SaaS comparison, which the issue's
@@ -7,8 +7,8 @@ throughput target (>= 1.9x load-only) is measured against.
 
 from __future__ import annotations
 
-from cluster.baselines import LlmdWeighted
-from cluster.policy import policy_names, register_policy
+from cluster.selector.baselines import LlmdWeighted
+from cluster.selector.policy import policy_names, register_policy
 
 TINYSERVE = "tinyserve"
 LOAD_ONLY = "load_only"

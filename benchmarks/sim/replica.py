@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from benchmarks.sim.calibration import StepTimeModel
 from benchmarks.sim.scenarios import speed_at
 from benchmarks.workloads.types import SimRequest
-from cluster.types import LoadSnapshot
+from cluster.selector.types import LoadSnapshot
 from kvmanager.config import PoolConfig
 from kvmanager.manager import KVCacheManager
 from replicas.rate_meter import RateMeter, Rates

@@ -23,7 +23,7 @@ from benchmarks.sim.calibration import DEFAULT_CALIBRATION, load_calibration
 from benchmarks.sim.cluster import ClusterSim, SimConfig
 from benchmarks.sim.results import RequestRecord
 from benchmarks.workloads import Workload, build_workload
-from cluster.objective import ObjectiveConfig
+from cluster.selector.objective import ObjectiveConfig
 
 DESIGN_REPLICAS = 8  # workloads are specified at 8 replicas; scale = num_replicas / 8
 

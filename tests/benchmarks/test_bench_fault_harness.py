@@ -134,8 +134,8 @@ def test_memory_slope_is_fitted_after_the_warmup() -> None:
 def test_placement_resources_reach_each_deployment() -> None:
     from pydantic import ValidationError
 
-    from cluster.app import build_app
-    from cluster.app_config import AppConfig
+    from cluster.serve.app import build_app
+    from cluster.serve.app_config import AppConfig
 
     app = build_app({"placement": {"ingress": {"ingress": 1}, "llm": {"llm": 1},
                                    "selector": {"selector": 0.5}}})  # fmt: skip

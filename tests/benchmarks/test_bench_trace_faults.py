@@ -14,7 +14,7 @@ from benchmarks.sim.calibration import load_calibration
 from benchmarks.sim.cluster import ClusterSim, SimConfig
 from benchmarks.sim.scenarios import resolve, speed_at
 from benchmarks.workloads import build_workload, load_trace
-from cluster.objective import ObjectiveConfig
+from cluster.selector.objective import ObjectiveConfig
 
 MODEL = load_calibration()
 

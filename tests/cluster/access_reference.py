@@ -1,4 +1,4 @@
-"""The dict-of-dicts AccessTracker that ``cluster.access`` replaced: the test reference.
+"""The dict-of-dicts AccessTracker that ``cluster.selector.access`` replaced: the test reference.
 
 A_frequency support: how hot a prefix is on a replica (decayed access counts).
 

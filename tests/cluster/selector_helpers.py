@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster.types import CandidateRow, Candidates, SelectionRequest
+from cluster.selector.types import CandidateRow, Candidates, SelectionRequest
 
 
 class FakeClock:

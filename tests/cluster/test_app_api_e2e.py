@@ -57,7 +57,7 @@ def _free_port() -> int:
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     from tls_certs import make_pki
 
-    from cluster.app import build_app
+    from cluster.serve.app import build_app
 
     # NOTE: the selection replicas bind the node's address; the certificate names one DNS
     # name and the clients are told to expect it (selector.tls.server_name).

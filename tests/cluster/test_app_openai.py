@@ -7,9 +7,9 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from cluster.app_config import AppConfig
-from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
-from cluster.openai_responses import Accumulated, ResponseContext, sse, usage
+from cluster.serve.app_config import AppConfig
+from cluster.serve.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from cluster.serve.openai_responses import Accumulated, ResponseContext, sse, usage
 from replicas.outputs import RequestMetrics, RequestOutput
 
 
@@ -130,7 +130,7 @@ def test_app_config_model_name_and_refuses_unknown_keys() -> None:
 
 
 def test_routing_policy_is_checked_against_the_policy_registry() -> None:
-    from cluster.openai_parse import checked_policy
+    from cluster.serve.openai_parse import checked_policy
 
     body = ChatCompletionRequest.model_validate(
         {"model": "m", "messages": [{"role": "user", "content": "hi"}],

@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
-from cluster.metrics import SelectorMetrics
-from cluster.metrics_mirror import MetricsMirror
+from cluster.selector.metrics import SelectorMetrics
+from cluster.serve.metrics_mirror import MetricsMirror
 
 
 class _Recorder:

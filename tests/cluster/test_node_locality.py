@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 from selector_helpers import FakeClock, request
 
-from cluster.convert import select_request_from_proto
-from cluster.core import CoreConfig, SelectorCore
-from cluster.router_core import PromptInfo, RouterSettings, own_node_id, select_kwargs
-from cluster.selector_client import _request
-from cluster.types import LoadSnapshot
+from cluster.selector.client import _request
+from cluster.selector.convert import select_request_from_proto
+from cluster.selector.core import CoreConfig, SelectorCore
+from cluster.selector.types import LoadSnapshot
+from cluster.serve.router_core import PromptInfo, RouterSettings, own_node_id, select_kwargs
 from kvmanager.events import BlockStored
 
 

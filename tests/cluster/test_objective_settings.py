@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from cluster.app_config import AppConfig, SelectorSettings
-from cluster.objective import ObjectiveConfig
-from cluster.objective_settings import objective_from_mapping, parse_assignments
-from cluster.selector import _parse_args, objective_from_args
+from cluster.selector.objective import ObjectiveConfig
+from cluster.selector.objective_settings import objective_from_mapping, parse_assignments
+from cluster.selector.server import _parse_args, objective_from_args
+from cluster.serve.app_config import AppConfig, SelectorSettings
 
 
 def test_mapping_overrides_and_keeps_the_other_defaults() -> None:

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from cluster.openai_extras import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
-from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
-from cluster.openai_responses import Accumulated, ResponseContext
+from cluster.serve.openai_extras import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
+from cluster.serve.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from cluster.serve.openai_responses import Accumulated, ResponseContext
 from replicas.outputs import RequestMetrics, RequestOutput
 from replicas.sampling_params import StructuredOutputSpec
 

@@ -12,9 +12,9 @@ import pytest
 pytest.importorskip("ray.serve")  # the ingress module builds a Serve deployment
 jsonschema = pytest.importorskip("jsonschema")
 
-from cluster.openai_ingress import api  # noqa: E402
-from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest  # noqa: E402
-from cluster.openai_schema import ROUTES, build_openapi  # noqa: E402
+from cluster.serve.openai_ingress import api  # noqa: E402
+from cluster.serve.openai_protocol import ChatCompletionRequest, CompletionRequest  # noqa: E402
+from cluster.serve.openai_schema import ROUTES, build_openapi  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.app_config import AppConfig
-from cluster.openai_auth import (
+from cluster.serve.app_config import AppConfig
+from cluster.serve.openai_auth import (
     ApiKeys,
     AuthSettings,
     check_local_only,
@@ -13,7 +13,7 @@ from cluster.openai_auth import (
     load_keys,
     parse_keys,
 )
-from cluster.openai_limits import (
+from cluster.serve.openai_limits import (
     LimitSettings,
     check_body_size,
     check_params,
@@ -22,7 +22,7 @@ from cluster.openai_limits import (
     check_token_ids,
     max_token_chars,
 )
-from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from cluster.serve.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 
 KEY = "sk-test-0123456789abcdef"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -154,9 +154,9 @@ def test_engine_failure_mid_stream_ends_with_error_event_then_done() -> None:
     import json
     from types import SimpleNamespace
 
-    from cluster.openai_ingress import OpenAIIngress
-    from cluster.openai_responses import ResponseContext
-    from cluster.openai_trace import IngressTrace, TraceLog
+    from cluster.serve.openai_ingress import OpenAIIngress
+    from cluster.serve.openai_responses import ResponseContext
+    from cluster.serve.openai_trace import IngressTrace, TraceLog
     from replicas.deployment import GenerateRequest
     from replicas.sampling_params import SamplingParams
 

@@ -1,4 +1,4 @@
-"""R(c) (cluster/reward.py): predictions, fleet calibration, discounting, fading, and in the
+"""R(c) (cluster/selector/reward.py): predictions, fleet calibration, discounting, fading, and in the
 core: a replica slower than its reports loses traffic, then wins it back."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import math
 import pytest
 from selector_helpers import FakeClock, request
 
-from cluster.core import CoreConfig, SelectorCore
-from cluster.objective import ObjectiveConfig
-from cluster.reward import RewardBook, discounted_mean, discounted_ratio, predict
-from cluster.types import LoadSnapshot, Outcome
+from cluster.selector.core import CoreConfig, SelectorCore
+from cluster.selector.objective import ObjectiveConfig
+from cluster.selector.reward import RewardBook, discounted_mean, discounted_ratio, predict
+from cluster.selector.types import LoadSnapshot, Outcome
 
 
 def test_prediction_is_the_own_prefill_at_the_reported_rate() -> None:
@@ -138,9 +138,9 @@ def test_feedback_over_grpc_from_the_replica_sink_penalises_the_slow_replica() -
     then sees R(c) < 0 for the replica 4x slower than its reports, and it is not chosen."""
     import time
 
-    from cluster.app_reporting import SelectorSink
-    from cluster.selector import ServerThread
-    from cluster.selector_client import SelectorClient
+    from cluster.selector.client import SelectorClient
+    from cluster.selector.server import ServerThread
+    from cluster.serve.app_reporting import SelectorSink
     from replicas.deployment import ReplicaLoad, SinkSpec
     from replicas.outputs import RequestMetrics, RequestOutput
 

@@ -6,9 +6,14 @@ import random
 
 import pytest
 
-from cluster.core_types import Selection
-from cluster.router_core import PromptHasher, RouterSettings, prompt_info, ranks_from_selection
-from cluster.types import Ranked, ScoreTerms
+from cluster.selector.core_types import Selection
+from cluster.selector.types import Ranked, ScoreTerms
+from cluster.serve.router_core import (
+    PromptHasher,
+    RouterSettings,
+    prompt_info,
+    ranks_from_selection,
+)
 from kvmanager.config import PoolConfig
 from kvmanager.events import BlockStored
 from kvmanager.manager import KVCacheManager

@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 import pytest
 
-from cluster.selector import ServerThread
-from cluster.selector_client import AsyncSelectorClient, KVReporter, SelectorClient
-from cluster.types import LoadSnapshot, Outcome, SelectionRequest
+from cluster.selector.client import AsyncSelectorClient, KVReporter, SelectorClient
+from cluster.selector.server import ServerThread
+from cluster.selector.types import LoadSnapshot, Outcome, SelectionRequest
 from kvmanager.events import BlockRemoved, BlockStored
 from protos import cache_selection_pb2 as pb
 

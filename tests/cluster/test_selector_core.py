@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from selector_helpers import FakeClock, request
 
-from cluster.core import CoreConfig, SelectorCore
-from cluster.types import LoadSnapshot, Outcome
+from cluster.selector.core import CoreConfig, SelectorCore
+from cluster.selector.types import LoadSnapshot, Outcome
 from kvmanager.events import MEDIUM_CPU, AllBlocksCleared, BlockRemoved, BlockStored
 
 
@@ -190,7 +190,7 @@ def test_fast_path_answers_exactly_like_the_generic_path(
     """The tinyserve policy's compiled path (no Candidates) and the generic one (Candidates ->
     policy.select -> top) give identical Selections on any history: rankings, scores, terms,
     and so identical pending marks and in-flight load afterwards."""
-    from cluster.objective import ObjectiveConfig
+    from cluster.selector.objective import ObjectiveConfig
 
     clock = FakeClock(0.0)
     cfg = CoreConfig(objective=ObjectiveConfig(lambda_reward=reward))

@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from selector_helpers import FakeClock, request
 
-from cluster.access import AccessTracker
-from cluster.convert import selection_to_proto
-from cluster.core import SelectorCore
-from cluster.core_types import Selection
-from cluster.select_kernel import _top
-from cluster.types import LoadSnapshot, Ranked, ScoreTerms
+from cluster.selector.access import AccessTracker
+from cluster.selector.convert import selection_to_proto
+from cluster.selector.core import SelectorCore
+from cluster.selector.core_types import Selection
+from cluster.selector.select_kernel import _top
+from cluster.selector.types import LoadSnapshot, Ranked, ScoreTerms
 from kvmanager.events import MEDIUM_CPU, BlockStored
 from protos import cache_selection_pb2 as pb
 

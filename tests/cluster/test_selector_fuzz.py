@@ -17,8 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.core import SelectorCore
-from cluster.selector import MAX_MESSAGE_BYTES, ServerThread
+from cluster.selector.core import SelectorCore
+from cluster.selector.server import MAX_MESSAGE_BYTES, ServerThread
 from protos import cache_selection_pb2 as pb
 from protos import cache_selection_pb2_grpc as pb_grpc
 

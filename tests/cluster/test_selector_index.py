@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from index_reference import KVIndex as RefIndex
 from selector_helpers import FakeClock
 
-from cluster.index import KVIndex
+from cluster.selector.index import KVIndex
 from kvmanager.events import MEDIUM_CPU
 
 

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from cluster import servicer
-from cluster.selector import MAX_MESSAGE_BYTES, ServerThread
+from cluster.selector import servicer
+from cluster.selector.server import MAX_MESSAGE_BYTES, ServerThread
 from protos import cache_selection_pb2 as pb
 from protos import cache_selection_pb2_grpc as pb_grpc
 

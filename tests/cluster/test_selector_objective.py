@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from selector_helpers import cands, request
 
-from cluster.objective import ObjectiveConfig, TinyServeObjective
-from cluster.types import CandidateRow as Row
-from cluster.types import Outcome
+from cluster.selector.objective import ObjectiveConfig, TinyServeObjective
+from cluster.selector.types import CandidateRow as Row
+from cluster.selector.types import Outcome
 
 
 def _row(rid: str, **kw: object) -> Row:

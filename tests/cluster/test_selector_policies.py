@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from selector_helpers import cands, request
 
-from cluster.policy import make_policy, policy_names
-from cluster.types import CandidateRow as Row
+from cluster.selector.policy import make_policy, policy_names
+from cluster.selector.types import CandidateRow as Row
 
 EXPECTED = {
     "round_robin",

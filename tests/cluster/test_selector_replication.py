@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 import pytest
 
-from cluster.app_reporting import SelectorSink
-from cluster.selector import ServerThread
-from cluster.selector_client import AsyncSelectorClient, SelectorClient, split_addresses
-from cluster.selector_registry import parse_entries
+from cluster.selector.client import AsyncSelectorClient, SelectorClient, split_addresses
+from cluster.selector.server import ServerThread
+from cluster.serve.app_reporting import SelectorSink
+from cluster.serve.selector_registry import parse_entries
 from kvmanager.events import BlockStored
 from replicas.deployment import SinkSpec
 

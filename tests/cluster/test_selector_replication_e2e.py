@@ -36,7 +36,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app() -> Iterator[tuple[Any, str]]:
-    from cluster.app import build_app
+    from cluster.serve.app import build_app
 
     http_port, metrics_port = _free_port(), _free_port()
     ray.init(address="local", num_cpus=6, include_dashboard=False,
@@ -75,7 +75,7 @@ def _selector_actors() -> list[str]:
 
 
 def _auth() -> tuple[tuple[str, str], ...]:
-    """gRPC metadata with the app's selection-service token (cluster.grpc_auth)."""
+    """gRPC metadata with the app's selection-service token (cluster.serve.grpc_auth)."""
     from ray import serve
 
     token = serve.get_deployment_handle("CacheSelector", APP).auth_token.remote().result()
@@ -87,7 +87,7 @@ def _indexes() -> dict[str, dict[str, tuple[int, bool]]]:
     -> (resident blocks, synced)."""
     import grpc
 
-    from cluster import selector_registry
+    from cluster.serve import selector_registry
     from protos import cache_selection_pb2 as pb
     from protos import cache_selection_pb2_grpc as pb_grpc
 
@@ -159,7 +159,7 @@ def test_killing_a_selection_replica_under_load_needs_no_fallback(app: tuple[Any
     _wait_for(lambda: len(done) >= 6, 120, "no load before the kill")
     # NOTE: kill the replica the router has been using (the most Selects), so the requests
     # in flight and the next ones must fail over.
-    from cluster import selector_registry
+    from cluster.serve import selector_registry
 
     selects = {rid: _num_selects(a) for rid, a in selector_registry.live_replicas(APP).items()}
     busiest = max(selects, key=lambda rid: selects[rid])

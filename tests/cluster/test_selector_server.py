@@ -10,8 +10,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from cluster.core import CoreConfig, SelectorCore
-from cluster.selector import SERVICE_NAME, ServerThread
+from cluster.selector.core import CoreConfig, SelectorCore
+from cluster.selector.server import SERVICE_NAME, ServerThread
 from protos import cache_selection_pb2 as pb
 from protos import cache_selection_pb2_grpc as pb_grpc
 
@@ -207,7 +207,7 @@ def test_cli_serves_on_loopback_with_token() -> None:
     import time
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.selector", "--port", "0", "--token", "t0k", "--policy", "round_robin"],
+        [sys.executable, "-m", "cluster.selector.server", "--port", "0", "--token", "t0k", "--policy", "round_robin"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

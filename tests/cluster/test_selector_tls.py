@@ -17,11 +17,11 @@ import pytest
 from pydantic import ValidationError
 from tls_certs import Pki, make_pki
 
-from cluster.app_config import SelectorSettings
-from cluster.grpc_tls import ClientTLS, TLSSettings, channel
-from cluster.selector import ServerThread
-from cluster.selector_client import AsyncSelectorClient, KVReporter, SelectorClient
-from cluster.types import Outcome
+from cluster.selector.client import AsyncSelectorClient, KVReporter, SelectorClient
+from cluster.selector.grpc_tls import ClientTLS, TLSSettings, channel
+from cluster.selector.server import ServerThread
+from cluster.selector.types import Outcome
+from cluster.serve.app_config import SelectorSettings
 from kvmanager.events import BlockStored
 from protos import cache_selection_pb2 as pb
 from protos import cache_selection_pb2_grpc as pb_grpc
@@ -160,7 +160,7 @@ def test_settings_are_validated(pki: Pki, tmp_path: Path) -> None:
 
 def test_build_app_hands_tls_bytes_not_paths(pki: Pki) -> None:
     pytest.importorskip("ray.serve")
-    from cluster.app import build_app
+    from cluster.serve.app import build_app
 
     tls = {"cert_file": str(pki.cert_file), "key_file": str(pki.key_file),
            "ca_file": str(pki.ca_file)}
@@ -201,6 +201,6 @@ def test_cli_serves_tls(pki: Pki) -> None:
 
 
 def test_cli_refuses_a_key_without_a_cert(pki: Pki) -> None:
-    out = subprocess.run([sys.executable, "-m", "cluster.selector", "--tls-key", str(pki.key_file)],
+    out = subprocess.run([sys.executable, "-m", "cluster.selector.server", "--tls-key", str(pki.key_file)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "cert_file and key_file go together" in out.stderr

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from cluster.tokenizer_pool import TokenizerPool
+from cluster.serve.tokenizer_pool import TokenizerPool
 
 
 def _tokenizer() -> Any:

@@ -16,9 +16,9 @@ import pytest
 
 kv_events = pytest.importorskip("vllm.distributed.kv_events")
 
-from cluster.core import SelectorCore  # noqa: E402
-from cluster.types import SelectionRequest  # noqa: E402
-from cluster.vllm_adapter import VllmKVSubscriber, decode_batch  # noqa: E402
+from cluster.selector.core import SelectorCore  # noqa: E402
+from cluster.selector.types import SelectionRequest  # noqa: E402
+from cluster.selector.vllm_adapter import VllmKVSubscriber, decode_batch  # noqa: E402
 from kvmanager.events import AllBlocksCleared, BlockRemoved, BlockStored  # noqa: E402
 
 VLLM_VERSION_TESTED = "0.33.0"

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster.app_config import AppConfig
+from cluster.serve.app_config import AppConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES_WITH_METRICS = ["replicas/deployment_metrics.py", "cluster/router.py"]
+SOURCES_WITH_METRICS = ["replicas/deployment_metrics.py", "cluster/serve/router.py"]
 
 
 def _load(path: str) -> Any:
@@ -55,11 +55,11 @@ def test_cloud_configs_have_cpu_head_and_gpu_workers(path: str) -> None:
 def test_serve_config_validates_and_builds(path: str) -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from cluster.app import build_app
+    from cluster.serve.app import build_app
 
     schema = ServeDeploySchema.model_validate(_load(path))
     (app,) = schema.applications
-    assert app.import_path == "cluster.app:build_app"
+    assert app.import_path == "cluster.serve.app:build_app"
     config = AppConfig(**app.args)  # unknown keys would raise
     built = build_app(app.args)
     assert type(built).__name__ == "Application"

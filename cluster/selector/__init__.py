@@ -1,0 +1,1 @@
+"""The cache-selection gRPC service: index, objective, policies, servicer, client."""

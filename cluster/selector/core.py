@@ -1,0 +1,486 @@
+"""SelectorCore: the in-process selection service (index + replicas + policies), no gRPC.
+
+The gRPC servicer, the vLLM ZMQ adapter and the discrete-event simulator all drive this one
+object. Every public method takes the core's lock, so callers on different threads (the aio
+loop, a ZMQ subscriber thread) are safe; each call is short.
+
+Replica stream protocol (per replica): ``join`` -> ``resync(seq=S)`` -> ``apply_events(S+1)``,
+``apply_events(S+2)``, ... A batch whose seq is not ``last_seq + 1`` is not applied: the result
+says ``resync_required`` and the replica is marked unsynced until the next resync. A fresh
+replica may skip the resync and start at seq 0 (empty cache). ``clock`` is injectable
+(simulated time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cluster.selector import access, index_kernels, objective_kernel, select_kernel
+from cluster.selector.access import AccessTracker
+from cluster.selector.core_types import ApplyResult, CoreStats, ReplicaStatus, Selection
+from cluster.selector.index import U64, KVIndex, as_hash_array
+from cluster.selector.metrics import SelectorMetrics
+from cluster.selector.objective import ObjectiveConfig, TinyServeObjective
+from cluster.selector.policy import Policy, make_policy, policy_names, policy_params
+from cluster.selector.replica_table import _FLOAT_COLS, _INT_COLS, ReplicaRecord, ReplicaTable
+from cluster.selector.reward import RewardBook, predict
+from cluster.selector.types import (
+    Candidates,
+    LoadSnapshot,
+    Outcome,
+    Ranked,
+    ScoreTerms,
+    SelectionRequest,
+)
+from kvmanager.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+
+
+@dataclass(slots=True, frozen=True)
+class CoreConfig:
+    """Service configuration; limits bound what one message may carry."""
+
+    default_policy: str = "tinyserve"
+    pending_ttl_s: float = 2.0
+    stale_after_s: float = 30.0
+    hot_half_life_s: float = 60.0
+    max_prompt_blocks: int = 16384
+    max_events_per_batch: int = 65536
+    max_hashes_per_event: int = 65536
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    seed: int = 0  # NOTE: passed to every policy that takes one (power-of-two's sampling)
+
+
+# NOTE: the fast path's kernels read ReplicaTable columns by position; these names pin them.
+assert _INT_COLS[:4] == ("block_size", "num_blocks", "num_free_blocks", "num_cached_blocks")
+assert _INT_COLS[6] == "num_queued_tokens" and _FLOAT_COLS[:2] == ("ttft_ewma_s", "f_total")
+assert _FLOAT_COLS[3] == "reward" and _FLOAT_COLS[4] == "prefill_tokens_per_s"
+
+
+class SelectorCore:
+    """Global KV view and replica ranking. See the module docstring for the protocol."""
+
+    def __init__(
+        self,
+        config: CoreConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        metrics: SelectorMetrics | None = None,
+    ) -> None:
+        self.config = config or CoreConfig()
+        if self.config.default_policy not in policy_names():
+            raise ValueError(f"unknown default policy {self.config.default_policy!r}")
+        self.clock = clock
+        self.metrics = metrics or SelectorMetrics()
+        self._lock = threading.Lock()
+        self._index = KVIndex(clock)
+        # NOTE: the tinyserve policy's compiled path (no Candidates); False = the generic one.
+        self.fast_path = True
+        # NOTE: no Select pays for compiling
+        objective_kernel.warm_up()
+        access.warm_up()
+        select_kernel.warm_up()
+        # the fast path's reused buffers (grown on demand; see _rank_fast)
+        self._match = np.zeros((3, 64), np.int64)
+        self._top = np.zeros(0, np.int64)
+        self._result = np.zeros((0, len(select_kernel.RESULT_COLS)))
+        self._cand_cache: tuple[int, U64] | None = None
+        self._table = ReplicaTable()
+        self._access = AccessTracker(clock, self.config.hot_half_life_s)
+        self._rewards = RewardBook(self.config.objective)  # NOTE: R(c), cluster/selector/reward.py
+        self._policies: dict[str, Policy] = {}
+        self._routed: OrderedDict[str, tuple[str, int]] = (
+            OrderedDict()
+        )  # request_id -> (policy, predicted)
+        self._started = clock()
+        self.counters = {
+            "selects": 0,
+            "events": 0,
+            "unknown_replica": 0,
+            "resyncs": 0,
+            "feedback": 0,
+        }
+        self._decisions: dict[str, int] = {}
+        self._metric_children: dict[str, tuple[Any, Any]] = {}
+
+    # ------------------------------------------------------------------ policies
+    def policy(self, name: str = "") -> Policy:
+        """The (shared, stateful) policy instance by name; ValueError when unknown."""
+        name = name or self.config.default_policy
+        pol = self._policies.get(name)
+        if pol is None:
+            kwargs: dict[str, Any] = (
+                {"config": self.config.objective} if name == TinyServeObjective.name else {}
+            )
+            if "seed" in policy_params(name):
+                kwargs["seed"] = self.config.seed
+            pol = make_policy(name, **kwargs)
+            self._policies[name] = pol
+        return pol
+
+    # ------------------------------------------------------------------ membership
+    def join(
+        self, replica_id: str, node_id: str = "", block_size: int = 16, num_blocks: int = 0
+    ) -> None:
+        """Register or refresh a replica (idempotent; a rejoin keeps its index state)."""
+        with self._lock:
+            rec, created = self._table.add(replica_id, node_id, block_size, num_blocks)
+            if created:
+                self._index.add_slot(rec.slot)
+            rec.connected = True
+            rec.last_seen = self.clock()
+            self.metrics.replicas.set(len(self._table))
+
+    def touch(self, replica_id: str) -> bool:
+        """Heartbeat: the replica is alive (no-op and False when unknown; not counted)."""
+        with self._lock:
+            rec = self._table.get(replica_id)
+            if rec is not None:
+                rec.last_seen = self.clock()
+            return rec is not None
+
+    def disconnect(self, replica_id: str) -> None:
+        """Its stream ended; state stays until it reconnects, leaves or expires."""
+        with self._lock:
+            rec = self._table.get(replica_id)
+            if rec is not None:
+                rec.connected = False
+
+    def leave(self, replica_id: str) -> bool:
+        """Forget a replica and everything it held; False when unknown."""
+        with self._lock:
+            return self._leave_locked(replica_id)
+
+    def _leave_locked(self, replica_id: str) -> bool:
+        rec = self._table.remove(replica_id)
+        if rec is None:
+            return False
+        self._index.remove_slot(rec.slot)
+        self._access.forget(rec.slot)
+        self._rewards.forget(replica_id)
+        self.metrics.replicas.set(len(self._table))
+        with contextlib.suppress(KeyError):
+            self.metrics.index_blocks.remove(replica_id)
+        return True
+
+    def expire_stale(self) -> list[str]:
+        """Remove replicas silent for longer than ``stale_after_s``; returns their ids."""
+        with self._lock:
+            now = self.clock()
+            stale = [
+                r.replica_id
+                for r in self._table.records.values()
+                if now - r.last_seen > self.config.stale_after_s
+            ]
+            for rid in stale:
+                self._leave_locked(rid)
+            self._index.expire_pending()
+            return stale
+
+    def _known(self, replica_id: str) -> ReplicaRecord | None:
+        rec = self._table.get(replica_id)
+        if rec is None:
+            self.counters["unknown_replica"] += 1
+            self.metrics.errors.labels("unknown_replica").inc()
+        else:
+            rec.last_seen = self.clock()
+        return rec
+
+    # ------------------------------------------------------------------ ingestion
+    def apply_events(self, replica_id: str, seq: int, events: Sequence[KVEvent]) -> ApplyResult:
+        """Apply one batch atomically (all or nothing). Unknown replica: ignored and counted."""
+        with self._lock:
+            rec = self._known(replica_id)
+            if rec is None:
+                return ApplyResult(False, False, -1, 0)
+            if seq != rec.last_seq + 1:
+                rec.synced = False
+                self.metrics.errors.labels("seq_gap").inc()
+                return ApplyResult(False, True, rec.last_seq, 0)
+            slot, n = rec.slot, 0
+            for ev in events:
+                if isinstance(ev, BlockStored):
+                    n += self._index.store(slot, ev.block_hashes, ev.medium)
+                    self.metrics.block_events.labels("stored").inc(len(ev.block_hashes))
+                elif isinstance(ev, BlockRemoved):
+                    n += self._index.remove(slot, ev.block_hashes, ev.medium)
+                    self._access.forget(slot, ev.block_hashes)
+                    self.metrics.block_events.labels("removed").inc(len(ev.block_hashes))
+                elif isinstance(ev, AllBlocksCleared):
+                    self._index.clear(slot)
+                    self._access.forget(slot)
+                    self.metrics.block_events.labels("cleared").inc()
+            rec.last_seq = seq
+            self.counters["events"] += n
+            self._update_index_gauges(rec)
+            return ApplyResult(True, False, seq, n)
+
+    def resync(
+        self, replica_id: str, seq: int, gpu_hashes: Iterable[int], cpu_hashes: Iterable[int] = ()
+    ) -> ApplyResult:
+        """Replace the replica's resident set; the next batch must carry ``seq + 1``."""
+        with self._lock:
+            rec = self._known(replica_id)
+            if rec is None:
+                return ApplyResult(False, False, -1, 0)
+            self._index.replace(rec.slot, gpu_hashes, cpu_hashes)
+            self._access.forget(rec.slot)
+            rec.last_seq, rec.synced = seq, True
+            self.counters["resyncs"] += 1
+            self.metrics.resyncs.inc()
+            self._update_index_gauges(rec)
+            return ApplyResult(True, False, seq, self._index.num_resident(rec.slot))
+
+    def update_load(self, replica_id: str, load: LoadSnapshot) -> bool:
+        with self._lock:
+            rec = self._known(replica_id)
+            if rec is not None:
+                self._table.set_load(rec, load)
+                # NOTE: R(c) fades with time; a report refreshes it even without traffic.
+                self._table.set_reward(rec, self._rewards.value(replica_id, self.clock()))
+            return rec is not None
+
+    def _update_index_gauges(self, rec: ReplicaRecord) -> None:
+        self.metrics.index_blocks.labels(rec.replica_id).set(self._index.num_resident(rec.slot))
+        self.metrics.unique_blocks.set(self._index.num_unique_blocks)
+
+    # ------------------------------------------------------------------ selection
+    def select(
+        self,
+        request: SelectionRequest,
+        candidate_ids: Sequence[str] = (),
+        policy: str = "",
+        max_results: int = 0,
+        speculative: bool = True,
+    ) -> Selection:
+        """Rank candidates (all known replicas when empty) for ``request``. Unknown candidate
+        ids are ignored and counted. ValueError for an oversized prompt or an unknown policy.
+        With ``speculative`` the winner gets the prompt's blocks as pending inserts and the
+        request's tokens as in-flight load."""
+        if len(request.block_hashes) > self.config.max_prompt_blocks:
+            raise ValueError(
+                f"{len(request.block_hashes)} block hashes exceed max_prompt_blocks={self.config.max_prompt_blocks}"
+            )
+        with self._lock:
+            t0 = time.perf_counter()
+            pol = self.policy(policy)
+            # NOTE: bounded: a backlog is drained by expire_stale(), not by one unlucky Select.
+            self._index.expire_pending(max_marks=8)
+            slots, ids, unknown, mask = self._candidate_slots(candidate_ids)
+            hashes: Sequence[int] | U64 = request.block_hashes
+            if self.fast_path and isinstance(pol, TinyServeObjective) and not pol.config.learn:
+                ranked, matched, hashes = self._rank_fast(
+                    request, pol, slots, ids, mask, max_results
+                )
+            else:
+                cands = self._candidates(request, slots, ids, mask)
+                ranking = pol.select(request, cands)
+                ranked = ranking.top(cands, max_results)
+                matched = int(cands.num_matched_blocks[ranking.order[0]]) if ranked else 0
+            if ranked:
+                self._route(request, hashes, ranked[0].replica_id, pol.name, matched, speculative)
+            self.counters["selects"] += 1
+            self._decisions[pol.name] = self._decisions.get(pol.name, 0) + 1
+            decisions, latency = self._policy_metrics(pol.name)
+            decisions.inc()
+            latency.observe(time.perf_counter() - t0)
+            return Selection(pol.name, ranked, request.num_prompt_blocks, unknown)
+
+    def _policy_metrics(self, name: str) -> tuple[Any, Any]:
+        children = self._metric_children.get(name)
+        if children is None:
+            children = (
+                self.metrics.decisions.labels(name),
+                self.metrics.select_latency.labels(name),
+            )
+            self._metric_children[name] = children
+        return children
+
+    def _candidate_slots(
+        self, candidate_ids: Sequence[str]
+    ) -> tuple[np.ndarray, list[str], int, int]:
+        """(slots, replica_ids, number of unknown ids, slots bitmask) of the candidates."""
+        if not candidate_ids:
+            slots, ids = self._table.live()
+            return slots, ids, 0, self._table.live_mask
+        records = self._table.records
+        known = [rec for rec in (records.get(r) for r in candidate_ids) if rec is not None]
+        unknown = len(candidate_ids) - len(known)
+        if unknown:
+            self.counters["unknown_replica"] += unknown
+            self.metrics.errors.labels("unknown_replica").inc(unknown)
+        mask = 0
+        for rec in known:
+            mask |= 1 << rec.slot
+        return (
+            np.asarray([r.slot for r in known], np.int64),
+            [r.replica_id for r in known],
+            unknown,
+            mask,
+        )
+
+    def _same_node(self, request: SelectionRequest, slots: np.ndarray) -> np.ndarray:
+        if not request.origin_node_id:
+            return np.zeros(len(slots), np.bool_)
+        nodes = [self._table.by_slot[s].node_id for s in slots.tolist()]
+        return np.asarray([n == request.origin_node_id for n in nodes], np.bool_)
+
+    def _rank_fast(
+        self,
+        request: SelectionRequest,
+        pol: TinyServeObjective,
+        slots: np.ndarray,
+        ids: list[str],
+        mask: int,
+        k: int,
+    ) -> tuple[list[Ranked], int, U64]:
+        """The TinyServe objective without ``Candidates``: one compiled call from the hashes to
+        the ranked rows (``select_kernel.rank``). Returns (best ``k`` rows, the winner's
+        matched blocks, the hashes as uint64 for the route). Same answer as the generic path
+        (tests/cluster/test_selector_core.py compares them)."""
+        hashes = as_hash_array(request.block_hashes)
+        n = len(slots)
+        if len(self._top) < n:
+            self._top = np.zeros(n, np.int64)
+            self._result = np.zeros((n, len(select_kernel.RESULT_COLS)))
+        if self._match.shape[1] < 64 * self._index.num_words:
+            self._match = np.zeros((3, 64 * self._index.num_words), np.int64)
+        cand = self._cand_words(mask)
+        acc, t = self._access, self._table
+        cfg, req, q = pol.kernel_inputs(request)
+        r = select_kernel.rank(
+            hashes, *self._index.walk_args(), cand, self._match,
+            acc.keys, acc.slots, acc.vt, acc.bits, self.clock(), acc.rate,
+            slots, t.ints, t.floats, t.node_of_slot, t.node_code(request.origin_node_id),
+            cfg, req, q, k, self._result, self._top, index_kernels.SINK,
+        )  # fmt: skip
+        ranked = [
+            Ranked(ids[i], x[13], ScoreTerms(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7],
+                                             x[8], x[9], x[10], int(x[11]), int(x[12])))
+            for i, x in zip(self._top[:r].tolist(), self._result[:r].tolist(), strict=True)
+        ]  # fmt: skip
+        return ranked, ranked[0].terms.num_matched_blocks if ranked else 0, hashes
+
+    def _cand_words(self, mask: int) -> U64:
+        """The walk's candidate words of ``mask``, cached for the last mask (the live set)."""
+        words = self._index.num_words
+        cached = self._cand_cache
+        if cached is None or cached[0] != mask or len(cached[1]) != words:
+            cached = self._cand_cache = (mask, self._index.mask_words(mask))
+        return cached[1]
+
+    def _candidates(
+        self, request: SelectionRequest, slots: np.ndarray, ids: list[str], mask: int
+    ) -> Candidates:
+        match = self._index.match(request.block_hashes, mask)
+        cap = self._table.capacity
+        matched, pending, host = match.arrays(cap)
+        hot = self._access.hotness(request.block_hashes, matched, match.lengths())
+        same = self._same_node(request, slots)
+        c = self._table.gather(slots)
+        return Candidates(
+            ids,
+            matched[slots],
+            pending[slots],
+            host[slots],
+            hot[slots],
+            same_node=same,
+            **c,
+        )
+
+    def _route(
+        self,
+        request: SelectionRequest,
+        hashes: Sequence[int] | U64,
+        replica_id: str,
+        policy: str,
+        matched: int,
+        speculative: bool,
+    ) -> None:
+        rec = self._table.records[replica_id]
+        if speculative:
+            # NOTE: the matched prefix is resident already; only the rest needs a pending mark.
+            self._index.mark_pending(rec.slot, hashes[matched:], self.config.pending_ttl_s)
+            self._table.add_inflight(rec, request.num_prompt_tokens + request.num_output_tokens)
+            self._access.bump(rec.slot, hashes)
+        if request.request_id:
+            self._expect(request, rec, matched)
+            self._routed[request.request_id] = (policy, matched * rec.block_size)
+            if len(self._routed) > 65536:
+                self._routed.popitem(last=False)
+
+    # ------------------------------------------------------------------ feedback and stats
+    def _expect(self, request: SelectionRequest, rec: ReplicaRecord, matched: int) -> None:
+        """The objective's prediction for ``request`` on ``rec`` (cluster/selector/reward.py)."""
+        self._rewards.expect(
+            request.request_id,
+            predict(
+                rec.replica_id,
+                request.num_prompt_tokens,
+                matched * rec.block_size,
+                float(self._table.cols["prefill_tokens_per_s"][rec.slot]),
+                self.config.objective,
+            ),
+        )
+
+    def feedback(self, outcome: Outcome) -> bool:
+        """Record a realised outcome (R(c) of its replica, the policy's feedback hook);
+        False (counted) for an unknown replica."""
+        with self._lock:
+            rec = self._known(outcome.replica_id)
+            if rec is None:
+                return False
+            r = self._rewards.observe(outcome, self.clock())
+            if r is not None:
+                self._table.set_reward(rec, r)
+            self.counters["feedback"] += 1
+            routed = self._routed.pop(outcome.request_id, None)
+            if routed is not None:
+                policy, predicted = routed
+                self.metrics.predicted_hit_tokens.inc(predicted)
+                self.metrics.realised_hit_tokens.inc(outcome.num_cached_tokens)
+                self.policy(policy).on_feedback(outcome)
+            return True
+
+    def stats(self) -> CoreStats:
+        with self._lock:
+            tiny = self._policies.get(TinyServeObjective.name)
+            w = (
+                tuple(float(x) for x in tiny.w)
+                if isinstance(tiny, TinyServeObjective)
+                else self.config.objective.w
+            )
+            return CoreStats(
+                len(self._table),
+                self._index.num_unique_blocks,
+                dict(self.counters),
+                dict(self._decisions),
+                self.clock() - self._started,
+                self.config.default_policy,
+                w,
+            )
+
+    def list_replicas(self) -> list[ReplicaStatus]:
+        with self._lock:
+            now = self.clock()
+            return [
+                ReplicaStatus(
+                    r.replica_id,
+                    r.node_id,
+                    r.block_size,
+                    self._index.num_resident(r.slot),
+                    self._index.num_pending(r.slot),
+                    r.synced,
+                    r.connected,
+                    now - r.last_seen,
+                    r.last_seq,
+                    r.load,
+                )
+                for r in sorted(self._table.records.values(), key=lambda r: r.replica_id)
+            ]

@@ -1,0 +1,272 @@
+"""Global KV block index: which replica (slot) holds which block hash.
+
+Layout (R replicas, each owning a small-int ``slot``; bit ``slot`` of a mask = that replica):
+
+    _gpu     : MaskTable  block_hash -> slots holding it on the device tier   (dense, big)
+    _cpu     : MaskTable  block_hash -> slots holding it on the host tier     (usually empty)
+    _pending : MaskTable  block_hash -> slots with a speculative insert       (TTL, mark_pending)
+    _deadlines: PendingDeadlines  (block_hash, slot) -> deadline of its pending mark
+
+NOTE: one compiled pass over the prompt's hashes (``index_kernels.walk``) ANDs the masks
+block by block and gives every candidate's longest prefix at once: O(prompt blocks x mask
+words), stopping at the first block no candidate holds. Equivalence with the previous
+dict-of-ints index is tested by hypothesis (tests/cluster/test_selector_index.py).
+
+Contract: not thread-safe (the core serialises calls). Hash values are 64-bit external hashes
+(Python ints in [-2^63, 2^64); a negative value and its 64-bit two's complement name the
+same block). Pending marks are dropped lazily: a Select drains at
+most a few expired marks and the service sweeps the rest every TTL/2, so under a backlog a mark
+may outlive its TTL by up to ~TTL/2.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from cluster.selector import index_kernels as k
+from cluster.selector import pending_deadlines
+from cluster.selector.mask_table import MaskTable, warm_up
+from cluster.selector.pending_deadlines import PendingDeadlines
+from kvmanager.events import MEDIUM_CPU
+
+I64 = npt.NDArray[np.int64]
+U64 = npt.NDArray[np.uint64]
+U64Table = npt.NDArray[np.uint64]  # [rows, 1 + words]: a MaskTable's array
+
+
+def as_hash_array(block_hashes: Iterable[int]) -> U64:
+    """Block hashes as uint64 (negative int64 values wrap to their two's complement)."""
+    if isinstance(block_hashes, np.ndarray):
+        if block_hashes.dtype == np.uint64:
+            return block_hashes
+        return block_hashes.astype(np.int64, copy=False).view(np.uint64)
+    seq = block_hashes if isinstance(block_hashes, list | tuple) else list(block_hashes)
+    try:
+        return np.asarray(seq, np.int64).view(np.uint64)
+    except OverflowError:
+        return np.asarray([h - (1 << 64) if h >= 1 << 63 else h for h in seq], np.int64).view(
+            np.uint64
+        )
+
+
+@dataclass(slots=True)
+class PrefixMatch:
+    """Longest exact prefix per slot, as arrays indexed by slot (length >= every queried
+    slot + 1): ``resident_blocks`` leading blocks held on any tier, ``both_blocks`` leading
+    blocks held or pending, ``host_blocks`` blocks of the resident prefix on the host tier
+    only."""
+
+    resident_blocks: I64
+    both_blocks: I64
+    host_blocks: I64
+
+    @property
+    def resident(self) -> dict[int, int]:
+        """slot -> matched resident blocks (slots with 0 omitted)."""
+        return _nonzero(self.resident_blocks)
+
+    @property
+    def pending(self) -> dict[int, int]:
+        """slot -> blocks matched beyond the resident prefix thanks to pending inserts."""
+        return _nonzero(self.both_blocks - self.resident_blocks)
+
+    @property
+    def host(self) -> dict[int, int]:
+        return _nonzero(self.host_blocks)
+
+    def lengths(self) -> set[int]:
+        """The distinct non-zero resident prefix lengths."""
+        r = self.resident_blocks
+        return set(r[r > 0].tolist())
+
+    def arrays(self, num_slots: int) -> tuple[I64, I64, I64]:
+        """(resident, pending beyond resident, host) block counts indexed by slot."""
+        s = slice(0, num_slots)
+        res = self.resident_blocks[s]
+        return res, self.both_blocks[s] - res, self.host_blocks[s]
+
+
+def _nonzero(a: I64) -> dict[int, int]:
+    idx = np.flatnonzero(a)
+    return dict(zip(idx.tolist(), a[idx].tolist(), strict=True))
+
+
+class KVIndex:
+    """Resident and pending block hashes of every replica slot."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        warm_up()
+        pending_deadlines.warm_up()
+        self._clock = clock
+        self._gpu = MaskTable(bits=16)
+        self._cpu = MaskTable()
+        self._pending = MaskTable()
+        self._num_gpu = np.zeros(64, np.int64)
+        self._num_cpu = np.zeros(64, np.int64)
+        self._num_pending = np.zeros(64, np.int64)
+        self._deadlines = PendingDeadlines()
+        self._pending_queue: deque[tuple[float, int, U64]] = deque()
+
+    @property
+    def num_words(self) -> int:
+        return self._gpu.num_words
+
+    def nbytes(self) -> int:
+        """Bytes held by the index's arrays (not counting the pending deadline dicts)."""
+        return self._gpu.nbytes() + self._cpu.nbytes() + self._pending.nbytes()
+
+    # ------------------------------------------------------------------ membership
+    def add_slot(self, slot: int) -> None:
+        """Start tracking an (empty) slot; idempotent."""
+        words = slot // 64 + 1
+        if words > self.num_words:
+            for t in (self._gpu, self._cpu, self._pending):
+                t.widen(words)
+        if slot >= len(self._num_gpu):
+            grow = max(2 * len(self._num_gpu), slot + 1) - len(self._num_gpu)
+            self._num_gpu = np.concatenate([self._num_gpu, np.zeros(grow, np.int64)])
+            self._num_cpu = np.concatenate([self._num_cpu, np.zeros(grow, np.int64)])
+            self._num_pending = np.concatenate([self._num_pending, np.zeros(grow, np.int64)])
+
+    def remove_slot(self, slot: int) -> None:
+        """Forget every resident and pending hash of ``slot``; the slot number may be reused."""
+        self.clear(slot)
+        if slot < len(self._num_pending) and self._num_pending[slot]:
+            self._pending.clear_bits(self._deadlines.drop_slot(slot), slot)
+            self._num_pending[slot] = 0
+
+    def num_resident(self, slot: int) -> int:
+        if slot >= len(self._num_gpu):
+            return 0
+        return int(self._num_gpu[slot] + self._num_cpu[slot])
+
+    def num_pending(self, slot: int) -> int:
+        return int(self._num_pending[slot]) if slot < len(self._num_pending) else 0
+
+    @property
+    def num_unique_blocks(self) -> int:
+        """Distinct hashes held by any slot on any tier."""
+        if not len(self._cpu):
+            return len(self._gpu)
+        return len(self._gpu) + self._cpu.keys_missing_from(self._gpu)
+
+    # ------------------------------------------------------------------ mutation
+    def store(self, slot: int, block_hashes: Iterable[int], medium: str | None = None) -> int:
+        """Mark hashes resident on ``slot`` (host tier when ``medium == "CPU"``). Returns the
+        number of hashes applied."""
+        hashes = as_hash_array(block_hashes)
+        if medium == MEDIUM_CPU:
+            self._num_cpu[slot] += self._cpu.set_bits(hashes, slot)
+        else:
+            self._num_gpu[slot] += self._gpu.set_bits(hashes, slot)
+        return len(hashes)
+
+    def remove(self, slot: int, block_hashes: Iterable[int], medium: str | None = None) -> int:
+        """Drop hashes from one tier of ``slot``; unknown hashes are ignored. Returns the count
+        of hashes named."""
+        hashes = as_hash_array(block_hashes)
+        if medium == MEDIUM_CPU:
+            if len(self._cpu):
+                self._num_cpu[slot] -= self._cpu.clear_bits(hashes, slot)
+        else:
+            self._num_gpu[slot] -= self._gpu.clear_bits(hashes, slot)
+        return len(hashes)
+
+    def clear(self, slot: int) -> None:
+        """AllBlocksCleared: drop every resident hash of ``slot`` (pending inserts stay)."""
+        if slot >= len(self._num_gpu):
+            return
+        if self._num_gpu[slot]:
+            self._gpu.clear_slot(slot)
+        if self._num_cpu[slot]:
+            self._cpu.clear_slot(slot)
+        self._num_gpu[slot] = self._num_cpu[slot] = 0
+
+    def replace(self, slot: int, gpu_hashes: Iterable[int], cpu_hashes: Iterable[int] = ()) -> None:
+        """Full resync: the resident set of ``slot`` becomes exactly the given hashes."""
+        self.clear(slot)
+        self.store(slot, gpu_hashes)
+        self.store(slot, cpu_hashes, MEDIUM_CPU)
+
+    def mark_pending(self, slot: int, block_hashes: Sequence[int] | U64, ttl_s: float) -> None:
+        """Speculative insert: treat ``block_hashes`` as held by ``slot`` for ``ttl_s`` seconds
+        (so siblings of a burst follow the first request before its KV events arrive)."""
+        if not len(block_hashes) or ttl_s <= 0:
+            return
+        deadline = self._clock() + ttl_s
+        hashes = as_hash_array(block_hashes)
+        self._num_pending[slot] += self._deadlines.set(hashes, slot, deadline)
+        self._pending.set_bits(hashes, slot)
+        self._pending_queue.append((deadline, slot, hashes))
+
+    def expire_pending(self, max_marks: int | None = None) -> int:
+        """Drop pending inserts whose TTL passed; returns how many (slot, hash) pairs expired.
+        ``max_marks`` bounds the work (in mark_pending calls) so a Select never pays for a
+        long backlog; the service's background loop calls it unbounded."""
+        now = self._clock()
+        queue = self._pending_queue
+        n = 0
+        budget = len(queue) if max_marks is None else max_marks
+        while budget > 0 and queue and queue[0][0] <= now:
+            budget -= 1
+            _, slot, hashes = queue.popleft()
+            # NOTE: a later mark_pending of the same hash pushed its deadline; that one stays.
+            expired = self._deadlines.expire(hashes, slot, now)
+            if len(expired):
+                self._pending.clear_bits(expired, slot)
+                self._num_pending[slot] -= len(expired)
+                n += len(expired)
+        return n
+
+    # ------------------------------------------------------------------ query
+    def slots_mask(self, slots: Iterable[int]) -> npt.NDArray[np.uint64]:
+        """The candidate bitmask (uint64 words) of ``slots``."""
+        arr = np.fromiter(slots, np.int64) if not isinstance(slots, np.ndarray) else slots
+        out: npt.NDArray[np.uint64] = k.mask_from_slots(arr.astype(np.int64), self.num_words)
+        return out
+
+    def match(
+        self, block_hashes: Sequence[int] | I64 | U64, slots_mask: int | npt.NDArray[np.uint64]
+    ) -> PrefixMatch:
+        """Longest exact prefix of ``block_hashes`` on every slot in ``slots_mask`` (a Python
+        int bitmask, or the words from ``slots_mask()``)."""
+        cand = self._mask_words(slots_mask)
+        size = 64 * self.num_words
+        res = np.zeros(size, np.int64)
+        both = np.zeros(size, np.int64)
+        host = np.zeros(size, np.int64)
+        g, c, p = self._gpu, self._cpu, self._pending
+        k.walk(
+            as_hash_array(block_hashes),
+            g.tab, g.bits,
+            c.tab, c.bits, len(c) > 0,
+            p.tab, p.bits, len(p) > 0,
+            cand, res, both, host, k.SINK,
+        )  # fmt: skip
+        return PrefixMatch(res, both, host)
+
+    def walk_args(self) -> tuple[U64Table, int, U64Table, int, bool, U64Table, int, bool]:
+        """The device, host and pending tables as ``index_kernels.walk`` takes them (tab,
+        bits, ... use_cpu ..., use_pending); valid until the next mutation of the index."""
+        g, c, p = self._gpu, self._cpu, self._pending
+        return g.tab, g.bits, c.tab, c.bits, len(c) > 0, p.tab, p.bits, len(p) > 0
+
+    def mask_words(self, mask: int) -> npt.NDArray[np.uint64]:
+        """The candidate bitmask (a Python int over slots) as the walk's uint64 words."""
+        return self._mask_words(mask)
+
+    def _mask_words(self, mask: int | npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+        if isinstance(mask, np.ndarray):
+            return mask
+        nw = self.num_words
+        mask &= (1 << (64 * nw)) - 1
+        return np.frombuffer(mask.to_bytes(8 * nw, "little"), np.uint64).copy()
+
+    def holds(self, slot: int, block_hash: int) -> bool:
+        h = as_hash_array([block_hash])[0]
+        return self._gpu.has(h, slot) or (len(self._cpu) > 0 and self._cpu.has(h, slot))

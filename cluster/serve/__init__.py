@@ -1,0 +1,1 @@
+"""The Ray Serve application: OpenAI ingress, request router, app builder, settings."""

@@ -1,0 +1,378 @@
+"""OpenAIIngress: the HTTP front door (FastAPI through ``serve.ingress``).
+
+Routes: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{model}``,
+``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream`` true = SSE), vLLM's
+``POST /tokenize`` and ``/detokenize`` (``cluster.serve.openai_extras``); any other path or method
+answers 404/405 in OpenAI's error shape. Bad input gets OpenAI's error body
+with the right status (400 invalid request, 404 unknown model, 503 no replica answered) and
+disturbs nothing else. The prompt is tokenized here, once; the token ids travel in a
+``GenerateRequest`` through the router (which hashes them) to the replica.
+
+Failure handling: a replica that dies before the first token is retried on another replica
+(``MAX_ATTEMPTS``); once tokens have streamed, the error ends the stream. A client that goes
+away cancels the Serve call, which aborts the request in the replica's engine.
+"""
+
+# NOTE: no ``from __future__ import annotations`` here, on purpose: Serve's class-based
+# ingress rewrites the route methods' signatures, and FastAPI then cannot resolve postponed
+# (string) annotations such as ``request: Request`` (it would read them as query params).
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from cluster.serve import openai_limits as limits
+from cluster.serve.app_config import AppConfig
+from cluster.serve.openai_auth import check_local_only, load_keys
+from cluster.serve.openai_extras import (
+    DetokenizeRequest,
+    TokenizeRequest,
+    detokenize,
+    install_error_handlers,
+    model_card,
+    render_chat,
+    served_max_model_len,
+    tokenize,
+)
+from cluster.serve.openai_guard import Guard, install
+from cluster.serve.openai_health import HealthCache
+from cluster.serve.openai_parse import checked_policy, parse_body
+from cluster.serve.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from cluster.serve.openai_responses import Accumulated, ResponseContext, sse
+from cluster.serve.openai_schema import install_openapi
+from cluster.serve.openai_trace import IngressTrace, TraceLog
+from cluster.serve.tokenizer_pool import TokenizerPool
+from replicas.deployment import GenerateRequest
+from replicas.outputs import RequestOutput
+
+log = logging.getLogger("ray.serve")
+MAX_ATTEMPTS = 3
+api = FastAPI(title="TinyServe Cluster", version="0.1.0")
+install(api)  # NOTE: API key and body size, before any route runs (cluster.serve.openai_guard)
+install_error_handlers(api)
+install_openapi(api)  # NOTE: /openapi.json with the real request and response bodies
+
+
+@api.exception_handler(OpenAIError)
+async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status_code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    msg = f"{'.'.join(loc) + ': ' if loc else ''}{first.get('msg', 'invalid request')}"
+    err = OpenAIError(msg, param=loc[0] if loc else None)
+    return JSONResponse(err.body(), status_code=400)
+
+
+def _serve_http_host() -> str | None:
+    """The address Serve's HTTP proxies bind (None when it cannot be read)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client()
+        return str(client.http_config.host) if client is not None else None
+    except Exception:  # NOTE: unknown counts as not loopback (auth off then refuses to start)
+        return None
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The user-level exception inside a Ray task error."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+@serve.deployment(name="OpenAIIngress", max_ongoing_requests=256)
+@serve.ingress(api)
+class OpenAIIngress:
+    """``llm`` is the LLMReplica deployment's handle; ``settings`` the AppConfig dict."""
+
+    def __init__(self, llm: Any, settings: dict[str, Any]) -> None:
+        from replicas.model_loader import load_tokenizer
+        from replicas.model_source import resolve_model_dir
+
+        self.config = AppConfig(**settings)
+        self.model_name = self.config.model_name()
+        model_dir = resolve_model_dir(self.config.engine.model)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.max_model_len = served_max_model_len(self.config.engine.max_model_len, model_dir)
+        self.llm = llm.options(stream=True)
+        self.trace_log = TraceLog()
+        # NOTE: tokenizing (and the chat template) runs off the event loop, so streams keep
+        # flowing while a long prompt is encoded; one tokenizer copy per thread.
+        self._tokenize_pool = TokenizerPool(self.tokenizer, self.config.ingress_tokenizer_threads)
+        self.limits = self.config.limits
+        self.vocab_size = len(self.tokenizer) if self.tokenizer is not None else None
+        self.max_token_chars = limits.max_token_chars(self.tokenizer)
+        check_local_only(self.config.auth, _serve_http_host())
+        api.state.guard = Guard(load_keys(self.config.auth), self.limits)
+        install_openapi(api, self.model_name)  # NOTE: request bodies name the served model
+        self._health = HealthCache(serve.get_replica_context().app_name)
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise OpenAIError(
+                f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
+                status_code=404,
+                param="model",
+                code="model_not_found",
+            )
+
+    async def _outputs(
+        self, req: GenerateRequest, restartable: bool, trace: IngressTrace
+    ) -> AsyncIterator[RequestOutput | None]:
+        """The replica's deltas. If a replica dies, the request is re-sent to another one
+        (up to ``MAX_ATTEMPTS``) when nothing has reached the client yet: before the first
+        delta, or at any point when ``restartable`` (a non-streamed response, whose caller
+        then gets ``None``, meaning "discard what you accumulated")."""
+        base_id = req.request_id
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt:
+                req.request_id = f"{base_id}~{attempt}"
+            gen = self.llm.generate.remote(req)
+            started = done = False
+            try:
+                async for out in gen:
+                    started = True
+                    trace.on_output(out)
+                    yield out
+                done = True
+                return
+            except (RayActorError, ActorUnavailableError) as exc:
+                done = True
+                if (started and not restartable) or attempt == MAX_ATTEMPTS - 1:
+                    raise OpenAIError(
+                        f"replica failed: {type(exc).__name__}", 503, "server_error"
+                    ) from exc
+                log.warning(
+                    "request %s: replica died (%s); retrying on another replica",
+                    base_id,
+                    type(exc).__name__,
+                )
+                if started:
+                    yield None
+            except ValueError as exc:
+                done = True
+                raise OpenAIError(str(_cause(exc))) from exc
+            except OpenAIError:
+                done = True
+                raise
+            except Exception as exc:
+                # NOTE: e.g. a failed engine step: OpenAI's server_error, never a bare 500 or a
+                # stream cut without an error event.
+                done = True
+                log.warning("request %s failed: %r", base_id, _cause(exc))
+                raise OpenAIError(
+                    f"generation failed: {type(_cause(exc)).__name__}", 500, "server_error"
+                ) from exc
+            finally:
+                if not done:
+                    gen.cancel()  # NOTE: client went away: abort on the replica.
+
+    def _tokenize_chat(self, tokenizer: Any, body: ChatCompletionRequest
+                       ) -> tuple[str, list[int]]:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise OpenAIError("this model has no chat template; use /v1/completions")
+        chat = body.chat()
+        num_chars = sum(len(m["content"]) for m in chat)
+        limits.check_prompt_chars(num_chars, self.max_token_chars, self.limits, "messages")
+        text = render_chat(tokenizer, chat, add_generation_prompt=True)
+        # NOTE: the template already holds the special tokens; do not add a BOS twice.
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
+        limits.check_prompt_tokens(len(ids), self.limits, "messages")
+        return text, ids
+
+    def _tokenize_completion(self, tokenizer: Any, body: CompletionRequest
+                             ) -> tuple[str, list[int]]:
+        prompt = body.single_prompt()
+        if isinstance(prompt, list):
+            limits.check_prompt_tokens(len(prompt), self.limits)
+            limits.check_token_ids(prompt, self.vocab_size, "prompt")
+            text = tokenizer.decode(prompt) if tokenizer is not None else ""
+            return text, prompt
+        if tokenizer is None:
+            raise OpenAIError("this model has no tokenizer; send token ids as the prompt")
+        limits.check_prompt_chars(len(prompt), self.max_token_chars, self.limits)
+        ids = list(tokenizer.encode(prompt))
+        limits.check_prompt_tokens(len(ids), self.limits)
+        return prompt, ids
+
+    async def _respond(
+        self,
+        ctx: ResponseContext,
+        req: GenerateRequest,
+        stream: bool,
+        include_usage: bool,
+        trace: IngressTrace,
+    ) -> Any:
+        outputs = self._outputs(req, restartable=not stream, trace=trace)
+        if not stream:
+            accs = [Accumulated() for _ in range(req.n)]
+            async for out in outputs:
+                if out is None:
+                    # the replica died mid-way: start over elsewhere
+                    accs = [Accumulated() for _ in range(req.n)]
+                else:
+                    accs[out.index].add(out)
+            response = JSONResponse(ctx.body(accs))
+            trace.on_sent(first=True, last=True)
+            self.trace_log.add(trace)
+            return response
+        # NOTE: wait for the first delta before answering 200, so a refused request (too
+        # long, bad parameters) still gets a 4xx status instead of an error inside the stream.
+        first = await outputs.__anext__()
+        assert first is not None
+        return StreamingResponse(
+            self._sse(ctx, first, outputs, include_usage, trace, req.n),
+            media_type="text/event-stream",
+        )
+
+    async def _sse(
+        self,
+        ctx: ResponseContext,
+        first: RequestOutput,
+        rest: AsyncIterator[RequestOutput | None],
+        include_usage: bool,
+        trace: IngressTrace,
+        n: int = 1,
+    ) -> AsyncIterator[str]:
+        # NOTE: n > 1: one accumulator per choice; chunks carry the choice's index and go out
+        # in the order the sequences produced them (interleaved).
+        accs = [Accumulated() for _ in range(n)]
+        extra: dict[str, Any] = {"usage": None} if include_usage else {}
+
+        async def chain() -> AsyncIterator[RequestOutput]:
+            yield first
+            async for out in rest:
+                assert out is not None  # NOTE: streams are never restarted after output
+                yield out
+
+        if ctx.endpoint == "chat":
+            for index in range(n):
+                yield sse({**ctx.chunk("", first=True, index=index), **extra})
+        try:
+            async for out in chain():
+                acc = accs[out.index]
+                offset = len(acc.text)
+                acc.add(out)
+                if out.text_delta or out.finished or out.logprobs:
+                    trace.on_sent(first=bool(out.text_delta), last=out.finished)
+                    yield sse(
+                        {
+                            **ctx.chunk(
+                                out.text_delta,
+                                out.new_token_ids,
+                                out.logprobs,
+                                out.finish_reason if out.finished else None,
+                                text_offset=offset,
+                                index=out.index,
+                            ),
+                            **extra,
+                        }
+                    )
+            if include_usage:
+                yield sse(ctx.usage_chunk(accs))
+        except OpenAIError as err:
+            yield sse(err.body())
+        except Exception as exc:  # NOTE: whatever breaks, the client gets an error event
+            log.warning("stream %s failed: %r", ctx.response_id, exc)
+            yield sse(OpenAIError(f"stream failed: {type(exc).__name__}", 500,
+                                  "server_error").body())
+        self.trace_log.add(trace)
+        yield sse("[DONE]")
+
+    def _check_limits(self, body: ChatCompletionRequest | CompletionRequest) -> None:
+        limits.check_params(
+            body.stop, body.stop_token_ids, body.session_id, self.vocab_size, self.limits
+        )
+
+    # -- routes ----------------------------------------------------------------------------------
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        """200 while an LLM replica runs, else 503 (``cluster.serve.openai_health``)."""
+        state = await self._health.get()
+        return JSONResponse(state.body(), status_code=200 if state.healthy else 503)
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [model_card(self.model_name, self.max_model_len)]}
+
+    @api.get("/v1/models/{model:path}")
+    async def model(self, model: str) -> dict[str, Any]:
+        self._check_model(model)
+        return model_card(self.model_name, self.max_model_len)
+
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request) -> dict[str, Any]:
+        body = await parse_body(request, TokenizeRequest, self.limits)
+        if body.model is not None:
+            self._check_model(body.model)
+        return await self._tokenize_pool.run(tokenize, body, self.max_model_len)
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request) -> dict[str, Any]:
+        body = await parse_body(request, DetokenizeRequest, self.limits)
+        if body.model is not None:
+            self._check_model(body.model)
+        return await self._tokenize_pool.run(detokenize, body, None)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        recv = time.time()
+        body = await parse_body(request, ChatCompletionRequest, self.limits)
+        self._check_model(body.model)
+        body.check_supported()
+        self._check_limits(body)
+        text, ids = await self._tokenize_pool.run(self._tokenize_chat, body)
+        return await self._generate("chat", "chatcmpl", body, text, ids, recv)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        recv = time.time()
+        body = await parse_body(request, CompletionRequest, self.limits)
+        self._check_model(body.model)
+        body.check_supported()
+        self._check_limits(body)
+        text, ids = await self._tokenize_pool.run(self._tokenize_completion, body)
+        return await self._generate("completion", "cmpl", body, text, ids, recv)
+
+    def traces(self) -> list[dict[str, Any]]:
+        """Finished requests' per-hop stamps since the last call (``cluster.serve.openai_trace``);
+        for benchmarks and operators, through the deployment handle."""
+        return self.trace_log.take()
+
+    async def _generate(
+        self,
+        kind: Literal["chat", "completion"],
+        id_prefix: str,
+        body: ChatCompletionRequest | CompletionRequest,
+        text: str,
+        ids: list[int],
+        recv: float,
+    ) -> Any:
+        rid = f"{id_prefix}-{uuid.uuid4().hex}"
+        trace = IngressTrace(rid, recv)
+        params = body.sampling_params(self.config.default_max_tokens)
+        req = GenerateRequest(
+            rid,
+            ids,
+            params,
+            prompt=text,
+            session_id=body.session_id or "",
+            routing_policy=checked_policy(body.routing_policy),
+            n=body.n,
+        )
+        ctx = ResponseContext(kind, rid, self.model_name, self.tokenizer, params.logprobs)
+        trace.tokenized = time.time()
+        return await self._respond(ctx, req, body.stream, body.include_usage(), trace)

@@ -1,0 +1,194 @@
+"""TinyServeRouter: Serve request router that asks the cache-selection service.
+
+Configured per deployment through ``request_router_config``:
+
+    request_router_class: cluster.serve.router:TinyServeRouter
+    request_router_kwargs: {block_size: 16, hash_mode: fast, select_timeout_s: 0.05}
+
+For each request: hash the prompt's token ids into chained block hashes (the pools' own
+function), ``Select(hashes, candidates)`` with a tight deadline, and hand Serve the ranking as
+one-replica rank groups (Serve tries the next group only if the better replica is full).
+Routing degrades, never fails: when the service is unknown, slow or down, or the request
+carries no token ids, the request goes through Serve's power-of-two choices.
+
+Metrics (Serve API, labelled with the ingress deployment that owns the handle):
+``tinyserve_router_decisions{policy}``, ``tinyserve_router_fallbacks{reason}``,
+``tinyserve_selector_latency_seconds``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+from ray.serve.request_router import (
+    LocalityMixin,
+    MultiplexMixin,
+    PendingRequest,
+    RequestRouter,
+    RunningReplica,
+)
+
+from cluster.selector.client import AsyncSelectorClient
+from cluster.selector.grpc_tls import ClientTLS, TLSSettings
+from cluster.serve.router_core import (
+    PromptHasher,
+    RouterSettings,
+    own_node_id,
+    prompt_info,
+    ranks_from_selection,
+    select_kwargs,
+)
+
+log = logging.getLogger("ray.serve")
+LATENCY_BUCKETS_S = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25]
+
+
+class _RouterMetrics:
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self.decisions = metrics.Counter(
+            "tinyserve_router_decisions",
+            description="Requests routed by the selection service, by policy.",
+            tag_keys=("policy",),
+        )
+        self.fallbacks = metrics.Counter(
+            "tinyserve_router_fallbacks",
+            description="Requests routed by the power-of-two fallback, by reason.",
+            tag_keys=("reason",),
+        )
+        self.latency = metrics.Histogram(
+            "tinyserve_selector_latency_seconds",
+            description="Select round trip seen by the router (answered calls only).",
+            boundaries=LATENCY_BUCKETS_S,
+        )
+
+
+class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
+    """Cache-aware router; see the module docstring. Not FIFO on purpose: a replica chosen for
+    one request's prefix must serve that request, not the oldest pending one."""
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        self.settings = RouterSettings.from_kwargs(kwargs)
+        self._hasher = PromptHasher(self.settings.block_size, self.settings.hash_mode)
+        self._address: str | None = self.settings.selector_address
+        # NOTE: a standalone service (``selector_address``) takes its token from the env;
+        # the app's own is fetched with its address (cluster.serve.grpc_auth).
+        self._token: str | None = os.environ.get("TINYSERVE_SELECTOR_TOKEN") or None
+        # NOTE: a standalone service's CA comes from the kwargs; the app's with its token.
+        self._tls: ClientTLS | None = TLSSettings(
+            ca_file=self.settings.tls_ca_file, server_name=self.settings.tls_server_name
+        ).client()
+        self._client: AsyncSelectorClient | None = None
+        self._client_address: str | None = None
+        self._resolving = False
+        self._failures = 0
+        self._metrics = _RouterMetrics()
+        # NOTE: the router runs in the ingress replica's process: its node is the origin.
+        self._origin_node_id = own_node_id()
+        self.num_decisions = 0
+        self.num_fallbacks = 0
+
+    # -- selection service address ------------------------------------------------------------
+    def _resolve_in_background(self) -> None:
+        """Ask the CacheSelector deployment for its address on a thread (a blocking handle
+        call must not run on the router's event loop)."""
+        if self._resolving:
+            return
+        self._resolving = True
+
+        def run() -> None:
+            from ray import serve
+
+            try:
+                handle = serve.get_deployment_handle(
+                    self.settings.selector_deployment, self.app_name
+                )
+                token = handle.auth_token.remote().result(timeout_s=10.0)
+                self._token = str(token) if token else None
+                self._tls = handle.client_tls.remote().result(timeout_s=10.0)
+                self._address = str(handle.address.remote().result(timeout_s=10.0))
+                self._failures = 0
+            except Exception as exc:
+                log.info("TinyServeRouter: selection service address unknown: %r", exc)
+            finally:
+                self._resolving = False
+
+        threading.Thread(target=run, name="tinyserve-router-resolve", daemon=True).start()
+
+    def _get_client(self) -> AsyncSelectorClient | None:
+        address = self._address
+        if address is None:
+            self._resolve_in_background()
+            return None
+        if self._client is None or self._client_address != address:
+            # NOTE: grpc.aio channels bind to the running loop: create it on the router loop.
+            self._client = AsyncSelectorClient(
+                address,
+                token=self._token,
+                timeout_s=self.settings.select_timeout_s,
+                tls=self._tls,
+            )
+            self._client_address = address
+        return self._client
+
+    # -- routing -------------------------------------------------------------------------------
+    async def _fallback(
+        self,
+        reason: str,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None,
+    ) -> list[list[RunningReplica]]:
+        self.num_fallbacks += 1
+        self._metrics.fallbacks.inc(tags={"reason": reason})
+        return await PowerOfTwoChoicesRequestRouter.choose_replicas(
+            self,  # type: ignore[arg-type]
+            candidate_replicas=candidate_replicas,
+            pending_request=pending_request,
+        )
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        """Rank groups for one request: the service's order, or power-of-two."""
+        info = prompt_info(pending_request.args) if pending_request is not None else None
+        if info is None or not candidate_replicas:
+            return await self._fallback("no_tokens", candidate_replicas, pending_request)
+        client = self._get_client()
+        if client is None:
+            return await self._fallback("unresolved", candidate_replicas, pending_request)
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        start = time.perf_counter()
+        try:
+            selection = await client.select(
+                self._hasher(info.prompt_token_ids),
+                len(info.prompt_token_ids),
+                **select_kwargs(info, self.settings, list(by_id), self._origin_node_id),
+            )
+        except (ValueError, PermissionError) as exc:  # NOTE: caller bug; still serve it.
+            log.warning("TinyServeRouter: Select refused: %s", exc)
+            selection = None
+        if selection is None:
+            self._failures += 1
+            if self._failures >= self.settings.reresolve_after_failures:
+                self._failures = 0
+                self._resolve_in_background()
+            return await self._fallback("outage", candidate_replicas, pending_request)
+        self._failures = 0
+        self._metrics.latency.observe(time.perf_counter() - start)
+        ranks = ranks_from_selection(selection, by_id, self.settings.max_ranked)
+        if not ranks:
+            return await self._fallback("empty", candidate_replicas, pending_request)
+        self.num_decisions += 1
+        self._metrics.decisions.inc(tags={"policy": selection.policy})
+        if pending_request is not None:
+            # NOTE: if every ranked replica rejects, Serve retries with backoff, not a spin.
+            pending_request.routing_context.should_backoff = True
+        return ranks
