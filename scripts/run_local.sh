@@ -69,7 +69,10 @@ else
     kill -0 "$RAY_PID" 2>/dev/null || { cat /tmp/tinyserve-ray-head.log; exit 1; }; done
 fi
 
-echo "== serve run $APP_YAML (the first start converts the model once)"
+# NOTE: the embedded model is converted once, here, with a progress line, rather than by the
+# ingress and every replica at once inside `serve run`.
+echo "== model: $(python -m replicas.model_source default)"
+echo "== serve run $APP_YAML"
 START=$(date +%s)
 serve run "$APP_YAML" &
 SERVE_PID=$!

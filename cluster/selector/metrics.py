@@ -1,7 +1,7 @@
 """Prometheus metrics of the selection service (``tinyserve_selector_*``, units in names).
 
 Each ``SelectorMetrics`` owns its own ``CollectorRegistry`` so several cores (tests, the
-simulator) can coexist in one process; ``python -m cluster.selector.server --metrics-port`` serves it.
+simulator) can coexist in one process; ``python -m cluster.selector --metrics-port`` serves it.
 """
 
 from __future__ import annotations

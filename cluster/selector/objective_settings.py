@@ -4,7 +4,7 @@ service CLI (``--objective KEY=VALUE``), validated with messages that name the f
     selector:
       objective: {alpha_load: 3.0, prefill_tokens_per_s: 250, w: [2, 1, 4, 1]}
 
-    python -m cluster.selector.server --objective alpha_load=3 --objective 'w=[2,1,4,1]'
+    python -m cluster.selector --objective alpha_load=3 --objective 'w=[2,1,4,1]'
 
 Contract: ``check_objective`` raises ValueError for the first out-of-range field (every
 ``ObjectiveConfig`` runs it on construction, so a sweep's overrides are checked too);

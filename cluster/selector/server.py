@@ -1,4 +1,4 @@
-"""Run the cache-selection service: ``python -m cluster.selector.server --port 50051``.
+"""Run the cache-selection service: ``python -m cluster.selector --port 50051``.
 
 Binds 127.0.0.1 unless ``--host`` says otherwise. Serves ``tinyserve.v1.CacheSelection``, the
 standard ``grpc.health.v1.Health`` service and server reflection; optional shared-token auth
@@ -181,7 +181,7 @@ class ServerThread:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m cluster.selector.server", description="TinyServe cache-selection service"
+        prog="python -m cluster.selector", description="TinyServe cache-selection service"
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = pick a free one)")

@@ -403,7 +403,7 @@ def test_metrics_port_serves_tinyserve_series_that_pass_promtool(cluster: Cluste
     assert len(wanted) >= 20, wanted  # the table was found and read
     deadline = time.monotonic() + 90
     while True:
-        text = requests.get(cluster.selector.metrics, timeout=30).text
+        text = requests.get(cluster.metrics, timeout=30).text
         names = set(re.findall(r"^(ray_tinyserve_\w+?)(?:_bucket)?\{", text, re.M))
         if wanted <= names or time.monotonic() > deadline:
             break

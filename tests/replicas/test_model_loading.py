@@ -166,3 +166,14 @@ def test_model_source_resolution(
     target.mkdir(parents=True)
     (target / "config.json").write_text("{}")
     assert model_source.convert_gguf(gguf) == target
+
+
+def test_model_source_cli(
+    tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from replicas import model_source
+
+    assert model_source.main([str(tiny_llama_dir)]) == 0
+    assert capsys.readouterr().out.strip() == str(tiny_llama_dir)
+    assert model_source.main([str(tmp_path / "missing")]) == 2
+    assert "neither 'default'" in capsys.readouterr().err
