@@ -21,23 +21,19 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from cluster.selector import access, index_kernels, objective_kernel, select_kernel
+from cluster.selector import access, objective_kernel, select_kernel
 from cluster.selector.access import AccessTracker
 from cluster.selector.core_types import ApplyResult, CoreStats, ReplicaStatus, Selection
-from cluster.selector.index import U64, KVIndex, as_hash_array
+from cluster.selector.index import U64, KVIndex
 from cluster.selector.metrics import SelectorMetrics
 from cluster.selector.objective import ObjectiveConfig, TinyServeObjective
 from cluster.selector.policy import Policy, make_policy, policy_names, policy_params
+from cluster.selector.ranker import Ranker
 from cluster.selector.replica_table import _FLOAT_COLS, _INT_COLS, ReplicaRecord, ReplicaTable
 from cluster.selector.reward import RewardBook, predict
 from cluster.selector.types import (
-    Candidates,
     LoadSnapshot,
     Outcome,
-    Ranked,
-    ScoreTerms,
     SelectionRequest,
 )
 from kvmanager.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
@@ -86,13 +82,9 @@ class SelectorCore:
         objective_kernel.warm_up()
         access.warm_up()
         select_kernel.warm_up()
-        # the fast path's reused buffers (grown on demand; see _rank_fast)
-        self._match = np.zeros((3, 64), np.int64)
-        self._top = np.zeros(0, np.int64)
-        self._result = np.zeros((0, len(select_kernel.RESULT_COLS)))
-        self._cand_cache: tuple[int, U64] | None = None
         self._table = ReplicaTable()
         self._access = AccessTracker(clock, self.config.hot_half_life_s)
+        self._ranker = Ranker(self._index, self._table, self._access, clock)
         self._rewards = RewardBook(self.config.objective)  # NOTE: R(c), cluster/selector/reward.py
         self._policies: dict[str, Policy] = {}
         self._routed: OrderedDict[str, tuple[str, int]] = (
@@ -272,14 +264,17 @@ class SelectorCore:
             pol = self.policy(policy)
             # NOTE: bounded: a backlog is drained by expire_stale(), not by one unlucky Select.
             self._index.expire_pending(max_marks=8)
-            slots, ids, unknown, mask = self._candidate_slots(candidate_ids)
+            slots, ids, unknown, mask = self._table.candidate_slots(candidate_ids)
+            if unknown:
+                self.counters["unknown_replica"] += unknown
+                self.metrics.errors.labels("unknown_replica").inc(unknown)
             hashes: Sequence[int] | U64 = request.block_hashes
             if self.fast_path and isinstance(pol, TinyServeObjective) and not pol.config.learn:
-                ranked, matched, hashes = self._rank_fast(
+                ranked, matched, hashes = self._ranker.rank_fast(
                     request, pol, slots, ids, mask, max_results
                 )
             else:
-                cands = self._candidates(request, slots, ids, mask)
+                cands = self._ranker.candidates(request, slots, ids, mask)
                 ranking = pol.select(request, cands)
                 ranked = ranking.top(cands, max_results)
                 matched = int(cands.num_matched_blocks[ranking.order[0]]) if ranked else 0
@@ -301,98 +296,6 @@ class SelectorCore:
             )
             self._metric_children[name] = children
         return children
-
-    def _candidate_slots(
-        self, candidate_ids: Sequence[str]
-    ) -> tuple[np.ndarray, list[str], int, int]:
-        """(slots, replica_ids, number of unknown ids, slots bitmask) of the candidates."""
-        if not candidate_ids:
-            slots, ids = self._table.live()
-            return slots, ids, 0, self._table.live_mask
-        records = self._table.records
-        known = [rec for rec in (records.get(r) for r in candidate_ids) if rec is not None]
-        unknown = len(candidate_ids) - len(known)
-        if unknown:
-            self.counters["unknown_replica"] += unknown
-            self.metrics.errors.labels("unknown_replica").inc(unknown)
-        mask = 0
-        for rec in known:
-            mask |= 1 << rec.slot
-        return (
-            np.asarray([r.slot for r in known], np.int64),
-            [r.replica_id for r in known],
-            unknown,
-            mask,
-        )
-
-    def _same_node(self, request: SelectionRequest, slots: np.ndarray) -> np.ndarray:
-        if not request.origin_node_id:
-            return np.zeros(len(slots), np.bool_)
-        nodes = [self._table.by_slot[s].node_id for s in slots.tolist()]
-        return np.asarray([n == request.origin_node_id for n in nodes], np.bool_)
-
-    def _rank_fast(
-        self,
-        request: SelectionRequest,
-        pol: TinyServeObjective,
-        slots: np.ndarray,
-        ids: list[str],
-        mask: int,
-        k: int,
-    ) -> tuple[list[Ranked], int, U64]:
-        """The TinyServe objective without ``Candidates``: one compiled call from the hashes to
-        the ranked rows (``select_kernel.rank``). Returns (best ``k`` rows, the winner's
-        matched blocks, the hashes as uint64 for the route). Same answer as the generic path
-        (tests/cluster/test_selector_core.py compares them)."""
-        hashes = as_hash_array(request.block_hashes)
-        n = len(slots)
-        if len(self._top) < n:
-            self._top = np.zeros(n, np.int64)
-            self._result = np.zeros((n, len(select_kernel.RESULT_COLS)))
-        if self._match.shape[1] < 64 * self._index.num_words:
-            self._match = np.zeros((3, 64 * self._index.num_words), np.int64)
-        cand = self._cand_words(mask)
-        acc, t = self._access, self._table
-        cfg, req, q = pol.kernel_inputs(request)
-        r = select_kernel.rank(
-            hashes, *self._index.walk_args(), cand, self._match,
-            acc.keys, acc.slots, acc.vt, acc.bits, self.clock(), acc.rate,
-            slots, t.ints, t.floats, t.node_of_slot, t.node_code(request.origin_node_id),
-            cfg, req, q, k, self._result, self._top, index_kernels.SINK,
-        )  # fmt: skip
-        ranked = [
-            Ranked(ids[i], x[13], ScoreTerms(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7],
-                                             x[8], x[9], x[10], int(x[11]), int(x[12])))
-            for i, x in zip(self._top[:r].tolist(), self._result[:r].tolist(), strict=True)
-        ]  # fmt: skip
-        return ranked, ranked[0].terms.num_matched_blocks if ranked else 0, hashes
-
-    def _cand_words(self, mask: int) -> U64:
-        """The walk's candidate words of ``mask``, cached for the last mask (the live set)."""
-        words = self._index.num_words
-        cached = self._cand_cache
-        if cached is None or cached[0] != mask or len(cached[1]) != words:
-            cached = self._cand_cache = (mask, self._index.mask_words(mask))
-        return cached[1]
-
-    def _candidates(
-        self, request: SelectionRequest, slots: np.ndarray, ids: list[str], mask: int
-    ) -> Candidates:
-        match = self._index.match(request.block_hashes, mask)
-        cap = self._table.capacity
-        matched, pending, host = match.arrays(cap)
-        hot = self._access.hotness(request.block_hashes, matched, match.lengths())
-        same = self._same_node(request, slots)
-        c = self._table.gather(slots)
-        return Candidates(
-            ids,
-            matched[slots],
-            pending[slots],
-            host[slots],
-            hot[slots],
-            same_node=same,
-            **c,
-        )
 
     def _route(
         self,

@@ -9,6 +9,7 @@ Contract: not thread-safe (the core serialises calls). Slots of departed replica
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -181,3 +182,22 @@ class ReplicaTable:
                 [r.replica_id for r in recs],
             )
         return self._live_cache
+
+    def candidate_slots(
+        self, candidate_ids: Sequence[str]
+    ) -> tuple[np.ndarray, list[str], int, int]:
+        """(slots, replica_ids, number of unknown ids, slots bitmask) of the named candidates
+        (every live replica when none is named); unknown ids are skipped."""
+        if not candidate_ids:
+            slots, ids = self.live()
+            return slots, ids, 0, self.live_mask
+        known = [rec for rec in (self.records.get(r) for r in candidate_ids) if rec is not None]
+        mask = 0
+        for rec in known:
+            mask |= 1 << rec.slot
+        return (
+            np.asarray([r.slot for r in known], np.int64),
+            [r.replica_id for r in known],
+            len(candidate_ids) - len(known),
+            mask,
+        )

@@ -1,0 +1,102 @@
+"""Ranker: the candidates' columns and the tinyserve policy's compiled ranking, for SelectorCore.
+
+Two paths to the same answer (tests/cluster/test_selector_core.py compares them):
+- ``candidates``: the columnar ``Candidates`` any policy ranks (index match, hotness, node
+  locality, the replica table's load columns);
+- ``rank_fast``: the TinyServe objective without ``Candidates``, one compiled call from the
+  hashes to the ranked rows (``select_kernel.rank``), into buffers reused across calls.
+Contract: not thread-safe; SelectorCore calls it holding its lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from cluster.selector import index_kernels, select_kernel
+from cluster.selector.access import AccessTracker
+from cluster.selector.index import U64, KVIndex, as_hash_array
+from cluster.selector.objective import TinyServeObjective
+from cluster.selector.replica_table import ReplicaTable
+from cluster.selector.types import Candidates, Ranked, ScoreTerms, SelectionRequest
+
+
+class Ranker:
+    """Reads the core's index, replica table and access counts; owns only its buffers."""
+
+    def __init__(
+        self, index: KVIndex, table: ReplicaTable, access: AccessTracker,
+        clock: Callable[[], float],
+    ) -> None:  # fmt: skip
+        self._index, self._table, self._access, self._clock = index, table, access, clock
+        # NOTE: the fast path's reused buffers (grown on demand)
+        self._match = np.zeros((3, 64), np.int64)
+        self._top = np.zeros(0, np.int64)
+        self._result = np.zeros((0, len(select_kernel.RESULT_COLS)))
+        self._cand_cache: tuple[int, U64] | None = None
+
+    def rank_fast(
+        self,
+        request: SelectionRequest,
+        pol: TinyServeObjective,
+        slots: np.ndarray,
+        ids: list[str],
+        mask: int,
+        k: int,
+    ) -> tuple[list[Ranked], int, U64]:
+        """(best ``k`` rows, the winner's matched blocks, the hashes as uint64 for the route)."""
+        hashes = as_hash_array(request.block_hashes)
+        n = len(slots)
+        if len(self._top) < n:
+            self._top = np.zeros(n, np.int64)
+            self._result = np.zeros((n, len(select_kernel.RESULT_COLS)))
+        if self._match.shape[1] < 64 * self._index.num_words:
+            self._match = np.zeros((3, 64 * self._index.num_words), np.int64)
+        cand = self._cand_words(mask)
+        acc, t = self._access, self._table
+        cfg, req, q = pol.kernel_inputs(request)
+        r = select_kernel.rank(
+            hashes, *self._index.walk_args(), cand, self._match,
+            acc.keys, acc.slots, acc.vt, acc.bits, self._clock(), acc.rate,
+            slots, t.ints, t.floats, t.node_of_slot, t.node_code(request.origin_node_id),
+            cfg, req, q, k, self._result, self._top, index_kernels.SINK,
+        )  # fmt: skip
+        ranked = [
+            Ranked(ids[i], x[13], ScoreTerms(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7],
+                                             x[8], x[9], x[10], int(x[11]), int(x[12])))
+            for i, x in zip(self._top[:r].tolist(), self._result[:r].tolist(), strict=True)
+        ]  # fmt: skip
+        return ranked, ranked[0].terms.num_matched_blocks if ranked else 0, hashes
+
+    def _cand_words(self, mask: int) -> U64:
+        """The walk's candidate words of ``mask``, cached for the last mask (the live set)."""
+        words = self._index.num_words
+        cached = self._cand_cache
+        if cached is None or cached[0] != mask or len(cached[1]) != words:
+            cached = self._cand_cache = (mask, self._index.mask_words(mask))
+        return cached[1]
+
+    def candidates(
+        self, request: SelectionRequest, slots: np.ndarray, ids: list[str], mask: int
+    ) -> Candidates:
+        """The columns every policy ranks, for the candidates at ``slots``."""
+        match = self._index.match(request.block_hashes, mask)
+        matched, pending, host = match.arrays(self._table.capacity)
+        hot = self._access.hotness(request.block_hashes, matched, match.lengths())
+        c = self._table.gather(slots)
+        return Candidates(
+            ids,
+            matched[slots],
+            pending[slots],
+            host[slots],
+            hot[slots],
+            same_node=self._same_node(request, slots),
+            **c,
+        )
+
+    def _same_node(self, request: SelectionRequest, slots: np.ndarray) -> np.ndarray:
+        if not request.origin_node_id:
+            return np.zeros(len(slots), np.bool_)
+        nodes = [self._table.by_slot[s].node_id for s in slots.tolist()]
+        return np.asarray([n == request.origin_node_id for n in nodes], np.bool_)
