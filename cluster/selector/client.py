@@ -23,7 +23,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 
@@ -126,7 +126,23 @@ class _Failover:
         self.failed(i)
 
 
-class SelectorClient:
+Ch = TypeVar("Ch", grpc.Channel, grpc.aio.Channel)
+
+
+class _Replicas(Generic[Ch]):
+    """What both clients hold: a channel and a stub per selection replica, the token's
+    metadata, the default Select deadline and the failover state."""
+
+    def __init__(self, channels: list[Ch], token: str | None, timeout_s: float) -> None:
+        self.channels = channels
+        self.stubs = [pb_grpc.CacheSelectionStub(ch) for ch in channels]  # type: ignore[no-untyped-call]
+        self.channel, self.stub = channels[0], self.stubs[0]
+        self._md = _metadata(token)
+        self.timeout_s = timeout_s
+        self._failover = _Failover(len(self.stubs))
+
+
+class SelectorClient(_Replicas[grpc.Channel]):
     """Synchronous client. ``address`` may list several selection replicas (comma-separated):
     ``select`` fails over between them within one deadline. ``timeout_s`` is the default
     Select deadline."""
@@ -138,13 +154,7 @@ class SelectorClient:
         timeout_s: float = 0.05,
         tls: ClientTLS | None = None,
     ) -> None:
-        self.addresses = split_addresses(address)
-        self.channels = [channel(a, tls) for a in self.addresses]
-        self.stubs = [pb_grpc.CacheSelectionStub(ch) for ch in self.channels]  # type: ignore[no-untyped-call]
-        self.channel, self.stub = self.channels[0], self.stubs[0]
-        self._md = _metadata(token)
-        self.timeout_s = timeout_s
-        self._failover = _Failover(len(self.stubs))
+        super().__init__([channel(a, tls) for a in split_addresses(address)], token, timeout_s)
 
     def select(
         self,
@@ -194,7 +204,7 @@ class SelectorClient:
             ch.close()
 
 
-class AsyncSelectorClient:
+class AsyncSelectorClient(_Replicas[grpc.aio.Channel]):
     """asyncio client (for the Serve request router); fails over like ``SelectorClient``."""
 
     def __init__(
@@ -204,13 +214,7 @@ class AsyncSelectorClient:
         timeout_s: float = 0.05,
         tls: ClientTLS | None = None,
     ) -> None:
-        self.addresses = split_addresses(address)
-        self.channels = [aio_channel(a, tls) for a in self.addresses]
-        self.stubs = [pb_grpc.CacheSelectionStub(ch) for ch in self.channels]  # type: ignore[no-untyped-call]
-        self.channel, self.stub = self.channels[0], self.stubs[0]
-        self._md = _metadata(token)
-        self.timeout_s = timeout_s
-        self._failover = _Failover(len(self.stubs))
+        super().__init__([aio_channel(a, tls) for a in split_addresses(address)], token, timeout_s)
 
     async def select(
         self,
