@@ -13,14 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.selector_bench import (
-    BLOCK_SIZE,
-    CHAIN_BLOCKS,
-    _populate,
-    _rss_mb,
-    _throughput,
-    prompts,
-)
+from benchmarks.selector_bench import _throughput
+from benchmarks.selector_fixture import BLOCK_SIZE, CHAIN_BLOCKS, _populate, _rss_mb, prompts
 
 
 def _replica_server_main(
