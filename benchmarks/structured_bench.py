@@ -13,8 +13,12 @@ each arm's tokens/s is measured at exactly batch ``--batch``. The grammar is com
 the timed window (the engine compiles off the step thread; here it is the cache's hit).
 
 CPU:  python benchmarks/structured_bench.py --json benchmarks/results/structured_cpu.json
-GPU:  python benchmarks/structured_bench.py --device cuda --batch 16 \\
+GPU:  python benchmarks/structured_bench.py --device cuda --batch 16 --model random-1b \\
           --json benchmarks/results/structured_gpu.json         (target: json_schema >= 0.9x)
+
+``--model random-1b|random-8b``: the GPU benchmarks' random bf16 Llama shapes with the embedded
+model's tokenizer (the GPU machine has no SmolLM2 checkpoint; the grammar's cost per step
+depends on the vocabulary and the batch, not on the weights).
 """
 
 from __future__ import annotations
@@ -100,7 +104,7 @@ def _arm(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="default")
+    ap.add_argument("--model", default="default", help="an EngineConfig.model, or random-1b|8b")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -111,7 +115,7 @@ def main() -> None:
 
     engine = LLMEngine(
         EngineConfig(
-            model=args.model,
+            model=_model_dir(args.model),
             device=args.device,
             num_blocks=1024 if args.device == "cpu" else None,
             max_num_seqs=max(args.batch, 8),
@@ -152,6 +156,20 @@ def main() -> None:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _model_dir(model: str) -> str:
+    """``model`` itself, or a random-weight checkpoint of the named GPU shape."""
+    if model not in ("random-1b", "random-8b"):
+        return model
+    import tempfile
+
+    from benchmarks.gpu_ab import LLAMA_1B, LLAMA_8B, make_random_llama
+    from benchmarks.serve_overhead import default_tokenizer_dir
+
+    path = Path(tempfile.gettempdir()) / f"structured_{model}"
+    shape = LLAMA_1B if model == "random-1b" else LLAMA_8B
+    return str(make_random_llama(path, default_tokenizer_dir(), shape))
 
 
 def _device_name(device: str) -> str:
