@@ -34,6 +34,23 @@ def model_card(model_name: str, max_model_len: int) -> dict[str, Any]:
     }
 
 
+def fit_context(prompt_len: int, max_tokens: int, explicit: bool, max_model_len: int) -> int:
+    """The request's ``max_tokens`` within the context: a 400 (vLLM's message) when the prompt
+    plus an explicit limit exceeds ``max_model_len``; a server default is shortened to fit."""
+    room = max_model_len - prompt_len
+    if prompt_len + max_tokens <= max_model_len:
+        return max_tokens
+    if not explicit and room >= 1:
+        return room
+    raise OpenAIError(
+        f"This model's maximum context length is {max_model_len} tokens. However, you "
+        f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} "
+        "in the completion). Please reduce the length of the prompt or completion.",
+        param="max_tokens" if room >= 1 else "prompt",
+        code="context_length_exceeded",
+    )
+
+
 def served_max_model_len(configured: int | None, model_dir: Path) -> int:
     """The engine's context limit, as ``replicas.model_loader`` derives it."""
     from replicas.model_config import load_arch_config

@@ -36,6 +36,7 @@ from cluster.serve.openai_extras import (
     DetokenizeRequest,
     TokenizeRequest,
     detokenize,
+    fit_context,
     install_error_handlers,
     model_card,
     render_chat,
@@ -364,6 +365,8 @@ class OpenAIIngress:
         rid = f"{id_prefix}-{uuid.uuid4().hex}"
         trace = IngressTrace(rid, recv)
         params = body.sampling_params(self.config.default_max_tokens)
+        explicit = (getattr(body, "max_completion_tokens", None) or body.max_tokens) is not None
+        params.max_tokens = fit_context(len(ids), params.max_tokens, explicit, self.max_model_len)
         req = GenerateRequest(
             rid,
             ids,

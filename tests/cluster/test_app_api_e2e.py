@@ -219,6 +219,10 @@ def test_model_card_tokenize_detokenize_and_openai_shaped_404_405(app: App) -> N
     text = requests.post(f"{app.http}/detokenize", json={"tokens": tok["tokens"]},
                          timeout=30).json()
     assert text == {"prompt": "Hello world"}
+    limit = card.model_extra["max_model_len"]  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError, match="maximum context length") as too_long:
+        app.client.completions.create(model=MODEL, prompt="Hello world", max_tokens=limit)
+    assert too_long.value.body["code"] == "context_length_exceeded"
     for method, path, status in (("get", "/v1/nope", 404), ("post", "/v1/models", 405),
                                  ("get", "/v1/chat/completions", 405), ("get", "/tokenize", 405)):
         r = requests.request(method, f"{app.http}{path}", timeout=30)

@@ -8,7 +8,13 @@ from typing import Any
 
 import pytest
 
-from cluster.serve.openai_extras import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
+from cluster.serve.openai_extras import (
+    DetokenizeRequest,
+    TokenizeRequest,
+    detokenize,
+    fit_context,
+    tokenize,
+)
 from cluster.serve.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from cluster.serve.openai_responses import Accumulated, ResponseContext
 from replicas.outputs import RequestMetrics, RequestOutput
@@ -119,3 +125,15 @@ def test_tokenize_and_detokenize_bodies() -> None:
 
     with pytest.raises(OpenAIError, match="chat template refused the messages: roles must"):
         tokenize(Refusing(), TokenizeRequest.model_validate({"messages": MSG}), 99)
+
+
+def test_context_limit_is_a_400_for_explicit_limits_and_shortens_defaults() -> None:
+    assert fit_context(100, 28, True, 128) == 28
+    assert fit_context(100, 64, False, 128) == 28  # the server default shortened to fit
+    with pytest.raises(OpenAIError, match="maximum context length is 128 tokens") as info:
+        fit_context(100, 64, True, 128)
+    assert info.value.status_code == 400 and info.value.param == "max_tokens"
+    assert info.value.code == "context_length_exceeded"
+    with pytest.raises(OpenAIError, match="requested 144 tokens") as info:
+        fit_context(128, 16, False, 128)  # no room left even for a default
+    assert info.value.param == "prompt"
