@@ -192,10 +192,13 @@ def replay(
     running: list[_Seq] = []
     util, ext, ftot, occ, committed = [], [], [], [], []
     runs_ok = finished = preempted = 0
+    stalled = False
     while pending or running:
         # NOTE: admission counts blocks in use plus growth reservations (the scheduler's view
-        # of committed space), holding it under 90%.
-        while pending and m.num_blocks - m.num_free_blocks + m.num_reserved_blocks < 0.9 * m.num_blocks:
+        # of committed space), holding it under 90%. Nothing is admitted while a running
+        # sequence waits for a block (as a scheduler does): a preempted request readmitted at
+        # once took back the blocks its preemption freed, and small pools livelocked.
+        while not stalled and pending and m.num_blocks - m.num_free_blocks + m.num_reserved_blocks < 0.9 * m.num_blocks:
             rid, toks, out_len = pending[0]
             hit = m.lookup_prefix(toks)
             if m.allocate_slots(
@@ -207,12 +210,13 @@ def replay(
             running.append(_Seq(rid, list(toks), out_len, toks, out_len))
             pending.pop(0)
         still: list[_Seq] = []
-        progressed = False
+        progressed = stalled = False
         for seq in running:
             seq.tokens.append(rng.randrange(50_000))
             if m.allocate_slots(seq.rid, seq.tokens, 1) is None:
                 seq.tokens.pop()  # pool full: this sequence waits a step
                 still.append(seq)
+                stalled = True
                 continue
             m.commit(seq.rid, seq.tokens, len(seq.tokens))
             progressed = True

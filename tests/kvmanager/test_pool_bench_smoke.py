@@ -23,6 +23,14 @@ def test_replay_reports_sane_figures() -> None:
     assert out["num_steps"] > 16
 
 
+def test_replay_finishes_a_small_pool_under_preemption() -> None:
+    # NOTE: 512 blocks / 40 requests livelocked: the preempted request was readmitted at once
+    # and took back the blocks its preemption had freed.
+    for allocator in ("best_fit", "first_free"):
+        out = bench.replay(allocator, "lru", num_blocks=512, num_requests=40, seed=0)
+        assert out["num_preempted"] >= 1 and out["num_steps"] < 10_000
+
+
 def test_churn_cost_is_positive_for_our_pools() -> None:
     for allocator in ("best_fit", "first_free"):
         ns = bench._time_churn(lambda a=allocator: bench._OurPool(1024, a), 1024, 50, 0)
