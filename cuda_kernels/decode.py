@@ -21,7 +21,7 @@ import torch
 from cuda_kernels import runtime
 from cuda_kernels.checks import check_cache_pair, require
 
-_TAGS = {torch.bfloat16: "bf16_t", torch.float16: "f16_t"}
+_TAGS = runtime.DTYPE_TAGS
 _HEAD_DIMS = (64, 128)
 _BLOCK_SIZES = (16, 32)
 _NUM_WARPS = 4  # NOTE: must match NUM_WARPS / MMA_WARPS in the .cu files

@@ -12,7 +12,7 @@ import torch
 from cuda_kernels import runtime
 from cuda_kernels.checks import require
 
-_TAGS = {torch.bfloat16: "bf16_t", torch.float16: "f16_t"}
+_TAGS = runtime.DTYPE_TAGS
 _IDX_TYPES = {torch.int32: "int", torch.int64: "long long"}
 _SRC = "fused_ops.cu"
 

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 _SRC_DIR = Path(__file__).resolve().parent
+# The C++ element type (common.cuh) of each torch dtype the kernels take.
+DTYPE_TAGS = {torch.bfloat16: "bf16_t", torch.float16: "f16_t"}
 _OPTIONS = ("--std=c++17",)
 
 
