@@ -199,6 +199,41 @@ def _host_ints(t: torch.Tensor, name: str) -> list[int]:
     return [int(x) for x in t.tolist()]  # NOTE: a device sync when t is on CUDA
 
 
+class _Plan(NamedTuple):
+    """The batch's varlen description, checked, with its device copy."""
+
+    key: tuple[torch.device, int, tuple[int, ...], tuple[int, ...]]
+    meta: torch.Tensor  # [2 * num_seqs + 1] int32: cu_seqlens_q then seq_lens, on the device
+    max_q_len: int
+    max_seq_len: int
+
+
+_last_plan: dict[torch.device, _Plan] = {}
+
+
+def _plan(cu: list[int], lens: list[int], num_tokens: int, device: torch.device) -> _Plan:
+    """Check cu_seqlens_q/seq_lens and upload them; the last plan per device is reused.
+
+    NOTE: the engine calls every layer with the same step metadata: reusing the upload (keyed
+    by VALUE, so host buffers updated in place are safe) saves a pinned copy per layer."""
+    key = (device, num_tokens, tuple(cu), tuple(lens))
+    last = _last_plan.get(device)
+    if last is not None and last.key == key:
+        return last
+    num_seqs = len(lens)
+    require(len(cu) == num_seqs + 1 and cu[0] == 0 and cu[-1] == num_tokens,
+            "cu_seqlens_q must have num_seqs + 1 entries from 0 to num_tokens")  # fmt: skip
+    q_lens = [cu[i + 1] - cu[i] for i in range(num_seqs)]
+    for i, (ql, n) in enumerate(zip(q_lens, lens, strict=True)):
+        require(0 <= ql <= n, f"sequence {i}: {ql} new tokens but seq_len {n}")
+    meta = torch.tensor(cu + lens, dtype=torch.int32)
+    if device.type == "cuda":
+        meta = meta.pin_memory().to(device, non_blocking=True)
+    plan = _Plan(key, meta, max(q_lens, default=0), max(lens, default=0))
+    _last_plan[device] = plan
+    return plan
+
+
 def paged_prefill_attention(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim], sequences concatenated
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -224,27 +259,21 @@ def paged_prefill_attention(
             "block_tables must be [num_seqs, max_blocks] int32")  # fmt: skip
     cu, lens = _host_ints(cu_seqlens_q, "cu_seqlens_q"), _host_ints(seq_lens, "seq_lens")
     num_tokens, num_heads, head_dim = query.shape
-    num_seqs = len(lens)
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    require(len(cu) == num_seqs + 1 and cu[0] == 0 and cu[-1] == num_tokens,
-            "cu_seqlens_q must have num_seqs + 1 entries from 0 to num_tokens")  # fmt: skip
-    require(block_tables.shape[0] >= num_seqs, "block_tables has fewer rows than sequences")
-    q_lens = [cu[i + 1] - cu[i] for i in range(num_seqs)]
-    for i, (ql, n) in enumerate(zip(q_lens, lens, strict=True)):
-        require(0 <= ql <= n, f"sequence {i}: {ql} new tokens but seq_len {n}")
-        require(-(-n // block_size) <= block_tables.shape[1],
-                f"sequence {i}: seq_len {n} exceeds its block table")  # fmt: skip
     out = torch.empty_like(query)
+    plan = _plan(cu, lens, num_tokens, query.device)
+    num_seqs = len(lens)
+    require(block_tables.shape[0] >= num_seqs, "block_tables has fewer rows than sequences")
+    require(-(-plan.max_seq_len // block_size) <= block_tables.shape[1],
+            f"seq_len {plan.max_seq_len} exceeds the block tables' width")  # fmt: skip
     if num_tokens == 0:
         return out
     require(query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1",
             "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before importing triton)")  # fmt: skip
     cfg = config or tile_config(head_dim)
     group = num_heads // num_kv_heads
-    meta = torch.tensor(cu + lens, dtype=torch.int32)
-    if query.is_cuda:
-        meta = meta.pin_memory().to(query.device, non_blocking=True)
-    grid = (triton.cdiv(max(q_lens) * group, cfg.block_m), num_kv_heads, num_seqs)
+    meta = plan.meta
+    grid = (triton.cdiv(plan.max_q_len * group, cfg.block_m), num_kv_heads, num_seqs)
     _paged_prefill_kernel[grid](
         query, k_cache, v_cache, out, block_tables, meta, meta[num_seqs + 1 :],
         scale * LOG2E,

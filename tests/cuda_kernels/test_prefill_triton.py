@@ -53,7 +53,7 @@ def test_launcher_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="new tokens but seq_len"):
         prefill_triton.paged_prefill_attention(**bad_len)  # type: ignore[arg-type]
     short = dict(inputs, block_tables=inputs["block_tables"][:, :2])  # type: ignore[index]
-    with pytest.raises(ValueError, match="exceeds its block table"):
+    with pytest.raises(ValueError, match="exceeds the block tables"):
         prefill_triton.paged_prefill_attention(**short)  # type: ignore[arg-type]
     cu = inputs["cu_seqlens_q"].clone()  # type: ignore[attr-defined]
     cu[-1] += 1
@@ -63,6 +63,22 @@ def test_launcher_rejects_bad_input() -> None:
     assert not prefill_triton.supported(as_fp32["query"], inputs["k_cache"])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unsupported"):
         prefill_triton.paged_prefill_attention(**as_fp32)  # type: ignore[arg-type]
+
+
+def test_step_metadata_upload_is_reused_by_value() -> None:
+    """Layers of one step share one upload; a host buffer changed in place gets a new one."""
+    from cuda_kernels import prefill_triton
+
+    cu, lens = torch.tensor([0, 3, 5], dtype=torch.int32), torch.tensor([9, 2], dtype=torch.int32)
+    dev = torch.device("cpu")
+    first = prefill_triton._plan(cu.tolist(), lens.tolist(), 5, dev)
+    assert prefill_triton._plan(cu.tolist(), lens.tolist(), 5, dev) is first
+    assert first.meta.tolist() == [0, 3, 5, 9, 2] and first.max_q_len == 3
+    lens[1] = 4  # in place, as a persistent host buffer would be
+    second = prefill_triton._plan(cu.tolist(), lens.tolist(), 5, dev)
+    assert second is not first and second.meta.tolist() == [0, 3, 5, 9, 4]
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        prefill_triton._plan(cu.tolist(), lens.tolist(), 6, dev)
 
 
 def test_tile_config_env(monkeypatch: pytest.MonkeyPatch) -> None:
