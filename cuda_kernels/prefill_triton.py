@@ -51,18 +51,20 @@ class TileConfig(NamedTuple):
     num_stages: int
 
 
-# NOTE: H100-oriented defaults (issue 15: BLOCK_M 128, BLOCK_N 64); benchmarks/prefill_bench.py
-# sweeps CANDIDATE_CONFIGS on the GPU and reports each, so these can follow the measurement.
+# NOTE: H100-oriented defaults (issue 15: BLOCK_M 128, BLOCK_N 64). ptxas (sm_90a, Triton 3.6,
+# compiled offline) for head_dim 128: 128x64 with 8 warps uses ~180 registers, no spills; with
+# 4 warps it spills (255 registers); 128x128x8 uses 255 and its wgmmas serialize at 3 stages.
+# benchmarks/prefill_bench.py times every CANDIDATE_CONFIGS entry on the GPU.
 DEFAULT_CONFIGS: dict[int, TileConfig] = {
-    64: TileConfig(128, 64, 4, 3),
+    64: TileConfig(128, 64, 8, 3),
     128: TileConfig(128, 64, 8, 3),
 }
 CANDIDATE_CONFIGS: tuple[TileConfig, ...] = (
     TileConfig(128, 64, 8, 2),
     TileConfig(128, 64, 8, 3),
-    TileConfig(128, 64, 4, 2),
+    TileConfig(128, 32, 8, 3),
     TileConfig(128, 128, 8, 2),
-    TileConfig(64, 64, 4, 3),
+    TileConfig(64, 64, 4, 2),
 )
 
 
@@ -240,7 +242,7 @@ def paged_prefill_attention(
     v_cache: torch.Tensor,
     cu_seqlens_q: torch.Tensor,  # [num_seqs + 1] int, host tensor preferred
     seq_lens: torch.Tensor,  # [num_seqs] int, host tensor preferred
-    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32, on query's device
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32 (or int64), on query's device
     scale: float,
     config: TileConfig | None = None,
 ) -> torch.Tensor:
@@ -255,8 +257,8 @@ def paged_prefill_attention(
             "head_dim must be the unit-stride dimension of query and caches")  # fmt: skip
     require(k_cache.device == query.device == v_cache.device == block_tables.device,
             "query, caches and block_tables must be on one device")  # fmt: skip
-    require(block_tables.dim() == 2 and block_tables.dtype == torch.int32,
-            "block_tables must be [num_seqs, max_blocks] int32")  # fmt: skip
+    require(block_tables.dim() == 2 and block_tables.dtype in (torch.int32, torch.int64),
+            "block_tables must be [num_seqs, max_blocks] int32 or int64")  # fmt: skip
     cu, lens = _host_ints(cu_seqlens_q, "cu_seqlens_q"), _host_ints(seq_lens, "seq_lens")
     num_tokens, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]

@@ -49,6 +49,9 @@ CASES: tuple[Case, ...] = (
 )
 
 
+INT64_TABLES = "int64-block-tables"  # CASES[0] with int64 block tables, default tiles
+
+
 def make_case(case: Case, device: str) -> dict[str, object]:
     """Inputs for ops/prefill_triton.paged_prefill_attention (block tables on device,
     cu_seqlens_q and seq_lens on the host, as the engine passes them)."""
@@ -135,6 +138,10 @@ def run_interpreted() -> dict[str, float]:
         out = prefill_triton.paged_prefill_attention(**inputs, config=cfg)  # type: ignore[arg-type]
         assert out.shape == inputs["query"].shape and out.dtype == inputs["query"].dtype  # type: ignore[attr-defined]
         errs[case.id] = rel_err(out, inputs)
+    inputs = make_case(CASES[0], "cpu")
+    inputs["block_tables"] = inputs["block_tables"].long()  # type: ignore[attr-defined]
+    out = prefill_triton.paged_prefill_attention(**inputs)  # type: ignore[arg-type]
+    errs[INT64_TABLES] = rel_err(out, inputs)
     return errs
 
 

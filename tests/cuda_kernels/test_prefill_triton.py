@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from prefill_cases import CASES, Case, make_case
+from prefill_cases import CASES, INT64_TABLES, Case, make_case
 
 from cuda_kernels import ops
 
@@ -42,6 +42,10 @@ def test_interpreted_kernel_matches_reference(
     interpreted_errors: dict[str, float], case: Case
 ) -> None:
     assert interpreted_errors[case.id] < TOL[case.dtype]
+
+
+def test_interpreted_kernel_reads_int64_block_tables(interpreted_errors: dict[str, float]) -> None:
+    assert interpreted_errors[INT64_TABLES] < TOL[CASES[0].dtype]
 
 
 def test_launcher_rejects_bad_input() -> None:
