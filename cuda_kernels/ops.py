@@ -22,6 +22,7 @@ Signatures::
     paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale) -> Tensor
     paged_prefill_attention(query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables,
                             scale) -> Tensor
+    warm_up_prefill(k_cache, v_cache, num_heads) -> bool   (compiles the CUDA prefill kernel)
     copy_blocks(kv_caches: list[Tensor], src: Tensor, dst: Tensor) -> None  (mutates caches)
     rms_norm(x, weight, eps, residual=None) -> (out, residual_out)        (consumes x, residual)
     rope_and_cache(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping)
@@ -137,6 +138,20 @@ def paged_prefill_attention(
     return reference.paged_prefill_attention(
         query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale
     )
+
+
+def warm_up_prefill(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int) -> bool:
+    """Compile the CUDA prefill kernel for this layer shape now (engine start-up), so the
+    first request does not wait for it; True when a kernel was compiled/launched."""
+    if not (k_cache.is_cuda and prefill_backend() == "triton"):
+        return False
+    from cuda_kernels import prefill_triton
+
+    query = k_cache.new_empty((1, num_heads, k_cache.shape[3]))
+    if not prefill_triton.supported(query, k_cache):
+        return False
+    prefill_triton.warm_up(k_cache, v_cache, num_heads)
+    return True
 
 
 PREFILL_BACKEND_ENV = "TINYSERVE_PREFILL_BACKEND"
@@ -293,4 +308,5 @@ __all__ = [
     "silu_and_mul",
     "sparse_paged_decode_attention",
     "update_page_minmax",
+    "warm_up_prefill",
 ]

@@ -115,7 +115,9 @@ def _attend_tile(
     return acc, m_i, l_i
 
 
-@triton.jit
+# NOTE: the block tables' row stride follows the step's widest table; left unspecialised so a
+# width that changes divisibility by 16 (or is 1) does not compile a new variant mid-serving.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, cu_seqlens_q_ptr, seq_lens_ptr,
@@ -288,3 +290,15 @@ def paged_prefill_attention(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
+
+
+def warm_up(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int) -> None:
+    """Compile the kernel for this cache's shapes now (engine start-up) rather than in the
+    first prefill step: one 1-token prefill over block 0; writes nothing but a scratch
+    output (the caches are only read)."""
+    head_dim = k_cache.shape[3]
+    query = torch.zeros(1, num_heads, head_dim, dtype=k_cache.dtype, device=k_cache.device)
+    tables = torch.zeros(1, 1, dtype=torch.int32, device=k_cache.device)
+    one = torch.ones(1, dtype=torch.int32)
+    cu = torch.tensor([0, 1], dtype=torch.int32)
+    paged_prefill_attention(query, k_cache, v_cache, cu, one, tables, head_dim**-0.5)

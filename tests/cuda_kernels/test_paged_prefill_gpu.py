@@ -96,3 +96,10 @@ def test_ops_dispatch_and_backend_switch(monkeypatch: pytest.MonkeyPatch) -> Non
         ops.paged_prefill_attention(**fp32)
     monkeypatch.setenv(ops.PREFILL_BACKEND_ENV, "auto")
     ops.paged_prefill_attention(**fp32)  # auto: fp32 falls back to the reference
+
+
+def test_warm_up_compiles_for_supported_caches() -> None:
+    k = torch.zeros(4, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
+    assert ops.warm_up_prefill(k, k.clone(), 8)
+    k32 = k.float()
+    assert not ops.warm_up_prefill(k32, k32.clone(), 8)  # fp32: the reference path

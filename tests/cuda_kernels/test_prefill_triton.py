@@ -112,6 +112,11 @@ def test_prefill_backend_switch(monkeypatch: pytest.MonkeyPatch) -> None:
         ops.prefill_backend()
 
 
+def test_warm_up_is_a_no_op_on_cpu() -> None:
+    k = torch.zeros(4, 16, 2, 64, dtype=torch.bfloat16)
+    assert not ops.warm_up_prefill(k, k.clone(), 8)
+
+
 def test_cpu_tensors_take_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     """On CPU, ops never reaches the Triton launcher, whatever the switch says."""
     from cuda_kernels import prefill_triton, reference
