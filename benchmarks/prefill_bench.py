@@ -9,8 +9,8 @@ run, CUDA events, median of reps:
 - sdpa_pure     the SDPA kernel alone over contiguous, pre-expanded K/V
 - sdpa_boolmask contiguous K/V, boolean mask + enable_gqa (SDPA's math path)
 
-Target (issue 15): triton <= 1.1x sdpa_contig. FLOP/s count the full chunk x context
-rectangle (QK + PV), also as a fraction of the bf16 matmul peak measured in the same run.
+Target (issue 15): triton <= 1.1x sdpa_contig. FLOP/s count QK + PV over the keys each query
+sees (causal), also as a fraction of the bf16 matmul peak measured in the same run.
 
     python benchmarks/prefill_bench.py --json prefill.json     (or kernels_bench.py --only prefill)
 """
@@ -106,12 +106,16 @@ def bench_prefill(
 
         key = "x".join(map(str, cfg))  # BLOCK_M x BLOCK_N x warps x stages
         sweep_us[key] = time_ms(run, 1, iters, reps, graph=False) * 1e3
-    flops = 4 * num_seqs * chunk * context * NUM_HEADS * HEAD_DIM  # QK + PV, full rectangle
+    # NOTE: QK + PV over the keys each query sees (causal); the rows before this change (and
+    # kernels_notes' 108-271 TFLOP/s) counted the full chunk x context rectangle.
+    prefix = context - chunk
+    flops = 4 * num_seqs * NUM_HEADS * HEAD_DIM * (chunk * prefix + chunk * (chunk + 1) // 2)
     best = min(sweep_us.values(), default=t_tri * 1e3)
     return {
         "num_seqs": num_seqs,
         "context": context,
         "chunk": chunk,
+        "flops_causal": flops,
         "triton_us": t_tri * 1e3,
         "triton_config": "x".join(map(str, prefill_triton.tile_config(HEAD_DIM))),
         "triton_sweep_us": sweep_us,
