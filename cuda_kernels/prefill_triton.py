@@ -98,12 +98,14 @@ def _attend_tile(
             k = tl.load(k_ptrs, mask=in_ctx[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs)
-        qk = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N] fp32, log2 units
+        qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] fp32, unscaled
         if MASKED:
             visible = (pos[None, :] <= q_pos[:, None]) & in_ctx[None, :]
             qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
+        # NOTE: scale > 0, so max(qk) * scale = max(qk * scale); the scale then rides in one
+        # FMA per score (qk * scale - m), in log2 units.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+        p = tl.math.exp2(qk * scale_log2 - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:  # noqa: SIM108
