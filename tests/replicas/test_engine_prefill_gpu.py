@@ -22,7 +22,7 @@ pytestmark = pytest.mark.gpu
 
 def _run(
     model_dir: Path, backend: str, monkeypatch: pytest.MonkeyPatch
-) -> tuple[list[list[int]], int]:
+) -> tuple[list[list[int]], int, int]:
     from cuda_kernels import prefill_triton
 
     calls = [0]
@@ -36,13 +36,13 @@ def _run(
         m.setenv("TINYSERVE_PREFILL_BACKEND", backend)
         m.setattr(prefill_triton, "paged_prefill_attention", counted)
         engine = _engine(model_dir, "cuda", "bfloat16", block_size=16, cuda_graphs=True)
-        calls[0] = 0  # NOTE: count the steps' calls, not the start-up compile (warm_up)
+        warm_up_calls, calls[0] = calls[0], 0  # NOTE: the steps' calls, not the start-up one
         prompts = random_prompts(6, [3, 17, 40, 1, 9, 70], seed=11)
         hits = [prompts[5][:64] + t for t in random_prompts(2, [5, 33], seed=4)]
         outs = engine.generate(prompts, GREEDY) + engine.generate(hits, GREEDY)
         assert engine.stats().prefix_hit_tokens >= 2 * 64
         engine.kv.check_integrity()
-    return outs, calls[0]
+    return outs, warm_up_calls, calls[0]
 
 
 def test_greedy_tokens_triton_vs_sdpa(
@@ -51,9 +51,10 @@ def test_greedy_tokens_triton_vs_sdpa(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    sdpa, sdpa_calls = _run(hd64_llama_dir, "sdpa", monkeypatch)
-    tri, tri_calls = _run(hd64_llama_dir, "triton", monkeypatch)
-    assert sdpa_calls == 0 and tri_calls > 0
+    sdpa, sdpa_warm, sdpa_calls = _run(hd64_llama_dir, "sdpa", monkeypatch)
+    tri, tri_warm, tri_calls = _run(hd64_llama_dir, "triton", monkeypatch)
+    assert (sdpa_warm, sdpa_calls) == (0, 0)
+    assert tri_warm == 1 and tri_calls > 0  # compiled at start-up, then used by the steps
     prompts = random_prompts(6, [3, 17, 40, 1, 9, 70], seed=11)
     prompts += [prompts[5][:64] + t for t in random_prompts(2, [5, 33], seed=4)]
     ref = AutoModelForCausalLM.from_pretrained(str(hd64_llama_dir), dtype=torch.float32).eval()
