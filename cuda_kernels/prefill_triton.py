@@ -22,7 +22,7 @@ keys) are scheduled first.
 ``paged_prefill_attention`` is the typed launcher (same contract as
 cuda_kernels.reference.paged_prefill_attention). With TRITON_INTERPRET=1 set before triton is
 imported, it runs on CPU tensors through Triton's interpreter (tests only: slow, but it
-executes this very kernel source; tests/cuda_kernels/prefill_interp_cases.py).
+executes this very kernel source; tests/cuda_kernels/prefill_cases.py).
 """
 
 from __future__ import annotations
