@@ -7,7 +7,8 @@ Everything is measured side by side in one run and reported as ratios against ba
   block tables, against (a) torch SDPA over contiguous K/V, (b) gather-into-contiguous + SDPA,
   (c) a plain device-to-device copy of the same bytes (read + write counted);
 - reshape_and_cache and batched copy_blocks bandwidth (read + write) vs the copy bandwidth;
-- prefill: ops.paged_prefill_attention (gather + SDPA) vs SDPA over contiguous K/V.
+- prefill: the Triton paged prefill kernel and gather + SDPA vs SDPA over contiguous K/V
+  (benchmarks/prefill_bench.py; ``--only prefill`` runs just these rows, no CuPy needed).
 
 Timing: CUDA events around CUDA-graph replays of `iters` calls (GPU time, launch gaps
 removed) for decode, eager back-to-back calls for the host-driven ops; median of `reps`.
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from benchmarks.flex_peer import make_flex_paged_decode
 from benchmarks.gpu_timing import copy_tbps, profile_host, rotations, time_ms
-from benchmarks.prefill_bench import bench_prefill
+from benchmarks.prefill_bench import run_prefill
 from cuda_kernels import ops
 
 try:
@@ -284,7 +285,13 @@ def main() -> None:
         "else (its compile takes ~minutes)",
     )
     parser.add_argument("--profile-launch", action="store_true", help="cProfile eager decode calls")
+    parser.add_argument("--only", choices=["prefill"], default=None, help="run only these rows")
     args = parser.parse_args()
+    if args.only == "prefill":  # NOTE: Triton + torch only: no CuPy needed
+        from benchmarks import prefill_bench
+
+        prefill_bench.main_with(args.json, max(2, args.iters // 4), args.reps)
+        return
     if not (torch.cuda.is_available() and ops.cuda_kernels_available()):
         raise SystemExit("kernels_bench needs a CUDA GPU and cupy")
     props = torch.cuda.get_device_properties(0)
@@ -354,19 +361,7 @@ def main() -> None:
             f"{r['num_pairs']:>5} {r['overlap']!s:>7} {r['num_staged']:>6} | {r['ours_kernel_TBps']:>11.2f} {r['ours_e2e_TBps']:>8.2f} {r['copy_TBps']:>6.2f} | "
             f"{r['fraction_of_copy']:>7.2f} {r['ours_kernel_us']:>9.1f} {r['ours_e2e_us']:>8.1f} {r['torch_loop_us']:>8.1f}"
         )
-    pf = [
-        bench_prefill(s, c, ch, max(2, args.iters // 4), args.reps)
-        for s, c, ch in ((4, 4096, 512), (1, 8192, 2048))
-    ]
-    res["prefill"] = pf
-    print("\nprefill chunk over cached prefix: ops (gather + SDPA) vs SDPA over contiguous K/V")
-    for r in pf:
-        print(
-            f"seqs {r['num_seqs']} ctx {r['context']} chunk {r['chunk']}: gather+SDPA {r['gather_sdpa_us']:.1f} us, "
-            f"SDPA contiguous {r['sdpa_contig_us']:.1f} us, overhead x{r['gather_overhead']:.2f}, "
-            f"{r['gather_sdpa_TFLOPs']:.0f} TFLOP/s (bool-mask SDPA {r['sdpa_boolmask_contig_us']:.1f} us); "
-            f"vs the SDPA kernel alone on pre-expanded K/V {r['sdpa_pure_us']:.1f} us: x{r['over_sdpa_pure']:.2f}"
-        )
+    res["prefill"] = run_prefill(max(2, args.iters // 4), args.reps)
     if args.flex:  # NOTE: last: a device-side assert here would end the process
         res["flex"] = flex = [bench_flex(b, c, args.iters, args.reps) for b, c in DECODE_GRID]
         print("\nFlexAttention over the paged cache (compiled, 16-token pages) vs ours")

@@ -22,6 +22,7 @@ Signatures::
     paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale) -> Tensor
     paged_prefill_attention(query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables,
                             scale) -> Tensor
+    warm_up_prefill(k_cache, v_cache, num_heads) -> bool   (compiles the CUDA prefill kernel)
     copy_blocks(kv_caches: list[Tensor], src: Tensor, dst: Tensor) -> None  (mutates caches)
     rms_norm(x, weight, eps, residual=None) -> (out, residual_out)        (consumes x, residual)
     rope_and_cache(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping)
@@ -36,9 +37,12 @@ GQA: num_heads % num_kv_heads == 0. Decode/prefill outputs are new tensors shape
 like query. Prefill expects the chunk's own K/V already written (reshape_and_cache first).
 copy_blocks has sequential semantics: same result as ``for s, d in zip(src, dst):
 cache[d] = cache[s]`` in order, for every cache in kv_caches (K and V of every layer).
-NOTE: prefill on CUDA is gather + torch SDPA (the reference); benchmarks/kernels_bench.py
-measures its cost against SDPA over contiguous K/V. Pass cu_seqlens_q and seq_lens of prefill
-as CPU tensors (they are read on the host), and src/dst of copy_blocks likewise. Decode reads
+Prefill on CUDA is the Triton kernel cuda_kernels.prefill_triton (flash-attention-2 style,
+K/V read through block_tables, GQA without expansion) when triton imports, fp16/bf16 and head
+dim 64/128; else gather + torch SDPA (the reference). TINYSERVE_PREFILL_BACKEND=sdpa forces
+the latter for A/B (prefill_backend()); benchmarks/prefill_bench.py times both against SDPA
+over contiguous K/V. Pass cu_seqlens_q and seq_lens of prefill as CPU tensors (they are read
+on the host), and src/dst of copy_blocks likewise. Decode reads
 nothing on the host: it is CUDA-graph capturable (bound: block_tables width * block_size).
 """
 
@@ -116,10 +120,73 @@ def paged_prefill_attention(
     block_tables: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Causal chunked-prefill attention over the cached prefix; returns [num_tokens, H, D]."""
+    """Causal chunked-prefill attention over the cached prefix; returns [num_tokens, H, D].
+    On CUDA: the Triton kernel (cuda_kernels.prefill_triton) where it applies, else (or with
+    TINYSERVE_PREFILL_BACKEND=sdpa) the reference, gather + SDPA (prefill_backend())."""
+    if query.is_cuda and prefill_backend() == "triton":
+        from cuda_kernels import prefill_triton
+
+        if prefill_triton.supported(query, k_cache):
+            return prefill_triton.paged_prefill_attention(
+                query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale
+            )
+        if os.environ.get(PREFILL_BACKEND_ENV) == "triton":
+            raise ValueError(
+                f"{PREFILL_BACKEND_ENV}=triton but the kernel does not support query "
+                f"{tuple(query.shape)} {query.dtype} over cache {tuple(k_cache.shape)} {k_cache.dtype}"
+            )
     return reference.paged_prefill_attention(
         query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale
     )
+
+
+def warm_up_prefill(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int) -> bool:
+    """Compile the CUDA prefill kernel for this layer shape now (engine start-up), so the
+    first request does not wait for it; True when a kernel was compiled/launched."""
+    if not (k_cache.is_cuda and prefill_backend() == "triton"):
+        return False
+    from cuda_kernels import prefill_triton
+
+    query = k_cache.new_empty((1, num_heads, k_cache.shape[3]))
+    if not prefill_triton.supported(query, k_cache):
+        return False
+    prefill_triton.warm_up(k_cache, v_cache, num_heads)
+    return True
+
+
+PREFILL_BACKEND_ENV = "TINYSERVE_PREFILL_BACKEND"
+PREFILL_BACKENDS = ("auto", "triton", "sdpa")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when triton imports (it ships with CUDA builds of torch; CPU CI may lack it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def prefill_backend() -> str:
+    """The CUDA prefill path: "triton" or "sdpa" (gather + SDPA, the reference).
+
+    $TINYSERVE_PREFILL_BACKEND (read on every call, so one process can A/B): "auto"
+    (default: triton when it imports), "triton" (required: raises if triton is missing or the
+    shapes are unsupported), "sdpa". TINYSERVE_REFERENCE_KERNELS=1 also selects "sdpa".
+    """
+    choice = os.environ.get(PREFILL_BACKEND_ENV, "") or "auto"
+    if choice not in PREFILL_BACKENDS:
+        raise ValueError(f"{PREFILL_BACKEND_ENV} must be one of {PREFILL_BACKENDS}, got {choice!r}")
+    if choice == "sdpa":
+        return "sdpa"
+    if choice == "auto" and os.environ.get("TINYSERVE_REFERENCE_KERNELS", "") not in ("", "0"):
+        return "sdpa"
+    if not triton_available():
+        if choice == "triton":
+            raise ValueError(f"{PREFILL_BACKEND_ENV}=triton but triton does not import")
+        return "sdpa"
+    return "triton"
 
 
 def rms_norm(
@@ -234,10 +301,12 @@ __all__ = [
     "cuda_kernels_available",
     "paged_decode_attention",
     "paged_prefill_attention",
+    "prefill_backend",
     "reshape_and_cache",
     "rms_norm",
     "rope_and_cache",
     "silu_and_mul",
     "sparse_paged_decode_attention",
     "update_page_minmax",
+    "warm_up_prefill",
 ]

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
+from cuda_kernels import ops
 from replicas.attention import AttentionMetadata
 from replicas.config import SparseAttentionConfig
 from replicas.cuda_graph import DecodeGraphs
@@ -89,6 +90,8 @@ class ModelRunner:
             )
             for _ in range(cfg.num_hidden_layers)
         ]
+        # NOTE: compile the CUDA prefill kernel now, not inside the first request's step.
+        ops.warm_up_prefill(*self.kv_caches[0], cfg.num_attention_heads)
         # NOTE: page metadata for sparse decode; its tensors must move with compaction too
         # (self.sparse.metadata_tensors()).
         self.sparse: SparseAttention | None = None
