@@ -131,7 +131,7 @@ def engine_config(args: argparse.Namespace, model: str) -> dict[str, Any]:
 
 # -- engine alone --------------------------------------------------------------------------------
 def run_engine(engine: Any, prompts: list[Prompt], c: int, endpoint: str,
-               args: argparse.Namespace) -> RunResult:
+               args: argparse.Namespace, side: str = "engine") -> RunResult:
     from replicas.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
@@ -148,7 +148,7 @@ def run_engine(engine: Any, prompts: list[Prompt], c: int, endpoint: str,
         return Sample(send, first, time.perf_counter(), n)
 
     samples, errors = asyncio.run(closed_loop(c, len(prompts), one))
-    return summarize("engine", endpoint, True, c, samples, errors)
+    return summarize(side, endpoint, True, c, samples, errors)
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -221,25 +221,31 @@ def main(argv: list[str] | None = None) -> int:
     from replicas.config import EngineConfig
     from replicas.engine import AsyncLLMEngine
 
-    engine = AsyncLLMEngine(EngineConfig(**engine_config(args, model)))
+    cores = {"off": [False], "on": [True], "both": [False, True]}[args.engine_process]
     warm = make_prompts(tokenizer, "completions", 2, args.prompt_len, 99_999)
-    run_engine(engine, warm, 2, "completions", args)
-    for (endpoint, c), prompts in workload.items():
-        r = run_engine(engine, prompts, c, endpoint, args)
-        results.append(r)
-        print(f"engine {endpoint} c={c}: {r.output_tok_s:.1f} tok/s", flush=True)
-    asyncio.run(engine.shutdown())
-    del engine
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    # NOTE: the thread core is the reference (side "engine"); with --engine-process on/both
+    # the engine alone also runs with its core in a child process ("engine-proc"): the cost
+    # of the process hop itself, without Serve around it.
+    for in_process in sorted({False, *cores}):
+        side = "engine-proc" if in_process else "engine"
+        engine = AsyncLLMEngine(
+            EngineConfig(**engine_config(args, model), engine_process=in_process))
+        run_engine(engine, warm, 2, "completions", args, side)
+        for (endpoint, c), prompts in workload.items():
+            r = run_engine(engine, prompts, c, endpoint, args, side)
+            results.append(r)
+            print(f"{side} {endpoint} c={c}: {r.output_tok_s:.1f} tok/s", flush=True)
+        asyncio.run(engine.shutdown())
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     device_name = torch.cuda.get_device_name() if gpu else platform.processor() or "cpu"
 
     # Phase 2: the served app, the same requests; once per engine core (thread, process).
     import ray
     from ray import serve
 
-    cores = {"off": [False], "on": [True], "both": [False, True]}[args.engine_process]
     http = start_serve(args)
     try:
         for in_process in cores:
