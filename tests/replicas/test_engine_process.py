@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import psutil
@@ -24,6 +25,7 @@ from replica_helpers import SPECIAL, VOCAB, make_checkpoint, random_prompts
 
 from kvmanager.events import BlockStored
 from replicas.config import EngineConfig
+from replicas.deployment import LLMReplica
 from replicas.engine import AsyncLLMEngine, RequestOutput, SamplingParams
 from replicas.sampling_params import StructuredOutputSpec
 
@@ -256,6 +258,13 @@ def test_a_crashed_core_fails_its_streams_and_the_health_check(ckpt: Path) -> No
     assert all(e is not None and "engine core process died" in str(e) for e in errors)
     with pytest.raises(RuntimeError, match="died"):
         eng.check_health()
+    # The replica's Serve health check (the class under @serve.deployment, no Serve here; its
+    # report-loop task stubbed as alive) reports it, so Serve replaces the replica.
+    replica = object.__new__(LLMReplica.func_or_class)
+    replica.engine, replica._stopping = eng, False
+    replica._loop_task = SimpleNamespace(done=lambda: False)
+    with pytest.raises(RuntimeError, match="engine core process died"):
+        replica.check_health()
     with pytest.raises(RuntimeError, match="died"):
         eng.generate("after", [5, 6], SamplingParams(max_tokens=2))
     with pytest.raises(RuntimeError, match="died"):
@@ -285,6 +294,7 @@ def test_shutdown_ends_open_streams_and_leaves_no_process(ckpt: Path) -> None:
 PARENT = """
 import os, signal, sys
 from replicas.config import EngineConfig
+from replicas.deployment import LLMReplica
 from replicas.engine import AsyncLLMEngine
 if __name__ == "__main__":
     eng = AsyncLLMEngine(EngineConfig(model=sys.argv[1], num_blocks=48, block_size=4,
