@@ -12,6 +12,10 @@ temporary directory. The reader thread is the only reader of the output socket; 
 serialised by a lock. Queries (stats, events, ...) block the caller until the child answers,
 between two steps (at most one step, as the thread core's lock), or ``QUERY_TIMEOUT_S``.
 
+NOTE: spawn starts a fresh interpreter that re-imports the parent's ``__main__``: a script that
+builds a process engine at import time needs the usual ``if __name__ == "__main__":`` guard
+(Ray's worker entry point and pytest have one).
+
 Failure: when the child exits without ``Bye`` (crash, OOM kill), the reader delivers what the
 child had sent, then ``on_dead`` fails every open stream with a RuntimeError naming the exit
 code, waiting queries raise, and ``check_health`` raises from then on.
