@@ -24,6 +24,11 @@ breakdown (medians, ms).
     python3 benchmarks/serve_overhead.py --model random-1b --json $OUT/serve_overhead_h100_1b.json
     # re-render the markdown of a results file
     python benchmarks/serve_overhead.py --render benchmarks/results/serve_overhead_cpu.json
+    # the replica's engine core as a thread and as its own process, one run
+    python benchmarks/serve_overhead.py --engine-process both --json ...
+
+The engine alone always runs its core on a thread of this process (the reference: no Serve
+around it); ``--engine-process`` changes only the served replica's core.
 """
 
 from __future__ import annotations
@@ -35,12 +40,10 @@ import json
 import os
 import platform
 import random
-import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -48,19 +51,18 @@ from typing import Any
 # sys.path either way.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.serve_overhead_report import render_comparison, render_markdown
+from benchmarks.serve_overhead_report import pick_side, render_comparison, render_markdown
+from benchmarks.serve_overhead_served import (
+    Prompt,
+    closed_loop,
+    deploy,
+    run_served,
+    served_traces,
+    start_serve,
+)
 from benchmarks.serve_overhead_stats import RunResult, Sample, hop_breakdown, print_table, summarize
 
 WORDS = ["time", "year", "people", "way", "day", "man", "thing", "woman", "life", "child", "world", "school", "state", "family", "student", "group", "country", "problem", "hand", "part", "place", "case", "week", "company", "system", "program", "question", "work", "government", "number", "night", "point", "home", "water", "room", "mother", "area", "money", "story", "fact", "month", "lot", "right", "study", "book", "eye", "job", "word", "business", "issue", "side", "kind", "head", "house", "service", "friend", "father", "power", "hour", "game", "line", "end", "member", "law", "car", "city"]
-APP = "overhead"
-
-
-@dataclass(slots=True)
-class Prompt:
-    """One request as the client sends it and as the engine receives it."""
-
-    text: str  # completions: the prompt; chat: the user message
-    token_ids: list[int]  # what the ingress computes from it (template included for chat)
 
 
 # -- model and requests ------------------------------------------------------------------------
@@ -128,28 +130,8 @@ def engine_config(args: argparse.Namespace, model: str) -> dict[str, Any]:
 
 
 # -- engine alone --------------------------------------------------------------------------------
-async def closed_loop(concurrency: int, n: int, one: Callable[[int], Any]) -> tuple[
-        list[Sample], int]:
-    """``concurrency`` workers draining request indices 0..n-1; (samples, errors)."""
-    samples: list[Sample] = []
-    errors = 0
-    next_index = iter(range(n))
-
-    async def worker() -> None:
-        nonlocal errors
-        for i in next_index:
-            try:
-                samples.append(await one(i))
-            except Exception as exc:  # NOTE: counted and shown; the run goes on.
-                errors += 1
-                print(f"  request {i} failed: {exc!r}", file=sys.stderr)
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return samples, errors
-
-
 def run_engine(engine: Any, prompts: list[Prompt], c: int, endpoint: str,
-               args: argparse.Namespace) -> RunResult:
+               args: argparse.Namespace, side: str = "engine") -> RunResult:
     from replicas.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
@@ -166,104 +148,7 @@ def run_engine(engine: Any, prompts: list[Prompt], c: int, endpoint: str,
         return Sample(send, first, time.perf_counter(), n)
 
     samples, errors = asyncio.run(closed_loop(c, len(prompts), one))
-    return summarize("engine", endpoint, True, c, samples, errors)
-
-
-# -- served ----------------------------------------------------------------------------------------
-def run_served(http: str, model_name: str, prompts: list[Prompt], c: int, endpoint: str,
-               stream: bool, args: argparse.Namespace) -> tuple[RunResult, list[Sample]]:
-    import openai
-
-    async def main() -> tuple[list[Sample], int]:
-        # NOTE: the client's default pool (1,000 connections) covers every concurrency here.
-        async with openai.AsyncOpenAI(
-                base_url=f"{http}/v1", api_key="unused", max_retries=0, timeout=600) as client:
-            common = dict(model=model_name, max_tokens=args.output_len, temperature=0,
-                          extra_body={"ignore_eos": True})
-
-            async def one(i: int) -> Sample:
-                text = prompts[i].text
-                send = time.perf_counter()
-                if endpoint == "chat":
-                    msgs = [{"role": "user", "content": text}]
-                    if not stream:
-                        r = await client.chat.completions.create(messages=msgs, **common)
-                        end = time.perf_counter()
-                        return Sample(send, end, end, r.usage.completion_tokens, r.id)
-                    s = await client.chat.completions.create(
-                        messages=msgs, stream=True, stream_options={"include_usage": True},
-                        **common)
-                else:
-                    if not stream:
-                        r = await client.completions.create(prompt=text, **common)
-                        end = time.perf_counter()
-                        return Sample(send, end, end, r.usage.completion_tokens, r.id)
-                    s = await client.completions.create(
-                        prompt=text, stream=True, stream_options={"include_usage": True},
-                        **common)
-                first = last = 0.0
-                n = 0
-                rid = ""
-                async for chunk in s:
-                    now = time.perf_counter()
-                    rid = chunk.id
-                    if chunk.choices:
-                        first = first or now
-                        if chunk.choices[0].finish_reason is not None:
-                            last = now
-                    if chunk.usage is not None:
-                        n = chunk.usage.completion_tokens
-                return Sample(send, first, last or time.perf_counter(), n, rid)
-
-            return await closed_loop(c, len(prompts), one)
-
-    samples, errors = asyncio.run(main())
-    return summarize("served", endpoint, stream, c, samples, errors), samples
-
-
-def start_serve(args: argparse.Namespace, model: str, tokenizer_dir: Path) -> tuple[str, str]:
-    """Local Ray + Serve + the app; returns (base http url, served model name)."""
-    import ray
-    from ray import serve
-
-    from cluster.serve.app import build_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    cuda = args.model != "smollm2"
-    for kv in args.serve_env:
-        key, _, value = kv.partition("=")
-        os.environ[key] = value
-    # NOTE: address="local": always a private cluster; workers inherit this environment.
-    ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False,
-             log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    max_c = max(args.concurrency)
-    app_args = {
-        "engine": engine_config(args, model),
-        "num_replicas": 1,
-        "num_cpus_per_replica": 1.0,
-        "num_gpus_per_replica": 1.0 if cuda else 0.0,
-        "max_ongoing_requests": max(max_c, 1),
-        "router": "tinyserve",
-        "selector": {"port": 0},
-        "served_model_name": "overhead",
-        "default_max_tokens": args.output_len,
-        "auth": {"enabled": False},  # NOTE: the proxy binds loopback, above
-        **json.loads(args.app_args),
-    }
-    t0 = time.perf_counter()
-    serve.run(build_app(app_args), name=APP, route_prefix="/")
-    print(f"app up in {time.perf_counter() - t0:.0f} s", flush=True)
-    return f"http://127.0.0.1:{port}", "overhead"
-
-
-def served_traces() -> list[dict[str, Any]]:
-    from ray import serve
-
-    handle = serve.get_deployment_handle("OpenAIIngress", APP)
-    return list(handle.traces.remote().result(timeout_s=60))
+    return summarize(side, endpoint, True, c, samples, errors)
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -284,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="CPU: torch threads of the engine")
     p.add_argument("--max-num-batched-tokens", type=int, default=0)
     p.add_argument("--app-args", default="{}", help="JSON merged into the app's args")
+    p.add_argument("--engine-process", choices=("off", "on", "both"), default="off",
+                   help="the replica's engine core: a thread (off), its own process (on), or "
+                   "both one after the other against the same engine-alone baseline (sides "
+                   "served and served-proc)")
     p.add_argument("--serve-env", nargs="*", default=[], metavar="KEY=VALUE",
                    help="environment of the Ray cluster (Serve flags), e.g. "
                    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0")
@@ -293,11 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="results JSON (+ .md beside it)")
     p.add_argument("--render", type=Path, default=None, help="only re-render this JSON's .md")
     p.add_argument("--compare", nargs="+", default=None, metavar="NAME=JSON",
-                   help="only print a side-by-side markdown of several results files")
+                   help="only print a side-by-side markdown of several results files; "
+                   "JSON#served-proc picks a file's process-core rows")
     args = p.parse_args(argv)
     if args.compare:
-        runs = [(n, json.loads(Path(f).read_text()))
-                for n, _, f in (c.partition("=") for c in args.compare)]
+        runs = []
+        for name, _, spec in (c.partition("=") for c in args.compare):
+            path, _, side = spec.partition("#")
+            runs.append((name, pick_side(json.loads(Path(path).read_text()), side or "served")))
         print(render_comparison(runs), end="")
         return 0
     if args.render is not None:
@@ -329,35 +221,47 @@ def main(argv: list[str] | None = None) -> int:
     from replicas.config import EngineConfig
     from replicas.engine import AsyncLLMEngine
 
-    engine = AsyncLLMEngine(EngineConfig(**engine_config(args, model)))
+    cores = {"off": [False], "on": [True], "both": [False, True]}[args.engine_process]
     warm = make_prompts(tokenizer, "completions", 2, args.prompt_len, 99_999)
-    run_engine(engine, warm, 2, "completions", args)
-    for (endpoint, c), prompts in workload.items():
-        r = run_engine(engine, prompts, c, endpoint, args)
-        results.append(r)
-        print(f"engine {endpoint} c={c}: {r.output_tok_s:.1f} tok/s", flush=True)
-    asyncio.run(engine.shutdown())
-    del engine
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    # NOTE: the thread core is the reference (side "engine"); with --engine-process on/both
+    # the engine alone also runs with its core in a child process ("engine-proc"): the cost
+    # of the process hop itself, without Serve around it.
+    for in_process in sorted({False, *cores}):
+        side = "engine-proc" if in_process else "engine"
+        engine = AsyncLLMEngine(
+            EngineConfig(**engine_config(args, model), engine_process=in_process))
+        run_engine(engine, warm, 2, "completions", args, side)
+        for (endpoint, c), prompts in workload.items():
+            r = run_engine(engine, prompts, c, endpoint, args, side)
+            results.append(r)
+            print(f"{side} {endpoint} c={c}: {r.output_tok_s:.1f} tok/s", flush=True)
+        asyncio.run(engine.shutdown())
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     device_name = torch.cuda.get_device_name() if gpu else platform.processor() or "cpu"
 
-    # Phase 2: the served app, the same requests.
+    # Phase 2: the served app, the same requests; once per engine core (thread, process).
     import ray
     from ray import serve
 
-    http, model_name = start_serve(args, model, tok_dir)
+    http = start_serve(args)
     try:
-        run_served(http, model_name, warm, 2, "completions", True, args)
-        served_traces()
-        for (endpoint, c), prompts in workload.items():
-            for mode in args.modes:
-                stream = mode == "stream"
-                r, samples = run_served(http, model_name, prompts, c, endpoint, stream, args)
-                r.hops_ms = hop_breakdown(samples, served_traces(), stream)
-                results.append(r)
-                print(f"served {endpoint} {mode} c={c}: {r.output_tok_s:.1f} tok/s", flush=True)
+        for in_process in cores:
+            side = "served-proc" if in_process else "served"
+            model_name = deploy(args, {**engine_config(args, model), "engine_process": in_process})
+            run_served(http, model_name, warm, 2, "completions", True, args)
+            served_traces()
+            for (endpoint, c), prompts in workload.items():
+                for mode in args.modes:
+                    stream = mode == "stream"
+                    r, samples = run_served(
+                        http, model_name, prompts, c, endpoint, stream, args, side)
+                    r.hops_ms = hop_breakdown(samples, served_traces(), stream)
+                    results.append(r)
+                    print(f"{side} {endpoint} {mode} c={c}: {r.output_tok_s:.1f} tok/s",
+                          flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -58,17 +58,28 @@ def render_markdown(data: dict[str, Any]) -> str:
             f"{_f(r['ttft_p50_ms'])} | {_f(r['ttft_p99_ms'])} | {_f(r['tpot_p50_ms'], 2)} | "
             f"{_f(r['tpot_p99_ms'], 2)} | {r['latency_p50_ms']:.1f} | {r['num_errors']} |"
         )
-    served = [r for r in results if r["side"] == "served" and r.get("hops_ms")]
+    served = [r for r in results if r["side"].startswith("served") and r.get("hops_ms")]
     if served:
         lines += ["", "## Per-hop breakdown (medians over requests, ms)", ""]
-        cols = [f"{r['endpoint'][:4]} {'s' if r['stream'] else 'ns'} c{r['concurrency']}"
-                for r in served]
+        if any(r["side"] == "served-proc" for r in served):
+            lines += ["(`proc`: the replica's engine core in its own process)", ""]
+        cols = [f"{'proc ' if r['side'] == 'served-proc' else ''}{r['endpoint'][:4]} "
+                f"{'s' if r['stream'] else 'ns'} c{r['concurrency']}" for r in served]
         lines.append("| hop | " + " | ".join(cols) + " |")
         lines.append("|---|" + "---|" * len(cols))
         for key, meaning in HOPS:
             vals = [_f(r["hops_ms"].get(key), 2) for r in served]
             lines.append(f"| {key}: {meaning} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
+
+
+def pick_side(data: dict[str, Any], side: str) -> dict[str, Any]:
+    """``data`` with only the engine rows and the served rows of ``side`` (relabelled
+    "served"), so ``render_comparison`` can set one run's thread core against its process
+    core (``--compare thread=x.json proc=x.json#served-proc``)."""
+    rows = [r for r in data["results"] if r["side"] in ("engine", side)]
+    return {**data, "results": [{**r, "side": "served"} if r["side"] == side else r
+                                for r in rows]}
 
 
 def render_comparison(runs: list[tuple[str, dict[str, Any]]]) -> str:

@@ -100,7 +100,7 @@ def hop_breakdown(samples: list[Sample], traces: list[dict[str, Any]], stream: b
 
 def print_table(results: list[RunResult]) -> None:
     engine = {(r.endpoint, r.concurrency): r for r in results if r.side == "engine"}
-    head = (f"{'side':<8}{'endpoint':<13}{'stream':<8}{'c':>5}{'tok/s':>9}{'ratio':>7}"
+    head = (f"{'side':<12}{'endpoint':<13}{'stream':<8}{'c':>5}{'tok/s':>9}{'ratio':>7}"
             f"{'TTFT p50':>10}{'p99':>9}{'TPOT p50':>10}{'p99':>9}{'lat p50':>10}{'err':>5}")
     print(head)
     print("-" * len(head))
@@ -111,7 +111,7 @@ def print_table(results: list[RunResult]) -> None:
     for r in results:
         base = engine.get((r.endpoint, r.concurrency))
         ratio = r.output_tok_s / base.output_tok_s if base else float("nan")
-        print(f"{r.side:<8}{r.endpoint:<13}{r.stream!s:<8}{r.concurrency:>5}"
+        print(f"{r.side:<12}{r.endpoint:<13}{r.stream!s:<8}{r.concurrency:>5}"
               f"{r.output_tok_s:>9.1f}{ratio:>7.2f}{ms(r.ttft_p50_ms):>10}{ms(r.ttft_p99_ms):>9}"
               f"{ms(r.tpot_p50_ms):>10}{ms(r.tpot_p99_ms):>9}{r.latency_p50_ms:>10.1f}"
               f"{r.num_errors:>5}")

@@ -151,6 +151,13 @@ class EngineConfig(BaseModel):
         "discarded. Requests with penalties or structured output step synchronously. Off "
         "until measured on a GPU (benchmarks/results/engine_notes.md).",
     )
+    engine_process: bool = Field(
+        default=False,
+        description="Run the engine core in its own process (replicas.engine_core_proc; ZMQ + "
+        "msgspec between them) instead of a thread of the replica: the engine's Python no "
+        "longer competes for the GIL with Ray, Serve's streaming and asyncio. Off until a GPU "
+        "A/B (benchmarks/serve_overhead.py --engine-process both) says it pays.",
+    )
     stream_interval: int = Field(
         default=1,
         ge=1,

@@ -30,7 +30,6 @@ from replicas.config import EngineConfig
 from replicas.deployment_metrics import ReplicaMetrics
 from replicas.engine import AsyncLLMEngine
 from replicas.outputs import RequestOutput
-from replicas.rate_meter import calibrate
 from replicas.sampling_params import SamplingParams
 
 log = logging.getLogger("ray.serve")
@@ -133,7 +132,7 @@ class LLMReplica:
         self.engine = AsyncLLMEngine(self.config)
         # NOTE: measured before serving (the core thread starts with the first request), so
         # the first snapshot already carries this replica's own rates.
-        rates = await asyncio.to_thread(calibrate, self.engine.engine)
+        rates = await asyncio.to_thread(self.engine.calibrate)
         log.info("replica rates: prefill %.0f tok/s, decode %.0f tok/s",
                  rates.prefill_tokens_per_s, rates.decode_tokens_per_s)
         ctx = serve.get_replica_context()
@@ -201,7 +200,7 @@ class LLMReplica:
         """The load snapshot; ``stats`` (the pool's, just taken) saves taking it again."""
         stats = stats if stats is not None else self.engine.stats()
         tokens = sum(self._inflight.values())
-        rates = self.engine.engine.rates.rates()
+        rates = self.engine.rates()
         return ReplicaLoad(
             num_blocks=stats.num_blocks,
             num_free_blocks=stats.num_free_blocks,
@@ -273,9 +272,9 @@ class LLMReplica:
                     stats = await asyncio.to_thread(self.engine.stats)
                     load = self.load(stats)
                     self.metrics.on_pool(stats, len(self._inflight))
-                    sparse = self.engine.engine.runner.sparse
+                    sparse = await asyncio.to_thread(self.engine.sparse_stats)
                     if sparse is not None:
-                        self.metrics.on_sparse(sparse.stats())
+                        self.metrics.on_sparse(sparse)
                     if self._sink is not None:
                         self._sink.snapshot(load)
                         ok = self._sink.connected()
@@ -302,12 +301,14 @@ class LLMReplica:
         """Serve restarts the replica when this raises."""
         if self._loop_task.done() and not self._stopping:
             raise RuntimeError("the replica's report loop died")
+        # NOTE: a dead engine-core process (or a shut-down engine) fails here at once.
+        self.engine.check_health()
         self.engine.stats()
 
     def stats(self) -> dict[str, Any]:
         """Pool stats + identity (for tests, benchmarks and operators)."""
         d = self.engine.stats().to_dict()
-        rates = self.engine.engine.rates.rates()
+        rates = self.engine.rates()
         d.update(
             replica_id=self.replica_id,
             node_id=_node_id(),

@@ -7,19 +7,21 @@
         ...                                   # 4 sequences' deltas, interleaved, out.index 0-3
     engine.abort(request_id); engine.take_events(); engine.stats(); await engine.shutdown()
 
-The engine core steps on its own thread (``tinyserve-engine-core``)::
+The engine core steps on its own thread (``replicas.engine_core_thread``, the default) or,
+with ``EngineConfig.engine_process``, in its own process (``replicas.engine_core_proc``)::
 
-    event loop(s)                         engine-core thread
-    generate() -> pending adds  --lock-->  apply adds/aborts, step(), step(), ...
-    _stream() <- asyncio.Queue  <--------  one call_soon_threadsafe per loop per step
+    event loop(s)                          engine core (thread, or child process over ZMQ)
+    generate() -> core.submit()  ------->  apply adds/aborts, step(), step(), ...
+    _stream() <- asyncio.Queue   <-------  route(): one call_soon_threadsafe per loop per step
                                            (that step's outputs, one per request)
 
-so streaming never waits on a step and a step never waits on streaming: the next step starts
-as soon as the last one's outputs are handed over, whatever the loop is doing. Every engine
-mutation happens on that thread, between steps. Leaving the ``async for`` early (break,
-cancellation) aborts the request. A structured-output grammar is compiled on a worker thread
-before the request is queued (``replicas.structured_output``); ``n`` > 1 queues the request's
-sequences in one hand-over (``replicas.parallel_sampling``).
+so streaming never waits on a step and a step never waits on streaming. Every engine
+mutation happens in the core, between steps. Leaving the ``async for`` early (break,
+cancellation) aborts the request. A structured-output grammar is compiled off the step loop
+before the request is added (``replicas.structured_output``); ``n`` > 1 queues the request's
+sequences in one hand-over (``replicas.parallel_sampling``). The process core keeps the
+engine's Python off this process's GIL; a core that dies fails every open stream with a
+RuntimeError and ``check_health`` raises from then on.
 """
 
 from __future__ import annotations
@@ -34,15 +36,19 @@ from typing import TYPE_CHECKING, Any
 from kvmanager.events import KVEvent
 from kvmanager.metrics import PoolStats
 from replicas.config import EngineConfig
+from replicas.engine_core_thread import ThreadCore
+from replicas.engine_core_turn import Add, Routed
 from replicas.llm_engine import LLMEngine
 from replicas.outputs import RequestMetrics, RequestOutput, merge_outputs
 from replicas.parallel_sampling import check_n, child_params, child_request_id
+from replicas.rate_meter import Rates
 from replicas.sampling_params import SamplingParams
+from replicas.sparse import SparseAttentionStats
 
 if TYPE_CHECKING:
     import xgrammar
 
-_Add = tuple[str, list[int], SamplingParams, "xgrammar.CompiledGrammar | None"]
+    from replicas.engine_core_proc import ProcessCore
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +79,9 @@ IDLE_CHECK_AFTER_S = 1.0
 
 
 class AsyncLLMEngine:
-    """Async facade. Construct inside or outside a running loop; the engine-core thread
-    starts on the first ``generate`` call and serves every loop that streams from it."""
+    """Async facade. Construct inside or outside a running loop. The thread core starts on
+    the first ``generate`` call; the process core (``config.engine_process``) starts here and
+    returns once its engine is built. Either serves every loop that streams from it."""
 
     def __init__(
         self,
@@ -82,35 +89,42 @@ class AsyncLLMEngine:
         engine: LLMEngine | None = None,
         idle_check_after_s: float = IDLE_CHECK_AFTER_S,
     ) -> None:
-        self.engine = engine if engine is not None else LLMEngine(config)
         self.config = config
         self.idle_check_after_s = idle_check_after_s
         self._sinks: dict[str, _Sink] = {}
-        # NOTE: guards the pending lists, _sinks and _stopped; the engine itself is touched
-        # only by the core thread (and by shutdown() after that thread has ended).
-        self._cond = threading.Condition()
-        self._pending_adds: list[_Add] = []
-        self._pending_aborts: list[str] = []
-        self._thread: threading.Thread | None = None
-        self._stopped = False
+        self._lock = threading.Lock()  # NOTE: guards _sinks
+        self._core: ThreadCore | ProcessCore
+        if config.engine_process:
+            if engine is not None:
+                raise ValueError("engine_process: the engine is built in its own process")
+            from replicas.engine_core_proc import ProcessCore
+
+            self._core = ProcessCore(config, self._route, self._fail_all, idle_check_after_s)
+        else:
+            engine = engine if engine is not None else LLMEngine(config)
+            self._core = ThreadCore(engine, self._route, idle_check_after_s)
+
+    @property
+    def engine(self) -> LLMEngine:
+        """The in-process LLMEngine (tests, benchmarks). RuntimeError with ``engine_process``:
+        the engine lives in the child; use this facade's methods."""
+        if isinstance(self._core, ThreadCore):
+            return self._core.engine
+        raise RuntimeError("engine_process: the LLMEngine runs in its own process")
+
+    @property
+    def core_pid(self) -> int | None:
+        """The engine-core process's pid (None: the core is a thread of this process)."""
+        return self._core.pid
 
     @property
     def tokenizer(self) -> Any:
         """The checkpoint's HF tokenizer (with its chat template), or None."""
-        return self.engine.tokenizer
+        return self._core.tokenizer
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
-    def _ensure_core(self) -> None:
-        if self._stopped:
-            raise RuntimeError("engine is shut down")
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(
-                target=self._run_core, name="tinyserve-engine-core", daemon=True
-            )
-            self._thread.start()
+        return self._core.max_model_len
 
     def generate(
         self,
@@ -126,29 +140,36 @@ class AsyncLLMEngine:
         check_n(n)
         if request_id in self._sinks:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        self.engine.validate(request_id, prompt_token_ids, sampling_params)
+        self._core.check_health()
+        self._core.limits.check(prompt_token_ids, sampling_params)
         if n > 1:
             return self._stream_parallel(request_id, list(prompt_token_ids), sampling_params, n)
         return self._stream(request_id, list(prompt_token_ids), sampling_params)
 
     async def _compile(self, params: SamplingParams) -> xgrammar.CompiledGrammar | None:
-        """The request's grammar, compiled on a worker thread (never on the step thread)."""
+        """The request's grammar, compiled on a worker thread (never on the step thread).
+        NOTE: the process core compiles in the child (a compiled grammar does not cross
+        processes); its errors reach the stream the same way, before any output."""
         spec = params.structured_output
-        if spec is None:
+        if spec is None or not isinstance(self._core, ThreadCore):
             return None
-        return await asyncio.to_thread(lambda: self.engine.grammar_compiler().compile(spec))
+        engine = self._core.engine
+        return await asyncio.to_thread(lambda: engine.grammar_compiler().compile(spec))
 
-    def _register(self, sink: _Sink, adds: list[_Add]) -> None:
-        """Queue ``adds`` for the core thread in one hand-over (one step admits them all)."""
-        with self._cond:
+    def _register(self, sink: _Sink, adds: list[Add]) -> None:
+        """Queue ``adds`` for the core in one hand-over (one step admits them all)."""
+        with self._lock:
             taken = [a[0] for a in adds if a[0] in self._sinks]
             if taken:
                 raise ValueError(f"request_id {taken[0]!r} is already in use")
-            self._ensure_core()
             for add in adds:
                 self._sinks[add[0]] = sink
-            self._pending_adds.extend(adds)
-            self._cond.notify()
+            try:
+                self._core.submit(adds)
+            except BaseException:
+                for add in adds:
+                    self._sinks.pop(add[0], None)
+                raise
 
     async def _stream(
         self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams
@@ -188,7 +209,7 @@ class AsyncLLMEngine:
         finally:
             if not finished:
                 self.abort(request_id)
-            with self._cond:
+            with self._lock:
                 self._sinks.pop(request_id, None)
 
     async def _stream_parallel(
@@ -223,88 +244,21 @@ class AsyncLLMEngine:
         finally:
             for rid in unfinished:
                 self.abort(rid)
-            with self._cond:
+            with self._lock:
                 for rid in index:
                     self._sinks.pop(rid, None)
 
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op if unknown/finished); its stream ends with "abort"."""
-        with self._cond:
-            self._pending_aborts.append(request_id)
-            self._cond.notify()
+        self._core.abort(request_id)
 
-    # -- the engine-core thread ------------------------------------------------------------------
-    def _run_core(self) -> None:
-        """Apply adds/aborts, step, hand outputs to their loops; sleep when idle."""
-        checked_idle = True
-        while True:
-            with self._cond:
-                while not (
-                    self._stopped
-                    or self._pending_adds
-                    or self._pending_aborts
-                    or self.engine.has_unfinished_requests()
-                ):
-                    if not checked_idle:
-                        # NOTE: the check waits for a quiet spell (IDLE_CHECK_AFTER_S); new work
-                        # ends the wait and leaves the check for the next idle spell.
-                        if self._cond.wait(timeout=self.idle_check_after_s):
-                            continue
-                        checked_idle = True
-                        self._cond.release()
-                        try:
-                            self._check_idle()
-                        finally:
-                            self._cond.acquire()
-                        continue
-                    self._cond.wait()
-                if self._stopped:
-                    return
-                adds, self._pending_adds = self._pending_adds, []
-                aborts, self._pending_aborts = self._pending_aborts, []
-            checked_idle = False
-            routed: list[tuple[str, RequestOutput | BaseException]] = []
-            for rid, prompt, params, grammar in adds:
-                try:
-                    self.engine.add_request(rid, prompt, params, grammar)
-                except ValueError as exc:
-                    routed.append((rid, exc))
-            for rid in aborts:
-                out = self.engine.abort(rid)
-                if out is not None:
-                    routed.append((rid, out))
-            if self.engine.has_unfinished_requests():
-                routed.extend((out.request_id, out) for out in self._step())
-            self._route(routed)
-
-    def _step(self) -> list[RequestOutput]:
-        try:
-            return self.engine.step()
-        except Exception as exc:  # NOTE: a broken step must not hang every stream.
-            logger.exception("engine step failed; aborting every request")
-            failed = [rid for rid in list(self.engine.requests) if self.engine.abort(rid)]
-            # NOTE: blocks are hashed when scheduled (replicas.scheduler), so the failed
-            # step may have cached hashes over K/V it never wrote; with every request
-            # aborted no block is in use and the reset cannot be refused.
-            with self.engine.lock:
-                self.engine.kv.reset_prefix_cache()
-            self._route([(rid, RuntimeError(f"engine step failed: {exc!r}")) for rid in failed])
-            return []
-
-    def _check_idle(self) -> None:
-        # NOTE: idle: every block is free or cached, the cheapest moment to verify.
-        try:
-            with self.engine.lock:
-                self.engine.kv.check_integrity()
-        except AssertionError:
-            logger.exception("KV pool integrity check failed")
-
-    def _route(self, routed: list[tuple[str, RequestOutput | BaseException]]) -> None:
+    # -- routing (called by the core: its thread, or the process core's reader thread) ---------
+    def _route(self, routed: Routed) -> None:
         """One ``call_soon_threadsafe`` per loop for a whole step's outputs."""
         if not routed:
             return
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Sink, Any]]] = {}
-        with self._cond:
+        with self._lock:
             for rid, item in routed:
                 sink = self._sinks.get(rid)
                 if sink is not None:
@@ -314,40 +268,51 @@ class AsyncLLMEngine:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_deliver, batch)
 
-    # -- observability and shutdown ------------------------------------------------------------
+    def _fail_all(self, exc: BaseException) -> None:
+        """Every open stream raises ``exc`` (after what it already received)."""
+        with self._lock:
+            rids = list(self._sinks)
+        self._route([(rid, exc) for rid in rids])
+
+    # -- observability, health and shutdown ------------------------------------------------------
     def take_events(self) -> list[KVEvent]:
         """Drain the pool's KV events (blocks at most one step while one runs: call it off
         the event loop, e.g. ``asyncio.to_thread``)."""
-        return self.engine.take_events()
+        return self._core.take_events()
 
     def cached_block_hashes(self) -> list[int]:
         """The pool's resident cached block hashes (blocks at most one step while one runs)."""
-        return self.engine.cached_block_hashes()
+        return self._core.cached_block_hashes()
 
     def stats(self) -> PoolStats:
         """The pool's stats snapshot (blocks at most one step while one runs)."""
-        return self.engine.stats()
+        return self._core.stats()
 
     def check_integrity(self) -> None:
         """The pool's ``check_integrity()`` between steps (AssertionError when broken; blocks
         at most one step while one runs)."""
-        with self.engine.lock:
-            self.engine.kv.check_integrity()
+        self._core.check_integrity()
+
+    def rates(self) -> Rates:
+        """The engine's measured prefill/decode rates (``replicas.rate_meter``); never blocks."""
+        return self._core.rates()
+
+    def calibrate(self) -> Rates:
+        """Measure the rates once, before serving (``replicas.rate_meter.calibrate``; must not
+        run while requests are in flight)."""
+        return self._core.calibrate()
+
+    def sparse_stats(self) -> SparseAttentionStats | None:
+        """Sparse attention's counters, None when it is off."""
+        return self._core.sparse_stats()
+
+    def check_health(self) -> None:
+        """RuntimeError when the engine cannot serve: shut down, or its process died."""
+        self._core.check_health()
 
     async def shutdown(self) -> None:
-        """Stop the core thread after its current step, then abort everything still in
-        flight (each open stream ends with finish_reason "abort")."""
-        with self._cond:
-            self._stopped = True
-            adds, self._pending_adds = self._pending_adds, []
-            self._cond.notify()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-        routed: list[tuple[str, RequestOutput | BaseException]] = [
-            (rid, RuntimeError("engine is shut down")) for rid, *_ in adds
-        ]
-        for rid in list(self.engine.requests):
-            out = self.engine.abort(rid)
-            if out is not None:
-                routed.append((rid, out))
-        self._route(routed)
+        """Stop the core after its current step, then abort everything in flight (each open
+        stream ends with finish_reason "abort"); the process core's process has ended when
+        this returns."""
+        self._route(await asyncio.to_thread(self._core.shutdown))
+        self._fail_all(RuntimeError("engine is shut down"))

@@ -41,6 +41,7 @@ from replicas.output_processor import OutputProcessor
 from replicas.outputs import RequestOutput, TokenLogprobs
 from replicas.rate_meter import RateMeter
 from replicas.request import Request
+from replicas.request_limits import RequestLimits
 from replicas.sampler import Sampler
 from replicas.sampling_params import SamplingParams
 from replicas.scheduler import Scheduler
@@ -116,6 +117,13 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.kv, config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len
         )
+        self.limits = RequestLimits(
+            vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len,
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            has_tokenizer=self.tokenizer is not None,
+        )
         self.compactor = Compactor(self.kv, self.runner, config.compaction)
         self.sampler = Sampler(config.seed, self.loaded.device)
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
@@ -175,29 +183,7 @@ class LLMEngine:
         """Raise ValueError naming the violated limit; changes nothing."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        if len(prompt_token_ids) == 0:
-            raise ValueError("prompt is empty: at least one prompt token is required")
-        bad = [t for t in prompt_token_ids if not 0 <= int(t) < self.vocab_size]
-        if bad:
-            raise ValueError(
-                f"prompt token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})"
-            )
-        params.validate(self.vocab_size)
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this checkpoint has none")
-        total = len(prompt_token_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = "
-                f"{total} exceeds max_model_len {self.max_model_len}"
-            )
-        # NOTE: the last sampled token never needs a KV slot.
-        need = -(-(total - 1) // self.kv.block_size)
-        if need > self.kv.num_blocks:
-            raise ValueError(
-                f"request needs {need} KV blocks ({total - 1} tokens) but the pool has only "
-                f"num_blocks={self.kv.num_blocks} of block_size={self.kv.block_size}"
-            )
+        self.limits.check(prompt_token_ids, params)
 
     def add_request(
         self,

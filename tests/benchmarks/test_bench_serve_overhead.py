@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from benchmarks.serve_overhead_report import render_comparison, render_markdown
+from benchmarks.serve_overhead_report import pick_side, render_comparison, render_markdown
 from benchmarks.serve_overhead_stats import Sample, hop_breakdown, summarize
 
 
@@ -62,3 +62,23 @@ def test_reports_show_ratios_against_the_engine() -> None:
     cmp = render_comparison([("before", data), ("after", later)])
     assert "| chat stream c=4 | 0.80 | 0.90 |" in cmp
     assert "| parse_tokenize | 1.5 / 1.5 |" in cmp
+
+
+def test_process_core_rows_get_their_own_hop_columns_and_compare_against_the_thread() -> None:
+    def res(side: str, tok_s: float) -> dict:
+        return {"side": side, "endpoint": "completions", "stream": True, "concurrency": 16,
+                "output_tok_s": tok_s, "ttft_p50_ms": 1.0, "ttft_p99_ms": 2.0,
+                "tpot_p50_ms": 3.0, "tpot_p99_ms": 4.0, "latency_p50_ms": 5.0, "num_errors": 0,
+                "hops_ms": {} if side == "engine" else {"engine_total": tok_s}}
+
+    data = {"device": "cpu", "machine": "m", "cpu_count": 2, "total_s": 1.0, "label": "",
+            "config": {"model": "smollm2", "prompt_len": 64, "output_len": 32,
+                       "stream_interval": 1, "concurrency": [16]},
+            "results": [res("engine", 100.0), res("served", 70.0), res("served-proc", 90.0)]}
+    md = render_markdown(data)
+    assert "| served-proc | completions | yes | 16 | 90.0 | 0.90 |" in md
+    assert "| hop | comp s c16 | proc comp s c16 |" in md
+    cmp = render_comparison([("thread", pick_side(data, "served")),
+                             ("proc", pick_side(data, "served-proc"))])
+    assert "| completions stream c=16 | 0.70 | 0.90 |" in cmp
+    assert "| engine_total | 70.0 / 90.0 |" in cmp

@@ -1,0 +1,157 @@
+"""serve_overhead's served side: the app on a private local Ray cluster, driven over real HTTP
+by the ``openai`` client, closed loop (``closed_loop``, shared with the engine side)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from benchmarks.serve_overhead_stats import RunResult, Sample, summarize
+
+APP = "overhead"
+
+
+@dataclass(slots=True)
+class Prompt:
+    """One request as the client sends it and as the engine receives it."""
+
+    text: str  # completions: the prompt; chat: the user message
+    token_ids: list[int]  # what the ingress computes from it (template included for chat)
+
+
+async def closed_loop(concurrency: int, n: int, one: Callable[[int], Any]) -> tuple[
+        list[Sample], int]:
+    """``concurrency`` workers draining request indices 0..n-1; (samples, errors)."""
+    samples: list[Sample] = []
+    errors = 0
+    next_index = iter(range(n))
+
+    async def worker() -> None:
+        nonlocal errors
+        for i in next_index:
+            try:
+                samples.append(await one(i))
+            except Exception as exc:  # NOTE: counted and shown; the run goes on.
+                errors += 1
+                print(f"  request {i} failed: {exc!r}", file=sys.stderr)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return samples, errors
+
+
+
+def run_served(http: str, model_name: str, prompts: list[Prompt], c: int, endpoint: str,
+               stream: bool, args: argparse.Namespace, side: str = "served",
+               ) -> tuple[RunResult, list[Sample]]:
+    import openai
+
+    async def main() -> tuple[list[Sample], int]:
+        # NOTE: the client's default pool (1,000 connections) covers every concurrency here.
+        async with openai.AsyncOpenAI(
+                base_url=f"{http}/v1", api_key="unused", max_retries=0, timeout=600) as client:
+            common = dict(model=model_name, max_tokens=args.output_len, temperature=0,
+                          extra_body={"ignore_eos": True})
+
+            async def one(i: int) -> Sample:
+                text = prompts[i].text
+                send = time.perf_counter()
+                if endpoint == "chat":
+                    msgs = [{"role": "user", "content": text}]
+                    if not stream:
+                        r = await client.chat.completions.create(messages=msgs, **common)
+                        end = time.perf_counter()
+                        return Sample(send, end, end, r.usage.completion_tokens, r.id)
+                    s = await client.chat.completions.create(
+                        messages=msgs, stream=True, stream_options={"include_usage": True},
+                        **common)
+                else:
+                    if not stream:
+                        r = await client.completions.create(prompt=text, **common)
+                        end = time.perf_counter()
+                        return Sample(send, end, end, r.usage.completion_tokens, r.id)
+                    s = await client.completions.create(
+                        prompt=text, stream=True, stream_options={"include_usage": True},
+                        **common)
+                first = last = 0.0
+                n = 0
+                rid = ""
+                async for chunk in s:
+                    now = time.perf_counter()
+                    rid = chunk.id
+                    if chunk.choices:
+                        first = first or now
+                        if chunk.choices[0].finish_reason is not None:
+                            last = now
+                    if chunk.usage is not None:
+                        n = chunk.usage.completion_tokens
+                return Sample(send, first, last or time.perf_counter(), n, rid)
+
+            return await closed_loop(c, len(prompts), one)
+
+    samples, errors = asyncio.run(main())
+    return summarize(side, endpoint, stream, c, samples, errors), samples
+
+
+def start_serve(args: argparse.Namespace) -> str:
+    """A private local Ray cluster and Serve's proxy; returns the base http url."""
+    import ray
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    for kv in args.serve_env:
+        key, _, value = kv.partition("=")
+        os.environ[key] = value
+    # NOTE: address="local": always a private cluster; workers inherit this environment.
+    ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False,
+             log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+def deploy(args: argparse.Namespace, engine: dict[str, Any]) -> str:
+    """(Re)deploy the app with ``engine`` (an EngineConfig dict); returns the served model
+    name. A previous deployment of the app is deleted first."""
+    from ray import serve
+
+    from cluster.serve.app import build_app
+
+    if APP in serve.status().applications:
+        serve.delete(APP)
+    cuda = engine["device"] == "cuda"
+    app_args = {
+        "engine": engine,
+        "num_replicas": 1,
+        "num_cpus_per_replica": 1.0,
+        "num_gpus_per_replica": 1.0 if cuda else 0.0,
+        "max_ongoing_requests": max(max(args.concurrency), 1),
+        "router": "tinyserve",
+        "selector": {"port": 0},
+        "served_model_name": "overhead",
+        "default_max_tokens": args.output_len,
+        "auth": {"enabled": False},  # NOTE: the proxy binds loopback (start_serve)
+        **json.loads(args.app_args),
+    }
+    t0 = time.perf_counter()
+    serve.run(build_app(app_args), name=APP, route_prefix="/")
+    print(f"app up in {time.perf_counter() - t0:.0f} s "
+          f"(engine_process={engine.get('engine_process', False)})", flush=True)
+    return "overhead"
+
+
+def served_traces() -> list[dict[str, Any]]:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("OpenAIIngress", APP)
+    return list(handle.traces.remote().result(timeout_s=60))
+
+
