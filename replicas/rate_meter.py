@@ -88,7 +88,7 @@ class RateMeter:
 
 
 def calibrate(
-    engine: LLMEngine, num_prompt_tokens: int | None = None, num_decode_steps: int = 8
+    engine: LLMEngine, num_prompt_tokens: int | None = None, num_decode_steps: int = 4
 ) -> Rates:
     """Measure ``engine``'s rates once, before it serves (the replica's start-up probe).
 
