@@ -25,6 +25,16 @@ extrapolating it to B overstated the rate 2-9x, differently on every replica (th
 across 8 identical replicas was 27k-269k tokens/s on generated_shared_prefix; TTFT p99 2x
 that of the configured rate). At P̄ the fit is used where it was measured (17k-53k there).
 
+NOTE: the start-up probe's full-budget prefill stays in the fit as a step like the others. It
+weighs with its work squared, so on a GPU it holds c_p near the compute-bound cost per token for
+a few hundred steps of ~100-token chunks (which alone leave c_p ill-determined: below the knee
+a chunk's size hardly changes the step time). Measured both ways (simulated, TinyServe, gsp at
+8 replicas, seeds 0/1, p99 over the configured rate's): kept as data 1.03 / 1.00; as a prior
+only (``StepTimeFit`` restarted after the probe) 1.10 / 1.14. The price: a replica that slows
+down shows it at once in fixed_s and c_d, but in c_p only as the probe fades (half speed,
+measured by the replica: its prefill rate 0.87x the healthy ones' after ~100 steps,
+tests/benchmarks/test_bench_trace_faults.py).
+
 Contract: not thread-safe; the engine core thread is the only writer. ``rates()`` may run on
 another thread (the replica's reporting loop): it solves the fit (three unknowns,
 microseconds) from the writer's sums without a lock, see ``StepTimeFit.coefficients``.
