@@ -13,6 +13,7 @@ and is replaced in place (``--check``: exit 1 when the README differs, write not
 - ``reward-scenarios``: the fault scenarios (``benchmarks/sim/scenarios.py``): best baseline,
   TinyServe with R off (``lambda_reward`` 0) and on (the defaults), each p99 and its ratio.
 - ``reward-matrix``: TinyServe with R on over R off on the fault-free matrix (p99 and hits).
+- ``reward-levers``: the fault scenarios under each objective override measured.
 - ``rates-fit``: TinyServe with the configured prefill rate against the replicas' measured
   rates (``--rates CONFIGURED MEASURED [BEFORE]``, routing_bench outputs).
 
@@ -206,6 +207,51 @@ def rates_fit(configured: list[dict[str, Any]], measured: list[dict[str, Any]],
     return "\n".join(lines)
 
 
+def _lever(row: dict[str, Any]) -> str:
+    obj = row["objective_overrides"]
+    if not obj:
+        return "defaults"
+    if obj == R_OFF:
+        return "R off"
+    rep = " (reported)" if row.get("sim_overrides", {}).get("scenario_reported") else ""
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(obj.items())) + rep
+
+
+def reward_levers(rows: list[dict[str, Any]]) -> str:
+    """Per fault scenario cell: TinyServe's p99 / the best baseline's under each objective
+    override measured (the reward's levers), medians over the seeds present."""
+    cells: dict[tuple[str, str, int], dict[str, list[dict[str, Any]]]] = defaultdict(
+        lambda: defaultdict(list))  # fmt: skip
+    for r in rows:
+        sc = r.get("sim_overrides", {}).get("scenario", "")
+        if not sc or r["policy"] == LOAD_ONLY:
+            continue
+        name = _lever(r) if r["policy"] == TINYSERVE else r["policy"]
+        if r["policy"] == TINYSERVE and r.get("sim_overrides", {}).get("scenario_reported"):
+            name = "defaults, rates reported" if not r["objective_overrides"] else name
+        cells[(sc, r["workload"], r["num_replicas"])][name].append(r)
+    levers = sorted({v for c in cells.values() for v in c if v not in _BASELINE_NAMES},
+                    key=lambda v: (not v.startswith(("R off", "defaults")), v))  # fmt: skip
+    lines = ["| scenario | workload | replicas | best baseline p99 s | "
+             + " | ".join(levers) + " |", "|---|---|---:|---:|" + "---:|" * len(levers)]  # fmt: skip
+    for (sc, wl, n), pols in sorted(cells.items()):
+        base = {p: v for p, v in pols.items() if p in _BASELINE_NAMES}
+        if not base:
+            continue
+        b99 = min(_median(v, "ttft_p99_s") for v in base.values())
+        vals = [f"{_median(pols[lv], 'ttft_p99_s') / b99:.2f}" if lv in pols else "-"
+                for lv in levers]  # fmt: skip
+        lines.append(f"| {sc} | {wl} | {n} | {b99:.3f} | " + " | ".join(vals) + " |")
+    lines += ["", "TinyServe TTFT p99 / the best baseline's (target <= 0.8), one column per "
+              "objective override (`--objective`); \"rates reported\": the slowed replicas "
+              "measure and report their real rates (`--scenario-reported`)."]  # fmt: skip
+    return "\n".join(lines)
+
+
+_BASELINE_NAMES = frozenset({"dynamo_cost", "llmd_weighted", "power_of_two", "preble",
+                             "round_robin", "session_hash", "sglang_cache_aware"})  # fmt: skip
+
+
 def collect(out: Path, files: list[str], command: str) -> dict[str, Any]:
     rows = [r for f in files for r in load_rows(f)]
     doc = {"command": command, "sources": files, "runs": rows, "cells": scenario_cells(rows)}
@@ -225,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reward-matrix", help="routing_bench rows with TinyServe R on and off")
     ap.add_argument("--collect", nargs="+", metavar=("OUT", "FILES"),
                     help="assemble routing_bench outputs into the scenario JSON OUT")
+    ap.add_argument("--reward-levers", nargs="+", metavar="FILE",
+                    help="routing_bench outputs: fault scenarios, baselines and TinyServe "
+                    "under objective overrides (the reward's levers)")
     ap.add_argument("--rates", nargs="+", metavar=("CONFIGURED", "MEASURED"),
                     help="routing_bench outputs: TinyServe with --configured-rates, with the "
                     "measured rates, and optionally with the meter before the fit")
@@ -248,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.reward_matrix:
         rows = load_rows(args.reward_matrix)
         new = replace_section(new, "reward-matrix", reward_matrix({"runs": rows}))
+    if args.reward_levers:
+        rows = [r for f in args.reward_levers for r in load_rows(f)]
+        new = replace_section(new, "reward-levers", reward_levers(rows))
     if args.rates:
         if not 2 <= len(args.rates) <= 3:
             raise SystemExit("--rates takes CONFIGURED MEASURED [BEFORE]")

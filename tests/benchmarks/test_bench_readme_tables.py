@@ -11,6 +11,7 @@ from benchmarks.readme_tables import (
     main,
     rates_fit,
     replace_section,
+    reward_levers,
     reward_matrix,
     scenario_cells,
 )
@@ -81,3 +82,17 @@ def test_rates_fit_compares_the_default_tinyserve_rows_only(tmp_path: Path) -> N
     assert "| 0.909 | 0.500 | 0.600 |" in readme.read_text()
     with pytest.raises(SystemExit, match="CONFIGURED"):
         main(["--rates", str(paths[0]), "--readme", str(readme)])
+
+
+def test_reward_levers_one_column_per_objective_override() -> None:
+    rows = [_row("preble", 0.2), _row("llmd_weighted", 0.25), _row("load_only", 0.01),
+            _row("tinyserve", 0.18), _row("tinyserve", 0.22, obj={"lambda_reward": 0.0}),
+            _row("tinyserve", 0.15, obj={"lambda_reward": 2.0}),
+            _row("tinyserve", 0.5, scenario="")]  # no scenario: not a lever cell  # fmt: skip
+    reported = _row("tinyserve", 0.12)
+    reported["sim_overrides"] = {"scenario": "hetero", "scenario_reported": True}
+    table = reward_levers([*rows, reported])
+    head, _, row, *_ = table.splitlines()
+    assert head.split(" | ")[4:] == ["R off", "defaults", "defaults, rates reported",
+                                     "lambda_reward 2 |"]  # fmt: skip
+    assert row == "| hetero | w | 32 | 0.200 | 1.10 | 0.90 | 0.60 | 0.75 |"
