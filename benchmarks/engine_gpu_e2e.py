@@ -25,6 +25,7 @@ row, and ``async_over_sync`` (output tok/s ratio).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -226,6 +227,13 @@ def main() -> None:
         "prefill": prefill,
         "async_scheduling_measured": args.async_scheduling,
         "rows": rows,
+        # NOTE: the replica's step-time fit after this run's real steps (replicas/step_fit.py):
+        # what a GPU replica would report to the selection service.
+        "rate_meter": {
+            "num_steps": engine.rates.num_steps,
+            "coefficients": dataclasses.asdict(engine.rates.coefficients()),
+            "rates": dataclasses.asdict(engine.rates.rates()),
+        },
         "targets": {
             "prefill_fraction_of_matmul_peak": 0.6,
             "e2e_fraction_of_limit": 0.5,

@@ -13,6 +13,9 @@ and is replaced in place (``--check``: exit 1 when the README differs, write not
 - ``reward-scenarios``: the fault scenarios (``benchmarks/sim/scenarios.py``): best baseline,
   TinyServe with R off (``lambda_reward`` 0) and on (the defaults), each p99 and its ratio.
 - ``reward-matrix``: TinyServe with R on over R off on the fault-free matrix (p99 and hits).
+- ``reward-levers``: the fault scenarios under each objective override measured.
+- ``rates-fit``: TinyServe with the configured prefill rate against the replicas' measured
+  rates (``--rates CONFIGURED MEASURED [BEFORE]``, routing_bench outputs).
 
 ``--collect OUT FILES...`` assembles routing_bench outputs into one JSON (every row, and the
 scenario cells) plus ``OUT.md`` with the tables.
@@ -154,6 +157,101 @@ def reward_matrix(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _tinyserve_cells(rows: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """TinyServe rows with the default objective and no fault scenario, by (workload, size)."""
+    out: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if _variant(r) == "R on" and not r.get("sim_overrides", {}).get("scenario"):
+            out[(r["workload"], r["num_replicas"])].append(r)
+    return out
+
+
+def rates_fit(configured: list[dict[str, Any]], measured: list[dict[str, Any]],
+              before: list[dict[str, Any]] | None = None) -> str:
+    """TinyServe with the configured rate against the replicas' measured rates (the step-time
+    fit; ``before``: the meter before it), medians over seeds, per workload and size."""
+    conf, fit = _tinyserve_cells(configured), _tinyserve_cells(measured)
+    old = _tinyserve_cells(before or [])
+    head = "| workload | replicas | seeds | p99 configured s | p99 measured s | measured / configured "
+    sub = "|---|---:|---|---:|---:|---:|"
+    if old:
+        head += "| p99 meter before s | before / configured "
+        sub += "---:|---:|"
+    lines = [head + "| hit configured | hit measured |" + (" hit before |" if old else ""),
+             sub + "---:|---:|" + ("---:|" if old else "")]  # fmt: skip
+    ratios, before_ratios = [], []
+    for key in sorted(set(conf) & set(fit)):
+        seeds = sorted({r["seed"] for r in conf[key]} & {r["seed"] for r in fit[key]})
+        c = [r for r in conf[key] if r["seed"] in seeds]
+        f = [r for r in fit[key] if r["seed"] in seeds]
+        a, b = _median(c, "ttft_p99_s"), _median(f, "ttft_p99_s")
+        ratios.append(b / a)
+        line = f"| {key[0]} | {key[1]} | {','.join(map(str, seeds))} | {a:.4f} | {b:.4f} | {b / a:.3f} "
+        o = [r for r in old.get(key, []) if r["seed"] in seeds]
+        if old:
+            if o:
+                before_ratios.append(_median(o, "ttft_p99_s") / a)
+                line += f"| {_median(o, 'ttft_p99_s'):.4f} | {before_ratios[-1]:.3f} "
+            else:
+                line += "| - | - "
+        line += f"| {_median(c, 'hit_ratio'):.3f} | {_median(f, 'hit_ratio'):.3f} |"
+        if old:
+            line += f" {_median(o, 'hit_ratio'):.3f} |" if o else " - |"
+        lines.append(line)
+    for name, rs in (("measured / configured", ratios), ("before / configured", before_ratios)):
+        if rs:
+            geo = float(np.exp(np.mean(np.log(rs))))
+            lines.append(f"{'' if name.startswith('before') else chr(10)}Geometric mean of "
+                         f"{name} over {len(rs)} cells: {geo:.3f}; worst {max(rs):.3f}, "
+                         f"best {min(rs):.3f}.")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _lever(row: dict[str, Any]) -> str:
+    obj = row["objective_overrides"]
+    if not obj:
+        return "defaults"
+    if obj == R_OFF:
+        return "R off"
+    rep = " (reported)" if row.get("sim_overrides", {}).get("scenario_reported") else ""
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(obj.items())) + rep
+
+
+def reward_levers(rows: list[dict[str, Any]]) -> str:
+    """Per fault scenario cell: TinyServe's p99 / the best baseline's under each objective
+    override measured (the reward's levers), medians over the seeds present."""
+    cells: dict[tuple[str, str, int], dict[str, list[dict[str, Any]]]] = defaultdict(
+        lambda: defaultdict(list))  # fmt: skip
+    for r in rows:
+        sc = r.get("sim_overrides", {}).get("scenario", "")
+        if not sc or r["policy"] == LOAD_ONLY:
+            continue
+        name = _lever(r) if r["policy"] == TINYSERVE else r["policy"]
+        if r["policy"] == TINYSERVE and r.get("sim_overrides", {}).get("scenario_reported"):
+            name = "defaults, rates reported" if not r["objective_overrides"] else name
+        cells[(sc, r["workload"], r["num_replicas"])][name].append(r)
+    levers = sorted({v for c in cells.values() for v in c if v not in _BASELINE_NAMES},
+                    key=lambda v: (not v.startswith(("R off", "defaults")), v))  # fmt: skip
+    lines = ["| scenario | workload | replicas | best baseline p99 s | "
+             + " | ".join(levers) + " |", "|---|---|---:|---:|" + "---:|" * len(levers)]  # fmt: skip
+    for (sc, wl, n), pols in sorted(cells.items()):
+        base = {p: v for p, v in pols.items() if p in _BASELINE_NAMES}
+        if not base:
+            continue
+        b99 = min(_median(v, "ttft_p99_s") for v in base.values())
+        vals = [f"{_median(pols[lv], 'ttft_p99_s') / b99:.2f}" if lv in pols else "-"
+                for lv in levers]  # fmt: skip
+        lines.append(f"| {sc} | {wl} | {n} | {b99:.3f} | " + " | ".join(vals) + " |")
+    lines += ["", "TinyServe TTFT p99 / the best baseline's (target <= 0.8), one column per "
+              "objective override (`--objective`); \"rates reported\": the slowed replicas "
+              "measure and report their real rates (`--scenario-reported`)."]  # fmt: skip
+    return "\n".join(lines)
+
+
+_BASELINE_NAMES = frozenset({"dynamo_cost", "llmd_weighted", "power_of_two", "preble",
+                             "round_robin", "session_hash", "sglang_cache_aware"})  # fmt: skip
+
+
 def collect(out: Path, files: list[str], command: str) -> dict[str, Any]:
     rows = [r for f in files for r in load_rows(f)]
     doc = {"command": command, "sources": files, "runs": rows, "cells": scenario_cells(rows)}
@@ -173,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reward-matrix", help="routing_bench rows with TinyServe R on and off")
     ap.add_argument("--collect", nargs="+", metavar=("OUT", "FILES"),
                     help="assemble routing_bench outputs into the scenario JSON OUT")
+    ap.add_argument("--reward-levers", nargs="+", metavar="FILE",
+                    help="routing_bench outputs: fault scenarios, baselines and TinyServe "
+                    "under objective overrides (the reward's levers)")
+    ap.add_argument("--rates", nargs="+", metavar=("CONFIGURED", "MEASURED"),
+                    help="routing_bench outputs: TinyServe with --configured-rates, with the "
+                    "measured rates, and optionally with the meter before the fit")
     ap.add_argument("--readme", default=str(README))
     ap.add_argument("--check", action="store_true")
     args = ap.parse_args(argv)
@@ -193,6 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.reward_matrix:
         rows = load_rows(args.reward_matrix)
         new = replace_section(new, "reward-matrix", reward_matrix({"runs": rows}))
+    if args.reward_levers:
+        rows = [r for f in args.reward_levers for r in load_rows(f)]
+        new = replace_section(new, "reward-levers", reward_levers(rows))
+    if args.rates:
+        if not 2 <= len(args.rates) <= 3:
+            raise SystemExit("--rates takes CONFIGURED MEASURED [BEFORE]")
+        rows = [load_rows(f) for f in args.rates]
+        new = replace_section(new, "rates-fit", rates_fit(*rows))
     if args.check:
         return 0 if new == text else 1
     path.write_text(new)

@@ -75,6 +75,8 @@ def build_specs(args: argparse.Namespace) -> list[RunSpec]:
         sim_kw["scenario"] = args.scenario
     if getattr(args, "scenario_reported", False):
         sim_kw["scenario_reported"] = True
+    if getattr(args, "configured_rates", False):
+        sim_kw["report_rates"] = False
     sim = json.dumps(sim_kw)
     specs = []
     for n in args.sizes:
@@ -121,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenario-reported", action="store_true",
                     help="slowed replicas measure and report their real rates (default: they "
                     "report their nominal ones, i.e. they are slower than their reports)")
+    ap.add_argument("--configured-rates", action="store_true",
+                    help="replicas report no measured rates, so the objective's configured "
+                    "prefill_tokens_per_s stands in (before issue 20; to compare)")
     ap.add_argument("--calibration", default=str(DEFAULT_CALIBRATION))
     ap.add_argument("--out", default="benchmarks/results/routing")
     ap.add_argument("--reuse", nargs="*", default=[],

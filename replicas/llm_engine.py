@@ -132,7 +132,8 @@ class LLMEngine:
         self.lock = threading.Lock()
         self._arrivals = itertools.count()
         self.num_steps = 0
-        self.rates = RateMeter()  # NOTE: measured rates, reported to the selection service
+        # NOTE: measured rates, reported to the selection service
+        self.rates = RateMeter()
         self._grammars: GrammarCompiler | None = None
         self._grammars_lock = threading.Lock()
         self._stepper: AsyncStepper | None = None

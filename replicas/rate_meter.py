@@ -2,22 +2,42 @@
 
 The selection objective turns queued and uncached tokens into estimated seconds of TTFT with
 each replica's prefill rate (ARCHITECTURE.md: "Rates are each replica's own, measured and
-reported, never a constant of one GPU"). A replica measures both rates once at start
-(``calibrate``: one synthetic prefill, a few decode steps) and then follows its real steps:
+reported, never a constant of one GPU"). A replica measures its rates once at start
+(``calibrate``: synthetic prefills, a few decode steps) and then follows its real steps with
+a fit of step time to the step's work (``replicas/step_fit.py``):
 
-    prefill step (any prompt chunk):  tokens_p += a·(P − tokens_p), secs_p += a·(T − secs_p)
-    decode step (no prompt chunk):    tokens_d += a·(D − tokens_d), secs_d += a·(T − secs_d)
-    prefill_tokens_per_s = tokens_p / secs_p      decode_tokens_per_s = tokens_d / secs_d
+    T ≈ fixed_s + c_p·P + c_d·D      P = prompt tokens, D = decode rows computed in the step
 
-P = prompt tokens computed in the step, D = decode rows, T = the step's wall time.
-NOTE: a ratio of two EWMAs, not an EWMA of per-step ratios: a step's fixed overhead (~90 ms
-on the CPU SmolLM2 replica, benchmarks/sim/calibration/cpu_smollm2_135m_measured.json) makes a
-20-token chunk's own ratio ~2x lower than a 512-token chunk's, and what the objective needs
-is seconds per token of work over the recent mix. A mixed step's time counts wholly as
-prefill (its decode rows ride along), so the prefill rate errs low, i.e. towards spreading.
+    prefill_tokens_per_s = P̄ / (fixed_s + c_p·P̄)     P̄ = recent prompt tokens per prefill step
+    decode_tokens_per_s  = D̄ / (fixed_s + c_d·D̄)     D̄ = recent decode rows per decode step
 
-Contract: not thread-safe; the engine core thread is the only writer. Readers on other
-threads get a possibly one-step-old float (a Python float read is atomic).
+i.e. each kind of work alone at its recent size, the step's fixed cost included once.
+
+NOTE: why a fit. The meter before it kept two ratios of EWMAs split by step kind and counted a
+mixed step's whole time as prefill, so a replica that decodes while it prefills (most steps
+of a busy replica) reported a prefill rate up to ~2x low, the Load term overstated its queue,
+and the objective spread requests off their cached replica (generated_shared_prefix, 32
+replicas, seed 0: TTFT p99 0.0846 s with the configured rate, 0.0937 s with those reports).
+NOTE: why at P̄ and not at a full step budget B (B / (fixed_s + c_p·B), the rate a long queue
+drains at). A GPU step below the matmul's memory-bound knee (~200 tokens on an H100 for an
+8B model) costs about the same whatever its size, so a fit over such steps has c_p ~ 0 and
+extrapolating it to B overstated the rate 2-9x, differently on every replica (the spread
+across 8 identical replicas was 27k-269k tokens/s on generated_shared_prefix; TTFT p99 2x
+that of the configured rate). At P̄ the fit is used where it was measured (17k-53k there).
+
+NOTE: the start-up probe's full-budget prefill stays in the fit as a step like the others. It
+weighs with its work squared, so on a GPU it holds c_p near the compute-bound cost per token for
+a few hundred steps of ~100-token chunks (which alone leave c_p ill-determined: below the knee
+a chunk's size hardly changes the step time). Measured both ways (simulated, TinyServe, gsp at
+8 replicas, seeds 0/1, p99 over the configured rate's): kept as data 1.03 / 1.00; as a prior
+only (``StepTimeFit`` restarted after the probe) 1.10 / 1.14. The price: a replica that slows
+down shows it at once in fixed_s and c_d, but in c_p only as the probe fades (half speed,
+measured by the replica: its prefill rate 0.87x the healthy ones' after ~100 steps,
+tests/benchmarks/test_bench_trace_faults.py).
+
+Contract: not thread-safe; the engine core thread is the only writer. ``rates()`` may run on
+another thread (the replica's reporting loop): it solves the fit (three unknowns,
+microseconds) from the writer's sums without a lock, see ``StepTimeFit.coefficients``.
 """
 
 from __future__ import annotations
@@ -25,12 +45,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from replicas.step_fit import StepCoefficients, StepTimeFit
+
 if TYPE_CHECKING:
     from replicas.llm_engine import LLMEngine
 
-# NOTE: 0.1 follows ~the last 10 steps: on the CPU replica a few seconds, on an H100 tens of
-# milliseconds; a noisy neighbour shows up within one snapshot interval on either.
-RATE_EWMA_ALPHA = 0.1
+# NOTE: 0.02 follows ~the last 50 steps (0.1 measured worse: the fit then follows each
+# replica's momentary mix, and identical replicas report rates far apart; on the 8-replica
+# matrix TTFT p99 geometric mean vs the configured rate, 1.03 at 0.1 and 1.005 at 0.02). 50
+# steps: about a second on an H100, a few seconds to a minute on the CPU replica.
+RATE_EWMA_ALPHA = 0.02
 
 
 @dataclass(slots=True, frozen=True)
@@ -42,61 +66,62 @@ class Rates:
 
 
 class RateMeter:
-    """EWMA prefill/decode rates from (tokens, seconds) of real steps (module docstring)."""
+    """Prefill/decode rates from a fit of real steps' times to their work (module docstring)."""
 
     def __init__(self, alpha: float = RATE_EWMA_ALPHA) -> None:
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        self.fit = StepTimeFit(alpha)
         self.alpha = alpha
-        self._p_tokens = self._p_secs = 0.0
-        self._d_tokens = self._d_secs = 0.0
-        self.num_steps = 0
 
-    def observe(self, num_prefill_tokens: int, num_decode_tokens: int, seconds: float) -> None:
-        """Fold one step in; a step with no tokens or no measurable time is ignored."""
-        if seconds <= 0.0 or num_prefill_tokens + num_decode_tokens <= 0:
-            return
-        self.num_steps += 1
-        if num_prefill_tokens > 0:
-            self._p_tokens, self._p_secs = self._fold(
-                self._p_tokens, self._p_secs, num_prefill_tokens, seconds
-            )
-        else:
-            self._d_tokens, self._d_secs = self._fold(
-                self._d_tokens, self._d_secs, num_decode_tokens, seconds
-            )
+    @property
+    def num_steps(self) -> int:
+        """Steps folded in so far."""
+        return self.fit.num_steps
 
-    def _fold(self, tok: float, sec: float, n: int, t: float) -> tuple[float, float]:
-        if sec == 0.0:  # NOTE: the first sample sets the level (no decay from zero)
-            return float(n), t
-        a = self.alpha
-        return tok + a * (n - tok), sec + a * (t - sec)
+    def observe(
+        self, num_prefill_tokens: int, num_decode_tokens: int, seconds: float, num_steps: int = 1
+    ) -> None:
+        """Fold in ``num_steps`` steps that did this work in ``seconds`` in all; a step with
+        no tokens or no measurable time is ignored."""
+        self.fit.observe(num_prefill_tokens, num_decode_tokens, seconds, num_steps)
+
+    def coefficients(self) -> StepCoefficients:
+        """The fitted step-time model (seconds)."""
+        return self.fit.coefficients()
 
     def rates(self) -> Rates:
         """The current estimate (0.0 for a kind of step never seen)."""
-        p = self._p_tokens / self._p_secs if self._p_secs > 0 else 0.0
-        d = self._d_tokens / self._d_secs if self._d_secs > 0 else 0.0
-        return Rates(p, d)
+        c = self.fit.coefficients()
+        p_mean, d_mean = self.fit.mean_prefill_tokens, self.fit.mean_decode_tokens
+        tp = c.step_time(p_mean, 0) if p_mean > 0 else 0.0
+        td = c.step_time(0, d_mean) if d_mean > 0 else 0.0
+        return Rates(p_mean / tp if tp > 0 else 0.0, d_mean / td if td > 0 else 0.0)
 
 
 def calibrate(
-    engine: LLMEngine, num_prompt_tokens: int = 256, num_decode_steps: int = 8
+    engine: LLMEngine, num_prompt_tokens: int | None = None, num_decode_steps: int = 4
 ) -> Rates:
     """Measure ``engine``'s rates once, before it serves (the replica's start-up probe).
 
-    Runs one synthetic prompt of ``num_prompt_tokens`` (capped by the pool and model length)
-    for ``num_decode_steps`` outputs through the real step path, so ``engine.rates`` holds the
-    first figures; then drops the probe's cached blocks and KV events so the selection service
-    never sees them. Must not run concurrently with other steps (call it before serving)."""
+    Runs two synthetic prompts one after the other, of ``num_prompt_tokens`` (default: the
+    engine's token budget per step; capped by the pool and model length) and a quarter of
+    that, each for ``num_decode_steps`` outputs, through the real step path, so
+    ``engine.rates`` holds the first figures; then drops the probe's cached blocks and KV
+    events so the selection service never sees them. Must not run concurrently with other
+    steps (call it before serving)."""
     from replicas.sampling_params import SamplingParams
 
     pool_tokens = engine.kv.num_blocks * engine.kv.block_size
     limit = min(engine.max_model_len - num_decode_steps - 1, pool_tokens // 2)
-    n = max(min(num_prompt_tokens, limit), 1)
-    # NOTE: token ids spread over the vocabulary; no prefix of a real prompt (no false hits).
-    prompt = [(7919 * i + 13) % engine.vocab_size for i in range(n)]
+    budget = engine.scheduler.max_num_batched_tokens
+    wanted = budget if num_prompt_tokens is None else num_prompt_tokens
+    n = max(min(wanted, limit), 1)
     params = SamplingParams(max_tokens=num_decode_steps, temperature=0.0, ignore_eos=True)
-    engine.generate([prompt], params)
+    # NOTE: two prompt sizes, so the fit can tell the fixed cost of a step from the cost per
+    # prompt token; token ids spread over the vocabulary, no prefix of a real prompt (no false
+    # hits), and the second is not a prefix of the first (it is computed, not cached).
+    for size, salt in ((n, 13), (max(n // 4, 1), 5)):
+        prompt = [(7919 * i + salt) % engine.vocab_size for i in range(size)]
+        engine.generate([prompt], params)
     with engine.lock:
         engine.kv.reset_prefix_cache()
         engine.kv.take_events()

@@ -107,16 +107,18 @@ class SimReplica:
         self.step_ewma_s = 0.0
         self.f_total = 0.0
         # NOTE: the replica's own measured rates, as replicas/rate_meter.py: a start-up probe
-        # (one 256-token prefill, one decode step; replicas.rate_meter.calibrate), then EWMA
-        # over the simulated steps.
+        # (prefills of a full and a quarter step budget, a decode step, as
+        # replicas.rate_meter.calibrate), then the step-time fit over the simulated steps.
         self.rates = RateMeter()
         self.report_rates = report_rates
         # NOTE: fault scenarios (benchmarks/sim/scenarios.py): step times divided by the speed
         # in force; unless ``slow_reported``, the rate meter still sees the nominal times.
         self.speed_windows = speed_windows or []
         self.slow_reported = slow_reported
-        self.rates.observe(256, 0, model.prefill_time(256))
-        self.rates.observe(0, 1, model.step_time(1, 1, 0.0, 256))
+        budget = model.max_num_batched_tokens
+        for n in (budget, max(budget // 4, 1)):
+            self.rates.observe(n, 0, model.prefill_time(n))
+            self.rates.observe(0, 1, model.step_time(1, 1, 0.0, n))
 
     # ------------------------------------------------------------------ queue
     @property
@@ -283,7 +285,7 @@ class SimReplica:
         self.step_ewma_s += 0.1 * (plan.cum[-1] / plan.k - self.step_ewma_s)
         n_pre = sum(n for _, n in plan.prefill)
         seen = plan.cum[-1] if self.slow_reported else plan.cum[-1] * plan.speed
-        self.rates.observe(n_pre, len(plan.decode) * plan.k, seen)
+        self.rates.observe(n_pre, len(plan.decode) * plan.k, seen, num_steps=plan.k)
         done: list[SeqState] = []
         for s, n in plan.prefill:
             s.num_computed += n

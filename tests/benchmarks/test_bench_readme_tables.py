@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.readme_tables import main, replace_section, reward_matrix, scenario_cells
+from benchmarks.readme_tables import (
+    main,
+    rates_fit,
+    replace_section,
+    reward_levers,
+    reward_matrix,
+    scenario_cells,
+)
 
 
 def _row(policy: str, p99: float, seed: int = 0, obj: dict[str, float] | None = None,
@@ -49,3 +56,43 @@ def test_reward_matrix_and_the_cli_rewrite(tmp_path: Path) -> None:
     assert main(["--reward-matrix", str(src), "--readme", str(readme)]) == 0
     assert "0.909" in readme.read_text()
     assert main(["--reward-matrix", str(src), "--readme", str(readme), "--check"]) == 0
+
+
+def test_rates_fit_compares_the_default_tinyserve_rows_only(tmp_path: Path) -> None:
+    def ts(p99: float, seed: int, hit: float = 0.5, obj: dict[str, float] | None = None,
+           scenario: str = "") -> dict[str, object]:  # fmt: skip
+        return _row("tinyserve", p99, seed=seed, obj=obj, scenario=scenario, hit=hit)
+
+    configured = [ts(0.10, 0), ts(0.12, 1), ts(0.5, 0, obj={"lambda_reward": 0.0}),
+                  _row("preble", 0.01, scenario="")]  # fmt: skip
+    measured = [ts(0.09, 0, hit=0.6), ts(0.11, 1, hit=0.6), ts(0.3, 0, scenario="hetero"),
+                ts(0.5, 2)]  # seed 2 has no configured row: left out  # fmt: skip
+    before = [ts(0.13, 0), ts(0.15, 1)]
+    table = rates_fit(configured, measured, before)
+    assert "| w | 32 | 0,1 | 0.1100 | 0.1000 | 0.909 | 0.1400 | 1.273 | 0.500 | 0.600 | 0.500 |" in table
+    assert "measured / configured over 1 cells: 0.909" in table
+    assert "before / configured over 1 cells: 1.273" in table
+    paths = []
+    for name, rows in (("c", configured), ("m", measured)):
+        paths.append(tmp_path / f"{name}.jsonl")
+        paths[-1].write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- rates-fit:begin -->\n<!-- rates-fit:end -->\n")
+    assert main(["--rates", *map(str, paths), "--readme", str(readme)]) == 0
+    assert "| 0.909 | 0.500 | 0.600 |" in readme.read_text()
+    with pytest.raises(SystemExit, match="CONFIGURED"):
+        main(["--rates", str(paths[0]), "--readme", str(readme)])
+
+
+def test_reward_levers_one_column_per_objective_override() -> None:
+    rows = [_row("preble", 0.2), _row("llmd_weighted", 0.25), _row("load_only", 0.01),
+            _row("tinyserve", 0.18), _row("tinyserve", 0.22, obj={"lambda_reward": 0.0}),
+            _row("tinyserve", 0.15, obj={"lambda_reward": 2.0}),
+            _row("tinyserve", 0.5, scenario="")]  # no scenario: not a lever cell  # fmt: skip
+    reported = _row("tinyserve", 0.12)
+    reported["sim_overrides"] = {"scenario": "hetero", "scenario_reported": True}
+    table = reward_levers([*rows, reported])
+    head, _, row, *_ = table.splitlines()
+    assert head.split(" | ")[4:] == ["R off", "defaults", "defaults, rates reported",
+                                     "lambda_reward 2 |"]  # fmt: skip
+    assert row == "| hetero | w | 32 | 0.200 | 1.10 | 0.90 | 0.60 | 0.75 |"
