@@ -193,6 +193,30 @@ class KVIndex:
         self.store(slot, gpu_hashes)
         self.store(slot, cpu_hashes, MEDIUM_CPU)
 
+    def reserve_pending(self, num_marks: int) -> None:
+        """Size the pending tables for ``num_marks`` (hash, slot) marks without a doubling."""
+        self._pending.reserve(num_marks)
+        self._deadlines.reserve(num_marks)
+
+    def pending_route_args(self, num_new: int) -> tuple[U64, I64, npt.NDArray[np.float64], int]:
+        """Reserve room for ``num_new`` pending marks, then the deadline table's arrays as
+        ``select_kernel.rank_and_route`` takes them (keys, slots, deadlines, bits). Call it
+        before ``walk_args`` (a reservation may replace the arrays); record the marks the
+        kernel made with ``marked``."""
+        self.reserve_pending(num_new)
+        d = self._deadlines
+        return d.keys, d.slots, d.dl, d.bits
+
+    def marked(
+        self, slot: int, hashes: U64, deadline: float, num_new_marks: int, num_new_rows: int
+    ) -> None:
+        """Book-keeping of a ``mark_pending(slot, hashes, ...)`` that a kernel did: its new
+        (hash, slot) deadlines and new pending-table rows."""
+        self._num_pending[slot] += num_new_marks
+        self._deadlines.count += num_new_marks
+        self._pending.count += num_new_rows
+        self._pending_queue.append((deadline, slot, hashes))
+
     def mark_pending(self, slot: int, block_hashes: Sequence[int] | U64, ttl_s: float) -> None:
         """Speculative insert: treat ``block_hashes`` as held by ``slot`` for ``ttl_s`` seconds
         (so siblings of a burst follow the first request before its KV events arrive)."""
