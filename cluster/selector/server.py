@@ -25,6 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cluster.selector import wire
 from cluster.selector.core import CoreConfig, SelectorCore
 from cluster.selector.grpc_decode import DecodeErrorInterceptor
 from cluster.selector.grpc_tls import ServerTLS, TLSSettings
@@ -62,6 +63,41 @@ async def _expire_loop(core: SelectorCore, interval_s: float) -> None:
             log.info("replica %s expired (silent > %.1fs)", rid, core.config.stale_after_s)
 
 
+class _Capture:
+    """Stands in for a server to catch the generated code's method handlers."""
+
+    handlers: dict[str, grpc.RpcMethodHandler]
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.handlers = dict(handlers)
+
+
+def add_servicer(
+    server: grpc.aio.Server, servicer: CacheSelectionServicer, select_codec: str = "wire"
+) -> None:
+    """Register ``CacheSelection`` on ``server``. ``select_codec="wire"`` (default) serves
+    Select as bytes through ``servicer.select_wire`` (``cluster.selector.wire``); ``"proto"``
+    through protobuf objects (``servicer.Select``), as every other method."""
+    if select_codec not in ("wire", "proto"):
+        raise ValueError(f"select_codec must be 'wire' or 'proto', got {select_codec!r}")
+    cap = _Capture()
+    pb_grpc.add_CacheSelectionServicer_to_server(servicer, cap)  # type: ignore[no-untyped-call]
+    handlers = cap.handlers
+    if select_codec == "wire":
+        wire.warm_up()
+        # NOTE: no (de)serializers: the behaviour gets and returns the message bytes
+        handlers["Select"] = grpc.unary_unary_rpc_method_handler(servicer.select_wire)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+    )
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 async def start_server(
     core: SelectorCore | None = None,
     host: str = "127.0.0.1",
@@ -69,10 +105,11 @@ async def start_server(
     token: str | None = None,
     expire_interval_s: float | None = None,
     tls: ServerTLS | None = None,
+    select_codec: str = "wire",
 ) -> RunningServer:
     """Start serving on ``host:port`` (0 = a free port) in the running loop; returns the bound
-    port. ``tls``: serve TLS only (plaintext clients fail their handshake). The caller owns
-    ``stop()``."""
+    port. ``tls``: serve TLS only (plaintext clients fail their handshake). ``select_codec``:
+    see ``add_servicer``. The caller owns ``stop()``."""
     core = core or SelectorCore()
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if token:
@@ -92,7 +129,7 @@ async def start_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    pb_grpc.add_CacheSelectionServicer_to_server(CacheSelectionServicer(core), server)  # type: ignore[no-untyped-call]
+    add_servicer(server, CacheSelectionServicer(core), select_codec)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -128,10 +165,12 @@ class ServerThread:
         port: int = 0,
         token: str | None = None,
         tls: ServerTLS | None = None,
+        select_codec: str = "wire",
     ) -> None:
         self.core = core or SelectorCore()
         self._args = (host, port, token)
         self._tls = tls
+        self._select_codec = select_codec
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="selector-server", daemon=True
@@ -156,7 +195,9 @@ class ServerThread:
         self._thread.start()
         host, port, token = self._args
         fut = asyncio.run_coroutine_threadsafe(
-            start_server(self.core, host, port, token, tls=self._tls), self._loop
+            start_server(self.core, host, port, token, tls=self._tls,
+                         select_codec=self._select_codec),
+            self._loop,
         )
         try:
             self._running = fut.result(timeout=30)

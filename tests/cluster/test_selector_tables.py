@@ -1,4 +1,5 @@
-"""The open-addressing tables under the index: backward-shift deletion keeps every key findable.
+"""The tables under the index: backward-shift deletion keeps every key findable; the pending
+queue's rings grow and wrap without losing a mark.
 
 Tiny tables (8 or 16 rows) with keys chosen to share home rows at the table's end, so probe
 runs collide and wrap around row 0; every history is checked against a dict.
@@ -9,11 +10,15 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from index_reference import KVIndex as RefIndex
+from selector_helpers import FakeClock
 
 from cluster.selector import index_kernels as k
 from cluster.selector import pending_deadlines as pd
+from cluster.selector.index import KVIndex
 from cluster.selector.mask_table import MaskTable
 from cluster.selector.pending_deadlines import PendingDeadlines
+from cluster.selector.pending_queue import PendingQueue
 
 _SLOTS = [0, 1, 65]
 
@@ -115,3 +120,47 @@ def test_pending_deadlines_equal_a_dict(ops: list[tuple[str, int, list[int]]]) -
                 assert (i >= 0) == ((x, s) in ref)
                 if i >= 0:
                     assert t.dl[i] == ref[(x, s)]
+
+
+_queue_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["pending", "tick", "expire", "reslot"]),
+        st.sampled_from(_SLOTS),
+        st.lists(st.integers(0, 9), max_size=7),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=_queue_ops)
+def test_pending_queue_through_ring_growth_equals_the_reference(
+    ops: list[tuple[str, int, list[int]]],
+) -> None:
+    """A KVIndex whose pending queue starts at 2 marks / 4 hashes (so it grows and wraps)
+    expires exactly what the dict index does."""
+    clock = FakeClock(0.0)
+    new, ref = KVIndex(clock), RefIndex(clock)
+    new._queue = PendingQueue(num_marks=2, num_hashes=4)
+    for s in _SLOTS:
+        new.add_slot(s)
+        ref.add_slot(s)
+    for op, slot, hashes in ops:
+        for idx in (new, ref):
+            if op == "pending":
+                idx.mark_pending(slot, hashes, ttl_s=1.0 + len(hashes) % 3)
+            elif op == "expire":
+                assert new.expire_pending(len(hashes)) == ref.expire_pending(len(hashes))
+                break
+            elif op == "reslot":
+                idx.remove_slot(slot)
+                idx.add_slot(slot)
+        if op == "tick":
+            clock.t += 0.7
+        for s in _SLOTS:
+            assert new.num_pending(s) == ref.num_pending(s)
+    mask = sum(1 << s for s in _SLOTS)
+    assert new.match(list(range(10)), mask).pending == ref.match(list(range(10)), mask).pending
+    clock.t += 10.0
+    assert new.expire_pending() == ref.expire_pending()
+    assert all(new.num_pending(s) == 0 for s in _SLOTS)
