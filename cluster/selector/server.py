@@ -106,10 +106,14 @@ async def start_server(
     expire_interval_s: float | None = None,
     tls: ServerTLS | None = None,
     select_codec: str = "wire",
+    reuse_port: bool = False,
 ) -> RunningServer:
     """Start serving on ``host:port`` (0 = a free port) in the running loop; returns the bound
     port. ``tls``: serve TLS only (plaintext clients fail their handshake). ``select_codec``:
-    see ``add_servicer``. The caller owns ``stop()``."""
+    see ``add_servicer``. ``reuse_port``: share ``port`` with other processes that set it
+    too (SO_REUSEPORT: the kernel spreads new connections over them); only for processes of
+    ONE selection replica fed the same events (see the NOTE below). The caller owns
+    ``stop()``."""
     core = core or SelectorCore()
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if token:
@@ -126,7 +130,7 @@ async def start_server(
             # NOTE: gRPC sets SO_REUSEPORT by default; then a second selection replica on the
             # same node would share the port and the kernel would split one replica's
             # streams between two indexes. Off: a taken port is an error the caller handles.
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
     add_servicer(server, CacheSelectionServicer(core), select_codec)
@@ -166,11 +170,13 @@ class ServerThread:
         token: str | None = None,
         tls: ServerTLS | None = None,
         select_codec: str = "wire",
+        reuse_port: bool = False,
     ) -> None:
         self.core = core or SelectorCore()
         self._args = (host, port, token)
         self._tls = tls
         self._select_codec = select_codec
+        self._reuse_port = reuse_port
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="selector-server", daemon=True
@@ -196,7 +202,7 @@ class ServerThread:
         host, port, token = self._args
         fut = asyncio.run_coroutine_threadsafe(
             start_server(self.core, host, port, token, tls=self._tls,
-                         select_codec=self._select_codec),
+                         select_codec=self._select_codec, reuse_port=self._reuse_port),
             self._loop,
         )
         try:
