@@ -239,6 +239,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tls-cert", default="", metavar="PEM", help="serve TLS: certificate chain")
     p.add_argument("--tls-key", default="", metavar="PEM", help="serve TLS: private key")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
+    p.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="share --port with other processes of this selection replica (SO_REUSEPORT); "
+        "each must be fed every replica's KV events",
+    )
+    p.add_argument(
+        "--select-codec",
+        choices=("wire", "proto"),
+        default="wire",
+        help="Select through the compiled wire codec (default) or protobuf objects",
+    )
     p.add_argument("--pending-ttl-s", type=float, default=2.0)
     p.add_argument("--stale-after-s", type=float, default=30.0)
     p.add_argument("--learn", action="store_true", help="learn the objective's w from Feedback")
@@ -292,7 +304,8 @@ async def _serve(ns: argparse.Namespace) -> None:
         subscribers.append(VllmKVSubscriber(core, replica_id, pub, replay or None).start())
     if ns.token and ns.tls is None and ns.host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("the token travels in clear on %s: add --tls-cert/--tls-key", ns.host)
-    running = await start_server(core, ns.host, ns.port, ns.token, tls=ns.tls)
+    running = await start_server(core, ns.host, ns.port, ns.token, tls=ns.tls,
+                                 select_codec=ns.select_codec, reuse_port=ns.reuse_port)  # fmt: skip
     log.info(
         "cache-selection service on %s:%d (policy %s, %s)",
         ns.host,

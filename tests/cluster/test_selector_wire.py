@@ -164,3 +164,27 @@ def test_both_server_codecs_answer_alike_and_refuse_garbage() -> None:
     assert answers[0][0].replicas[0].replica_id == "r1"
     with pytest.raises(ValueError, match="select_codec"):
         ServerThread(SelectorCore(), select_codec="json").start()
+
+
+def test_reuse_port_lets_processes_of_one_replica_share_a_port() -> None:
+    """reuse_port=True: a second server binds the same port and connections reach both;
+    without it the port stays exclusive (the default keeps two selection replicas apart)."""
+    import grpc
+
+    from cluster.selector.core import SelectorCore
+    from cluster.selector.server import ServerThread
+    from protos import cache_selection_pb2_grpc as pb_grpc
+
+    cores = [SelectorCore(), SelectorCore()]
+    with ServerThread(cores[0], reuse_port=True) as a:
+        with pytest.raises(RuntimeError, match="bind"):
+            ServerThread(SelectorCore(), port=a.port).start()
+        with ServerThread(cores[1], port=a.port, reuse_port=True) as b:
+            assert b.port == a.port
+            for i in range(40):  # NOTE: separate connections; the kernel spreads them
+                opts = [("grpc.use_local_subchannel_pool", 1), ("tinyserve.test", i)]
+                with grpc.insecure_channel(a.address, options=opts) as ch:
+                    pb_grpc.CacheSelectionStub(ch).Select(pb.SelectRequest(), timeout=10)
+                if all(c.stats().counters["selects"] for c in cores):
+                    break
+    assert all(c.stats().counters["selects"] > 0 for c in cores)
