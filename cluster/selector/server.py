@@ -111,8 +111,9 @@ async def start_server(
     """Start serving on ``host:port`` (0 = a free port) in the running loop; returns the bound
     port. ``tls``: serve TLS only (plaintext clients fail their handshake). ``select_codec``:
     see ``add_servicer``. ``reuse_port``: share ``port`` with other processes that set it
-    too (SO_REUSEPORT: the kernel spreads new connections over them); only for processes of
-    ONE selection replica fed the same events (see the NOTE below). The caller owns
+    too (SO_REUSEPORT: the kernel spreads new connections over them); correct only when each
+    of them gets every KV event another way (a ReportKV stream lands on one of them; see the
+    NOTE below). The caller owns
     ``stop()``."""
     core = core or SelectorCore()
     interceptors: list[grpc.aio.ServerInterceptor] = []
@@ -242,8 +243,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--reuse-port",
         action="store_true",
-        help="share --port with other processes of this selection replica (SO_REUSEPORT); "
-        "each must be fed every replica's KV events",
+        help="share --port with other processes (SO_REUSEPORT; the kernel spreads "
+        "connections): only when each gets every KV event another way (e.g. --vllm), since "
+        "a ReportKV stream lands on one process",
     )
     p.add_argument(
         "--select-codec",
