@@ -57,13 +57,14 @@ def _latency(stub: Any, make: Any, n: int) -> list[float]:
 
 
 async def _throughput(
-    address: str, method: str, msgs: list[Any], concurrency: int, seconds: float
-) -> float:
+    address: str, method: str, msgs: list[Any], concurrency: int, seconds: float,
+    options: list[tuple[str, Any]] | None = None,
+) -> float:  # fmt: skip
     import grpc
 
     from protos import cache_selection_pb2_grpc as pb_grpc
 
-    async with grpc.aio.insecure_channel(address) as ch:
+    async with grpc.aio.insecure_channel(address, options=options) as ch:
         call = getattr(pb_grpc.CacheSelectionStub(ch), method)
         await call(msgs[0], timeout=10)
         done = 0
@@ -240,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--client-procs", type=int, default=2, help="client processes (at least N)")
     p.add_argument("--scale-rounds", type=int, default=3)
+    p.add_argument("--reuseport", action="store_true",
+                   help="scaling run: the N processes share one port (grpc.so_reuseport)")
+    p.add_argument("--client-channels", type=int, default=4,
+                   help="with --reuseport: connections per client process")
     p.add_argument("--json", type=Path, default=None, help="write results here")
     ns = p.parse_args(argv)
     rows = []

@@ -95,6 +95,7 @@ def _server_main(
     from cluster.selector.core import CoreConfig, SelectorCore
     from cluster.selector.server import ServerThread
     from cluster.selector.types import SelectionRequest
+    from cluster.selector.wire import decode_select, encode_select
     from kvmanager.events import BlockRemoved, BlockStored
     from protos import cache_selection_pb2 as pb
 
@@ -129,6 +130,19 @@ def _server_main(
         selection_to_proto(core.select(req, cands, max_results=4))
         full_t.append(time.perf_counter() - t)
 
+    wire_t = []
+    for i, h in enumerate(ps):
+        raw = pb.SelectRequest(
+            request_id=f"w{i}",
+            block_hashes=h,
+            num_prompt_tokens=CHAIN_BLOCKS * BLOCK_SIZE,
+            max_results=4,
+        ).SerializeToString()
+        t = time.perf_counter()
+        req, cands, policy, k, spec = decode_select(raw, core.config.max_prompt_blocks)
+        encode_select(core.select(req, cands, policy, k, spec))
+        wire_t.append(time.perf_counter() - t)
+
     # event ingestion in-process: store then remove 64-block batches on one replica
     core.join("ingest", block_size=BLOCK_SIZE)
     rng = np.random.default_rng(seed + 2)
@@ -158,6 +172,7 @@ def _server_main(
             "compute_core": _pcts(core_t),
             "compute_core_cpu": _pcts(core_cpu),
             "compute_with_proto": _pcts(full_t),
+            "compute_with_wire": _pcts(wire_t),
             "ingest_inproc_events_per_s": 2 * 64 * len(batches) / ingest_s,
         }
     )

@@ -21,6 +21,8 @@ from benchmarks.selector_report import TARGETS
 FIGURES = (
     ("compute_p99_us", lambda r: r["compute_core_cpu"]["p99_us"]),
     ("compute_p50_us", lambda r: r["compute_core_cpu"]["p50_us"]),
+    ("with_wire_p50_us", lambda r: r.get("compute_with_wire", {}).get("p50_us", float("nan"))),
+    ("with_proto_p50_us", lambda r: r.get("compute_with_proto", {}).get("p50_us", float("nan"))),
     ("in_server_p50_us", lambda r: r["core_in_server"]["wall"]["p50_us"]),
     ("in_server_p99_us", lambda r: r["core_in_server"]["wall"]["p99_us"]),
     ("ping_p50_us", lambda r: r["ping"]["p50_us"]),

@@ -1,6 +1,10 @@
 """selector_bench's N-process scaling: N selection processes, each holding the full index
 (what each replica of the service is), driven closed-loop by client processes spread over
-them; Select/s and Ping/s per N, and the scaling factor against N x one process."""
+them; Select/s and Ping/s per N, and the scaling factor against N x one process.
+
+``--reuseport``: the N processes listen on ONE port (``grpc.so_reuseport``; the kernel
+spreads connections), started one by one as N grows; each client then opens
+``--client-channels`` connections so the kernel has several to spread."""
 
 from __future__ import annotations
 
@@ -18,9 +22,10 @@ from benchmarks.selector_fixture import BLOCK_SIZE, CHAIN_BLOCKS, _populate, _rs
 
 
 def _replica_server_main(
-    conn: Connection, num_replicas: int, blocks_per_replica: int, copies: int
+    conn: Connection, num_replicas: int, blocks_per_replica: int, copies: int, reuse_port: bool
 ) -> None:
-    """One selection process holding the full index (what each replica of the service is)."""
+    """One selection process holding the full index (what each replica of the service is);
+    it listens on the port it is then sent (0: a free one)."""
     from cluster.selector.core import CoreConfig, SelectorCore
     from cluster.selector.server import ServerThread
 
@@ -28,8 +33,12 @@ def _replica_server_main(
     num_chains = _populate(core, num_replicas, blocks_per_replica, copies)
     gc.collect()
     gc.freeze()
-    server = ServerThread(core).start()
-    conn.send({"port": server.port, "num_chains": num_chains, "rss_mb": _rss_mb()})
+    conn.send({"num_chains": num_chains, "rss_mb": _rss_mb()})
+    port = conn.recv()
+    if port == "stop":  # NOTE: never asked to listen
+        return
+    server = ServerThread(core, port=port, reuse_port=reuse_port).start()
+    conn.send(server.port)
     conn.recv()
     server.stop()
 
@@ -52,14 +61,29 @@ def _client_main(
             for i, h in enumerate(prompts(500, num_chains, ns.seed + 10 + k))
         ]
     conn.recv()  # start together
-    conn.send(asyncio.run(_throughput(address, method, msgs, ns.concurrency, ns.window_s)))
+    if ns.reuseport:
+        conn.send(asyncio.run(_spread(address, method, msgs, ns)))
+    else:
+        conn.send(asyncio.run(_throughput(address, method, msgs, ns.concurrency, ns.window_s)))
 
 
-def _aggregate(addresses: list[str], method: str, num_chains: int, ns: argparse.Namespace) -> float:
+async def _spread(address: str, method: str, msgs: list[Any], ns: argparse.Namespace) -> float:
+    """``_throughput`` over ``ns.client_channels`` separate connections (their own subchannel
+    pools), ``ns.concurrency`` calls in flight in all."""
+    per = max(ns.concurrency // ns.client_channels, 1)
+    opts = [("grpc.use_local_subchannel_pool", 1)]
+    rates = await asyncio.gather(*(_throughput(address, method, msgs, per, ns.window_s, opts)
+                                   for _ in range(ns.client_channels)))  # fmt: skip
+    return float(sum(rates))
+
+
+def _aggregate(
+    addresses: list[str], method: str, num_chains: int, ns: argparse.Namespace, n: int
+) -> float:
     """Closed-loop calls/s summed over client processes spread over ``addresses``."""
     ctx = mp.get_context("spawn")
     procs, pipes = [], []
-    for k in range(max(ns.client_procs, len(addresses))):
+    for k in range(max(ns.client_procs, n)):
         parent, child = ctx.Pipe()
         p = ctx.Process(
             target=_client_main,
@@ -86,19 +110,28 @@ def run_scaling(ns: argparse.Namespace) -> dict[str, Any]:
             parent, child = ctx.Pipe()
             p = ctx.Process(
                 target=_replica_server_main,
-                args=(child, num_replicas, ns.blocks_per_replica, ns.copies),
+                args=(child, num_replicas, ns.blocks_per_replica, ns.copies, ns.reuseport),
             )
             p.start()
             servers.append(p)
             pipes.append(parent)
         infos = [c.recv() for c in pipes]
-        addresses = [f"127.0.0.1:{i['port']}" for i in infos]
+        listening: list[str] = []
+
+        def listen(n: int) -> list[str]:
+            """Addresses of the first n servers (with reuseport: one, n listening on it)."""
+            while len(listening) < n:
+                c = pipes[len(listening)]
+                c.send(int(listening[0].rsplit(":", 1)[1]) if ns.reuseport and listening else 0)
+                listening.append(f"127.0.0.1:{c.recv()}")
+            return listening[:1] if ns.reuseport else listening[:n]
+
         rows = []
         for n in ns.procs:
             pings, sels = [], []
             for _ in range(1 if ns.quick else ns.scale_rounds):
-                pings.append(_aggregate(addresses[:n], "Ping", infos[0]["num_chains"], ns))
-                sels.append(_aggregate(addresses[:n], "Select", infos[0]["num_chains"], ns))
+                pings.append(_aggregate(listen(n), "Ping", infos[0]["num_chains"], ns, n))
+                sels.append(_aggregate(listen(n), "Select", infos[0]["num_chains"], ns, n))
             rows.append(
                 {
                     "num_procs": n,
@@ -118,6 +151,7 @@ def run_scaling(ns: argparse.Namespace) -> dict[str, Any]:
         for r in rows:
             r["scaling"] = r["select_rps"] / (base * r["num_procs"])
         return {
+            "reuseport": ns.reuseport,
             "num_replicas": num_replicas,
             "rss_mb_per_proc": [i["rss_mb"] for i in infos],
             "rows": rows,

@@ -32,8 +32,8 @@ import numpy as np
 import numpy.typing as npt
 
 from cluster.selector.index import as_hash_array
-from cluster.selector.index_kernels import _jit
-from cluster.selector.pending_deadlines import _drop_slot, _find, _home
+from cluster.selector.index_kernels import _jit, zeros
+from cluster.selector.pending_deadlines import _find, _home
 
 U64 = npt.NDArray[np.uint64]
 MAX_LOAD = 0.7
@@ -118,6 +118,17 @@ def _hotness(
 
 
 @_jit
+def _drop_slot(keys: Any, slots: Any, slot: int) -> int:
+    """Tombstone every entry of ``slot``; returns how many."""
+    n = 0
+    for i in range(slots.shape[0]):
+        if slots[i] == slot + 1:
+            slots[i] = -1
+            n += 1
+    return n
+
+
+@_jit
 def _forget(keys: Any, slots: Any, bits: int, hashes: Any, slot: int) -> int:
     n = 0
     for j in range(hashes.shape[0]):
@@ -169,15 +180,16 @@ class AccessTracker:
 
     def _alloc(self, bits: int) -> None:
         self.bits = bits
-        self.keys = np.zeros(1 << bits, np.uint64)
-        self.slots = np.zeros(1 << bits, np.int64)
-        self.vt = np.zeros((2, 1 << bits), np.float64)
+        self.keys = zeros(1 << bits, np.uint64)
+        self.slots = zeros(1 << bits, np.int64)
+        self.vt = zeros((2, 1 << bits), np.float64)
 
     def __len__(self) -> int:
         """Live (checkpoint hash, slot) entries."""
         return self.count
 
-    def _reserve(self, num_new: int) -> None:
+    def reserve(self, num_new: int) -> None:
+        """Make room for ``num_new`` more entries without another doubling."""
         if self.count + self.tombs + num_new <= MAX_LOAD * len(self.keys):
             return
         bits = self.bits
@@ -191,13 +203,18 @@ class AccessTracker:
     def bump(self, slot: int, block_hashes: Sequence[int] | U64) -> None:
         """A request routed to ``slot`` accessed every block of ``block_hashes``."""
         hashes = as_hash_array(block_hashes)
-        self._reserve(max(len(hashes), 1).bit_length())
+        self.reserve(max(len(hashes), 1).bit_length())
         now = self._clock()
         created, reused = bump_kernel(
             self.keys, self.slots, self.vt, self.bits, hashes, slot, now, self.rate
         )
-        self.count += int(created)
-        self.tombs -= int(reused)
+        self.bumped(int(created), int(reused), now)
+
+    def bumped(self, created: int, reused: int, now: float) -> None:
+        """Book-keeping after ``bump_kernel`` ran elsewhere (``select_kernel.rank_and_route``,
+        after ``reserve``): its (created, reused) counts; prunes past ``max_entries``."""
+        self.count += created
+        self.tombs -= reused
         if self.count > self._max_entries:
             dropped = int(_prune(self.slots, self.vt, now, self.rate))
             self.count -= dropped
@@ -222,7 +239,7 @@ class AccessTracker:
         if not self.count:
             return
         if block_hashes is None:
-            n = len(_drop_slot(self.keys, self.slots, slot))
+            n = int(_drop_slot(self.keys, self.slots, slot))
         else:
             n = int(_forget(self.keys, self.slots, self.bits, as_hash_array(block_hashes), slot))
         self.count -= n

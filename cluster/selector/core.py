@@ -45,6 +45,11 @@ class CoreConfig:
 
     default_policy: str = "tinyserve"
     pending_ttl_s: float = 2.0
+    # NOTE: (block_hash, replica) pending marks the tables hold before their first doubling:
+    # pending_ttl_s x Selects/s x uncached blocks per Select (2 s x 1,000/s x 64 here). A
+    # doubling costs milliseconds, once, on the Select that crosses it; sized ahead, Selects
+    # at that rate never pay one (deletion leaves no tombstones, so no rebuilds either).
+    pending_reserve_marks: int = 131072
     stale_after_s: float = 30.0
     hot_half_life_s: float = 60.0
     max_prompt_blocks: int = 16384
@@ -84,6 +89,9 @@ class SelectorCore:
         select_kernel.warm_up()
         self._table = ReplicaTable()
         self._access = AccessTracker(clock, self.config.hot_half_life_s)
+        self._index.reserve_pending(self.config.pending_reserve_marks)
+        # NOTE: a Select bumps ~log2(prompt blocks) checkpoints where it marks ~64 blocks
+        self._access.reserve(self.config.pending_reserve_marks // 8)
         self._ranker = Ranker(self._index, self._table, self._access, clock)
         self._rewards = RewardBook(self.config.objective)  # NOTE: R(c), cluster/selector/reward.py
         self._policies: dict[str, Policy] = {}
@@ -270,16 +278,21 @@ class SelectorCore:
                 self.metrics.errors.labels("unknown_replica").inc(unknown)
             hashes: Sequence[int] | U64 = request.block_hashes
             if self.fast_path and isinstance(pol, TinyServeObjective) and not pol.config.learn:
+                # NOTE: the pending marks and the access bump are made inside this call
                 ranked, matched, hashes = self._ranker.rank_fast(
-                    request, pol, slots, ids, mask, max_results
-                )
+                    request, pol, slots, ids, mask, max_results, speculative,
+                    self.config.pending_ttl_s,
+                )  # fmt: skip
+                marked = True
             else:
                 cands = self._ranker.candidates(request, slots, ids, mask)
                 ranking = pol.select(request, cands)
                 ranked = ranking.top(cands, max_results)
                 matched = int(cands.num_matched_blocks[ranking.order[0]]) if ranked else 0
+                marked = False
             if ranked:
-                self._route(request, hashes, ranked[0].replica_id, pol.name, matched, speculative)
+                self._route(request, hashes, ranked[0].replica_id, pol.name, matched,
+                            speculative, marked)  # fmt: skip
             self.counters["selects"] += 1
             self._decisions[pol.name] = self._decisions.get(pol.name, 0) + 1
             decisions, latency = self._policy_metrics(pol.name)
@@ -305,13 +318,17 @@ class SelectorCore:
         policy: str,
         matched: int,
         speculative: bool,
+        marked: bool,
     ) -> None:
+        """The winner's share of the request: pending marks and access bump (unless the
+        compiled call ``marked`` them already), in-flight load, the reward's prediction."""
         rec = self._table.records[replica_id]
         if speculative:
-            # NOTE: the matched prefix is resident already; only the rest needs a pending mark.
-            self._index.mark_pending(rec.slot, hashes[matched:], self.config.pending_ttl_s)
+            if not marked:
+                # NOTE: the matched prefix is resident already; only the rest needs a mark.
+                self._index.mark_pending(rec.slot, hashes[matched:], self.config.pending_ttl_s)
+                self._access.bump(rec.slot, hashes)
             self._table.add_inflight(rec, request.num_prompt_tokens + request.num_output_tokens)
-            self._access.bump(rec.slot, hashes)
         if request.request_id:
             self._expect(request, rec, matched)
             self._routed[request.request_id] = (policy, matched * rec.block_size)

@@ -6,6 +6,7 @@ Layout (R replicas, each owning a small-int ``slot``; bit ``slot`` of a mask = t
     _cpu     : MaskTable  block_hash -> slots holding it on the host tier     (usually empty)
     _pending : MaskTable  block_hash -> slots with a speculative insert       (TTL, mark_pending)
     _deadlines: PendingDeadlines  (block_hash, slot) -> deadline of its pending mark
+    _queue   : PendingQueue  the marks in deadline order (what expiry drains)
 
 NOTE: one compiled pass over the prompt's hashes (``index_kernels.walk``) ANDs the masks
 block by block and gives every candidate's longest prefix at once: O(prompt blocks x mask
@@ -21,7 +22,6 @@ may outlive its TTL by up to ~TTL/2.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -29,9 +29,10 @@ import numpy as np
 import numpy.typing as npt
 
 from cluster.selector import index_kernels as k
-from cluster.selector import pending_deadlines
+from cluster.selector import pending_deadlines, pending_queue
 from cluster.selector.mask_table import MaskTable, warm_up
 from cluster.selector.pending_deadlines import PendingDeadlines
+from cluster.selector.pending_queue import PendingQueue
 from kvmanager.events import MEDIUM_CPU
 
 I64 = npt.NDArray[np.int64]
@@ -102,6 +103,7 @@ class KVIndex:
     def __init__(self, clock: Callable[[], float]) -> None:
         warm_up()
         pending_deadlines.warm_up()
+        pending_queue.warm_up()
         self._clock = clock
         self._gpu = MaskTable(bits=16)
         self._cpu = MaskTable()
@@ -110,7 +112,7 @@ class KVIndex:
         self._num_cpu = np.zeros(64, np.int64)
         self._num_pending = np.zeros(64, np.int64)
         self._deadlines = PendingDeadlines()
-        self._pending_queue: deque[tuple[float, int, U64]] = deque()
+        self._queue = PendingQueue()
 
     @property
     def num_words(self) -> int:
@@ -193,6 +195,32 @@ class KVIndex:
         self.store(slot, gpu_hashes)
         self.store(slot, cpu_hashes, MEDIUM_CPU)
 
+    def reserve_pending(self, num_marks: int) -> None:
+        """Size the pending tables for ``num_marks`` (hash, slot) marks without a doubling."""
+        self._pending.reserve(num_marks)
+        self._deadlines.reserve(num_marks)
+        self._queue.reserve(num_marks)
+
+    def pending_route_args(self, num_new: int) -> tuple[U64, I64, npt.NDArray[np.float64], int]:
+        """Reserve room for ``num_new`` pending marks, then the deadline table's arrays as
+        ``select_kernel.rank_and_route`` takes them (keys, slots, deadlines, bits). Call it
+        before ``walk_args`` (a reservation may replace the arrays); record the marks the
+        kernel made with ``marked``."""
+        self._pending.reserve(num_new)
+        self._deadlines.reserve(num_new)
+        d = self._deadlines
+        return d.keys, d.slots, d.dl, d.bits
+
+    def marked(
+        self, slot: int, hashes: U64, deadline: float, num_new_marks: int, num_new_rows: int
+    ) -> None:
+        """Book-keeping of a ``mark_pending(slot, hashes, ...)`` that a kernel did: its new
+        (hash, slot) deadlines and new pending-table rows."""
+        self._num_pending[slot] += num_new_marks
+        self._deadlines.count += num_new_marks
+        self._pending.count += num_new_rows
+        self._queue.push(deadline, slot, hashes)
+
     def mark_pending(self, slot: int, block_hashes: Sequence[int] | U64, ttl_s: float) -> None:
         """Speculative insert: treat ``block_hashes`` as held by ``slot`` for ``ttl_s`` seconds
         (so siblings of a burst follow the first request before its KV events arrive)."""
@@ -202,26 +230,24 @@ class KVIndex:
         hashes = as_hash_array(block_hashes)
         self._num_pending[slot] += self._deadlines.set(hashes, slot, deadline)
         self._pending.set_bits(hashes, slot)
-        self._pending_queue.append((deadline, slot, hashes))
+        self._queue.push(deadline, slot, hashes)
 
     def expire_pending(self, max_marks: int | None = None) -> int:
         """Drop pending inserts whose TTL passed; returns how many (slot, hash) pairs expired.
         ``max_marks`` bounds the work (in mark_pending calls) so a Select never pays for a
         long backlog; the service's background loop calls it unbounded."""
         now = self._clock()
-        queue = self._pending_queue
-        n = 0
-        budget = len(queue) if max_marks is None else max_marks
-        while budget > 0 and queue and queue[0][0] <= now:
-            budget -= 1
-            _, slot, hashes = queue.popleft()
-            # NOTE: a later mark_pending of the same hash pushed its deadline; that one stays.
-            expired = self._deadlines.expire(hashes, slot, now)
-            if len(expired):
-                self._pending.clear_bits(expired, slot)
-                self._num_pending[slot] -= len(expired)
-                n += len(expired)
-        return n
+        q, d, p = self._queue, self._deadlines, self._pending
+        if not len(q) or q.dl[q.state[0] & (len(q.dl) - 1)] > now:
+            return 0
+        # NOTE: a later mark_pending of the same hash pushed its deadline; that one stays.
+        pairs, rows = pending_queue.expire(
+            q.dl, q.meta, q.ring, q.state, now, -1 if max_marks is None else max_marks,
+            d.keys, d.slots, d.dl, d.bits, p.tab, p.bits, self._num_pending, k.SINK,
+        )  # fmt: skip
+        d.count -= int(pairs)
+        p.count -= int(rows)
+        return int(pairs)
 
     # ------------------------------------------------------------------ query
     def slots_mask(self, slots: Iterable[int]) -> npt.NDArray[np.uint64]:

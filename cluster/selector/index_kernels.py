@@ -7,8 +7,12 @@ syntax. Profiling showed the Select walk (128 dict lookups of 256-bit ints over 
 dict) was ~60% of the old index's cost; here it is a few microseconds.
 
 Table rows (``MaskTable``): ``[key, mask word 0, ..., mask word W-1]`` as uint64. A row is
-live when its mask is non-zero; a dead row is empty (key 0) or a tombstone (key 1). Hash:
-Fibonacci multiply, top ``bits`` bits.
+live when its mask is non-zero, empty otherwise (any key value is a valid hash). Hash:
+Fibonacci multiply, top ``bits`` bits. Linear probing with backward-shift deletion (Knuth's
+Algorithm R): no tombstones, so probe runs stay as short as the live load allows and a table
+never needs a same-size rebuild (NOTE: with tombstones, the pending table's churn of ~64
+marks per Select forced a full rehash every few thousand Selects, 15-30 ms each at 256
+replicas, and lengthened every miss probe of the walk).
 Every function is pure over its array arguments (mutating only the ones it documents).
 """
 
@@ -23,11 +27,20 @@ import numpy as np
 F = TypeVar("F", bound=Callable[..., Any])
 
 _MULT = np.uint64(0x9E3779B97F4A7C15)
-_TOMB_KEY = np.uint64(1)
 
 
 def _jit(fn: F) -> F:
     return cast(F, numba.njit(cache=True, nogil=True)(fn))
+
+
+def zeros(shape: int | tuple[int, ...], dtype: Any) -> Any:
+    """``np.zeros`` with every page written now.
+    NOTE: np.zeros of a big array maps zero pages lazily; each first write then faults in the
+    middle of whatever Select touches it (measured here: ~4 ms stalls, dozens of them in the
+    first thousand Selects after a table grew). Growth is the slow path already: pay there."""
+    out = np.empty(shape, dtype)
+    out.fill(0)
+    return out
 
 
 @_jit
@@ -68,87 +81,107 @@ def find(tab: Any, bits: int, key: Any) -> int:
     """Row of ``key`` (uint64) or -1."""
     m = np.int64((1 << bits) - 1)
     i: Any = _home(key, bits)
-    while True:
-        if _live(tab, i):
-            if tab[i, 0] == key:
-                return int(i)
-        elif tab[i, 0] != _TOMB_KEY:
-            return -1
+    while _live(tab, i):
+        if tab[i, 0] == key:
+            return int(i)
         i = (i + 1) & m
+    return -1
 
 
 @_jit
-def _find_or_insert(tab: Any, bits: int, key: Any) -> tuple[int, int, int]:
-    """(row, created, reused tombstone) for ``key``; a new key takes the first tombstone.
-    A created row has an all-zero mask: the caller must set a bit."""
+def _find_or_insert(tab: Any, bits: int, key: Any) -> tuple[int, int]:
+    """(row, created) for ``key``. A created row has an all-zero mask: the caller must set a
+    bit before the next probe of this table."""
     m = np.int64((1 << bits) - 1)
     i = _home(key, bits)
-    tomb = -1
-    while True:
-        if _live(tab, i):
-            if tab[i, 0] == key:
-                return i, 0, 0
-        elif tab[i, 0] == _TOMB_KEY:
-            if tomb < 0:
-                tomb = i
-        else:
-            if tomb >= 0:
-                tab[tomb, 0] = key
-                return tomb, 1, 1
-            tab[i, 0] = key
-            return i, 1, 0
+    while _live(tab, i):
+        if tab[i, 0] == key:
+            return i, 0
         i = (i + 1) & m
+    tab[i, 0] = key
+    return i, 1
 
 
 @_jit
-def set_bits(tab: Any, bits: int, hashes: Any, slot: int, sink: Any) -> tuple[int, int, int]:
-    """Set ``slot`` on every hash (uint64). Returns (bits newly set, keys created,
-    tombstones reused). ``sink``: see ``touch``."""
+def _moves_back(i: int, j: int, home: int) -> bool:
+    """Backward shift: may the entry at row ``j`` (home row ``home``) fill the hole at ``i``?
+    Yes unless its home lies cyclically in (i, j]."""
+    if i <= j:
+        return home <= i or home > j
+    return home <= i and home > j
+
+
+@_jit
+def delete_row(tab: Any, bits: int, i: int) -> None:
+    """Empty row ``i`` and shift later rows of its probe run back (no tombstone)."""
+    m = np.int64((1 << bits) - 1)
+    j: Any = i
+    while True:
+        j = (j + 1) & m
+        if not _live(tab, j):
+            break
+        if _moves_back(i, j, _home(tab[j, 0], bits)):
+            tab[i, :] = tab[j, :]
+            i = j
+    tab[i, :] = 0
+
+
+@_jit
+def set_bits(tab: Any, bits: int, hashes: Any, slot: int, sink: Any) -> tuple[int, int]:
+    """Set ``slot`` on every hash (uint64). Returns (bits newly set, keys created).
+    ``sink``: see ``touch``."""
     w, b = 1 + (slot >> 6), np.uint64(1) << np.uint64(slot & 63)
     touch(tab, bits, hashes, sink)
-    added = created = reused = 0
+    added = created = 0
     for j in range(hashes.shape[0]):
-        i, c, r = _find_or_insert(tab, bits, hashes[j])
+        i, c = _find_or_insert(tab, bits, hashes[j])
         created += c
-        reused += r
         if tab[i, w] & b == 0:
             tab[i, w] |= b
             added += 1
-    return added, created, reused
+    return added, created
 
 
 @_jit
-def _clear(tab: Any, i: int, w: int, b: Any) -> int:
-    """Clear one bit of live row i; 1 when the row empties (it becomes a tombstone)."""
+def _clear(tab: Any, bits: int, i: int, w: int, b: Any) -> int:
+    """Clear one bit of live row i; 1 when the row empties (it is deleted)."""
     tab[i, w] &= ~b
     if _live(tab, i):
         return 0
-    tab[i, 0] = _TOMB_KEY
+    delete_row(tab, bits, i)
     return 1
 
 
 @_jit
-def clear_bits(tab: Any, bits: int, hashes: Any, slot: int) -> tuple[int, int]:
-    """Clear ``slot`` on every hash. Returns (bits cleared, keys deleted)."""
+def clear_bits(tab: Any, bits: int, hashes: Any, slot: int, sink: Any) -> tuple[int, int]:
+    """Clear ``slot`` on every hash. Returns (bits cleared, keys deleted). ``sink``: see
+    ``touch``."""
     w, b = 1 + (slot >> 6), np.uint64(1) << np.uint64(slot & 63)
+    touch(tab, bits, hashes, sink)
     cleared = deleted = 0
     for j in range(hashes.shape[0]):
         i = find(tab, bits, hashes[j])
         if i < 0 or tab[i, w] & b == 0:
             continue
         cleared += 1
-        deleted += _clear(tab, i, w, b)
+        deleted += _clear(tab, bits, i, w, b)
     return cleared, deleted
 
 
 @_jit
-def clear_slot(tab: Any, slot: int) -> int:
-    """Clear ``slot`` everywhere (a full scan). Returns keys deleted."""
+def clear_slot(tab: Any, bits: int, slot: int) -> int:
+    """Clear ``slot`` everywhere (a full scan). Returns keys deleted.
+    NOTE: a deletion may shift a later row into row i, so row i is looked at again; rows
+    shifted from the wrapped start into the end were handled already (clearing is
+    idempotent)."""
     w, b = 1 + (slot >> 6), np.uint64(1) << np.uint64(slot & 63)
     deleted = 0
-    for i in range(tab.shape[0]):
-        if tab[i, w] & b:
-            deleted += _clear(tab, i, w, b)
+    i, n = 0, tab.shape[0]
+    while i < n:
+        if tab[i, w] & b and _clear(tab, bits, i, w, b):
+            deleted += 1
+            continue
+        i += 1
     return deleted
 
 
@@ -173,7 +206,7 @@ def rehash(tab: Any, new: Any, nbits: int) -> None:
     """Copy every live row into the (all-zero) ``new`` table."""
     for i in range(tab.shape[0]):
         if _live(tab, i):
-            j, _, _ = _find_or_insert(new, nbits, tab[i, 0])
+            j, _ = _find_or_insert(new, nbits, tab[i, 0])
             new[j, 1:] = tab[i, 1:]
 
 

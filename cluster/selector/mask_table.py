@@ -4,8 +4,9 @@ Layout (cap = 2^bits rows, W = 64-bit words per mask, bit s of a mask = slot s h
 
     tab : uint64[cap, 1 + W]   row = [block_hash (as uint64), mask word 0, ..., mask word W-1]
 
-A row is live while its mask is non-zero (a mask that empties turns the row into a tombstone);
-a dead row is empty (key 0) or a tombstone (key 1). NOTE: key and mask share a row, so a probe
+A row is live while its mask is non-zero and empty otherwise; a row whose mask empties is
+deleted by shifting its probe run back (``index_kernels.delete_row``: no tombstones). NOTE: key
+and mask share a row, so a probe
 touches one cache line, not three (keys, states and masks in separate arrays cost ~2x in the
 Select walk at 16M rows).
 
@@ -15,8 +16,8 @@ int keys, 12.8M 256-bit int masks and 256 per-slot sets (3.4 GB RSS), and a Sele
 compiled walk (``index_kernels``), and a slot's blocks are found by scanning its bit (clear,
 resync, leave: rare, tens of ms at 16M rows).
 
-Linear probing, Fibonacci hashing of the key, live + tombstone rows kept <= 4/5 of the table
-by rehashing. Contract: not thread-safe (the core serialises calls). The array is replaced on
+Linear probing, Fibonacci hashing of the key, live rows kept <= 4/5 of the table by doubling
+(``reserve`` sizes a table ahead, so a hot path never pays for a doubling). Contract: not thread-safe (the core serialises calls). The array is replaced on
 growth, so never keep a reference to it across calls.
 """
 
@@ -36,9 +37,8 @@ class MaskTable:
 
     def __init__(self, num_words: int = 1, bits: int = 10) -> None:
         self.bits = bits
-        self.tab = np.zeros((1 << bits, 1 + num_words), np.uint64)
+        self.tab = k.zeros((1 << bits, 1 + num_words), np.uint64)
         self.count = 0  # live rows
-        self.tombs = 0
 
     @property
     def num_words(self) -> int:
@@ -51,44 +51,40 @@ class MaskTable:
         """Make room for slots < 64·num_words (masks grow; existing bits kept)."""
         if num_words <= self.num_words:
             return
-        tab = np.zeros((len(self.tab), 1 + num_words), np.uint64)
+        tab = k.zeros((len(self.tab), 1 + num_words), np.uint64)
         tab[:, : self.tab.shape[1]] = self.tab
         self.tab = tab
 
-    def _reserve(self, num_new: int) -> None:
-        if self.count + self.tombs + num_new <= MAX_LOAD * len(self.tab):
+    def reserve(self, num_new: int) -> None:
+        """Make room for ``num_new`` more keys without another doubling."""
+        if self.count + num_new <= MAX_LOAD * len(self.tab):
             return
         bits = self.bits
-        # NOTE: grow for live rows only (a table full of tombstones is rebuilt at its size);
-        # after growing, the load is at most MAX_LOAD / 1.5.
+        # NOTE: after growing, the load is at most MAX_LOAD / 1.5.
         while self.count + num_new > MAX_LOAD * (1 << bits) / 1.5:
             bits += 1
-        new = np.zeros((1 << bits, self.tab.shape[1]), np.uint64)
+        new = k.zeros((1 << bits, self.tab.shape[1]), np.uint64)
         k.rehash(self.tab, new, bits)
-        self.tab, self.bits, self.tombs = new, bits, 0
+        self.tab, self.bits = new, bits
 
     def set_bits(self, hashes: U64, slot: int) -> int:
         """Set ``slot``'s bit on every hash (inserting new keys); returns how many were newly
         set (duplicates and already-set bits count 0)."""
-        self._reserve(len(hashes))
-        added, created, reused = k.set_bits(self.tab, self.bits, hashes, slot, k.SINK)
+        self.reserve(len(hashes))
+        added, created = k.set_bits(self.tab, self.bits, hashes, slot, k.SINK)
         self.count += int(created)
-        self.tombs -= int(reused)  # NOTE: a new key may take a tombstone's place
         return int(added)
 
     def clear_bits(self, hashes: U64, slot: int) -> int:
         """Clear ``slot``'s bit on every hash (deleting keys whose mask empties); returns how
         many bits were cleared (unknown hashes and clear bits count 0)."""
-        cleared, deleted = k.clear_bits(self.tab, self.bits, hashes, slot)
+        cleared, deleted = k.clear_bits(self.tab, self.bits, hashes, slot, k.SINK)
         self.count -= int(deleted)
-        self.tombs += int(deleted)
         return int(cleared)
 
     def clear_slot(self, slot: int) -> None:
         """Clear ``slot``'s bit everywhere (a full scan)."""
-        deleted = int(k.clear_slot(self.tab, slot))
-        self.count -= deleted
-        self.tombs += deleted
+        self.count -= int(k.clear_slot(self.tab, self.bits, slot))
 
     def has(self, block_hash: np.uint64, slot: int) -> bool:
         return bool(k.has_bit(self.tab, self.bits, block_hash, slot))

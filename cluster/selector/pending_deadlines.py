@@ -3,9 +3,12 @@
 Layout (cap = 2^bits entries, open addressing on a mix of hash and slot, linear probing):
 
     keys  : uint64[cap]   block_hash
-    slots : int64[cap]    0 empty, -1 tombstone, else slot + 1
+    slots : int64[cap]    0 empty, else slot + 1
     dl    : float64[cap]  deadline of the (block_hash, slot) mark
 
+Deletion shifts the probe run back (no tombstones, as in ``index_kernels.delete_row``): a
+Select marks ~100 blocks and expires about as many, so tombstones forced a full rebuild every
+few thousand Selects.
 NOTE: this replaces a dict per slot (block_hash -> deadline): a Select marks ~100 blocks
 pending on its winner and, once their TTL passes, another Select expires them; as Python dict
 updates that was ~25 us of each Select, here it is one compiled call each way.
@@ -19,7 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cluster.selector.index_kernels import SINK, _jit
+from cluster.selector.index_kernels import SINK, _jit, _moves_back, zeros
 
 U64 = npt.NDArray[np.uint64]
 MAX_LOAD = 0.7
@@ -49,8 +52,8 @@ def _find(keys: Any, slots: Any, bits: int, key: Any, slot: int) -> int:
 @_jit
 def _upsert(
     keys: Any, slots: Any, dl: Any, bits: int, hashes: Any, slot: int, deadline: float, sink: Any
-) -> tuple[int, int]:
-    """Set the deadline of (h, slot) for every h. Returns (entries created, tombs reused).
+) -> int:
+    """Set the deadline of (h, slot) for every h. Returns the entries created.
     ``sink``: see ``index_kernels.touch``."""
     m = np.int64((1 << bits) - 1)
     # NOTE: a prefetch of every home entry (see index_kernels.touch)
@@ -58,58 +61,76 @@ def _upsert(
     for j in range(hashes.shape[0]):
         acc ^= slots[_home(hashes[j], slot, bits)]
     sink[0] ^= np.uint64(acc)
-    created = reused = 0
+    created = 0
     for j in range(hashes.shape[0]):
         key = hashes[j]
         i: Any = _home(key, slot, bits)
-        tomb = -1
         while True:
             s = slots[i]
             if s == 0:
-                if tomb >= 0:
-                    i = tomb
-                    reused += 1
                 keys[i], slots[i] = key, slot + 1
                 created += 1
                 break
             if s == slot + 1 and keys[i] == key:
                 break
-            if s == -1 and tomb < 0:
-                tomb = i
             i = (i + 1) & m
         dl[i] = deadline
-    return created, reused
+    return created
+
+
+@_jit
+def _delete(keys: Any, slots: Any, dl: Any, bits: int, i: int) -> None:
+    """Empty entry ``i`` and shift later entries of its probe run back."""
+    m = np.int64((1 << bits) - 1)
+    j: Any = i
+    while True:
+        j = (j + 1) & m
+        s = slots[j]
+        if s == 0:
+            break
+        if _moves_back(i, j, _home(keys[j], s - 1, bits)):
+            keys[i], slots[i], dl[i] = keys[j], s, dl[j]
+            i = j
+    slots[i] = 0
 
 
 @_jit
 def _expire(
-    keys: Any, slots: Any, dl: Any, bits: int, hashes: Any, slot: int, now: float, out: Any
-) -> int:
+    keys: Any, slots: Any, dl: Any, bits: int, hashes: Any, slot: int, now: float, out: Any,
+    sink: Any,
+) -> int:  # fmt: skip
     """Delete (h, slot) entries due by ``now``; their hashes go to ``out``; returns how many."""
+    acc = 0
+    for j in range(hashes.shape[0]):
+        acc ^= slots[_home(hashes[j], slot, bits)]
+    sink[0] ^= np.uint64(acc)
     n = 0
     for j in range(hashes.shape[0]):
         i = _find(keys, slots, bits, hashes[j], slot)
         if i >= 0 and dl[i] <= now:
-            slots[i] = -1
+            _delete(keys, slots, dl, bits, i)
             out[n] = hashes[j]
             n += 1
     return n
 
 
 @_jit
-def _drop_slot(keys: Any, slots: Any, slot: int) -> Any:
-    """Delete every entry of ``slot``; returns their hashes."""
+def _drop_slot(keys: Any, slots: Any, dl: Any, bits: int, slot: int) -> Any:
+    """Delete every entry of ``slot``; returns their hashes (see ``index_kernels.clear_slot``
+    for why a row is looked at again after a deletion)."""
     n = 0
     for i in range(slots.shape[0]):
         if slots[i] == slot + 1:
             n += 1
     out = np.empty(n, np.uint64)
-    n = 0
-    for i in range(slots.shape[0]):
+    n, i = 0, 0
+    while i < slots.shape[0]:
         if slots[i] == slot + 1:
             out[n] = keys[i]
-            slots[i] = -1
             n += 1
+            _delete(keys, slots, dl, bits, i)
+            continue
+        i += 1
     return out
 
 
@@ -129,16 +150,16 @@ class PendingDeadlines:
     def __init__(self, bits: int = 10) -> None:
         self._alloc(bits)
         self.count = 0
-        self.tombs = 0
 
     def _alloc(self, bits: int) -> None:
         self.bits = bits
-        self.keys = np.zeros(1 << bits, np.uint64)
-        self.slots = np.zeros(1 << bits, np.int64)
-        self.dl = np.zeros(1 << bits, np.float64)
+        self.keys = zeros(1 << bits, np.uint64)
+        self.slots = zeros(1 << bits, np.int64)
+        self.dl = zeros(1 << bits, np.float64)
 
-    def _reserve(self, num_new: int) -> None:
-        if self.count + self.tombs + num_new <= MAX_LOAD * len(self.keys):
+    def reserve(self, num_new: int) -> None:
+        """Make room for ``num_new`` more entries without another doubling."""
+        if self.count + num_new <= MAX_LOAD * len(self.keys):
             return
         bits = self.bits
         while self.count + num_new > MAX_LOAD * (1 << bits) / 1.5:
@@ -146,31 +167,26 @@ class PendingDeadlines:
         old = (self.keys, self.slots, self.dl)
         self._alloc(bits)
         _rehash(*old, self.keys, self.slots, self.dl, bits, SINK)
-        self.tombs = 0
 
     def set(self, hashes: U64, slot: int, deadline: float) -> int:
         """Deadline of (h, slot) := ``deadline`` for every h; returns how many were new."""
-        self._reserve(len(hashes))
-        created, reused = _upsert(
-            self.keys, self.slots, self.dl, self.bits, hashes, slot, deadline, SINK
-        )
-        self.count += int(created)
-        self.tombs -= int(reused)
-        return int(created)
+        self.reserve(len(hashes))
+        created = int(_upsert(self.keys, self.slots, self.dl, self.bits, hashes, slot, deadline,
+                              SINK))  # fmt: skip
+        self.count += created
+        return created
 
     def expire(self, hashes: U64, slot: int, now: float) -> U64:
         """Delete the (h, slot) entries due by ``now``; returns their hashes."""
         out = np.empty(len(hashes), np.uint64)
-        n = int(_expire(self.keys, self.slots, self.dl, self.bits, hashes, slot, now, out))
+        n = int(_expire(self.keys, self.slots, self.dl, self.bits, hashes, slot, now, out, SINK))
         self.count -= n
-        self.tombs += n
         return out[:n]
 
     def drop_slot(self, slot: int) -> U64:
         """Delete every entry of ``slot``; returns their hashes."""
-        out: U64 = _drop_slot(self.keys, self.slots, slot)
+        out: U64 = _drop_slot(self.keys, self.slots, self.dl, self.bits, slot)
         self.count -= len(out)
-        self.tombs += len(out)
         return out
 
 

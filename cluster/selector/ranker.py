@@ -4,12 +4,14 @@ Two paths to the same answer (tests/cluster/test_selector_core.py compares them)
 - ``candidates``: the columnar ``Candidates`` any policy ranks (index match, hotness, node
   locality, the replica table's load columns);
 - ``rank_fast``: the TinyServe objective without ``Candidates``, one compiled call from the
-  hashes to the ranked rows (``select_kernel.rank``), into buffers reused across calls.
+  hashes to the ranked rows and the winner's speculative insert
+  (``select_kernel.rank_and_route``), into buffers reused across calls.
 Contract: not thread-safe; SelectorCore calls it holding its lock.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -35,6 +37,7 @@ class Ranker:
         self._top = np.zeros(0, np.int64)
         self._result = np.zeros((0, len(select_kernel.RESULT_COLS)))
         self._cand_cache: tuple[int, U64] | None = None
+        self._stats = np.zeros(len(select_kernel.ROUTE_STATS), np.int64)
 
     def rank_fast(
         self,
@@ -44,30 +47,49 @@ class Ranker:
         ids: list[str],
         mask: int,
         k: int,
+        speculative: bool = False,
+        ttl_s: float = 0.0,
     ) -> tuple[list[Ranked], int, U64]:
-        """(best ``k`` rows, the winner's matched blocks, the hashes as uint64 for the route)."""
+        """(best ``k`` rows, the winner's matched blocks, the hashes as uint64 for the route).
+        With ``speculative``, the winner's pending marks (for ``ttl_s``) and its access bump
+        are made in the same compiled call (``select_kernel.rank_and_route``); the rest of
+        the route (in-flight load, the reward's prediction) is the caller's."""
         hashes = as_hash_array(request.block_hashes)
-        n = len(slots)
+        n, nh = len(slots), len(hashes)
         if len(self._top) < n:
             self._top = np.zeros(n, np.int64)
             self._result = np.zeros((n, len(select_kernel.RESULT_COLS)))
         if self._match.shape[1] < 64 * self._index.num_words:
             self._match = np.zeros((3, 64 * self._index.num_words), np.int64)
         cand = self._cand_words(mask)
-        acc, t = self._access, self._table
+        acc, t, stats = self._access, self._table, self._stats
         cfg, req, q = pol.kernel_inputs(request)
-        r = select_kernel.rank(
+        now = self._clock()
+        # NOTE: reservations first: growing a table replaces its arrays
+        dl = self._index.pending_route_args(nh if speculative else 0)
+        if speculative:
+            acc.reserve(max(nh, 1).bit_length())
+        deadline = now + ttl_s if ttl_s > 0 else math.nan
+        r = select_kernel.rank_and_route(
             hashes, *self._index.walk_args(), cand, self._match,
-            acc.keys, acc.slots, acc.vt, acc.bits, self._clock(), acc.rate,
+            acc.keys, acc.slots, acc.vt, acc.bits, now, acc.rate,
             slots, t.ints, t.floats, t.node_of_slot, t.node_code(request.origin_node_id),
             cfg, req, q, k, self._result, self._top, index_kernels.SINK,
+            speculative, deadline, *dl, stats,
         )  # fmt: skip
         ranked = [
             Ranked(ids[i], x[13], ScoreTerms(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7],
                                              x[8], x[9], x[10], int(x[11]), int(x[12])))
             for i, x in zip(self._top[:r].tolist(), self._result[:r].tolist(), strict=True)
         ]  # fmt: skip
-        return ranked, ranked[0].terms.num_matched_blocks if ranked else 0, hashes
+        matched = ranked[0].terms.num_matched_blocks if ranked else 0
+        if speculative and ranked:
+            created, rows, acc_created, acc_reused = stats.tolist()
+            if matched < nh and ttl_s > 0:
+                winner = int(slots[self._top[0]])
+                self._index.marked(winner, hashes[matched:], deadline, created, rows)
+            acc.bumped(acc_created, acc_reused, now)
+        return ranked, matched, hashes
 
     def _cand_words(self, mask: int) -> U64:
         """The walk's candidate words of ``mask``, cached for the last mask (the live set)."""

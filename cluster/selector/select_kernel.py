@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from cluster.selector import objective_kernel as ok
-from cluster.selector.access import hot_of
-from cluster.selector.index_kernels import _jit, walk
+from cluster.selector.access import bump_kernel, hot_of
+from cluster.selector.index_kernels import _jit, set_bits, walk
+from cluster.selector.pending_deadlines import _upsert as set_deadlines
 from cluster.selector.types import ScoreTerms
 
 # result columns: ScoreTerms fields in declaration order, then the score
@@ -101,6 +102,43 @@ def rank(
     return r
 
 
+# stats written by ``rank_and_route`` (ROUTE_STATS entries)
+ROUTE_STATS = ("deadlines_created", "pending_rows_created", "access_created", "access_reused")
+
+
+@_jit
+def rank_and_route(
+    hashes: Any, gpu: Any, gbits: int, cpu: Any, cbits: int, use_cpu: bool, pend: Any,
+    pbits: int, use_pending: bool, cand: Any, match: Any,
+    acc_keys: Any, acc_slots: Any, acc_vt: Any, acc_bits: int, now: float, rate: float,
+    slots: Any, tab_ints: Any, tab_floats: Any, node_of_slot: Any, origin: int,
+    cfg: Any, req: Any, q: float, k: int, result: Any, top: Any, sink: Any,
+    speculative: bool, deadline: float, dl_keys: Any, dl_slots: Any, dl_dl: Any, dl_bits: int,
+    stats: Any,
+) -> int:  # fmt: skip
+    """``rank``, then the winner's speculative insert in the same call (the core's ``_route``
+    minus its Python-side book-keeping): with ``speculative`` (and r > 0), the winner's
+    unmatched blocks ``hashes[matched:]`` get pending marks due at ``deadline`` (skipped when
+    ``deadline`` is NaN: a zero TTL) and an access at every checkpoint of ``hashes``.
+
+    The caller must have reserved room for ``len(hashes)`` new pending rows and deadlines and
+    for ``bit_length(len(hashes))`` access entries (no table grows here). Writes ``stats``
+    (``ROUTE_STATS``) so the caller updates its counts; returns r as ``rank``."""
+    r = rank(hashes, gpu, gbits, cpu, cbits, use_cpu, pend, pbits, use_pending, cand, match,
+             acc_keys, acc_slots, acc_vt, acc_bits, now, rate, slots, tab_ints, tab_floats,
+             node_of_slot, origin, cfg, req, q, k, result, top, sink)  # fmt: skip
+    stats[:] = 0
+    if not speculative or r == 0:
+        return r
+    s = slots[top[0]]
+    tail = hashes[int(result[0, 11]) :]
+    if tail.shape[0] and deadline == deadline:
+        stats[0] = set_deadlines(dl_keys, dl_slots, dl_dl, dl_bits, tail, s, deadline, sink)
+        _, stats[1] = set_bits(pend, pbits, tail, s, sink)
+    stats[2], stats[3] = bump_kernel(acc_keys, acc_slots, acc_vt, acc_bits, hashes, s, now, rate)
+    return r
+
+
 _warm = False
 
 
@@ -120,4 +158,13 @@ def warm_up() -> None:
              np.zeros((2, 8)), 3, 0.0, 0.01, slots, np.ones((7, 2), np.int64), np.ones((5, 2)),
              np.zeros(2, np.int64), -1, np.ones(ok.CFG_LEN), np.ones(4), 0.5, k, result, top,
              np.zeros(1, np.uint64))  # fmt: skip
+        for spec in (False, True):
+            rank_and_route(
+                h, tab, 4, tab, 4, True, tab.copy(), 4, True, np.ones(1, np.uint64),
+                np.zeros((3, 64), np.int64), np.zeros(8, np.uint64), np.zeros(8, np.int64),
+                np.zeros((2, 8)), 3, 0.0, 0.01, slots, np.ones((7, 2), np.int64),
+                np.ones((5, 2)), np.zeros(2, np.int64), -1, np.ones(ok.CFG_LEN), np.ones(4), 0.5,
+                k, result, top, np.zeros(1, np.uint64), spec, 1.0, np.zeros(8, np.uint64),
+                np.zeros(8, np.int64), np.zeros(8), 3, np.zeros(len(ROUTE_STATS), np.int64),
+            )  # fmt: skip
     _warm = True

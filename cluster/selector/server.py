@@ -25,6 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cluster.selector import wire
 from cluster.selector.core import CoreConfig, SelectorCore
 from cluster.selector.grpc_decode import DecodeErrorInterceptor
 from cluster.selector.grpc_tls import ServerTLS, TLSSettings
@@ -62,6 +63,41 @@ async def _expire_loop(core: SelectorCore, interval_s: float) -> None:
             log.info("replica %s expired (silent > %.1fs)", rid, core.config.stale_after_s)
 
 
+class _Capture:
+    """Stands in for a server to catch the generated code's method handlers."""
+
+    handlers: dict[str, grpc.RpcMethodHandler]
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.handlers = dict(handlers)
+
+
+def add_servicer(
+    server: grpc.aio.Server, servicer: CacheSelectionServicer, select_codec: str = "wire"
+) -> None:
+    """Register ``CacheSelection`` on ``server``. ``select_codec="wire"`` (default) serves
+    Select as bytes through ``servicer.select_wire`` (``cluster.selector.wire``); ``"proto"``
+    through protobuf objects (``servicer.Select``), as every other method."""
+    if select_codec not in ("wire", "proto"):
+        raise ValueError(f"select_codec must be 'wire' or 'proto', got {select_codec!r}")
+    cap = _Capture()
+    pb_grpc.add_CacheSelectionServicer_to_server(servicer, cap)  # type: ignore[no-untyped-call]
+    handlers = cap.handlers
+    if select_codec == "wire":
+        wire.warm_up()
+        # NOTE: no (de)serializers: the behaviour gets and returns the message bytes
+        handlers["Select"] = grpc.unary_unary_rpc_method_handler(servicer.select_wire)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+    )
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 async def start_server(
     core: SelectorCore | None = None,
     host: str = "127.0.0.1",
@@ -69,9 +105,15 @@ async def start_server(
     token: str | None = None,
     expire_interval_s: float | None = None,
     tls: ServerTLS | None = None,
+    select_codec: str = "wire",
+    reuse_port: bool = False,
 ) -> RunningServer:
     """Start serving on ``host:port`` (0 = a free port) in the running loop; returns the bound
-    port. ``tls``: serve TLS only (plaintext clients fail their handshake). The caller owns
+    port. ``tls``: serve TLS only (plaintext clients fail their handshake). ``select_codec``:
+    see ``add_servicer``. ``reuse_port``: share ``port`` with other processes that set it
+    too (SO_REUSEPORT: the kernel spreads new connections over them); correct only when each
+    of them gets every KV event another way (a ReportKV stream lands on one of them; see the
+    NOTE below). The caller owns
     ``stop()``."""
     core = core or SelectorCore()
     interceptors: list[grpc.aio.ServerInterceptor] = []
@@ -89,10 +131,10 @@ async def start_server(
             # NOTE: gRPC sets SO_REUSEPORT by default; then a second selection replica on the
             # same node would share the port and the kernel would split one replica's
             # streams between two indexes. Off: a taken port is an error the caller handles.
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
-    pb_grpc.add_CacheSelectionServicer_to_server(CacheSelectionServicer(core), server)  # type: ignore[no-untyped-call]
+    add_servicer(server, CacheSelectionServicer(core), select_codec)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -128,10 +170,14 @@ class ServerThread:
         port: int = 0,
         token: str | None = None,
         tls: ServerTLS | None = None,
+        select_codec: str = "wire",
+        reuse_port: bool = False,
     ) -> None:
         self.core = core or SelectorCore()
         self._args = (host, port, token)
         self._tls = tls
+        self._select_codec = select_codec
+        self._reuse_port = reuse_port
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="selector-server", daemon=True
@@ -156,7 +202,9 @@ class ServerThread:
         self._thread.start()
         host, port, token = self._args
         fut = asyncio.run_coroutine_threadsafe(
-            start_server(self.core, host, port, token, tls=self._tls), self._loop
+            start_server(self.core, host, port, token, tls=self._tls,
+                         select_codec=self._select_codec, reuse_port=self._reuse_port),
+            self._loop,
         )
         try:
             self._running = fut.result(timeout=30)
@@ -192,6 +240,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tls-cert", default="", metavar="PEM", help="serve TLS: certificate chain")
     p.add_argument("--tls-key", default="", metavar="PEM", help="serve TLS: private key")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
+    p.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="share --port with other processes (SO_REUSEPORT; the kernel spreads "
+        "connections): only when each gets every KV event another way (e.g. --vllm), since "
+        "a ReportKV stream lands on one process",
+    )
+    p.add_argument(
+        "--select-codec",
+        choices=("wire", "proto"),
+        default="wire",
+        help="Select through the compiled wire codec (default) or protobuf objects",
+    )
     p.add_argument("--pending-ttl-s", type=float, default=2.0)
     p.add_argument("--stale-after-s", type=float, default=30.0)
     p.add_argument("--learn", action="store_true", help="learn the objective's w from Feedback")
@@ -245,7 +306,8 @@ async def _serve(ns: argparse.Namespace) -> None:
         subscribers.append(VllmKVSubscriber(core, replica_id, pub, replay or None).start())
     if ns.token and ns.tls is None and ns.host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("the token travels in clear on %s: add --tls-cert/--tls-key", ns.host)
-    running = await start_server(core, ns.host, ns.port, ns.token, tls=ns.tls)
+    running = await start_server(core, ns.host, ns.port, ns.token, tls=ns.tls,
+                                 select_codec=ns.select_codec, reuse_port=ns.reuse_port)  # fmt: skip
     log.info(
         "cache-selection service on %s:%d (policy %s, %s)",
         ns.host,

@@ -1,0 +1,214 @@
+"""The selection service's gRPC front ends side by side, in one run, on one server process
+that holds one core (R replicas x blocks, the selector_bench fixture):
+
+- ``aio-proto``: grpc.aio, Select through protobuf objects (``select_codec="proto"``)
+- ``aio-wire``: grpc.aio, Select as bytes (``cluster/selector/wire.py``; the default)
+- ``uvloop-wire``: the same on a uvloop event loop (if uvloop is installed)
+- ``sync-wire``: grpc's synchronous server (thread pool), generic bytes handlers
+
+Per front end: sequential Ping and Select latency (interleaved rounds of 100), closed-loop
+calls/s with ``--concurrency`` in flight from a client process, and the server process's CPU
+per call in that window (what bounds one process's rate). Quote the ratios.
+
+    python benchmarks/selector_rpc.py --replicas 256 --json benchmarks/results/selector_rpc_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import sys
+import threading
+import time
+from concurrent import futures
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.selector_bench import _cpu_s, _latency, _throughput
+from benchmarks.selector_fixture import BLOCK_SIZE, CHAIN_BLOCKS, _pcts, _populate, prompts
+
+FRONT_ENDS = ("aio-proto", "aio-wire", "uvloop-wire", "sync-wire")
+
+
+def _sync_server(core: Any, workers: int) -> tuple[Any, int]:
+    """grpc's thread-pool server: Select (wire bytes) and Ping, generic handlers."""
+    import grpc
+
+    from cluster.selector.server import SERVICE_NAME
+    from cluster.selector.wire import decode_select, encode_select
+    from protos import cache_selection_pb2 as pb
+
+    empty = pb.PingResponse().SerializeToString()
+
+    def select(raw: bytes, context: Any) -> bytes:
+        req, cands, policy, k, spec = decode_select(raw, core.config.max_prompt_blocks)
+        return encode_select(core.select(req, cands, policy, k, spec))
+
+    handlers = {
+        "Select": grpc.unary_unary_rpc_method_handler(select),
+        "Ping": grpc.unary_unary_rpc_method_handler(lambda raw, ctx: empty),
+    }
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                         options=[("grpc.so_reuseport", 0)])  # fmt: skip
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def _uvloop_server(core: Any) -> tuple[Any, int] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    from cluster.selector.server import start_server
+
+    loop = uvloop.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="uvloop-server", daemon=True).start()
+    running = asyncio.run_coroutine_threadsafe(start_server(core), loop).result(60)
+    return (loop, running), running.port
+
+
+def _server_main(conn: Connection, num_replicas: int, blocks: int, copies: int,
+                 workers: int) -> None:  # fmt: skip
+    """One process, one core, every front end on its own port."""
+    import gc
+
+    from cluster.selector.core import CoreConfig, SelectorCore
+    from cluster.selector.server import ServerThread
+
+    core = SelectorCore(CoreConfig(stale_after_s=1e9))
+    num_chains = _populate(core, num_replicas, blocks, copies)
+    gc.collect()
+    gc.freeze()
+    ports: dict[str, int] = {}
+    threads = [ServerThread(core, select_codec="proto").start(),
+               ServerThread(core, select_codec="wire").start()]  # fmt: skip
+    ports["aio-proto"], ports["aio-wire"] = threads[0].port, threads[1].port
+    uv = _uvloop_server(core)
+    if uv is not None:
+        ports["uvloop-wire"] = uv[1]
+    sync, ports["sync-wire"] = _sync_server(core, workers)
+    conn.send({"ports": ports, "num_chains": num_chains})
+    conn.recv()
+    for t in threads:
+        t.stop()
+    sync.stop(0)
+
+
+def _client_main(conn: Connection, address: str, method: str, msgs: list[Any],
+                 concurrency: int, seconds: float) -> None:  # fmt: skip
+    conn.recv()
+    conn.send(asyncio.run(_throughput(address, method, msgs, concurrency, seconds)))
+
+
+def _closed_loop(address: str, method: str, msgs: list[Any], ns: argparse.Namespace,
+                 server_pid: int) -> dict[str, float]:  # fmt: skip
+    """Calls/s from a client process, and the server's CPU per call over that window."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_client_main,
+                    args=(child, address, method, msgs, ns.concurrency, ns.window_s))  # fmt: skip
+    p.start()
+    time.sleep(1.0)  # NOTE: the client's imports, outside the window
+    s0, t0 = _cpu_s(server_pid), time.perf_counter()
+    parent.send("go")
+    rps = float(parent.recv())
+    s1, wall = _cpu_s(server_pid), time.perf_counter() - t0
+    p.join(30)
+    return {"rps": rps, "server_cpu_us": (s1 - s0) / max(rps * ns.window_s, 1) * 1e6,
+            "server_cores": (s1 - s0) / wall}  # fmt: skip
+
+
+def run(ns: argparse.Namespace) -> dict[str, Any]:
+    import grpc
+
+    from protos import cache_selection_pb2 as pb
+    from protos import cache_selection_pb2_grpc as pb_grpc
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_server_main, args=(child, ns.replicas, ns.blocks_per_replica,
+                                                  ns.copies, ns.sync_workers))  # fmt: skip
+    proc.start()
+    assert proc.pid is not None
+    out: dict[str, Any] = {}
+    try:
+        info = parent.recv()
+        sel = [pb.SelectRequest(request_id=f"r{i}", block_hashes=h, max_results=4,
+                                num_prompt_tokens=CHAIN_BLOCKS * BLOCK_SIZE)
+               for i, h in enumerate(prompts(ns.num_requests, info["num_chains"], ns.seed))]  # fmt: skip
+        ping = pb.PingRequest()
+        for name in [f for f in FRONT_ENDS if f in info["ports"]]:
+            address = f"127.0.0.1:{info['ports'][name]}"
+            with grpc.insecure_channel(address) as ch:
+                stub = pb_grpc.CacheSelectionStub(ch)
+                for _ in range(50):
+                    stub.Ping(ping, timeout=10)
+                    stub.Select(sel[0], timeout=10)
+                ping_t: list[float] = []
+                sel_t: list[float] = []
+                for k in range(0, ns.num_requests, 100):
+                    m = min(100, ns.num_requests - k)
+                    ping_t += _latency(stub.Ping, lambda i: ping, m)
+                    sel_t += _latency(stub.Select, lambda i, k=k: sel[k + i], m)
+            rounds = [(_closed_loop(address, "Ping", [ping], ns, proc.pid),
+                       _closed_loop(address, "Select", sel, ns, proc.pid))
+                      for _ in range(ns.rounds)]  # fmt: skip
+            med = {f"{m}_{key}": float(np.median([r[i][key] for r in rounds]))
+                   for i, m in enumerate(("ping", "select")) for key in rounds[0][0]}  # fmt: skip
+            p, s = _pcts(ping_t), _pcts(sel_t)
+            out[name] = {"ping": p, "select": s, "select_over_ping_p50": s["p50_us"] / p["p50_us"],
+                         **med, "rounds": rounds}  # fmt: skip
+            print(_row(name, out[name]), flush=True)
+        parent.send("stop")
+    finally:
+        proc.join(60)
+        if proc.is_alive():
+            proc.terminate()
+    return out
+
+
+HEAD = (f"{'front end':<12} {'ping p50 us':>11} {'select p50/p99 us':>17} {'sel/ping':>8} "
+        f"{'ping/s':>7} {'select/s':>8} {'srv cpu us: ping':>16} {'select':>7}")  # fmt: skip
+
+
+def _row(name: str, r: dict[str, Any]) -> str:
+    return (f"{name:<12} {r['ping']['p50_us']:>11.0f} "
+            f"{r['select']['p50_us']:>8.0f}/{r['select']['p99_us']:<8.0f} "
+            f"{r['select_over_ping_p50']:>8.2f} {r['ping_rps']:>7.0f} {r['select_rps']:>8.0f} "
+            f"{r['ping_server_cpu_us']:>16.0f} {r['select_server_cpu_us']:>7.0f}")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--replicas", type=int, default=256)
+    p.add_argument("--blocks-per-replica", type=int, default=100_000)
+    p.add_argument("--copies", type=int, default=2)
+    p.add_argument("--num-requests", type=int, default=1000)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3, help="closed-loop windows per call kind")
+    p.add_argument("--window-s", type=float, default=1.0)
+    p.add_argument("--sync-workers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--json", type=Path, default=None)
+    ns = p.parse_args(argv)
+    print(HEAD)
+    print("-" * len(HEAD))
+    res = run(ns)
+    if ns.json is not None:
+        ns.json.parent.mkdir(parents=True, exist_ok=True)
+        ns.json.write_text(json.dumps({"argv": sys.argv[1:], "results": res}, indent=2))
+        print(f"wrote {ns.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

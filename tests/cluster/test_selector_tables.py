@@ -1,0 +1,166 @@
+"""The tables under the index: backward-shift deletion keeps every key findable; the pending
+queue's rings grow and wrap without losing a mark.
+
+Tiny tables (8 or 16 rows) with keys chosen to share home rows at the table's end, so probe
+runs collide and wrap around row 0; every history is checked against a dict.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from index_reference import KVIndex as RefIndex
+from selector_helpers import FakeClock
+
+from cluster.selector import index_kernels as k
+from cluster.selector import pending_deadlines as pd
+from cluster.selector.index import KVIndex
+from cluster.selector.mask_table import MaskTable
+from cluster.selector.pending_deadlines import PendingDeadlines
+from cluster.selector.pending_queue import PendingQueue
+
+_SLOTS = [0, 1, 65]
+
+
+def _keys_homed_at(homes: tuple[int, ...], bits: int, per_home: int) -> list[int]:
+    """``per_home`` keys (as uint64 ints, 0 included when it fits) per home row."""
+    out: dict[int, list[int]] = {h: [] for h in homes}
+    key = 0
+    while any(len(v) < per_home for v in out.values()):
+        h = int(k._home(np.uint64(key), bits))
+        if h in out and len(out[h]) < per_home:
+            out[h].append(key)
+        key += 1
+    return [x for h in homes for x in out[h]]
+
+
+_MASK_KEYS = _keys_homed_at((6, 7, 0), 3, 3)
+_mask_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["set", "clear", "clear_slot"]),
+        st.sampled_from(_SLOTS),
+        st.lists(st.sampled_from(_MASK_KEYS), max_size=4),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=_mask_ops)
+def test_mask_table_equals_a_dict_through_colliding_deletes(
+    ops: list[tuple[str, int, list[int]]],
+) -> None:
+    t = MaskTable(num_words=2, bits=3)
+    ref: dict[int, set[int]] = {}
+    for op, slot, keys in ops:
+        arr = np.asarray(keys, np.uint64)
+        if op == "set":
+            want = sum(1 for x in dict.fromkeys(keys) if slot not in ref.get(x, set()))
+            assert t.set_bits(arr, slot) == want
+            for x in keys:
+                ref.setdefault(x, set()).add(slot)
+        elif op == "clear":
+            want = sum(1 for x in dict.fromkeys(keys) if slot in ref.get(x, set()))
+            assert t.clear_bits(arr, slot) == want
+            for x in keys:
+                ref.get(x, set()).discard(slot)
+        else:
+            t.clear_slot(slot)
+            for v in ref.values():
+                v.discard(slot)
+        ref = {x: v for x, v in ref.items() if v}
+        assert len(t) == len(ref)
+        for x in _MASK_KEYS:
+            for s in _SLOTS:
+                assert t.has(np.uint64(x), s) == (s in ref.get(x, set()))
+    # NOTE: no orphan rows: every live row is reachable from its home (probe runs unbroken)
+    live = [i for i in range(len(t.tab)) if t.tab[i, 1:].any()]
+    assert sorted(int(k.find(t.tab, t.bits, t.tab[i, 0])) for i in live) == live
+
+
+_DL_KEYS = list(range(12))
+_dl_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["set", "expire", "drop", "tick"]),
+        st.sampled_from(_SLOTS),
+        st.lists(st.sampled_from(_DL_KEYS), max_size=5),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=_dl_ops)
+def test_pending_deadlines_equal_a_dict(ops: list[tuple[str, int, list[int]]]) -> None:
+    t = PendingDeadlines(bits=4)
+    ref: dict[tuple[int, int], float] = {}
+    now = 0.0
+    for op, slot, keys in ops:
+        arr = np.asarray(keys, np.uint64)
+        if op == "set":
+            new = sum(1 for x in dict.fromkeys(keys) if (x, slot) not in ref)
+            assert t.set(arr, slot, now + 1.0 + len(keys) % 2) == new
+            ref.update({(x, slot): now + 1.0 + len(keys) % 2 for x in keys})
+        elif op == "expire":
+            due = [x for x in dict.fromkeys(keys) if ref.get((x, slot), np.inf) <= now]
+            assert t.expire(arr, slot, now).tolist() == due
+            for x in due:
+                del ref[(x, slot)]
+        elif op == "drop":
+            gone = sorted(x for x, s in ref if s == slot)
+            assert sorted(t.drop_slot(slot).tolist()) == gone
+            ref = {key: d for key, d in ref.items() if key[1] != slot}
+        else:
+            now += 0.7
+        assert t.count == len(ref)
+        for x in _DL_KEYS:
+            for s in _SLOTS:
+                i = pd._find(t.keys, t.slots, t.bits, np.uint64(x), s)
+                assert (i >= 0) == ((x, s) in ref)
+                if i >= 0:
+                    assert t.dl[i] == ref[(x, s)]
+
+
+_queue_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["pending", "tick", "expire", "reslot"]),
+        st.sampled_from(_SLOTS),
+        st.lists(st.integers(0, 9), max_size=7),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=_queue_ops)
+def test_pending_queue_through_ring_growth_equals_the_reference(
+    ops: list[tuple[str, int, list[int]]],
+) -> None:
+    """A KVIndex whose pending queue starts at 2 marks / 4 hashes (so it grows and wraps)
+    expires exactly what the dict index does."""
+    clock = FakeClock(0.0)
+    new, ref = KVIndex(clock), RefIndex(clock)
+    new._queue = PendingQueue(num_marks=2, num_hashes=4)
+    for s in _SLOTS:
+        new.add_slot(s)
+        ref.add_slot(s)
+    for op, slot, hashes in ops:
+        for idx in (new, ref):
+            if op == "pending":
+                idx.mark_pending(slot, hashes, ttl_s=1.0 + len(hashes) % 3)
+            elif op == "expire":
+                assert new.expire_pending(len(hashes)) == ref.expire_pending(len(hashes))
+                break
+            elif op == "reslot":
+                idx.remove_slot(slot)
+                idx.add_slot(slot)
+        if op == "tick":
+            clock.t += 0.7
+        for s in _SLOTS:
+            assert new.num_pending(s) == ref.num_pending(s)
+    mask = sum(1 << s for s in _SLOTS)
+    assert new.match(list(range(10)), mask).pending == ref.match(list(range(10)), mask).pending
+    clock.t += 10.0
+    assert new.expire_pending() == ref.expire_pending()
+    assert all(new.num_pending(s) == 0 for s in _SLOTS)
