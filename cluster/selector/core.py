@@ -18,46 +18,28 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.selector import access, objective_kernel, select_kernel
 from cluster.selector.access import AccessTracker
-from cluster.selector.core_types import ApplyResult, CoreStats, ReplicaStatus, Selection
+from cluster.selector.core_types import (
+    ApplyResult,
+    CoreStats,
+    ReplicaStatus,
+    Selection,
+)
+from cluster.selector.core_types import (
+    CoreConfig as CoreConfig,  # NOTE: re-exported: callers build the core from here
+)
 from cluster.selector.index import U64, KVIndex
 from cluster.selector.metrics import SelectorMetrics
-from cluster.selector.objective import ObjectiveConfig, TinyServeObjective
+from cluster.selector.objective import TinyServeObjective
 from cluster.selector.policy import Policy, make_policy, policy_names, policy_params
 from cluster.selector.ranker import Ranker
 from cluster.selector.replica_table import _FLOAT_COLS, _INT_COLS, ReplicaRecord, ReplicaTable
 from cluster.selector.reward import RewardBook, predict
-from cluster.selector.types import (
-    LoadSnapshot,
-    Outcome,
-    SelectionRequest,
-)
+from cluster.selector.types import LoadSnapshot, Outcome, SelectionRequest
 from kvmanager.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
-
-
-@dataclass(slots=True, frozen=True)
-class CoreConfig:
-    """Service configuration; limits bound what one message may carry."""
-
-    default_policy: str = "tinyserve"
-    pending_ttl_s: float = 2.0
-    # NOTE: (block_hash, replica) pending marks the tables hold before their first doubling:
-    # pending_ttl_s x Selects/s x uncached blocks per Select (2 s x 1,000/s x 64 here). A
-    # doubling costs milliseconds, once, on the Select that crosses it; sized ahead, Selects
-    # at that rate never pay one (deletion leaves no tombstones, so no rebuilds either).
-    pending_reserve_marks: int = 131072
-    stale_after_s: float = 30.0
-    hot_half_life_s: float = 60.0
-    max_prompt_blocks: int = 16384
-    max_events_per_batch: int = 65536
-    max_hashes_per_event: int = 65536
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    seed: int = 0  # NOTE: passed to every policy that takes one (power-of-two's sampling)
-
 
 # NOTE: the fast path's kernels read ReplicaTable columns by position; these names pin them.
 assert _INT_COLS[:4] == ("block_size", "num_blocks", "num_free_blocks", "num_cached_blocks")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cluster.selector.objective import ObjectiveConfig
 from cluster.selector.types import LoadSnapshot, Ranked
 
 
@@ -57,3 +58,23 @@ class CoreStats:
     uptime_s: float
     default_policy: str
     tinyserve_w: tuple[float, ...]
+
+
+@dataclass(slots=True, frozen=True)
+class CoreConfig:
+    """Service configuration; limits bound what one message may carry."""
+
+    default_policy: str = "tinyserve"
+    pending_ttl_s: float = 2.0
+    # NOTE: (block_hash, replica) pending marks the tables hold before their first doubling:
+    # pending_ttl_s x Selects/s x uncached blocks per Select (2 s x 1,000/s x 64 here). A
+    # doubling costs milliseconds, once, on the Select that crosses it; sized ahead, Selects
+    # at that rate never pay one (deletion leaves no tombstones, so no rebuilds either).
+    pending_reserve_marks: int = 131072
+    stale_after_s: float = 30.0
+    hot_half_life_s: float = 60.0
+    max_prompt_blocks: int = 16384
+    max_events_per_batch: int = 65536
+    max_hashes_per_event: int = 65536
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    seed: int = 0  # NOTE: passed to every policy that takes one (power-of-two's sampling)
