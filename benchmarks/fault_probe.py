@@ -46,6 +46,12 @@ def _token(app: App) -> str | None:
     return str(token) if token else None
 
 
+def auth_metadata(app: App) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata that a selection replica of ``app`` accepts (its bearer token, if any)."""
+    token = _token(app)
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 def selector_views(app: App) -> dict[str, dict[str, bool]]:
     """Per live selection replica (registry address, dialled over gRPC with the app's token):
     LLM replica id -> synced."""
@@ -55,8 +61,7 @@ def selector_views(app: App) -> dict[str, dict[str, bool]]:
     from protos import cache_selection_pb2 as pb
     from protos import cache_selection_pb2_grpc as pb_grpc
 
-    token = _token(app)
-    md = (("authorization", f"Bearer {token}"),) if token else ()
+    md = auth_metadata(app)
     out: dict[str, dict[str, bool]] = {}
     for address in selector_registry.live_addresses(app.name):
         with grpc.insecure_channel(address) as ch:
@@ -77,8 +82,7 @@ def num_selects(app: App) -> dict[str, int]:
     from protos import cache_selection_pb2 as pb
     from protos import cache_selection_pb2_grpc as pb_grpc
 
-    token = _token(app)
-    md = (("authorization", f"Bearer {token}"),) if token else ()
+    md = auth_metadata(app)
     out: dict[str, int] = {}
     for rid, address in selector_registry.live_replicas(app.name).items():
         with grpc.insecure_channel(address) as ch:
@@ -167,8 +171,7 @@ def dry_select(app: App, token_ids: list[int], origin_node_id: str = "",
 
     engine = EngineConfig()
     hashes = PromptHasher(engine.block_size, engine.hash_mode)(token_ids)
-    token = _token(app)
-    md = (("authorization", f"Bearer {token}"),) if token else ()
+    md = auth_metadata(app)
     req = pb.SelectRequest(block_hashes=hashes, num_prompt_tokens=len(token_ids),
                            candidate_replica_ids=sorted(replica_ids(app, "LLMReplica")),
                            policy=policy, no_speculative_insert=True,
