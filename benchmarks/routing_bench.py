@@ -77,6 +77,8 @@ def build_specs(args: argparse.Namespace) -> list[RunSpec]:
         sim_kw["scenario_reported"] = True
     if getattr(args, "configured_rates", False):
         sim_kw["report_rates"] = False
+    if getattr(args, "oracle", ""):
+        sim_kw["oracle"] = args.oracle
     sim = json.dumps(sim_kw)
     specs = []
     for n in args.sizes:
@@ -126,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configured-rates", action="store_true",
                     help="replicas report no measured rates, so the objective's configured "
                     "prefill_tokens_per_s stands in (before issue 20; to compare)")
+    ap.add_argument("--oracle", default="",
+                    help="BENCHMARK-ONLY upper bound, not a product mode: the selection core is "
+                    "given the true speed / cache / load ('all' or e.g. speed+cache; "
+                    "benchmarks/sim/oracle.py)")
     ap.add_argument("--calibration", default=str(DEFAULT_CALIBRATION))
     ap.add_argument("--out", default="benchmarks/results/routing")
     ap.add_argument("--reuse", nargs="*", default=[],

@@ -34,6 +34,7 @@ import numpy as np
 
 from benchmarks.sim.calibration import StepTimeModel
 from benchmarks.sim.hashes import BlockHashMemo, MemoHasher
+from benchmarks.sim.oracle import Oracle
 from benchmarks.sim.replica import SeqState, SimReplica
 from benchmarks.sim.results import (
     RequestRecord,
@@ -85,6 +86,9 @@ class SimConfig:
     # ``scenario_reported``: slowed replicas' rate meters see their real step times.
     scenario: str = ""
     scenario_reported: bool = False
+    # benchmark-only upper bound, never a default: the core is given the true speed / cache /
+    # load ('+'-joined parts or 'all'; benchmarks/sim/oracle.py)
+    oracle: str = ""
 
 
 class ClusterSim:
@@ -113,7 +117,12 @@ class ClusterSim:
         ]
         # NOTE: its own stream, so a lossy replica's drops never shift another random draw.
         self._drop_rng = np.random.default_rng([config.seed, 20])
-        self._drop_p = [self.faults.drop_probability(i) for i in range(config.num_replicas)]
+        self.oracle = Oracle.parse(config.oracle)
+        if self.oracle.speed and self.faults.reported:
+            raise ValueError("oracle 'speed' scales the nominal rates: not with scenario_reported")
+        self._lag = self.oracle.event_lag(config.event_lag_s)
+        self._drop_p = [self.oracle.drop_probability(self.faults.drop_probability(i))
+                        for i in range(config.num_replicas)]
         self.num_dropped_events = 0
         self._by_id = {r.replica_id: r for r in self.replicas}
         for r in self.replicas:
@@ -190,11 +199,7 @@ class ClusterSim:
                     self._start(replica)
             elif kind == _SNAPSHOT:
                 self._deliver_due()
-                dirty, ref = self._dirty, cfg.reference
-                for i, r in enumerate(self.replicas):
-                    if dirty[i] or ref:
-                        dirty[i] = False
-                        self.core.update_load(r.replica_id, r.snapshot())
+                self._report(cfg.reference)
                 self._push(t + cfg.snapshot_interval_s, _SNAPSHOT, None)
             else:
                 self._sample()
@@ -203,9 +208,20 @@ class ClusterSim:
             raise RuntimeError(f"simulation stalled: {self.num_completed}/{total} completed")
         return self._summary(time.perf_counter() - wall0)
 
+    def _report(self, everyone: bool) -> None:
+        """Load reports of the replicas whose state changed (all with ``everyone``; with the
+        speed oracle also every replica with a speed window, so a speed change is seen)."""
+        dirty, oracle, now = self._dirty, self.oracle, self.now
+        for i, r in enumerate(self.replicas):
+            if dirty[i] or everyone or (oracle.speed and r.speed_windows):
+                dirty[i] = False
+                self.core.update_load(r.replica_id, oracle.report(r.snapshot(), r.speed_windows, now))
+
     # ------------------------------------------------------------------ handlers
     def _on_arrival(self, req: SimRequest) -> None:
         self._deliver_due()
+        if self.oracle.load:
+            self._report(False)
         bs = self.workload.block_size
         hashes = self._memo.hashes(req.prompt_blocks)
         sel = self.core.select(
@@ -273,7 +289,7 @@ class ClusterSim:
             events = self._lossy(events, p)
             if not events:
                 return
-        self._deliveries.append((self.now + self.config.event_lag_s, replica.replica_id, events))
+        self._deliveries.append((self.now + self._lag, replica.replica_id, events))
 
     def _lossy(self, events: list[KVEvent], p: float) -> list[KVEvent]:
         """``events`` with each block's stored/removed notice lost with probability ``p``
