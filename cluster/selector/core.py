@@ -37,7 +37,7 @@ from cluster.selector.objective import TinyServeObjective
 from cluster.selector.policy import Policy, make_policy, policy_names, policy_params
 from cluster.selector.ranker import Ranker
 from cluster.selector.replica_table import _FLOAT_COLS, _INT_COLS, ReplicaRecord, ReplicaTable
-from cluster.selector.reward import RewardBook, predict
+from cluster.selector.reward import RewardBook, corrected_rate, predict
 from cluster.selector.types import LoadSnapshot, Outcome, SelectionRequest
 from kvmanager.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
@@ -225,7 +225,7 @@ class SelectorCore:
             if rec is not None:
                 self._table.set_load(rec, load)
                 # NOTE: R(c) fades with time; a report refreshes it even without traffic.
-                self._table.set_reward(rec, self._rewards.value(replica_id, self.clock()))
+                self._set_reward(rec, self._rewards.value(replica_id, self.clock()))
             return rec is not None
 
     def _update_index_gauges(self, rec: ReplicaRecord) -> None:
@@ -326,10 +326,17 @@ class SelectorCore:
                 rec.replica_id,
                 request.num_prompt_tokens,
                 matched * rec.block_size,
-                float(self._table.cols["prefill_tokens_per_s"][rec.slot]),
+                # NOTE: the REPORTED rate, not the column R may have corrected: R measures
+                # realised TTFT against the reports (a corrected prediction would cancel it).
+                rec.load.prefill_tokens_per_s,
                 self.config.objective,
             ),
         )
+
+    def _set_reward(self, rec: ReplicaRecord, r: float) -> None:
+        """R(c) into the table, with the prefill rate it implies (``corrected_rate``)."""
+        rate = corrected_rate(rec.load.prefill_tokens_per_s, r, self.config.objective)
+        self._table.set_reward(rec, r, rate)
 
     def feedback(self, outcome: Outcome) -> bool:
         """Record a realised outcome (R(c) of its replica, the policy's feedback hook);
@@ -340,7 +347,7 @@ class SelectorCore:
                 return False
             r = self._rewards.observe(outcome, self.clock())
             if r is not None:
-                self._table.set_reward(rec, r)
+                self._set_reward(rec, r)
             self.counters["feedback"] += 1
             routed = self._routed.pop(outcome.request_id, None)
             if routed is not None:

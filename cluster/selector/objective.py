@@ -123,6 +123,7 @@ class ObjectiveConfig:
     reward_window: int = 16
     reward_tolerance: float = 0.5
     reward_half_life_s: float = 10.0
+    reward_rate_weight: float = 0.0
     q_scale_tokens: float = 2048.0
     hot_scale: float = 4.0
     host_weight: float = 0.5

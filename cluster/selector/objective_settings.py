@@ -37,6 +37,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "reward_window": (1, math.inf, True),
     "reward_tolerance": (0.0, math.inf, True),
     "reward_half_life_s": (0.0, math.inf, False),
+    "reward_rate_weight": (0.0, math.inf, True),
     "q_scale_tokens": (0.0, math.inf, False),
     "hot_scale": (0.0, math.inf, False),
     "host_weight": (0.0, 1.0, True),

@@ -170,8 +170,11 @@ class ReplicaTable:
         self.cols["num_queued_tokens"][rec.slot] += num_tokens
         self.cols["num_waiting_reqs"][rec.slot] += 1
 
-    def set_reward(self, rec: ReplicaRecord, reward: float) -> None:
+    def set_reward(self, rec: ReplicaRecord, reward: float, prefill_tokens_per_s: float) -> None:
+        """R(c) and the prefill rate the objective uses for ``rec`` (its reported rate, or
+        that rate as R corrects it: cluster/selector/reward.py ``rate_scale``)."""
         self.cols["reward"][rec.slot] = reward
+        self.cols["prefill_tokens_per_s"][rec.slot] = prefill_tokens_per_s
 
     def live(self) -> tuple[np.ndarray, list[str]]:
         """(slots, replica_ids) of every known replica, cached until membership changes."""

@@ -78,6 +78,29 @@ def predict(
     return Prediction(replica_id, cached, (num_prompt_tokens - cached) / rate)
 
 
+def rate_scale(reward: float, weight: float) -> float:
+    """The factor R(c) puts on c's reported prefill rate in the Load term with
+    ``reward_rate_weight`` β > 0: 1 / (1 − β·R), in (0, 1] (R ≤ 0; 1.0 at R = 0 or β = 0).
+
+    NOTE: R = −(k − 1 − ρ) past the tolerance, so β = 1 divides the rate by 1 + (k − 1 − ρ):
+    a replica k times slower than the fleet per reported second is seen slower, in seconds of
+    estimated TTFT, instead of only losing score. The prediction R is measured against stays
+    the REPORTED rate (core ``_expect``), so the correction does not cancel its own evidence.
+    """
+    return 1.0 / (1.0 - weight * min(reward, 0.0))
+
+
+def corrected_rate(reported: float, reward: float, cfg: ObjectiveConfig) -> float:
+    """The prefill rate the objective uses for a replica whose R is ``reward``: ``reported``
+    as is (0.0 = none: the configured rate stands in downstream), unless
+    ``reward_rate_weight`` > 0 and R < 0; then that rate (or the configured one) x
+    ``rate_scale``."""
+    if not cfg.reward_rate_weight or reward >= 0.0:
+        return reported
+    base = reported if reported > 0 else cfg.prefill_tokens_per_s
+    return base * rate_scale(reward, cfg.reward_rate_weight)
+
+
 def discounted_mean(values: Iterable[float], gamma: float) -> float:
     """Σ γ^(i−1)·v_i / Σ γ^(i−1) over ``values`` newest first (0.0 when empty)."""
     num = den = 0.0
