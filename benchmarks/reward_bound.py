@@ -4,7 +4,7 @@
         hetero:multi_turn_chat --replicas 32 --seed 0 --jobs 2 \
         --out benchmarks/results/reward_bound
 
-For every cell (scenario x workload) it runs, on the same request list: the baselines
+For every cell (scenario x workload; scenario ``none`` = fault-free, for reference) it runs, on the same request list: the baselines
 (``--baselines``, default the two that were best on these cells), TinyServe with R off
 (``lambda_reward`` 0), with R on (defaults), and the ORACLE (``benchmarks/sim/oracle.py``: the
 core is given the true speed, cache and load; R off). ``--reported`` adds TinyServe R off / R
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -68,12 +69,14 @@ class TracedSim(ClusterSim):
         replica._admit = traced  # type: ignore[method-assign]
 
 
-def variants(baselines: list[str], reported: bool, parts: list[str]
+def variants(baselines: list[str], reported: bool, parts: list[str],
+             extra: Sequence[tuple[str, dict[str, Any]]] = ()
              ) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
     """(label, policy, objective overrides, sim overrides) of every run of a cell."""
     out = [(b, b, {}, {}) for b in baselines]
-    out += [("r_off", "tinyserve", R_OFF, {}), ("r_on", "tinyserve", {}, {}),
-            ("oracle", "tinyserve", R_OFF, {"oracle": "all"})]
+    out += [("r_off", "tinyserve", R_OFF, {}), ("r_on", "tinyserve", {}, {})]
+    out += [(label, "tinyserve", obj, {}) for label, obj in extra]
+    out += [("oracle", "tinyserve", R_OFF, {"oracle": "all"})]
     out += [(f"oracle_{p}", "tinyserve", R_OFF, {"oracle": p}) for p in parts]
     if reported:
         out += [("r_off_reported", "tinyserve", R_OFF, {"scenario_reported": True}),
@@ -89,7 +92,7 @@ def run_traced(job: dict[str, Any]) -> dict[str, Any]:
     model = load_calibration(Path(DEFAULT_CALIBRATION))
     cfg = SimConfig(num_replicas=n, policy=job["policy"], model=model,
                     objective=objective_config(job["objective"]), seed=seed,
-                    scenario=job["scenario"], **job["sim"])
+                    scenario="" if job["scenario"] == "none" else job["scenario"], **job["sim"])
     sim = TracedSim(cfg, wl)
     summary = sim.run()
     windows = {r.replica_id: r.speed_windows for r in sim.replicas}
@@ -128,9 +131,7 @@ def cells_table(runs: list[dict[str, Any]], floor_p99: dict[str, float],
     by_cell: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for r in runs:
         by_cell.setdefault((r["scenario"], r["workload"]), {})[r["label"]] = r
-    labels = ["r_off", "r_on", "oracle", *(f"oracle_{p}" for p in ORACLE_PARTS),
-              "r_off_reported", "r_on_reported"]
-    present = [lb for lb in labels if any(lb in c for c in by_cell.values())]
+    present = list(dict.fromkeys(r["label"] for r in runs if r["label"] not in baselines))
     cells, lines = [], []
     head = ["scenario", "workload", "best baseline (p99 s)", *[f"{lb} p99 s (ratio)" for lb in present],
             "floor p99 s (/best)", "0.8x: oracle / any policy"]
@@ -193,15 +194,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="scenarios that also get the scenario_reported runs (R off / R on)")
     ap.add_argument("--oracle-parts", nargs="*", default=[], choices=ORACLE_PARTS,
                     help="also one oracle run per part alone (what each piece of truth buys)")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=JSON",
+                    help="an extra TinyServe run per cell with these objective overrides")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--reuse", nargs="*", default=[], help="earlier .json / .partial.jsonl")
     ap.add_argument("--out", default="benchmarks/results/reward_bound")
     args = ap.parse_args(argv)
+    extra = [(v.partition("=")[0], json.loads(v.partition("=")[2])) for v in args.variant]
     jobs = []
     for cell in args.cells:
         scen, _, wl = cell.partition(":")
         for label, policy, obj, sim in variants(args.baselines, scen in args.reported,
-                                                    args.oracle_parts):
+                                                    args.oracle_parts, extra):
             jobs.append({"scenario": scen, "workload": wl, "label": label, "policy": policy,
                          "objective": obj, "sim": sim, "replicas": args.replicas,
                          "seed": args.seed})

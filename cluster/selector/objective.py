@@ -124,6 +124,7 @@ class ObjectiveConfig:
     reward_tolerance: float = 0.5
     reward_half_life_s: float = 10.0
     reward_rate_weight: float = 0.0
+    reward_fleet_median: bool = False
     q_scale_tokens: float = 2048.0
     hot_scale: float = 4.0
     host_weight: float = 0.5

@@ -11,7 +11,7 @@ from selector_helpers import FakeClock, request
 
 from cluster.selector.core import CoreConfig, SelectorCore
 from cluster.selector.objective import ObjectiveConfig
-from cluster.selector.reward import corrected_rate, rate_scale
+from cluster.selector.reward import RewardBook, corrected_rate, predict, rate_scale
 from cluster.selector.types import LoadSnapshot, Outcome
 
 
@@ -70,3 +70,25 @@ def test_slow_replica_is_seen_slower_in_the_load_term(weight: float) -> None:
     # the prediction R is measured against stays the reported rate (256 tokens / 1000 per s)
     core.select(request(16, prefix=901, request_id="probe"), candidate_ids=["r0"])
     assert math.isclose(core._rewards._pending["probe"].own_s, 0.256)
+
+
+@pytest.mark.parametrize("median", [False, True])
+def test_fleet_median_keeps_slow_replicas_from_setting_the_norm(median: bool) -> None:
+    """A quarter of the fleet 3x slower per predicted second AND given the long prompts:
+    their outcomes dominate the fleet's sums (m = 2.54), so against the mean they look only
+    1.18x slow (inside the tolerance); against the median replica's ratio they are 3x."""
+    cfg = ObjectiveConfig(prefill_tokens_per_s=1000.0, reward_tolerance=0.5, gamma=0.5,
+                          reward_fleet_median=median)  # fmt: skip
+    book = RewardBook(cfg)
+    for i in range(40):
+        rid, replica = f"q{i}", f"r{i % 4}"
+        slow = replica == "r3"
+        book.expect(rid, predict(replica, 1000 if slow else 100, 0, 0.0, cfg))
+        book.observe(Outcome(rid, replica, 0, 0, ttft_s=3.0 if slow else 0.1), float(i))
+    if not median:
+        assert book.fleet_scale == pytest.approx(3.3 / 1.3, rel=0.05)
+        assert book.value("r3", 40.0) == 0.0
+        return
+    assert book.fleet_scale == pytest.approx(1.0)
+    assert book.value("r3", 39.0) == pytest.approx(-1.5)  # k = 3: -(3 - 1 - 0.5)
+    assert book.value("r0", 39.0) == 0.0
