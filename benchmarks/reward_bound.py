@@ -178,6 +178,39 @@ def tail_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def matrix_table(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """TinyServe rows of routing_bench outputs (fault-free matrix): each objective variant's
+    p99 over R off's (``lambda_reward`` 0) per (workload, replicas, seed); and markdown."""
+    cells: dict[tuple[str, int, int], dict[str, float]] = {}
+    for r in rows:
+        if r["policy"] == "tinyserve" and not r.get("sim_overrides", {}).get("scenario"):
+            obj = r["objective_overrides"]
+            label = ("R off" if obj == R_OFF else "R on (defaults)" if not obj
+                     else json.dumps(obj, sort_keys=True))
+            cells.setdefault((r["workload"], r["num_replicas"], r["seed"]), {})[label] = r["ttft_p99_s"]
+    labels = sorted({lb for c in cells.values() for lb in c if lb != "R off"})
+    out, ratios = [], {lb: [] for lb in labels}
+    lines = ["| workload | replicas | seed | R off p99 s | " + " | ".join(f"{lb} / off" for lb in labels)
+             + " |", "|---|---:|---:|---:|" + "---:|" * len(labels)]
+    for (wl, n, seed), c in sorted(cells.items()):
+        off = c.get("R off")
+        if not off:
+            continue
+        row = {"workload": wl, "num_replicas": n, "seed": seed, "r_off_p99_s": off,
+               "ratios": {lb: c[lb] / off for lb in labels if lb in c}}
+        out.append(row)
+        for lb, v in row["ratios"].items():
+            ratios[lb].append(v)
+        lines.append(f"| {wl} | {n} | {seed} | {off:.4f} | "
+                     + " | ".join(f"{row['ratios'][lb]:.3f}" if lb in row["ratios"] else "-"
+                                  for lb in labels) + " |")
+    for lb, v in ratios.items():
+        if v:
+            lines.append(f"\n{lb}: geometric mean over R off {float(np.exp(np.mean(np.log(v)))):.3f}, "
+                         f"worst {max(v):.3f}, best {min(v):.3f} ({len(v)} cells)")
+    return out, "\n".join(lines) + "\n"
+
+
 def _job_key(j: dict[str, Any]) -> str:
     return json.dumps([j["scenario"], j["workload"], j["label"], j["replicas"], j["seed"],
                        j["objective"], j["sim"]], sort_keys=True)
@@ -196,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also one oracle run per part alone (what each piece of truth buys)")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=JSON",
                     help="an extra TinyServe run per cell with these objective overrides")
+    ap.add_argument("--matrix", nargs="*", default=[], metavar="JSON",
+                    help="routing_bench outputs of the fault-free matrix (TinyServe R off and "
+                    "variants): tabled as variant / R off into <out>_matrix.md")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--reuse", nargs="*", default=[], help="earlier .json / .partial.jsonl")
     ap.add_argument("--out", default="benchmarks/results/reward_bound")
@@ -241,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".md").write_text(f"Command: `{command}`\n\n{cell_md}\n{tails}")
     print(cell_md)
     print(tails)
+    if args.matrix:
+        rows = [r for f in args.matrix for r in json.loads(Path(f).read_text())["runs"]]
+        mcells, mmd = matrix_table(rows)
+        Path(f"{out}_matrix.json").write_text(json.dumps(
+            {"command": command, "sources": args.matrix, "runs": rows, "cells": mcells}, indent=1))
+        Path(f"{out}_matrix.md").write_text(f"Command: `{command}` (matrix: {' '.join(args.matrix)})\n\n{mmd}")
+        print(mmd)
     return 0
 
 

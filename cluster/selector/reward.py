@@ -38,6 +38,12 @@ when the others' queues cost more than its penalty; its next outcomes then show 
 R enters the score as a per-replica additive column (``ReplicaTable`` ``reward``, the compiled
 kernel's ``floats[3]``), refreshed on each outcome and each load report of c.
 
+Two options, off by default (benchmarks/results/reward_bound.md has the measurement):
+``reward_rate_weight`` β > 0 also divides c's rate in the Load term by 1 − β·R (``rate_scale``),
+so the slowness R found costs c seconds of estimated TTFT, as its queue grows, instead of a
+fixed score; ``reward_fleet_median`` takes m as the median replica's ratio instead of the
+fleet's EWMA ratio, which slow replicas with long queues can dominate (``fleet_scale``).
+
 Contract: not thread-safe (the core serialises calls). Memory: one prediction per routed
 request until its outcome arrives, bounded by ``max_pending`` (oldest dropped).
 """

@@ -111,3 +111,20 @@ def test_cells_table_picks_the_best_baseline_and_applies_the_floor() -> None:
     assert by["w"]["oracle_meets_0p8"] and by["w"]["floor_allows_0p8"]
     assert not by["v"]["oracle_meets_0p8"] and not by["v"]["floor_allows_0p8"]  # 0.085 > 0.08
     assert "NO (floor)" in md
+
+
+def test_matrix_table_ratios_over_r_off() -> None:
+    from benchmarks.reward_bound import matrix_table
+
+    def row(obj: dict[str, Any], p99: float, wl: str = "w", scenario: str = "") -> dict[str, Any]:
+        sim = {"scenario": scenario} if scenario else {}
+        return {"policy": "tinyserve", "workload": wl, "num_replicas": 8, "seed": 0,
+                "objective_overrides": obj, "sim_overrides": sim, "ttft_p99_s": p99}
+
+    rows = [row({"lambda_reward": 0.0}, 0.10), row({}, 0.11), row({"x": 1}, 0.09),
+            row({}, 9.0, scenario="hetero"),  # fault runs are not the matrix
+            {**row({}, 5.0), "policy": "preble"}]  # nor are baselines
+    cells, md = matrix_table(rows)
+    assert len(cells) == 1
+    assert cells[0]["ratios"] == {"R on (defaults)": pytest.approx(1.1), '{"x": 1}': pytest.approx(0.9)}
+    assert "worst 1.100" in md
