@@ -108,7 +108,12 @@ class ObjectiveConfig:
     the hit gap 3.8 -> 1.2 points, no other workload more than 0.02 worse; alpha_load 1, 5
     and 10 and queued_token_weight 0.5 all measured worse. ``alpha_fragmentation`` 0.1: under
     KV pressure (benchmarks/results/frag_weight.md) it moves TTFT p99 by <= 1.1% and hits by
-    < 0.5 points against 0 (it does not matter); 1 costs 2.3-2.6 hit points."""
+    < 0.5 points against 0 (it does not matter); 1 costs 2.3-2.6 hit points.
+    ``reward_rate_weight`` 0 and ``reward_fleet_median`` False (off; cluster/selector/reward.py)
+    by benchmarks/results/reward_bound.md: rate weight 2 took multi_turn_chat `hetero` from
+    0.87x to 0.76x the best baseline (seed 0; 0.85x on seed 1) but cost gsp `lossy_events`
+    +3.4% and the fault-free gsp at 8 replicas +3.1%; the median norm reached 0.82x there and
+    cost multi_turn_chat `slowdown` +6% on seed 1 and tool_agent (32 replicas) +2.1%."""
 
     lambda_utility: float = 1.0
     lambda_cost: float = 1.0
