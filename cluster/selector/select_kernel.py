@@ -84,7 +84,10 @@ def rank(
     same = np.zeros(n)
     for j in range(n):
         s = slots[j]
-        hot[j] = hot_of(acc_keys, acc_slots, acc_vt, acc_bits, hashes, match[0, s], s, now, rate)
+        m = match[0, s]
+        # NOTE: the call only where something matched: passing its four arrays costs ~45 ns
+        # (reference counts), 12 us over 256 candidates of which ~2 match.
+        hot[j] = hot_of(acc_keys, acc_slots, acc_vt, acc_bits, hashes, m, s, now, rate) if m > 0 else 0.0
         if origin >= 0 and node_of_slot[s] == origin:
             same[j] = 1.0
     ints, floats = ok.gather(slots, match[0], match[1], match[2], hot, tab_ints, tab_floats, same)
