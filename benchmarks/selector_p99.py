@@ -7,6 +7,8 @@ load hits both alike. Two phases:
 
 - ``fresh``: back to back on a just-populated core, the issue's "compute per Select"
   (selector_bench's ``compute_core``): few pending marks, none expired yet.
+- ``noise``: one prompt again and again without speculative inserts (a fixed, cache-warm
+  workload): its p99/p50 is what this machine's noise alone does to a tail.
 - ``steady``: paced at ``--rate`` Selects/s for ``--steady-s`` seconds per side after a
   warm-up longer than the pending TTL, so every Select also expires the marks of the one
   ``TTL`` earlier and the pending tables hold ~TTL x rate marks (the service's steady state).
@@ -59,9 +61,9 @@ class Worker:
     def ready(self) -> dict[str, Any]:
         return self._read()
 
-    def run(self, start: int, n: int, rate: float) -> dict[str, list[float]]:
+    def run(self, start: int, n: int, rate: float, op: str = "run") -> dict[str, list[float]]:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"op": "run", "start": start, "n": n, "rate": rate}) + "\n")
+        self.proc.stdin.write(json.dumps({"op": op, "start": start, "n": n, "rate": rate}) + "\n")
         self.proc.stdin.flush()
         return self._read()
 
@@ -88,8 +90,10 @@ def _pcts(xs: list[float]) -> dict[str, float]:
 
 def _phase(workers: list[Worker], ns: argparse.Namespace, phase: str) -> dict[str, Any]:
     """Alternating chunks; returns per worker the pooled wall/cpu percentiles."""
-    if phase == "fresh":
-        chunk, rounds, rate, first = ns.fresh_chunk, ns.fresh_n // ns.fresh_chunk, 0.0, 0
+    op = "replay" if phase == "noise" else "run"
+    if phase in ("fresh", "noise"):
+        chunk, rounds, rate = ns.fresh_chunk, ns.fresh_n // ns.fresh_chunk, 0.0
+        first = 0 if phase == "fresh" else 500_000
     else:
         chunk = max(int(ns.rate * ns.chunk_s), 1)
         rounds, rate, first = max(int(ns.steady_s / ns.chunk_s), 1), ns.rate, 1_000_000
@@ -102,7 +106,7 @@ def _phase(workers: list[Worker], ns: argparse.Namespace, phase: str) -> dict[st
     for r in range(rounds):
         order = workers if r % 2 == 0 else workers[::-1]
         for w in order:
-            res = w.run(first + r * chunk, chunk, rate)
+            res = w.run(first + (0 if op == "replay" else r * chunk), chunk, rate, op)
             got[w.name]["wall"] += res["wall"]
             got[w.name]["cpu"] += res["cpu"]
     return {name: {"wall": _pcts(v["wall"]), "cpu": _pcts(v["cpu"])} for name, v in got.items()}
@@ -110,14 +114,14 @@ def _phase(workers: list[Worker], ns: argparse.Namespace, phase: str) -> dict[st
 
 def _table(results: dict[str, Any]) -> str:
     head = (f"{'phase':<7} {'tree':<10} {'wall p50':>8} {'p90':>6} {'p99':>6} "
-            f"{'cpu p50':>8} {'p90':>6} {'p99':>6}   (us per Select)")  # fmt: skip
+            f"{'cpu p50':>8} {'p90':>6} {'p99':>6} {'p99/p50':>7}   (us per Select)")  # fmt: skip
     lines = [head, "-" * len(head)]
     for phase, per in results.items():
         for name, r in per.items():
             w, c = r["wall"], r["cpu"]
             lines.append(f"{phase:<7} {name:<10} {w['p50_us']:>8.1f} {w['p90_us']:>6.1f} "
                          f"{w['p99_us']:>6.1f} {c['p50_us']:>8.1f} {c['p90_us']:>6.1f} "
-                         f"{c['p99_us']:>6.1f}")  # fmt: skip
+                         f"{c['p99_us']:>6.1f} {c['p99_us'] / c['p50_us']:>7.2f}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -133,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=5000.0, help="steady phase: Selects/s")
     p.add_argument("--steady-s", type=float, default=4.0, help="steady phase: seconds per side")
     p.add_argument("--chunk-s", type=float, default=0.5)
-    p.add_argument("--phases", nargs="+", default=["fresh", "steady"])
+    p.add_argument("--phases", nargs="+", default=["fresh", "noise", "steady"],
+                   choices=["fresh", "noise", "steady"])
     p.add_argument("--json", type=Path, default=None)
     ns = p.parse_args(argv)
     trees = [("this", ROOT)]

@@ -8,6 +8,9 @@ Prints ``{"ready": ...}`` once the index is populated, then answers each command
 - ``{"op": "run", "start": i, "n": n, "rate": r}``: ``core.select`` on prompts ``i..i+n``
   (every prompt once: fresh blocks), paced at ``r`` per second (0: back to back); answers
   the wall and thread-CPU seconds of each call.
+- ``{"op": "replay", "start": i, "n": n, "rate": 0}``: ``n`` Selects of prompt ``i`` without
+  speculative inserts (no state changes: the same work again and again, warm in the
+  caches): the machine's own noise on a fixed workload.
 - ``{"op": "quit"}``.
 
 NOTE: only ``cluster`` and ``benchmarks.selector_fixture`` come from TREE (both exist in
@@ -56,8 +59,9 @@ def main(argv: list[str]) -> int:
         if cmd["op"] == "quit":
             break
         start, n, rate = int(cmd["start"]), int(cmd["n"]), float(cmd["rate"])
-        reqs = [SelectionRequest(f"q{i}", prompt(i), CHAIN_BLOCKS * BLOCK_SIZE)
-                for i in range(start, start + n)]  # fmt: skip
+        replay = cmd["op"] == "replay"
+        idx = [start] * n if replay else range(start, start + n)
+        reqs = [SelectionRequest(f"q{i}", prompt(i), CHAIN_BLOCKS * BLOCK_SIZE) for i in idx]
         wall, cpu = [], []
         t_start = time.perf_counter()
         for k, req in enumerate(reqs):
@@ -65,7 +69,7 @@ def main(argv: list[str]) -> int:
                 while time.perf_counter() - t_start < k / rate:
                     pass
             t, c = time.perf_counter(), time.thread_time()
-            core.select(req, max_results=4)
+            core.select(req, max_results=4, speculative=not replay)
             cpu.append(time.thread_time() - c)
             wall.append(time.perf_counter() - t)
         print(json.dumps({"wall": wall, "cpu": cpu}), flush=True)
