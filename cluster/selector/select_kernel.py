@@ -1,11 +1,13 @@
 """One compiled call from a Select's block hashes to its ranked rows (the core's fast path).
 
+    (first: up to N due pending marks expire                         pending_queue.expire)
     hashes ──walk──> per-slot prefix (resident / +pending / host)   index_kernels.walk
            ──hot───> per-candidate decayed access count              access.hot_of
            ──gather─> score's packed columns                         objective_kernel.gather
            ──score──> out[OUT_ROWS, N]                               objective_kernel.score
            ──top k──> result[k, RESULT_COLS], top[k]                 (stable: ties keep
                                                                      candidate order)
+    (then: the winner's pending marks, its queued mark, its access bump: ``rank_and_route``)
 
 NOTE: before, a Select made ~6 compiled calls with numpy and Python glue between them (~35 us
 of the ~80 us p50 at 256 replicas: zeroed outputs, the hash list converted twice, a dict walk
@@ -89,7 +91,9 @@ def rank(
         m = match[0, s]
         # NOTE: the call only where something matched: passing its four arrays costs ~45 ns
         # (reference counts), 12 us over 256 candidates of which ~2 match.
-        hot[j] = hot_of(acc_keys, acc_slots, acc_vt, acc_bits, hashes, m, s, now, rate) if m > 0 else 0.0
+        hot[j] = 0.0
+        if m > 0:
+            hot[j] = hot_of(acc_keys, acc_slots, acc_vt, acc_bits, hashes, m, s, now, rate)
         if origin >= 0 and node_of_slot[s] == origin:
             same[j] = 1.0
     ints, floats = ok.gather(slots, match[0], match[1], match[2], hot, tab_ints, tab_floats, same)
