@@ -4,11 +4,13 @@ that holds one core (R replicas x blocks, the selector_bench fixture):
 - ``aio-proto``: grpc.aio, Select through protobuf objects (``select_codec="proto"``)
 - ``aio-wire``: grpc.aio, Select as bytes (``cluster/selector/wire.py``; the default)
 - ``uvloop-wire``: the same on a uvloop event loop (if uvloop is installed)
-- ``sync-wire``: grpc's synchronous server (thread pool), generic bytes handlers
+- ``sync-wire``: grpc's synchronous server (thread pool), generic bytes handlers; its
+  Select handler's own thread CPU is timed too (decode + core + encode: ``handler``)
 
 Per front end: sequential Ping and Select latency (interleaved rounds of 100), closed-loop
 calls/s with ``--concurrency`` in flight from a client process, and the server process's CPU
-per call in that window (what bounds one process's rate). Quote the ratios.
+per call in that window (what bounds one process's rate: ``1e6/cpu`` = Selects/s one core
+could serve at that CPU per call). Quote the ratios.
 
     python benchmarks/selector_rpc.py --replicas 256 --json benchmarks/results/selector_rpc_cpu.json
 """
@@ -35,6 +37,12 @@ from benchmarks.selector_bench import _cpu_s, _latency, _throughput
 from benchmarks.selector_fixture import BLOCK_SIZE, CHAIN_BLOCKS, _pcts, _populate, prompts
 
 FRONT_ENDS = ("aio-proto", "aio-wire", "uvloop-wire", "sync-wire")
+# NOTE: the sync server once per --sync-workers value: "sync-wire" for the first, then
+# "sync-wire-w<N>" (thread-pool size changes GIL and lock hand-offs per call)
+
+
+# thread CPU seconds inside the sync servers' Select handler (decode + core + encode), per call
+HANDLER_CPU: list[float] = []
 
 
 def _sync_server(core: Any, workers: int) -> tuple[Any, int]:
@@ -48,8 +56,11 @@ def _sync_server(core: Any, workers: int) -> tuple[Any, int]:
     empty = pb.PingResponse().SerializeToString()
 
     def select(raw: bytes, context: Any) -> bytes:
+        c = time.thread_time()
         req, cands, policy, k, spec = decode_select(raw, core.config.max_prompt_blocks)
-        return encode_select(core.select(req, cands, policy, k, spec))
+        out = encode_select(core.select(req, cands, policy, k, spec))
+        HANDLER_CPU.append(time.thread_time() - c)
+        return out
 
     handlers = {
         "Select": grpc.unary_unary_rpc_method_handler(select),
@@ -77,7 +88,7 @@ def _uvloop_server(core: Any) -> tuple[Any, int] | None:
 
 
 def _server_main(conn: Connection, num_replicas: int, blocks: int, copies: int,
-                 workers: int) -> None:  # fmt: skip
+                 workers: list[int], front_ends: list[str]) -> None:  # fmt: skip
     """One process, one core, every front end on its own port."""
     import gc
 
@@ -89,18 +100,27 @@ def _server_main(conn: Connection, num_replicas: int, blocks: int, copies: int,
     gc.collect()
     gc.freeze()
     ports: dict[str, int] = {}
-    threads = [ServerThread(core, select_codec="proto").start(),
-               ServerThread(core, select_codec="wire").start()]  # fmt: skip
-    ports["aio-proto"], ports["aio-wire"] = threads[0].port, threads[1].port
-    uv = _uvloop_server(core)
+    threads = []
+    for codec in ("proto", "wire"):
+        if f"aio-{codec}" in front_ends:
+            threads.append(ServerThread(core, select_codec=codec).start())
+            ports[f"aio-{codec}"] = threads[-1].port
+    uv = _uvloop_server(core) if "uvloop-wire" in front_ends else None
     if uv is not None:
         ports["uvloop-wire"] = uv[1]
-    sync, ports["sync-wire"] = _sync_server(core, workers)
+    syncs = []
+    for i, w in enumerate(workers if "sync-wire" in front_ends else []):
+        server, port = _sync_server(core, w)
+        syncs.append(server)
+        ports["sync-wire" if i == 0 else f"sync-wire-w{w}"] = port
     conn.send({"ports": ports, "num_chains": num_chains})
-    conn.recv()
+    while conn.recv() == "handler":  # until "stop"
+        conn.send(_pcts(HANDLER_CPU) if HANDLER_CPU else None)
+        HANDLER_CPU.clear()
     for t in threads:
         t.stop()
-    sync.stop(0)
+    for server in syncs:
+        server.stop(0)
 
 
 def _client_main(conn: Connection, address: str, method: str, msgs: list[Any],
@@ -136,7 +156,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_server_main, args=(child, ns.replicas, ns.blocks_per_replica,
-                                                  ns.copies, ns.sync_workers))  # fmt: skip
+                                                  ns.copies, ns.sync_workers, ns.front_ends))  # fmt: skip
     proc.start()
     assert proc.pid is not None
     out: dict[str, Any] = {}
@@ -146,7 +166,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                                 num_prompt_tokens=CHAIN_BLOCKS * BLOCK_SIZE)
                for i, h in enumerate(prompts(ns.num_requests, info["num_chains"], ns.seed))]  # fmt: skip
         ping = pb.PingRequest()
-        for name in [f for f in FRONT_ENDS if f in info["ports"]]:
+        for name in info["ports"]:
             address = f"127.0.0.1:{info['ports'][name]}"
             with grpc.insecure_channel(address) as ch:
                 stub = pb_grpc.CacheSelectionStub(ch)
@@ -159,14 +179,20 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                     m = min(100, ns.num_requests - k)
                     ping_t += _latency(stub.Ping, lambda i: ping, m)
                     sel_t += _latency(stub.Select, lambda i, k=k: sel[k + i], m)
+            parent.send("handler")
+            parent.recv()  # NOTE: drops the latency phase's samples
             rounds = [(_closed_loop(address, "Ping", [ping], ns, proc.pid),
                        _closed_loop(address, "Select", sel, ns, proc.pid))
                       for _ in range(ns.rounds)]  # fmt: skip
+            parent.send("handler")
+            handler = parent.recv()
             med = {f"{m}_{key}": float(np.median([r[i][key] for r in rounds]))
                    for i, m in enumerate(("ping", "select")) for key in rounds[0][0]}  # fmt: skip
             p, s = _pcts(ping_t), _pcts(sel_t)
             out[name] = {"ping": p, "select": s, "select_over_ping_p50": s["p50_us"] / p["p50_us"],
-                         **med, "rounds": rounds}  # fmt: skip
+                         **med, "rounds": rounds, "handler_cpu_closed_loop": handler}  # fmt: skip
+            # NOTE: the bound: one core spends server_cpu_us per Select, whatever the front end
+            out[name]["select_per_core_bound"] = 1e6 / med["select_server_cpu_us"]
             print(_row(name, out[name]), flush=True)
         parent.send("stop")
     finally:
@@ -177,14 +203,17 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 HEAD = (f"{'front end':<12} {'ping p50 us':>11} {'select p50/p99 us':>17} {'sel/ping':>8} "
-        f"{'ping/s':>7} {'select/s':>8} {'srv cpu us: ping':>16} {'select':>7}")  # fmt: skip
+        f"{'ping/s':>7} {'select/s':>8} {'srv cpu us: ping':>16} {'select':>7} {'handler':>7} "
+        f"{'1e6/cpu':>7}")  # fmt: skip
 
 
 def _row(name: str, r: dict[str, Any]) -> str:
+    h = r["handler_cpu_closed_loop"]
     return (f"{name:<12} {r['ping']['p50_us']:>11.0f} "
             f"{r['select']['p50_us']:>8.0f}/{r['select']['p99_us']:<8.0f} "
             f"{r['select_over_ping_p50']:>8.2f} {r['ping_rps']:>7.0f} {r['select_rps']:>8.0f} "
-            f"{r['ping_server_cpu_us']:>16.0f} {r['select_server_cpu_us']:>7.0f}")  # fmt: skip
+            f"{r['ping_server_cpu_us']:>16.0f} {r['select_server_cpu_us']:>7.0f} "
+            f"{h['mean_us'] if h else float('nan'):>7.0f} {r['select_per_core_bound']:>7.0f}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3, help="closed-loop windows per call kind")
     p.add_argument("--window-s", type=float, default=1.0)
-    p.add_argument("--sync-workers", type=int, default=4)
+    p.add_argument("--sync-workers", type=int, nargs="+", default=[4],
+                   help="thread-pool sizes of the sync server (one server each)")
+    p.add_argument("--front-ends", nargs="+", default=list(FRONT_ENDS), choices=FRONT_ENDS)
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--json", type=Path, default=None)
     ns = p.parse_args(argv)

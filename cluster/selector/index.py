@@ -199,27 +199,30 @@ class KVIndex:
         """Size the pending tables for ``num_marks`` (hash, slot) marks without a doubling."""
         self._pending.reserve(num_marks)
         self._deadlines.reserve(num_marks)
-        self._queue.reserve(num_marks)
+        # NOTE: a Select queues one mark of its uncached blocks; 16 a mark is a short prompt
+        self._queue.reserve(num_marks, max(num_marks // 16, 1))
 
-    def pending_route_args(self, num_new: int) -> tuple[U64, I64, npt.NDArray[np.float64], int]:
-        """Reserve room for ``num_new`` pending marks, then the deadline table's arrays as
-        ``select_kernel.rank_and_route`` takes them (keys, slots, deadlines, bits). Call it
-        before ``walk_args`` (a reservation may replace the arrays); record the marks the
-        kernel made with ``marked``."""
+    def route_args(self, num_new: int) -> tuple[
+        U64, I64, npt.NDArray[np.float64], int,
+        npt.NDArray[np.float64], I64, U64, I64, I64,
+    ]:  # fmt: skip
+        """Reserve room for one mark of ``num_new`` hashes, then the pending state as
+        ``select_kernel.rank_and_route`` takes it: the deadline table (keys, slots, deadlines,
+        bits), the queue (dl, meta, ring, state) and the per-slot pending counts. Call it
+        before ``walk_args`` (a reservation may replace the arrays); report what the kernel
+        did with ``routed``."""
         self._pending.reserve(num_new)
         self._deadlines.reserve(num_new)
-        d = self._deadlines
-        return d.keys, d.slots, d.dl, d.bits
+        self._queue.reserve(num_new)
+        d, q = self._deadlines, self._queue
+        return d.keys, d.slots, d.dl, d.bits, q.dl, q.meta, q.ring, q.state, self._num_pending
 
-    def marked(
-        self, slot: int, hashes: U64, deadline: float, num_new_marks: int, num_new_rows: int
-    ) -> None:
-        """Book-keeping of a ``mark_pending(slot, hashes, ...)`` that a kernel did: its new
-        (hash, slot) deadlines and new pending-table rows."""
-        self._num_pending[slot] += num_new_marks
-        self._deadlines.count += num_new_marks
-        self._pending.count += num_new_rows
-        self._queue.push(deadline, slot, hashes)
+    def routed(self, new_marks: int, new_rows: int, expired_marks: int, expired_rows: int) -> None:
+        """Book-keeping of a ``rank_and_route`` call: the (hash, slot) deadlines and pending
+        rows it created and those its expiry dropped (the per-slot counts and the queue it
+        updated itself)."""
+        self._deadlines.count += new_marks - expired_marks
+        self._pending.count += new_rows - expired_rows
 
     def mark_pending(self, slot: int, block_hashes: Sequence[int] | U64, ttl_s: float) -> None:
         """Speculative insert: treat ``block_hashes`` as held by ``slot`` for ``ttl_s`` seconds

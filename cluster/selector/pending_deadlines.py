@@ -50,17 +50,27 @@ def _find(keys: Any, slots: Any, bits: int, key: Any, slot: int) -> int:
 
 
 @_jit
+def _touch(keys: Any, slots: Any, dl: Any, bits: int, hashes: Any, slot: int, sink: Any) -> None:
+    """Load the home entry of every (h, slot) in all three arrays (a prefetch, see
+    ``index_kernels.touch``).
+    NOTE: all three, not only ``slots``: an upsert then writes ``keys`` and ``dl`` and an
+    expiry reads them, each a miss in its own array at ~650k marks (a Select's ~64 of them
+    otherwise serialise behind the store buffer)."""
+    acc = np.uint64(0)
+    for j in range(hashes.shape[0]):
+        i = _home(hashes[j], slot, bits)
+        acc ^= keys[i] ^ np.uint64(slots[i]) ^ np.uint64(np.int64(dl[i]))
+    sink[0] ^= acc
+
+
+@_jit
 def _upsert(
     keys: Any, slots: Any, dl: Any, bits: int, hashes: Any, slot: int, deadline: float, sink: Any
 ) -> int:
     """Set the deadline of (h, slot) for every h. Returns the entries created.
     ``sink``: see ``index_kernels.touch``."""
     m = np.int64((1 << bits) - 1)
-    # NOTE: a prefetch of every home entry (see index_kernels.touch)
-    acc = 0
-    for j in range(hashes.shape[0]):
-        acc ^= slots[_home(hashes[j], slot, bits)]
-    sink[0] ^= np.uint64(acc)
+    _touch(keys, slots, dl, bits, hashes, slot, sink)
     created = 0
     for j in range(hashes.shape[0]):
         key = hashes[j]
@@ -100,10 +110,7 @@ def _expire(
     sink: Any,
 ) -> int:  # fmt: skip
     """Delete (h, slot) entries due by ``now``; their hashes go to ``out``; returns how many."""
-    acc = 0
-    for j in range(hashes.shape[0]):
-        acc ^= slots[_home(hashes[j], slot, bits)]
-    sink[0] ^= np.uint64(acc)
+    _touch(keys, slots, dl, bits, hashes, slot, sink)
     n = 0
     for j in range(hashes.shape[0]):
         i = _find(keys, slots, bits, hashes[j], slot)

@@ -49,11 +49,13 @@ class Ranker:
         k: int,
         speculative: bool = False,
         ttl_s: float = 0.0,
+        max_expire: int = 0,
     ) -> tuple[list[Ranked], int, U64]:
         """(best ``k`` rows, the winner's matched blocks, the hashes as uint64 for the route).
-        With ``speculative``, the winner's pending marks (for ``ttl_s``) and its access bump
-        are made in the same compiled call (``select_kernel.rank_and_route``); the rest of
-        the route (in-flight load, the reward's prediction) is the caller's."""
+        First drops up to ``max_expire`` due pending marks (``KVIndex.expire_pending``). With
+        ``speculative``, the winner's pending marks (for ``ttl_s``) and its access bump are
+        made in the same compiled call (``select_kernel.rank_and_route``); the rest of the
+        route (in-flight load, the reward's prediction) is the caller's."""
         hashes = as_hash_array(request.block_hashes)
         n, nh = len(slots), len(hashes)
         if len(self._top) < n:
@@ -66,7 +68,7 @@ class Ranker:
         cfg, req, q = pol.kernel_inputs(request)
         now = self._clock()
         # NOTE: reservations first: growing a table replaces its arrays
-        dl = self._index.pending_route_args(nh if speculative else 0)
+        dk, ds, dd, dbits, qd, qm, qr, qs, npend = self._index.route_args(nh if speculative else 0)
         if speculative:
             acc.reserve(max(nh, 1).bit_length())
         deadline = now + ttl_s if ttl_s > 0 else math.nan
@@ -75,7 +77,7 @@ class Ranker:
             acc.keys, acc.slots, acc.vt, acc.bits, now, acc.rate,
             slots, t.ints, t.floats, t.node_of_slot, t.node_code(request.origin_node_id),
             cfg, req, q, k, self._result, self._top, index_kernels.SINK,
-            speculative, deadline, *dl, stats,
+            speculative, deadline, dk, ds, dd, dbits, qd, qm, qr, qs, npend, max_expire, stats,
         )  # fmt: skip
         ranked = [
             Ranked(ids[i], x[13], ScoreTerms(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7],
@@ -83,11 +85,9 @@ class Ranker:
             for i, x in zip(self._top[:r].tolist(), self._result[:r].tolist(), strict=True)
         ]  # fmt: skip
         matched = ranked[0].terms.num_matched_blocks if ranked else 0
+        created, rows, acc_created, acc_reused, expired, expired_rows = stats.tolist()
+        self._index.routed(created, rows, expired, expired_rows)
         if speculative and ranked:
-            created, rows, acc_created, acc_reused = stats.tolist()
-            if matched < nh and ttl_s > 0:
-                winner = int(slots[self._top[0]])
-                self._index.marked(winner, hashes[matched:], deadline, created, rows)
             acc.bumped(acc_created, acc_reused, now)
         return ranked, matched, hashes
 

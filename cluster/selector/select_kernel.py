@@ -1,11 +1,13 @@
 """One compiled call from a Select's block hashes to its ranked rows (the core's fast path).
 
+    (first: up to N due pending marks expire                         pending_queue.expire)
     hashes ──walk──> per-slot prefix (resident / +pending / host)   index_kernels.walk
            ──hot───> per-candidate decayed access count              access.hot_of
            ──gather─> score's packed columns                         objective_kernel.gather
            ──score──> out[OUT_ROWS, N]                               objective_kernel.score
            ──top k──> result[k, RESULT_COLS], top[k]                 (stable: ties keep
                                                                      candidate order)
+    (then: the winner's pending marks, its queued mark, its access bump: ``rank_and_route``)
 
 NOTE: before, a Select made ~6 compiled calls with numpy and Python glue between them (~35 us
 of the ~80 us p50 at 256 replicas: zeroed outputs, the hash list converted twice, a dict walk
@@ -28,6 +30,8 @@ from cluster.selector import objective_kernel as ok
 from cluster.selector.access import bump_kernel, hot_of
 from cluster.selector.index_kernels import _jit, set_bits, walk
 from cluster.selector.pending_deadlines import _upsert as set_deadlines
+from cluster.selector.pending_queue import _push as push
+from cluster.selector.pending_queue import expire
 from cluster.selector.types import ScoreTerms
 
 # result columns: ScoreTerms fields in declaration order, then the score
@@ -84,7 +88,12 @@ def rank(
     same = np.zeros(n)
     for j in range(n):
         s = slots[j]
-        hot[j] = hot_of(acc_keys, acc_slots, acc_vt, acc_bits, hashes, match[0, s], s, now, rate)
+        m = match[0, s]
+        # NOTE: the call only where something matched: passing its four arrays costs ~45 ns
+        # (reference counts), 12 us over 256 candidates of which ~2 match.
+        hot[j] = 0.0
+        if m > 0:
+            hot[j] = hot_of(acc_keys, acc_slots, acc_vt, acc_bits, hashes, m, s, now, rate)
         if origin >= 0 and node_of_slot[s] == origin:
             same[j] = 1.0
     ints, floats = ok.gather(slots, match[0], match[1], match[2], hot, tab_ints, tab_floats, same)
@@ -103,7 +112,8 @@ def rank(
 
 
 # stats written by ``rank_and_route`` (ROUTE_STATS entries)
-ROUTE_STATS = ("deadlines_created", "pending_rows_created", "access_created", "access_reused")
+ROUTE_STATS = ("deadlines_created", "pending_rows_created", "access_created", "access_reused",
+               "expired_pairs", "expired_rows")  # fmt: skip
 
 
 @_jit
@@ -114,20 +124,30 @@ def rank_and_route(
     slots: Any, tab_ints: Any, tab_floats: Any, node_of_slot: Any, origin: int,
     cfg: Any, req: Any, q: float, k: int, result: Any, top: Any, sink: Any,
     speculative: bool, deadline: float, dl_keys: Any, dl_slots: Any, dl_dl: Any, dl_bits: int,
+    q_dl: Any, q_meta: Any, q_ring: Any, q_state: Any, num_pending: Any, max_expire: int,
     stats: Any,
 ) -> int:  # fmt: skip
-    """``rank``, then the winner's speculative insert in the same call (the core's ``_route``
-    minus its Python-side book-keeping): with ``speculative`` (and r > 0), the winner's
-    unmatched blocks ``hashes[matched:]`` get pending marks due at ``deadline`` (skipped when
-    ``deadline`` is NaN: a zero TTL) and an access at every checkpoint of ``hashes``.
+    """The core's whole fast-path Select in one call: the bounded expiry of due pending marks
+    (at most ``max_expire`` marks, as ``pending_queue.expire``; 0: none), ``rank``, then the
+    winner's speculative insert (the core's ``_route`` minus its Python-side book-keeping):
+    with ``speculative`` (and r > 0), the winner's unmatched blocks ``hashes[matched:]`` get
+    pending marks due at ``deadline`` (skipped when ``deadline`` is NaN: a zero TTL), counted
+    in ``num_pending`` and queued (``q_*``, ``pending_queue``), and an access at every
+    checkpoint of ``hashes``.
 
-    The caller must have reserved room for ``len(hashes)`` new pending rows and deadlines and
-    for ``bit_length(len(hashes))`` access entries (no table grows here). Writes ``stats``
-    (``ROUTE_STATS``) so the caller updates its counts; returns r as ``rank``."""
+    The caller must have reserved room for ``len(hashes)`` new pending rows, deadlines and
+    queued hashes (one more queued mark) and for ``bit_length(len(hashes))`` access entries
+    (no table grows here). Writes ``stats`` (``ROUTE_STATS``) so the caller updates its
+    counts; returns r as ``rank``.
+    NOTE: one call instead of three (expiry, ranking, queueing the mark): each Python-side
+    step cost 1-3 us of argument checking and numpy scalar arithmetic."""
+    stats[:] = 0
+    if max_expire != 0:
+        stats[4], stats[5] = expire(q_dl, q_meta, q_ring, q_state, now, max_expire, dl_keys,
+                                    dl_slots, dl_dl, dl_bits, pend, pbits, num_pending, sink)  # fmt: skip
     r = rank(hashes, gpu, gbits, cpu, cbits, use_cpu, pend, pbits, use_pending, cand, match,
              acc_keys, acc_slots, acc_vt, acc_bits, now, rate, slots, tab_ints, tab_floats,
              node_of_slot, origin, cfg, req, q, k, result, top, sink)  # fmt: skip
-    stats[:] = 0
     if not speculative or r == 0:
         return r
     s = slots[top[0]]
@@ -135,6 +155,8 @@ def rank_and_route(
     if tail.shape[0] and deadline == deadline:
         stats[0] = set_deadlines(dl_keys, dl_slots, dl_dl, dl_bits, tail, s, deadline, sink)
         _, stats[1] = set_bits(pend, pbits, tail, s, sink)
+        num_pending[s] += stats[0]
+        push(q_dl, q_meta, q_ring, q_state, deadline, s, tail)
     stats[2], stats[3] = bump_kernel(acc_keys, acc_slots, acc_vt, acc_bits, hashes, s, now, rate)
     return r
 
@@ -165,6 +187,8 @@ def warm_up() -> None:
                 np.zeros((2, 8)), 3, 0.0, 0.01, slots, np.ones((7, 2), np.int64),
                 np.ones((5, 2)), np.zeros(2, np.int64), -1, np.ones(ok.CFG_LEN), np.ones(4), 0.5,
                 k, result, top, np.zeros(1, np.uint64), spec, 1.0, np.zeros(8, np.uint64),
-                np.zeros(8, np.int64), np.zeros(8), 3, np.zeros(len(ROUTE_STATS), np.int64),
+                np.zeros(8, np.int64), np.zeros(8), 3, np.zeros(4), np.zeros((4, 3), np.int64),
+                np.zeros(16, np.uint64), np.zeros(4, np.int64), np.zeros(2, np.int64), 8,
+                np.zeros(len(ROUTE_STATS), np.int64),
             )  # fmt: skip
     _warm = True

@@ -149,3 +149,30 @@ def test_origin_node_counts_only_for_replicas_on_it() -> None:
         q = request(8, origin_node_id=origin)
         loc = {r.replica_id: r.terms.locality for r in fast.select(q, speculative=False).ranked}
         assert (loc["r3"], loc["r4"], loc["r8"]) == want, origin
+
+
+def test_fast_path_expires_and_queues_marks_as_the_generic_path() -> None:
+    """The compiled Select drains due marks and queues its own (``rank_and_route``): with a
+    TTL shorter than the run, both paths hold the same pending marks after every Select, per
+    replica and in the tables' counts, and a sweep leaves both empty."""
+    clock = FakeClock(0.0)
+    fast, slow = _pair(clock, 70)
+    for core in (fast, slow):
+        core.config = type(core.config)(pending_ttl_s=0.3)
+    chains = [list(range(c * 1000 + 1, c * 1000 + 31)) for c in range(4)]
+    for i in range(80):
+        q = request(30, request_id=f"q{i}")
+        q = type(q)(q.request_id, [*chains[i % 4][: 5 + i % 20], 10**9 + i], 480)
+        assert fast.select(q, max_results=3) == slow.select(q, max_results=3)
+        pend = [{r.replica_id: r.num_pending_blocks for r in c.list_replicas()} for c in (fast, slow)]
+        assert pend[0] == pend[1]
+        counts = [(c._index._pending.count, c._index._deadlines.count, len(c._index._queue))
+                  for c in (fast, slow)]  # fmt: skip
+        assert counts[0] == counts[1]
+        clock.advance(0.02 + 0.05 * (i % 3))
+    assert any(r.num_pending_blocks for r in fast.list_replicas())
+    clock.advance(1.0)
+    for core in (fast, slow):
+        core.expire_stale()
+        assert all(r.num_pending_blocks == 0 for r in core.list_replicas())
+        assert core._index._pending.count == core._index._deadlines.count == 0

@@ -79,6 +79,21 @@ def test_pending_extends_match_until_ttl() -> None:
     assert idx.num_pending(0) == idx.num_pending(1) == 0
 
 
+def test_pending_continues_a_resident_prefix_mid_walk() -> None:
+    """The walk probes the pending table only where a live candidate's resident mask stops:
+    a slot resident for 3 blocks and pending after, beside one resident for all 6 (whose
+    masks cover the walk until block 3), and a third slot pending from block 0."""
+    idx, _ = _index(3)
+    chain = [21, 22, 23, 24, 25, 26]
+    idx.store(0, chain[:3])
+    idx.mark_pending(0, chain[3:5], ttl_s=1.0)
+    idx.store(1, chain)
+    idx.mark_pending(2, chain[:2], ttl_s=1.0)
+    m = idx.match(chain, 0b111)
+    assert m.resident == {0: 3, 1: 6}
+    assert m.pending == {0: 2, 2: 2}
+
+
 def test_repeated_pending_mark_extends_deadline() -> None:
     idx, clock = _index(1)
     idx.mark_pending(0, [7], ttl_s=1.0)
