@@ -38,35 +38,14 @@ import numpy as np
 
 import benchmarks.sim.policies  # noqa: F401  (registers load_only)
 from benchmarks.sim.calibration import DEFAULT_CALIBRATION, load_calibration
-from benchmarks.sim.cluster import ClusterSim, SimConfig
+from benchmarks.sim.cluster import SimConfig
 from benchmarks.sim.oracle import ORACLE_PARTS
-from benchmarks.sim.replica import SeqState, SimReplica
 from benchmarks.sim.runner import DESIGN_REPLICAS, _workload, objective_config
 from benchmarks.sim.scenarios import speed_at
+from benchmarks.tail_breakdown import AdmissionSim
 from benchmarks.ttft_floor import floors
 
 R_OFF = {"lambda_reward": 0.0}
-
-
-class TracedSim(ClusterSim):
-    """ClusterSim that remembers each request's admission time (first successful admit)."""
-
-    def __init__(self, config: SimConfig, workload: Any) -> None:
-        super().__init__(config, workload)
-        self.admitted: dict[str, float] = {}
-        for r in self.replicas:
-            self._wrap(r)
-
-    def _wrap(self, replica: SimReplica) -> None:
-        admit, sim = replica._admit, self
-
-        def traced(s: SeqState, budget: int) -> int | None:
-            n = admit(s, budget)
-            if n is not None:
-                sim.admitted.setdefault(s.req.request_id, sim.now)
-            return n
-
-        replica._admit = traced  # type: ignore[method-assign]
 
 
 def variants(baselines: list[str], reported: bool, parts: list[str],
@@ -93,7 +72,7 @@ def run_traced(job: dict[str, Any]) -> dict[str, Any]:
     cfg = SimConfig(num_replicas=n, policy=job["policy"], model=model,
                     objective=objective_config(job["objective"]), seed=seed,
                     scenario="" if job["scenario"] == "none" else job["scenario"], **job["sim"])
-    sim = TracedSim(cfg, wl)
+    sim = AdmissionSim(cfg, wl)
     summary = sim.run()
     windows = {r.replica_id: r.speed_windows for r in sim.replicas}
     lossy = {r.replica_id for i, r in enumerate(sim.replicas)

@@ -30,19 +30,17 @@ from benchmarks.sim.runner import DESIGN_REPLICAS, _workload, objective_config
 from benchmarks.workloads.types import SimRequest
 
 
-class _TracedSim(ClusterSim):
-    """ClusterSim that remembers, per request, the router's view and the admission time."""
+class AdmissionSim(ClusterSim):
+    """ClusterSim that remembers each request's admission time (first successful admit)."""
 
     def __init__(self, config: SimConfig, workload: Any) -> None:
         super().__init__(config, workload)
-        self.routed: dict[str, dict[str, float]] = {}
         self.admitted: dict[str, float] = {}
         for r in self.replicas:
             self._wrap(r)
 
     def _wrap(self, replica: SimReplica) -> None:
-        admit = replica._admit
-        sim = self
+        admit, sim = replica._admit, self
 
         def traced(s: SeqState, budget: int) -> int | None:
             n = admit(s, budget)
@@ -51,6 +49,14 @@ class _TracedSim(ClusterSim):
             return n
 
         replica._admit = traced  # type: ignore[method-assign]
+
+
+class _TracedSim(AdmissionSim):
+    """AdmissionSim that also remembers, per request, the router's view."""
+
+    def __init__(self, config: SimConfig, workload: Any) -> None:
+        self.routed: dict[str, dict[str, float]] = {}
+        super().__init__(config, workload)
 
     def _on_arrival(self, req: SimRequest) -> None:
         self._deliver_due()
