@@ -49,6 +49,16 @@ def replace_section(text: str, name: str, body: str) -> str:
     return f"{head}{begin}\n{body.rstrip()}\n{end}{tail}"
 
 
+def write_or_check(path: Path, text: str, new: str, check: bool) -> int:
+    """``--check``: 0 when ``new`` equals the README's ``text``, else 1 (nothing written);
+    otherwise write ``new`` and say whether it changed. The exit status of the CLIs."""
+    if check:
+        return 0 if new == text else 1
+    path.write_text(new)
+    print(f"updated {path}" if new != text else f"{path} unchanged")
+    return 0
+
+
 def routing_headline(doc: dict[str, Any]) -> str:
     cells = doc["targets"]["cells"]
     sizes = sorted({c["num_replicas"] for c in cells})
@@ -305,11 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--rates takes CONFIGURED MEASURED [BEFORE]")
         rows = [load_rows(f) for f in args.rates]
         new = replace_section(new, "rates-fit", rates_fit(*rows))
-    if args.check:
-        return 0 if new == text else 1
-    path.write_text(new)
-    print(f"updated {path}" if new != text else f"{path} unchanged")
-    return 0
+    return write_or_check(path, text, new, args.check)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def rpc_table(doc: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.readme_tables import replace_section
+    from benchmarks.readme_tables import replace_section, write_or_check
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ab", nargs=2, metavar=("BEFORE", "NOW"), help="selector_median JSONs")
@@ -91,11 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         new = replace_section(new, "selector-ab", ab_table(base, now))
     if args.rpc:
         new = replace_section(new, "selector-rpc", rpc_table(json.loads(Path(args.rpc).read_text())))
-    if args.check:
-        return 0 if new == text else 1
-    path.write_text(new)
-    print(f"updated {path}" if new != text else f"{path} unchanged")
-    return 0
+    return write_or_check(path, text, new, args.check)
 
 
 if __name__ == "__main__":
