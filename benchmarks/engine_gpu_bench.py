@@ -239,6 +239,7 @@ def main() -> None:
         max_num_batched_tokens=max(8192, args.prompt_len),
         max_model_len=max_len,
         cuda_graphs=True,
+        async_scheduling=False,  # NOTE: the synchronous loop is the baseline mode
     )
     with random_weights() if args.no_hf else contextlib.nullcontext():
         engine = LLMEngine(config)

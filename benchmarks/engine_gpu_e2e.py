@@ -160,6 +160,7 @@ def main() -> None:
                 max_model_len=max_len,
                 enable_prefix_caching=False,
                 cuda_graphs=True,
+                async_scheduling=False,  # NOTE: the synchronous loop is the baseline mode
             )
         )
     print(f"engine up in {time.perf_counter() - t_load:.1f} s", flush=True)

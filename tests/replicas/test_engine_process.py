@@ -328,7 +328,7 @@ def test_cuda_core_in_a_process_streams_the_thread_cores_tokens(ckpt: Path) -> N
     bf16 kernels'), one request at a time so both cores run the same batches."""
     cfg = {"device": "cuda", "dtype": "float32"}
     proc = AsyncLLMEngine(_config(ckpt, engine_process=True, **cfg))
-    thread = AsyncLLMEngine(_config(ckpt, **cfg))
+    thread = AsyncLLMEngine(_config(ckpt, engine_process=False, **cfg))
     prompts = random_prompts(4, [7, 19, 3, 30], seed=77)
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
