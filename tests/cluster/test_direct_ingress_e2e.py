@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -120,6 +122,13 @@ def test_the_ingress_replica_serves_the_api_on_its_own_port_with_the_key(app: Di
     assert chunks[-1].usage.completion_tokens == 5
     traces = _traces()
     assert chunks[0].id in traces and chat.id in traces  # served by this app's ingress
+
+
+def test_the_cli_prints_the_direct_url(app: Direct) -> None:
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    out = subprocess.run([sys.executable, "-m", "cluster.serve.direct_ingress", APP], env=env,
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert app.direct in out.split()
 
 
 def test_short_prompts_inline_long_on_threads_same_ids_and_answers_on_either_port(
