@@ -26,6 +26,8 @@ breakdown (medians, ms).
     python benchmarks/serve_overhead.py --render benchmarks/results/serve_overhead_cpu.json
     # the replica's engine core as a thread and as its own process, one run
     python benchmarks/serve_overhead.py --engine-process both --json ...
+    # Serve's direct ingress: the client talks to the ingress replica's port, no proxy hop
+    python benchmarks/serve_overhead.py --direct-ingress --json ...
 
 The engine alone always runs its core on a thread of this process (the reference: no Serve
 around it); ``--engine-process`` changes only the served replica's core.
@@ -56,6 +58,7 @@ from benchmarks.serve_overhead_served import (
     Prompt,
     closed_loop,
     deploy,
+    direct_url,
     run_served,
     served_traces,
     start_serve,
@@ -176,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-env", nargs="*", default=[], metavar="KEY=VALUE",
                    help="environment of the Ray cluster (Serve flags), e.g. "
                    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0")
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1): the client "
+                   "talks to the ingress replica's own HTTP port, not the proxy "
+                   "(cluster/serve/direct_ingress.py)")
     p.add_argument("--checkpoint-dir", default="", help="where random checkpoints are written")
     p.add_argument("--tokenizer", default="", help="tokenizer dir of random checkpoints")
     p.add_argument("--label", default="", help="a note stored with the results")
@@ -198,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.render.with_suffix('.md')}")
         return 0
     gpu = args.model != "smollm2"
+    if args.direct_ingress:
+        args.serve_env = [*args.serve_env, "RAY_SERVE_ENABLE_DIRECT_INGRESS=1"]
     args.concurrency = args.concurrency or ([1, 16, 64, 256] if gpu else [1, 4, 16])
     args.prompt_len = args.prompt_len or (1024 if gpu else 64)
     args.output_len = args.output_len or (128 if gpu else 32)
@@ -251,13 +260,14 @@ def main(argv: list[str] | None = None) -> int:
         for in_process in cores:
             side = "served-proc" if in_process else "served"
             model_name = deploy(args, {**engine_config(args, model), "engine_process": in_process})
-            run_served(http, model_name, warm, 2, "completions", True, args)
+            url = direct_url(http) if args.direct_ingress else http
+            run_served(url, model_name, warm, 2, "completions", True, args)
             served_traces()
             for (endpoint, c), prompts in workload.items():
                 for mode in args.modes:
                     stream = mode == "stream"
                     r, samples = run_served(
-                        http, model_name, prompts, c, endpoint, stream, args, side)
+                        url, model_name, prompts, c, endpoint, stream, args, side)
                     r.hops_ms = hop_breakdown(samples, served_traces(), stream)
                     results.append(r)
                     print(f"{side} {endpoint} {mode} c={c}: {r.output_tok_s:.1f} tok/s",

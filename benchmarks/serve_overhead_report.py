@@ -8,6 +8,8 @@ from typing import Any
 HOPS: list[tuple[str, str]] = [
     ("client_to_ingress", "client -> proxy -> ingress (send to route entered)"),
     ("parse_tokenize", "ingress parse + validate + tokenize"),
+    ("read_parse", "of which body read + parse + validate"),
+    ("tokenize", "of which tokenize + request built"),
     ("router_select", "router + Select + handle hop (tokenized to replica entered)"),
     ("replica_queue", "replica entered to engine accepted"),
     ("engine_ttft", "engine: accepted to first token"),

@@ -148,6 +148,22 @@ def deploy(args: argparse.Namespace, engine: dict[str, Any]) -> str:
     return "overhead"
 
 
+def direct_url(proxy: str, timeout_s: float = 60.0) -> str:
+    """The ingress replica's own base url under direct ingress (not ``proxy``'s), once Serve
+    publishes it."""
+    from cluster.serve.direct_ingress import app_http_urls
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        urls = [u for u in app_http_urls(APP) if u != proxy]
+        if urls:
+            print(f"direct ingress at {urls[0]} (proxy {proxy})", flush=True)
+            return urls[0]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no direct ingress url for {APP} in {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
 def served_traces() -> list[dict[str, Any]]:
     from ray import serve
 

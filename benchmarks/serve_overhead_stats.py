@@ -78,6 +78,9 @@ def hop_breakdown(samples: list[Sample], traces: list[dict[str, Any]], stream: b
         vals = {
             "client_to_ingress": t["recv"] - send,
             "parse_tokenize": t["tokenized"] - t["recv"],
+            # NOTE: traces from before the ``parsed`` stamp have none: NaN, skipped.
+            "read_parse": t["parsed"] - t["recv"] if t.get("parsed") else float("nan"),
+            "tokenize": t["tokenized"] - t["parsed"] if t.get("parsed") else float("nan"),
             "router_select": t["replica_recv"] - t["tokenized"],
             "replica_queue": t["engine_add"] - t["replica_recv"],
             "engine_ttft": t["engine_first_token"] - t["engine_add"],

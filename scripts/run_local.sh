@@ -8,6 +8,9 @@
 #   4. `serve run deploy/app.yaml` (SmolLM2 on CPU, 2 replicas, the cache-aware router);
 #   5. ready = a chat completion succeeds; print how to call it, with the key.
 # Ctrl-C stops the app and the Ray head this script started, and nothing else.
+# DIRECT_INGRESS=1: Serve's direct ingress (cluster/serve/direct_ingress.py): the ingress replica
+# serves HTTP on its own port (30000 unless RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT says) besides
+# the proxy's; it skips the proxy hop. Only for a Ray head this script starts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
@@ -17,6 +20,7 @@ HTTP="${HTTP:-http://127.0.0.1:8000}"
 METRICS_PORT="${METRICS_PORT:-8080}"
 RAY_PORT="${RAY_PORT:-6379}"
 KEY_FILE="${KEY_FILE:-$HOME/.config/tinyserve/api_keys}"
+DIRECT_INGRESS="${DIRECT_INGRESS:-0}"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 
@@ -60,7 +64,10 @@ set -m
 
 if ray status >/dev/null 2>&1; then
   echo "== using the running Ray cluster (left running on exit)"
+  [ "$DIRECT_INGRESS" = 1 ] && echo "== DIRECT_INGRESS=1 ignored: set it where that Ray head started"
 else
+  # NOTE: Serve reads the flag in its controller and replicas: it must be in the head's env.
+  [ "$DIRECT_INGRESS" = 1 ] && export RAY_SERVE_ENABLE_DIRECT_INGRESS=1
   echo "== starting a local Ray head (dashboard http://127.0.0.1:8265, metrics :$METRICS_PORT)"
   ray start --head --block --port="$RAY_PORT" --dashboard-host=127.0.0.1 \
     --metrics-export-port="$METRICS_PORT" >/tmp/tinyserve-ray-head.log 2>&1 &
@@ -94,6 +101,10 @@ echo "$CURL"
 eval "$CURL"
 echo
 echo "== OpenAI client: base_url=$HTTP/v1 api_key=\$(head -n1 $KEY_FILE)"
+if [ "${RAY_SERVE_ENABLE_DIRECT_INGRESS:-0}" = 1 ]; then
+  echo "== direct ingress (no proxy hop): $(python -m cluster.serve.direct_ingress "$APP_NAME" \
+    2>/dev/null | head -n1)/v1"
+fi
 echo "== Ray dashboard: http://127.0.0.1:8265 (token: \`ray get-auth-token\`; see README)"
 echo "== Ctrl-C stops the app$([ -n "$RAY_PID" ] && echo " and this Ray head")."
 wait "$SERVE_PID"

@@ -163,6 +163,13 @@ class AppConfig(BaseModel):
         ge=1,
         description="Threads per ingress replica that tokenize prompts (one tokenizer copy each).",
     )
+    ingress_inline_tokenize_chars: int = Field(
+        default=2048,
+        ge=0,
+        description="Prompts of at most this many characters are tokenized on the ingress's "
+        "event loop (no thread hop; ~0.2 us a character on a 2-core CPU box); longer ones on "
+        "the tokenizer threads, so streams keep flowing while they encode. 0 = always threads.",
+    )
     ingress_num_cpus: float = Field(
         default=0.5, ge=0, description="Ray CPUs per ingress replica (tokenization only)."
     )

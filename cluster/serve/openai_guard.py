@@ -1,4 +1,4 @@
-"""The ingress's front check, as FastAPI HTTP middleware: API key, then declared body size.
+"""The ingress's front check, as ASGI middleware: API key, then declared body size.
 
 ``install(api)`` adds it to the FastAPI app; the ingress replica sets ``api.state.guard`` to a
 ``Guard`` once its settings are loaded. Until then every guarded route answers 503 (fail
@@ -10,11 +10,11 @@ Bearer``), 413 ``request_too_large``. Paths in ``PUBLIC_PATHS`` (``/health``) ar
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cluster.serve.openai_auth import PUBLIC_PATHS, ApiKeys
 from cluster.serve.openai_limits import LimitSettings, check_body_size
@@ -39,20 +39,36 @@ class Guard:
         check_body_size(request.headers.get("content-length"), self.limits)
 
 
+class _GuardMiddleware:
+    """Pure ASGI middleware (not ``@app.middleware("http")``).
+
+    NOTE: Starlette's BaseHTTPMiddleware runs the route in a task group and pipes every
+    response message through a memory stream; on the streaming path that costs a task switch
+    per SSE chunk. A plain ASGI wrapper checks the headers and hands the call on untouched."""
+
+    def __init__(self, app: ASGIApp, api: FastAPI) -> None:
+        self.app = app
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            request = Request(scope)
+            if request.url.path not in PUBLIC_PATHS:
+                guard: Guard | None = getattr(self.api.state, "guard", None)
+                try:
+                    if guard is None:
+                        raise OpenAIError("the server is starting", 503, "server_error")
+                    guard.check(request)
+                except OpenAIError as err:
+                    headers = {"WWW-Authenticate": "Bearer"} if err.status_code == 401 else None
+                    response = JSONResponse(
+                        err.body(), status_code=err.status_code, headers=headers
+                    )
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
 def install(api: FastAPI) -> None:
     """Guard every route of ``api`` but ``PUBLIC_PATHS``."""
-
-    @api.middleware("http")
-    async def _guard(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        if request.url.path not in PUBLIC_PATHS:
-            guard: Guard | None = getattr(api.state, "guard", None)
-            try:
-                if guard is None:
-                    raise OpenAIError("the server is starting", 503, "server_error")
-                guard.check(request)
-            except OpenAIError as err:
-                headers = {"WWW-Authenticate": "Bearer"} if err.status_code == 401 else None
-                return JSONResponse(err.body(), status_code=err.status_code, headers=headers)
-        return await call_next(request)
+    api.add_middleware(_GuardMiddleware, api=api)

@@ -109,9 +109,14 @@ class OpenAIIngress:
         self.max_model_len = served_max_model_len(self.config.engine.max_model_len, model_dir)
         self.llm = llm.options(stream=True)
         self.trace_log = TraceLog()
-        # NOTE: tokenizing (and the chat template) runs off the event loop, so streams keep
-        # flowing while a long prompt is encoded; one tokenizer copy per thread.
-        self._tokenize_pool = TokenizerPool(self.tokenizer, self.config.ingress_tokenizer_threads)
+        # NOTE: tokenizing (and the chat template) of a long prompt runs off the event loop,
+        # so streams keep flowing while it is encoded; one tokenizer copy per thread. A short
+        # one is encoded inline: the thread hop would cost more than the encode.
+        self._tokenize_pool = TokenizerPool(
+            self.tokenizer,
+            self.config.ingress_tokenizer_threads,
+            inline_max_chars=self.config.ingress_inline_tokenize_chars,
+        )
         self.limits = self.config.limits
         self.vocab_size = len(self.tokenizer) if self.tokenizer is not None else None
         self.max_token_chars = limits.max_token_chars(self.tokenizer)
@@ -335,8 +340,11 @@ class OpenAIIngress:
         self._check_model(body.model)
         body.check_supported()
         self._check_limits(body)
-        text, ids = await self._tokenize_pool.run(self._tokenize_chat, body)
-        return await self._generate("chat", "chatcmpl", body, text, ids, recv)
+        parsed = time.time()
+        n = body.num_prompt_chars()
+        text, ids = await self._tokenize_pool.run(self._tokenize_chat, body, num_chars=n)
+        inline = self._tokenize_pool.is_inline(n)
+        return await self._generate("chat", "chatcmpl", body, text, ids, recv, parsed, inline)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
@@ -345,8 +353,11 @@ class OpenAIIngress:
         self._check_model(body.model)
         body.check_supported()
         self._check_limits(body)
-        text, ids = await self._tokenize_pool.run(self._tokenize_completion, body)
-        return await self._generate("completion", "cmpl", body, text, ids, recv)
+        parsed = time.time()
+        n = body.num_prompt_chars()
+        text, ids = await self._tokenize_pool.run(self._tokenize_completion, body, num_chars=n)
+        inline = self._tokenize_pool.is_inline(n)
+        return await self._generate("completion", "cmpl", body, text, ids, recv, parsed, inline)
 
     def traces(self) -> list[dict[str, Any]]:
         """Finished requests' per-hop stamps since the last call (``cluster.serve.openai_trace``);
@@ -361,9 +372,11 @@ class OpenAIIngress:
         text: str,
         ids: list[int],
         recv: float,
+        parsed: float,
+        inline: bool,
     ) -> Any:
         rid = f"{id_prefix}-{uuid.uuid4().hex}"
-        trace = IngressTrace(rid, recv)
+        trace = IngressTrace(rid, recv, parsed, tokenized_inline=inline)
         params = body.sampling_params(self.config.default_max_tokens)
         explicit = (getattr(body, "max_completion_tokens", None) or body.max_tokens) is not None
         params.max_tokens = fit_context(len(ids), params.max_tokens, explicit, self.max_model_len)

@@ -146,6 +146,19 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+def _num_chars(content: Any) -> int:
+    """Text characters in a prompt or message content of any accepted shape (str, token ids,
+    lists of those, content parts); anything else counts 0 (validation refuses it later)."""
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, dict):
+        text = content.get("text")
+        return len(text) if isinstance(text, str) else 0
+    if isinstance(content, list):
+        return sum(1 if isinstance(x, int) else _num_chars(x) for x in content)
+    return 0
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -164,6 +177,11 @@ class ChatCompletionRequest(_SamplingFields):
         limit = self.max_completion_tokens if self.max_completion_tokens else self.max_tokens
         n_logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling(limit, default_max_tokens, n_logprobs)
+
+    def num_prompt_chars(self) -> int:
+        """Characters of the messages' text: what tokenizing them costs, roughly (the
+        ingress's inline-or-thread choice). Never raises; ``chat()`` checks the parts."""
+        return sum(_num_chars(m.content) for m in self.messages)
 
     def chat(self) -> list[dict[str, str]]:
         """Messages as the chat template expects them (``developer`` maps to ``system``)."""
@@ -190,6 +208,11 @@ class CompletionRequest(_SamplingFields):
             raise OpenAIError("best_of must equal n (or be left out)", param="best_of")
         if self.suffix:
             raise OpenAIError("suffix is not supported", param="suffix")
+
+    def num_prompt_chars(self) -> int:
+        """Characters of the prompt (a token id counts as one: decoding it is as cheap), for
+        the ingress's inline-or-thread tokenization choice."""
+        return _num_chars(self.prompt)
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt (text or token ids); batches of several prompts are refused."""

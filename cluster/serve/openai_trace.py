@@ -5,7 +5,9 @@ One request through the app (wall clock, ``time.time()``, one host)::
     client send
       | client -> proxy -> ingress          recv - client send          (client's clock)
     recv            ingress route entered
-      | parse + tokenize                    tokenized - recv
+      | parse + tokenize                    tokenized - recv, of which
+      |   body read + parse + validate      parsed - recv
+      |   tokenize + request built          tokenized - parsed
     tokenized       handed to the handle
       | router + Select + handle hop        replica.replica_recv - tokenized
     replica_recv
@@ -43,6 +45,7 @@ class IngressTrace:
 
     response_id: str
     recv: float
+    parsed: float = 0.0
     tokenized: float = 0.0
     first_out: float = 0.0
     last_out: float = 0.0
@@ -50,6 +53,7 @@ class IngressTrace:
     last_sent: float = 0.0
     hop_sum_s: float = 0.0  # sum over outputs of (ingress arrival - replica emit_time)
     num_outputs_received: int = 0
+    tokenized_inline: bool = False  # encoded on the event loop, not a tokenizer thread
     replica: RequestTrace | None = None
 
     def on_output(self, out: RequestOutput) -> None:

@@ -1,9 +1,11 @@
-"""Tokenization off the ingress's event loop, on several threads, one tokenizer each.
+"""Tokenization off the ingress's event loop, on several threads, one tokenizer each; short
+prompts inline on the loop.
 
 HF fast tokenizers release the GIL while they encode, so N threads tokenize N prompts at
 once; but one instance must not be used from two threads at a time (the Rust side raises
 "Already borrowed"). Each worker thread therefore gets its own deep copy, made when the
-thread starts; the caller's instance stays with the event loop (response detokenization).
+thread starts; the caller's instance stays with the event loop (response detokenization, and
+the prompts short enough to encode inline).
 """
 
 from __future__ import annotations
@@ -19,13 +21,25 @@ T = TypeVar("T")
 
 
 class TokenizerPool:
-    """``await pool.run(fn, *args)`` calls ``fn(tokenizer, *args)`` on a worker thread with
-    that thread's own tokenizer (``None`` stays ``None``: token-id-only models)."""
+    """``await pool.run(fn, *args, num_chars=n)`` calls ``fn(tokenizer, *args)``: on the
+    calling thread with the caller's tokenizer when ``0 <= n <= inline_max_chars``, else on a
+    worker thread with that thread's own tokenizer (``None`` stays ``None``: token-id-only
+    models).
 
-    def __init__(self, tokenizer: Any, num_threads: int) -> None:
+    NOTE: the thread hop (executor submit, a worker wake-up, the result posted back to the
+    loop) costs more than encoding a short prompt; the threads exist so that a long prompt
+    does not stall every other stream on the loop. ``inline_max_chars`` bounds the time one
+    inline call holds the loop (roughly linear in characters)."""
+
+    def __init__(self, tokenizer: Any, num_threads: int, inline_max_chars: int = 0) -> None:
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        if inline_max_chars < 0:
+            raise ValueError(f"inline_max_chars must be >= 0, got {inline_max_chars}")
         self._tokenizer = tokenizer
+        self.inline_max_chars = inline_max_chars
+        self.num_inline = 0
+        self.num_threaded = 0
         self._local = threading.local()
         self._executor = ThreadPoolExecutor(
             num_threads, thread_name_prefix="tinyserve-tokenize", initializer=self._init_thread
@@ -37,8 +51,18 @@ class TokenizerPool:
     def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         return fn(self._local.tokenizer, *args)
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(tokenizer, *args)`` on a worker thread; its exception is raised here."""
+    def is_inline(self, num_chars: int) -> bool:
+        """Whether ``run(..., num_chars=num_chars)`` encodes on the calling thread (never when
+        ``inline_max_chars`` is 0)."""
+        return 0 <= num_chars <= self.inline_max_chars and self.inline_max_chars > 0
+
+    async def run(self, fn: Callable[..., T], *args: Any, num_chars: int = -1) -> T:
+        """``fn(tokenizer, *args)``, inline or on a worker thread (see the class); its
+        exception is raised here. ``num_chars`` < 0 (unknown) always takes a thread."""
+        if self.is_inline(num_chars):
+            self.num_inline += 1
+            return fn(self._tokenizer, *args)
+        self.num_threaded += 1
         return await asyncio.get_running_loop().run_in_executor(
             self._executor, self._call, fn, args
         )

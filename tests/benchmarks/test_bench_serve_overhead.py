@@ -42,6 +42,11 @@ def test_hops_join_by_response_id_and_add_up() -> None:
     assert hops["after_engine_finish"] == pytest.approx(6.0, abs=0.01)
     assert hops["client_total"] == pytest.approx(1006.0, abs=0.01)
     assert "ingress_to_client_first" not in hop_breakdown([sample], [t], stream=False)
+    assert "read_parse" not in hops and "tokenize" not in hops  # no ``parsed`` stamp: no split
+    split = hop_breakdown([sample], [{**t, "parsed": send + off + 0.0115}], stream=True)
+    assert split["read_parse"] == pytest.approx(1.5, abs=0.01)
+    assert split["tokenize"] == pytest.approx(0.5, abs=0.01)
+    assert split["read_parse"] + split["tokenize"] == pytest.approx(split["parse_tokenize"])
 
 
 def test_reports_show_ratios_against_the_engine() -> None:

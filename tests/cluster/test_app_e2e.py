@@ -156,7 +156,7 @@ def test_ingress_traces_give_every_hop_of_a_request_in_order(cluster: Cluster) -
     for rid, num_tokens in ((chunks[0].id, 5), (body.id, 3)):
         t = traces[rid]
         # One host, one wall clock: the stamps follow the request's path.
-        path = ["recv", "tokenized", "replica_recv", "engine_add", "engine_first_token",
+        path = ["recv", "parsed", "tokenized", "replica_recv", "engine_add", "engine_first_token",
                 "replica_first_yield", "first_out", "last_out", "last_sent"]
         stamps = [t[k] for k in path]
         assert all(s > 0 for s in stamps) and stamps == sorted(stamps), t

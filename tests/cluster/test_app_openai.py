@@ -141,3 +141,18 @@ def test_routing_policy_is_checked_against_the_policy_registry() -> None:
     with pytest.raises(OpenAIError) as exc:
         checked_policy("fastest_please")
     assert exc.value.body()["error"]["param"] == "routing_policy"
+
+
+def test_num_prompt_chars_counts_every_accepted_prompt_shape() -> None:
+    # NOTE: the ingress tokenizes a prompt inline when this is <= ingress_inline_tokenize_chars.
+    def comp(prompt: object) -> int:
+        return CompletionRequest.model_validate({"model": "m", "prompt": prompt}).num_prompt_chars()
+
+    assert comp("hello") == 5
+    assert comp([1, 2, 3]) == 3 and comp([[1, 2]]) == 2 and comp(["ab", "cde"]) == 5
+    chat = ChatCompletionRequest.model_validate({"model": "m", "messages": [
+        {"role": "system", "content": "abc"},
+        {"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text",
+                                                                        "text": "!"}]},
+        {"role": "assistant", "content": None}]})
+    assert chat.num_prompt_chars() == 9

@@ -63,3 +63,49 @@ def test_errors_reach_the_caller_and_none_stays_none() -> None:
 def test_at_least_one_thread() -> None:
     with pytest.raises(ValueError, match="num_threads"):
         TokenizerPool(None, 0)
+
+
+def test_short_prompts_encode_inline_long_ones_on_threads_same_ids() -> None:
+    tok = _tokenizer()
+    pool = TokenizerPool(tok, 2, inline_max_chars=100)
+    short = " ".join(f"w{j + 1}" for j in range(20))  # 98 characters
+    long = " ".join(f"w{j % 499 + 1}" for j in range(600))
+    assert len(short) <= 100 < len(long)
+
+    async def main() -> list[tuple[int, str, list[int]]]:
+        loop_thread = threading.current_thread().name
+        out = [await pool.run(_encode, t, num_chars=len(t)) for t in (short, long)]
+        out.append(await pool.run(_encode, short))  # length unknown: a thread
+        assert out[0][1] == loop_thread and out[1][1] != loop_thread != out[2][1]
+        return out
+
+    try:
+        (id_short, _, ids_short), (id_long, _, ids_long), (id_unknown, _, ids_unknown) = (
+            asyncio.run(main()))
+    finally:
+        pool.shutdown()
+    assert ids_short == ids_unknown == list(tok.encode(short))
+    assert ids_long == list(tok.encode(long))
+    assert id_short == id(tok)  # inline: the caller's own instance
+    assert id(tok) not in (id_long, id_unknown)  # threads: their copies
+    assert (pool.num_inline, pool.num_threaded) == (1, 2)
+    assert pool.is_inline(100) and not pool.is_inline(101) and not pool.is_inline(-1)
+
+
+def test_inline_errors_reach_the_caller_and_zero_means_always_threads() -> None:
+    pool = TokenizerPool(None, 1, inline_max_chars=10)
+
+    def fails(tokenizer: Any, text: str) -> None:
+        raise ValueError(f"bad {text}")
+
+    try:
+        with pytest.raises(ValueError, match="bad x"):
+            asyncio.run(pool.run(fails, "x", num_chars=1))
+    finally:
+        pool.shutdown()
+    assert pool.num_inline == 1
+    off = TokenizerPool(None, 1)
+    off.shutdown()
+    assert not off.is_inline(0) and not off.is_inline(1)  # 0: always threads
+    with pytest.raises(ValueError, match="inline_max_chars"):
+        TokenizerPool(None, 1, inline_max_chars=-1)
