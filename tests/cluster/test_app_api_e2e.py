@@ -7,7 +7,6 @@ service serves TLS here (a CA made in the test): routing and KV reports go over 
 from __future__ import annotations
 
 import json
-import socket
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 import requests
+from ports import free_port
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
@@ -47,12 +47,6 @@ class App:
     client: Any
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     from tls_certs import make_pki
@@ -65,7 +59,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     tls = {"cert_file": str(pki.cert_file), "key_file": str(pki.key_file),
            "ca_file": str(pki.ca_file), "server_name": TLS_NAME}
 
-    port = _free_port()
+    port = free_port()
     ray.init(address="local", num_cpus=6, include_dashboard=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 import requests
+from ports import free_port
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
@@ -36,12 +36,6 @@ NUM_BLOCKS = 256
 RAY_LABELS = ("Component", "NodeAddress", "SessionName", "Version", "WorkerId")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Cluster:
     http: str
@@ -56,7 +50,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
     key_file = tmp_path_factory.mktemp("auth") / "api_keys"
     key_file.write_text(f"# e2e\n{KEY}\n")
-    http_port, dash_port, metrics_port = _free_port(), _free_port(), _free_port()
+    http_port, dash_port, metrics_port = free_port(), free_port(), free_port()
     ray.init(address="local", num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=dash_port, _metrics_export_port=metrics_port)
     try:

@@ -11,7 +11,6 @@ gives.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 import pytest
 import requests
+from ports import free_port
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
@@ -51,12 +51,6 @@ class Direct:
         return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Direct]:
     from cluster.serve.app import build_app
@@ -66,7 +60,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Direct]:
     key_file.write_text(f"{KEY}\n")
     saved = {k: os.environ.get(k) for k in SERVE_ENV}
     os.environ.update(SERVE_ENV)
-    port = _free_port()
+    port = free_port()
     ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

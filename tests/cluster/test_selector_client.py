@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Callable
 
 import pytest
+from ports import free_port
 
 from cluster.selector.client import AsyncSelectorClient, KVReporter, SelectorClient
 from cluster.selector.server import ServerThread
@@ -23,14 +23,8 @@ def _wait(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_select_returns_none_on_outage_and_raises_on_bad_input() -> None:
-    dead = SelectorClient(f"127.0.0.1:{_free_port()}", timeout_s=0.2)
+    dead = SelectorClient(f"127.0.0.1:{free_port()}", timeout_s=0.2)
     t0 = time.monotonic()
     assert dead.select([1, 2], 32) is None
     assert time.monotonic() - t0 < 5
@@ -55,7 +49,7 @@ def test_async_client() -> None:
             cl = AsyncSelectorClient(st.address, timeout_s=5)
             try:
                 sel = await cl.select([5, 6], 32)
-                dead = AsyncSelectorClient(f"127.0.0.1:{_free_port()}", timeout_s=0.2)
+                dead = AsyncSelectorClient(f"127.0.0.1:{free_port()}", timeout_s=0.2)
                 missing = await dead.select([5], 16)
                 await dead.close()
                 return (sel.replica_id if sel else None), missing
@@ -102,7 +96,7 @@ def test_reporter_streams_events_and_resyncs_after_a_gap() -> None:
 
 
 def test_reporter_reconnects_after_a_service_restart() -> None:
-    port = _free_port()
+    port = free_port()
     rep = KVReporter(
         f"127.0.0.1:{port}",
         "phoenix",

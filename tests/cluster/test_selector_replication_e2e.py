@@ -9,7 +9,6 @@ Real HTTP, real Serve router, real gRPC between the replicas and the selection s
 from __future__ import annotations
 
 import re
-import socket
 import threading
 import time
 import uuid
@@ -18,6 +17,7 @@ from typing import Any
 
 import pytest
 import requests
+from ports import free_port
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
@@ -28,17 +28,11 @@ APP = "tinyserve_ha"
 MODEL = "smollm2-135m-instruct"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def app() -> Iterator[tuple[Any, str]]:
     from cluster.serve.app import build_app
 
-    http_port, metrics_port = _free_port(), _free_port()
+    http_port, metrics_port = free_port(), free_port()
     ray.init(address="local", num_cpus=6, include_dashboard=False,
              _metrics_export_port=metrics_port)  # fmt: skip
     try:
