@@ -149,19 +149,12 @@ def deploy(args: argparse.Namespace, engine: dict[str, Any]) -> str:
 
 
 def direct_url(proxy: str, timeout_s: float = 60.0) -> str:
-    """The ingress replica's own base url under direct ingress (not ``proxy``'s), once Serve
-    publishes it."""
-    from cluster.serve.direct_ingress import app_http_urls
+    """The ingress replica's own base url under direct ingress (not ``proxy``'s)."""
+    from cluster.serve.direct_ingress import direct_url as app_direct_url
 
-    deadline = time.monotonic() + timeout_s
-    while True:
-        urls = [u for u in app_http_urls(APP) if u != proxy]
-        if urls:
-            print(f"direct ingress at {urls[0]} (proxy {proxy})", flush=True)
-            return urls[0]
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no direct ingress url for {APP} in {timeout_s:.0f} s")
-        time.sleep(0.5)
+    url = app_direct_url(APP, proxy, timeout_s)
+    print(f"direct ingress at {url} (proxy {proxy})", flush=True)
+    return url
 
 
 def served_traces() -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ the replicas' ports (HAProxy, a cloud LB) takes the proxy's place: Serve's HAPro
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -48,12 +49,17 @@ def app_http_urls(app_name: str) -> list[str]:
     return urls
 
 
-def direct_ingress_on() -> bool:
-    """Whether this process sees ``RAY_SERVE_ENABLE_DIRECT_INGRESS`` on (directly or through
-    ``RAY_SERVE_THROUGHPUT_OPTIMIZED``), as Serve computes it."""
-    from ray.serve._private import constants
-
-    return bool(constants.RAY_SERVE_ENABLE_DIRECT_INGRESS)
+def direct_url(app_name: str, proxy: str, timeout_s: float = 60.0) -> str:
+    """The first of ``app_name``'s base urls that is not ``proxy`` (the ingress replica's own
+    server under direct ingress), once Serve publishes it; RuntimeError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        urls = [u for u in app_http_urls(app_name) if u != proxy]
+        if urls:
+            return urls[0]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no direct ingress url for {app_name} in {timeout_s:.0f} s")
+        time.sleep(0.5)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ away cancels the Serve call, which aborts the request in the replica's engine.
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -340,11 +340,7 @@ class OpenAIIngress:
         self._check_model(body.model)
         body.check_supported()
         self._check_limits(body)
-        parsed = time.time()
-        n = body.num_prompt_chars()
-        text, ids = await self._tokenize_pool.run(self._tokenize_chat, body, num_chars=n)
-        inline = self._tokenize_pool.is_inline(n)
-        return await self._generate("chat", "chatcmpl", body, text, ids, recv, parsed, inline)
+        return await self._generate("chat", "chatcmpl", body, self._tokenize_chat, recv)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
@@ -353,11 +349,7 @@ class OpenAIIngress:
         self._check_model(body.model)
         body.check_supported()
         self._check_limits(body)
-        parsed = time.time()
-        n = body.num_prompt_chars()
-        text, ids = await self._tokenize_pool.run(self._tokenize_completion, body, num_chars=n)
-        inline = self._tokenize_pool.is_inline(n)
-        return await self._generate("completion", "cmpl", body, text, ids, recv, parsed, inline)
+        return await self._generate("completion", "cmpl", body, self._tokenize_completion, recv)
 
     def traces(self) -> list[dict[str, Any]]:
         """Finished requests' per-hop stamps since the last call (``cluster.serve.openai_trace``);
@@ -369,14 +361,15 @@ class OpenAIIngress:
         kind: Literal["chat", "completion"],
         id_prefix: str,
         body: ChatCompletionRequest | CompletionRequest,
-        text: str,
-        ids: list[int],
+        tokenize: Callable[[Any, Any], tuple[str, list[int]]],
         recv: float,
-        parsed: float,
-        inline: bool,
     ) -> Any:
+        """Tokenize ``body`` (inline or on a tokenizer thread, by its size) and answer it."""
+        parsed = time.time()
+        n = body.num_prompt_chars()
+        text, ids = await self._tokenize_pool.run(tokenize, body, num_chars=n)
         rid = f"{id_prefix}-{uuid.uuid4().hex}"
-        trace = IngressTrace(rid, recv, parsed, tokenized_inline=inline)
+        trace = IngressTrace(rid, recv, parsed, tokenized_inline=self._tokenize_pool.is_inline(n))
         params = body.sampling_params(self.config.default_max_tokens)
         explicit = (getattr(body, "max_completion_tokens", None) or body.max_tokens) is not None
         params.max_tokens = fit_context(len(ids), params.max_tokens, explicit, self.max_model_len)

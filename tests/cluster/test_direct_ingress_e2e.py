@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,7 +53,7 @@ class Direct:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Direct]:
     from cluster.serve.app import build_app
-    from cluster.serve.direct_ingress import app_http_urls
+    from cluster.serve.direct_ingress import direct_url
 
     key_file = tmp_path_factory.mktemp("auth") / "api_keys"
     key_file.write_text(f"{KEY}\n")
@@ -74,11 +73,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Direct]:
         }
         serve.run(build_app(args), name=APP, route_prefix="/")
         proxy = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while not (direct := [u for u in app_http_urls(APP) if u != proxy]):
-            assert time.monotonic() < deadline, "Serve published no direct ingress url"
-            time.sleep(0.5)
-        yield Direct(proxy, direct[0])
+        yield Direct(proxy, direct_url(APP, proxy))
     finally:
         serve.shutdown()
         ray.shutdown()
