@@ -1,7 +1,9 @@
 """Per-step decode trace of the engine: where a batch's decode time goes, step by step, on a
 fresh pool and on a pool already used (as a serving replica's always is).
 
-For each mode (synchronous / asynchronous scheduling) x compaction (on / off), one engine,
+For each mode (synchronous / asynchronous scheduling) x compaction (``between_steps``: the
+trigger checked after every step, the CPU default; ``idle``: only when the replica is idle,
+the CUDA default, so never inside a round; ``off``), one engine,
 ``--rounds`` rounds of ``--batch`` random prompts of ``--prompt-len`` tokens, ``--decode-tokens``
 each (greedy, ignore_eos): every step is timed; a round's decode steps are those after the
 prefill (``ceil(batch * prompt_len / max_num_batched_tokens)`` steps + 2). Per round: decode
@@ -49,6 +51,12 @@ from replicas.llm_engine import LLMEngine
 from replicas.sampling_params import SamplingParams
 
 BLOCK_SIZE = 16
+# compaction settings compared: where the trigger is checked (CompactionConfig.when), or none
+COMPACTION: dict[str, dict[str, object]] = {
+    "between_steps": {"when": "between_steps"},
+    "idle": {"when": "idle"},
+    "off": {"enabled": False},
+}
 TOY = dict(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
            num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
 
@@ -127,7 +135,7 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--modes", nargs="+", choices=["sync", "async"], default=["sync", "async"])
-    ap.add_argument("--compaction", nargs="+", choices=["on", "off"], default=["on", "off"])
+    ap.add_argument("--compaction", nargs="+", choices=list(COMPACTION), default=list(COMPACTION))
     ap.add_argument("--smoke", action="store_true", help="CPU, a 2-layer toy shape, short")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -161,7 +169,7 @@ def main() -> None:
                     max_num_batched_tokens=budget,
                     max_model_len=max_len,
                     async_scheduling=mode == "async",
-                    compaction={"enabled": compaction == "on"},
+                    compaction=COMPACTION[compaction],
                 ))  # fmt: skip
             weight_bytes, _ = param_bytes_and_flops(engine.loaded.model)
             cfg = engine.loaded.arch
@@ -184,7 +192,7 @@ def main() -> None:
                          roofline_tok_s=roof_tok_s if bandwidth else None,
                          fraction_of_roofline=frac)  # fmt: skip
                 results.append(r)
-                print(f"{mode:5s} compaction {compaction:3s} round {rnd}: step mean "
+                print(f"{mode:5s} compaction {compaction:13s} round {rnd}: step mean "
                       f"{r['decode_step_ms']['mean']:.2f} p50 {r['decode_step_ms']['p50']:.2f} "
                       f"max {r['decode_step_ms']['max']:.2f} ms, {tok_s:,.0f} tok/s = "
                       f"{frac or float('nan'):.2f} of roofline; compactions "
@@ -195,14 +203,14 @@ def main() -> None:
             if cuda:
                 torch.cuda.empty_cache()
     gc.callbacks.remove(gcp)
-    head = (f"{'mode':>6} {'compaction':>10} {'round':>5} {'mean ms':>8} {'p50 ms':>7} "
+    head = (f"{'mode':>6} {'compaction':>13} {'round':>5} {'mean ms':>8} {'p50 ms':>7} "
             f"{'max ms':>7} {'tok/s':>9} {'of roof':>7} {'compactions':>11} {'moved':>6}")  # fmt: skip
     print("\nengine_step_trace", args.shape if not args.smoke else "toy",
           torch.cuda.get_device_name() if cuda else "cpu", f"batch {args.batch}")  # fmt: skip
     print(head)
     for r in results:
         s = r["decode_step_ms"]
-        print(f"{r['mode']:>6} {r['compaction']:>10} {r['round']:>5} {s['mean']:8.2f} "
+        print(f"{r['mode']:>6} {r['compaction']:>13} {r['round']:>5} {s['mean']:8.2f} "
               f"{s['p50']:7.2f} {s['max']:7.2f} {r['decode_tok_s']:9,.0f} "
               f"{r['fraction_of_roofline'] or float('nan'):7.2f} {r['compactions']:11d} {r['blocks_moved']:6d}")  # fmt: skip
     if args.json:

@@ -3,6 +3,10 @@
     LLMEngine.step():  maybe_compact()  ->  schedule  ->  forward  ->  sample  -> ...
                        ^ the only place: no step is in flight, no chunk holds a block table
 
+Where (``CompactionConfig.when``): between steps (CPU default), or only once the replica is
+idle (CUDA default: the paged kernels gain nothing from contiguity, and a compaction under a
+running batch stalls it; ``maybe_compact_idle``, called by the engine core's idle check).
+
 Trigger (``CompactionConfig``): the pool counts allocations that started a new run of a
 request's private blocks (``PoolStats.num_split_allocations``: best fit found no run for the
 request, or its growth room was cut). Once ``min_split_allocations`` of them have happened
@@ -63,6 +67,8 @@ class Compactor:
         self._num_steps = 0
         self._last_step = 0
         self._splits_seen = 0
+        when = config.when or ("idle" if runner.device.type == "cuda" else "between_steps")
+        self.between_steps = when == "between_steps"
 
     def should_compact(self) -> bool:
         """The trigger (module docstring); O(1), read between steps."""
@@ -79,10 +85,19 @@ class Compactor:
         ``before`` runs first when it will (asynchronous scheduling: resolve the step in
         flight, so that nothing reads the tables while blocks move)."""
         self._num_steps += 1
-        if not self.should_compact():
+        if not self.between_steps or not self.should_compact():
             return False
         if before is not None:
             before()
+        self.compact()
+        return True
+
+    def maybe_compact_idle(self) -> bool:
+        """Call when the engine is idle (nothing running, nothing in flight; the engine core
+        does, holding the engine's lock). True if it compacted. With ``when='idle'`` this is
+        the only place the trigger is checked."""
+        if self.between_steps or not self.should_compact():
+            return False
         self.compact()
         return True
 

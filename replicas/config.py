@@ -65,6 +65,15 @@ class CompactionConfig(BaseModel):
         ge=1,
         description="Engine steps between two compactions at least (bounds the cost).",
     )
+    when: Literal["between_steps", "idle"] | None = Field(
+        default=None,
+        description="Where the trigger is checked: 'between_steps' (any step may be "
+        "followed by a compaction) or 'idle' (only once the replica has had no work for "
+        "a while, engine.IDLE_CHECK_AFTER_S). Unset = idle on CUDA, between steps on CPU: "
+        "the CUDA kernels read K/V through block tables, so contiguity buys no speed there, "
+        "while a compaction under a running batch moves gigabytes and stalls it (1B, batch "
+        "64, a reused pool: decode 0.65 -> 0.48 of the roofline, engine_notes.md).",
+    )
     full_layout_after: int = Field(
         default=8,
         ge=0,

@@ -72,10 +72,13 @@ def abort_all(engine: LLMEngine) -> Routed:
 
 
 def check_idle(engine: LLMEngine) -> None:
-    """The pool's integrity check; a broken pool is logged, never raised."""
-    # NOTE: idle: every block is free or cached, the cheapest moment to verify.
+    """The idle-time work: a compaction if one is due (``CompactionConfig.when='idle'``),
+    then the pool's integrity check; a broken pool is logged, never raised."""
+    # NOTE: idle: every block is free or cached, the cheapest moment to move and verify.
     try:
         with engine.lock:
+            if not engine.has_unfinished_requests():
+                engine.compactor.maybe_compact_idle()
             engine.kv.check_integrity()
     except AssertionError:
         logger.exception("KV pool integrity check failed")

@@ -5,6 +5,7 @@ the metrics counters; the CUDA kernel path (gpu marker) replays captured graphs 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from replica_helpers import EOS_ID, VOCAB, random_prompts
 from kvmanager.compaction import CompactionPlan
 from replicas.compaction import Compactor
 from replicas.config import CompactionConfig, EngineConfig
+from replicas.engine_core_turn import check_idle
 from replicas.llm_engine import LLMEngine
 from replicas.sampling_params import SamplingParams
 
@@ -120,6 +122,32 @@ def test_async_scheduling_drains_before_it_compacts(tiny_llama_dir: Path) -> Non
     assert run(on, prompts) == want
     assert in_flight and not any(in_flight)
     assert on.compactor.stats.num_compactions_total > 0
+
+
+def test_idle_compaction_waits_for_the_idle_check(tiny_llama_dir: Path) -> None:
+    """``when='idle'`` (the CUDA default): the same splitting workload runs without a single
+    compaction between steps, outputs equal; the engine core's idle check then takes the
+    due trigger (and leaves the pool intact)."""
+    prompts = random_prompts(8, [13, 27, 6, 40, 18, 9, 33, 21], seed=11)
+    want = run(engine(tiny_llama_dir, OFF, 48), prompts)
+    e = engine(tiny_llama_dir, {"verify": True, "when": "idle", "full_layout_after": 1}, 48)
+    assert not e.compactor.between_steps
+    assert run(e, prompts) == want
+    assert e.kv.num_split_allocations > 0 and e.compactor.stats.num_compactions_total == 0
+    assert e.compactor.should_compact()
+    check_idle(e)
+    assert not e.compactor.should_compact()  # the trigger was taken at idle
+    e.kv.check_integrity()
+
+
+def test_compaction_place_defaults_by_device(tiny_llama_dir: Path) -> None:
+    e = engine(tiny_llama_dir, {})
+    assert e.compactor.between_steps  # CPU: between steps
+    cuda_runner = SimpleNamespace(device=torch.device("cuda"))
+    c = Compactor(e.kv, cuda_runner, CompactionConfig())  # type: ignore[arg-type]
+    assert not c.between_steps and not c.maybe_compact()
+    pinned = Compactor(e.kv, cuda_runner, CompactionConfig(when="between_steps"))  # type: ignore[arg-type]
+    assert pinned.between_steps
 
 
 def test_trigger_threshold_and_interval(tiny_llama_dir: Path) -> None:
