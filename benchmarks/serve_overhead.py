@@ -172,10 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="CPU: torch threads of the engine")
     p.add_argument("--max-num-batched-tokens", type=int, default=0)
     p.add_argument("--app-args", default="{}", help="JSON merged into the app's args")
-    p.add_argument("--engine-process", choices=("off", "on", "both"), default="off",
-                   help="the replica's engine core: a thread (off), its own process (on), or "
-                   "both one after the other against the same engine-alone baseline (sides "
-                   "served and served-proc)")
+    p.add_argument("--engine-process", choices=("default", "off", "on", "both"),
+                   default="default",
+                   help="the replica's engine core: the device's default (EngineConfig: a "
+                   "process on CUDA, a thread on CPU), a thread (off), its own process (on), "
+                   "or both one after the other against the same engine-alone baseline "
+                   "(sides served and served-proc)")
     p.add_argument("--serve-env", nargs="*", default=[], metavar="KEY=VALUE",
                    help="environment of the Ray cluster (Serve flags), e.g. "
                    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0")
@@ -230,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     from replicas.config import EngineConfig
     from replicas.engine import AsyncLLMEngine
 
-    cores = {"off": [False], "on": [True], "both": [False, True]}[args.engine_process]
+    default = bool(EngineConfig(**engine_config(args, model)).engine_process)
+    cores = {"default": [default], "off": [False], "on": [True], "both": [False, True]}[
+        args.engine_process
+    ]
     warm = make_prompts(tokenizer, "completions", 2, args.prompt_len, 99_999)
     # NOTE: the thread core is the reference (side "engine"); with --engine-process on/both
     # the engine alone also runs with its core in a child process ("engine-proc"): the cost
