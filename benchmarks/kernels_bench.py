@@ -8,7 +8,11 @@ Everything is measured side by side in one run and reported as ratios against ba
   (c) a plain device-to-device copy of the same bytes (read + write counted);
 - reshape_and_cache and batched copy_blocks bandwidth (read + write) vs the copy bandwidth;
 - prefill: the Triton paged prefill kernel and gather + SDPA vs SDPA over contiguous K/V
-  (benchmarks/prefill_bench.py; ``--only prefill`` runs just these rows, no CuPy needed).
+  (benchmarks/prefill_bench.py; ``--only prefill`` runs just these rows, no CuPy needed);
+- library peers of the decode kernel, each optional: ``--flex`` (torch FlexAttention over the
+  paged cache, flex_peer.py) and ``--flashinfer`` (FlashInfer's paged decode, flashinfer_peer.py;
+  the issue's bar: ours >= 0.95x its bandwidth at batch >= 16). ``--only decode`` runs the decode
+  rows and the peers asked for, nothing else.
 
 Timing: CUDA events around CUDA-graph replays of `iters` calls (GPU time, launch gaps
 removed) for decode, eager back-to-back calls for the host-driven ops; median of `reps`.
@@ -20,12 +24,16 @@ Inputs rotate over several copies so the working set exceeds L2.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.flashinfer_peer import make_flashinfer_paged_decode
 from benchmarks.flex_peer import make_flex_paged_decode
 from benchmarks.gpu_timing import copy_tbps, profile_host, rotations, time_ms
 from benchmarks.prefill_bench import run_prefill
@@ -39,6 +47,8 @@ except ImportError:  # no cupy: main() explains and exits
 DECODE_GRID = [(1, 4096), (16, 4096), (64, 2048), (128, 1024), (32, 16384)]
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
+# (q, k_cache, v_cache, block_tables, seq_lens, scale) -> a zero-argument decode call
+PeerFactory = Callable[..., Callable[[], torch.Tensor]]
 
 
 def _decode_inputs(batch: int, context: int) -> tuple[torch.Tensor, ...]:
@@ -62,15 +72,17 @@ def _decode_inputs(batch: int, context: int) -> tuple[torch.Tensor, ...]:
     return q, k_cache, v_cache, torch.stack(tables), seq_lens
 
 
-def bench_flex(batch: int, context: int, iters: int, reps: int) -> dict[str, float | str]:
-    """FlexAttention over the paged cache (flex_peer.py) on bench_decode's inputs."""
+def bench_peer(
+    name: str, make: PeerFactory, batch: int, context: int, iters: int, reps: int
+) -> dict[str, float | str]:
+    """A library peer (FlexAttention, FlashInfer) on bench_decode's inputs: ``{name}_us``,
+    ``{name}_TBps``, its error against our kernel; a failure is a result (``error``)."""
     q, k_cache, v_cache, tables, seq_lens = _decode_inputs(batch, context)
     scale = 1 / math.sqrt(HEAD_DIM)
     rot, kv_bytes = tables.shape[0], 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
     out: dict[str, float | str] = {"batch": batch, "context": context}
     try:
-        runs = [make_flex_paged_decode(q, k_cache, v_cache, tables[r], seq_lens, scale)
-                for r in range(rot)]  # fmt: skip
+        runs = [make(q, k_cache, v_cache, tables[r], seq_lens, scale) for r in range(rot)]
         ours = launchers.paged_decode_attention(q, k_cache, v_cache, tables[0], seq_lens, scale)
         out["rel_err_vs_ours"] = float(
             (runs[0]().float() - ours.float()).norm() / ours.float().norm()
@@ -79,10 +91,29 @@ def bench_flex(batch: int, context: int, iters: int, reps: int) -> dict[str, flo
             ms = time_ms(lambda r: runs[r](), rot, iters, reps, graph=True)
         except Exception:  # NOTE: not graph-capturable here: time it eagerly instead
             ms, out["eager"] = time_ms(lambda r: runs[r](), rot, iters, reps, graph=False), 1.0
-        out["flex_us"], out["flex_TBps"] = ms * 1e3, kv_bytes / 1e9 / ms
+        out[f"{name}_us"], out[f"{name}_TBps"] = ms * 1e3, kv_bytes / 1e9 / ms
     except Exception as exc:  # NOTE: the peer's failure is a result to report
         out["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     return out
+
+
+def bench_flashinfer(batch: int, context: int, iters: int, reps: int) -> dict[str, object]:
+    """FlashInfer's paged decode (flashinfer_peer.py), CUDA-core and tensor-core variants;
+    ``flashinfer_TBps`` is the faster one's (the bar the issue's >= 0.95x reads)."""
+    rows = {
+        tc: bench_peer(
+            "flashinfer",
+            functools.partial(make_flashinfer_paged_decode, use_tensor_cores=tc),
+            batch,
+            context,
+            iters,
+            reps,
+        )
+        for tc in (False, True)
+    }
+    ok = [r for r in rows.values() if "flashinfer_TBps" in r]
+    best = max(ok, key=lambda r: float(r["flashinfer_TBps"])) if ok else rows[False]
+    return {**best, "variants": {"cuda_cores": rows[False], "tensor_cores": rows[True]}}
 
 
 def bench_decode(batch: int, context: int, iters: int, reps: int) -> dict[str, float | int]:
@@ -285,7 +316,14 @@ def main() -> None:
         "else (its compile takes ~minutes)",
     )
     parser.add_argument("--profile-launch", action="store_true", help="cProfile eager decode calls")
-    parser.add_argument("--only", choices=["prefill"], default=None, help="run only these rows")
+    parser.add_argument(
+        "--flashinfer",
+        action="store_true",
+        help="also time FlashInfer's paged decode (flashinfer_peer.py; JIT build on first use)",
+    )
+    parser.add_argument(
+        "--only", choices=["prefill", "decode"], default=None, help="run only these rows"
+    )
     args = parser.parse_args()
     if args.only == "prefill":  # NOTE: Triton + torch only: no CuPy needed
         from benchmarks import prefill_bench
@@ -315,6 +353,10 @@ def main() -> None:
             f"{r['batch']:>5} {r['context']:>6} | {r['ours_TBps']:>9.2f} {r['simt_TBps']:>5.2f} {r['sdpa_contig_TBps']:>6.2f} {r['gather_sdpa_TBps']:>9.2f} {r['copy_TBps']:>6.2f} | "
             f"{r['ratio_vs_sdpa_contig']:>6.2f} {r['ratio_vs_gather_sdpa']:>6.2f} | {r['ours_us']:>8.1f} {r['ours_eager_us']:>8.1f} {r['rel_err_vs_sdpa']:>8.1e}"
         )
+    if args.only == "decode":
+        _peers(args, res, decode)
+        _write(args.json, res)
+        return
     split_expr = f"paged_decode_mma_kernel<bf16_t, {HEAD_DIM}, {BLOCK_SIZE}, 3>"
     kern = runtime.get_kernel(
         ("paged_decode.cu", "paged_decode_mma.cu"),
@@ -362,19 +404,38 @@ def main() -> None:
             f"{r['fraction_of_copy']:>7.2f} {r['ours_kernel_us']:>9.1f} {r['ours_e2e_us']:>8.1f} {r['torch_loop_us']:>8.1f}"
         )
     res["prefill"] = run_prefill(max(2, args.iters // 4), args.reps)
-    if args.flex:  # NOTE: last: a device-side assert here would end the process
-        res["flex"] = flex = [bench_flex(b, c, args.iters, args.reps) for b, c in DECODE_GRID]
-        print("\nFlexAttention over the paged cache (compiled, 16-token pages) vs ours")
-        for fr, dr in zip(flex, decode, strict=True):
-            line = (f"{fr['flex_TBps']:.2f} TB/s, ours x{dr['ours_TBps'] / fr['flex_TBps']:.2f}, "
-                    f"err vs ours {fr['rel_err_vs_ours']:.1e}" if "flex_TBps" in fr
-                    else f"failed: {fr.get('error')}")  # fmt: skip
-            print(f"  b{fr['batch']} ctx {fr['context']}: {line}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
-        print(f"\nwrote {args.json}")
+    _peers(args, res, decode)
+    _write(args.json, res)
 
+
+def _peers(args: argparse.Namespace, res: dict[str, object], decode: list[dict[str, Any]]) -> None:
+    """The library peers asked for, last: a device-side assert in one ends the process."""
+    peers: list[tuple[str, str, Callable[..., dict[str, Any]]]] = []
+    if args.flex:
+        flex = functools.partial(bench_peer, "flex", make_flex_paged_decode)
+        peers.append(("flex", "FlexAttention over the paged cache (compiled, 16-token pages)", flex))
+    if args.flashinfer:
+        peers.append(("flashinfer", "FlashInfer paged decode (NHD pages, best of CUDA/tensor cores)",
+                      bench_flashinfer))  # fmt: skip
+    for name, title, bench in peers:
+        res[name] = rows = [bench(b, c, args.iters, args.reps) for b, c in DECODE_GRID]
+        print(f"\n{title} vs ours")
+        for pr, dr in zip(rows, decode, strict=True):
+            key = f"{name}_TBps"
+            if key in pr:
+                pr["ours_over_peer"] = dr["ours_TBps"] / pr[key]
+                line = (f"{pr[key]:.2f} TB/s, ours x{pr['ours_over_peer']:.2f}, "
+                        f"err vs ours {pr['rel_err_vs_ours']:.1e}")  # fmt: skip
+            else:
+                line = f"failed: {pr.get('error')}"
+            print(f"  b{pr['batch']} ctx {pr['context']}: {line}")
+
+
+def _write(path: str | None, res: dict[str, object]) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"\nwrote {path}")
 
 if __name__ == "__main__":
     main()
