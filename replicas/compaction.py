@@ -1,7 +1,9 @@
-"""Compaction in the engine: between steps, when allocations broke sequences' contiguity.
+"""Compaction in the engine: between steps or at idle, when allocations broke sequences'
+contiguity.
 
     LLMEngine.step():  maybe_compact()  ->  schedule  ->  forward  ->  sample  -> ...
-                       ^ the only place: no step is in flight, no chunk holds a block table
+                       ^ no step is in flight, no chunk holds a block table
+    engine core idle:  check_idle()  ->  maybe_compact_idle()  (nothing running at all)
 
 Where (``CompactionConfig.when``): between steps (CPU default), or only once the replica is
 idle (CUDA default: the paged kernels gain nothing from contiguity, and a compaction under a
