@@ -158,10 +158,12 @@ def _server_main(
     ingest_s = time.perf_counter() - t
     core.leave("ingest")
 
-    server = ServerThread(core).start()
+    server = ServerThread(core, fast_lane_port=0).start()
+    lane = server.fast_lane_address
     conn.send(
         {
             "port": server.port,
+            "fast_lane_port": int(lane.rpartition(":")[2]) if lane else None,
             "num_chains": num_chains,
             "populate_s": populate_s,
             "resident_blocks": resident,

@@ -37,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.fast_lane_load import new_loop, pipelined
 from benchmarks.selector_bench import _cpu_s, _latency, _throughput
 from benchmarks.selector_fixture import BLOCK_SIZE, CHAIN_BLOCKS, _pcts, _populate, prompts
 
@@ -91,19 +92,11 @@ def _uvloop_server(core: Any) -> tuple[Any, int] | None:
     return (loop, running), running.port
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 def _raw_server(core: Any) -> int:
     """The fast lane on its own loop thread (uvloop when installed); returns its port."""
     from cluster.selector.fast_lane import start_fast_lane
 
-    loop = _new_loop()
+    loop = new_loop()
     threading.Thread(target=loop.run_forever, name="fast-lane", daemon=True).start()
     lane = asyncio.run_coroutine_threadsafe(start_fast_lane(core), loop).result(60)
     return lane.port
@@ -147,44 +140,13 @@ def _server_main(conn: Connection, num_replicas: int, blocks: int, copies: int,
         server.stop(0)
 
 
-async def _raw_throughput(address: str, method: str, msgs: list[Any], concurrency: int,
-                          seconds: float, connections: int) -> float:  # fmt: skip
-    """Closed loop on the fast lane: ``concurrency`` calls in flight, spread over
-    ``connections`` pipelined connections."""
-    from cluster.selector.fast_lane_client import FastLaneClient
-    from cluster.selector.fast_lane_frames import Kind
-
-    kind = Kind.SELECT if method == "Select" else Kind.PING
-    raw = [m.SerializeToString() for m in msgs]
-    clients = [FastLaneClient(address) for _ in range(connections)]
-    for c in clients:
-        await c.call(kind, raw[0], 10)
-    done = 0
-    stop = time.perf_counter() + seconds
-
-    async def worker(k: int) -> None:
-        nonlocal done
-        i, c = k, clients[k % connections]
-        while time.perf_counter() < stop:
-            await c.call(kind, raw[i % len(raw)], 10)
-            done += 1
-            i += concurrency
-
-    t = time.perf_counter()
-    await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    rps = done / (time.perf_counter() - t)
-    for c in clients:
-        await c.close()
-    return rps
-
-
 def _client_main(conn: Connection, address: str, method: str, msgs: list[Any],
                  concurrency: int, seconds: float, raw_connections: int) -> None:  # fmt: skip
     conn.recv()
     if raw_connections:
-        loop = _new_loop()
+        loop = new_loop()
         conn.send(loop.run_until_complete(
-            _raw_throughput(address, method, msgs, concurrency, seconds, raw_connections)))  # fmt: skip
+            pipelined(address, method, msgs, concurrency, seconds, raw_connections)))  # fmt: skip
         loop.close()
     else:
         conn.send(asyncio.run(_throughput(address, method, msgs, concurrency, seconds)))
