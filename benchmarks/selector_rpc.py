@@ -10,6 +10,7 @@ that holds one core (R replicas x blocks, the selector_bench fixture):
   prefixed frames over one TCP connection, the same wire bytes) on its own uvloop thread;
   its closed loop pipelines ``--concurrency`` calls over ``--raw-connections`` connections
   per client process, its sequential figures come from a blocking socket
+- ``raw-asyncio``: the same fast lane on an asyncio (not uvloop) loop thread
 
 Per front end: sequential Ping and Select latency (interleaved rounds of 100), closed-loop
 calls/s with ``--concurrency`` in flight from a client process, and the server process's CPU
@@ -41,7 +42,7 @@ from benchmarks.fast_lane_load import new_loop, pipelined
 from benchmarks.selector_bench import _cpu_s, _latency, _throughput
 from benchmarks.selector_fixture import BLOCK_SIZE, CHAIN_BLOCKS, _pcts, _populate, prompts
 
-FRONT_ENDS = ("aio-proto", "aio-wire", "uvloop-wire", "sync-wire", "raw-wire")
+FRONT_ENDS = ("aio-proto", "aio-wire", "uvloop-wire", "sync-wire", "raw-wire", "raw-asyncio")
 # NOTE: the sync server once per --sync-workers value: "sync-wire" for the first, then
 # "sync-wire-w<N>" (thread-pool size changes GIL and lock hand-offs per call)
 
@@ -92,11 +93,12 @@ def _uvloop_server(core: Any) -> tuple[Any, int] | None:
     return (loop, running), running.port
 
 
-def _raw_server(core: Any) -> int:
-    """The fast lane on its own loop thread (uvloop when installed); returns its port."""
+def _raw_server(core: Any, uv: bool = True) -> int:
+    """The fast lane on its own loop thread (uvloop when installed and ``uv``); returns its
+    port."""
     from cluster.selector.fast_lane import start_fast_lane
 
-    loop = new_loop()
+    loop = new_loop() if uv else asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, name="fast-lane", daemon=True).start()
     lane = asyncio.run_coroutine_threadsafe(start_fast_lane(core), loop).result(60)
     return lane.port
@@ -125,6 +127,8 @@ def _server_main(conn: Connection, num_replicas: int, blocks: int, copies: int,
         ports["uvloop-wire"] = uv[1]
     if "raw-wire" in front_ends:
         ports["raw-wire"] = _raw_server(core)
+    if "raw-asyncio" in front_ends:
+        ports["raw-asyncio"] = _raw_server(core, uv=False)
     syncs = []
     for i, w in enumerate(workers if "sync-wire" in front_ends else []):
         server, port = _sync_server(core, w)
@@ -242,7 +246,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
         ping = pb.PingRequest()
         for name in info["ports"]:
             address = f"127.0.0.1:{info['ports'][name]}"
-            raw = name == "raw-wire"
+            raw = name.startswith("raw-")
             with (_RawStub(address) if raw else grpc.insecure_channel(address)) as ch:
                 stub = ch if raw else pb_grpc.CacheSelectionStub(ch)
                 for _ in range(50):
