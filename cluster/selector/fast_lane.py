@@ -36,6 +36,7 @@ from cluster.selector.wire import MalformedMessage, decode_select, encode_select
 log = logging.getLogger("tinyserve.selector.fast_lane")
 _HEAD = HEADER.size
 _OK = int(Kind.OK)
+_MAX_HELLO_BYTES = 4096  # NOTE: a token, not a payload: bounds what an unknown peer can send
 
 
 class _Connection(asyncio.Protocol):
@@ -89,15 +90,18 @@ class _Connection(asyncio.Protocol):
                                        f"frame of {length} bytes exceeds {MAX_FRAME_BYTES}"))  # fmt: skip
                 close = True
                 break
-            if end - pos - _HEAD < length:
-                break
-            payload = bytes(buf[pos + _HEAD : pos + _HEAD + length])
-            pos += _HEAD + length
-            if not self._authed and kind != Kind.HELLO and self._expected is not None:
+            if not self._authed and self._expected is not None and (
+                kind != Kind.HELLO or length > _MAX_HELLO_BYTES
+            ):
+                # NOTE: refused on the header: an unauthenticated peer gets no payload buffered
                 out.append(self._error(call_id, Kind.UNAUTHENTICATED, "unauthenticated",
                                        "the connection must open with HELLO and the token"))  # fmt: skip
                 close = True
                 break
+            if end - pos - _HEAD < length:
+                break
+            payload = bytes(buf[pos + _HEAD : pos + _HEAD + length])
+            pos += _HEAD + length
             answer, close = self._call(call_id, kind, payload)
             out.append(answer)
             if close:

@@ -191,6 +191,12 @@ def test_token_auth_on_connect() -> None:
                 raw.answer()
             raw.close()
         assert st.core.metrics.errors.labels("unauthenticated")._value.get() == unauth0 + 3
+        # refused on the header alone: the payload is never waited for
+        for head in (HEADER.pack(1000, 1, Kind.SELECT), HEADER.pack(10**6, 1, Kind.HELLO)):
+            raw = _Raw(port)
+            raw.send(head)
+            assert raw.answer()[:2] == (1, Kind.UNAUTHENTICATED)
+            raw.close()
         raw = _Raw(port)
         raw.send(frame(1, Kind.HELLO, b"s3cret") + frame(2, Kind.PING))
         assert [raw.answer(), raw.answer()] == [(1, Kind.OK, b""), (2, Kind.OK, b"")]
