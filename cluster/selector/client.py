@@ -8,8 +8,9 @@
   its share of the time left) or knows none of the candidates (restarted, not yet resynced).
   ``AsyncSelectorClient(..., fast_lanes={grpc address: lane address})`` sends Select over a
   replica's fast lane (``cluster.selector.fast_lane``) when it publishes one: same answers and
-  errors; when the lane cannot be reached the call goes to that replica's gRPC within the
-  same attempt, and the lane is left alone for ``LANE_RETRY_S``.
+  errors; when the lane cannot be reached (refused, reset, or no connection within half the
+  attempt's time) the call goes to that replica's gRPC within the same attempt, and the lane
+  is left alone for ``LANE_RETRY_S``, doubling per failure in a row up to ``LANE_RETRY_MAX_S``.
 - ``KVReporter``: a replica's ReportKV streamer on a background thread. ``publish(events)``
   numbers and sends kvmanager events, ``snapshot(load)`` sends load; every (re)connect sends
   Hello + a full resync built from ``resident_hashes()`` (the pool's cached block hashes), and
@@ -55,6 +56,7 @@ _RESYNC_CHUNK = 65536
 # NOTE: after a fast lane connection failure its replica is asked over gRPC this long before
 # the lane is tried again (a dead lane costs one refused connect per period, not per call).
 LANE_RETRY_S = 1.0
+LANE_RETRY_MAX_S = 30.0
 
 
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
@@ -243,6 +245,7 @@ class AsyncSelectorClient(_Replicas[grpc.aio.Channel]):
             FastLaneClient(lanes[a], token) if lanes.get(a) else None for a in addresses
         ]
         self._lane_down_until = [0.0] * len(addresses)
+        self._lane_failures = [0] * len(addresses)
 
     async def _lane_select(self, i: int, raw: bytes, timeout: float) -> pb.SelectResponse | None:
         """Select over endpoint ``i``'s fast lane: the answer, or None when the lane cannot
@@ -250,14 +253,30 @@ class AsyncSelectorClient(_Replicas[grpc.aio.Channel]):
         lane = self.lanes[i]
         if lane is None or time.monotonic() < self._lane_down_until[i]:
             return None
+        t0 = time.monotonic()
         try:
-            return pb.SelectResponse.FromString(await lane.call(Kind.SELECT, raw, timeout))
-        except (FastLaneError, TimeoutError, asyncio.TimeoutError):
-            raise
-        except OSError as exc:  # NOTE: ConnectionError too: refused, reset, closed
-            log.info("selector fast lane %s unreachable (%r): gRPC", lane.address, exc)
-            self._lane_down_until[i] = time.monotonic() + LANE_RETRY_S
+            # NOTE: a lane that does not connect (a firewall dropping its port) may cost half
+            # the attempt; the rest is gRPC's.
+            await lane.connect(timeout / 2)
+            body = await lane.call(Kind.SELECT, raw, timeout - (time.monotonic() - t0))
+        except (TimeoutError, asyncio.TimeoutError):  # NOTE: FastLaneError propagates
+            if lane.connected:
+                raise  # NOTE: the call, not the connect, timed out: as gRPC's deadline
+            self._lane_down(i, TimeoutError("connect timed out"))
             return None
+        except OSError as exc:  # NOTE: ConnectionError too: refused, reset, closed
+            self._lane_down(i, exc)
+            return None
+        self._lane_failures[i] = 0
+        return pb.SelectResponse.FromString(body)
+
+    def _lane_down(self, i: int, exc: BaseException) -> None:
+        lane = self.lanes[i]
+        n = self._lane_failures[i] = self._lane_failures[i] + 1
+        wait = min(LANE_RETRY_S * 2 ** (n - 1), LANE_RETRY_MAX_S)
+        log.info("selector fast lane %s unreachable (%r): gRPC for %.0f s",
+                 lane.address if lane else "?", exc, wait)  # fmt: skip
+        self._lane_down_until[i] = time.monotonic() + wait
 
     async def select(
         self,

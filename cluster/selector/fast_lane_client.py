@@ -91,6 +91,12 @@ class FastLaneClient:
     def connected(self) -> bool:
         return self._link is not None and self._link.transport is not None
 
+    async def connect(self, timeout_s: float) -> None:
+        """Open and authenticate the connection now, unless it is open (TimeoutError,
+        OSError or FastLaneError as ``call``)."""
+        if not self.connected:
+            await asyncio.wait_for(self._connect(), timeout_s)
+
     async def call(self, kind: int, payload: bytes, timeout_s: float) -> bytes:
         """One call's answer payload (raises as the module docstring says)."""
         loop = asyncio.get_running_loop()
@@ -125,6 +131,8 @@ class FastLaneClient:
         """Open and authenticate the connection; concurrent callers share one attempt."""
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open())
+            # NOTE: its error is read even when every waiter gave up (no "never retrieved")
+            self._connecting.add_done_callback(lambda f: f.cancelled() or f.exception())
         fut = self._connecting
         try:
             # NOTE: shielded: one caller's timeout must not cancel the others' connect

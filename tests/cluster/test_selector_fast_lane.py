@@ -265,6 +265,30 @@ def test_client_uses_the_lane_and_falls_back_to_grpc() -> None:
         assert got == (want, False)
         assert time.monotonic() - t0 < 5
 
+        # a lane that never answers (a socket nobody accepts on: no HELLO answer): the
+        # connect gets half the attempt, gRPC the rest, and the lane is left alone after
+        with socket.socket() as hung:
+            hung.bind(("127.0.0.1", 0))
+            hung.listen(16)
+            stuck = {st.address: f"127.0.0.1:{hung.getsockname()[1]}"}
+
+            async def hung_lane() -> tuple[list[float], float]:
+                client = AsyncSelectorClient(st.address, "t", 1.0, fast_lanes=stuck)
+                took = []
+                for r in reqs[:3]:
+                    t = time.monotonic()
+                    sel = await client.select(list(r.block_hashes), r.num_prompt_tokens,
+                                              no_speculative_insert=True)  # fmt: skip
+                    took.append(time.monotonic() - t)
+                    assert sel is not None
+                down_for = client._lane_down_until[0] - time.monotonic()
+                await client.close()
+                return took, down_for
+
+            took, down_for = asyncio.run(hung_lane())
+            assert 0.5 <= took[0] < 1.0 and max(took[1:]) < 0.5, took  # NOTE: the lane is skipped
+            assert 0 < down_for <= 1.0
+
         async def lane_dies_mid_life() -> list[str]:
             client = AsyncSelectorClient(st.address, "t", 0.5, fast_lanes=lanes)
             first = await client.select([1, 2, 3], 48)
