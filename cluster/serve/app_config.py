@@ -58,7 +58,7 @@ class SelectorSettings(BaseModel):
     )
     port: int = Field(default=50051, ge=0, le=65535, description="gRPC port (0 = any free port).")
     fast_lane_port: int | None = Field(
-        default=50052,
+        default=50061,
         ge=0,
         le=65535,
         description="Port of the Select fast lane (cluster/selector/fast_lane.py: length-"
