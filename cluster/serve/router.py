@@ -117,8 +117,7 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                 token = handle.auth_token.remote().result(timeout_s=10.0)
                 self._token = str(token) if token else None
                 self._tls = handle.client_tls.remote().result(timeout_s=10.0)
-                lanes = handle.fast_lanes.remote().result(timeout_s=10.0)
-                self._fast_lanes = {str(k): str(v) for k, v in dict(lanes).items()}
+                self._fast_lanes = self._fetch_fast_lanes(handle)
                 self._address = str(handle.address.remote().result(timeout_s=10.0))
                 self._failures = 0
             except Exception as exc:
@@ -127,6 +126,17 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                 self._resolving = False
 
         threading.Thread(target=run, name="tinyserve-router-resolve", daemon=True).start()
+
+    @staticmethod
+    def _fetch_fast_lanes(handle: Any) -> dict[str, str]:
+        """The service's fast lanes; none when it cannot say (e.g. a version without them):
+        the client then uses gRPC only."""
+        try:
+            lanes = handle.fast_lanes.remote().result(timeout_s=10.0)
+            return {str(k): str(v) for k, v in dict(lanes).items()}
+        except Exception as exc:
+            log.info("TinyServeRouter: no selector fast lanes: %r", exc)
+            return {}
 
     def _get_client(self) -> AsyncSelectorClient | None:
         address = self._address
