@@ -203,6 +203,7 @@ def run_one(num_replicas: int, ns: argparse.Namespace) -> dict[str, Any]:
                 sel_t += _latency(stub.Select, lambda i, k=k: sel_msgs[k + i], min(100, n - k))
             parent.send("served")
             served = parent.recv()
+            parent.send("untimed")
         # NOTE: alternate short Ping / Select windows; the medians resist load drift.
         rounds = 2 if ns.quick else ns.rounds
         tp_ping_l, tp_sel_l = [], []

@@ -36,11 +36,15 @@ from cluster.selector.wire import MalformedMessage, decode_select, encode_select
 log = logging.getLogger("tinyserve.selector.fast_lane")
 _HEAD = HEADER.size
 _OK = int(Kind.OK)
+# NOTE: answers of one read go out together (one syscall), but at most this many: a read of
+# many pipelined Selects must not hold its first answers back for the whole batch
+_FLUSH_EVERY = 8
 _MAX_HELLO_BYTES = 4096  # NOTE: a token, not a payload: bounds what an unknown peer can send
 
 
 class _Connection(asyncio.Protocol):
-    """One client connection: frames in, answers out (one write per ``data_received``)."""
+    """One client connection: frames in, answers out (one write per ``data_received``, or
+    per ``_FLUSH_EVERY`` answers)."""
 
     def __init__(
         self, core: SelectorCore, expected: bytes | None, live: set[asyncio.Transport]
@@ -106,6 +110,9 @@ class _Connection(asyncio.Protocol):
             out.append(answer)
             if close:
                 break
+            if len(out) >= _FLUSH_EVERY and self._transport is not None:
+                self._transport.write(b"".join(out))
+                out.clear()
         del buf[:pos]
         t = self._transport
         if t is None:
