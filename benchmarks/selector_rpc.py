@@ -11,6 +11,8 @@ that holds one core (R replicas x blocks, the selector_bench fixture):
   its closed loop pipelines ``--concurrency`` calls over ``--raw-connections`` connections
   per client process, its sequential figures come from a blocking socket
 - ``raw-asyncio``: the same fast lane on an asyncio (not uvloop) loop thread
+- ``raw-on-aio``: the product's arrangement: the lane on the aio gRPC server's own loop
+  (``ServerThread(fast_lane_port=0)``); its gRPC port serves nothing in the run
 
 Per front end: sequential Ping and Select latency (interleaved rounds of 100), closed-loop
 calls/s with ``--concurrency`` in flight from a client process, and the server process's CPU
@@ -42,7 +44,8 @@ from benchmarks.fast_lane_load import new_loop, pipelined
 from benchmarks.selector_bench import _cpu_s, _latency, _throughput
 from benchmarks.selector_fixture import BLOCK_SIZE, CHAIN_BLOCKS, _pcts, _populate, prompts
 
-FRONT_ENDS = ("aio-proto", "aio-wire", "uvloop-wire", "sync-wire", "raw-wire", "raw-asyncio")
+FRONT_ENDS = ("aio-proto", "aio-wire", "uvloop-wire", "sync-wire", "raw-wire", "raw-asyncio",
+              "raw-on-aio")
 # NOTE: the sync server once per --sync-workers value: "sync-wire" for the first, then
 # "sync-wire-w<N>" (thread-pool size changes GIL and lock hand-offs per call)
 
@@ -129,6 +132,11 @@ def _server_main(conn: Connection, num_replicas: int, blocks: int, copies: int,
         ports["raw-wire"] = _raw_server(core)
     if "raw-asyncio" in front_ends:
         ports["raw-asyncio"] = _raw_server(core, uv=False)
+    if "raw-on-aio" in front_ends:
+        threads.append(ServerThread(core, fast_lane_port=0).start())
+        lane = threads[-1].fast_lane_address
+        assert lane is not None
+        ports["raw-on-aio"] = int(lane.rpartition(":")[2])
     syncs = []
     for i, w in enumerate(workers if "sync-wire" in front_ends else []):
         server, port = _sync_server(core, w)
