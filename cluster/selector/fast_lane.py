@@ -61,6 +61,7 @@ class _Connection(asyncio.Protocol):
         # NOTE: cast, not isinstance: uvloop's transports do not subclass asyncio's
         self._transport = transport = cast(asyncio.Transport, transport)
         self._live.add(transport)
+        self._core.metrics.fast_lane_connections.inc()
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # NOTE: answers are small and latency-bound: never wait for Nagle
@@ -69,6 +70,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._transport is not None:
             self._live.discard(self._transport)
+            self._core.metrics.fast_lane_connections.dec()
         self._transport = None
 
     # NOTE: flow control: a client that stops reading its answers stops being read, so its

@@ -28,6 +28,13 @@ from protos import cache_selection_pb2_grpc as pb_grpc
 NUM_REPLICAS = 6
 
 
+def _wait(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
 def _core() -> SelectorCore:
     """Replica r holds blocks 1..(r + 1) * 10 of one chain and 1000r..1000r + 49."""
     core = SelectorCore()
@@ -129,13 +136,18 @@ def test_pipelined_calls_are_answered_in_order_with_their_ids(lane_server: Serve
         client = FastLaneClient(st.fast_lane_address or "")
         try:
             # NOTE: 300 concurrent calls on ONE connection; each must get its own answer
-            return await asyncio.gather(*(
+            out = await asyncio.gather(*(
                 client.call(Kind.SELECT, reqs[i % len(reqs)].SerializeToString(), 10)
                 for i in range(300)))  # fmt: skip
+            assert st.core.metrics.fast_lane_connections._value.get() == 1
+            return out
         finally:
             await client.close()
 
+    _wait(lambda: st.core.metrics.fast_lane_connections._value.get() == 0)  # the raw one
     got = asyncio.run(many())
+    # NOTE: the open-connections gauge counted that client and is back to 0 after close
+    _wait(lambda: st.core.metrics.fast_lane_connections._value.get() == 0)
     assert [pb.SelectResponse.FromString(b) for b in got] == [want[i % len(reqs)] for i in range(300)]
 
 
