@@ -154,6 +154,11 @@ def test_killing_a_selection_replica_under_load_needs_no_fallback(app: tuple[Any
     _check_fast_lanes()
     for i in range(4):  # warm up: routers resolved, prefixes cached
         assert _chat(client, f"Warm up {i}?").choices[0].message.content is not None
+    # NOTE: the router sends its Selects over the fast lane (its connection shows in the
+    # exported gauge; Ray exports every few seconds)
+    _wait_for(lambda: _counter(requests.get(metrics_url, timeout=30).text,
+                               "ray_tinyserve_selector_fast_lane_connections") >= 1,
+              90, "the router never connected a selector fast lane")  # fmt: skip
     # NOTE: a router's very first request may fall back ("unresolved": it learns the
     # service's address in the background); count only what happens from here on.
     before = _routed_counts(metrics_url, 4)
