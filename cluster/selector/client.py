@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from cluster.selector.convert import events_to_proto, load_to_proto
 from cluster.selector.core_types import Selection
@@ -268,7 +269,10 @@ class AsyncSelectorClient(_Replicas[grpc.aio.Channel]):
             self._lane_down(i, exc)
             return None
         self._lane_failures[i] = 0
-        return pb.SelectResponse.FromString(body)
+        try:
+            return pb.SelectResponse.FromString(body)
+        except DecodeError as exc:  # NOTE: as gRPC's INTERNAL: an outage of this replica
+            raise FastLaneError(Kind.INTERNAL, f"undecodable answer: {exc}") from exc
 
     def _lane_down(self, i: int, exc: BaseException) -> None:
         lane = self.lanes[i]
