@@ -13,6 +13,10 @@ Measured per R, in one run (ratios are what to quote; this machine is shared and
   proto decode/encode (what the servicer adds), p50/p99.
 - event ingestion: BlockStored/BlockRemoved batches applied by the core (in-process, one core)
   and streamed over ReportKV (wire), block events/s.
+- at the largest R, the same server's Select over its fast lane (``cluster/selector/fast_lane.py``,
+  no gRPC): closed-loop Select/s from ``--fast-lane-client-procs`` client processes, each
+  pipelining ``--concurrency`` calls, and the server's CPU per Select (issue figure
+  ``select_rps_fast_lane``).
 
     python benchmarks/selector_bench.py --json results/selector.json
     python benchmarks/selector_bench.py --replicas 8 64 --blocks-per-replica 20000 --quick
@@ -136,6 +140,26 @@ def _wire_ingest(address: str, num_batches: int, seed: int) -> float:
     return 2 * 64 * num_batches / elapsed
 
 
+def _fast_lane(
+    address: str, msgs: list[Any], ns: argparse.Namespace, server_pid: int
+) -> dict[str, Any]:
+    """Closed-loop Select over the fast lane, median over the rounds."""
+    from benchmarks.fast_lane_load import closed_loop
+
+    procs = ns.fast_lane_client_procs
+    rounds = [
+        closed_loop(address, "Select", msgs, ns.concurrency, ns.window_s, 2, procs, server_pid)
+        for _ in range(2 if ns.quick else ns.scale_rounds)
+    ]
+    return {
+        "select_rps": float(np.median([r["rps"] for r in rounds])),
+        "server_cpu_us": float(np.median([r["server_cpu_us"] for r in rounds])),
+        "server_cores": float(np.median([r["server_cores"] for r in rounds])),
+        "client_procs": ns.fast_lane_client_procs,
+        "rounds": rounds,
+    }
+
+
 def run_one(num_replicas: int, ns: argparse.Namespace) -> dict[str, Any]:
     import grpc
 
@@ -179,6 +203,7 @@ def run_one(num_replicas: int, ns: argparse.Namespace) -> dict[str, Any]:
                 sel_t += _latency(stub.Select, lambda i, k=k: sel_msgs[k + i], min(100, n - k))
             parent.send("served")
             served = parent.recv()
+            parent.send("untimed")
         # NOTE: alternate short Ping / Select windows; the medians resist load drift.
         rounds = 2 if ns.quick else ns.rounds
         tp_ping_l, tp_sel_l = [], []
@@ -191,6 +216,9 @@ def run_one(num_replicas: int, ns: argparse.Namespace) -> dict[str, Any]:
             tp_sel_l.append(cpu["select"][-1]["rps"])
         tp_ping, tp_sel = float(np.median(tp_ping_l)), float(np.median(tp_sel_l))
         tp_ratio = float(np.median(np.asarray(tp_sel_l) / np.asarray(tp_ping_l)))
+        lane = None
+        if num_replicas == max(ns.replicas) and info.get("fast_lane_port"):
+            lane = _fast_lane(f"127.0.0.1:{info['fast_lane_port']}", sel_msgs, ns, proc.pid)
         wire = _wire_ingest(address, 100 if ns.quick else 500, ns.seed + 4)
         parent.send("stop")
     finally:
@@ -216,6 +244,7 @@ def run_one(num_replicas: int, ns: argparse.Namespace) -> dict[str, Any]:
             m: {k: float(np.median([x[k] for x in xs])) for k in xs[0]} for m, xs in cpu.items()
         },
         "ingest_wire_events_per_s": wire,
+        "fast_lane": lane,
     }
 
 
@@ -240,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         help="selection processes for the scaling run at the largest R (empty: skip)",
     )
     p.add_argument("--client-procs", type=int, default=2, help="client processes (at least N)")
+    p.add_argument("--fast-lane-client-procs", type=int, default=1,
+                   help="client processes of the fast lane's closed loop (largest R)")
     p.add_argument("--scale-rounds", type=int, default=3)
     p.add_argument("--reuseport", action="store_true",
                    help="scaling run: the N processes share one port (grpc.so_reuseport)")
@@ -255,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     print()
     print(cpu_table(rows))
+    for r in rows:
+        if r["fast_lane"]:
+            x = r["fast_lane"]
+            print(f"R={r['num_replicas']} fast lane: {x['select_rps']:.0f} Select/s "
+                  f"({x['client_procs']} client procs), server {x['server_cpu_us']:.0f} us CPU "
+                  f"per Select = {1e6 / x['server_cpu_us']:.0f}/s per core; gRPC "
+                  f"{r['throughput_select_rps']:.0f} Select/s")  # fmt: skip
     from benchmarks.selector_scaling import run_scaling  # NOTE: it imports this module
 
     scaling = run_scaling(ns) if ns.procs else None

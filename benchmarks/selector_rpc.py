@@ -6,6 +6,13 @@ that holds one core (R replicas x blocks, the selector_bench fixture):
 - ``uvloop-wire``: the same on a uvloop event loop (if uvloop is installed)
 - ``sync-wire``: grpc's synchronous server (thread pool), generic bytes handlers; its
   Select handler's own thread CPU is timed too (decode + core + encode: ``handler``)
+- ``raw-wire``: no gRPC: the Select fast lane (``cluster/selector/fast_lane.py``, length-
+  prefixed frames over one TCP connection, the same wire bytes) on its own uvloop thread;
+  its closed loop pipelines ``--concurrency`` calls over ``--raw-connections`` connections
+  per client process, its sequential figures come from a blocking socket
+- ``raw-asyncio``: the same fast lane on an asyncio (not uvloop) loop thread
+- ``raw-on-aio``: the product's arrangement: the lane on the aio gRPC server's own loop
+  (``ServerThread(fast_lane_port=0)``); its gRPC port serves nothing in the run
 
 Per front end: sequential Ping and Select latency (interleaved rounds of 100), closed-loop
 calls/s with ``--concurrency`` in flight from a client process, and the server process's CPU
@@ -33,10 +40,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.fast_lane_load import new_loop, pipelined
 from benchmarks.selector_bench import _cpu_s, _latency, _throughput
 from benchmarks.selector_fixture import BLOCK_SIZE, CHAIN_BLOCKS, _pcts, _populate, prompts
 
-FRONT_ENDS = ("aio-proto", "aio-wire", "uvloop-wire", "sync-wire")
+FRONT_ENDS = ("aio-proto", "aio-wire", "uvloop-wire", "sync-wire", "raw-wire", "raw-asyncio",
+              "raw-on-aio")
 # NOTE: the sync server once per --sync-workers value: "sync-wire" for the first, then
 # "sync-wire-w<N>" (thread-pool size changes GIL and lock hand-offs per call)
 
@@ -87,6 +96,17 @@ def _uvloop_server(core: Any) -> tuple[Any, int] | None:
     return (loop, running), running.port
 
 
+def _raw_server(core: Any, uv: bool = True) -> int:
+    """The fast lane on its own loop thread (uvloop when installed and ``uv``); returns its
+    port."""
+    from cluster.selector.fast_lane import start_fast_lane
+
+    loop = new_loop() if uv else asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="fast-lane", daemon=True).start()
+    lane = asyncio.run_coroutine_threadsafe(start_fast_lane(core), loop).result(60)
+    return lane.port
+
+
 def _server_main(conn: Connection, num_replicas: int, blocks: int, copies: int,
                  workers: list[int], front_ends: list[str]) -> None:  # fmt: skip
     """One process, one core, every front end on its own port."""
@@ -108,6 +128,15 @@ def _server_main(conn: Connection, num_replicas: int, blocks: int, copies: int,
     uv = _uvloop_server(core) if "uvloop-wire" in front_ends else None
     if uv is not None:
         ports["uvloop-wire"] = uv[1]
+    if "raw-wire" in front_ends:
+        ports["raw-wire"] = _raw_server(core)
+    if "raw-asyncio" in front_ends:
+        ports["raw-asyncio"] = _raw_server(core, uv=False)
+    if "raw-on-aio" in front_ends:
+        threads.append(ServerThread(core, fast_lane_port=0).start())
+        lane = threads[-1].fast_lane_address
+        assert lane is not None
+        ports["raw-on-aio"] = int(lane.rpartition(":")[2])
     syncs = []
     for i, w in enumerate(workers if "sync-wire" in front_ends else []):
         server, port = _sync_server(core, w)
@@ -124,27 +153,84 @@ def _server_main(conn: Connection, num_replicas: int, blocks: int, copies: int,
 
 
 def _client_main(conn: Connection, address: str, method: str, msgs: list[Any],
-                 concurrency: int, seconds: float) -> None:  # fmt: skip
+                 concurrency: int, seconds: float, raw_connections: int) -> None:  # fmt: skip
     conn.recv()
-    conn.send(asyncio.run(_throughput(address, method, msgs, concurrency, seconds)))
+    if raw_connections:
+        loop = new_loop()
+        conn.send(loop.run_until_complete(
+            pipelined(address, method, msgs, concurrency, seconds, raw_connections)))  # fmt: skip
+        loop.close()
+    else:
+        conn.send(asyncio.run(_throughput(address, method, msgs, concurrency, seconds)))
 
 
 def _closed_loop(address: str, method: str, msgs: list[Any], ns: argparse.Namespace,
-                 server_pid: int) -> dict[str, float]:  # fmt: skip
-    """Calls/s from a client process, and the server's CPU per call over that window."""
+                 server_pid: int, raw: bool = False) -> dict[str, float]:  # fmt: skip
+    """Calls/s from ``--client-procs`` client processes (summed), and the server's CPU per
+    call over that window."""
     ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    p = ctx.Process(target=_client_main,
-                    args=(child, address, method, msgs, ns.concurrency, ns.window_s))  # fmt: skip
-    p.start()
-    time.sleep(1.0)  # NOTE: the client's imports, outside the window
+    pipes, procs = [], []
+    for _ in range(ns.client_procs):
+        parent, child = ctx.Pipe()
+        procs.append(ctx.Process(target=_client_main, args=(
+            child, address, method, msgs, ns.concurrency, ns.window_s,
+            ns.raw_connections if raw else 0)))  # fmt: skip
+        procs[-1].start()
+        pipes.append(parent)
+    time.sleep(1.0 + 0.5 * ns.client_procs)  # NOTE: the clients' imports, outside the window
     s0, t0 = _cpu_s(server_pid), time.perf_counter()
-    parent.send("go")
-    rps = float(parent.recv())
+    for parent in pipes:
+        parent.send("go")
+    rps = sum(float(parent.recv()) for parent in pipes)
     s1, wall = _cpu_s(server_pid), time.perf_counter() - t0
-    p.join(30)
+    for p in procs:
+        p.join(30)
     return {"rps": rps, "server_cpu_us": (s1 - s0) / max(rps * ns.window_s, 1) * 1e6,
             "server_cores": (s1 - s0) / wall}  # fmt: skip
+
+
+class _RawStub:
+    """Sequential fast lane calls on a blocking socket, shaped like a sync gRPC stub's
+    ``Ping`` / ``Select`` (the benchmark's own client: no event loop in the timed call)."""
+
+    def __init__(self, address: str) -> None:
+        import socket
+
+        host, _, port = address.rpartition(":")
+        self._sock = socket.create_connection((host, int(port)))
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._call(1, b"")  # HELLO, no token
+
+    def _call(self, kind: int, payload: bytes) -> bytes:
+        from cluster.selector.fast_lane_frames import HEADER, frame
+
+        self._sock.sendall(frame(7, kind, payload))
+        head = self._recv(HEADER.size)
+        length, _, got = HEADER.unpack(head)
+        body = self._recv(length)
+        assert got == 0, body
+        return body
+
+    def _recv(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = self._sock.recv(n - len(out))
+            if not chunk:
+                raise ConnectionError("fast lane closed")
+            out += chunk
+        return out
+
+    def Ping(self, msg: Any, timeout: float = 0) -> bytes:
+        return self._call(3, b"")
+
+    def Select(self, msg: Any, timeout: float = 0) -> bytes:
+        return self._call(2, msg.SerializeToString())
+
+    def __enter__(self) -> _RawStub:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
 
 
 def run(ns: argparse.Namespace) -> dict[str, Any]:
@@ -168,8 +254,9 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
         ping = pb.PingRequest()
         for name in info["ports"]:
             address = f"127.0.0.1:{info['ports'][name]}"
-            with grpc.insecure_channel(address) as ch:
-                stub = pb_grpc.CacheSelectionStub(ch)
+            raw = name.startswith("raw-")
+            with (_RawStub(address) if raw else grpc.insecure_channel(address)) as ch:
+                stub = ch if raw else pb_grpc.CacheSelectionStub(ch)
                 for _ in range(50):
                     stub.Ping(ping, timeout=10)
                     stub.Select(sel[0], timeout=10)
@@ -181,8 +268,8 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                     sel_t += _latency(stub.Select, lambda i, k=k: sel[k + i], m)
             parent.send("handler")
             parent.recv()  # NOTE: drops the latency phase's samples
-            rounds = [(_closed_loop(address, "Ping", [ping], ns, proc.pid),
-                       _closed_loop(address, "Select", sel, ns, proc.pid))
+            rounds = [(_closed_loop(address, "Ping", [ping], ns, proc.pid, raw),
+                       _closed_loop(address, "Select", sel, ns, proc.pid, raw))
                       for _ in range(ns.rounds)]  # fmt: skip
             parent.send("handler")
             handler = parent.recv()
@@ -224,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-requests", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3, help="closed-loop windows per call kind")
+    p.add_argument("--client-procs", type=int, default=1,
+                   help="client processes of each closed-loop window (their calls/s summed)")
+    p.add_argument("--raw-connections", type=int, default=2,
+                   help="raw-wire: pipelined connections per client process")
     p.add_argument("--window-s", type=float, default=1.0)
     p.add_argument("--sync-workers", type=int, nargs="+", default=[4],
                    help="thread-pool sizes of the sync server (one server each)")

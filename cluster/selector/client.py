@@ -6,6 +6,11 @@
   address may list several selection replicas (``"h1:p1,h2:p2"``): a Select goes to one and,
   within the same deadline, fails over to the next when it is down, slow (each attempt gets
   its share of the time left) or knows none of the candidates (restarted, not yet resynced).
+  ``AsyncSelectorClient(..., fast_lanes={grpc address: lane address})`` sends Select over a
+  replica's fast lane (``cluster.selector.fast_lane``) when it publishes one: same answers and
+  errors; when the lane cannot be reached (refused, reset, or no connection within half the
+  attempt's time) the call goes to that replica's gRPC within the same attempt, and the lane
+  is left alone for ``LANE_RETRY_S``, doubling per failure in a row up to ``LANE_RETRY_MAX_S``.
 - ``KVReporter``: a replica's ReportKV streamer on a background thread. ``publish(events)``
   numbers and sends kvmanager events, ``snapshot(load)`` sends load; every (re)connect sends
   Hello + a full resync built from ``resident_hashes()`` (the pool's cached block hashes), and
@@ -17,18 +22,22 @@ Every client takes ``tls`` (``cluster.selector.grpc_tls.ClientTLS``): None dials
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from cluster.selector.convert import events_to_proto, load_to_proto
 from cluster.selector.core_types import Selection
+from cluster.selector.fast_lane_client import FastLaneClient
+from cluster.selector.fast_lane_frames import FastLaneError, Kind
 from cluster.selector.grpc_tls import ClientTLS, aio_channel, channel
 from cluster.selector.types import LoadSnapshot, Outcome, Ranked, ScoreTerms
 from kvmanager.events import KVEvent
@@ -45,6 +54,10 @@ _OUTAGE = {
     grpc.StatusCode.UNKNOWN,
 }
 _RESYNC_CHUNK = 65536
+# NOTE: after a fast lane connection failure its replica is asked over gRPC this long before
+# the lane is tried again (a dead lane costs one refused connect per period, not per call).
+LANE_RETRY_S = 1.0
+LANE_RETRY_MAX_S = 30.0
 
 
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
@@ -204,8 +217,19 @@ class SelectorClient(_Replicas[grpc.Channel]):
             ch.close()
 
 
+def _lane_error(exc: FastLaneError) -> None:
+    """An error frame: re-raise what is no outage as gRPC's codes are (``_handle``)."""
+    if exc.kind == Kind.UNAUTHENTICATED:
+        raise PermissionError(exc.message) from exc
+    if exc.kind in (Kind.INVALID_ARGUMENT, Kind.TOO_LARGE):
+        raise ValueError(exc.message) from exc
+    log.debug("selector fast lane call failed: %s", exc)
+
+
 class AsyncSelectorClient(_Replicas[grpc.aio.Channel]):
-    """asyncio client (for the Serve request router); fails over like ``SelectorClient``."""
+    """asyncio client (for the Serve request router); fails over like ``SelectorClient``.
+    ``fast_lanes`` maps entries of ``address`` to their fast lane's ``host:port`` (module
+    docstring); TLS clients never use one (the lane is plaintext)."""
 
     def __init__(
         self,
@@ -213,8 +237,50 @@ class AsyncSelectorClient(_Replicas[grpc.aio.Channel]):
         token: str | None = None,
         timeout_s: float = 0.05,
         tls: ClientTLS | None = None,
+        fast_lanes: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__([aio_channel(a, tls) for a in split_addresses(address)], token, timeout_s)
+        addresses = split_addresses(address)
+        super().__init__([aio_channel(a, tls) for a in addresses], token, timeout_s)
+        lanes = fast_lanes if tls is None and fast_lanes else {}
+        self.lanes = [
+            FastLaneClient(lanes[a], token) if lanes.get(a) else None for a in addresses
+        ]
+        self._lane_down_until = [0.0] * len(addresses)
+        self._lane_failures = [0] * len(addresses)
+
+    async def _lane_select(self, i: int, raw: bytes, timeout: float) -> pb.SelectResponse | None:
+        """Select over endpoint ``i``'s fast lane: the answer, or None when the lane cannot
+        be reached (then gRPC is asked). TimeoutError / FastLaneError as for any call."""
+        lane = self.lanes[i]
+        if lane is None or time.monotonic() < self._lane_down_until[i]:
+            return None
+        t0 = time.monotonic()
+        try:
+            # NOTE: a lane that does not connect (a firewall dropping its port) may cost half
+            # the attempt; the rest is gRPC's.
+            await lane.connect(timeout / 2)
+            body = await lane.call(Kind.SELECT, raw, timeout - (time.monotonic() - t0))
+        except (TimeoutError, asyncio.TimeoutError):  # NOTE: FastLaneError propagates
+            if lane.connected:
+                raise  # NOTE: the call, not the connect, timed out: as gRPC's deadline
+            self._lane_down(i, TimeoutError("connect timed out"))
+            return None
+        except OSError as exc:  # NOTE: ConnectionError too: refused, reset, closed
+            self._lane_down(i, exc)
+            return None
+        self._lane_failures[i] = 0
+        try:
+            return pb.SelectResponse.FromString(body)
+        except DecodeError as exc:  # NOTE: as gRPC's INTERNAL: an outage of this replica
+            raise FastLaneError(Kind.INTERNAL, f"undecodable answer: {exc}") from exc
+
+    def _lane_down(self, i: int, exc: BaseException) -> None:
+        lane = self.lanes[i]
+        n = self._lane_failures[i] = self._lane_failures[i] + 1
+        wait = min(LANE_RETRY_S * 2 ** (n - 1), LANE_RETRY_MAX_S)
+        log.info("selector fast lane %s unreachable (%r): gRPC for %.0f s",
+                 lane.address if lane else "?", exc, wait)  # fmt: skip
+        self._lane_down_until[i] = time.monotonic() + wait
 
     async def select(
         self,
@@ -224,10 +290,26 @@ class AsyncSelectorClient(_Replicas[grpc.aio.Channel]):
         **kw: object,
     ) -> Selection | None:
         msg = _request(block_hashes, num_prompt_tokens, **kw)
+        raw = msg.SerializeToString() if any(self.lanes) else b""
         fallback: Selection | None = None
         for i, timeout in self._failover.attempts(timeout_s or self.timeout_s):
+            t0 = time.monotonic()
             try:
-                resp = await self.stubs[i].Select(msg, timeout=timeout, metadata=self._md)
+                resp = await self._lane_select(i, raw, timeout)
+            except FastLaneError as exc:
+                _lane_error(exc)
+                self._failover.failed(i)
+                continue
+            except (TimeoutError, asyncio.TimeoutError):
+                self._failover.failed(i)  # NOTE: as gRPC's DEADLINE_EXCEEDED
+                continue
+            try:
+                if resp is None:
+                    left = timeout - (time.monotonic() - t0)
+                    if left <= 0:
+                        self._failover.failed(i)
+                        continue
+                    resp = await self.stubs[i].Select(msg, timeout=left, metadata=self._md)
             except grpc.RpcError as err:
                 self._failover.error(err, i)
                 continue
@@ -241,6 +323,9 @@ class AsyncSelectorClient(_Replicas[grpc.aio.Channel]):
     async def close(self) -> None:
         for ch in self.channels:
             await ch.close()
+        for lane in self.lanes:
+            if lane is not None:
+                await lane.close()
 
 
 class KVReporter:

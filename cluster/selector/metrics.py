@@ -72,7 +72,13 @@ class SelectorMetrics:
         self.errors = Counter(
             "tinyserve_selector_errors_total",
             "Rejected or ignored input by kind (invalid_argument, malformed, unknown_replica, "
-            "seq_gap, unauthenticated).",
+            "seq_gap, unauthenticated, internal).",
             ["kind"],
+            registry=r,
+        )
+        self.fast_lane_connections = Gauge(
+            "tinyserve_selector_fast_lane_connections",
+            "Open connections to the Select fast lane (routers' clients; 0 while they use "
+            "gRPC). Unit: connections; range: >= 0.",
             registry=r,
         )

@@ -3,7 +3,8 @@
 Binds 127.0.0.1 unless ``--host`` says otherwise. Serves ``tinyserve.v1.CacheSelection``, the
 standard ``grpc.health.v1.Health`` service and server reflection; optional shared-token auth
 (``--token`` or ``$TINYSERVE_SELECTOR_TOKEN``), optional TLS (``--tls-cert``/``--tls-key``,
-``cluster.selector.grpc_tls``), Prometheus metrics (``--metrics-port``) and
+``cluster.selector.grpc_tls``), Prometheus metrics (``--metrics-port``), the Select fast lane
+(``--fast-lane-port``, ``cluster.selector.fast_lane``: plaintext, so not with TLS) and
 vLLM ZMQ KV-event subscriptions (``--vllm replica_id=tcp://host:5557[@tcp://host:5558]``,
 the part after ``@`` being the replay endpoint).
 
@@ -27,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cluster.selector import wire
 from cluster.selector.core import CoreConfig, SelectorCore
+from cluster.selector.fast_lane import FastLane, start_fast_lane
 from cluster.selector.grpc_decode import DecodeErrorInterceptor
 from cluster.selector.grpc_tls import ServerTLS, TLSSettings
 from cluster.selector.objective import ObjectiveConfig
@@ -48,10 +50,13 @@ class RunningServer:
     port: int
     core: SelectorCore
     _expiry: asyncio.Task[None] | None = None
+    fast_lane: FastLane | None = None
 
     async def stop(self, grace_s: float = 0.5) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
+        if self.fast_lane is not None:
+            await self.fast_lane.close()
         await self.server.stop(grace_s)
 
 
@@ -107,14 +112,16 @@ async def start_server(
     tls: ServerTLS | None = None,
     select_codec: str = "wire",
     reuse_port: bool = False,
+    fast_lane_port: int | None = None,
 ) -> RunningServer:
     """Start serving on ``host:port`` (0 = a free port) in the running loop; returns the bound
     port. ``tls``: serve TLS only (plaintext clients fail their handshake). ``select_codec``:
     see ``add_servicer``. ``reuse_port``: share ``port`` with other processes that set it
     too (SO_REUSEPORT: the kernel spreads new connections over them); correct only when each
     of them gets every KV event another way (a ReportKV stream lands on one of them; see the
-    NOTE below). The caller owns
-    ``stop()``."""
+    NOTE below). ``fast_lane_port``: also serve Select on the fast lane there (0 = a free
+    port; None = no lane; never with ``tls``: the lane is plaintext, so a TLS service
+    leaves it closed and its clients use gRPC). The caller owns ``stop()``."""
     core = core or SelectorCore()
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if token:
@@ -149,13 +156,22 @@ async def start_server(
     if bound == 0:
         raise RuntimeError(f"could not bind {host}:{port}")
     await server.start()
+    lane = None
+    if fast_lane_port is not None and tls is not None:
+        log.info("no Select fast lane: it is plaintext and this service serves TLS")
+    elif fast_lane_port is not None:
+        try:
+            lane = await start_fast_lane(core, host, fast_lane_port, token)
+        except OSError as exc:
+            await server.stop(0)
+            raise RuntimeError(f"could not bind the fast lane on {host}:{fast_lane_port}") from exc
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     # NOTE: this loop also drains expired speculative inserts, so it runs at least every TTL/2.
     default_interval = min(core.config.stale_after_s / 4, core.config.pending_ttl_s / 2)
     interval = expire_interval_s if expire_interval_s is not None else max(default_interval, 0.05)
     task = asyncio.get_running_loop().create_task(_expire_loop(core, interval))
-    return RunningServer(server, bound, core, task)
+    return RunningServer(server, bound, core, task, lane)
 
 
 class ServerThread:
@@ -172,8 +188,10 @@ class ServerThread:
         tls: ServerTLS | None = None,
         select_codec: str = "wire",
         reuse_port: bool = False,
+        fast_lane_port: int | None = None,
     ) -> None:
         self.core = core or SelectorCore()
+        self._fast_lane_port = fast_lane_port
         self._args = (host, port, token)
         self._tls = tls
         self._select_codec = select_codec
@@ -198,12 +216,20 @@ class ServerThread:
     def address(self) -> str:
         return f"{self._args[0]}:{self.port}"
 
+    @property
+    def fast_lane_address(self) -> str | None:
+        """``host:port`` of the Select fast lane, None when it serves none."""
+        assert self._running is not None, "server not started"
+        lane = self._running.fast_lane
+        return f"{self._args[0]}:{lane.port}" if lane is not None else None
+
     def start(self) -> ServerThread:
         self._thread.start()
         host, port, token = self._args
         fut = asyncio.run_coroutine_threadsafe(
             start_server(self.core, host, port, token, tls=self._tls,
-                         select_codec=self._select_codec, reuse_port=self._reuse_port),
+                         select_codec=self._select_codec, reuse_port=self._reuse_port,
+                         fast_lane_port=self._fast_lane_port),
             self._loop,
         )
         try:
@@ -252,6 +278,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("wire", "proto"),
         default="wire",
         help="Select through the compiled wire codec (default) or protobuf objects",
+    )
+    p.add_argument(
+        "--fast-lane-port",
+        type=int,
+        default=None,
+        help="also serve Select on this port over the fast lane (length-prefixed frames, "
+        "cluster/selector/fast_lane.py; 0 = a free port; default off; plaintext: not with TLS)",
     )
     p.add_argument("--pending-ttl-s", type=float, default=2.0)
     p.add_argument("--stale-after-s", type=float, default=30.0)
@@ -307,7 +340,8 @@ async def _serve(ns: argparse.Namespace) -> None:
     if ns.token and ns.tls is None and ns.host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("the token travels in clear on %s: add --tls-cert/--tls-key", ns.host)
     running = await start_server(core, ns.host, ns.port, ns.token, tls=ns.tls,
-                                 select_codec=ns.select_codec, reuse_port=ns.reuse_port)  # fmt: skip
+                                 select_codec=ns.select_codec, reuse_port=ns.reuse_port,
+                                 fast_lane_port=ns.fast_lane_port)  # fmt: skip
     log.info(
         "cache-selection service on %s:%d (policy %s, %s)",
         ns.host,
@@ -316,6 +350,8 @@ async def _serve(ns: argparse.Namespace) -> None:
         "TLS" if ns.tls else "plaintext",
     )
     print(f"listening on {ns.host}:{running.port}", flush=True)
+    if running.fast_lane is not None:
+        print(f"fast lane on {ns.host}:{running.fast_lane.port}", flush=True)
     try:
         await running.server.wait_for_termination()
     finally:

@@ -57,6 +57,15 @@ class SelectorSettings(BaseModel):
         "replicas and routers dial), not every interface.",
     )
     port: int = Field(default=50051, ge=0, le=65535, description="gRPC port (0 = any free port).")
+    fast_lane_port: int | None = Field(
+        default=50061,
+        ge=0,
+        le=65535,
+        description="Port of the Select fast lane (cluster/selector/fast_lane.py: length-"
+        "prefixed frames over TCP, ~4x the Select/s of gRPC per core), published with the "
+        "gRPC address; the router uses it and falls back to gRPC. 0 = any free port, null = "
+        "off. Plaintext: not opened when tls is on.",
+    )
     policy: str = Field(default="tinyserve", description="The service's default policy.")
     pending_ttl_s: float = Field(
         default=2.0, gt=0, description="Speculative-insert lifetime of a routed prefix."

@@ -8,7 +8,9 @@ registered selection replica, so each holds the full index; ``address()`` answer
 list ("ip:port,ip:port"), which the router's client fails over between within one Select
 deadline. A killed replica is restarted by Serve; the LLM replicas see it in the registry
 within a second and resync it in full, so no request needs the power-of-two fallback while
-one selection replica is up. Its ``tinyserve_selector_*`` metrics reach Ray's metrics port
+one selection replica is up. Beside gRPC each replica serves the Select fast lane
+(``selector.fast_lane_port``, ``cluster.selector.fast_lane``; not with TLS), published in the
+same registry entry: ``fast_lanes()`` maps each address to its lane for the router. Its ``tinyserve_selector_*`` metrics reach Ray's metrics port
 through ``cluster.serve.metrics_mirror``.
 """
 
@@ -62,9 +64,11 @@ class CacheSelector:
         if host in ("0.0.0.0", "::"):
             host = node_ip
         self._address = f"{host}:{self._server.port}"
+        lane = self._server.fast_lane_address
+        self._fast_lane = f"{host}:{lane.rpartition(':')[2]}" if lane else None
         ctx = serve.get_replica_context()
         self._app, self._replica = ctx.app_name, ctx.replica_id.unique_id
-        selector_registry.register(self._app, self._replica, self._address)
+        selector_registry.register(self._app, self._replica, self._address, self._fast_lane)
         self._stopping = threading.Event()
         self._heartbeat = threading.Thread(
             target=self._heartbeat_loop, name="selector-registry", daemon=True
@@ -73,27 +77,32 @@ class CacheSelector:
         # NOTE: the core's tinyserve_selector_* series, exported by Ray (cluster.serve.metrics_mirror)
         self._mirror = MetricsMirror(core.metrics.registry).start()
         log.info(
-            "cache-selection service listening on %s (%s)",
+            "cache-selection service listening on %s (%s), fast lane %s",
             self._address,
             "TLS" if tls is not None else "plaintext",
+            self._fast_lane or "off",
         )
 
     def _start(self, core: SelectorCore, host: str, token: str | None) -> ServerThread:
-        """Serve on the configured port, or on any free one when a sibling holds it."""
+        """Serve on the configured ports, or on any free ones when a sibling holds them."""
+        lane = self.settings.fast_lane_port
         try:
-            return ServerThread(
-                core, host=host, port=self.settings.port, token=token, tls=self._tls
-            ).start()
+            return ServerThread(core, host=host, port=self.settings.port, token=token,
+                                tls=self._tls, fast_lane_port=lane).start()  # fmt: skip
         except RuntimeError:
-            if not self.settings.port:
+            if not self.settings.port and not lane:
                 raise
-            log.info("port %d taken (a sibling selection replica?): any free port", self.settings.port)
-            return ServerThread(core, host=host, port=0, token=token, tls=self._tls).start()
+            log.info("port %d or %s taken (a sibling selection replica?): any free port",
+                     self.settings.port, lane)  # fmt: skip
+            return ServerThread(core, host=host, port=0, token=token, tls=self._tls,
+                                fast_lane_port=None if lane is None else 0).start()  # fmt: skip
 
     def _heartbeat_loop(self) -> None:
         while not self._stopping.wait(selector_registry.HEARTBEAT_S):
             try:
-                selector_registry.register(self._app, self._replica, self._address)
+                selector_registry.register(
+                    self._app, self._replica, self._address, self._fast_lane
+                )
             except Exception as exc:  # NOTE: the GCS may blip; the next beat retries.
                 log.info("selector registry heartbeat failed: %r", exc)
 
@@ -105,6 +114,17 @@ class CacheSelector:
         except Exception:  # NOTE: the registry is an optimisation over our own address.
             others = []
         return ",".join([self._address, *(a for a in others if a != self._address)])
+
+    def fast_lanes(self) -> dict[str, str]:
+        """gRPC address -> Select fast lane address of every live selection replica that
+        serves one, this one included (the router's client prefers the lane)."""
+        try:
+            lanes = selector_registry.live_fast_lanes(self._app)
+        except Exception:  # NOTE: as in address(): the registry is an optimisation
+            lanes = {}
+        if self._fast_lane:
+            lanes[self._address] = self._fast_lane
+        return lanes
 
     def own_address(self) -> str:
         """This replica's own ``host:port``."""

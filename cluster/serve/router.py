@@ -18,6 +18,7 @@ Metrics (Serve API, labelled with the ingress deployment that owns the handle):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -84,8 +85,12 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self._tls: ClientTLS | None = TLSSettings(
             ca_file=self.settings.tls_ca_file, server_name=self.settings.tls_server_name
         ).client()
+        # NOTE: the app's service publishes its fast lanes (gRPC address -> lane address);
+        # a standalone one is dialled over gRPC only.
+        self._fast_lanes: dict[str, str] = {}
         self._client: AsyncSelectorClient | None = None
-        self._client_address: str | None = None
+        self._client_key: tuple[str, tuple[tuple[str, str], ...]] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
         self._resolving = False
         self._failures = 0
         self._metrics = _RouterMetrics()
@@ -112,6 +117,7 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                 token = handle.auth_token.remote().result(timeout_s=10.0)
                 self._token = str(token) if token else None
                 self._tls = handle.client_tls.remote().result(timeout_s=10.0)
+                self._fast_lanes = self._fetch_fast_lanes(handle)
                 self._address = str(handle.address.remote().result(timeout_s=10.0))
                 self._failures = 0
             except Exception as exc:
@@ -121,21 +127,48 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
 
         threading.Thread(target=run, name="tinyserve-router-resolve", daemon=True).start()
 
+    @staticmethod
+    def _fetch_fast_lanes(handle: Any) -> dict[str, str]:
+        """The service's fast lanes; none when it cannot say (e.g. a version without them):
+        the client then uses gRPC only."""
+        try:
+            lanes = handle.fast_lanes.remote().result(timeout_s=10.0)
+            return {str(k): str(v) for k, v in dict(lanes).items()}
+        except Exception as exc:
+            log.info("TinyServeRouter: no selector fast lanes: %r", exc)
+            return {}
+
     def _get_client(self) -> AsyncSelectorClient | None:
         address = self._address
         if address is None:
             self._resolve_in_background()
             return None
-        if self._client is None or self._client_address != address:
+        key = (address, tuple(sorted(self._fast_lanes.items())))
+        if self._client is None or self._client_key != key:
             # NOTE: grpc.aio channels bind to the running loop: create it on the router loop.
+            if self._client is not None:
+                self._retire(self._client)
             self._client = AsyncSelectorClient(
                 address,
                 token=self._token,
                 timeout_s=self.settings.select_timeout_s,
                 tls=self._tls,
+                fast_lanes=self._fast_lanes,
             )
-            self._client_address = address
+            self._client_key = key
         return self._client
+
+    def _retire(self, client: AsyncSelectorClient) -> None:
+        """Close a replaced client on the router loop once its calls in flight are past
+        their deadline (a Select never outlives ``select_timeout_s``)."""
+
+        async def close_later() -> None:
+            await asyncio.sleep(2 * self.settings.select_timeout_s)
+            await client.close()
+
+        task = asyncio.get_running_loop().create_task(close_later())
+        self._retiring.add(task)  # NOTE: a reference, or the task may be collected unfinished
+        task.add_done_callback(self._retiring.discard)
 
     # -- routing -------------------------------------------------------------------------------
     async def _fallback(

@@ -119,6 +119,31 @@ def _counter(text: str, name: str) -> float:
     return total
 
 
+def _check_fast_lanes() -> None:
+    """Every selection replica publishes its fast lane, and it answers with the app's token."""
+    import asyncio
+
+    from ray import serve
+
+    from cluster.selector.fast_lane_client import FastLaneClient
+    from cluster.selector.fast_lane_frames import Kind
+    from cluster.serve import selector_registry
+
+    lanes = selector_registry.live_fast_lanes(APP)
+    assert set(lanes) == set(selector_registry.live_addresses(APP)), lanes
+    token = serve.get_deployment_handle("CacheSelector", APP).auth_token.remote().result()
+
+    async def ping(address: str) -> bytes:
+        client = FastLaneClient(address, token)
+        try:
+            return await client.call(Kind.PING, b"", 10)
+        finally:
+            await client.close()
+
+    for lane in lanes.values():
+        assert asyncio.run(ping(lane)) == b""
+
+
 def test_killing_a_selection_replica_under_load_needs_no_fallback(app: tuple[Any, str]) -> None:
     client, metrics_url = app
     assert len(_selector_actors()) == 2
@@ -126,8 +151,14 @@ def test_killing_a_selection_replica_under_load_needs_no_fallback(app: tuple[Any
     while not (len(idx := _indexes()) == 2 and all(len(v) == 2 for v in idx.values())):
         assert time.monotonic() < deadline, f"selection replicas never both indexed: {idx}"
         time.sleep(1)
+    _check_fast_lanes()
     for i in range(4):  # warm up: routers resolved, prefixes cached
         assert _chat(client, f"Warm up {i}?").choices[0].message.content is not None
+    # NOTE: the router sends its Selects over the fast lane (its connection shows in the
+    # exported gauge; Ray exports every few seconds)
+    _wait_for(lambda: _counter(requests.get(metrics_url, timeout=30).text,
+                               "ray_tinyserve_selector_fast_lane_connections") >= 1,
+              90, "the router never connected a selector fast lane")  # fmt: skip
     # NOTE: a router's very first request may fall back ("unresolved": it learns the
     # service's address in the background); count only what happens from here on.
     before = _routed_counts(metrics_url, 4)
