@@ -29,7 +29,7 @@ from kvmanager.metrics import PoolStats
 from replicas.config import EngineConfig
 from replicas.deployment_metrics import ReplicaMetrics
 from replicas.engine import AsyncLLMEngine
-from replicas.outputs import RequestOutput
+from replicas.outputs import RequestOutput, merge_outputs
 from replicas.sampling_params import SamplingParams
 
 log = logging.getLogger("ray.serve")
@@ -47,7 +47,9 @@ class GenerateRequest:
     ``routing_policy`` asks the TinyServe router for one selection-service policy ("" = its
     configured one), for A/B runs over one deployment. ``n`` > 1 asks for that many sequences
     of the prompt (one routed request; the replica's engine fans out, sharing the prompt's
-    blocks), their outputs tagged with ``index``.
+    blocks), their outputs tagged with ``index``. ``stream`` False asks for one output per
+    sequence, at its end (the deltas folded by the replica): the caller reads nothing before
+    the response is whole, so it need not pay a handle hop per delta.
     """
 
     request_id: str
@@ -57,6 +59,7 @@ class GenerateRequest:
     session_id: str = ""
     routing_policy: str = ""
     n: int = 1
+    stream: bool = True
 
 
 @dataclass(slots=True)
@@ -151,8 +154,9 @@ class LLMReplica:
 
     # -- serving -------------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        """Stream the request's RequestOutput deltas; ValueError (before any output) for a
-        request the engine refuses (too long, bad sampling params)."""
+        """Stream the request's RequestOutput deltas (``request.stream`` False: one output per
+        sequence, its deltas merged); ValueError (before any output) for a request the engine
+        refuses (too long, bad sampling params)."""
         if self._stopping:
             raise RuntimeError("replica is shutting down")
         recv = time.time()
@@ -167,11 +171,22 @@ class LLMReplica:
         self._inflight[rid] = remaining_work_tokens(num_prompt, max_tokens, None)
         first_yield = 0.0
         num_outputs = 0
+        # NOTE: not streamed: each output object is a Ray item serialized here and received
+        # by the ingress (~17 per 128-token request at stream_interval 8), so the deltas are
+        # folded here and only the whole sequence crosses (serve_path_capacity, issue 16).
+        folding: dict[int, RequestOutput] | None = None if request.stream else {}
         try:
             async for out in stream:
                 self._inflight[rid] = remaining_work_tokens(num_prompt, max_tokens, out)
                 if out.finished:
                     self._on_finished(rid, out, feedback=out.index == 0)
+                if folding is not None:
+                    earlier = folding.pop(out.index, None)
+                    if earlier is not None:
+                        out = merge_outputs(earlier, out)
+                    if not out.finished:
+                        folding[out.index] = out
+                        continue
                 out.emit_time = time.time()
                 num_outputs += 1
                 if not first_yield:
