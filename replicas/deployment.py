@@ -8,6 +8,9 @@
   plus a load snapshot, to a ``KVSink`` (the selection service's ReportKV stream). The sink
   comes from an injected factory: ``replicas`` never imports ``cluster`` (dependency
   direction), the app builder passes ``cluster.serve.app_reporting.SelectorSink``.
+- Outputs leave as the engine's deltas when streamed (thinned out above
+  ``stream_max_outputs_per_s`` a second), as one per sequence when not
+  (``replicas.output_pacing``).
 - Cancelling the Serve call (client disconnect) aborts the request in the engine.
 - ``record_routing_stats`` / ``check_health`` / ``__del__`` are Serve's hooks.
 """
@@ -29,7 +32,8 @@ from kvmanager.metrics import PoolStats
 from replicas.config import EngineConfig
 from replicas.deployment_metrics import ReplicaMetrics
 from replicas.engine import AsyncLLMEngine
-from replicas.outputs import RequestOutput, merge_outputs
+from replicas.output_pacing import OutputPacer, StreamBudget
+from replicas.outputs import RequestOutput
 from replicas.sampling_params import SamplingParams
 
 log = logging.getLogger("ray.serve")
@@ -130,6 +134,7 @@ class LLMReplica:
         selector: Any = None,
         sink_factory: SinkFactory | None = None,
         report_interval_s: float = 0.05,
+        stream_max_outputs_per_s: float = 0.0,
     ) -> None:
         self.config = EngineConfig(**engine_config)
         self.engine = AsyncLLMEngine(self.config)
@@ -149,6 +154,7 @@ class LLMReplica:
         self._ttft_ewma = 0.0
         self._tpot_ewma = 0.0
         self._interval = report_interval_s
+        self._stream_budget = StreamBudget(stream_max_outputs_per_s)
         self._stopping = False
         self._loop_task = asyncio.get_running_loop().create_task(self._report_loop())
 
@@ -171,31 +177,28 @@ class LLMReplica:
         self._inflight[rid] = remaining_work_tokens(num_prompt, max_tokens, None)
         first_yield = 0.0
         num_outputs = 0
-        # NOTE: not streamed: each output object is a Ray item serialized here and received
-        # by the ingress (~17 per 128-token request at stream_interval 8), so the deltas are
-        # folded here and only the whole sequence crosses (serve_path_capacity, issue 16).
-        folding: dict[int, RequestOutput] | None = None if request.stream else {}
+        # NOTE: every output yielded is a Ray item the ingress receives (and, streamed, an SSE
+        # chunk the proxy forwards): folded for a non-streamed request, thinned out under load
+        # for a streamed one (replicas.output_pacing).
         try:
-            async for out in stream:
-                self._inflight[rid] = remaining_work_tokens(num_prompt, max_tokens, out)
-                if out.finished:
-                    self._on_finished(rid, out, feedback=out.index == 0)
-                if folding is not None:
-                    earlier = folding.pop(out.index, None)
-                    if earlier is not None:
-                        out = merge_outputs(earlier, out)
-                    if not out.finished:
-                        folding[out.index] = out
+            with OutputPacer(self._stream_budget, request.stream, n) as pacer:
+                async for delta in stream:
+                    self._inflight[rid] = remaining_work_tokens(num_prompt, max_tokens, delta)
+                    if delta.finished:
+                        self._on_finished(rid, delta, feedback=delta.index == 0)
+                    now = time.time()
+                    out = pacer.offer(delta, now)
+                    if out is None:
                         continue
-                out.emit_time = time.time()
-                num_outputs += 1
-                if not first_yield:
-                    first_yield = out.emit_time
-                if out.trace is not None:
-                    out.trace.replica_recv = recv
-                    out.trace.replica_first_yield = first_yield
-                    out.trace.num_outputs = num_outputs
-                yield out
+                    out.emit_time = now
+                    num_outputs += 1
+                    if not first_yield:
+                        first_yield = now
+                    if out.trace is not None:
+                        out.trace.replica_recv = recv
+                        out.trace.replica_first_yield = first_yield
+                        out.trace.num_outputs = num_outputs
+                    yield out
         finally:
             self._inflight.pop(rid, None)
 

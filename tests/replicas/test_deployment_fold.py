@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
 from replicas.deployment import GenerateRequest, LLMReplica
+from replicas.output_pacing import StreamBudget
 from replicas.outputs import RequestMetrics, RequestOutput, RequestTrace
 from replicas.sampling_params import SamplingParams
 
@@ -50,6 +51,7 @@ def _replica(outs: list[RequestOutput]) -> object:
     replica._stopping, replica._inflight, replica._sink = False, {}, None
     replica._ttft_ewma = replica._tpot_ewma = 0.0
     replica.metrics = SimpleNamespace(on_finished=lambda out: None)
+    replica._stream_budget = StreamBudget(0.0)
     return replica
 
 
