@@ -1,7 +1,7 @@
 """How a replica's outputs leave it: every delta, fewer under load, or one per sequence.
 
 Each output a replica yields is a Ray streaming item that the replica serializes, the ingress
-receives and turns into an SSE chunk, and Serve's proxy forwards: about 2.5 ms of CPU per item
+receives and turns into an SSE chunk, and Serve's proxy forwards: about 2.7 ms of CPU per item
 across the three processes on the 2-core CPU box (benchmarks/serve_path_capacity.py,
 benchmarks/results/serve_overhead_notes.md "Path capacity"). With a fast engine and many
 streams that per-item cost, not the engine, bounds the app (issue 16). So:

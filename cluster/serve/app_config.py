@@ -189,7 +189,7 @@ class AppConfig(BaseModel):
         ge=0,
         description="Streamed outputs per second an LLM replica sends before it merges each "
         "stream's deltas into fewer, larger chunks (a sequence's first and last output always "
-        "go at once; replicas/output_pacing.py). Each output costs ~2.5 ms of serving-path CPU "
+        "go at once; replicas/output_pacing.py). Each output costs ~2.7 ms of serving-path CPU "
         "on a 2-core box (replica, ingress, proxy). 0 = every delta.",
     )
     selector: SelectorSettings = Field(default_factory=SelectorSettings)
