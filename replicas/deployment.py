@@ -180,8 +180,9 @@ class LLMReplica:
         # NOTE: every output yielded is a Ray item the ingress receives (and, streamed, an SSE
         # chunk the proxy forwards): folded for a non-streamed request, thinned out under load
         # for a streamed one (replicas.output_pacing).
+        pacer = OutputPacer(self._stream_budget, request.stream, n)
         try:
-            with OutputPacer(self._stream_budget, request.stream, n) as pacer:
+            with pacer:
                 async for delta in stream:
                     self._inflight[rid] = remaining_work_tokens(num_prompt, max_tokens, delta)
                     if delta.finished:
@@ -199,6 +200,12 @@ class LLMReplica:
                         out.trace.replica_first_yield = first_yield
                         out.trace.num_outputs = num_outputs
                     yield out
+        except Exception:
+            # NOTE: what the engine generated before failing still goes out first.
+            for out in pacer.flush():
+                out.emit_time = time.time()
+                yield out
+            raise
         finally:
             self._inflight.pop(rid, None)
 

@@ -12,7 +12,8 @@ streams that per-item cost, not the engine, bounds the app (issue 16). So:
   have passed since its last output (no timer: the merged output goes with the next delta
   past that gap, so a chunk is late by at most one ``stream_interval``);
 - a sequence's first output and its last always leave at once (TTFT and the end of the
-  stream are never held).
+  stream are never held); if the stream fails, ``flush`` hands out what is held, so the
+  caller still sends everything generated before the error.
 
 ``StreamBudget`` is the replica's (the number of open sequences); ``OutputPacer`` one
 request's (per choice index). Pure: time is passed in.
@@ -72,3 +73,9 @@ class OutputPacer:
             return None
         self._last_emit[out.index] = now
         return out
+
+    def flush(self) -> list[RequestOutput]:
+        """The held (merged, unfinished) outputs, one per sequence, and forget them."""
+        held = list(self._held.values())
+        self._held.clear()
+        return held

@@ -85,3 +85,29 @@ def test_unstreamed_request_is_one_output_per_sequence_with_the_same_content() -
                 7, 3, 8)
             assert out.metrics.ttft_s == 0.01 and out.trace is not None
             assert out.trace.num_outputs >= 1 and out.emit_time > 0
+
+
+def test_a_failed_stream_still_sends_what_it_held_then_raises() -> None:
+    import pytest
+
+    class _Failing(_FakeEngine):
+        def generate(self, *_: object, **__: object) -> AsyncIterator[RequestOutput]:
+            async def gen() -> AsyncIterator[RequestOutput]:
+                for out in self.outs:
+                    yield out
+                raise RuntimeError("engine step failed")
+
+            return gen()
+
+    replica = _replica(_deltas(1)[:3])  # three unfinished deltas
+    replica.engine = _Failing(_deltas(1)[:3])
+    got: list[RequestOutput] = []
+
+    async def main() -> None:
+        req = GenerateRequest("r", [1], SamplingParams(max_tokens=8), stream=False)
+        async for out in replica.generate(req):
+            got.append(out)
+
+    with pytest.raises(RuntimeError, match="engine step failed"):
+        asyncio.run(main())
+    assert [o.text_delta for o in got] == ["<0:0><0:1><0:2>"] and not got[0].finished
