@@ -8,6 +8,9 @@
   plus a load snapshot, to a ``KVSink`` (the selection service's ReportKV stream). The sink
   comes from an injected factory: ``replicas`` never imports ``cluster`` (dependency
   direction), the app builder passes ``cluster.serve.app_reporting.SelectorSink``.
+- Outputs leave as the engine's deltas when streamed (thinned out above
+  ``stream_max_outputs_per_s`` a second), as one per sequence when not
+  (``replicas.output_pacing``).
 - Cancelling the Serve call (client disconnect) aborts the request in the engine.
 - ``record_routing_stats`` / ``check_health`` / ``__del__`` are Serve's hooks.
 """
@@ -29,6 +32,7 @@ from kvmanager.metrics import PoolStats
 from replicas.config import EngineConfig
 from replicas.deployment_metrics import ReplicaMetrics
 from replicas.engine import AsyncLLMEngine
+from replicas.output_pacing import OutputPacer, StreamBudget
 from replicas.outputs import RequestOutput
 from replicas.sampling_params import SamplingParams
 
@@ -47,7 +51,9 @@ class GenerateRequest:
     ``routing_policy`` asks the TinyServe router for one selection-service policy ("" = its
     configured one), for A/B runs over one deployment. ``n`` > 1 asks for that many sequences
     of the prompt (one routed request; the replica's engine fans out, sharing the prompt's
-    blocks), their outputs tagged with ``index``.
+    blocks), their outputs tagged with ``index``. ``stream`` False asks for one output per
+    sequence, at its end (the deltas folded by the replica): the caller reads nothing before
+    the response is whole, so it need not pay a handle hop per delta.
     """
 
     request_id: str
@@ -57,6 +63,7 @@ class GenerateRequest:
     session_id: str = ""
     routing_policy: str = ""
     n: int = 1
+    stream: bool = True
 
 
 @dataclass(slots=True)
@@ -127,6 +134,7 @@ class LLMReplica:
         selector: Any = None,
         sink_factory: SinkFactory | None = None,
         report_interval_s: float = 0.05,
+        stream_max_outputs_per_s: float = 0.0,
     ) -> None:
         self.config = EngineConfig(**engine_config)
         self.engine = AsyncLLMEngine(self.config)
@@ -146,13 +154,15 @@ class LLMReplica:
         self._ttft_ewma = 0.0
         self._tpot_ewma = 0.0
         self._interval = report_interval_s
+        self._stream_budget = StreamBudget(stream_max_outputs_per_s)
         self._stopping = False
         self._loop_task = asyncio.get_running_loop().create_task(self._report_loop())
 
     # -- serving -------------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        """Stream the request's RequestOutput deltas; ValueError (before any output) for a
-        request the engine refuses (too long, bad sampling params)."""
+        """Stream the request's RequestOutput deltas (``request.stream`` False: one output per
+        sequence, its deltas merged); ValueError (before any output) for a request the engine
+        refuses (too long, bad sampling params)."""
         if self._stopping:
             raise RuntimeError("replica is shutting down")
         recv = time.time()
@@ -167,20 +177,35 @@ class LLMReplica:
         self._inflight[rid] = remaining_work_tokens(num_prompt, max_tokens, None)
         first_yield = 0.0
         num_outputs = 0
+        # NOTE: every output yielded is a Ray item the ingress receives (and, streamed, an SSE
+        # chunk the proxy forwards): folded for a non-streamed request, thinned out under load
+        # for a streamed one (replicas.output_pacing).
+        pacer = OutputPacer(self._stream_budget, request.stream, n)
         try:
-            async for out in stream:
-                self._inflight[rid] = remaining_work_tokens(num_prompt, max_tokens, out)
-                if out.finished:
-                    self._on_finished(rid, out, feedback=out.index == 0)
+            with pacer:
+                async for delta in stream:
+                    self._inflight[rid] = remaining_work_tokens(num_prompt, max_tokens, delta)
+                    if delta.finished:
+                        self._on_finished(rid, delta, feedback=delta.index == 0)
+                    now = time.time()
+                    out = pacer.offer(delta, now)
+                    if out is None:
+                        continue
+                    out.emit_time = now
+                    num_outputs += 1
+                    if not first_yield:
+                        first_yield = now
+                    if out.trace is not None:
+                        out.trace.replica_recv = recv
+                        out.trace.replica_first_yield = first_yield
+                        out.trace.num_outputs = num_outputs
+                    yield out
+        except Exception:
+            # NOTE: what the engine generated before failing still goes out first.
+            for out in pacer.flush():
                 out.emit_time = time.time()
-                num_outputs += 1
-                if not first_yield:
-                    first_yield = out.emit_time
-                if out.trace is not None:
-                    out.trace.replica_recv = recv
-                    out.trace.replica_first_yield = first_yield
-                    out.trace.num_outputs = num_outputs
                 yield out
+            raise
         finally:
             self._inflight.pop(rid, None)
 

@@ -83,6 +83,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             selector,
             TokenSinkFactory(token, client_tls) if selector_enabled else None,
             config.report_interval_s,
+            config.stream_max_outputs_per_s,
         )
     )
     ingress = cast(Deployment, OpenAIIngress)

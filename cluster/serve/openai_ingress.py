@@ -381,6 +381,7 @@ class OpenAIIngress:
             session_id=body.session_id or "",
             routing_policy=checked_policy(body.routing_policy),
             n=body.n,
+            stream=bool(body.stream),
         )
         ctx = ResponseContext(kind, rid, self.model_name, self.tokenizer, params.logprobs)
         trace.tokenized = time.time()

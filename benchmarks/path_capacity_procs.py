@@ -1,0 +1,106 @@
+"""serve_path_capacity's process accounting: which process of a local Ray + Serve cluster plays
+which role, and the CPU seconds each role spends between two snapshots.
+
+Roles (by the process title Ray sets, ``ray::<actor>``; a process's children count with it,
+except a replica's, which is its engine core)::
+
+    proxy      ray::ProxyActor
+    ingress    ray::ServeReplica:<app>:OpenAIIngress (every ingress replica)
+    replica    ray::ServeReplica:<app>:LLMReplica (the serving side: handle calls, outputs)
+    engine     the replica's engine-core process (``EngineConfig.engine_process``), a child
+    selector   ray::ServeReplica:<app>:CacheSelector
+    controller ray::ServeController
+    ray        raylet, gcs_server, Ray's agents and idle workers
+    client     the load generator (its own process)
+    driver     the benchmark's own process (the Ray driver; idle during a run)
+
+Pure functions over ``psutil`` snapshots (``classify`` is tested without Ray).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psutil
+
+ROLES = ("proxy", "ingress", "replica", "engine", "selector", "controller", "ray", "client", "driver")
+
+
+def classify(cmdline: str, app: str) -> str:
+    """The role of a process from its command line (``ROLES``; "ray" when nothing matches)."""
+    if cmdline.startswith("ray::ProxyActor"):
+        return "proxy"
+    if cmdline.startswith("ray::ServeController"):
+        return "controller"
+    for role, deployment in (("ingress", "OpenAIIngress"), ("replica", "LLMReplica"),
+                             ("selector", "CacheSelector")):
+        if cmdline.startswith(f"ray::ServeReplica:{app}:{deployment}"):
+            return role
+    return "ray"
+
+
+@dataclass(slots=True)
+class CpuSnapshot:
+    """CPU seconds (user + system) per pid, and each pid's role."""
+
+    seconds: dict[int, float]
+    roles: dict[int, str]
+
+
+def _cpu(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return float(t.user + t.system)
+
+
+def snapshot(driver_pid: int, client_pid: int | None, app: str) -> CpuSnapshot:
+    """Every descendant of the driver (Ray's processes), the driver and the client.
+
+    NOTE: a child inherits its parent's role unless its own title names one; a replica's
+    child is its engine core (titled by Python's multiprocessing, not by Ray)."""
+    seconds: dict[int, float] = {}
+    roles: dict[int, str] = {}
+    driver = psutil.Process(driver_pid)
+
+    def visit(proc: psutil.Process, inherited: str) -> None:
+        try:
+            role = classify(" ".join(proc.cmdline()), app)
+            if role == "ray" and inherited == "replica":
+                role = "engine"
+            elif role == "ray" and inherited not in ("ray", "driver"):
+                role = inherited
+            seconds[proc.pid] = _cpu(proc)
+            roles[proc.pid] = role
+            children = proc.children()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return
+        for child in children:
+            if child.pid != client_pid:
+                visit(child, role)
+
+    seconds[driver_pid] = _cpu(driver)
+    roles[driver_pid] = "driver"
+    for child in driver.children():
+        if child.pid != client_pid:
+            visit(child, "ray")
+    if client_pid is not None:
+        try:
+            client = psutil.Process(client_pid)
+            seconds[client_pid] = _cpu(client)
+            roles[client_pid] = "client"
+        except psutil.NoSuchProcess:
+            pass
+    return CpuSnapshot(seconds, roles)
+
+
+def cpu_by_role(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
+    """CPU seconds spent per role between the snapshots (a pid new in ``after`` counts from 0;
+    one gone by ``after`` is lost, so snapshot before a process exits)."""
+    out = dict.fromkeys(ROLES, 0.0)
+    for pid, sec in after.seconds.items():
+        role = after.roles[pid]
+        out[role] += max(sec - before.seconds.get(pid, 0.0), 0.0)
+    return out
+
+
+def pids_of(snap: CpuSnapshot, role: str) -> list[int]:
+    return sorted(pid for pid, r in snap.roles.items() if r == role)

@@ -1,0 +1,36 @@
+"""serve_path_capacity's accounting without Ray: roles from process titles, CPU per role
+between two snapshots, and the table of a results file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks import path_capacity_procs as procs
+from benchmarks.serve_path_capacity import render
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+def test_roles_from_ray_process_titles() -> None:
+    assert procs.classify("ray::ProxyActor", "app") == "proxy"
+    assert procs.classify("ray::ServeController.run_control_loop", "app") == "controller"
+    assert procs.classify("ray::ServeReplica:app:OpenAIIngress", "app") == "ingress"
+    assert procs.classify("ray::ServeReplica:app:LLMReplica.generate", "app") == "replica"
+    assert procs.classify("ray::ServeReplica:app:CacheSelector", "app") == "selector"
+    assert procs.classify("ray::ServeReplica:other:LLMReplica", "app") == "ray"
+    assert procs.classify("/usr/bin/raylet --node", "app") == "ray"
+
+
+def test_cpu_by_role_counts_new_pids_from_zero() -> None:
+    before = procs.CpuSnapshot({1: 1.0, 2: 5.0}, {1: "driver", 2: "ingress"})
+    after = procs.CpuSnapshot({1: 1.5, 2: 7.0, 3: 0.25}, {1: "driver", 2: "ingress", 3: "engine"})
+    cpu = procs.cpu_by_role(before, after)
+    assert cpu["driver"] == 0.5 and cpu["ingress"] == 2.0 and cpu["engine"] == 0.25
+    assert set(cpu) == set(procs.ROLES) and procs.pids_of(after, "engine") == [3]
+
+
+def test_the_committed_results_render() -> None:
+    data = json.loads((RESULTS / "serve_path_capacity_cpu.json").read_text())
+    table = render(data)
+    assert table.count("| completions |") == 3 and "us/chunk" in table
