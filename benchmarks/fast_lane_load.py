@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -64,16 +65,24 @@ def client_main(conn: Connection, address: str, method: str, msgs: list[Any],
 
 def closed_loop(address: str, method: str, msgs: list[Any], concurrency: int, seconds: float,
                 connections: int, client_procs: int, server_pid: int) -> dict[str, float]:  # fmt: skip
-    """Summed calls/s of ``client_procs`` client processes, and the server's CPU per call
-    (and cores busy) over that window."""
+    """Summed calls/s of ``client_procs`` fast-lane client processes, and the server's CPU per
+    call (and cores busy) over that window."""
+    args = (address, method, msgs, concurrency, seconds, connections)
+    return drive(client_main, args, client_procs, seconds, server_pid)
+
+
+def drive(target: Callable[..., None], args: tuple[Any, ...], client_procs: int, seconds: float,
+          server_pid: int) -> dict[str, float]:  # fmt: skip
+    """Start ``client_procs`` processes of ``target(conn, *args)`` (each waits for "go", then
+    answers its calls/s), release them together; summed calls/s and the server's CPU per call
+    (and cores busy) over the window."""
     from benchmarks.selector_bench import _cpu_s
 
     ctx = mp.get_context("spawn")
     pipes, procs = [], []
     for _ in range(client_procs):
         parent, child = ctx.Pipe()
-        procs.append(ctx.Process(target=client_main, args=(
-            child, address, method, msgs, concurrency, seconds, connections)))  # fmt: skip
+        procs.append(ctx.Process(target=target, args=(child, *args)))
         procs[-1].start()
         pipes.append(parent)
     time.sleep(1.0 + 0.5 * client_procs)  # NOTE: the clients' imports, outside the window

@@ -40,8 +40,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.fast_lane_load import new_loop, pipelined
-from benchmarks.selector_bench import _cpu_s, _latency, _throughput
+from benchmarks.fast_lane_load import drive, new_loop, pipelined
+from benchmarks.selector_bench import _latency, _throughput
 from benchmarks.selector_fixture import BLOCK_SIZE, CHAIN_BLOCKS, _pcts, _populate, prompts
 
 FRONT_ENDS = ("aio-proto", "aio-wire", "uvloop-wire", "sync-wire", "raw-wire", "raw-asyncio",
@@ -168,25 +168,8 @@ def _closed_loop(address: str, method: str, msgs: list[Any], ns: argparse.Namesp
                  server_pid: int, raw: bool = False) -> dict[str, float]:  # fmt: skip
     """Calls/s from ``--client-procs`` client processes (summed), and the server's CPU per
     call over that window."""
-    ctx = mp.get_context("spawn")
-    pipes, procs = [], []
-    for _ in range(ns.client_procs):
-        parent, child = ctx.Pipe()
-        procs.append(ctx.Process(target=_client_main, args=(
-            child, address, method, msgs, ns.concurrency, ns.window_s,
-            ns.raw_connections if raw else 0)))  # fmt: skip
-        procs[-1].start()
-        pipes.append(parent)
-    time.sleep(1.0 + 0.5 * ns.client_procs)  # NOTE: the clients' imports, outside the window
-    s0, t0 = _cpu_s(server_pid), time.perf_counter()
-    for parent in pipes:
-        parent.send("go")
-    rps = sum(float(parent.recv()) for parent in pipes)
-    s1, wall = _cpu_s(server_pid), time.perf_counter() - t0
-    for p in procs:
-        p.join(30)
-    return {"rps": rps, "server_cpu_us": (s1 - s0) / max(rps * ns.window_s, 1) * 1e6,
-            "server_cores": (s1 - s0) / wall}  # fmt: skip
+    args = (address, method, msgs, ns.concurrency, ns.window_s, ns.raw_connections if raw else 0)
+    return drive(_client_main, args, ns.client_procs, ns.window_s, server_pid)
 
 
 class _RawStub:
