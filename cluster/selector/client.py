@@ -398,7 +398,8 @@ class KVReporter:
         same core method). Never blocks. False (counted in ``num_outcomes_dropped``) when it is
         dropped: while disconnected, from the service or between two connections (like a
         failed unary Feedback; a reconnect resends the KV state, not outcomes), or when
-        ``max_outcomes`` already wait in the queue."""
+        ``max_outcomes`` already wait in the queue. True means queued, not delivered: a
+        connection (or connection attempt) that ends first loses it, uncounted."""
         with self._lock:
             if self._queue is None or self._num_outcomes >= self._max_outcomes:
                 self.num_outcomes_dropped += 1
