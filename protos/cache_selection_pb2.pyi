@@ -475,6 +475,7 @@ class ReportKVRequest(_message.Message):
     RESYNC_FIELD_NUMBER: _builtins.int
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     GOODBYE_FIELD_NUMBER: _builtins.int
+    FEEDBACK_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     goodbye: _builtins.bool
     """The replica leaves the cluster for good (otherwise it expires when it goes silent)."""
@@ -486,6 +487,13 @@ class ReportKVRequest(_message.Message):
     def resync(self) -> Global___KVResync: ...
     @_builtins.property
     def snapshot(self) -> Global___LoadSnapshot: ...
+    @_builtins.property
+    def feedback(self) -> Global___FeedbackRequest:
+        """Realised outcome of one of this replica's requests, applied as the unary Feedback is
+        (its replica_id must be the stream's or empty). Lets a replica send its reward signal
+        without a unary call per request and selection replica.
+        """
+
     def __init__(
         self,
         *,
@@ -495,12 +503,13 @@ class ReportKVRequest(_message.Message):
         resync: Global___KVResync | None = ...,
         snapshot: Global___LoadSnapshot | None = ...,
         goodbye: _builtins.bool = ...,
+        feedback: Global___FeedbackRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "body", b"body", "goodbye", b"goodbye", "hello", b"hello", "resync", b"resync", "snapshot", b"snapshot"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "body", b"body", "feedback", b"feedback", "goodbye", b"goodbye", "hello", b"hello", "resync", b"resync", "snapshot", b"snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "body", b"body", "goodbye", b"goodbye", "hello", b"hello", "replica_id", b"replica_id", "resync", b"resync", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "body", b"body", "feedback", b"feedback", "goodbye", b"goodbye", "hello", b"hello", "replica_id", b"replica_id", "resync", b"resync", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "batch", "resync", "snapshot", "goodbye"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "batch", "resync", "snapshot", "goodbye", "feedback"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

@@ -77,9 +77,9 @@ class CacheSelectionServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportKV(self, request_iterator, context):
-        """One client stream per replica: Hello first, then event batches / snapshots / resyncs. The
-        service ends the call early with resync_required=true when it sees a sequence gap; the
-        replica then reconnects and sends Hello + a full resync.
+        """One client stream per replica: Hello first, then event batches / snapshots / resyncs /
+        outcomes (feedback). The service ends the call early with resync_required=true when it
+        sees a sequence gap; the replica then reconnects and sends Hello + a full resync.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -15,7 +15,10 @@
   numbers and sends kvmanager events, ``snapshot(load)`` sends load; every (re)connect sends
   Hello + a full resync built from ``resident_hashes()`` (the pool's cached block hashes), and
   so does a service-requested resync after a sequence gap. While disconnected, events are
-  dropped: the resync on reconnect covers them.
+  dropped: the resync on reconnect covers them. ``outcome(o)`` sends a realised outcome (the
+  reward signal) on the same stream, in order with the events: at most
+  ``MAX_QUEUED_OUTCOMES`` wait at a time, and while disconnected outcomes are dropped for good
+  (no resync carries them; a learning signal, not state).
 
 Every client takes ``tls`` (``cluster.selector.grpc_tls.ClientTLS``): None dials plaintext.
 """
@@ -34,7 +37,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-from cluster.selector.convert import events_to_proto, load_to_proto
+from cluster.selector.convert import events_to_proto, load_to_proto, outcome_to_proto
 from cluster.selector.core_types import Selection
 from cluster.selector.fast_lane_client import FastLaneClient
 from cluster.selector.fast_lane_frames import FastLaneError, Kind
@@ -58,6 +61,9 @@ _RESYNC_CHUNK = 65536
 # the lane is tried again (a dead lane costs one refused connect per period, not per call).
 LANE_RETRY_S = 1.0
 LANE_RETRY_MAX_S = 30.0
+# NOTE: outcomes waiting on one ReportKV stream; past it an outcome is dropped (never blocks,
+# and a stalled stream holds at most this many outcomes ahead of the KV events behind them).
+MAX_QUEUED_OUTCOMES = 1024
 
 
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
@@ -196,14 +202,7 @@ class SelectorClient(_Replicas[grpc.Channel]):
     def feedback(self, outcome: Outcome, timeout_s: float = 1.0) -> bool:
         """Report a realised outcome to every selection replica (each keeps its own reward
         history); True when one accepted it."""
-        msg = pb.FeedbackRequest(
-            request_id=outcome.request_id,
-            replica_id=outcome.replica_id,
-            num_prompt_tokens=outcome.num_prompt_tokens,
-            num_cached_tokens=outcome.num_cached_tokens,
-            ttft_s=outcome.ttft_s,
-            num_output_tokens=outcome.num_output_tokens,
-        )
+        msg = outcome_to_proto(outcome)
         accepted = False
         for stub in self.stubs:
             try:
@@ -341,6 +340,7 @@ class KVReporter:
         heartbeat_s: float = 1.0,
         retry_s: float = 0.2,
         tls: ClientTLS | None = None,
+        max_outcomes: int = MAX_QUEUED_OUTCOMES,
     ) -> None:
         self.address = address
         self._tls = tls
@@ -353,12 +353,15 @@ class KVReporter:
         self._lock = threading.Lock()
         self._seq = 0
         self._queue: queue.Queue[pb.ReportKVRequest] | None = None
+        self._max_outcomes = max_outcomes
+        self._num_outcomes = 0  # outcomes in self._queue, not yet handed to gRPC
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"kv-reporter-{replica_id}", daemon=True
         )
         self.num_connects = 0
         self.num_resyncs_requested = 0
+        self.num_outcomes_dropped = 0
         self.connected = threading.Event()
 
     def start(self) -> KVReporter:
@@ -389,6 +392,23 @@ class KVReporter:
             )
             return True
 
+    def outcome(self, outcome: Outcome) -> bool:
+        """Queue a realised outcome behind what this stream already holds, so the service
+        applies it after the events published before it (as the unary Feedback, through the
+        same core method). Never blocks. False (counted in ``num_outcomes_dropped``) when it is
+        dropped: while disconnected, from the service or between two connections (like a
+        failed unary Feedback; a reconnect resends the KV state, not outcomes), or when
+        ``max_outcomes`` already wait in the queue. True means queued, not delivered: a
+        connection (or connection attempt) that ends first loses it, uncounted."""
+        with self._lock:
+            if self._queue is None or self._num_outcomes >= self._max_outcomes:
+                self.num_outcomes_dropped += 1
+                return False
+            self._num_outcomes += 1
+            msg = pb.ReportKVRequest(replica_id=self.replica_id, feedback=outcome_to_proto(outcome))
+            self._queue.put(msg)
+            return True
+
     def _open(self) -> queue.Queue[pb.ReportKVRequest]:
         """New per-connection queue, pre-filled with Hello + the full resync (atomically with
         respect to publish, so no batch falls between the resync and the next seq)."""
@@ -403,6 +423,7 @@ class KVReporter:
                 resync = pb.KVResync(seq=self._seq, block_hashes=chunk, done=i == len(chunks) - 1)
                 q.put(pb.ReportKVRequest(replica_id=self.replica_id, resync=resync))
             self._queue = q
+            self._num_outcomes = 0  # NOTE: the old queue's outcomes went with it
         return q
 
     def _messages(
@@ -410,9 +431,15 @@ class KVReporter:
     ) -> Iterator[pb.ReportKVRequest]:
         while not closed.is_set():
             try:
-                yield q.get(timeout=self._heartbeat_s)
+                msg = q.get(timeout=self._heartbeat_s)
             except queue.Empty:
                 yield pb.ReportKVRequest(replica_id=self.replica_id, hello=self._hello)  # heartbeat
+                continue
+            if msg.HasField("feedback"):
+                with self._lock:
+                    if self._queue is q:  # NOTE: a new connection counts its own queue
+                        self._num_outcomes -= 1
+            yield msg
 
     def _run(self) -> None:
         stub = pb_grpc.CacheSelectionStub(channel(self.address, self._tls))  # type: ignore[no-untyped-call]

@@ -181,6 +181,17 @@ def outcome_from_proto(msg: pb.FeedbackRequest) -> Outcome:
     )
 
 
+def outcome_to_proto(outcome: Outcome) -> pb.FeedbackRequest:
+    return pb.FeedbackRequest(
+        request_id=outcome.request_id,
+        replica_id=outcome.replica_id,
+        num_prompt_tokens=outcome.num_prompt_tokens,
+        num_cached_tokens=outcome.num_cached_tokens,
+        ttft_s=outcome.ttft_s,
+        num_output_tokens=outcome.num_output_tokens,
+    )
+
+
 def replica_to_proto(r: ReplicaStatus) -> pb.ReplicaInfo:
     return pb.ReplicaInfo(
         replica_id=r.replica_id,

@@ -3,8 +3,11 @@
 Failure contract: malformed or oversized input -> INVALID_ARGUMENT with a message (and the
 ``errors_total{kind="invalid_argument"}`` counter); unknown replicas are ignored and counted by
 the core; a ReportKV stream only ever touches its own replica's state, and a rejected batch is
-not applied (so the replica's next batch is a sequence gap and triggers a resync). No handler
-lets an exception escape except through ``context.abort``.
+not applied (so the replica's next batch is a sequence gap and triggers a resync). An outcome
+on a ReportKV stream is applied as the unary ``Feedback`` (``SelectorCore.feedback``); one for
+another replica ends the stream (INVALID_ARGUMENT), a malformed one is counted as
+``errors_total{kind="invalid_argument"}`` and skipped. No handler lets an exception escape
+except through ``context.abort``.
 """
 
 from __future__ import annotations
@@ -146,6 +149,8 @@ class CacheSelectionServicer(pb_grpc.CacheSelectionServicer):
                         resync_gpu, resync_cpu = [], []
                 elif kind == "snapshot":
                     core.update_load(replica_id, load_from_proto(msg.snapshot))
+                elif kind == "feedback":
+                    self._stream_feedback(replica_id, msg.feedback)
                 elif kind == "goodbye":
                     left = core.leave(replica_id)
                     break
@@ -177,6 +182,21 @@ class CacheSelectionServicer(pb_grpc.CacheSelectionServicer):
                 del held[replica_id]
         if not held:
             self._peer_replicas.pop(peer, None)
+
+    def _stream_feedback(self, replica_id: str, msg: pb.FeedbackRequest) -> None:
+        """Apply an outcome that came on ``replica_id``'s ReportKV stream (``msg.replica_id``
+        empty means that replica). ValueError for another replica's outcome."""
+        if msg.replica_id and msg.replica_id != replica_id:
+            raise ValueError(f"stream of {replica_id!r} sent feedback for {msg.replica_id!r}")
+        msg.replica_id = replica_id
+        try:
+            outcome = outcome_from_proto(msg)
+        except ValueError:
+            # NOTE: a learning signal, not state: ending the stream for it would cost the
+            # replica a full resync. Counted as the unary call's rejection is.
+            self.core.metrics.errors.labels("invalid_argument").inc()
+            return
+        self.core.feedback(outcome)
 
     async def Feedback(
         self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext

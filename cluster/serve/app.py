@@ -1,7 +1,7 @@
 """The Serve application builder: ``serve run cluster.serve.app:build_app`` or ``deploy/app.yaml``.
 
     OpenAIIngress  --handle-->  LLMReplica x num_replicas   (request router: ``router``)
-                                    |  ReportKV / Feedback (gRPC)
+                                    |  ReportKV: KV events, load, outcomes (gRPC)
                                     v
                                 CacheSelector x selector.num_replicas  (the selection service)
 

@@ -1,18 +1,23 @@
-"""Client helpers against a real loopback server: deadlines/outage, reporter resync."""
+"""Client helpers against a real loopback server: deadlines/outage, reporter resync and
+outcomes (feedback on the ReportKV stream)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 from ports import free_port
+from prometheus_client import generate_latest
 
 from cluster.selector.client import AsyncSelectorClient, KVReporter, SelectorClient
+from cluster.selector.core import SelectorCore
+from cluster.selector.core_types import ApplyResult
 from cluster.selector.server import ServerThread
 from cluster.selector.types import LoadSnapshot, Outcome, SelectionRequest
-from kvmanager.events import BlockRemoved, BlockStored
+from kvmanager.events import BlockRemoved, BlockStored, KVEvent
 from protos import cache_selection_pb2 as pb
 
 
@@ -112,3 +117,61 @@ def test_reporter_reconnects_after_a_service_restart() -> None:
             _wait(lambda: _resident(st2, "phoenix") == 3)
     finally:
         rep.stop()
+
+
+class _RecordingCore(SelectorCore):
+    """A core that logs the order in which a stream's batches and outcomes reach it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[tuple[str, object]] = []
+
+    def apply_events(self, replica_id: str, seq: int, events: Sequence[KVEvent]) -> ApplyResult:
+        self.log.append(("batch", seq))
+        return super().apply_events(replica_id, seq, events)
+
+    def feedback(self, outcome: Outcome) -> bool:
+        self.log.append(("feedback", outcome.request_id))
+        return super().feedback(outcome)
+
+
+def test_reporter_sends_outcomes_in_order_with_events() -> None:
+    core = _RecordingCore()
+    with ServerThread(core) as st:
+        rep = KVReporter(st.address, "fb", resident_hashes=lambda: [1], heartbeat_s=0.2).start()
+        try:
+            _wait(lambda: _resident(st, "fb") == 1)
+            sel = core.select(SelectionRequest("q1", [1, 2], 32))
+            assert sel.replica_id == "fb"
+            assert rep.publish([BlockStored([2], 1, [], 16)]) == 1
+            assert rep.outcome(Outcome("q1", "fb", 32, 16, ttft_s=0.01, num_output_tokens=4))
+            assert rep.publish([BlockStored([3], 2, [], 16)]) == 2
+            assert rep.outcome(Outcome("q2", "fb", 48, 0, ttft_s=0.02))
+            _wait(lambda: core.counters["feedback"] == 2)
+            assert core.log == [("batch", 1), ("feedback", "q1"), ("batch", 2), ("feedback", "q2")]
+            text = generate_latest(core.metrics.registry).decode()
+            assert "tinyserve_selector_realised_hit_tokens_total 16.0" in text  # q1 was routed
+            assert rep.num_outcomes_dropped == 0
+        finally:
+            rep.stop()
+    # no stream any more: outcomes are dropped (counted), never queued for later
+    assert not rep.outcome(Outcome("q3", "fb", 16, 0))
+    assert rep.num_outcomes_dropped == 1
+
+
+def test_reporter_drops_outcomes_past_its_bound_without_blocking() -> None:
+    """A stream that does not drain: outcomes past ``max_outcomes`` are dropped at once, KV
+    events still queue, and outcomes taken by gRPC make room again."""
+    rep = KVReporter(f"127.0.0.1:{free_port()}", "full", max_outcomes=3)  # NOTE: not started
+    q = rep._open()  # the connection's queue, nobody consuming it
+    t0 = time.monotonic()
+    accepted = [rep.outcome(Outcome(f"q{i}", "full", 16, 0)) for i in range(1000)]
+    assert time.monotonic() - t0 < 1.0
+    assert accepted == [True] * 3 + [False] * 997 and rep.num_outcomes_dropped == 997
+    assert rep.publish([BlockStored([5], None, [], 16)]) == 1  # events are never dropped
+    closed = threading.Event()
+    messages = rep._messages(q, closed)
+    kinds = [next(messages).WhichOneof("body") for _ in range(q.qsize())]
+    assert kinds == ["hello", "resync", "feedback", "feedback", "feedback", "batch"]
+    assert rep.outcome(Outcome("again", "full", 16, 0))
+    closed.set()

@@ -1,5 +1,6 @@
 """Replicated selection service without Ray: real loopback servers, clients failing over
-between them, a replica's KV stream reaching every selection replica, the registry format."""
+between them, a replica's KV stream (and its outcomes) reaching every selection replica, the
+registry format."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import pytest
 
 from cluster.selector.client import AsyncSelectorClient, SelectorClient, split_addresses
 from cluster.selector.server import ServerThread
+from cluster.selector.types import SelectionRequest
 from cluster.serve.app_reporting import SelectorSink
 from cluster.serve.selector_registry import parse_entries
 from kvmanager.events import BlockStored
 from replicas.deployment import SinkSpec
+from replicas.outputs import RequestMetrics, RequestOutput
 
 
 def _wait(cond: Callable[[], bool], timeout_s: float = 15.0) -> None:
@@ -90,6 +93,16 @@ def test_async_client_fails_over_and_returns_none_when_all_are_down() -> None:
         assert ids == ["a"] * 10 and none is None
 
 
+def _realised(st: ServerThread) -> float:
+    registry = st.core.metrics.registry
+    return registry.get_sample_value("tinyserve_selector_realised_hit_tokens_total") or 0.0
+
+
+def _output(request_id: str, num_prompt_tokens: int, num_cached_tokens: int) -> RequestOutput:
+    return RequestOutput(request_id, [1], "", True, "length", num_prompt_tokens,
+                         num_cached_tokens, 1, None, RequestMetrics(ttft_s=0.01))  # fmt: skip
+
+
 def _spec(address: str, hashes: list[int]) -> SinkSpec:
     return SinkSpec(address, "rep-0", "node-0", 16, 64, "fast", resident_hashes=lambda: hashes)
 
@@ -105,9 +118,15 @@ def test_sink_streams_to_every_selection_replica_and_follows_the_directory() -> 
         )
         try:
             _wait(lambda: _resident(a, "rep-0") == 3 and _resident(b, "rep-0") == 3)
+            for st in (a, b):  # routed there, so the outcome also counts as realised hits
+                st.core.select(SelectionRequest("q1", [1, 2, 3, 4, 5], 80), speculative=False)
             held.extend([4, 5])
             sink.publish([BlockStored([4, 5], 3, [], 16)])
-            _wait(lambda: _resident(a, "rep-0") == 5 and _resident(b, "rep-0") == 5)
+            sink.feedback("q1", _output("q1", num_prompt_tokens=80, num_cached_tokens=48))
+            for st in (a, b):  # the outcome rides each stream, behind the batch before it
+                _wait(lambda st=st: st.core.counters["feedback"] == 1)
+                assert _resident(st, "rep-0") == 5
+                assert _realised(st) == 48.0
             with ServerThread() as c:
                 c_address = c.address
                 directory.append(c_address)
@@ -119,6 +138,24 @@ def test_sink_streams_to_every_selection_replica_and_follows_the_directory() -> 
             directory.remove(c_address)
             _wait(lambda: c_address not in sink.reporters)
             assert set(sink.reporters) == {a.address, b.address}
+        finally:
+            sink.close()
+
+
+def test_sink_feedback_skips_a_disconnected_selection_replica_without_blocking() -> None:
+    dead = _dead_address()
+    with ServerThread() as a:
+        sink = SelectorSink(_spec(f"{a.address},{dead}", [1]))
+        try:
+            _wait(lambda: sink.reporters[a.address].connected.is_set() and _resident(a, "rep-0") == 1)
+            t0 = time.monotonic()
+            for i in range(100):
+                sink.feedback(f"q{i}", _output(f"q{i}", num_prompt_tokens=16, num_cached_tokens=0))
+            assert time.monotonic() - t0 < 1.0
+            _wait(lambda: a.core.counters["feedback"] == 100)
+            # NOTE: the dead one's outcomes are dropped, most of them counted; those queued
+            # during a connection attempt are lost with it (KVReporter.outcome)
+            assert sink.reporters[dead].num_connects >= 1
         finally:
             sink.close()
 

@@ -140,6 +140,7 @@ def _bad_streams() -> list[list[pb.ReportKVRequest]]:
         ],  # empty event
         [hello, pb.ReportKVRequest(**_batch(0, *range(9)))],  # too many hashes in one event
         [hello, pb.ReportKVRequest(snapshot=pb.LoadSnapshot(f_total=math.nan))],
+        [hello, pb.ReportKVRequest(feedback=pb.FeedbackRequest(replica_id="other"))],  # foreign
     ]
 
 
@@ -229,3 +230,49 @@ def test_cli_serves_on_loopback_with_token() -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def _errors(server: ServerThread) -> float:
+    registry = server.core.metrics.registry
+    v = registry.get_sample_value("tinyserve_selector_errors_total", {"kind": "invalid_argument"})
+    return v or 0.0
+
+
+def _realised(server: ServerThread) -> float:
+    v = server.core.metrics.registry.get_sample_value("tinyserve_selector_realised_hit_tokens_total")
+    return v or 0.0
+
+
+def test_feedback_on_the_report_stream_is_applied_as_the_unary_call(
+    server: ServerThread, stub: pb_grpc.CacheSelectionStub
+) -> None:
+    """An outcome on a ReportKV stream goes through the same core method and counters as the
+    unary Feedback; a malformed one is counted and skipped, the stream goes on."""
+    core = server.core
+    stub.ReportKV(
+        _msgs("fb", {"resync": pb.KVResync(seq=0, block_hashes=[41, 42], done=True)}), timeout=5
+    )
+    sel = stub.Select(
+        pb.SelectRequest(request_id="fq1", block_hashes=[41, 42], num_prompt_tokens=32,
+                         candidate_replica_ids=["fb"]),
+        timeout=5,
+    )  # fmt: skip
+    assert sel.replicas[0].replica_id == "fb"
+    n_feedback = core.counters["feedback"]
+    errors, realised = _errors(server), _realised(server)
+    resp = stub.ReportKV(
+        _msgs(
+            "fb",
+            {"feedback": pb.FeedbackRequest(request_id="fq1", num_prompt_tokens=32,
+                                            num_cached_tokens=32, ttft_s=0.01)},
+            {"feedback": pb.FeedbackRequest(num_prompt_tokens=4, num_cached_tokens=5)},  # bad
+            _batch(1, 43),
+            {"feedback": pb.FeedbackRequest(request_id="fq2", replica_id="fb",
+                                            num_prompt_tokens=16)},
+        ),
+        timeout=5,
+    )  # fmt: skip
+    assert not resp.resync_required and resp.last_applied_seq == 1 and resp.num_messages == 5
+    assert core.counters["feedback"] == n_feedback + 2
+    assert _errors(server) == errors + 1
+    assert _realised(server) == realised + 32  # fq1 was routed to fb
