@@ -247,11 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         run_engine(engine, warm, 2, "completions", args, side)
         for (endpoint, c), prompts in workload.items():
             if gpu:
-                # NOTE: one unmeasured pass per concurrency first: on a fresh GPU machine the
-                # first pass at a new concurrency read half the tok/s of a warm one (7,150 vs
-                # 3,750 and ~3,100 at c=16, 1B, run6; not yet explained: kernel variants built
-                # on first use and kept in an on-disk cache would fit). The served side runs
-                # after the engine's, warm either way.
+                # NOTE: one unmeasured pass per concurrency first: in the first run of a GPU
+                # machine start the first pass at c=16 read half the tok/s of a warm one (3,750
+                # and ~3,100 vs 7,150, 1B, run6; not yet explained: kernel variants built on
+                # first use and kept in an on-disk cache would fit). The served side runs after
+                # the engine's, warm either way.
                 run_engine(engine, prompts, c, endpoint, args, side)
             r = run_engine(engine, prompts, c, endpoint, args, side)
             results.append(r)
