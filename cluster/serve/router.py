@@ -86,8 +86,8 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             ca_file=self.settings.tls_ca_file, server_name=self.settings.tls_server_name
         ).client()
         # NOTE: the app's service publishes its fast lanes (gRPC address -> lane address);
-        # a standalone one is dialled over gRPC only.
-        self._fast_lanes: dict[str, str] = {}
+        # a standalone one's come from the kwargs (gRPC only without them).
+        self._fast_lanes: dict[str, str] = self.settings.fast_lanes()
         self._client: AsyncSelectorClient | None = None
         self._client_key: tuple[str, tuple[tuple[str, str], ...]] | None = None
         self._retiring: set[asyncio.Task[None]] = set()

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
+from cluster.selector.client import split_addresses
 from cluster.selector.core_types import Selection
 from kvmanager.hashing import BlockHasher, make_hasher
 
@@ -28,6 +29,10 @@ class RouterSettings:
     tls_ca_file / tls_server_name: TLS to a standalone service (``selector_address``): the
         CA that signed its certificate and the name to expect in it (``cluster.selector.grpc_tls``);
         the app's own service hands its router these itself.
+    selector_fast_lanes: the standalone service's Select fast lanes (``cluster.selector.
+        fast_lane``), comma-separated ``host:port`` in the order of ``selector_address``'s
+        entries ("" = gRPC only); plaintext, so not with TLS. The app's own service publishes
+        its lanes itself.
     """
 
     block_size: int = 16
@@ -40,6 +45,7 @@ class RouterSettings:
     reresolve_after_failures: int = 5
     tls_ca_file: str = ""
     tls_server_name: str = ""
+    selector_fast_lanes: str = ""
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any]) -> RouterSettings:
@@ -54,7 +60,26 @@ class RouterSettings:
         if not settings.select_timeout_s > 0:
             raise ValueError(f"select_timeout_s must be > 0, got {settings.select_timeout_s}")
         make_hasher(settings.hash_mode)  # ValueError for an unknown mode
+        settings.fast_lanes()  # ValueError for lanes that do not pair with the addresses
         return settings
+
+    def fast_lanes(self) -> dict[str, str]:
+        """``selector_address`` entry -> its fast lane (``selector_fast_lanes``); ValueError
+        when they do not pair up, lack a standalone address, or meet TLS."""
+        if not self.selector_fast_lanes:
+            return {}
+        if not self.selector_address:
+            raise ValueError("selector_fast_lanes needs selector_address (a standalone service)")
+        if self.tls_ca_file:
+            raise ValueError("selector_fast_lanes is plaintext: not with tls_ca_file")
+        addresses = split_addresses(self.selector_address)
+        lanes = split_addresses(self.selector_fast_lanes)
+        if len(lanes) != len(addresses):
+            raise ValueError(
+                f"selector_fast_lanes has {len(lanes)} entries for {len(addresses)} "
+                "selector_address entries (one lane per address, same order)"
+            )
+        return dict(zip(addresses, lanes, strict=True))
 
 
 @dataclass(slots=True, frozen=True)

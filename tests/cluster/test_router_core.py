@@ -33,6 +33,18 @@ def test_settings_reject_unknown_and_bad_values() -> None:
         RouterSettings.from_kwargs({"hash_mode": "md5"})
 
 
+def test_standalone_fast_lanes_pair_with_the_addresses() -> None:
+    kw = {"selector_address": "a:1, b:2", "selector_fast_lanes": "a:11,b:22"}
+    assert RouterSettings.from_kwargs(kw).fast_lanes() == {"a:1": "a:11", "b:2": "b:22"}
+    assert RouterSettings.from_kwargs({"selector_address": "a:1"}).fast_lanes() == {}
+    with pytest.raises(ValueError, match="2 selector_address entries"):
+        RouterSettings.from_kwargs({**kw, "selector_fast_lanes": "a:11"})
+    with pytest.raises(ValueError, match="needs selector_address"):
+        RouterSettings.from_kwargs({"selector_fast_lanes": "a:11"})
+    with pytest.raises(ValueError, match="plaintext"):
+        RouterSettings.from_kwargs({**kw, "tls_ca_file": "/ca.pem"})
+
+
 def test_prompt_info_reads_the_generate_request_among_args() -> None:
     req = GenerateRequest("r1", [1, 2, 3], SamplingParams(max_tokens=7), session_id="s")
     info = prompt_info(["not a request", req])

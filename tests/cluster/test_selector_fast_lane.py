@@ -321,6 +321,30 @@ def test_client_uses_the_lane_and_falls_back_to_grpc() -> None:
         assert a == b
 
 
+def test_router_dials_a_standalone_services_lane() -> None:
+    """``selector_fast_lanes`` (router kwargs): a router pointed at a standalone service sends
+    its Selects over that service's lane (its connection shows in the service's gauge)."""
+    from cluster.serve.router import TinyServeRouter
+
+    with ServerThread(_core(), fast_lane_port=0) as st:
+        assert st.fast_lane_address is not None
+        router = TinyServeRouter.__new__(TinyServeRouter)  # NOTE: no Serve around it
+        router.initialize_state(
+            selector_address=st.address, selector_fast_lanes=st.fast_lane_address
+        )
+        selects0 = st.core.counters["selects"]
+
+        async def one() -> None:
+            client = router._get_client()
+            assert client is not None
+            assert await client.select([*range(1, 31)], 480, no_speculative_insert=True)
+            assert st.core.metrics.fast_lane_connections._value.get() == 1
+            await client.close()
+
+        asyncio.run(one())
+        assert st.core.counters["selects"] == selects0 + 1
+
+
 def test_no_lane_unless_asked_and_never_with_tls(tmp_path: Path) -> None:
     from cluster.selector.server import _parse_args
 
