@@ -45,6 +45,7 @@ from benchmarks.selector_fixture import (
     _pcts,
     _server_main,
     prompts,
+    recv_from,
 )
 from benchmarks.selector_report import cpu_table, figures_table, issue_figures, table
 
@@ -174,7 +175,7 @@ def run_one(num_replicas: int, ns: argparse.Namespace) -> dict[str, Any]:
     )
     proc.start()
     try:
-        info: dict[str, Any] = parent.recv()
+        info: dict[str, Any] = recv_from(parent, proc)
         address = f"127.0.0.1:{info['port']}"
         n = 300 if ns.quick else ns.num_requests
         ps = prompts(n, info["num_chains"], ns.seed + 3)
@@ -194,7 +195,7 @@ def run_one(num_replicas: int, ns: argparse.Namespace) -> dict[str, Any]:
                 stub.Ping(ping, timeout=10)
                 stub.Select(sel_msgs[0], timeout=10)
             parent.send("served")
-            parent.recv()  # NOTE: resets the server-side samples
+            recv_from(parent, proc)  # NOTE: resets the server-side samples
             # NOTE: interleave the two in rounds so drift in machine load hits both alike
             ping_t: list[float] = []
             sel_t: list[float] = []
@@ -202,7 +203,7 @@ def run_one(num_replicas: int, ns: argparse.Namespace) -> dict[str, Any]:
                 ping_t += _latency(stub.Ping, lambda i: ping, min(100, n - k))
                 sel_t += _latency(stub.Select, lambda i, k=k: sel_msgs[k + i], min(100, n - k))
             parent.send("served")
-            served = parent.recv()
+            served = recv_from(parent, proc)
             parent.send("untimed")
         # NOTE: alternate short Ping / Select windows; the medians resist load drift.
         rounds = 2 if ns.quick else ns.rounds

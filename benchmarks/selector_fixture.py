@@ -60,6 +60,16 @@ def _pcts(xs: list[float]) -> dict[str, float]:
     }
 
 
+def recv_from(conn: Any, proc: Any) -> Any:
+    """``conn.recv()`` from the server process ``proc``, but RuntimeError (with its exit code)
+    once it has died instead of waiting forever (an import error there left a benchmark
+    hanging on the GPU host)."""
+    while not conn.poll(1.0):
+        if not proc.is_alive():
+            raise RuntimeError(f"selection server process exited (code {proc.exitcode})")
+    return conn.recv()
+
+
 def _rss_mb() -> float:
     """Resident set size now (MB); ``ru_maxrss`` is the peak (it includes population)."""
     with open("/proc/self/statm") as f:

@@ -42,7 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.fast_lane_load import drive, new_loop, pipelined
 from benchmarks.selector_bench import _latency, _throughput
-from benchmarks.selector_fixture import BLOCK_SIZE, CHAIN_BLOCKS, _pcts, _populate, prompts
+from benchmarks.selector_fixture import (
+    BLOCK_SIZE,
+    CHAIN_BLOCKS,
+    _pcts,
+    _populate,
+    prompts,
+    recv_from,
+)
 
 FRONT_ENDS = ("aio-proto", "aio-wire", "uvloop-wire", "sync-wire", "raw-wire", "raw-asyncio",
               "raw-on-aio")
@@ -230,7 +237,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     assert proc.pid is not None
     out: dict[str, Any] = {}
     try:
-        info = parent.recv()
+        info = recv_from(parent, proc)
         sel = [pb.SelectRequest(request_id=f"r{i}", block_hashes=h, max_results=4,
                                 num_prompt_tokens=CHAIN_BLOCKS * BLOCK_SIZE)
                for i, h in enumerate(prompts(ns.num_requests, info["num_chains"], ns.seed))]  # fmt: skip
@@ -250,12 +257,12 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                     ping_t += _latency(stub.Ping, lambda i: ping, m)
                     sel_t += _latency(stub.Select, lambda i, k=k: sel[k + i], m)
             parent.send("handler")
-            parent.recv()  # NOTE: drops the latency phase's samples
+            recv_from(parent, proc)  # NOTE: drops the latency phase's samples
             rounds = [(_closed_loop(address, "Ping", [ping], ns, proc.pid, raw),
                        _closed_loop(address, "Select", sel, ns, proc.pid, raw))
                       for _ in range(ns.rounds)]  # fmt: skip
             parent.send("handler")
-            handler = parent.recv()
+            handler = recv_from(parent, proc)
             med = {f"{m}_{key}": float(np.median([r[i][key] for r in rounds]))
                    for i, m in enumerate(("ping", "select")) for key in rounds[0][0]}  # fmt: skip
             p, s = _pcts(ping_t), _pcts(sel_t)
