@@ -25,8 +25,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict
 
-from cluster.selector.client import KVReporter, split_addresses
+from cluster.selector.client import split_addresses
 from cluster.selector.grpc_tls import ClientTLS
+from cluster.selector.reporter import KVReporter
 from cluster.selector.types import LoadSnapshot, Outcome
 from kvmanager.events import KVEvent
 from protos import cache_selection_pb2 as pb

@@ -12,9 +12,10 @@ import pytest
 from ports import free_port
 from prometheus_client import generate_latest
 
-from cluster.selector.client import AsyncSelectorClient, KVReporter, SelectorClient
+from cluster.selector.client import AsyncSelectorClient, SelectorClient
 from cluster.selector.core import SelectorCore
 from cluster.selector.core_types import ApplyResult
+from cluster.selector.reporter import KVReporter
 from cluster.selector.server import ServerThread
 from cluster.selector.types import LoadSnapshot, Outcome, SelectionRequest
 from kvmanager.events import BlockRemoved, BlockStored, KVEvent

@@ -17,8 +17,9 @@ import pytest
 from pydantic import ValidationError
 from tls_certs import Pki, make_pki
 
-from cluster.selector.client import AsyncSelectorClient, KVReporter, SelectorClient
+from cluster.selector.client import AsyncSelectorClient, SelectorClient
 from cluster.selector.grpc_tls import ClientTLS, TLSSettings, channel
+from cluster.selector.reporter import KVReporter
 from cluster.selector.server import ServerThread
 from cluster.selector.types import Outcome
 from cluster.serve.app_config import SelectorSettings
