@@ -10,8 +10,9 @@ deadline. A killed replica is restarted by Serve; the LLM replicas see it in the
 within a second and resync it in full, so no request needs the power-of-two fallback while
 one selection replica is up. Beside gRPC each replica serves the Select fast lane
 (``selector.fast_lane_port``, ``cluster.selector.fast_lane``; not with TLS), published in the
-same registry entry: ``fast_lanes()`` maps each address to its lane for the router. Its ``tinyserve_selector_*`` metrics reach Ray's metrics port
-through ``cluster.serve.metrics_mirror``.
+same registry entry: ``fast_lanes()`` maps each address to its lane for the router. Its
+``tinyserve_selector_*`` metrics reach Ray's metrics port through
+``cluster.serve.metrics_mirror``.
 """
 
 from __future__ import annotations
