@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         for in_process in cores:
             side = "served-proc" if in_process else "served"
             model_name = deploy(args, {**engine_config(args, model), "engine_process": in_process})
-            url = direct_url(http) if args.direct_ingress else http
+            url = (direct_url(http, count=json.loads(args.app_args).get("ingress_num_replicas", 1))
+                   if args.direct_ingress else http)
             run_served(url, model_name, warm, 2, "completions", True, args)
             served_traces()
             for (endpoint, c), prompts in workload.items():

@@ -48,19 +48,23 @@ async def closed_loop(concurrency: int, n: int, one: Callable[[int], Any]) -> tu
 
 
 
-def run_served(http: str, model_name: str, prompts: list[Prompt], c: int, endpoint: str,
+def run_served(http: str | list[str], model_name: str, prompts: list[Prompt], c: int, endpoint: str,
                stream: bool, args: argparse.Namespace, side: str = "served",
                ) -> tuple[RunResult, list[Sample]]:
     import openai
 
     async def main() -> tuple[list[Sample], int]:
-        # NOTE: the client's default pool (1,000 connections) covers every concurrency here.
-        async with openai.AsyncOpenAI(
-                base_url=f"{http}/v1", api_key="unused", max_retries=0, timeout=600) as client:
+        # NOTE: the client's default pool (1,000 connections) covers every concurrency here;
+        # several urls (direct ingress replicas) take the requests round robin.
+        clients = [openai.AsyncOpenAI(base_url=f"{u}/v1", api_key="unused", max_retries=0,
+                                      timeout=600)
+                   for u in ([http] if isinstance(http, str) else http)]
+        try:
             common = dict(model=model_name, max_tokens=args.output_len, temperature=0,
                           extra_body={"ignore_eos": True})
 
             async def one(i: int) -> Sample:
+                client = clients[i % len(clients)]
                 text = prompts[i].text
                 send = time.perf_counter()
                 if endpoint == "chat":
@@ -95,6 +99,9 @@ def run_served(http: str, model_name: str, prompts: list[Prompt], c: int, endpoi
                 return Sample(send, first, last or time.perf_counter(), n, rid)
 
             return await closed_loop(c, len(prompts), one)
+        finally:
+            for client in clients:
+                await client.close()
 
     samples, errors = asyncio.run(main())
     return summarize(side, endpoint, stream, c, samples, errors), samples
@@ -148,13 +155,15 @@ def deploy(args: argparse.Namespace, engine: dict[str, Any]) -> str:
     return "overhead"
 
 
-def direct_url(proxy: str, timeout_s: float = 60.0) -> str:
-    """The ingress replica's own base url under direct ingress (not ``proxy``'s)."""
-    from cluster.serve.direct_ingress import direct_url as app_direct_url
+def direct_url(proxy: str, timeout_s: float = 60.0, count: int = 1) -> list[str]:
+    """The ingress replicas' own base urls under direct ingress (not ``proxy``'s), once
+    ``count`` of them are up. NOTE: the client spreads requests over them round robin, as the
+    load balancer in front of them (Serve's HAProxy mode, a cloud LB) would."""
+    from cluster.serve.direct_ingress import direct_urls
 
-    url = app_direct_url(APP, proxy, timeout_s)
-    print(f"direct ingress at {url} (proxy {proxy})", flush=True)
-    return url
+    urls = direct_urls(APP, proxy, count, timeout_s)
+    print(f"direct ingress at {' '.join(urls)} (proxy {proxy})", flush=True)
+    return urls
 
 
 def served_traces() -> list[dict[str, Any]]:

@@ -273,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     http = start_serve(dargs)
     try:
         deploy(dargs, engine)
-        url = direct_url(http) if args.direct_ingress else http
+        # NOTE: one client url: the first ingress replica's own port under direct ingress.
+        url = direct_url(http)[0] if args.direct_ingress else http
         warm = [p.text for p in make_prompts(tokenizer, "completions", args.concurrency,
                                              args.prompt_len, 99_999)]
         measure(url, warm, "completions", True, args)

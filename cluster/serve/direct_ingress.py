@@ -49,17 +49,24 @@ def app_http_urls(app_name: str) -> list[str]:
     return urls
 
 
-def direct_url(app_name: str, proxy: str, timeout_s: float = 60.0) -> str:
-    """The first of ``app_name``'s base urls that is not ``proxy`` (the ingress replica's own
-    server under direct ingress), once Serve publishes it; RuntimeError after ``timeout_s``."""
+def direct_urls(app_name: str, proxy: str, count: int = 1, timeout_s: float = 60.0) -> list[str]:
+    """``app_name``'s base urls that are not ``proxy`` (its ingress replicas' own servers under
+    direct ingress), once Serve publishes at least ``count`` of them; RuntimeError after
+    ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
         urls = [u for u in app_http_urls(app_name) if u != proxy]
-        if urls:
-            return urls[0]
+        if len(urls) >= max(count, 1):
+            return urls
         if time.monotonic() > deadline:
-            raise RuntimeError(f"no direct ingress url for {app_name} in {timeout_s:.0f} s")
+            raise RuntimeError(
+                f"{len(urls)} of {count} direct ingress urls for {app_name} in {timeout_s:.0f} s")
         time.sleep(0.5)
+
+
+def direct_url(app_name: str, proxy: str, timeout_s: float = 60.0) -> str:
+    """The first of ``direct_urls`` (one ingress replica's own server)."""
+    return direct_urls(app_name, proxy, 1, timeout_s)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
