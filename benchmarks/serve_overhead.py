@@ -163,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=None, help="default 1024 GPU, 64 CPU")
     p.add_argument("--output-len", type=int, default=None, help="default 128 GPU, 32 CPU")
     p.add_argument("--rounds", type=int, default=2, help="requests per client per run")
+    p.add_argument("--client-procs", type=int, default=0,
+                   help="client processes sharing the concurrency (default: 4 on a GPU, 1 on "
+                   "CPU, where the box's 2 cores are the app's)")
     p.add_argument("--min-requests", type=int, default=8)
     p.add_argument("--endpoints", nargs="+", default=["completions", "chat"],
                    choices=("completions", "chat"))
@@ -213,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     args.prompt_len = args.prompt_len or (1024 if gpu else 64)
     args.output_len = args.output_len or (128 if gpu else 32)
     args.stream_interval = args.stream_interval or (8 if gpu else 1)
+    args.client_procs = args.client_procs or (4 if gpu else 1)
 
     t_start = time.perf_counter()
     model, tok_dir = prepare_model(args)

@@ -51,16 +51,48 @@ async def closed_loop(concurrency: int, n: int, one: Callable[[int], Any]) -> tu
 def run_served(http: str | list[str], model_name: str, prompts: list[Prompt], c: int, endpoint: str,
                stream: bool, args: argparse.Namespace, side: str = "served",
                ) -> tuple[RunResult, list[Sample]]:
+    """One closed-loop run of ``c`` clients over ``prompts``; with ``args.client_procs`` > 1
+    the clients are split over that many processes (at most ``c``), each its own event loop.
+
+    NOTE: one Python process with the ``openai`` client tops out well below what the app
+    serves at c >= 64 (its loop parses every SSE chunk), and its own lag reads as the app's
+    latency; several processes are what many real clients are. ``perf_counter`` is the
+    system-wide monotonic clock on Linux, so the processes' stamps are comparable."""
+    urls = [http] if isinstance(http, str) else list(http)
+    procs = max(1, min(getattr(args, "client_procs", 1), c))
+    if procs == 1:
+        samples, errors = client_run(urls, model_name, prompts, c, endpoint, stream,
+                                     args.output_len)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        start_at = time.time() + 5.0  # NOTE: the processes start their loops together
+        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as ex:
+            futures = [
+                ex.submit(client_run, urls, model_name, prompts[k::procs],
+                          c // procs + (k < c % procs), endpoint, stream, args.output_len,
+                          start_at)
+                for k in range(procs)]
+            parts = [f.result() for f in futures]
+        samples = [s for part, _ in parts for s in part]
+        errors = sum(e for _, e in parts)
+    return summarize(side, endpoint, stream, c, samples, errors), samples
+
+
+def client_run(urls: list[str], model_name: str, prompts: list[Prompt], c: int, endpoint: str,
+               stream: bool, output_len: int, start_at: float = 0.0,
+               ) -> tuple[list[Sample], int]:
+    """The closed loop of one client process: ``c`` workers, requests round robin over
+    ``urls`` (direct ingress replicas), from wall time ``start_at`` on."""
     import openai
 
     async def main() -> tuple[list[Sample], int]:
-        # NOTE: the client's default pool (1,000 connections) covers every concurrency here;
-        # several urls (direct ingress replicas) take the requests round robin.
+        # NOTE: the client's default pool (1,000 connections) covers every concurrency here.
         clients = [openai.AsyncOpenAI(base_url=f"{u}/v1", api_key="unused", max_retries=0,
-                                      timeout=600)
-                   for u in ([http] if isinstance(http, str) else http)]
+                                      timeout=600) for u in urls]
         try:
-            common = dict(model=model_name, max_tokens=args.output_len, temperature=0,
+            common = dict(model=model_name, max_tokens=output_len, temperature=0,
                           extra_body={"ignore_eos": True})
 
             async def one(i: int) -> Sample:
@@ -98,13 +130,13 @@ def run_served(http: str | list[str], model_name: str, prompts: list[Prompt], c:
                         n = chunk.usage.completion_tokens
                 return Sample(send, first, last or time.perf_counter(), n, rid)
 
+            await asyncio.sleep(max(0.0, start_at - time.time()))
             return await closed_loop(c, len(prompts), one)
         finally:
             for client in clients:
                 await client.close()
 
-    samples, errors = asyncio.run(main())
-    return summarize(side, endpoint, stream, c, samples, errors), samples
+    return asyncio.run(main())
 
 
 def start_serve(args: argparse.Namespace) -> str:

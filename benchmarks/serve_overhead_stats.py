@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks.serve_overhead_report import HOPS
+from benchmarks.serve_overhead_report import HOPS, reference_side
 
 
 @dataclass(slots=True)
@@ -102,7 +102,9 @@ def hop_breakdown(samples: list[Sample], traces: list[dict[str, Any]], stream: b
 
 
 def print_table(results: list[RunResult]) -> None:
-    engine = {(r.endpoint, r.concurrency): r for r in results if r.side == "engine"}
+    sides = {r.side for r in results}
+    engine = {(r.side, r.endpoint, r.concurrency): r for r in results
+              if r.side.startswith("engine")}
     head = (f"{'side':<12}{'endpoint':<13}{'stream':<8}{'c':>5}{'tok/s':>9}{'ratio':>7}"
             f"{'TTFT p50':>10}{'p99':>9}{'TPOT p50':>10}{'p99':>9}{'lat p50':>10}{'err':>5}")
     print(head)
@@ -112,7 +114,7 @@ def print_table(results: list[RunResult]) -> None:
         return f"{v:.1f}" if v is not None else "-"
 
     for r in results:
-        base = engine.get((r.endpoint, r.concurrency))
+        base = engine.get((reference_side(r.side, sides), r.endpoint, r.concurrency))
         ratio = r.output_tok_s / base.output_tok_s if base else float("nan")
         print(f"{r.side:<12}{r.endpoint:<13}{r.stream!s:<8}{r.concurrency:>5}"
               f"{r.output_tok_s:>9.1f}{ratio:>7.2f}{ms(r.ttft_p50_ms):>10}{ms(r.ttft_p99_ms):>9}"

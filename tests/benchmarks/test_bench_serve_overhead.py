@@ -87,3 +87,21 @@ def test_process_core_rows_get_their_own_hop_columns_and_compare_against_the_thr
                              ("proc", pick_side(data, "served-proc"))])
     assert "| completions stream c=16 | 0.70 | 0.90 |" in cmp
     assert "| engine_total | 70.0 / 90.0 |" in cmp
+
+
+def test_the_process_core_is_compared_with_the_engine_alone_on_the_same_core() -> None:
+    def res(side: str, tok_s: float) -> dict:
+        return {"side": side, "endpoint": "completions", "stream": False, "concurrency": 64,
+                "output_tok_s": tok_s, "ttft_p50_ms": None, "ttft_p99_ms": None,
+                "tpot_p50_ms": None, "tpot_p99_ms": None, "latency_p50_ms": 5.0,
+                "num_errors": 0, "hops_ms": {}}
+
+    data = {"device": "gpu", "machine": "m", "cpu_count": 16, "total_s": 1.0, "label": "",
+            "config": {"model": "random-1b", "prompt_len": 1024, "output_len": 128,
+                       "stream_interval": 8, "concurrency": [64]},
+            "results": [res("engine", 100.0), res("engine-proc", 160.0), res("served", 80.0),
+                        res("served-proc", 120.0)]}
+    md = render_markdown(data)
+    assert "| served | completions | no | 64 | 80.0 | 0.80 |" in md
+    assert "| served-proc | completions | no | 64 | 120.0 | 0.75 |" in md  # 120 / 160
+    assert "| engine-proc | completions | no | 64 | 160.0 | 1.60 |" in md

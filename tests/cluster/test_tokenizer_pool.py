@@ -109,3 +109,28 @@ def test_inline_errors_reach_the_caller_and_zero_means_always_threads() -> None:
     assert not off.is_inline(0) and not off.is_inline(1)  # 0: always threads
     with pytest.raises(ValueError, match="inline_max_chars"):
         TokenizerPool(None, 1, inline_max_chars=-1)
+
+
+def test_every_thread_and_its_copy_exist_before_the_first_request() -> None:
+    tok = _tokenizer()
+    copies: list[int] = []
+
+    class Counting(TokenizerPool):
+        def _init_thread(self) -> None:
+            super()._init_thread()
+            copies.append(id(self._local.tokenizer))
+
+    pool = Counting(tok, 3)
+    try:
+        assert pool.num_threads_started == 3
+        assert len(set(copies)) == 3 and id(tok) not in copies
+        texts = [" ".join(f"w{i + j}" for j in range(50)) for i in range(12)]
+
+        async def main() -> list[tuple[int, str, list[int]]]:
+            return await asyncio.gather(*(pool.run(_encode, t) for t in texts))
+
+        results = asyncio.run(main())
+        assert {tok_id for tok_id, _, _ in results} <= set(copies)  # no copy made later
+        assert len(copies) == 3
+    finally:
+        pool.shutdown()
