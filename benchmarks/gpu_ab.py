@@ -36,6 +36,8 @@ import asyncio
 import json
 import os
 import shutil
+import signal
+import sys
 import threading
 import time
 import urllib.request
@@ -490,10 +492,39 @@ def main(argv: list[str] | None = None) -> int:
     for p in args.policies:
         routers.setdefault(POLICIES[p][0], []).append(p)
     order = replay_plan(routers, args.workloads, seeds)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(results: list[dict[str, Any]], partial: bool) -> str:
+        """<out>.json and .md of what finished (after every replay: a run killed past its
+        command's limit keeps them), and .png at the end."""
+        rows = [r["summary"] for r in results]
+        meta = {"benchmark": "gpu_ab", "gpu": gpu, "num_replicas": args.replicas,
+                "gpus": plan["gpus_used"], "replicas_per_gpu": plan["replicas_per_gpu"],
+                "num_gpus_per_replica": plan["num_gpus_per_replica"], "kv_fit": fit,
+                "model": model, "arch": LLAMA_1B if args.make_llama1b else "smollm2-135m",
+                "engine": engine, "plan": {w: PLAN[w] for w in args.workloads},
+                "seeds": seeds, "budget_s": args.budget_s, "elapsed_s": budget.elapsed(),
+                "deploy_s": deploy_s, "skipped": skipped, "partial": partial}
+        out.with_suffix(".json").write_text(json.dumps({**meta, "runs": results}))
+        md = (f"# Routing A/B on {where}\n\nSeeds {seeds}; {len(rows)} replays in "
+              f"{budget.elapsed():.0f} s" + (f", {len(skipped)} skipped (budget)" if skipped
+                                             else "") + (" (still running)" if partial else "")
+              + ".\n\n## Every replay\n\n" + table(rows) + "\n\n## Mean over seeds\n\n"
+              + mean_table(rows) + "\n")
+        out.with_suffix(".md").write_text(md)
+        if rows and not partial:
+            plot(rows, out.with_suffix(".png"), where)
+        return md
+
+    # NOTE: a SIGTERM (e.g. `timeout`) unwinds through the finally below, which writes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         for i, (router, replays) in enumerate(order):
             if args.budget_s and budget.elapsed() + max(deploy_s.values(), default=0.0) \
                     > args.budget_s:
+                print(f"== router={router} skipped: budget ({budget.elapsed():.0f} s gone)",
+                      flush=True)
                 skipped += [{"seed": s, "workload": w, "policy": p} for s, w, p in replays]
                 continue
             deploy_s[router] = deploy(router, engine, args.replicas, args.device, http,
@@ -516,28 +547,12 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(replay(http, served, w, s, p, f"{p}-{w}-s{s}-{len(results)}",
                                       args.max_requests, args.replicas))
                 budget.record(w, results[-1]["summary"]["wall_s"])
+                write(results, True)
             serve.delete(APP)
     finally:
         serve.shutdown()
         ray.shutdown()
-        rows = [r["summary"] for r in results]
-        meta = {"benchmark": "gpu_ab", "gpu": gpu, "num_replicas": args.replicas,
-                "gpus": plan["gpus_used"], "replicas_per_gpu": plan["replicas_per_gpu"],
-                "num_gpus_per_replica": plan["num_gpus_per_replica"], "kv_fit": fit,
-                "model": model, "arch": LLAMA_1B if args.make_llama1b else "smollm2-135m",
-                "engine": engine, "plan": {w: PLAN[w] for w in args.workloads},
-                "seeds": seeds, "budget_s": args.budget_s, "elapsed_s": budget.elapsed(),
-                "deploy_s": deploy_s, "skipped": skipped}
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps({**meta, "runs": results}))
-        md = (f"# Routing A/B on {where}\n\nSeeds {seeds}; {len(rows)} replays in "
-              f"{budget.elapsed():.0f} s" + (f", {len(skipped)} skipped (budget)" if skipped
-                                             else "") + ".\n\n## Every replay\n\n"
-              + table(rows) + "\n\n## Mean over seeds\n\n" + mean_table(rows) + "\n")
-        out.with_suffix(".md").write_text(md)
-        if rows:
-            plot(rows, out.with_suffix(".png"), where)
+        md = write(results, False)
         print(md)
     return 0
 
