@@ -4,6 +4,8 @@ once per routing policy, back to back, over HTTP with the ``openai`` streaming c
     # on a GPU machine, after `. scripts/gpu_site.sh` (Ray carried as a wheelhouse):
     python3 -m benchmarks.gpu_ab --device cuda --replicas 2 --make-llama1b /tmp/llama1b \\
         --tokenizer .whl/tokenizer --out $OUT/gpu_ab
+    # one GPU shared by 2 replicas (0.5 GPU each, a fixed KV pool each), 2 seeds, a 470-s budget:
+    python3 -m benchmarks.gpu_ab --device cuda --replicas 2 --gpus 1 --seeds 0 1 --budget-s 470 ...
     # smoke test here (SmolLM2 on CPU, short prompts, a few requests per replay):
     python -m benchmarks.gpu_ab --device cpu --max-requests 6 --warmup 2 --http-port 8123 \
         --workloads generated_shared_prefix --set generated_shared_prefix.system_prompt_len=256 \
@@ -18,7 +20,13 @@ as a long-running server does. Per policy: TTFT p50/p90/p99 and TPOT (client sid
 tokens/s, prefix-hit token ratio (``usage.cached_tokens``), load imbalance (max/mean prompt
 tokens per replica, from the pools' counters) and KV utilisation (pool usage sampled every
 0.5 s). Writes ``<out>.json`` (every replay with its loadgen records; ``gpu_ab_sim.as_loadgen`` gives loadgen's exact shape), ``<out>.md``
-and ``<out>.png``.
+and ``<out>.png`` (per replay with its seed, and the mean over seeds per workload and policy).
+
+More replicas than GPUs (``--gpus``, default every visible device) share them: ``gpu_plan``
+gives each a fraction of a GPU, and each keeps the fixed pool of ``--num-blocks`` (the engine
+then sizes nothing from the GPU's free memory); ``kv_fit`` checks that the replicas' weights,
+pools and overhead fit a GPU, and shrinks the pools if not. ``--budget-s`` (``Budget``) starts
+no replay that would overrun it and still writes every replay that finished.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ import asyncio
 import json
 import os
 import shutil
+import signal
+import sys
 import threading
 import time
 import urllib.request
@@ -69,6 +79,90 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
 LLAMA_8B = {k: v for k, v in SHAPES["8b"].items() if k != "vocab_size"}
 
 
+def gpu_plan(replicas: int, gpus: int) -> dict[str, Any]:
+    """Ray's GPU resources: one replica per GPU while there are enough GPUs, else the replicas
+    share them, ``ceil(replicas / gpus)`` to a GPU (Ray places a fractional request on ONE GPU,
+    so 3 replicas on 2 GPUs take 0.5 each, not 0.67, which would leave the third unplaced)."""
+    if replicas < 1 or gpus < 1:
+        raise ValueError(f"replicas ({replicas}) and gpus ({gpus}) must be >= 1")
+    per_gpu = -(-replicas // gpus)
+    # NOTE: rounded down to Ray's 1e-4 resource grain, so per_gpu shares never exceed 1.
+    share = 1.0 if per_gpu == 1 else int(10_000 / per_gpu) / 10_000
+    return {"gpus": gpus, "replicas": replicas, "replicas_per_gpu": per_gpu,
+            "num_gpus_per_replica": share, "gpus_used": min(gpus, replicas)}
+
+
+def kv_fit(num_blocks: int, replicas_per_gpu: int, gpu_bytes: int, arch: dict[str, int],
+           block_size: int = 16, dtype_bytes: int = 2, overhead_bytes: int = 4 << 30,
+           headroom: float = 0.92) -> dict[str, Any]:
+    """Whether ``replicas_per_gpu`` replicas of the checkpoint ``arch`` (config.json fields),
+    each with a ``num_blocks`` KV pool, fit one GPU of ``gpu_bytes``: per replica, weights +
+    KV + ``overhead_bytes`` (CUDA context of the replica and its engine process, activations of
+    an 8,192-token step, CUDA-graph pool, allocator slack), all of it under ``headroom`` of the
+    GPU. ``max_blocks``: the largest pool per replica that fits."""
+    layers, hidden = arch["num_hidden_layers"], arch["hidden_size"]
+    heads = arch["num_attention_heads"]
+    kv_heads = arch.get("num_key_value_heads") or heads
+    head_dim = arch.get("head_dim") or hidden // heads
+    inter, vocab = arch["intermediate_size"], arch.get("vocab_size", 49_152)
+    per_block = 2 * layers * kv_heads * head_dim * block_size * dtype_bytes
+    per_layer = hidden * (heads * head_dim) * 2 + hidden * kv_heads * head_dim * 2 \
+        + 3 * hidden * inter
+    embed = vocab * hidden * (1 if arch.get("tie_word_embeddings", True) else 2)
+    weights = (layers * per_layer + embed) * dtype_bytes
+    per_replica = weights + num_blocks * per_block + overhead_bytes
+    room = int(gpu_bytes * headroom) // replicas_per_gpu - weights - overhead_bytes
+    return {"kv_bytes_per_block": per_block, "weights_bytes": weights,
+            "kv_bytes_per_replica": num_blocks * per_block, "overhead_bytes": overhead_bytes,
+            "bytes_per_gpu": per_replica * replicas_per_gpu, "gpu_bytes": gpu_bytes,
+            "fits": per_replica * replicas_per_gpu <= gpu_bytes * headroom,
+            "max_blocks": max(room // per_block, 0)}
+
+
+def replay_plan(routers: dict[str, list[str]], workloads: list[str],
+                seeds: list[int]) -> list[tuple[str, list[tuple[int, str, str]]]]:
+    """Per deployment (router), its replays as (seed, workload, policy), seed-major: a budget
+    that runs out cuts the later seeds of every deployment, not whole policies."""
+    return [(r, [(s, w, p) for s in seeds for w in workloads for p in ps])
+            for r, ps in routers.items()]
+
+
+class Budget:
+    """Stops starting replays that would overrun ``budget_s`` (0 = no budget), measured from
+    ``start`` on ``clock``. The time left after each deployment is split between it and the
+    deployments still to come in proportion to their replays (each later one also keeps a
+    deployment's worth, as long as this one's took), so a short budget trims every policy's
+    later seeds alike. A replay's cost is estimated as the longest replay of its workload seen
+    so far (unknown: assumed to fit)."""
+
+    def __init__(self, budget_s: float, clock: Any = time.monotonic) -> None:
+        self.budget_s = budget_s
+        self.clock = clock
+        self.start = clock()
+        self.deadline = float("inf")
+        self.walls: dict[str, float] = {}
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def open_deployment(self, replays: int, later_replays: int, later_deployments: int,
+                        deploy_s: float) -> None:
+        if not self.budget_s:
+            return
+        left = self.budget_s - self.elapsed() - later_deployments * deploy_s
+        share = replays / max(replays + later_replays, 1)
+        self.deadline = self.clock() + max(left, 0.0) * share
+
+    def allows(self, workload: str) -> bool:
+        if not self.budget_s:
+            return True
+        end = self.clock() + self.walls.get(workload, 0.0)
+        return end <= self.deadline and end - self.start <= self.budget_s
+
+    def record(self, workload: str, wall_s: float) -> None:
+        self.walls[workload] = max(self.walls.get(workload, 0.0), wall_s)
+
+
 def make_llama1b(path: Path, tokenizer_dir: Path) -> Path:
     """A Llama-3.2-1B-shaped checkpoint with random bf16 weights and a real tokenizer (routing
     and prefix caching act on token ids; the weights only set the compute)."""
@@ -101,6 +195,8 @@ def make_random_llama(path: Path, tokenizer_dir: Path, shape: dict[str, int]) ->
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, path / f.name)
     del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # NOTE: the driver keeps no cached GPU memory the replicas need.
     return path
 
 
@@ -166,14 +262,15 @@ def tpot(records: list[LoadRecord]) -> dict[str, float]:
     return {"tpot_p50_s": float(np.percentile(t, 50)), "tpot_p90_s": float(np.percentile(t, 90))}
 
 
-def deploy(router: str, engine: dict[str, Any], replicas: int, device: str, http: str) -> None:
+def deploy(router: str, engine: dict[str, Any], replicas: int, device: str, http: str,
+           num_gpus_per_replica: float = 1.0) -> float:
     from ray import serve
 
     from cluster.serve.app import build_app
 
     args = {"engine": engine, "num_replicas": replicas, "router": router,
             "num_cpus_per_replica": 2 if device == "cuda" else 1,
-            "num_gpus_per_replica": 1 if device == "cuda" else 0,
+            "num_gpus_per_replica": num_gpus_per_replica if device == "cuda" else 0,
             "max_ongoing_requests": 1024, "ingress_num_replicas": 4 if device == "cuda" else 1,
             "selector": {"port": 0, "stale_after_s": 600},
             "auth": {"enabled": False}}  # NOTE: the proxy binds loopback (see main())
@@ -191,7 +288,9 @@ def deploy(router: str, engine: dict[str, Any], replicas: int, device: str, http
             if time.monotonic() > deadline:
                 raise RuntimeError(f"router={router}: the app did not answer in 600 s") from None
             time.sleep(1)
-    print(f"== deployed router={router} in {time.perf_counter() - t0:.1f} s", flush=True)
+    took = time.perf_counter() - t0
+    print(f"== deployed router={router} in {took:.1f} s", flush=True)
+    return took
 
 
 def replay(http: str, model: str, workload: str, seed: int, policy: str, nonce: str,
@@ -221,7 +320,7 @@ def replay(http: str, model: str, workload: str, seed: int, policy: str, nonce: 
            "scale": scale, "rate_multiplier": rate, "overrides": overrides,
            "num_sent": len(rep.requests), "wall_s": time.perf_counter() - t0,
            **summarize(records), **tpot(records), **pools.figures()}
-    print(f"   {workload:24s} {policy:20s} n={row['num_requests']:5d} err={row.get('num_errors')}"
+    print(f"   s{seed} {workload:24s} {policy:20s} n={row['num_requests']:5d} err={row.get('num_errors')}"
           f" ttft p50/p99 {row.get('ttft_p50_s', 0):.3f}/{row.get('ttft_p99_s', 0):.3f} s"
           f" hit {row.get('hit_ratio', 0):.3f} tok/s {row.get('throughput_tok_s', 0):.0f}"
           f" imb {row['imbalance']:.2f} kv {row['kv_usage_mean']:.2f}"
@@ -232,7 +331,7 @@ def replay(http: str, model: str, workload: str, seed: int, policy: str, nonce: 
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    cols = ["workload", "policy", "num_requests", "num_errors", "ttft_p50_s", "ttft_p90_s",
+    cols = ["workload", "policy", "seed", "num_requests", "num_errors", "ttft_p50_s", "ttft_p90_s",
             "ttft_p99_s", "tpot_p50_s", "throughput_tok_s", "hit_ratio", "imbalance",
             "kv_usage_mean"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -243,12 +342,44 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+MEAN_COLS = ["ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tpot_p50_s", "throughput_tok_s",
+             "hit_ratio", "imbalance", "kv_usage_mean"]
+
+
+def mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (workload, policy): the mean of each figure over the seeds that ran it."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["workload"], r["policy"]), []).append(r)
+    out = []
+    for (w, p), rs in groups.items():
+        row: dict[str, Any] = {"workload": w, "policy": p, "seeds": len(rs),
+                               "num_requests": sum(r.get("num_requests", 0) for r in rs),
+                               "num_errors": sum(r.get("num_errors", 0) or 0 for r in rs)}
+        for c in MEAN_COLS:
+            vals = [r[c] for r in rs if isinstance(r.get(c), (int, float))]
+            if vals:
+                row[c] = float(np.mean(vals))
+        out.append(row)
+    return out
+
+
+def mean_table(rows: list[dict[str, Any]]) -> str:
+    cols = ["workload", "policy", "seeds", "num_requests", "num_errors", *MEAN_COLS]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in mean_rows(rows):
+        out.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else
+                                     str(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(out)
+
+
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = mean_rows(rows)
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     fig, axes = plt.subplots(1, len(workloads), figsize=(4.5 * len(workloads), 4), squeeze=False)
     for ax, w in zip(axes[0], workloads, strict=True):
@@ -270,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--gpus", type=int, default=0,
+                    help="GPUs to spread the replicas over (0: every visible CUDA device); "
+                    "more replicas than GPUs share them (gpu_plan), each with its own pool")
     ap.add_argument("--model", default="default", help="checkpoint dir, or 'default' (SmolLM2)")
     ap.add_argument("--make-llama1b", default="", help="write a random 1B Llama here and serve it")
     ap.add_argument("--tokenizer", default=".whl/tokenizer", help="tokenizer files for it")
@@ -284,11 +418,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", action="append", default=[], metavar="KEY=JSON",
                     help="EngineConfig override, e.g. stream_interval=8")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="several seeds in one run (overrides --seed)")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="start no replay that would end past this many seconds from the start "
+                    "(Budget); what finished is written. 0 = no budget")
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--warmup", type=int, default=16, help="warm-up requests per deployment")
     ap.add_argument("--max-requests", type=int, default=0)
     ap.add_argument("--out", required=True, help="output path prefix (.json/.md/.png)")
     args = ap.parse_args(argv)
+    budget = Budget(args.budget_s)
+    seeds = args.seeds if args.seeds else [args.seed]
     for item in args.rate:
         name, _, x = item.partition("=")
         PLAN[name] = (PLAN[name][0], float(x), PLAN[name][2])
@@ -305,57 +446,114 @@ def main(argv: list[str] | None = None) -> int:
         model = str(make_llama1b(Path(args.make_llama1b), Path(args.tokenizer)))
     b2b = PLAN["b2b_saas"]
     num_blocks = args.num_blocks or build_workload(
-        "b2b_saas", args.seed, b2b[0] * args.replicas / 2, **b2b[2]).kv_blocks_per_replica
+        "b2b_saas", seeds[0], b2b[0] * args.replicas / 2, **b2b[2]).kv_blocks_per_replica
     engine: dict[str, Any] = {"model": model, "device": args.device,
                               "num_blocks": num_blocks, "block_size": 16}
-    if args.device == "cuda":
-        engine.update(dtype="bfloat16", max_num_seqs=256, max_num_batched_tokens=8192)
-    else:
-        engine.update(num_blocks=min(num_blocks or 2048, 2048), max_num_seqs=8, num_threads=1)
-    # NOTE: enough logical CPUs for replicas + ingress + selector even on a 2-core box.
-    for item in args.engine:
-        key, _, value = item.partition("=")
-        engine[key] = json.loads(value)
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4 * args.replicas + 4),
-             num_gpus=args.replicas if args.device == "cuda" else 0, include_dashboard=False)
-    http = f"http://127.0.0.1:{args.http_port}"
-    serve.start(http_options={"host": "127.0.0.1", "port": args.http_port})
-    results: list[dict[str, Any]] = []
-    gpu = "cpu"
+    gpu, plan, fit = "cpu", {"gpus": 0, "replicas": args.replicas, "replicas_per_gpu": 0,
+                             "num_gpus_per_replica": 0.0, "gpus_used": 0}, None
     if args.device == "cuda":
         import torch
 
+        engine.update(dtype="bfloat16", max_num_seqs=256, max_num_batched_tokens=8192)
+        plan = gpu_plan(args.replicas, args.gpus or torch.cuda.device_count())
         gpu = torch.cuda.get_device_name(0)
-    routers = list(dict.fromkeys(POLICIES[p][0] for p in args.policies))
+        cfg = Path(model) / "config.json"
+        if plan["replicas_per_gpu"] > 1 and cfg.exists():
+            # NOTE: a fixed pool per replica: the engine then sizes nothing from the GPU's free
+            # memory (kv_cache_memory_fraction applies only when num_blocks is None).
+            fit = kv_fit(num_blocks, plan["replicas_per_gpu"],
+                         torch.cuda.get_device_properties(0).total_memory,
+                         json.loads(cfg.read_text()))
+            if not fit["fits"]:
+                print(f"== {num_blocks} KV blocks x {plan['replicas_per_gpu']} replicas do not "
+                      f"fit one GPU: {fit['max_blocks']} blocks per replica", flush=True)
+                num_blocks = engine["num_blocks"] = fit["max_blocks"]
+        if plan["replicas_per_gpu"] > 1:
+            engine["kv_cache_memory_fraction"] = round(0.85 / plan["replicas_per_gpu"], 4)
+    else:
+        engine.update(num_blocks=min(num_blocks or 2048, 2048), max_num_seqs=8, num_threads=1)
+    for item in args.engine:
+        key, _, value = item.partition("=")
+        engine[key] = json.loads(value)
+    where = (f"{args.replicas} x {gpu}" if plan["replicas_per_gpu"] <= 1 else
+             f"{args.replicas} replicas sharing {plan['gpus_used']} x {gpu}")
+    print(f"== {where}: {plan['num_gpus_per_replica']} GPU and {engine['num_blocks']} KV "
+          f"blocks per replica; "
+          f"seeds {seeds}; budget {args.budget_s or 'none'}", flush=True)
+    # NOTE: enough logical CPUs for replicas + ingress + selector even on a 2-core box.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4 * args.replicas + 4),
+             num_gpus=plan["gpus_used"], include_dashboard=False)
+    http = f"http://127.0.0.1:{args.http_port}"
+    serve.start(http_options={"host": "127.0.0.1", "port": args.http_port})
+    results: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    deploy_s: dict[str, float] = {}
+    routers: dict[str, list[str]] = {}
+    for p in args.policies:
+        routers.setdefault(POLICIES[p][0], []).append(p)
+    order = replay_plan(routers, args.workloads, seeds)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(results: list[dict[str, Any]], partial: bool) -> str:
+        """<out>.json and .md of what finished (after every replay: a run killed past its
+        command's limit keeps them), and .png at the end."""
+        rows = [r["summary"] for r in results]
+        meta = {"benchmark": "gpu_ab", "gpu": gpu, "num_replicas": args.replicas,
+                "gpus": plan["gpus_used"], "replicas_per_gpu": plan["replicas_per_gpu"],
+                "num_gpus_per_replica": plan["num_gpus_per_replica"], "kv_fit": fit,
+                "model": model, "arch": LLAMA_1B if args.make_llama1b else "smollm2-135m",
+                "engine": engine, "plan": {w: PLAN[w] for w in args.workloads},
+                "seeds": seeds, "budget_s": args.budget_s, "elapsed_s": budget.elapsed(),
+                "deploy_s": deploy_s, "skipped": skipped, "partial": partial}
+        out.with_suffix(".json").write_text(json.dumps({**meta, "runs": results}))
+        md = (f"# Routing A/B on {where}\n\nSeeds {seeds}; {len(rows)} replays in "
+              f"{budget.elapsed():.0f} s" + (f", {len(skipped)} skipped (budget)" if skipped
+                                             else "") + (" (still running)" if partial else "")
+              + ".\n\n## Every replay\n\n" + table(rows) + "\n\n## Mean over seeds\n\n"
+              + mean_table(rows) + "\n")
+        out.with_suffix(".md").write_text(md)
+        if rows and not partial:
+            plot(rows, out.with_suffix(".png"), where)
+        return md
+
+    # NOTE: a SIGTERM (e.g. `timeout`) unwinds through the finally below, which writes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        for router in routers:
-            deploy(router, engine, args.replicas, args.device, http)
+        for i, (router, replays) in enumerate(order):
+            if args.budget_s and budget.elapsed() + max(deploy_s.values(), default=0.0) \
+                    > args.budget_s:
+                print(f"== router={router} skipped: budget ({budget.elapsed():.0f} s gone)",
+                      flush=True)
+                skipped += [{"seed": s, "workload": w, "policy": p} for s, w, p in replays]
+                continue
+            deploy_s[router] = deploy(router, engine, args.replicas, args.device, http,
+                                      plan["num_gpus_per_replica"])
+            t0 = time.perf_counter()
             with urllib.request.urlopen(f"{http}/v1/models") as r:
                 served = json.loads(r.read())["data"][0]["id"]
-            mine = [p for p in args.policies if POLICIES[p][0] == router]
             # NOTE: warm-up (first-request compilation, CUDA graphs) outside any measurement.
-            replay(http, served, "generated_shared_prefix", 99, mine[0], "warmup", args.warmup,
-                   args.replicas)
-            for w in args.workloads:
-                for p in mine:
-                    results.append(replay(http, served, w, args.seed, p,
-                                          f"{p}-{w}-{len(results)}", args.max_requests,
-                                          args.replicas))
+            replay(http, served, "generated_shared_prefix", 99, routers[router][0], "warmup",
+                   args.warmup, args.replicas)
+            deploy_s[router] += time.perf_counter() - t0
+            budget.open_deployment(len(replays), sum(len(r) for _, r in order[i + 1:]),
+                                   len(order) - i - 1, deploy_s[router])
+            for s, w, p in replays:
+                if not budget.allows(w):
+                    print(f"   s{s} {w:24s} {p:20s} skipped: budget ({budget.elapsed():.0f} s "
+                          f"gone)", flush=True)
+                    skipped.append({"seed": s, "workload": w, "policy": p})
+                    continue
+                results.append(replay(http, served, w, s, p, f"{p}-{w}-s{s}-{len(results)}",
+                                      args.max_requests, args.replicas))
+                budget.record(w, results[-1]["summary"]["wall_s"])
+                write(results, True)
             serve.delete(APP)
     finally:
         serve.shutdown()
         ray.shutdown()
-    rows = [r["summary"] for r in results]
-    meta = {"benchmark": "gpu_ab", "gpu": gpu, "num_replicas": args.replicas, "model": model,
-            "arch": LLAMA_1B if args.make_llama1b else "smollm2-135m", "engine": engine,
-            "plan": {w: PLAN[w] for w in args.workloads}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({**meta, "runs": results}))
-    md = (f"# Routing A/B on {args.replicas} x {gpu}\n\n" + table(rows) + "\n")
-    out.with_suffix(".md").write_text(md)
-    plot(rows, out.with_suffix(".png"), f"{args.replicas} x {gpu}")
-    print(md)
+        md = write(results, False)
+        print(md)
     return 0
 
 

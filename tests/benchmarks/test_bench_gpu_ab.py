@@ -1,4 +1,4 @@
-"""gpu_ab's pure parts (TPOT, table, replay plan) and gpu_ab_sim: a gpu_ab replay whose records
+"""gpu_ab's pure parts (TPOT, tables, GPU sharing, seeds, the time budget) and gpu_ab_sim: a gpu_ab replay whose records
 ARE the simulator's run agrees exactly, and Ray's router (no simulator model) is skipped."""
 
 from __future__ import annotations
@@ -10,7 +10,19 @@ from typing import Any
 
 import pytest
 
-from benchmarks.gpu_ab import PLAN, POLICIES, table, tpot
+from benchmarks.gpu_ab import (
+    LLAMA_1B,
+    PLAN,
+    POLICIES,
+    Budget,
+    gpu_plan,
+    kv_fit,
+    mean_rows,
+    mean_table,
+    replay_plan,
+    table,
+    tpot,
+)
 from benchmarks.gpu_ab_sim import SIM_POLICY, as_loadgen
 from benchmarks.gpu_ab_sim import main as sim_main
 from benchmarks.loadgen import LoadRecord
@@ -37,8 +49,9 @@ def test_every_policy_maps_to_a_router_and_the_sim_knows_all_but_rays() -> None:
     assert routers == {"tinyserve", "prefix_cache_affinity", "pow2"}
     assert set(POLICIES) - set(SIM_POLICY) == {"ray_prefix_affinity"}
     assert set(PLAN) == {"generated_shared_prefix", "multi_turn_chat", "tool_agent", "b2b_saas"}
-    md = table([{"workload": "w", "policy": "p", "num_requests": 3, "ttft_p50_s": 0.25}])
-    assert "| w | p | 3 |" in md and "0.250" in md
+    md = table([{"workload": "w", "policy": "p", "seed": 1, "num_requests": 3,
+                 "ttft_p50_s": 0.25}])
+    assert "| w | p | 1 | 3 |" in md and "0.250" in md
 
 
 def _ab_run(policy: str) -> dict[str, Any]:
@@ -74,3 +87,87 @@ def test_gpu_ab_replay_equal_to_the_simulation_agrees_and_rays_is_skipped(
     out = json.loads((tmp_path / "cmp.json").read_text())
     assert [r["policy"] for r in out["runs"]] == ["pow2"]
     assert "| generated_shared_prefix | pow2 |" in (tmp_path / "cmp.md").read_text()
+
+
+def test_replicas_share_the_gpus_in_whole_fractions_ray_can_place() -> None:
+    one = gpu_plan(2, 2)
+    assert one["num_gpus_per_replica"] == 1.0 and one["replicas_per_gpu"] == 1
+    assert one["gpus_used"] == 2 and gpu_plan(2, 8)["gpus_used"] == 2
+    shared = gpu_plan(2, 1)
+    assert shared["num_gpus_per_replica"] == 0.5 and shared["replicas_per_gpu"] == 2
+    # 3 replicas on 2 GPUs: 0.67 each would not fit two to a GPU; 0.5 does.
+    assert gpu_plan(3, 2)["num_gpus_per_replica"] == 0.5
+    for n in (3, 4, 6, 7):
+        p = gpu_plan(n, 1)
+        assert p["num_gpus_per_replica"] * n <= 1.0 and p["replicas_per_gpu"] == n
+    with pytest.raises(ValueError):
+        gpu_plan(2, 0)
+
+
+def test_the_h200_runs_kv_pool_fits_two_to_four_1b_replicas_on_one_h100() -> None:
+    arch = dict(LLAMA_1B, vocab_size=49_152, tie_word_embeddings=True)
+    h100 = 80 * 10**9 - 800 * 2**20
+    per_block = 2 * 16 * 8 * 64 * 16 * 2  # K and V, 16 layers, 8 KV heads of 64, bf16
+    for k in (2, 3, 4):
+        fit = kv_fit(19_521, k, h100, arch)
+        assert fit["fits"] and fit["kv_bytes_per_block"] == per_block == 512 * 1024
+        assert fit["max_blocks"] >= 19_521
+        # the fit is exact at max_blocks and one block more does not fit
+        assert kv_fit(fit["max_blocks"], k, h100, arch)["fits"]
+        assert not kv_fit(fit["max_blocks"] + 100, k, h100, arch)["fits"]
+    assert 1.9e9 < kv_fit(1, 2, h100, arch)["weights_bytes"] < 2.4e9  # ~1.07B params
+    assert not kv_fit(19_521, 6, h100, arch)["fits"]
+
+
+def test_seeds_run_seed_major_within_each_deployment() -> None:
+    plan = replay_plan({"tinyserve": ["tinyserve", "dynamo_cost"], "pow2": ["pow2"]},
+                       ["tool_agent", "b2b_saas"], [0, 1])
+    assert [r for r, _ in plan] == ["tinyserve", "pow2"]
+    ts = plan[0][1]
+    assert len(ts) == 8 and ts[:4] == [(0, "tool_agent", "tinyserve"),
+                                       (0, "tool_agent", "dynamo_cost"),
+                                       (0, "b2b_saas", "tinyserve"), (0, "b2b_saas", "dynamo_cost")]
+    assert {s for s, _, _ in ts[4:]} == {1}
+    assert plan[1][1] == [(0, "tool_agent", "pow2"), (0, "b2b_saas", "pow2"),
+                          (1, "tool_agent", "pow2"), (1, "b2b_saas", "pow2")]
+
+
+def test_the_budget_splits_time_by_replays_and_stops_replays_that_would_overrun() -> None:
+    now = [0.0]
+    b = Budget(100.0, clock=lambda: now[0])
+    assert b.allows("w")  # no deadline yet, nothing known
+    now[0] = 10.0  # the first deployment took 10 s; 2 later ones keep 10 s each
+    b.open_deployment(replays=4, later_replays=4, later_deployments=2, deploy_s=10.0)
+    assert b.deadline == pytest.approx(10.0 + (100 - 10 - 20) * 0.5)  # 45
+    assert b.allows("w")  # unknown cost: assumed to fit
+    b.record("w", 20.0)
+    now[0] = 25.0
+    assert b.allows("w")  # 25 + 20 = 45: fits exactly
+    now[0] = 26.0
+    assert not b.allows("w") and b.allows("other")
+    b.record("w", 5.0)  # the estimate is the longest seen
+    assert b.walls["w"] == 20.0
+    now[0] = 55.0  # the last deployment: the whole rest of the budget
+    b.open_deployment(replays=2, later_replays=0, later_deployments=0, deploy_s=10.0)
+    assert b.deadline == pytest.approx(100.0)
+    now[0] = 81.0
+    assert not b.allows("w")
+    free = Budget(0.0, clock=lambda: now[0])
+    free.open_deployment(1, 1, 1, 1e9)
+    free.record("w", 1e9)
+    assert free.allows("w")
+
+
+def test_mean_over_seeds_per_workload_and_policy() -> None:
+    rows = [{"workload": "w", "policy": "p", "seed": 0, "num_requests": 10, "num_errors": 0,
+             "ttft_p99_s": 1.0, "hit_ratio": 0.5},
+            {"workload": "w", "policy": "p", "seed": 1, "num_requests": 12, "num_errors": 1,
+             "ttft_p99_s": 2.0, "hit_ratio": 0.7},
+            {"workload": "w", "policy": "q", "seed": 0, "num_requests": 5, "num_errors": 0,
+             "ttft_p99_s": 3.0}]
+    m = {r["policy"]: r for r in mean_rows(rows)}
+    assert m["p"]["seeds"] == 2 and m["p"]["num_requests"] == 22 and m["p"]["num_errors"] == 1
+    assert m["p"]["ttft_p99_s"] == pytest.approx(1.5) and m["p"]["hit_ratio"] == pytest.approx(0.6)
+    assert m["q"]["seeds"] == 1 and "hit_ratio" not in m["q"]
+    md = mean_table(rows)
+    assert "| w | p | 2 | 22 | 1 |" in md and "1.500" in md
