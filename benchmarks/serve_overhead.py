@@ -58,7 +58,7 @@ from benchmarks.serve_overhead_served import (
     Prompt,
     closed_loop,
     deploy,
-    direct_url,
+    direct_urls,
     run_served,
     served_traces,
     start_serve,
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         for in_process in cores:
             side = "served-proc" if in_process else "served"
             model_name = deploy(args, {**engine_config(args, model), "engine_process": in_process})
-            url = direct_url(http, count=ingresses) if args.direct_ingress else http
+            url = direct_urls(http, ingresses) if args.direct_ingress else http
             run_served(url, model_name, warm, len(warm), "completions", True, args)
             served_traces()
             for (endpoint, c), prompts in workload.items():

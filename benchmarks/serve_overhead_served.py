@@ -59,7 +59,7 @@ def run_served(http: str | list[str], model_name: str, prompts: list[Prompt], c:
     latency; several processes are what many real clients are. ``perf_counter`` is the
     system-wide monotonic clock on Linux, so the processes' stamps are comparable."""
     urls = [http] if isinstance(http, str) else list(http)
-    procs = max(1, min(getattr(args, "client_procs", 1), c))
+    procs = max(1, min(args.client_procs, c))
     if procs == 1:
         samples, errors = client_run(urls, model_name, prompts, c, endpoint, stream,
                                      args.output_len)
@@ -187,13 +187,13 @@ def deploy(args: argparse.Namespace, engine: dict[str, Any]) -> str:
     return "overhead"
 
 
-def direct_url(proxy: str, timeout_s: float = 60.0, count: int = 1) -> list[str]:
+def direct_urls(proxy: str, count: int = 1, timeout_s: float = 60.0) -> list[str]:
     """The ingress replicas' own base urls under direct ingress (not ``proxy``'s), once
     ``count`` of them are up. NOTE: the client spreads requests over them round robin, as the
     load balancer in front of them (Serve's HAProxy mode, a cloud LB) would."""
-    from cluster.serve.direct_ingress import direct_urls
+    from cluster.serve import direct_ingress
 
-    urls = direct_urls(APP, proxy, count, timeout_s)
+    urls = direct_ingress.direct_urls(APP, proxy, count, timeout_s)
     print(f"direct ingress at {' '.join(urls)} (proxy {proxy})", flush=True)
     return urls
 

@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t_start = time.perf_counter()
     from benchmarks.serve_overhead import make_prompts
-    from benchmarks.serve_overhead_served import deploy, direct_url, start_serve
+    from benchmarks.serve_overhead_served import deploy, direct_urls, start_serve
     from benchmarks.tiny_model import make_tiny_checkpoint
     from replicas.model_loader import load_tokenizer
 
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         deploy(dargs, engine)
         # NOTE: one client url: the first ingress replica's own port under direct ingress.
-        url = direct_url(http)[0] if args.direct_ingress else http
+        url = direct_urls(http)[0] if args.direct_ingress else http
         warm = [p.text for p in make_prompts(tokenizer, "completions", args.concurrency,
                                              args.prompt_len, 99_999)]
         measure(url, warm, "completions", True, args)
