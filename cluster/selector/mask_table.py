@@ -113,9 +113,5 @@ def warm_up() -> None:
     t.clear_bits(h[:2], 1)
     t.has(h[3], 1)
     t.keys_missing_from(other)
-    out = np.zeros(64, np.int64)
-    cand = k.mask_from_slots(np.arange(2, dtype=np.int64), 1)
-    k.walk(h, t.tab, t.bits, other.tab, other.bits, True, t.tab, t.bits, True, cand, out,
-           out.copy(), out.copy(), k.SINK)  # fmt: skip
     t.clear_slot(1)
     _warm = True
