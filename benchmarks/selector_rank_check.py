@@ -42,7 +42,9 @@ def _answer(sel: Any) -> list[Any]:
             for r in sel.ranked]  # fmt: skip
 
 
-def _run(name: str, seed: int, num_replicas: int, space: int, steps: int) -> list[Any]:
+def _run(
+    name: str, seed: int, num_replicas: int, space: int, steps: int, copies: int = 0
+) -> list[Any]:
     from cluster.selector.core import CoreConfig, SelectorCore
     from cluster.selector.policy import policy_names
     from cluster.selector.types import SelectionRequest
@@ -52,7 +54,7 @@ def _run(name: str, seed: int, num_replicas: int, space: int, steps: int) -> lis
     clock = _Clock()
     core = SelectorCore(CoreConfig(stale_after_s=1e9, pending_ttl_s=0.5), clock=clock)
     ids = [f"r{i}" for i in range(num_replicas)]
-    seq = dict.fromkeys(ids, 0)
+    seq = dict.fromkeys(ids, -1)
     for i, rid in enumerate(ids):
         core.join(rid, node_id=f"n{i % 7}", num_blocks=4096)
     # NOTE: hashes as chains of a small space, some >= 2^63 (the uint64 fold)
@@ -67,6 +69,9 @@ def _run(name: str, seed: int, num_replicas: int, space: int, steps: int) -> lis
         r = core.apply_events(rid, seq[rid], [ev])
         assert r.applied, (rid, r)
 
+    for c in range(space // 128 if copies else 0):
+        for j in range(copies):  # NOTE: chain c on replicas c, c + 1, ... (selector_fixture)
+            send(ids[(c + j) % num_replicas], BlockStored(chain(128 * c, 128), None, [], 16))
     shared = chain(0, 48)
     holders = rng.choice(num_replicas, int(rng.integers(1, num_replicas + 1)), replace=False)
     for s in holders.tolist():
@@ -88,7 +93,7 @@ def _run(name: str, seed: int, num_replicas: int, space: int, steps: int) -> lis
         elif op < 0.61:
             core.leave(rid)
             core.join(rid, node_id="n0", num_blocks=4096)
-            seq[rid] = 0
+            seq[rid] = -1
         elif op < 0.63:
             clock.t += 0.3
             core.expire_stale()
@@ -110,7 +115,7 @@ def _run(name: str, seed: int, num_replicas: int, space: int, steps: int) -> lis
 
 def _fleet(seed: int) -> list[Any]:
     """The benchmark's layout at 64 replicas, then the random mix on top."""
-    return _run("fleet", seed, 64, 64 * 128, 3000)
+    return _run("fleet", seed, 64, 64 * 128, 3000, copies=2)
 
 
 WORKLOADS = {
