@@ -11,10 +11,10 @@ Layout (R replicas, each owning a small-int ``slot``; bit ``slot`` of a mask = t
 NOTE: the resident tiers keep 16-byte rows (a key and up to three slot ids inline, a mask in
 an overflow pool for blocks held by more: ``holder_table``), the pending marks a key and a mask
 word per 64 slots a row (``mask_table``). One compiled pass over the prompt's hashes
-(``walk_kernel.walk``) ANDs the masks
-block by block and gives every candidate's longest prefix at once: O(prompt blocks x mask
-words), stopping at the first block no candidate holds. Equivalence with the previous
-dict-of-ints index is tested by hypothesis (tests/cluster/test_selector_index.py).
+(``walk_kernel.walk``) ANDs the masks block by block and gives every candidate's longest
+prefix at once: O(prompt blocks x mask words), stopping at the first block no candidate holds.
+Equivalence with the previous dict-of-ints index is tested by hypothesis
+(tests/cluster/test_selector_index.py, test_selector_holder_table.py: many holders a block).
 
 Contract: not thread-safe (the core serialises calls). Hash values are 64-bit external hashes
 (Python ints in [-2^63, 2^64); a negative value and its 64-bit two's complement name the
@@ -41,7 +41,7 @@ from kvmanager.events import MEDIUM_CPU
 
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
-U64Table = npt.NDArray[np.uint64]  # a table's rows: HolderTable [rows, 2], MaskTable [rows, 1 + W]
+U64Table = npt.NDArray[np.uint64]  # rows: HolderTable [rows, 2], MaskTable [rows, 1 + W]
 
 
 def as_hash_array(block_hashes: Iterable[int]) -> U64:
