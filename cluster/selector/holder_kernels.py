@@ -45,6 +45,8 @@ _FMASK = np.uint64((1 << FIELD_BITS) - 1)
 _OVER = np.uint64(1 << 63)
 _OROW = np.uint64((1 << 32) - 1)
 _ONE = np.uint64(1)
+_ONES = np.uint64(1 | 1 << FIELD_BITS | 1 << 2 * FIELD_BITS)  # the low bit of every field
+_HIGHS = _ONES << np.uint64(FIELD_BITS - 1)  # the high bit of every field
 
 
 @_jit
@@ -280,9 +282,19 @@ def clear_slot(tab: Any, bits: int, over: Any, ostate: Any, slot: int) -> int:
     shifted from the wrapped start into the end were handled already (removal is
     idempotent)."""
     deleted = 0
+    rep = np.uint64(slot + 1) * _ONES
     i, n = 0, tab.shape[0]
     while i < n:
-        if tab[i, 1] != 0 and _drop(tab, over, ostate, i, slot) and tab[i, 1] == 0:
+        p = tab[i, 1]
+        # NOTE: a branch-free test of the three fields at once (a field of p ^ rep is zero
+        # where it holds the slot: the "has a zero byte" trick on 21-bit fields), ``_drop``
+        # only on a hit or an overflow row. Calling ``_drop`` on every live row made a leave
+        # at 16.8M rows ~10x slower than the mask table's one-word test (430 vs 41 ms).
+        x = p ^ rep
+        if (x - _ONES) & ~x & _HIGHS == 0 and p & _OVER == 0:
+            i += 1
+            continue
+        if _drop(tab, over, ostate, i, slot) and tab[i, 1] == 0:
             delete_row(tab, bits, i)
             deleted += 1
             continue
