@@ -230,3 +230,23 @@ def test_heavy_overlap_index_equals_the_dict_index(
         for h in (0, 3, 2**64 - 1):
             assert new.holds(s, h) == ref.holds(s, _fold(h))
     assert new.num_unique_blocks == ref.num_unique_blocks
+
+
+def test_a_batch_needing_more_overflow_rows_than_free_grows_the_pool_mid_batch() -> None:
+    """100 blocks gain their 4th holder in one call with one free overflow row: the kernel
+    stops where the pool runs out, the table grows it and resumes (no block skipped, none
+    counted twice)."""
+    t = HolderTable(num_words=2, bits=4, overflow_rows=1)
+    keys = np.arange(1, 101, dtype=np.uint64)
+    for s in (0, 1, 2):
+        assert t.set_slot(keys, s) == 100
+    assert t.num_overflow == 0 and len(t.over) == 1
+    assert t.set_slot(np.concatenate([keys, keys[:10]]), 100) == 100  # duplicates count once
+    assert t.num_overflow == 100 and len(t.over) >= 100 and len(t) == 100
+    assert all(t.holders(x).tolist() == [0b111, 1 << 36] for x in keys)
+    assert t.clear_slot_of(keys[::2], 1) == 50
+    assert t.num_overflow == 50
+    t.clear_slot(100)
+    assert t.num_overflow == 0 and len(t) == 100
+    assert all(t.has(x, 0) and t.has(x, 2) and t.has(x, 1) == (i % 2 == 1)
+               for i, x in enumerate(keys))  # fmt: skip
