@@ -6,7 +6,7 @@ One process, one core, fresh prompts (every block of a prompt's unshared suffix 
    compiled call (``select_kernel.rank_and_route``); the Python around it is the difference.
 2. Parts of the compiled call, each on its own fresh prompts against the tables as the live
    pass left them (read-only, so nothing changes between parts): the index walk alone
-   (``index_kernels.walk``), and the ranking (``select_kernel.rank``: walk, hotness, gather,
+   (``walk_kernel.walk``), and the ranking (``select_kernel.rank``: walk, hotness, gather,
    score, top-k). What ``rank_and_route`` adds to ``rank`` is the expiry and the winner's
    route (pending marks, queue, access bump).
 3. The walk by shared-prefix length (it is the part that grows with the prompt's match).
@@ -50,7 +50,7 @@ def _prompts(num: int, num_chains: int, seed: int) -> tuple[list[Any], np.ndarra
 
 
 def run(ns: argparse.Namespace) -> dict[str, Any]:
-    from cluster.selector import index_kernels, select_kernel
+    from cluster.selector import index_kernels, select_kernel, walk_kernel
     from cluster.selector.core import CoreConfig, SelectorCore
     from cluster.selector.types import SelectionRequest
 
@@ -83,9 +83,9 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
         select_kernel.rank_and_route = inner
     python = [t - k for t, k in zip(total, kernel_cpu, strict=True)]
     # NOTE: the tables as the live pass left them: the last call's arguments minus its prompt
-    tables = captured[-1][1:29]
-    match = tables[9]
-    walk_args = tables[:9]
+    tables = captured[-1][1:31]
+    match = tables[11]
+    walk_args = tables[:11]
     parts: dict[str, list[float]] = {"walk": [], "rank": []}
     walk_by_shared: dict[int, list[float]] = {}
     fresh_w, shared_w = _prompts(n, num_chains, ns.seed + 1)
@@ -93,7 +93,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     for h, sh in zip(fresh_w, shared_w.tolist(), strict=True):
         match[:] = 0
         c = time.thread_time()
-        index_kernels.walk(h, *walk_args, match[0], match[1], match[2], index_kernels.SINK)
+        walk_kernel.walk(h, *walk_args, match[0], match[1], match[2], index_kernels.SINK)
         d = time.thread_time() - c
         parts["walk"].append(d)
         walk_by_shared.setdefault(min(sh // 32, 3), []).append(d)

@@ -2,16 +2,19 @@
 
 Layout (R replicas, each owning a small-int ``slot``; bit ``slot`` of a mask = that replica):
 
-    _gpu     : MaskTable  block_hash -> slots holding it on the device tier   (dense, big)
-    _cpu     : MaskTable  block_hash -> slots holding it on the host tier     (usually empty)
-    _pending : MaskTable  block_hash -> slots with a speculative insert       (TTL, mark_pending)
+    _gpu     : HolderTable  block_hash -> slots holding it on the device tier (dense, big)
+    _cpu     : HolderTable  block_hash -> slots holding it on the host tier   (usually empty)
+    _pending : MaskTable    block_hash -> slots with a speculative insert     (TTL, mark_pending)
     _deadlines: PendingDeadlines  (block_hash, slot) -> deadline of its pending mark
     _queue   : PendingQueue  the marks in deadline order (what expiry drains)
 
-NOTE: one compiled pass over the prompt's hashes (``index_kernels.walk``) ANDs the masks
-block by block and gives every candidate's longest prefix at once: O(prompt blocks x mask
-words), stopping at the first block no candidate holds. Equivalence with the previous
-dict-of-ints index is tested by hypothesis (tests/cluster/test_selector_index.py).
+NOTE: the resident tiers keep 16-byte rows (a key and up to three slot ids inline, a mask in
+an overflow pool for blocks held by more: ``holder_table``), the pending marks a key and a mask
+word per 64 slots a row (``mask_table``). One compiled pass over the prompt's hashes
+(``walk_kernel.walk``) ANDs the masks block by block and gives every candidate's longest
+prefix at once: O(prompt blocks x mask words), stopping at the first block no candidate holds.
+Equivalence with the previous dict-of-ints index is tested by hypothesis
+(tests/cluster/test_selector_index.py, test_selector_holder_table.py: many holders a block).
 
 Contract: not thread-safe (the core serialises calls). Hash values are 64-bit external hashes
 (Python ints in [-2^63, 2^64); a negative value and its 64-bit two's complement name the
@@ -28,8 +31,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from cluster.selector import holder_table, pending_deadlines, pending_queue, walk_kernel
 from cluster.selector import index_kernels as k
-from cluster.selector import pending_deadlines, pending_queue
+from cluster.selector.holder_table import HolderTable
 from cluster.selector.mask_table import MaskTable, warm_up
 from cluster.selector.pending_deadlines import PendingDeadlines
 from cluster.selector.pending_queue import PendingQueue
@@ -37,7 +41,7 @@ from kvmanager.events import MEDIUM_CPU
 
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
-U64Table = npt.NDArray[np.uint64]  # [rows, 1 + words]: a MaskTable's array
+U64Table = npt.NDArray[np.uint64]  # rows: HolderTable [rows, 2], MaskTable [rows, 1 + W]
 
 
 def as_hash_array(block_hashes: Iterable[int]) -> U64:
@@ -102,11 +106,13 @@ class KVIndex:
 
     def __init__(self, clock: Callable[[], float]) -> None:
         warm_up()
+        holder_table.warm_up()
+        walk_kernel.warm_up()
         pending_deadlines.warm_up()
         pending_queue.warm_up()
         self._clock = clock
-        self._gpu = MaskTable(bits=16)
-        self._cpu = MaskTable()
+        self._gpu = HolderTable(bits=16)
+        self._cpu = HolderTable()
         self._pending = MaskTable()
         self._num_gpu = np.zeros(64, np.int64)
         self._num_cpu = np.zeros(64, np.int64)
@@ -127,8 +133,9 @@ class KVIndex:
         """Start tracking an (empty) slot; idempotent."""
         words = slot // 64 + 1
         if words > self.num_words:
-            for t in (self._gpu, self._cpu, self._pending):
-                t.widen(words)
+            self._gpu.widen(words)
+            self._cpu.widen(words)
+            self._pending.widen(words)
         if slot >= len(self._num_gpu):
             grow = max(2 * len(self._num_gpu), slot + 1) - len(self._num_gpu)
             self._num_gpu = np.concatenate([self._num_gpu, np.zeros(grow, np.int64)])
@@ -163,9 +170,9 @@ class KVIndex:
         number of hashes applied."""
         hashes = as_hash_array(block_hashes)
         if medium == MEDIUM_CPU:
-            self._num_cpu[slot] += self._cpu.set_bits(hashes, slot)
+            self._num_cpu[slot] += self._cpu.set_slot(hashes, slot)
         else:
-            self._num_gpu[slot] += self._gpu.set_bits(hashes, slot)
+            self._num_gpu[slot] += self._gpu.set_slot(hashes, slot)
         return len(hashes)
 
     def remove(self, slot: int, block_hashes: Iterable[int], medium: str | None = None) -> int:
@@ -174,9 +181,9 @@ class KVIndex:
         hashes = as_hash_array(block_hashes)
         if medium == MEDIUM_CPU:
             if len(self._cpu):
-                self._num_cpu[slot] -= self._cpu.clear_bits(hashes, slot)
+                self._num_cpu[slot] -= self._cpu.clear_slot_of(hashes, slot)
         else:
-            self._num_gpu[slot] -= self._gpu.clear_bits(hashes, slot)
+            self._num_gpu[slot] -= self._gpu.clear_slot_of(hashes, slot)
         return len(hashes)
 
     def clear(self, slot: int) -> None:
@@ -270,20 +277,23 @@ class KVIndex:
         both = np.zeros(size, np.int64)
         host = np.zeros(size, np.int64)
         g, c, p = self._gpu, self._cpu, self._pending
-        k.walk(
+        walk_kernel.walk(
             as_hash_array(block_hashes),
-            g.tab, g.bits,
-            c.tab, c.bits, len(c) > 0,
+            g.tab, g.over, g.bits,
+            c.tab, c.over, c.bits, len(c) > 0,
             p.tab, p.bits, len(p) > 0,
             cand, res, both, host, k.SINK,
         )  # fmt: skip
         return PrefixMatch(res, both, host)
 
-    def walk_args(self) -> tuple[U64Table, int, U64Table, int, bool, U64Table, int, bool]:
-        """The device, host and pending tables as ``index_kernels.walk`` takes them (tab,
+    def walk_args(self) -> tuple[
+        U64Table, U64Table, int, U64Table, U64Table, int, bool, U64Table, int, bool
+    ]:  # fmt: skip
+        """The device, host and pending tables as ``walk_kernel.walk`` takes them (tab, over,
         bits, ... use_cpu ..., use_pending); valid until the next mutation of the index."""
         g, c, p = self._gpu, self._cpu, self._pending
-        return g.tab, g.bits, c.tab, c.bits, len(c) > 0, p.tab, p.bits, len(p) > 0
+        return (g.tab, g.over, g.bits, c.tab, c.over, c.bits, len(c) > 0,
+                p.tab, p.bits, len(p) > 0)  # fmt: skip
 
     def mask_words(self, mask: int) -> npt.NDArray[np.uint64]:
         """The candidate bitmask (a Python int over slots) as the walk's uint64 words."""

@@ -1,5 +1,6 @@
-"""Compiled (numba) loops of the KV index: open-addressing probes over ``MaskTable`` arrays and
-the longest-prefix walk of a Select.
+"""Compiled (numba) loops of the KV index: the hashing, prefetch and backward-shift helpers its
+tables share, and the open-addressing probes over ``MaskTable`` arrays (the pending marks;
+the resident tiers' 16-byte rows are ``holder_kernels``, the Select walk ``walk_kernel``).
 
 NOTE: numba, not Rust or Cython: it ships as a wheel (no toolchain on a fresh machine or in CI),
 compiles these few loops at first use (cached on disk), and keeps one source of truth in Python
@@ -216,86 +217,3 @@ def mask_from_slots(slots: Any, num_words: int) -> Any:
     for s in slots:
         out[s >> 6] |= np.uint64(1) << np.uint64(s & 63)
     return out
-
-
-@_jit
-def _leave(out: Any, w: int, gone: Any, n: int) -> None:
-    """out[slot] = n for every slot whose bit is set in ``gone`` (word ``w``)."""
-    b = 0
-    while gone:
-        if gone & np.uint64(1):
-            out[w * 64 + b] = n
-        gone >>= np.uint64(1)
-        b += 1
-
-
-@_jit
-def walk(
-    hashes: Any,
-    gpu: Any, gbits: int,
-    cpu: Any, cbits: int, use_cpu: bool,
-    pend: Any, pbits: int, use_pending: bool,
-    cand: Any,
-    out_res: Any, out_both: Any, out_host: Any, sink: Any,
-) -> None:  # fmt: skip
-    """Longest exact prefix of ``hashes`` (uint64) per candidate slot (``cand`` bitmask
-    words), in one pass over the device, host and pending tables.
-
-    Writes, indexed by slot: ``out_res`` = leading blocks resident (device or host tier),
-    ``out_both`` = leading blocks resident or pending, ``out_host`` = blocks of the resident
-    prefix held on the host tier only. The outputs must be zero on entry. ``sink``: see
-    ``touch``.
-    NOTE: the walk stops as soon as no candidate is left (a fresh suffix costs one probe).
-    NOTE: the pending table is probed only while some candidate still alive for "resident
-    or pending" is not covered by this block's resident masks (same answer): in a shared
-    prefix the few candidates holding it are covered, so it is ~1 probe per walk instead of
-    one per block (each an unsuccessful probe run of ~7 rows at the pending table's load),
-    and its rows are not prefetched. The device rows are, all at once: measured against a
-    sliding window 16-64 blocks ahead of the probe (fewer loads for short prefixes), the
-    up-front ``touch`` was as fast or faster (p50 12.9 vs 14.6-15.5 us at 256 x 100k).
-    """
-    nw = cand.shape[0]
-    alive_r = cand.copy()
-    alive_b = cand.copy()
-    n = hashes.shape[0]
-    zero = np.uint64(0)
-    touch(gpu, gbits, hashes, sink)
-    for i in range(n):
-        h = hashes[i]
-        ig = find(gpu, gbits, h)
-        ic = find(cpu, cbits, h) if use_cpu else -1
-        ip = -1
-        if use_pending:
-            for w in range(nw):
-                g = gpu[ig, 1 + w] if ig >= 0 else zero
-                c = cpu[ic, 1 + w] if ic >= 0 else zero
-                if alive_b[w] & ~(g | c):
-                    ip = find(pend, pbits, h)
-                    break
-        left = False
-        for w in range(nw):
-            g = gpu[ig, 1 + w] if ig >= 0 else zero
-            c = cpu[ic, 1 + w] if ic >= 0 else zero
-            p = pend[ip, 1 + w] if ip >= 0 else zero
-            nr = alive_r[w] & (g | c)
-            if nr != alive_r[w]:
-                _leave(out_res, w, alive_r[w] ^ nr, i)
-                alive_r[w] = nr
-            hostonly = nr & c & ~g
-            b = 0
-            while hostonly:
-                if hostonly & np.uint64(1):
-                    out_host[w * 64 + b] += 1
-                hostonly >>= np.uint64(1)
-                b += 1
-            nb = alive_b[w] & (g | c | p)
-            if nb != alive_b[w]:
-                _leave(out_both, w, alive_b[w] ^ nb, i)
-                alive_b[w] = nb
-            if nb:
-                left = True
-        if not left:
-            return
-    for w in range(nw):
-        _leave(out_res, w, alive_r[w], n)
-        _leave(out_both, w, alive_b[w], n)

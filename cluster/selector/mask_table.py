@@ -13,12 +13,14 @@ Select walk at 16M rows).
 NOTE: why not a dict of Python ints: at 256 replicas x 100k blocks the dict index held 12.8M
 int keys, 12.8M 256-bit int masks and 256 per-slot sets (3.4 GB RSS), and a Select spent
 ~1 us per dict lookup on cache misses. Here a row costs 8·(1 + W) bytes, lookups run in the
-compiled walk (``index_kernels``), and a slot's blocks are found by scanning its bit (clear,
-resync, leave: rare, tens of ms at 16M rows).
+compiled walk (``walk_kernel``), and a slot's blocks are found by scanning its bit.
+It holds the pending marks (a few hundred thousand, short-lived); the resident tiers moved to
+``HolderTable``'s 16-byte rows (at 256 slots this row is 40 B, mostly zero words).
 
 Linear probing, Fibonacci hashing of the key, live rows kept <= 4/5 of the table by doubling
-(``reserve`` sizes a table ahead, so a hot path never pays for a doubling). Contract: not thread-safe (the core serialises calls). The array is replaced on
-growth, so never keep a reference to it across calls.
+(``reserve`` sizes a table ahead, so a hot path never pays for a doubling). Contract: not
+thread-safe (the core serialises calls). The array is replaced on growth, so never keep a
+reference to it across calls.
 """
 
 from __future__ import annotations
@@ -113,9 +115,5 @@ def warm_up() -> None:
     t.clear_bits(h[:2], 1)
     t.has(h[3], 1)
     t.keys_missing_from(other)
-    out = np.zeros(64, np.int64)
-    cand = k.mask_from_slots(np.arange(2, dtype=np.int64), 1)
-    k.walk(h, t.tab, t.bits, other.tab, other.bits, True, t.tab, t.bits, True, cand, out,
-           out.copy(), out.copy(), k.SINK)  # fmt: skip
     t.clear_slot(1)
     _warm = True

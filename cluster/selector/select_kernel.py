@@ -1,7 +1,7 @@
 """One compiled call from a Select's block hashes to its ranked rows (the core's fast path).
 
     (first: up to N due pending marks expire                         pending_queue.expire)
-    hashes ──walk──> per-slot prefix (resident / +pending / host)   index_kernels.walk
+    hashes ──walk──> per-slot prefix (resident / +pending / host)   walk_kernel.walk
            ──hot───> per-candidate decayed access count              access.hot_of
            ──gather─> score's packed columns                         objective_kernel.gather
            ──score──> out[OUT_ROWS, N]                               objective_kernel.score
@@ -28,11 +28,12 @@ import numpy as np
 
 from cluster.selector import objective_kernel as ok
 from cluster.selector.access import bump_kernel, hot_of
-from cluster.selector.index_kernels import _jit, set_bits, walk
+from cluster.selector.index_kernels import _jit, set_bits
 from cluster.selector.pending_deadlines import _upsert as set_deadlines
 from cluster.selector.pending_queue import _push as push
 from cluster.selector.pending_queue import expire
 from cluster.selector.types import ScoreTerms
+from cluster.selector.walk_kernel import walk
 
 # result columns: ScoreTerms fields in declaration order, then the score
 RESULT_COLS = (*(f.name for f in fields(ScoreTerms)), "score")
@@ -67,7 +68,8 @@ def _top(score: Any, k: int, top: Any) -> int:
 
 @_jit
 def rank(
-    hashes: Any, gpu: Any, gbits: int, cpu: Any, cbits: int, use_cpu: bool, pend: Any,
+    hashes: Any, gpu: Any, gover: Any, gbits: int, cpu: Any, cover: Any, cbits: int,
+    use_cpu: bool, pend: Any,
     pbits: int, use_pending: bool, cand: Any, match: Any,
     acc_keys: Any, acc_slots: Any, acc_vt: Any, acc_bits: int, now: float, rate: float,
     slots: Any, tab_ints: Any, tab_floats: Any, node_of_slot: Any, origin: int,
@@ -82,7 +84,7 @@ def rank(
     same node when ``node_of_slot[slot] == origin``. ``sink``: see ``index_kernels.touch``."""
     n = slots.shape[0]
     match[:] = 0
-    walk(hashes, gpu, gbits, cpu, cbits, use_cpu, pend, pbits, use_pending, cand,
+    walk(hashes, gpu, gover, gbits, cpu, cover, cbits, use_cpu, pend, pbits, use_pending, cand,
          match[0], match[1], match[2], sink)  # fmt: skip
     hot = np.empty(n)
     same = np.zeros(n)
@@ -118,7 +120,8 @@ ROUTE_STATS = ("deadlines_created", "pending_rows_created", "access_created", "a
 
 @_jit
 def rank_and_route(
-    hashes: Any, gpu: Any, gbits: int, cpu: Any, cbits: int, use_cpu: bool, pend: Any,
+    hashes: Any, gpu: Any, gover: Any, gbits: int, cpu: Any, cover: Any, cbits: int,
+    use_cpu: bool, pend: Any,
     pbits: int, use_pending: bool, cand: Any, match: Any,
     acc_keys: Any, acc_slots: Any, acc_vt: Any, acc_bits: int, now: float, rate: float,
     slots: Any, tab_ints: Any, tab_floats: Any, node_of_slot: Any, origin: int,
@@ -145,7 +148,8 @@ def rank_and_route(
     if max_expire != 0:
         stats[4], stats[5] = expire(q_dl, q_meta, q_ring, q_state, now, max_expire, dl_keys,
                                     dl_slots, dl_dl, dl_bits, pend, pbits, num_pending, sink)  # fmt: skip
-    r = rank(hashes, gpu, gbits, cpu, cbits, use_cpu, pend, pbits, use_pending, cand, match,
+    r = rank(hashes, gpu, gover, gbits, cpu, cover, cbits, use_cpu, pend, pbits, use_pending,
+             cand, match,
              acc_keys, acc_slots, acc_vt, acc_bits, now, rate, slots, tab_ints, tab_floats,
              node_of_slot, origin, cfg, req, q, k, result, top, sink)  # fmt: skip
     if not speculative or r == 0:
@@ -170,19 +174,20 @@ def warm_up() -> None:
     if _warm:
         return
     tab = np.zeros((16, 2), np.uint64)
+    over = np.zeros((1, 1), np.uint64)
     h = np.arange(1, 4, dtype=np.uint64)
     slots = np.arange(2, dtype=np.int64)
     result = np.zeros((2, len(RESULT_COLS)))
     top = np.zeros(2, np.int64)
     for k in (0, 1):
-        rank(h, tab, 4, tab, 4, True, tab, 4, True, np.ones(1, np.uint64),
+        rank(h, tab, over, 4, tab, over, 4, True, tab, 4, True, np.ones(1, np.uint64),
              np.zeros((3, 64), np.int64), np.zeros(8, np.uint64), np.zeros(8, np.int64),
              np.zeros((2, 8)), 3, 0.0, 0.01, slots, np.ones((7, 2), np.int64), np.ones((5, 2)),
              np.zeros(2, np.int64), -1, np.ones(ok.CFG_LEN), np.ones(4), 0.5, k, result, top,
              np.zeros(1, np.uint64))  # fmt: skip
         for spec in (False, True):
             rank_and_route(
-                h, tab, 4, tab, 4, True, tab.copy(), 4, True, np.ones(1, np.uint64),
+                h, tab, over, 4, tab, over, 4, True, tab.copy(), 4, True, np.ones(1, np.uint64),
                 np.zeros((3, 64), np.int64), np.zeros(8, np.uint64), np.zeros(8, np.int64),
                 np.zeros((2, 8)), 3, 0.0, 0.01, slots, np.ones((7, 2), np.int64),
                 np.ones((5, 2)), np.zeros(2, np.int64), -1, np.ones(ok.CFG_LEN), np.ones(4), 0.5,
