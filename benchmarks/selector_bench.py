@@ -273,12 +273,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fast-lane-client-procs", type=int, default=1,
                    help="client processes of the fast lane's closed loop (largest R)")
     p.add_argument("--scale-rounds", type=int, default=3)
+    p.add_argument("--scaling-front", choices=("grpc", "lane"), default="grpc",
+                   help="scaling run: the clients call gRPC or the Select fast lane")
+    p.add_argument("--pin", action="store_true",
+                   help="scaling run: selection process k on CPU k, clients on the CPUs left")
     p.add_argument("--reuseport", action="store_true",
                    help="scaling run: the N processes share one port (grpc.so_reuseport)")
     p.add_argument("--client-channels", type=int, default=4,
                    help="with --reuseport: connections per client process")
     p.add_argument("--json", type=Path, default=None, help="write results here")
     ns = p.parse_args(argv)
+    if ns.pin and ns.procs and max(ns.procs) >= (os.cpu_count() or 1):
+        p.error(f"--pin needs more CPUs than selection processes ({max(ns.procs)} >= "
+                f"{os.cpu_count()})")
+    if ns.reuseport and ns.scaling_front == "lane":
+        p.error("--reuseport is a gRPC option: use it with --scaling-front grpc")
     rows = []
     for r in ns.replicas:
         rows.append(run_one(r, ns))
