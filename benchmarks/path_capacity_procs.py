@@ -5,6 +5,7 @@ Roles (by the process title Ray sets, ``ray::<actor>``; a process's children cou
 except a replica's, which is its engine core)::
 
     proxy      ray::ProxyActor
+    haproxy    the HAProxy process of Serve's HAProxy mode (``RAY_SERVE_ENABLE_HA_PROXY=1``)
     ingress    ray::ServeReplica:<app>:OpenAIIngress (every ingress replica)
     replica    ray::ServeReplica:<app>:LLMReplica (the serving side: handle calls, outputs)
     engine     the replica's engine-core process (``EngineConfig.engine_process``), a child
@@ -23,13 +24,15 @@ from dataclasses import dataclass
 
 import psutil
 
-ROLES = ("proxy", "ingress", "replica", "engine", "selector", "controller", "ray", "client", "driver")
+ROLES = ("proxy", "haproxy", "ingress", "replica", "engine", "selector", "controller", "ray", "client", "driver")
 
 
 def classify(cmdline: str, app: str) -> str:
     """The role of a process from its command line (``ROLES``; "ray" when nothing matches)."""
     if cmdline.startswith("ray::ProxyActor"):
         return "proxy"
+    if cmdline.split(" ", 1)[0].endswith("haproxy"):
+        return "haproxy"
     if cmdline.startswith("ray::ServeController"):
         return "controller"
     for role, deployment in (("ingress", "OpenAIIngress"), ("replica", "LLMReplica"),

@@ -26,11 +26,14 @@ breakdown (medians, ms).
     python benchmarks/serve_overhead.py --render benchmarks/results/serve_overhead_cpu.json
     # the replica's engine core as a thread and as its own process, one run
     python benchmarks/serve_overhead.py --engine-process both --json ...
-    # Serve's direct ingress: the client talks to the ingress replica's port, no proxy hop
+    # Serve's direct ingress: the client talks to the ingress replicas' ports, no proxy hop
     python benchmarks/serve_overhead.py --direct-ingress --json ...
+    # Serve's HAProxy mode: HAProxy on the HTTP port in front of the ingress replicas' ports
+    python benchmarks/serve_overhead.py --haproxy --app-args '{"ingress_num_replicas": 4}' ...
 
-The engine alone always runs its core on a thread of this process (the reference: no Serve
-around it); ``--engine-process`` changes only the served replica's core.
+The engine alone runs in this process, its core on a thread (side ``engine``) and, when the
+served replica runs the process core, in a child process too (``engine-proc``); each served
+side is compared with the engine on the same core.
 """
 
 from __future__ import annotations
@@ -188,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1): the client "
                    "talks to the ingress replica's own HTTP port, not the proxy "
                    "(cluster/serve/direct_ingress.py)")
+    p.add_argument("--haproxy", action="store_true",
+                   help="Serve's HAProxy mode (RAY_SERVE_ENABLE_HA_PROXY=1, with direct "
+                   "ingress): the client talks to HAProxy on the HTTP port, which spreads "
+                   "requests over the ingress replicas' own ports")
     p.add_argument("--checkpoint-dir", default="", help="where random checkpoints are written")
     p.add_argument("--tokenizer", default="", help="tokenizer dir of random checkpoints")
     p.add_argument("--label", default="", help="a note stored with the results")
@@ -210,8 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.render.with_suffix('.md')}")
         return 0
     gpu = args.model != "smollm2"
-    if args.direct_ingress:
+    if args.direct_ingress and args.haproxy:
+        p.error("--haproxy already routes through the ingress replicas' own ports: pick one")
+    if args.direct_ingress or args.haproxy:
         args.serve_env = [*args.serve_env, "RAY_SERVE_ENABLE_DIRECT_INGRESS=1"]
+    if args.haproxy:
+        args.serve_env = [*args.serve_env, "RAY_SERVE_ENABLE_HA_PROXY=1"]
     args.concurrency = args.concurrency or ([1, 16, 64, 256] if gpu else [1, 4, 16])
     args.prompt_len = args.prompt_len or (1024 if gpu else 64)
     args.output_len = args.output_len or (128 if gpu else 32)

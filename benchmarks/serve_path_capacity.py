@@ -202,7 +202,7 @@ def render(data: dict[str, Any]) -> str:
         lines.append(
             f"| {r['endpoint']} | {'stream' if r['stream'] else 'no stream'} "
             f"| {r['requests_per_s']:.1f} | {r['output_tok_s']:.0f} | {r['chunks_per_request']:.1f} | "
-            + " | ".join(f"{per[x]:.1f}" for x in roles)
+            + " | ".join(f"{per.get(x, 0.0):.1f}" for x in roles)
             + f" | {total:.1f} | {r['cpu_busy_frac']:.2f} |")
     stream_rows = [r for r in data["results"] if r["stream"] and r["cpu_us_per_chunk"]]
     if stream_rows:
@@ -210,7 +210,7 @@ def render(data: dict[str, Any]) -> str:
                   "|---|" + "---|" * len(roles)]
         for r in stream_rows:
             lines.append(f"| {r['endpoint']} | "
-                         + " | ".join(f"{r['cpu_us_per_chunk'][x]:.0f}" for x in roles) + " |")
+                         + " | ".join(f"{r['cpu_us_per_chunk'].get(x, 0.0):.0f}" for x in roles) + " |")
     return "\n".join(lines) + "\n"
 
 

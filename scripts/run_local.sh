@@ -11,6 +11,8 @@
 # DIRECT_INGRESS=1: Serve's direct ingress (cluster/serve/direct_ingress.py): the ingress replica
 # serves HTTP on its own port (30000 unless RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT says) besides
 # the proxy's; it skips the proxy hop. Only for a Ray head this script starts.
+# HAPROXY=1: Serve's HAProxy mode (implies direct ingress): HAProxy answers on the HTTP port
+# (8000) and spreads requests over the ingress replicas' own ports; Serve's proxy leaves the path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
@@ -21,6 +23,8 @@ METRICS_PORT="${METRICS_PORT:-8080}"
 RAY_PORT="${RAY_PORT:-6379}"
 KEY_FILE="${KEY_FILE:-$HOME/.config/tinyserve/api_keys}"
 DIRECT_INGRESS="${DIRECT_INGRESS:-0}"
+HAPROXY="${HAPROXY:-0}"
+[ "$HAPROXY" = 1 ] && DIRECT_INGRESS=1
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 
@@ -64,10 +68,11 @@ set -m
 
 if ray status >/dev/null 2>&1; then
   echo "== using the running Ray cluster (left running on exit)"
-  [ "$DIRECT_INGRESS" = 1 ] && echo "== DIRECT_INGRESS=1 ignored: set it where that Ray head started"
+  [ "$DIRECT_INGRESS" = 1 ] && echo "== DIRECT_INGRESS=1 / HAPROXY=1 ignored: set them where that Ray head started"
 else
   # NOTE: Serve reads the flag in its controller and replicas: it must be in the head's env.
   [ "$DIRECT_INGRESS" = 1 ] && export RAY_SERVE_ENABLE_DIRECT_INGRESS=1
+  [ "$HAPROXY" = 1 ] && export RAY_SERVE_ENABLE_HA_PROXY=1
   echo "== starting a local Ray head (dashboard http://127.0.0.1:8265, metrics :$METRICS_PORT)"
   ray start --head --block --port="$RAY_PORT" --dashboard-host=127.0.0.1 \
     --metrics-export-port="$METRICS_PORT" >/tmp/tinyserve-ray-head.log 2>&1 &
@@ -101,7 +106,9 @@ echo "$CURL"
 eval "$CURL"
 echo
 echo "== OpenAI client: base_url=$HTTP/v1 api_key=\$(head -n1 $KEY_FILE)"
-if [ "${RAY_SERVE_ENABLE_DIRECT_INGRESS:-0}" = 1 ]; then
+if [ "${RAY_SERVE_ENABLE_HA_PROXY:-0}" = 1 ]; then
+  echo "== HAProxy mode: $HTTP is HAProxy, in front of every ingress replica's own port"
+elif [ "${RAY_SERVE_ENABLE_DIRECT_INGRESS:-0}" = 1 ]; then
   echo "== direct ingress (no proxy hop): $(python -m cluster.serve.direct_ingress "$APP_NAME" \
     2>/dev/null | head -n1)/v1"
 fi

