@@ -24,9 +24,9 @@ import numpy.typing as npt
 
 from cluster.selector import holder_kernels as hk
 from cluster.selector import index_kernels as k
+from cluster.selector.mask_table import grown_bits
 
 U64 = npt.NDArray[np.uint64]
-MAX_LOAD = 0.8
 
 
 class HolderTable:
@@ -64,12 +64,9 @@ class HolderTable:
 
     def reserve(self, num_new: int) -> None:
         """Make room for ``num_new`` more keys without another doubling."""
-        if self.count + num_new <= MAX_LOAD * len(self.tab):
+        bits = grown_bits(self.count + num_new, self.bits)
+        if bits == self.bits:
             return
-        bits = self.bits
-        # NOTE: after growing, the load is at most MAX_LOAD / 1.5.
-        while self.count + num_new > MAX_LOAD * (1 << bits) / 1.5:
-            bits += 1
         new = k.zeros((1 << bits, 2), np.uint64)
         hk.rehash(self.tab, new, bits)
         self.tab, self.bits = new, bits

@@ -34,6 +34,17 @@ U64 = npt.NDArray[np.uint64]
 MAX_LOAD = 0.8
 
 
+def grown_bits(num_keys: int, bits: int) -> int:
+    """The table size (log2 rows) for ``num_keys`` keys: ``bits`` while they fit under
+    ``MAX_LOAD``, else the first size that holds them at no more than ``MAX_LOAD / 1.5`` (room
+    to grow before the next doubling)."""
+    if num_keys <= MAX_LOAD * (1 << bits):
+        return bits
+    while num_keys > MAX_LOAD * (1 << bits) / 1.5:
+        bits += 1
+    return bits
+
+
 class MaskTable:
     """Slot bitmasks by 64-bit block hash; see the module docstring."""
 
@@ -59,12 +70,9 @@ class MaskTable:
 
     def reserve(self, num_new: int) -> None:
         """Make room for ``num_new`` more keys without another doubling."""
-        if self.count + num_new <= MAX_LOAD * len(self.tab):
+        bits = grown_bits(self.count + num_new, self.bits)
+        if bits == self.bits:
             return
-        bits = self.bits
-        # NOTE: after growing, the load is at most MAX_LOAD / 1.5.
-        while self.count + num_new > MAX_LOAD * (1 << bits) / 1.5:
-            bits += 1
         new = k.zeros((1 << bits, self.tab.shape[1]), np.uint64)
         k.rehash(self.tab, new, bits)
         self.tab, self.bits = new, bits

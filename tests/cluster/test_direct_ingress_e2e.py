@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import requests
-from ports import free_port
+from serve_env import serve_with_env
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
@@ -57,12 +57,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Direct]:
 
     key_file = tmp_path_factory.mktemp("auth") / "api_keys"
     key_file.write_text(f"{KEY}\n")
-    saved = {k: os.environ.get(k) for k in SERVE_ENV}
-    os.environ.update(SERVE_ENV)
-    port = free_port()
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with serve_with_env(SERVE_ENV) as proxy:
         args = {
             "engine": {"num_blocks": 128, "max_num_seqs": 4, "num_threads": 1},
             "num_replicas": 1,
@@ -72,16 +67,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Direct]:
             "ingress_inline_tokenize_chars": INLINE_MAX_CHARS,
         }
         serve.run(build_app(args), name=APP, route_prefix="/")
-        proxy = f"http://127.0.0.1:{port}"
         yield Direct(proxy, direct_url(APP, proxy))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _traces() -> dict[str, dict[str, Any]]:

@@ -7,13 +7,12 @@ answers on the HTTP port and spreads requests over the ingress replicas' own por
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from ports import free_port
+from serve_env import serve_with_env
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
@@ -38,12 +37,7 @@ def http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     key_file = tmp_path_factory.mktemp("auth") / "api_keys"
     key_file.write_text(f"{KEY}\n")
-    saved = {k: os.environ.get(k) for k in SERVE_ENV}
-    os.environ.update(SERVE_ENV)
-    port = free_port()
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with serve_with_env(SERVE_ENV) as base:
         args = {
             "engine": {"num_blocks": 128, "max_num_seqs": 4, "num_threads": 1},
             "num_replicas": 1,
@@ -53,15 +47,7 @@ def http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "auth": {"api_keys_file": str(key_file)},
         }
         serve.run(build_app(args), name=APP, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        yield base
 
 
 def _listener(port: int) -> Any:
