@@ -3,6 +3,23 @@ holding it."""
 
 from __future__ import annotations
 
+import numpy as np
+
+from cluster.selector import index_kernels as k
+
+
+def keys_homed_at(homes: tuple[int, ...], bits: int, per_home: int) -> list[int]:
+    """``per_home`` keys (as uint64 ints, 0 included when it fits) per home row of a table of
+    ``2**bits`` rows: collisions and wrapped probe runs on purpose."""
+    out: dict[int, list[int]] = {h: [] for h in homes}
+    key = 0
+    while any(len(v) < per_home for v in out.values()):
+        h = int(k._home(np.uint64(key), bits))
+        if h in out and len(out[h]) < per_home:
+            out[h].append(key)
+        key += 1
+    return [x for h in homes for x in out[h]]
+
 
 def apply_op(ref: dict[int, set[int]], op: str, slot: int, keys: list[int]) -> int:
     """Apply ``op`` to ``ref`` in place ("set": ``slot`` gains ``keys``; "clear": loses them;

@@ -12,10 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from index_reference import KVIndex as RefIndex
 from selector_helpers import FakeClock
-from slot_reference import apply_op
+from slot_reference import apply_op, keys_homed_at
 
 from cluster.selector import holder_kernels as hk
-from cluster.selector import index_kernels as k
 from cluster.selector.holder_table import HolderTable
 from cluster.selector.index import KVIndex
 
@@ -23,18 +22,7 @@ _SLOTS = [0, 1, 2, 3, 63, 64, 130]
 _OVER_BIT = np.uint64(1 << 63)
 
 
-def _keys_homed_at(homes: tuple[int, ...], bits: int, per_home: int) -> list[int]:
-    out: dict[int, list[int]] = {h: [] for h in homes}
-    key = 0
-    while any(len(v) < per_home for v in out.values()):
-        h = int(k._home(np.uint64(key), bits))
-        if h in out and len(out[h]) < per_home:
-            out[h].append(key)
-        key += 1
-    return [x for h in homes for x in out[h]]
-
-
-_KEYS = _keys_homed_at((6, 7, 0), 3, 2)
+_KEYS = keys_homed_at((6, 7, 0), 3, 2)
 
 
 def _check(t: HolderTable, ref: dict[int, set[int]]) -> None:
@@ -140,7 +128,7 @@ def test_backward_shift_moves_an_overflow_reference_with_its_row() -> None:
     """Three keys homed at the last row (rows 7, 0, 1): deleting the first shifts the overflow
     row and the wrapped one back a row each; both still read their holders."""
     t = HolderTable(num_words=1, bits=3)
-    keys = _keys_homed_at((7,), 3, 3)
+    keys = keys_homed_at((7,), 3, 3)
     first, second, third = (np.asarray([x], np.uint64) for x in keys)
     t.set_slot(first, 0)
     for s in range(5):

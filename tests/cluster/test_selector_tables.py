@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from index_reference import KVIndex as RefIndex
 from selector_helpers import FakeClock
-from slot_reference import apply_op
+from slot_reference import apply_op, keys_homed_at
 
 from cluster.selector import index_kernels as k
 from cluster.selector import pending_deadlines as pd
@@ -24,19 +24,7 @@ from cluster.selector.pending_queue import PendingQueue
 _SLOTS = [0, 1, 65]
 
 
-def _keys_homed_at(homes: tuple[int, ...], bits: int, per_home: int) -> list[int]:
-    """``per_home`` keys (as uint64 ints, 0 included when it fits) per home row."""
-    out: dict[int, list[int]] = {h: [] for h in homes}
-    key = 0
-    while any(len(v) < per_home for v in out.values()):
-        h = int(k._home(np.uint64(key), bits))
-        if h in out and len(out[h]) < per_home:
-            out[h].append(key)
-        key += 1
-    return [x for h in homes for x in out[h]]
-
-
-_MASK_KEYS = _keys_homed_at((6, 7, 0), 3, 3)
+_MASK_KEYS = keys_homed_at((6, 7, 0), 3, 3)
 _mask_ops = st.lists(
     st.tuples(
         st.sampled_from(["set", "clear", "clear_slot"]),
