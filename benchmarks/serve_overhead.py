@@ -294,13 +294,13 @@ def main(argv: list[str] | None = None) -> int:
             model_name = deploy(args, {**engine_config(args, model), "engine_process": in_process})
             url = direct_urls(http, ingresses) if args.direct_ingress else http
             run_served(url, model_name, warm, len(warm), "completions", True, args)
-            served_traces()
+            served_traces(ingresses)
             for (endpoint, c), prompts in workload.items():
                 for mode in args.modes:
                     stream = mode == "stream"
                     r, samples = run_served(
                         url, model_name, prompts, c, endpoint, stream, args, side)
-                    r.hops_ms = hop_breakdown(samples, served_traces(), stream)
+                    r.hops_ms = hop_breakdown(samples, served_traces(ingresses), stream)
                     results.append(r)
                     print(f"{side} {endpoint} {mode} c={c}: {r.output_tok_s:.1f} tok/s",
                           flush=True)

@@ -198,10 +198,16 @@ def direct_urls(proxy: str, count: int = 1, timeout_s: float = 60.0) -> list[str
     return urls
 
 
-def served_traces() -> list[dict[str, Any]]:
+def served_traces(num_ingress: int = 1) -> list[dict[str, Any]]:
+    """The finished requests' traces of every ingress replica (each call of ``traces`` empties
+    the log of the replica the handle picks: ``8 x num_ingress`` calls reach them all with
+    near certainty when the handle spreads calls)."""
     from ray import serve
 
     handle = serve.get_deployment_handle("OpenAIIngress", APP)
-    return list(handle.traces.remote().result(timeout_s=60))
+    out: list[dict[str, Any]] = []
+    for _ in range(8 * num_ingress if num_ingress > 1 else 1):
+        out += handle.traces.remote().result(timeout_s=60)
+    return out
 
 
