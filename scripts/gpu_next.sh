@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The next GPU batch (issues 16 and 19), one part per device command (each < 600 s), run from
+# the repo root on the GPU machine with the Ray site carried:
+#   carry: .whl/site312.tar.xz.part-aa .whl/site312.tar.xz.part-ab .whl/site312.sha256
+#          .whl/extra .whl/tok.tar.xz          (scripts/gpu_wheelhouse.sh builds them)
+#   scripts/gpu_next.sh serve     # HAProxy mode, 4 ingress replicas, the full 1B grid (~300 s)
+#   scripts/gpu_next.sh c1        # c=1: 1 vs 4 ingress replicas, thread vs process core (~250 s)
+#   scripts/gpu_next.sh selector  # selection processes N = 1/2/4 over the fast lane, pinned (~300 s)
+#   scripts/gpu_ab_run.sh ...     # the routing A/B's further seeds: benchmarks/results/gpu_ab/README.md
+# Results land in $OUT (JSON + markdown); copy them to benchmarks/results/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+part="${1:?usage: scripts/gpu_next.sh serve|c1|selector}"
+# shellcheck disable=SC1091
+. scripts/gpu_site.sh || exit 1
+python3 -m pip install -q --no-index --find-links .whl/extra pytest xxhash sortedcontainers >/dev/null 2>&1
+tar -C .whl -xJf .whl/tok.tar.xz
+export PYTHONPATH=".:$PYTHONPATH" PYTHONUNBUFFERED=1
+drain=RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=0
+case "$part" in
+  serve)
+    timeout 560 python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
+      --app-args '{"ingress_num_replicas": 4}' --serve-env "$drain" \
+      --json "$OUT/serve_overhead_h100_1b_haproxy4.json" ;;
+  c1)
+    for n in 1 4; do
+      timeout 270 python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
+        --concurrency 1 --min-requests 16 --engine-process both --endpoints completions \
+        --app-args "{\"ingress_num_replicas\": $n}" --serve-env "$drain" \
+        --json "$OUT/serve_overhead_h100_1b_c1_haproxy$n.json"
+      ray stop --force >/dev/null 2>&1
+    done ;;
+  selector)
+    timeout 560 python3 benchmarks/selector_bench.py --replicas 256 --procs 1 2 4 \
+      --client-procs 8 --scaling-front lane --pin --json "$OUT/selector_h100host_lane.json" ;;
+  *) echo "unknown part: $part" >&2; exit 2 ;;
+esac
