@@ -47,6 +47,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.gpu_ab_plan import Budget, gpu_plan, kv_fit, replay_plan
+from benchmarks.gpu_ab_report import mean_table, plot, table
 from benchmarks.gpu_models import SHAPES
 from benchmarks.loadgen import LoadRecord, Replayer, summarize
 from benchmarks.workloads import build_workload
@@ -77,90 +79,6 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
 # NOTE: the engine benchmarks' 8B shape (benchmarks.gpu_models), less its vocabulary: a served
 # checkpoint takes the real tokenizer's.
 LLAMA_8B = {k: v for k, v in SHAPES["8b"].items() if k != "vocab_size"}
-
-
-def gpu_plan(replicas: int, gpus: int) -> dict[str, Any]:
-    """Ray's GPU resources: one replica per GPU while there are enough GPUs, else the replicas
-    share them, ``ceil(replicas / gpus)`` to a GPU (Ray places a fractional request on ONE GPU,
-    so 3 replicas on 2 GPUs take 0.5 each, not 0.67, which would leave the third unplaced)."""
-    if replicas < 1 or gpus < 1:
-        raise ValueError(f"replicas ({replicas}) and gpus ({gpus}) must be >= 1")
-    per_gpu = -(-replicas // gpus)
-    # NOTE: rounded down to Ray's 1e-4 resource grain, so per_gpu shares never exceed 1.
-    share = 1.0 if per_gpu == 1 else int(10_000 / per_gpu) / 10_000
-    return {"gpus": gpus, "replicas": replicas, "replicas_per_gpu": per_gpu,
-            "num_gpus_per_replica": share, "gpus_used": min(gpus, replicas)}
-
-
-def kv_fit(num_blocks: int, replicas_per_gpu: int, gpu_bytes: int, arch: dict[str, int],
-           block_size: int = 16, dtype_bytes: int = 2, overhead_bytes: int = 4 << 30,
-           headroom: float = 0.92) -> dict[str, Any]:
-    """Whether ``replicas_per_gpu`` replicas of the checkpoint ``arch`` (config.json fields),
-    each with a ``num_blocks`` KV pool, fit one GPU of ``gpu_bytes``: per replica, weights +
-    KV + ``overhead_bytes`` (CUDA context of the replica and its engine process, activations of
-    an 8,192-token step, CUDA-graph pool, allocator slack), all of it under ``headroom`` of the
-    GPU. ``max_blocks``: the largest pool per replica that fits."""
-    layers, hidden = arch["num_hidden_layers"], arch["hidden_size"]
-    heads = arch["num_attention_heads"]
-    kv_heads = arch.get("num_key_value_heads") or heads
-    head_dim = arch.get("head_dim") or hidden // heads
-    inter, vocab = arch["intermediate_size"], arch.get("vocab_size", 49_152)
-    per_block = 2 * layers * kv_heads * head_dim * block_size * dtype_bytes
-    per_layer = hidden * (heads * head_dim) * 2 + hidden * kv_heads * head_dim * 2 \
-        + 3 * hidden * inter
-    embed = vocab * hidden * (1 if arch.get("tie_word_embeddings", True) else 2)
-    weights = (layers * per_layer + embed) * dtype_bytes
-    per_replica = weights + num_blocks * per_block + overhead_bytes
-    room = int(gpu_bytes * headroom) // replicas_per_gpu - weights - overhead_bytes
-    return {"kv_bytes_per_block": per_block, "weights_bytes": weights,
-            "kv_bytes_per_replica": num_blocks * per_block, "overhead_bytes": overhead_bytes,
-            "bytes_per_gpu": per_replica * replicas_per_gpu, "gpu_bytes": gpu_bytes,
-            "fits": per_replica * replicas_per_gpu <= gpu_bytes * headroom,
-            "max_blocks": max(room // per_block, 0)}
-
-
-def replay_plan(routers: dict[str, list[str]], workloads: list[str],
-                seeds: list[int]) -> list[tuple[str, list[tuple[int, str, str]]]]:
-    """Per deployment (router), its replays as (seed, workload, policy), seed-major: a budget
-    that runs out cuts the later seeds of every deployment, not whole policies."""
-    return [(r, [(s, w, p) for s in seeds for w in workloads for p in ps])
-            for r, ps in routers.items()]
-
-
-class Budget:
-    """Stops starting replays that would overrun ``budget_s`` (0 = no budget), measured from
-    ``start`` on ``clock``. The time left after each deployment is split between it and the
-    deployments still to come in proportion to their replays (each later one also keeps a
-    deployment's worth, as long as this one's took), so a short budget trims every policy's
-    later seeds alike. A replay's cost is estimated as the longest replay of its workload seen
-    so far (unknown: assumed to fit)."""
-
-    def __init__(self, budget_s: float, clock: Any = time.monotonic) -> None:
-        self.budget_s = budget_s
-        self.clock = clock
-        self.start = clock()
-        self.deadline = float("inf")
-        self.walls: dict[str, float] = {}
-
-    def elapsed(self) -> float:
-        return self.clock() - self.start
-
-    def open_deployment(self, replays: int, later_replays: int, later_deployments: int,
-                        deploy_s: float) -> None:
-        if not self.budget_s:
-            return
-        left = self.budget_s - self.elapsed() - later_deployments * deploy_s
-        share = replays / max(replays + later_replays, 1)
-        self.deadline = self.clock() + max(left, 0.0) * share
-
-    def allows(self, workload: str) -> bool:
-        if not self.budget_s:
-            return True
-        end = self.clock() + self.walls.get(workload, 0.0)
-        return end <= self.deadline and end - self.start <= self.budget_s
-
-    def record(self, workload: str, wall_s: float) -> None:
-        self.walls[workload] = max(self.walls.get(workload, 0.0), wall_s)
 
 
 def make_llama1b(path: Path, tokenizer_dir: Path) -> Path:
@@ -328,72 +246,6 @@ def replay(http: str, model: str, workload: str, seed: int, policy: str, nonce: 
     return {"summary": row, "records": [asdict(r) for r in records],
             "args": {"workload": workload, "seed": seed, "scale": scale,
                      "time_scale": 1.0 / rate, "set": overrides, "max_requests": max_requests}}
-
-
-def table(rows: list[dict[str, Any]]) -> str:
-    cols = ["workload", "policy", "seed", "num_requests", "num_errors", "ttft_p50_s", "ttft_p90_s",
-            "ttft_p99_s", "tpot_p50_s", "throughput_tok_s", "hit_ratio", "imbalance",
-            "kv_usage_mean"]
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = [f"{r.get(c, float('nan')):.3f}" if isinstance(r.get(c), float) else
-                 str(r.get(c, "")) for c in cols]
-        out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out)
-
-
-MEAN_COLS = ["ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tpot_p50_s", "throughput_tok_s",
-             "hit_ratio", "imbalance", "kv_usage_mean"]
-
-
-def mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (workload, policy): the mean of each figure over the seeds that ran it."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["workload"], r["policy"]), []).append(r)
-    out = []
-    for (w, p), rs in groups.items():
-        row: dict[str, Any] = {"workload": w, "policy": p, "seeds": len(rs),
-                               "num_requests": sum(r.get("num_requests", 0) for r in rs),
-                               "num_errors": sum(r.get("num_errors", 0) or 0 for r in rs)}
-        for c in MEAN_COLS:
-            vals = [r[c] for r in rs if isinstance(r.get(c), (int, float))]
-            if vals:
-                row[c] = float(np.mean(vals))
-        out.append(row)
-    return out
-
-
-def mean_table(rows: list[dict[str, Any]]) -> str:
-    cols = ["workload", "policy", "seeds", "num_requests", "num_errors", *MEAN_COLS]
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in mean_rows(rows):
-        out.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else
-                                     str(r.get(c, "")) for c in cols) + " |")
-    return "\n".join(out)
-
-
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = mean_rows(rows)
-    workloads = list(dict.fromkeys(r["workload"] for r in rows))
-    fig, axes = plt.subplots(1, len(workloads), figsize=(4.5 * len(workloads), 4), squeeze=False)
-    for ax, w in zip(axes[0], workloads, strict=True):
-        rs = [r for r in rows if r["workload"] == w]
-        x = np.arange(len(rs))
-        ax.bar(x - 0.2, [r.get("ttft_p50_s", 0) for r in rs], 0.4, label="TTFT p50")
-        ax.bar(x + 0.2, [r.get("ttft_p99_s", 0) for r in rs], 0.4, label="TTFT p99")
-        ax.set_xticks(x, [r["policy"] for r in rs], rotation=40, ha="right", fontsize=8)
-        ax.set_title(w, fontsize=9)
-        ax.set_ylabel("s")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,19 +10,9 @@ from typing import Any
 
 import pytest
 
-from benchmarks.gpu_ab import (
-    LLAMA_1B,
-    PLAN,
-    POLICIES,
-    Budget,
-    gpu_plan,
-    kv_fit,
-    mean_rows,
-    mean_table,
-    replay_plan,
-    table,
-    tpot,
-)
+from benchmarks.gpu_ab import LLAMA_1B, PLAN, POLICIES, tpot
+from benchmarks.gpu_ab_plan import Budget, gpu_plan, kv_fit, replay_plan
+from benchmarks.gpu_ab_report import mean_rows, mean_table, table
 from benchmarks.gpu_ab_sim import SIM_POLICY, as_loadgen
 from benchmarks.gpu_ab_sim import main as sim_main
 from benchmarks.loadgen import LoadRecord
