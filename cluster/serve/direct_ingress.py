@@ -64,11 +64,6 @@ def direct_urls(app_name: str, proxy: str, count: int = 1, timeout_s: float = 60
         time.sleep(0.5)
 
 
-def direct_url(app_name: str, proxy: str, timeout_s: float = 60.0) -> str:
-    """The first of ``direct_urls`` (one ingress replica's own server)."""
-    return direct_urls(app_name, proxy, 1, timeout_s)[0]
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m cluster.serve.direct_ingress [APP]``: print the app's base URLs, one a
     line (connects to the running Ray cluster, ``address="auto"``)."""

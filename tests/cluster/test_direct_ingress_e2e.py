@@ -53,7 +53,7 @@ class Direct:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Direct]:
     from cluster.serve.app import build_app
-    from cluster.serve.direct_ingress import direct_url
+    from cluster.serve.direct_ingress import direct_urls
 
     key_file = tmp_path_factory.mktemp("auth") / "api_keys"
     key_file.write_text(f"{KEY}\n")
@@ -67,7 +67,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Direct]:
             "ingress_inline_tokenize_chars": INLINE_MAX_CHARS,
         }
         serve.run(build_app(args), name=APP, route_prefix="/")
-        yield Direct(proxy, direct_url(APP, proxy))
+        yield Direct(proxy, direct_urls(APP, proxy)[0])
 
 
 def _traces() -> dict[str, dict[str, Any]]:
