@@ -17,6 +17,9 @@ Closed loop: ``c`` clients, each sending its next request when the last one fini
 ingress's and replica's stamps (``cluster.serve.openai_trace``) with the client's into the per-hop
 breakdown (medians, ms).
 
+    # CPU, the path's fixed latency at c=1 (a tiny random model: steps of a few ms)
+    python benchmarks/serve_overhead.py --model tiny --concurrency 1 --modes stream \\
+        --endpoints completions --output-len 16 --min-requests 30 --haproxy --json ...
     # CPU (SmolLM2-135M, small sizes)
     python benchmarks/serve_overhead.py --model smollm2 --concurrency 1 4 16 \\
         --json benchmarks/results/serve_overhead_cpu.json
@@ -68,6 +71,8 @@ from benchmarks.serve_overhead_served import (
 )
 from benchmarks.serve_overhead_stats import RunResult, Sample, hop_breakdown, print_table, summarize
 
+# NOTE: models that run on CPU (the others are random GPU shapes).
+CPU_MODELS = ("smollm2", "tiny")
 WORDS = ["time", "year", "people", "way", "day", "man", "thing", "woman", "life", "child", "world", "school", "state", "family", "student", "group", "country", "problem", "hand", "part", "place", "case", "week", "company", "system", "program", "question", "work", "government", "number", "night", "point", "home", "water", "room", "mother", "area", "money", "story", "fact", "month", "lot", "right", "study", "book", "eye", "job", "word", "business", "issue", "side", "kind", "head", "house", "service", "friend", "father", "power", "hour", "game", "line", "end", "member", "law", "car", "city"]
 
 
@@ -88,6 +93,11 @@ def prepare_model(args: argparse.Namespace) -> tuple[str, Path]:
         from replicas.model_source import resolve_model_dir
 
         return "default", resolve_model_dir("default")
+    if args.model == "tiny":
+        from benchmarks.tiny_model import make_tiny_checkpoint
+
+        path = Path(args.checkpoint_dir or tempfile.gettempdir()) / "serve_overhead_tiny"
+        return str(make_tiny_checkpoint(path)), path
     from benchmarks.gpu_ab import LLAMA_1B, LLAMA_8B, make_random_llama
 
     shape = LLAMA_1B if args.model == "random-1b" else LLAMA_8B
@@ -118,7 +128,7 @@ def make_prompts(tokenizer: Any, endpoint: str, n: int, prompt_len: int, seed: i
 
 
 def engine_config(args: argparse.Namespace, model: str) -> dict[str, Any]:
-    cuda = args.model != "smollm2"
+    cuda = args.model not in CPU_MODELS
     max_c = max(args.concurrency)
     max_len = args.prompt_len + args.output_len + 64
     blocks_per_req = -(-max_len // 16)
@@ -160,7 +170,9 @@ def run_engine(engine: Any, prompts: list[Prompt], c: int, endpoint: str,
 # -- main --------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", choices=("smollm2", "random-1b", "random-8b"), default="smollm2")
+    p.add_argument("--model", choices=(*CPU_MODELS, "random-1b", "random-8b"), default="smollm2",
+                   help="tiny: 2 random layers of width 64 (CPU), so the path, not the model, "
+                   "dominates the latencies")
     p.add_argument("--concurrency", type=int, nargs="+", default=None,
                    help="default: 1 16 64 256 (GPU), 1 4 16 (CPU)")
     p.add_argument("--prompt-len", type=int, default=None, help="default 1024 GPU, 64 CPU")
@@ -216,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         args.render.with_suffix(".md").write_text(render_markdown(data))
         print(f"wrote {args.render.with_suffix('.md')}")
         return 0
-    gpu = args.model != "smollm2"
+    gpu = args.model not in CPU_MODELS
     if args.direct_ingress and args.haproxy:
         p.error("--haproxy already routes through the ingress replicas' own ports: pick one")
     if args.direct_ingress or args.haproxy:

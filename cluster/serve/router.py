@@ -8,6 +8,9 @@ Configured per deployment through ``request_router_config``:
 For each request: hash the prompt's token ids into chained block hashes (the pools' own
 function), ``Select(hashes, candidates)`` with a tight deadline, and hand Serve the ranking as
 one-replica rank groups (Serve tries the next group only if the better replica is full).
+With a single candidate there is nothing to rank: the request goes to it at once and its
+Select (the service's bookkeeping: pending marks, in-flight load, the reward's prediction)
+runs beside it on the router loop.
 Routing degrades, never fails: when the service is unknown, slow or down, or the request
 carries no token ids, the request goes through Serve's power-of-two choices.
 
@@ -23,6 +26,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
@@ -35,9 +39,11 @@ from ray.serve.request_router import (
 )
 
 from cluster.selector.client import AsyncSelectorClient
+from cluster.selector.core_types import Selection
 from cluster.selector.grpc_tls import ClientTLS, TLSSettings
 from cluster.serve.router_core import (
     PromptHasher,
+    PromptInfo,
     RouterSettings,
     own_node_id,
     prompt_info,
@@ -98,6 +104,9 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self._origin_node_id = own_node_id()
         self.num_decisions = 0
         self.num_fallbacks = 0
+        # NOTE: requests sent to their only candidate without waiting for its Select
+        self.num_unwaited = 0
+        self._beside: set[asyncio.Task[None]] = set()
 
     # -- selection service address ------------------------------------------------------------
     def _resolve_in_background(self) -> None:
@@ -198,13 +207,44 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         if client is None:
             return await self._fallback("unresolved", candidate_replicas, pending_request)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        if len(candidate_replicas) == 1:
+            # NOTE: one candidate: no answer can change the choice, so the request leaves
+            # now and its Select (the service's pending marks, in-flight load and reward
+            # prediction) runs beside it, not before it: a round trip off the TTFT (~2 of the
+            # 4 ms of the router hop at c=1 on the 2-core CPU box, serve_overhead_notes.md).
+            self._run_beside(self._select(client, info, list(by_id)))
+            self.num_unwaited += 1
+            if pending_request is not None:
+                pending_request.routing_context.should_backoff = True
+            return [candidate_replicas]
+        selection = await self._selected(self._select(client, info, list(by_id)))
+        if selection is None:
+            return await self._fallback("outage", candidate_replicas, pending_request)
+        ranks = ranks_from_selection(selection, by_id, self.settings.max_ranked)
+        if not ranks:
+            return await self._fallback("empty", candidate_replicas, pending_request)
+        self._count_decision(selection)
+        if pending_request is not None:
+            # NOTE: if every ranked replica rejects, Serve retries with backoff, not a spin.
+            pending_request.routing_context.should_backoff = True
+        return ranks
+
+    async def _select(
+        self, client: AsyncSelectorClient, info: PromptInfo, replica_ids: list[str]
+    ) -> Selection | None:
+        """One Select for the request ``info`` among ``replica_ids`` (its prompt hashed here)."""
+        return await client.select(
+            self._hasher(info.prompt_token_ids),
+            len(info.prompt_token_ids),
+            **select_kwargs(info, self.settings, replica_ids, self._origin_node_id),
+        )
+
+    async def _selected(self, select: Awaitable[Selection | None]) -> Selection | None:
+        """Await one Select: the service's answer, or None (an outage or a refused call;
+        enough of them in a row and the service's address is resolved again)."""
         start = time.perf_counter()
         try:
-            selection = await client.select(
-                self._hasher(info.prompt_token_ids),
-                len(info.prompt_token_ids),
-                **select_kwargs(info, self.settings, list(by_id), self._origin_node_id),
-            )
+            selection = await select
         except (ValueError, PermissionError) as exc:  # NOTE: caller bug; still serve it.
             log.warning("TinyServeRouter: Select refused: %s", exc)
             selection = None
@@ -213,15 +253,27 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             if self._failures >= self.settings.reresolve_after_failures:
                 self._failures = 0
                 self._resolve_in_background()
-            return await self._fallback("outage", candidate_replicas, pending_request)
+            return None
         self._failures = 0
         self._metrics.latency.observe(time.perf_counter() - start)
-        ranks = ranks_from_selection(selection, by_id, self.settings.max_ranked)
-        if not ranks:
-            return await self._fallback("empty", candidate_replicas, pending_request)
+        return selection
+
+    def _count_decision(self, selection: Selection) -> None:
         self.num_decisions += 1
         self._metrics.decisions.inc(tags={"policy": selection.policy})
-        if pending_request is not None:
-            # NOTE: if every ranked replica rejects, Serve retries with backoff, not a spin.
-            pending_request.routing_context.should_backoff = True
-        return ranks
+
+    def _run_beside(self, select: Awaitable[Selection | None]) -> None:
+        """Run a Select whose answer nobody waits for, on the router loop (bounded by its
+        deadline); a failure is logged, never raised."""
+
+        async def run() -> None:
+            try:
+                selection = await self._selected(select)
+                if selection is not None and selection.ranked:
+                    self._count_decision(selection)
+            except Exception:
+                log.exception("TinyServeRouter: a Select beside its request failed")
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._beside.add(task)  # NOTE: a reference, or the task may be collected unfinished
+        task.add_done_callback(self._beside.discard)
