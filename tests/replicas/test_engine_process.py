@@ -232,6 +232,20 @@ def _wait_gone(pid: int) -> bool:
     return _gone(pid)
 
 
+def test_an_idle_core_wakes_on_an_add_not_on_its_poll_timeout(ckpt: Path) -> None:
+    """Between requests the child polls its inbox with the idle check's deadline as timeout;
+    with that an hour away, each request still completes: the Add itself wakes the child."""
+    engine = AsyncLLMEngine(_config(ckpt, engine_process=True), idle_check_after_s=3600.0)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    try:
+        for i, prompt in enumerate(random_prompts(3, [5, 9, 4], seed=17)):
+            # NOTE: _run's hang guard (120 s) fails the test long before an hour's timeout
+            outs = _run(_collect(engine, f"wake{i}", prompt, params))
+            assert outs[-1].finished and outs[-1].num_output_tokens == 3
+    finally:
+        asyncio.run(engine.shutdown())
+
+
 def test_a_crashed_core_fails_its_streams_and_the_health_check(ckpt: Path) -> None:
     eng = AsyncLLMEngine(_config(ckpt, engine_process=True))
     pid = eng.core_pid
