@@ -10,7 +10,7 @@ function), ``Select(hashes, candidates)`` with a tight deadline, and hand Serve 
 one-replica rank groups (Serve tries the next group only if the better replica is full).
 With a single candidate there is nothing to rank: the request goes to it at once and its
 Select (the service's bookkeeping: pending marks, in-flight load, the reward's prediction)
-runs beside it on the router loop.
+runs beside it on the router loop, started once Serve has assigned the request.
 Routing degrades, never fails: when the service is unknown, slow or down, or the request
 carries no token ids, the request goes through Serve's power-of-two choices.
 
@@ -210,9 +210,17 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         if len(candidate_replicas) == 1:
             # NOTE: one candidate: no answer can change the choice, so the request leaves
             # now and its Select (the service's pending marks, in-flight load and reward
-            # prediction) runs beside it, not before it: a round trip off the TTFT (~2 of the
-            # 4 ms of the router hop at c=1 on the 2-core CPU box, serve_overhead_notes.md).
-            self._run_beside(self._select(client, info, list(by_id)))
+            # prediction) runs beside it, not before it: a round trip off the TTFT. It starts
+            # once Serve has assigned the request (its future done), so that the hashing and
+            # the send do not run on this loop ahead of the call to the replica.
+            ids = list(by_id)
+            future = getattr(pending_request, "future", None)
+            if future is not None and not future.done():
+                future.add_done_callback(
+                    lambda _: self._run_beside(self._select(client, info, ids))
+                )
+            else:
+                self._run_beside(self._select(client, info, ids))
             self.num_unwaited += 1
             if pending_request is not None:
                 pending_request.routing_context.should_backoff = True

@@ -44,9 +44,15 @@ def _replica(rid: str) -> Any:
     return SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid))
 
 
-def _pending() -> Any:
+def _pending(future: asyncio.Future[Any] | None = None) -> Any:
     req = GenerateRequest("req-1", list(range(3, 40)), SamplingParams(max_tokens=4))
-    return SimpleNamespace(args=[req], routing_context=SimpleNamespace(should_backoff=False))
+    return SimpleNamespace(args=[req], routing_context=SimpleNamespace(should_backoff=False),
+                           future=future)
+
+
+async def _turns(n: int = 10) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
 
 
 def test_one_candidate_is_routed_before_its_select_answers() -> None:
@@ -54,17 +60,19 @@ def test_one_candidate_is_routed_before_its_select_answers() -> None:
         client = GatedClient()
         router = _router(client)
         only = _replica("r0")
-        pending = _pending()
+        assigned: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        pending = _pending(assigned)
         ranks = await asyncio.wait_for(router.choose_replicas([only], pending), HANG_GUARD_S)
         # NOTE: routed while the service has not answered (the gate is still closed)
         assert ranks == [[only]]
         assert router.num_unwaited == 1 and router.num_decisions == 0
         assert pending.routing_context.should_backoff
-        # the Select still goes out, with the request's own fields, and is counted once answered
-        for _ in range(10):
-            if client.calls:
-                break
-            await asyncio.sleep(0)
+        # the Select waits for Serve to assign the request (its future), then goes out with
+        # the request's own fields, and is counted once answered
+        await _turns()
+        assert not client.calls
+        assigned.set_result(only)
+        await _turns()
         assert len(client.calls) == 1
         call = client.calls[0]
         assert call["request_id"] == "req-1" and call["candidate_replica_ids"] == ["r0"]
@@ -82,8 +90,7 @@ def test_several_candidates_wait_for_the_ranking() -> None:
         router = _router(client)
         replicas = [_replica("r0"), _replica("r1")]
         task = asyncio.get_running_loop().create_task(router.choose_replicas(replicas, _pending()))
-        for _ in range(10):
-            await asyncio.sleep(0)
+        await _turns()
         assert not task.done() and len(client.calls) == 1
         client.gate.set()
         # the fake ranks the candidates in reverse order: the service's order is kept
