@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cluster.selector.generation import bump
 from cluster.selector.types import LoadSnapshot
 
 _INT_COLS = (
@@ -81,6 +82,7 @@ class ReplicaTable:
         self.cols = {name: ints[i] for i, name in enumerate(_INT_COLS)}
         self.cols.update({name: floats[i] for i, name in enumerate(_FLOAT_COLS)})
         self._capacity = capacity
+        bump()
 
     @property
     def capacity(self) -> int:
