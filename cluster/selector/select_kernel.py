@@ -32,6 +32,7 @@ from cluster.selector.index_kernels import _jit, set_bits
 from cluster.selector.pending_deadlines import _upsert as set_deadlines
 from cluster.selector.pending_queue import _push as push
 from cluster.selector.pending_queue import expire
+from cluster.selector.replica_table import _INT_COLS
 from cluster.selector.types import ScoreTerms
 from cluster.selector.walk_kernel import walk
 
@@ -166,6 +167,8 @@ def rank_and_route(
 
 
 
+_QUEUED_TOKENS = _INT_COLS.index("num_queued_tokens")
+_WAITING_REQS = _INT_COLS.index("num_waiting_reqs")
 # NOTE: the arrays ``select_bound`` takes after its per-call arguments, in order: what
 # ``Ranker`` binds once per ``generation.Generation`` (see ``BOUND_ARGS`` users).
 BOUND_ARGS = ("gpu", "gover", "gbits", "cpu", "cover", "cbits", "pend", "pbits",
@@ -192,6 +195,8 @@ def select_bound(
     (``objective_kernel``'s ``req``) is built here from ``len(hashes)``, the token counts and
     ``origin`` (-1: no origin node given). ``result`` has one column more than
     ``RESULT_COLS``: row i's candidate index (``top[i]``), so the answer is one ``tolist()``.
+    With ``speculative`` it also adds the request's tokens and one waiting request to the
+    winner's ``tab_ints`` columns (the caller then uses ``ReplicaTable.add_inflight_record``).
     Returns (r, *ROUTE_STATS) instead of leaving the stats for the caller to read."""
     req = np.empty(4)
     req[0] = hashes.shape[0]
@@ -208,6 +213,11 @@ def select_bound(
     last = len(RESULT_COLS)
     for i in range(r):
         result[i, last] = top[i]
+    if speculative and r > 0:
+        # NOTE: the winner's in-flight load (``ReplicaTable.add_inflight``'s columns)
+        s = slots[top[0]]
+        tab_ints[_QUEUED_TOKENS, s] += num_prompt_tokens + num_output_tokens
+        tab_ints[_WAITING_REQS, s] += 1
     return (r, stats[0], stats[1], stats[2], stats[3], stats[4], stats[5])
 
 

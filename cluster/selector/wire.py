@@ -20,6 +20,7 @@ Answers are equal as messages, not byte for byte (zero-valued terms are written 
 from __future__ import annotations
 
 import struct
+import threading
 from typing import Any
 
 import numpy as np
@@ -63,7 +64,9 @@ def _varint(buf: Any, pos: int, end: int) -> tuple[Any, int]:
 def _scan(buf: Any, hashes: Any, fields: Any, cands: Any) -> tuple[int, int]:
     """Walk a SelectRequest: block hashes into ``hashes`` (len(buf) entries suffice), the
     other fields into ``fields`` (layout above), candidate id (offset, length) pairs into
-    ``cands`` (up to its size / 2; all are counted). Returns (status, number of hashes)."""
+    ``cands`` (up to its size / 2; all are counted). Returns (status, number of hashes).
+    Zeroes ``fields`` first (the caller reuses it)."""
+    fields[:] = 0
     n = 0
     pos, end = 0, buf.shape[0]
     while pos < end:
@@ -124,6 +127,19 @@ def _text(raw: bytes, fields: list[int], f: int) -> str:
         raise MalformedMessage(f"field {f} is not UTF-8: {exc}") from exc
 
 
+# NOTE: per thread (the scan releases the GIL): fields and candidate spans, reused across
+# calls instead of two allocations per Select
+_scratch = threading.local()
+
+
+def _buffers() -> tuple[Any, Any]:
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = (np.zeros(_NUM_FIELDS, np.int64),
+                                np.empty(2 * MAX_CANDIDATES, np.int64))  # fmt: skip
+    return bufs  # type: ignore[no-any-return]
+
+
 def decode_select(
     raw: bytes, max_prompt_blocks: int
 ) -> tuple[SelectionRequest, list[str], str, int, bool]:
@@ -132,8 +148,7 @@ def decode_select(
     ``select_request_from_proto``) for an oversized prompt, candidate list or id."""
     buf = np.frombuffer(raw, np.uint8)
     hashes = np.empty(len(raw), np.uint64)
-    fields_arr = np.zeros(_NUM_FIELDS, np.int64)
-    cands_arr = np.empty(2 * MAX_CANDIDATES, np.int64)
+    fields_arr, cands_arr = _buffers()
     status, n = _scan(buf, hashes, fields_arr, cands_arr)
     if status != _OK:
         raise MalformedMessage("not a SelectRequest (truncated or invalid wire format)")
@@ -143,7 +158,8 @@ def decode_select(
     num_cands = fields[12]
     if num_cands > MAX_CANDIDATES:
         raise ValueError(f"{num_cands} candidates exceed the limit of {MAX_CANDIDATES}")
-    texts = [_text(raw, fields, f) for f in (1, 5, 7, 10)]
+    # NOTE: most are empty: no call for those
+    texts = [_text(raw, fields, f) if fields[2 * f + 1] else "" for f in (1, 5, 7, 10)]
     candidates: list[str] = []
     if num_cands:
         spans = cands_arr[: 2 * num_cands].tolist()
