@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from cluster.selector.generation import bump
 from cluster.selector.index import as_hash_array
 from cluster.selector.index_kernels import _jit, zeros
 from cluster.selector.pending_deadlines import _find, _home
@@ -183,6 +184,7 @@ class AccessTracker:
         self.keys = zeros(1 << bits, np.uint64)
         self.slots = zeros(1 << bits, np.int64)
         self.vt = zeros((2, 1 << bits), np.float64)
+        bump()
 
     def __len__(self) -> int:
         """Live (checkpoint hash, slot) entries."""

@@ -18,6 +18,7 @@ from protos import cache_selection_pb2 as pb
 MAX_ID_CHARS = 256
 MAX_CANDIDATES = 4096
 MAX_BLOCK_SIZE = 1024
+_MAX_COUNT = 1 << 62  # NOTE: snapshot counts; see load_from_proto
 _LOAD_FIELDS = tuple(f.name for f in pb.LoadSnapshot.DESCRIPTOR.fields)
 _TERM_FIELDS = tuple(f.name for f in pb.ScoreTerms.DESCRIPTOR.fields)
 
@@ -150,11 +151,15 @@ def events_to_proto(seq: int, events: list[KVEvent], ts: float = 0.0) -> pb.KVEv
 
 
 def load_from_proto(msg: pb.LoadSnapshot) -> LoadSnapshot:
-    """NaN, infinite or negative floats -> ValueError (they would poison every score)."""
+    """NaN, infinite or negative floats -> ValueError (they would poison every score); so
+    do counts of 2^62 or more (uint64 on the wire: they would not fit the replica table's
+    int64 columns, or overflow once in-flight tokens are added)."""
     values = {name: getattr(msg, name) for name in _LOAD_FIELDS}
     for name, v in values.items():
         if isinstance(v, float) and not (0.0 <= v < math.inf):
             raise ValueError(f"snapshot {name}={v} is not a finite non-negative number")
+        if isinstance(v, int) and v >= _MAX_COUNT:
+            raise ValueError(f"snapshot {name}={v} is out of range (limit {_MAX_COUNT - 1})")
     return LoadSnapshot(**values)
 
 

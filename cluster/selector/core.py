@@ -307,15 +307,20 @@ class SelectorCore:
         speculative: bool,
         marked: bool,
     ) -> None:
-        """The winner's share of the request: pending marks and access bump (unless the
-        compiled call ``marked`` them already), in-flight load, the reward's prediction."""
+        """The winner's share of the request: pending marks, access bump and the table's
+        in-flight load (unless the compiled call ``marked`` them already), the record's
+        in-flight tokens, the reward's prediction."""
         rec = self._table.records[replica_id]
         if speculative:
             if not marked:
                 # NOTE: the matched prefix is resident already; only the rest needs a mark.
                 self._index.mark_pending(rec.slot, hashes[matched:], self.config.pending_ttl_s)
                 self._access.bump(rec.slot, hashes)
-            self._table.add_inflight(rec, request.num_prompt_tokens + request.num_output_tokens)
+            tokens = request.num_prompt_tokens + request.num_output_tokens
+            if marked:  # NOTE: the compiled call added the columns' in-flight load
+                self._table.add_inflight_record(rec, tokens)
+            else:
+                self._table.add_inflight(rec, tokens)
         if request.request_id:
             self._expect(request, rec, matched)
             self._routed[request.request_id] = (policy, matched * rec.block_size)

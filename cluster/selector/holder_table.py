@@ -24,6 +24,7 @@ import numpy.typing as npt
 
 from cluster.selector import holder_kernels as hk
 from cluster.selector import index_kernels as k
+from cluster.selector.generation import bump
 from cluster.selector.mask_table import grown_bits
 
 U64 = npt.NDArray[np.uint64]
@@ -36,6 +37,7 @@ class HolderTable:
         self.bits = bits
         self.tab = k.zeros((1 << bits, 2), np.uint64)
         self.over = k.zeros((0, num_words), np.uint64)
+        bump()
         self.ostate = np.asarray([-1, 0], np.int64)  # [first free overflow row, rows in use]
         self.count = 0  # live rows
         self._grow_overflow(overflow_rows)
@@ -61,6 +63,7 @@ class HolderTable:
         over = k.zeros((len(self.over), num_words), np.uint64)
         over[:, : self.over.shape[1]] = self.over
         self.over = over
+        bump()
 
     def reserve(self, num_new: int) -> None:
         """Make room for ``num_new`` more keys without another doubling."""
@@ -70,6 +73,7 @@ class HolderTable:
         new = k.zeros((1 << bits, 2), np.uint64)
         hk.rehash(self.tab, new, bits)
         self.tab, self.bits = new, bits
+        bump()
 
     def _grow_overflow(self, num_rows: int) -> None:
         """Add ``num_rows`` free overflow rows (the pool at least doubles)."""
@@ -82,6 +86,7 @@ class HolderTable:
         over[new, 0] = (new + 2).astype(np.uint64)
         over[old + num_rows - 1, 0] = np.uint64(self.ostate[0] + 1)
         self.over, self.ostate[0] = over, old
+        bump()
 
     def set_slot(self, hashes: U64, slot: int) -> int:
         """Add ``slot`` as a holder of every hash (inserting new keys); returns how many were

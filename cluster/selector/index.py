@@ -27,12 +27,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from cluster.selector import holder_table, pending_deadlines, pending_queue, walk_kernel
 from cluster.selector import index_kernels as k
+from cluster.selector.generation import bump
 from cluster.selector.holder_table import HolderTable
 from cluster.selector.mask_table import MaskTable, warm_up
 from cluster.selector.pending_deadlines import PendingDeadlines
@@ -117,6 +119,7 @@ class KVIndex:
         self._num_gpu = np.zeros(64, np.int64)
         self._num_cpu = np.zeros(64, np.int64)
         self._num_pending = np.zeros(64, np.int64)
+        bump()
         self._deadlines = PendingDeadlines()
         self._queue = PendingQueue()
 
@@ -141,6 +144,7 @@ class KVIndex:
             self._num_gpu = np.concatenate([self._num_gpu, np.zeros(grow, np.int64)])
             self._num_cpu = np.concatenate([self._num_cpu, np.zeros(grow, np.int64)])
             self._num_pending = np.concatenate([self._num_pending, np.zeros(grow, np.int64)])
+            bump()
 
     def remove_slot(self, slot: int) -> None:
         """Forget every resident and pending hash of ``slot``; the slot number may be reused."""
@@ -209,20 +213,28 @@ class KVIndex:
         # NOTE: a Select queues one mark of its uncached blocks; 16 a mark is a short prompt
         self._queue.reserve(num_marks, max(num_marks // 16, 1))
 
-    def route_args(self, num_new: int) -> tuple[
-        U64, I64, npt.NDArray[np.float64], int,
-        npt.NDArray[np.float64], I64, U64, I64, I64,
-    ]:  # fmt: skip
-        """Reserve room for one mark of ``num_new`` hashes, then the pending state as
-        ``select_kernel.rank_and_route`` takes it: the deadline table (keys, slots, deadlines,
-        bits), the queue (dl, meta, ring, state) and the per-slot pending counts. Call it
-        before ``walk_args`` (a reservation may replace the arrays); report what the kernel
-        did with ``routed``."""
+    def reserve_route(self, num_new: int) -> None:
+        """Make room for one pending mark of ``num_new`` hashes (a Select's speculative
+        insert): the pending rows, deadlines and queue. A reservation may replace arrays
+        (``generation.bump``): call it before reading ``bound_arrays``."""
         self._pending.reserve(num_new)
         self._deadlines.reserve(num_new)
         self._queue.reserve(num_new)
-        d, q = self._deadlines, self._queue
-        return d.keys, d.slots, d.dl, d.bits, q.dl, q.meta, q.ring, q.state, self._num_pending
+
+    def bound_arrays(self) -> tuple[Any, ...]:
+        """The index's part of ``select_kernel.BOUND_ARGS``: the device, host and pending
+        tables (tab, over, bits, ...), then the deadline table (keys, slots, deadlines, bits),
+        the queue (dl, meta, ring, state) and the per-slot pending counts, split around the
+        caller's arrays as ``Ranker`` arranges them. Valid while ``Generation.value`` stays
+        the same; report what the kernel did with ``routed``."""
+        g, c, p, d, q = self._gpu, self._cpu, self._pending, self._deadlines, self._queue
+        return (g.tab, g.over, g.bits, c.tab, c.over, c.bits, p.tab, p.bits,
+                d.keys, d.slots, d.dl, d.bits, q.dl, q.meta, q.ring, q.state, self._num_pending)  # fmt: skip
+
+    def tiers_in_use(self) -> tuple[bool, bool]:
+        """(host tier non-empty, pending marks non-empty): the walk's ``use_cpu`` and
+        ``use_pending``, which change without any array being replaced."""
+        return self._cpu.count > 0, self._pending.count > 0
 
     def routed(self, new_marks: int, new_rows: int, expired_marks: int, expired_rows: int) -> None:
         """Book-keeping of a ``rank_and_route`` call: the (hash, slot) deadlines and pending

@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cluster.selector import index_kernels as k
+from cluster.selector.generation import bump
 
 U64 = npt.NDArray[np.uint64]
 MAX_LOAD = 0.8
@@ -51,6 +52,7 @@ class MaskTable:
     def __init__(self, num_words: int = 1, bits: int = 10) -> None:
         self.bits = bits
         self.tab = k.zeros((1 << bits, 1 + num_words), np.uint64)
+        bump()
         self.count = 0  # live rows
 
     @property
@@ -67,6 +69,7 @@ class MaskTable:
         tab = k.zeros((len(self.tab), 1 + num_words), np.uint64)
         tab[:, : self.tab.shape[1]] = self.tab
         self.tab = tab
+        bump()
 
     def reserve(self, num_new: int) -> None:
         """Make room for ``num_new`` more keys without another doubling."""
@@ -76,6 +79,7 @@ class MaskTable:
         new = k.zeros((1 << bits, self.tab.shape[1]), np.uint64)
         k.rehash(self.tab, new, bits)
         self.tab, self.bits = new, bits
+        bump()
 
     def set_bits(self, hashes: U64, slot: int) -> int:
         """Set ``slot``'s bit on every hash (inserting new keys); returns how many were newly

@@ -304,6 +304,13 @@ class TinyServeObjective(Policy):
         q = kernel.complexity(request.num_prompt_tokens, self.config.q_scale_tokens)
         return self._packed_config(), req, q
 
+    def kernel_scalars(self, request: SelectionRequest) -> tuple[FloatArray, float]:
+        """(cfg, q) of ``kernel_inputs`` without the request row (``select_kernel.select_bound``
+        builds it from the request's counts)."""
+        return self._packed_config(), kernel.complexity(
+            request.num_prompt_tokens, self.config.q_scale_tokens
+        )
+
     def _packed_config(self) -> FloatArray:
         # NOTE: rebuilt only when w changes (online learning replaces the array).
         if self._packed is None or self._packed_w is not self.w:

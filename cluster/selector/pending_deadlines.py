@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from cluster.selector.generation import bump
 from cluster.selector.index_kernels import SINK, _jit, _moves_back, zeros
 
 U64 = npt.NDArray[np.uint64]
@@ -163,6 +164,7 @@ class PendingDeadlines:
         self.keys = zeros(1 << bits, np.uint64)
         self.slots = zeros(1 << bits, np.int64)
         self.dl = zeros(1 << bits, np.float64)
+        bump()
 
     def reserve(self, num_new: int) -> None:
         """Make room for ``num_new`` more entries without another doubling."""

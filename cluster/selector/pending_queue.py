@@ -25,6 +25,7 @@ import numpy.typing as npt
 
 from cluster.selector import index_kernels as k
 from cluster.selector import pending_deadlines as pd
+from cluster.selector.generation import bump
 from cluster.selector.index_kernels import _jit, zeros
 
 U64 = npt.NDArray[np.uint64]
@@ -86,6 +87,7 @@ class PendingQueue:
         self.meta = zeros((_pow2(num_marks), 3), np.int64)
         self.ring = zeros(_pow2(num_hashes), np.uint64)
         self.state = np.zeros(4, np.int64)
+        bump()
 
     def __len__(self) -> int:
         """Marks not yet drained."""
@@ -110,6 +112,7 @@ class PendingQueue:
         meta[: mt - mh, 1] -= hh
         ring[: ht - hh] = self.ring[live_h]
         self.dl, self.meta, self.ring = dl, meta, ring
+        bump()
         self.state[:] = (0, mt - mh, 0, ht - hh)
 
     def push(self, deadline: float, slot: int, hashes: U64) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cluster.selector.generation import bump
 from cluster.selector.types import LoadSnapshot
 
 _INT_COLS = (
@@ -81,6 +82,7 @@ class ReplicaTable:
         self.cols = {name: ints[i] for i, name in enumerate(_INT_COLS)}
         self.cols.update({name: floats[i] for i, name in enumerate(_FLOAT_COLS)})
         self._capacity = capacity
+        bump()
 
     @property
     def capacity(self) -> int:
@@ -166,9 +168,14 @@ class ReplicaTable:
 
     def add_inflight(self, rec: ReplicaRecord, num_tokens: int) -> None:
         """Optimistic load accounting for a request just routed to ``rec``."""
-        rec.num_inflight_tokens += num_tokens
+        self.add_inflight_record(rec, num_tokens)
         self.cols["num_queued_tokens"][rec.slot] += num_tokens
         self.cols["num_waiting_reqs"][rec.slot] += 1
+
+    def add_inflight_record(self, rec: ReplicaRecord, num_tokens: int) -> None:
+        """``add_inflight``'s record part only: the compiled Select
+        (``select_kernel.select_bound``) updated the columns itself."""
+        rec.num_inflight_tokens += num_tokens
 
     def set_reward(self, rec: ReplicaRecord, reward: float, prefill_tokens_per_s: float) -> None:
         """R(c) and the prefill rate the objective uses for ``rec`` (its reported rate, or

@@ -32,6 +32,7 @@ from cluster.selector.index_kernels import _jit, set_bits
 from cluster.selector.pending_deadlines import _upsert as set_deadlines
 from cluster.selector.pending_queue import _push as push
 from cluster.selector.pending_queue import expire
+from cluster.selector.replica_table import _INT_COLS
 from cluster.selector.types import ScoreTerms
 from cluster.selector.walk_kernel import walk
 
@@ -165,6 +166,61 @@ def rank_and_route(
     return r
 
 
+
+_QUEUED_TOKENS = _INT_COLS.index("num_queued_tokens")
+_WAITING_REQS = _INT_COLS.index("num_waiting_reqs")
+# NOTE: the arrays ``select_bound`` takes after its per-call arguments, in order: what
+# ``Ranker`` binds once per ``generation.Generation`` (see ``BOUND_ARGS`` users).
+BOUND_ARGS = ("gpu", "gover", "gbits", "cpu", "cover", "cbits", "pend", "pbits",
+              "acc_keys", "acc_slots", "acc_vt", "acc_bits", "rate",
+              "tab_ints", "tab_floats", "node_of_slot",
+              "dl_keys", "dl_slots", "dl_dl", "dl_bits", "q_dl", "q_meta", "q_ring", "q_state",
+              "num_pending", "match", "result", "top", "stats", "sink")  # fmt: skip
+
+
+@_jit
+def select_bound(
+    hashes: Any, cand: Any, slots: Any, origin: int, num_prompt_tokens: int,
+    num_output_tokens: int, q: float, k: int, now: float, deadline: float, use_cpu: bool,
+    use_pending: bool, speculative: bool, max_expire: int, cfg: Any,
+    gpu: Any, gover: Any, gbits: int, cpu: Any, cover: Any, cbits: int, pend: Any, pbits: int,
+    acc_keys: Any, acc_slots: Any, acc_vt: Any, acc_bits: int, rate: float,
+    tab_ints: Any, tab_floats: Any, node_of_slot: Any,
+    dl_keys: Any, dl_slots: Any, dl_dl: Any, dl_bits: int,
+    q_dl: Any, q_meta: Any, q_ring: Any, q_state: Any, num_pending: Any,
+    match: Any, result: Any, top: Any, stats: Any, sink: Any,
+) -> tuple[int, int, int, int, int, int, int]:  # fmt: skip
+    """``rank_and_route`` with the per-call values first and the bound arrays after them
+    (``BOUND_ARGS``), so the caller passes one cached tuple for the rest. The request's row
+    (``objective_kernel``'s ``req``) is built here from ``len(hashes)``, the token counts and
+    ``origin`` (-1: no origin node given). ``result`` has one column more than
+    ``RESULT_COLS``: row i's candidate index (``top[i]``), so the answer is one ``tolist()``.
+    With ``speculative`` it also adds the request's tokens and one waiting request to the
+    winner's ``tab_ints`` columns (the caller then uses ``ReplicaTable.add_inflight_record``).
+    Returns (r, *ROUTE_STATS) instead of leaving the stats for the caller to read."""
+    req = np.empty(4)
+    req[0] = hashes.shape[0]
+    req[1] = num_prompt_tokens
+    req[2] = num_output_tokens
+    req[3] = 1.0 if origin != -1 else 0.0
+    r = rank_and_route(
+        hashes, gpu, gover, gbits, cpu, cover, cbits, use_cpu, pend, pbits, use_pending, cand,
+        match, acc_keys, acc_slots, acc_vt, acc_bits, now, rate, slots, tab_ints, tab_floats,
+        node_of_slot, origin, cfg, req, q, k, result, top, sink, speculative, deadline,
+        dl_keys, dl_slots, dl_dl, dl_bits, q_dl, q_meta, q_ring, q_state, num_pending,
+        max_expire, stats,
+    )  # fmt: skip
+    last = len(RESULT_COLS)
+    for i in range(r):
+        result[i, last] = top[i]
+    if speculative and r > 0:
+        # NOTE: the winner's in-flight load (``ReplicaTable.add_inflight``'s columns)
+        s = slots[top[0]]
+        tab_ints[_QUEUED_TOKENS, s] += num_prompt_tokens + num_output_tokens
+        tab_ints[_WAITING_REQS, s] += 1
+    return (r, stats[0], stats[1], stats[2], stats[3], stats[4], stats[5])
+
+
 _warm = False
 
 
@@ -195,5 +251,17 @@ def warm_up() -> None:
                 np.zeros(8, np.int64), np.zeros(8), 3, np.zeros(4), np.zeros((4, 3), np.int64),
                 np.zeros(16, np.uint64), np.zeros(4, np.int64), np.zeros(2, np.int64), 8,
                 np.zeros(len(ROUTE_STATS), np.int64),
+            )  # fmt: skip
+        for spec in (False, True):
+            select_bound(
+                h, np.ones(1, np.uint64), slots, -1, 48, 0, 0.5, k, 0.0, 1.0, True, True, spec,
+                8, np.ones(ok.CFG_LEN), tab, over, 4, tab, over, 4, tab.copy(), 4,
+                np.zeros(8, np.uint64), np.zeros(8, np.int64), np.zeros((2, 8)), 3, 0.01,
+                np.ones((7, 2), np.int64), np.ones((5, 2)), np.zeros(2, np.int64),
+                np.zeros(8, np.uint64), np.zeros(8, np.int64), np.zeros(8), 3, np.zeros(4),
+                np.zeros((4, 3), np.int64), np.zeros(16, np.uint64), np.zeros(4, np.int64),
+                np.zeros(2, np.int64), np.zeros((3, 64), np.int64),
+                np.zeros((2, len(RESULT_COLS) + 1)), top, np.zeros(len(ROUTE_STATS), np.int64),
+                np.zeros(1, np.uint64),
             )  # fmt: skip
     _warm = True

@@ -20,6 +20,7 @@ Answers are equal as messages, not byte for byte (zero-valued terms are written 
 from __future__ import annotations
 
 import struct
+import threading
 from typing import Any
 
 import numpy as np
@@ -60,23 +61,27 @@ def _varint(buf: Any, pos: int, end: int) -> tuple[Any, int]:
 
 
 @_jit
-def _scan(buf: Any, hashes: Any, fields: Any, cands: Any) -> tuple[int, int]:
-    """Walk a SelectRequest: block hashes into ``hashes`` (len(buf) entries suffice), the
-    other fields into ``fields`` (layout above), candidate id (offset, length) pairs into
-    ``cands`` (up to its size / 2; all are counted). Returns (status, number of hashes)."""
+def _scan(buf: Any, fields: Any, cands: Any) -> tuple[int, int, Any]:
+    """Walk a SelectRequest (``bytes``, read in place): the other fields into ``fields``
+    (layout above), candidate id (offset, length) pairs into ``cands`` (up to its size / 2;
+    all are counted). Returns (status, number of hashes, the block hashes: a fresh uint64
+    array of len(buf) entries, the first n of them set). Zeroes ``fields`` first (the caller
+    reuses it). NOTE: bytes in, the array out: no numpy call around the scan."""
+    fields[:] = 0
     n = 0
-    pos, end = 0, buf.shape[0]
+    pos, end = 0, len(buf)
+    hashes = np.empty(end, np.uint64)
     while pos < end:
         key, pos = _varint(buf, pos, end)
         if pos < 0:
-            return _MALFORMED, n
+            return _MALFORMED, n, hashes
         if key >> np.uint64(3) == 0 or key >> np.uint64(3) > np.uint64(_MAX_FIELD):
-            return _MALFORMED, n
+            return _MALFORMED, n, hashes
         f, wt = int(key >> np.uint64(3)), int(key & np.uint64(7))
         if wt == 0:
             v, pos = _varint(buf, pos, end)
             if pos < 0:
-                return _MALFORMED, n
+                return _MALFORMED, n, hashes
             if f == 2:
                 hashes[n] = v
                 n += 1
@@ -87,13 +92,13 @@ def _scan(buf: Any, hashes: Any, fields: Any, cands: Any) -> tuple[int, int]:
         elif wt == 2:
             ln, pos = _varint(buf, pos, end)
             if pos < 0 or ln > np.uint64(end - pos):
-                return _MALFORMED, n
+                return _MALFORMED, n, hashes
             stop = pos + int(ln)
             if f == 2:
                 while pos < stop:
                     v, pos = _varint(buf, pos, stop)
                     if pos < 0:
-                        return _MALFORMED, n
+                        return _MALFORMED, n, hashes
                     hashes[n] = v
                     n += 1
             else:
@@ -110,10 +115,10 @@ def _scan(buf: Any, hashes: Any, fields: Any, cands: Any) -> tuple[int, int]:
         elif wt == 5:
             pos += 4
         else:
-            return _MALFORMED, n
+            return _MALFORMED, n, hashes
         if pos > end:
-            return _MALFORMED, n
-    return _OK, n
+            return _MALFORMED, n, hashes
+    return _OK, n, hashes
 
 
 def _text(raw: bytes, fields: list[int], f: int) -> str:
@@ -124,17 +129,27 @@ def _text(raw: bytes, fields: list[int], f: int) -> str:
         raise MalformedMessage(f"field {f} is not UTF-8: {exc}") from exc
 
 
+# NOTE: per thread (the scan releases the GIL): fields and candidate spans, reused across
+# calls instead of two allocations per Select
+_scratch = threading.local()
+
+
+def _buffers() -> tuple[Any, Any]:
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = (np.zeros(_NUM_FIELDS, np.int64),
+                                np.empty(2 * MAX_CANDIDATES, np.int64))  # fmt: skip
+    return bufs
+
+
 def decode_select(
     raw: bytes, max_prompt_blocks: int
 ) -> tuple[SelectionRequest, list[str], str, int, bool]:
     """(request, candidate ids, policy, max_results, speculative) of SelectRequest ``raw``.
     MalformedMessage for bytes that do not parse; ValueError (as ``convert``'s
     ``select_request_from_proto``) for an oversized prompt, candidate list or id."""
-    buf = np.frombuffer(raw, np.uint8)
-    hashes = np.empty(len(raw), np.uint64)
-    fields_arr = np.zeros(_NUM_FIELDS, np.int64)
-    cands_arr = np.empty(2 * MAX_CANDIDATES, np.int64)
-    status, n = _scan(buf, hashes, fields_arr, cands_arr)
+    fields_arr, cands_arr = _buffers()
+    status, n, hashes = _scan(raw, fields_arr, cands_arr)
     if status != _OK:
         raise MalformedMessage("not a SelectRequest (truncated or invalid wire format)")
     if n > max_prompt_blocks:
@@ -143,7 +158,8 @@ def decode_select(
     num_cands = fields[12]
     if num_cands > MAX_CANDIDATES:
         raise ValueError(f"{num_cands} candidates exceed the limit of {MAX_CANDIDATES}")
-    texts = [_text(raw, fields, f) for f in (1, 5, 7, 10)]
+    # NOTE: most are empty: no call for those
+    texts = [_text(raw, fields, f) if fields[2 * f + 1] else "" for f in (1, 5, 7, 10)]
     candidates: list[str] = []
     if num_cands:
         spans = cands_arr[: 2 * num_cands].tolist()

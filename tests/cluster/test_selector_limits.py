@@ -91,3 +91,14 @@ def test_one_peer_may_hold_only_so_many_replica_ids(
             call.result(timeout=30)
         # Closed streams free their slots.
         assert _report(stub, _hello("r9")) == grpc.StatusCode.OK
+
+
+def test_snapshot_counts_beyond_int64_are_rejected() -> None:
+    """A uint64 count the replica table's int64 columns cannot hold is bad input (ValueError,
+    so the stream ends INVALID_ARGUMENT), not an OverflowError inside the core."""
+    from cluster.selector.convert import load_from_proto
+
+    assert load_from_proto(pb.LoadSnapshot(num_waiting_tokens=(1 << 62) - 1)).num_waiting_tokens
+    for v in (1 << 62, 1 << 63, (1 << 64) - 1):
+        with pytest.raises(ValueError, match="num_waiting_tokens"):
+            load_from_proto(pb.LoadSnapshot(num_waiting_tokens=v))

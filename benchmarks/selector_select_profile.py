@@ -1,0 +1,182 @@
+"""Where one Select's time goes in the serving process's conditions (issue 19).
+
+Builds the benchmark's index in this process (``selector_fixture._populate``: R replicas x
+``--blocks-per-replica``, 2-copy 128-block chains), then serves raw ``SelectRequest`` bytes
+the way the fast lane and the gRPC servicer do (``wire.decode_select`` -> ``core.select`` ->
+``wire.encode_select``), twice per run:
+
+- ``hot``: back to back (the caches keep the Select's code and data);
+- ``cold``: ``--evict-mib`` MiB written between calls, the proxy for the RPC work between
+  Selects in the serving process (README "Fifth pass": 8 MiB reproduces its ~135 us).
+
+Each step is timed by a wrapper around it (a wrapper adds ~0.1-0.3 us hot; the figures are
+for comparing steps, the end-to-end column is timed without wrappers). It also counts the
+compiled (numba) dispatches a Select makes from Python and the arguments of each call.
+
+    python benchmarks/selector_select_profile.py --replicas 256 --json /tmp/profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.selector_fixture import BLOCK_SIZE, CHAIN_BLOCKS, _populate, prompts
+
+
+def _timed(fn: Callable[..., Any], name: str, acc: dict[str, list[float]]) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        acc[name].append(time.perf_counter() - t)
+        return out
+
+    return wrapper
+
+
+def _dispatch_counts(core: Any, raws: list[bytes], max_blocks: int) -> dict[str, Any]:
+    """Compiled calls made from Python by one Select: every numba dispatcher in the
+    ``cluster.selector`` modules' globals is wrapped with a counter for one call, then put
+    back. NOTE: compiled callers froze their callees at compile time, so only calls from
+    Python are counted (the ones that pay numba's type dispatch)."""
+    from numba.core.registry import CPUDispatcher
+
+    from cluster.selector import wire
+
+    # NOTE: compile first: a kernel typed while the globals are wrapped would fail
+    req, cands, policy, k, spec = wire.decode_select(raws[-1], max_blocks)
+    wire.encode_select(core.select(req, cands, policy, k, spec))
+    calls: dict[str, list[int]] = defaultdict(list)
+    patched: list[tuple[Any, str, Any]] = []
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("cluster.selector") or mod is None:
+            continue
+        for attr, val in list(vars(mod).items()):
+            if isinstance(val, CPUDispatcher):
+
+                def counting(*a: Any, _f: Any = val, _n: str = val.py_func.__qualname__) -> Any:
+                    calls[_n].append(len(a))
+                    return _f(*a)
+
+                patched.append((mod, attr, val))
+                setattr(mod, attr, counting)
+    try:
+        req, cands, policy, k, spec = wire.decode_select(raws[0], max_blocks)
+        wire.encode_select(core.select(req, cands, policy, k, spec))
+    finally:
+        for mod, attr, val in patched:
+            setattr(mod, attr, val)
+    return {
+        "num_dispatches": sum(len(v) for v in calls.values()),
+        "calls": {n: {"count": len(v), "num_args": v[0]} for n, v in calls.items()},
+    }
+
+
+def _pass(core: Any, raws: list[bytes], evict: np.ndarray | None, max_blocks: int,
+          steps: bool) -> dict[str, list[float]]:  # fmt: skip
+    from cluster.selector import wire
+
+    acc: dict[str, list[float]] = defaultdict(list)
+    decode, encode, select = wire.decode_select, wire.encode_select, core.select
+    if steps:
+        from cluster.selector import select_kernel
+
+        ranker = core._ranker
+        # NOTE: the compiled call the fast path makes (select_bound since the bound arrays)
+        kname = "select_bound" if hasattr(select_kernel, "select_bound") else "rank_and_route"
+        kernel = getattr(select_kernel, kname)
+        setattr(select_kernel, kname, _timed(kernel, "kernel", acc))
+        ranker.rank_fast = _timed(ranker.rank_fast, "rank_fast", acc)
+        core._route = _timed(core._route, "route", acc)
+        decode = _timed(decode, "decode", acc)
+        encode = _timed(encode, "encode", acc)
+        select = _timed(select, "select", acc)
+    try:
+        for raw in raws:
+            if evict is not None:
+                evict += 1  # NOTE: writes every byte: the RPC work's proxy
+            t = time.perf_counter()
+            req, cands, policy, k, spec = decode(raw, max_blocks)
+            encode(select(req, cands, policy, k, spec))
+            acc["total"].append(time.perf_counter() - t)
+    finally:
+        if steps:
+            setattr(select_kernel, kname, kernel)
+            del ranker.rank_fast, core._route
+    return acc
+
+
+def _summary(acc: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    out = {k: {"p50_us": float(np.percentile(v, 50) * 1e6),
+               "p99_us": float(np.percentile(v, 99) * 1e6)} for k, v in acc.items()}  # fmt: skip
+    if "rank_fast" in acc:
+        derived = {
+            "select - rank_fast - route": np.subtract(
+                np.subtract(acc["select"], acc["rank_fast"]), acc["route"]),
+            "rank_fast - kernel": np.subtract(acc["rank_fast"], acc["kernel"]),
+            "total - select - decode - encode": np.subtract(
+                acc["total"], np.add(np.add(acc["select"], acc["decode"]), acc["encode"])),
+        }  # fmt: skip
+        for k, v in derived.items():
+            out[k] = {"p50_us": float(np.percentile(v, 50) * 1e6),
+                      "p99_us": float(np.percentile(v, 99) * 1e6)}  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--replicas", type=int, default=256)
+    p.add_argument("--blocks-per-replica", type=int, default=100_000)
+    p.add_argument("--num-requests", type=int, default=1500)
+    p.add_argument("--evict-mib", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None)
+    ns = p.parse_args(argv)
+
+    from cluster.selector.core import CoreConfig, SelectorCore
+    from protos import cache_selection_pb2 as pb
+
+    core = SelectorCore(CoreConfig(stale_after_s=1e9))
+    num_chains = _populate(core, ns.replicas, ns.blocks_per_replica, 2)
+    mb = core.config.max_prompt_blocks
+    ps = prompts(8 * ns.num_requests, num_chains, ns.seed + 1)
+    raws = [pb.SelectRequest(request_id=f"p{i}", block_hashes=h,
+                             num_prompt_tokens=CHAIN_BLOCKS * BLOCK_SIZE,
+                             max_results=4).SerializeToString()
+            for i, h in enumerate(ps)]  # fmt: skip
+    dispatch = _dispatch_counts(core, raws, mb)
+    evict = np.zeros(ns.evict_mib << 20, np.uint8)
+    res: dict[str, Any] = {"meta": {"argv": sys.argv[1:]}, "dispatch": dispatch}
+    n, at = ns.num_requests, 0
+    # NOTE: two rounds, alternating modes; the first round's warm-up figures are dropped.
+    # Every pass has its own prompts (no pass meets the previous one's pending marks).
+    for rnd in range(2):
+        for mode, ev in (("hot", None), ("cold", evict)):
+            for steps in (False, True):
+                acc = _pass(core, raws[at : at + n], ev, mb, steps)
+                at += n
+                if rnd:
+                    res[f"{mode}{'_steps' if steps else ''}"] = _summary(acc)
+    print(json.dumps(dispatch, indent=1))
+    for key in ("hot", "cold"):
+        print(f"{key}: end to end p50 {res[key]['total']['p50_us']:.1f} us, "
+              f"p99 {res[key]['total']['p99_us']:.1f} us")  # fmt: skip
+        for step, v in res[key + "_steps"].items():
+            print(f"  {step:34s} p50 {v['p50_us']:7.1f}  p99 {v['p99_us']:7.1f}")
+    if ns.json is not None:
+        ns.json.write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
