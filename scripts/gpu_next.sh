@@ -5,12 +5,13 @@
 #          .whl/extra .whl/tok.tar.xz          (scripts/gpu_wheelhouse.sh builds them)
 #   scripts/gpu_next.sh serve     # HAProxy mode, 4 ingress replicas, the full 1B grid (~300 s)
 #   scripts/gpu_next.sh c1        # c=1: 1 vs 4 ingress replicas, thread vs process core (~250 s)
+#   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
 #   scripts/gpu_next.sh selector  # selection processes N = 1/2/4 over the fast lane, pinned (~300 s)
 #   scripts/gpu_ab_run.sh ...     # the routing A/B's further seeds: benchmarks/results/gpu_ab/README.md
 # Results land in $OUT (JSON + markdown); copy them to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: scripts/gpu_next.sh serve|c1|selector}"
+part="${1:?usage: scripts/gpu_next.sh serve|c1|tput|selector}"
 # shellcheck disable=SC1091
 . scripts/gpu_site.sh || exit 1
 python3 -m pip install -q --no-index --find-links .whl/extra pytest xxhash sortedcontainers >/dev/null 2>&1
@@ -30,8 +31,18 @@ case "$part" in
         --json "$OUT/serve_overhead_h100_1b_c1_haproxy$n.json"
       ray stop --force >/dev/null 2>&1
     done ;;
+  tput)
+    # NOTE: Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED (gRPC between deployments, the router in the
+    # replica's loop, user code on the main loop) against the defaults, one machine, same build.
+    for opt in 1 0; do
+      timeout 270 python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
+        --endpoints completions --engine-process on --app-args '{"ingress_num_replicas": 4}' \
+        --serve-env "$drain" "RAY_SERVE_THROUGHPUT_OPTIMIZED=$opt" \
+        --json "$OUT/serve_overhead_h100_1b_haproxy4_tput$opt.json"
+      ray stop --force >/dev/null 2>&1
+    done ;;
   selector)
-    timeout 560 python3 benchmarks/selector_bench.py --replicas 256 --procs 1 2 4 \
+    timeout 560 python3 benchmarks/selector_bench.py --replicas 256 --procs ${PROCS:-1 2 4} \
       --client-procs 8 --scaling-front lane --pin --json "$OUT/selector_h100host_lane.json" ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac
