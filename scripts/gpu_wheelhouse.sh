@@ -11,7 +11,8 @@
 # NOTE: the Ray wheel alone is ~79 MB, more than one transfer (64 MiB). Trimmed of what Serve
 # never loads (Java jars, RLlib, Tune, Train, source maps) and xz-compressed, everything is
 # ~50 MB; with the native binaries stripped (Ray ships gcs_server, raylet and _raylet.so with
-# their symbols, uvloop with debug info) and Ray Data / Ray LLM dropped, ~34 MB, which leaves
+# their symbols, uvloop with debug info) and Ray Data dropped, ~34 MB (Ray LLM stays: gpu_ab's
+# ray_prefix_affinity policy is its PrefixCacheAffinityRouter), which leaves
 # room in one transfer for the repo and the HAProxy binary (Serve's HAProxy mode, issue 16).
 # Packages the GPU image already ships (numpy) and optional ones (virtualenv for pip
 # runtime_envs, py-spy, cryptography for cloud auth) are left out.
@@ -44,7 +45,7 @@ echo "== installing ${#wheels[@]} wheels into a 3.12 site-packages"
 (cd "$work/wheels" && "$PY" -m pip install -q --no-deps --no-compile --target "$work/site" \
   "${TARGET[@]}" "${wheels[@]}")
 rm -rf "$work/site/bin" "$work/site/ray/jars" "$work/site/ray/rllib" "$work/site/ray/tune" \
-  "$work/site/ray/train" "$work/site/ray/data" "$work/site/ray/llm"
+  "$work/site/ray/train" "$work/site/ray/data"
 # NOTE: symbols only serve native stack traces; stripped, the site is ~35 MB smaller.
 strip "$work/site/ray/core/src/ray/gcs/gcs_server" "$work/site/ray/core/src/ray/raylet/raylet"
 find "$work/site" -name '*.so*' -type f -exec strip --strip-unneeded {} + 2>/dev/null || true
