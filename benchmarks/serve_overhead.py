@@ -179,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=None, help="default 128 GPU, 32 CPU")
     p.add_argument("--rounds", type=int, default=2, help="requests per client per run")
     p.add_argument("--client-procs", type=int, default=0,
-                   help="client processes sharing the concurrency (default: 4 on a GPU, 1 on "
-                   "CPU, where the box's 2 cores are the app's)")
+                   help="client processes sharing the concurrency (default: on a GPU c/4 "
+                   "between 4 and 16, so that no process sends more than a few requests of a "
+                   "wave (benchmarks/client_send_lag.py); 1 on CPU, where the box's 2 cores "
+                   "are the app's)")
     p.add_argument("--min-requests", type=int, default=8)
     p.add_argument("--endpoints", nargs="+", default=["completions", "chat"],
                    choices=("completions", "chat"))
@@ -199,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-env", nargs="*", default=[], metavar="KEY=VALUE",
                    help="environment of the Ray cluster (Serve flags), e.g. "
                    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0")
+    p.add_argument("--loop-lag", type=float, default=0.0, metavar="MS",
+                   help="sample the ingress's and the replica's event-loop lag every MS ms "
+                   "(replicas/loop_lag.py) and add it to the hop table")
     p.add_argument("--direct-ingress", action="store_true",
                    help="Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1): the client "
                    "talks to the ingress replica's own HTTP port, not the proxy "
@@ -239,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     args.prompt_len = args.prompt_len or (1024 if gpu else 64)
     args.output_len = args.output_len or (128 if gpu else 32)
     args.stream_interval = args.stream_interval or (8 if gpu else 1)
-    args.client_procs = args.client_procs or (4 if gpu else 1)
+    args.gpu = gpu
+    if args.loop_lag:
+        args.serve_env = [*args.serve_env, f"TINYSERVE_LOOP_LAG={args.loop_lag:g}"]
 
     t_start = time.perf_counter()
     model, tok_dir = prepare_model(args)

@@ -48,6 +48,14 @@ async def closed_loop(concurrency: int, n: int, one: Callable[[int], Any]) -> tu
 
 
 
+def client_procs_for(requested: int, c: int, gpu: bool) -> int:
+    """Client processes for concurrency ``c``: ``requested`` when given (> 0), else on a GPU
+    c/4 within [4, 16] (one ``openai`` process needs ~0.5 ms to send each request of a wave:
+    ``benchmarks/client_send_lag.py``), on CPU 1; never more than ``c``."""
+    n = requested if requested > 0 else (min(16, max(4, c // 4)) if gpu else 1)
+    return max(1, min(n, c))
+
+
 def run_served(http: str | list[str], model_name: str, prompts: list[Prompt], c: int, endpoint: str,
                stream: bool, args: argparse.Namespace, side: str = "served",
                ) -> tuple[RunResult, list[Sample]]:
@@ -59,7 +67,7 @@ def run_served(http: str | list[str], model_name: str, prompts: list[Prompt], c:
     latency; several processes are what many real clients are. ``perf_counter`` is the
     system-wide monotonic clock on Linux, so the processes' stamps are comparable."""
     urls = [http] if isinstance(http, str) else list(http)
-    procs = max(1, min(args.client_procs, c))
+    procs = client_procs_for(args.client_procs, c, getattr(args, "gpu", False))
     if procs == 1:
         samples, errors = client_run(urls, model_name, prompts, c, endpoint, stream,
                                      args.output_len)

@@ -62,6 +62,10 @@ def summarize(side: str, endpoint: str, stream: bool, c: int, samples: list[Samp
     )
 
 
+def _lag(v: float | None) -> float:
+    return float("nan") if v is None or v < 0 else v
+
+
 def hop_breakdown(samples: list[Sample], traces: list[dict[str, Any]], stream: bool
                   ) -> dict[str, float]:
     """Median milliseconds of each hop (``benchmarks.serve_overhead_report.HOPS``), joining
@@ -94,6 +98,11 @@ def hop_breakdown(samples: list[Sample], traces: list[dict[str, Any]], stream: b
             "ingress_to_client_last": last - t["last_sent"],
             "after_engine_finish": last - t["engine_finish"],
             "client_total": last - send,
+            # NOTE: -1.0 = not sampled (no --loop-lag): made NaN, skipped.
+            "ingress_lag_before_recv": _lag(t.get("lag_before_recv_s")),
+            "ingress_lag_life": _lag(t.get("lag_life_s")),
+            "replica_lag_before_recv": _lag(t.get("replica_lag_before_s")),
+            "replica_lag_queue": _lag(t.get("replica_lag_queue_s")),
         }
         for k, v in vals.items():
             if v == v:  # NOTE: skips NaN (no first chunk when not streaming)

@@ -32,8 +32,9 @@ from kvmanager.metrics import PoolStats
 from replicas.config import EngineConfig
 from replicas.deployment_metrics import ReplicaMetrics
 from replicas.engine import AsyncLLMEngine
+from replicas.loop_lag import LAG_WINDOW_S, LoopLag
 from replicas.output_pacing import OutputPacer, StreamBudget
-from replicas.outputs import RequestOutput
+from replicas.outputs import RequestOutput, RequestTrace
 from replicas.sampling_params import SamplingParams
 
 log = logging.getLogger("ray.serve")
@@ -157,6 +158,9 @@ class LLMReplica:
         self._stream_budget = StreamBudget(stream_max_outputs_per_s)
         self._stopping = False
         self._loop_task = asyncio.get_running_loop().create_task(self._report_loop())
+        self._loop_lag = LoopLag.from_env()
+        if self._loop_lag is not None:
+            self._loop_lag.ensure_running()
 
     # -- serving -------------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
@@ -199,6 +203,8 @@ class LLMReplica:
                         out.trace.replica_recv = recv
                         out.trace.replica_first_yield = first_yield
                         out.trace.num_outputs = num_outputs
+                        if self._loop_lag is not None:
+                            self._stamp_lag(out.trace)
                     yield out
         except Exception:
             # NOTE: what the engine generated before failing still goes out first.
@@ -208,6 +214,14 @@ class LLMReplica:
             raise
         finally:
             self._inflight.pop(rid, None)
+
+    def _stamp_lag(self, trace: RequestTrace) -> None:
+        assert self._loop_lag is not None
+        lag = self._loop_lag
+        trace.replica_lag_before_s = lag.max_between(trace.replica_recv - LAG_WINDOW_S,
+                                                     trace.replica_recv)
+        if trace.engine_add:
+            trace.replica_lag_queue_s = lag.max_between(trace.replica_recv, trace.engine_add)
 
     def _on_finished(self, request_id: str, out: RequestOutput, feedback: bool = True) -> None:
         self.metrics.on_finished(out)

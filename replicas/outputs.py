@@ -29,7 +29,8 @@ class RequestTrace:
 
     replica_recv: the replica's ``generate`` entered; engine_add: the engine accepted it;
     engine_first_token / engine_finish: its first / last token sampled; replica_first_yield:
-    its first output left the replica; detokenize_s: time spent turning its tokens into text.
+    its first output left the replica; detokenize_s: time spent turning its tokens into text;
+    replica_lag_*: how busy the replica's loop was around them (``replicas.loop_lag``).
     NOTE: one host's wall clock is shared by its processes, so hops between processes are
     differences of these stamps; across hosts they carry the clocks' skew.
     """
@@ -41,6 +42,10 @@ class RequestTrace:
     replica_first_yield: float = 0.0
     detokenize_s: float = 0.0
     num_outputs: int = 0
+    # NOTE: the replica loop's worst timer lag (``replicas.loop_lag``; -1.0 = not sampled)
+    # in the 100 ms before replica_recv, and between replica_recv and engine_add.
+    replica_lag_before_s: float = -1.0
+    replica_lag_queue_s: float = -1.0
 
 
 @dataclass(slots=True)

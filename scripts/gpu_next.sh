@@ -6,12 +6,13 @@
 #   scripts/gpu_next.sh serve     # HAProxy mode, 4 ingress replicas, the full 1B grid (~300 s)
 #   scripts/gpu_next.sh c1        # c=1: 1 vs 4 ingress replicas, thread vs process core (~250 s)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
+#   scripts/gpu_next.sh wave      # c=16/64: the arrival wave's hops with the loops' lag sampled (~250 s)
 #   scripts/gpu_next.sh selector  # selection processes N = 1/2/4 over the fast lane, pinned (~300 s)
 #   scripts/gpu_ab_run.sh ...     # the routing A/B's further seeds: benchmarks/results/gpu_ab/README.md
 # Results land in $OUT (JSON + markdown); copy them to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: scripts/gpu_next.sh serve|c1|tput|selector}"
+part="${1:?usage: scripts/gpu_next.sh serve|c1|tput|wave|selector}"
 # shellcheck disable=SC1091
 . scripts/gpu_site.sh || exit 1
 python3 -m pip install -q --no-index --find-links .whl/extra pytest xxhash sortedcontainers >/dev/null 2>&1
@@ -41,6 +42,14 @@ case "$part" in
         --json "$OUT/serve_overhead_h100_1b_haproxy4_tput$opt.json"
       ray stop --force >/dev/null 2>&1
     done ;;
+  wave)
+    # NOTE: where c=16/64 lose 15% (run8b: client -> ingress 27-34 ms, replica queue 5-12 ms):
+    # the ingress's and replica's loop lag around those stamps says whether the hop waited on
+    # our loops or before them (HAProxy, uvicorn, Serve's dispatch); client processes c/4.
+    timeout 560 python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
+      --endpoints completions --concurrency 16 64 --engine-process on --loop-lag 2 \
+      --app-args '{"ingress_num_replicas": 4}' --serve-env "$drain" \
+      --json "$OUT/serve_overhead_h100_1b_wave.json" ;;
   selector)
     timeout 560 python3 benchmarks/selector_bench.py --replicas 256 --procs ${PROCS:-1 2 4} \
       --client-procs 8 --scaling-front lane --pin --json "$OUT/selector_h100host_lane.json" ;;

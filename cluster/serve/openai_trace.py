@@ -34,6 +34,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from replicas.loop_lag import LAG_WINDOW_S, LoopLag
 from replicas.outputs import RequestOutput, RequestTrace
 
 TRACE_LOG_SIZE = 4096
@@ -54,6 +55,10 @@ class IngressTrace:
     hop_sum_s: float = 0.0  # sum over outputs of (ingress arrival - replica emit_time)
     num_outputs_received: int = 0
     tokenized_inline: bool = False  # encoded on the event loop, not a tokenizer thread
+    # NOTE: the ingress loop's worst timer lag (``replicas.loop_lag``; -1.0 = not sampled) in
+    # the 100 ms before recv, and from recv to the last byte handed on.
+    lag_before_recv_s: float = -1.0
+    lag_life_s: float = -1.0
     replica: RequestTrace | None = None
 
     def on_output(self, out: RequestOutput) -> None:
@@ -85,12 +90,18 @@ class IngressTrace:
 
 
 class TraceLog:
-    """A bounded log of finished traces (oldest dropped first)."""
+    """A bounded log of finished traces (oldest dropped first); with ``loop_lag``, each trace
+    gets the loop's lag around its stamps as it is added."""
 
-    def __init__(self, size: int = TRACE_LOG_SIZE) -> None:
+    def __init__(self, size: int = TRACE_LOG_SIZE, loop_lag: LoopLag | None = None) -> None:
         self._done: deque[IngressTrace] = deque(maxlen=size)
+        self.loop_lag = loop_lag
 
     def add(self, trace: IngressTrace) -> None:
+        if self.loop_lag is not None:
+            lag = self.loop_lag
+            trace.lag_before_recv_s = lag.max_between(trace.recv - LAG_WINDOW_S, trace.recv)
+            trace.lag_life_s = lag.max_between(trace.recv, trace.last_sent or time.time())
         self._done.append(trace)
 
     def take(self) -> list[dict[str, Any]]:

@@ -52,6 +52,7 @@ def _replica(outs: list[RequestOutput]) -> object:
     replica._ttft_ewma = replica._tpot_ewma = 0.0
     replica.metrics = SimpleNamespace(on_finished=lambda out: None)
     replica._stream_budget = StreamBudget(0.0)
+    replica._loop_lag = None
     return replica
 
 
@@ -85,6 +86,31 @@ def test_unstreamed_request_is_one_output_per_sequence_with_the_same_content() -
                 7, 3, 8)
             assert out.metrics.ttft_s == 0.01 and out.trace is not None
             assert out.trace.num_outputs >= 1 and out.emit_time > 0
+
+
+def test_the_last_output_carries_the_replica_loops_lag_when_sampled() -> None:
+    from replicas.loop_lag import LoopLag
+
+    outs = _deltas(1)
+    outs[-1].trace = RequestTrace(engine_add=0.0)
+    replica = _replica(outs)
+    lag = LoopLag(0.002)
+    replica._loop_lag = lag
+    import time
+
+    now = time.time()
+    lag.record(now - 5.0, 0.500)  # long before: not this request's
+    lag.record(now - 0.05, 0.030)  # NOTE: within the 100 ms before the request
+
+    async def main() -> list[RequestOutput]:
+        req = GenerateRequest("r", [1, 2, 3], SamplingParams(max_tokens=8))
+        return [o async for o in replica.generate(req)]
+
+    trace = asyncio.run(main())[-1].trace
+    assert trace is not None and trace.replica_lag_before_s == 0.030
+    assert trace.replica_lag_queue_s == -1.0  # NOTE: engine_add not stamped: not measured
+    plain = _collect(_deltas(1), 1, stream=True)[-1].trace
+    assert plain is not None and plain.replica_lag_before_s == -1.0
 
 
 def test_a_failed_stream_still_sends_what_it_held_then_raises() -> None:

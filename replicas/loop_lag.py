@@ -1,0 +1,81 @@
+"""How late an asyncio loop runs its timers: the serving path's "is this loop busy?" probe.
+
+A task sleeps ``period_s`` again and again and records, per wake-up, by how much it overshot
+(``lag``): a long callback, a burst of ready callbacks or the GIL held by another thread all
+show up as lag. The per-hop breakdown (``cluster.serve.openai_trace``) asks for the largest
+lag in a wall-clock window, e.g. the 100 ms before a request's handler was entered: a large
+value there says the hop waited on this loop, a small one that it waited before it (HTTP,
+the load balancer, Serve's own dispatch).
+
+Off unless ``TINYSERVE_LOOP_LAG`` is set to a period in milliseconds (``serve_overhead.py
+--loop-lag``): 500 wake-ups a second cost ~1% of a core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import deque
+
+ENV = "TINYSERVE_LOOP_LAG"
+HORIZON_S = 120.0  # NOTE: how far back windows can look; older samples are dropped
+LAG_WINDOW_S = 0.1  # NOTE: the window before a stamp that the traces look at
+
+
+class LoopLag:
+    """Samples of (wake-up wall time, lag seconds) of one loop, newest last."""
+
+    def __init__(self, period_s: float) -> None:
+        if period_s <= 0:
+            raise ValueError(f"period_s must be > 0, got {period_s}")
+        self.period_s = period_s
+        self._samples: deque[tuple[float, float]] = deque(maxlen=max(16, int(HORIZON_S / period_s)))
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_env(cls) -> LoopLag | None:
+        """A sampler with the period ``TINYSERVE_LOOP_LAG`` (ms) names, or None when unset/0."""
+        raw = os.environ.get(ENV, "").strip()
+        if not raw:
+            return None
+        try:
+            ms = float(raw)
+        except ValueError as exc:
+            raise ValueError(f"{ENV} must be a period in milliseconds, got {raw!r}") from exc
+        return cls(ms / 1e3) if ms > 0 else None
+
+    def ensure_running(self) -> None:
+        """Start sampling on the running loop (idempotent; call from a coroutine)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _run(self) -> None:
+        period = self.period_s
+        clock = time.perf_counter
+        while True:
+            t0 = clock()
+            await asyncio.sleep(period)
+            lag = clock() - t0 - period
+            self._samples.append((time.time(), max(0.0, lag)))
+
+    def record(self, wall: float, lag_s: float) -> None:
+        """Add one sample by hand (tests, or a caller that measures lag itself); samples
+        must come in wall-clock order."""
+        self._samples.append((wall, lag_s))
+
+    def max_between(self, t0: float, t1: float) -> float:
+        """The largest lag (s) of the wake-ups whose late stretch overlaps [t0, t1] (wall
+        clock): a wake-up at ``w`` with lag ``g`` stood blocked over [w - g, w]. 0.0 if none."""
+        worst = 0.0
+        for wall, lag in reversed(self._samples):
+            if wall < t0:
+                break
+            if wall - lag <= t1 and lag > worst:
+                worst = lag
+        return worst
