@@ -24,6 +24,7 @@ HOPS: list[tuple[str, str]] = [
     ("after_engine_finish", "last token sampled to client has it"),
     ("client_total", "client: send to last chunk"),
     ("ingress_lag_before_recv", "ingress loop's worst timer lag, 100 ms before route entered (--loop-lag)"),
+    ("ingress_main_lag_before_recv", "ingress replica's Serve main loop (HTTP server, dispatch): worst lag, 100 ms before route entered (--loop-lag)"),
     ("ingress_lag_life", "ingress loop's worst timer lag, route entered to last chunk (--loop-lag)"),
     ("replica_lag_before_recv", "replica loop's worst timer lag, 100 ms before replica entered (--loop-lag)"),
     ("replica_lag_queue", "replica loop's worst timer lag, replica entered to engine accepted (--loop-lag)"),

@@ -100,6 +100,7 @@ def hop_breakdown(samples: list[Sample], traces: list[dict[str, Any]], stream: b
             "client_total": last - send,
             # NOTE: -1.0 = not sampled (no --loop-lag): made NaN, skipped.
             "ingress_lag_before_recv": _lag(t.get("lag_before_recv_s")),
+            "ingress_main_lag_before_recv": _lag(t.get("main_lag_before_recv_s")),
             "ingress_lag_life": _lag(t.get("lag_life_s")),
             "replica_lag_before_recv": _lag(t.get("replica_lag_before_s")),
             "replica_lag_queue": _lag(t.get("replica_lag_queue_s")),

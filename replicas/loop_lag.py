@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections import deque
+from typing import Any
 
 ENV = "TINYSERVE_LOOP_LAG"
 HORIZON_S = 120.0  # NOTE: how far back windows can look; older samples are dropped
@@ -31,7 +33,9 @@ class LoopLag:
             raise ValueError(f"period_s must be > 0, got {period_s}")
         self.period_s = period_s
         self._samples: deque[tuple[float, float]] = deque(maxlen=max(16, int(HORIZON_S / period_s)))
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | asyncio.Future[None] | None = None
+        # NOTE: a sampler may run on another thread's loop than the one that reads it
+        self._lock = threading.Lock()
 
     @classmethod
     def from_env(cls) -> LoopLag | None:
@@ -45,10 +49,15 @@ class LoopLag:
             raise ValueError(f"{ENV} must be a period in milliseconds, got {raw!r}") from exc
         return cls(ms / 1e3) if ms > 0 else None
 
-    def ensure_running(self) -> None:
-        """Start sampling on the running loop (idempotent; call from a coroutine)."""
-        if self._task is None or self._task.done():
+    def ensure_running(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start sampling on ``loop`` (default: the running one; call from a coroutine) —
+        idempotent. ``loop`` may belong to another thread."""
+        if self._task is not None and not self._task.done():
+            return
+        if loop is None or loop is _running_loop():
             self._task = asyncio.get_running_loop().create_task(self._run())
+        else:
+            self._task = asyncio.run_coroutine_threadsafe(self._run(), loop)
 
     def stop(self) -> None:
         if self._task is not None:
@@ -62,20 +71,47 @@ class LoopLag:
             t0 = clock()
             await asyncio.sleep(period)
             lag = clock() - t0 - period
-            self._samples.append((time.time(), max(0.0, lag)))
+            self.record(time.time(), max(0.0, lag))
 
     def record(self, wall: float, lag_s: float) -> None:
         """Add one sample by hand (tests, or a caller that measures lag itself); samples
         must come in wall-clock order."""
-        self._samples.append((wall, lag_s))
+        with self._lock:
+            self._samples.append((wall, lag_s))
 
     def max_between(self, t0: float, t1: float) -> float:
         """The largest lag (s) of the wake-ups whose late stretch overlaps [t0, t1] (wall
         clock): a wake-up at ``w`` with lag ``g`` stood blocked over [w - g, w]. 0.0 if none."""
         worst = 0.0
-        for wall, lag in reversed(self._samples):
-            if wall < t0:
-                break
-            if wall - lag <= t1 and lag > worst:
-                worst = lag
+        with self._lock:
+            for wall, lag in reversed(self._samples):
+                if wall < t0:
+                    break
+                if wall - lag <= t1 and lag > worst:
+                    worst = lag
         return worst
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def serve_main_loop() -> asyncio.AbstractEventLoop | None:
+    """The loop of the Serve replica this code runs in (Serve's main loop: its HTTP server in
+    direct-ingress mode, the requests' dispatch to the user-code loop), or None outside a
+    replica. NOTE: found through Ray's private worker state, for diagnostics only; a Ray
+    upgrade that moves it makes this None, never an error."""
+    try:
+        from ray._private.worker import global_worker
+
+        actors: dict[Any, Any] = getattr(global_worker, "actors", {}) or {}
+        for actor in actors.values():
+            loop = getattr(getattr(actor, "_replica_impl", None), "_event_loop", None)
+            if isinstance(loop, asyncio.AbstractEventLoop):
+                return loop
+    except Exception:  # NOTE: diagnostics must never break serving
+        return None
+    return None

@@ -109,7 +109,7 @@ class OpenAIIngress:
         self.tokenizer = load_tokenizer(model_dir)
         self.max_model_len = served_max_model_len(self.config.engine.max_model_len, model_dir)
         self.llm = llm.options(stream=True)
-        self.trace_log = TraceLog(loop_lag=LoopLag.from_env())
+        self.trace_log = TraceLog(loop_lag=LoopLag.from_env(), main_lag=LoopLag.from_env())
         # NOTE: tokenizing (and the chat template) of a long prompt runs off the event loop,
         # so streams keep flowing while it is encoded; one tokenizer copy per thread. A short
         # one is encoded inline: the thread hop would cost more than the encode.
@@ -367,8 +367,7 @@ class OpenAIIngress:
     ) -> Any:
         """Tokenize ``body`` (inline or on a tokenizer thread, by its size) and answer it."""
         parsed = time.time()
-        if self.trace_log.loop_lag is not None:
-            self.trace_log.loop_lag.ensure_running()
+        self.trace_log.sample_loops()
         n = body.num_prompt_chars()
         text, ids = await self._tokenize_pool.run(tokenize, body, num_chars=n)
         rid = f"{id_prefix}-{uuid.uuid4().hex}"

@@ -29,12 +29,13 @@ enough to stay on always.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from replicas.loop_lag import LAG_WINDOW_S, LoopLag
+from replicas.loop_lag import LAG_WINDOW_S, LoopLag, serve_main_loop
 from replicas.outputs import RequestOutput, RequestTrace
 
 TRACE_LOG_SIZE = 4096
@@ -59,6 +60,9 @@ class IngressTrace:
     # the 100 ms before recv, and from recv to the last byte handed on.
     lag_before_recv_s: float = -1.0
     lag_life_s: float = -1.0
+    # NOTE: the same for Serve's main loop of the ingress replica, when it is another loop
+    # (its HTTP server in direct-ingress / HAProxy mode, and the dispatch to the user loop).
+    main_lag_before_recv_s: float = -1.0
     replica: RequestTrace | None = None
 
     def on_output(self, out: RequestOutput) -> None:
@@ -90,18 +94,37 @@ class IngressTrace:
 
 
 class TraceLog:
-    """A bounded log of finished traces (oldest dropped first); with ``loop_lag``, each trace
-    gets the loop's lag around its stamps as it is added."""
+    """A bounded log of finished traces (oldest dropped first). With ``loop_lag`` (the
+    handlers' loop) and ``main_lag`` (Serve's main loop of the replica), each trace gets the
+    loops' lag around its stamps as it is added; ``sample_loops`` starts them."""
 
-    def __init__(self, size: int = TRACE_LOG_SIZE, loop_lag: LoopLag | None = None) -> None:
+    def __init__(self, size: int = TRACE_LOG_SIZE, loop_lag: LoopLag | None = None,
+                 main_lag: LoopLag | None = None) -> None:
         self._done: deque[IngressTrace] = deque(maxlen=size)
         self.loop_lag = loop_lag
+        self.main_lag = main_lag
+        self._main_checked = False
+
+    def sample_loops(self) -> None:
+        """Make sure the samplers run (call from a handler: cheap after the first call)."""
+        if self.loop_lag is not None:
+            self.loop_lag.ensure_running()
+        if self.main_lag is not None and not self._main_checked:
+            self._main_checked = True
+            main = serve_main_loop()
+            if main is None or main is asyncio.get_running_loop():
+                self.main_lag = None  # NOTE: no separate main loop: loop_lag covers it
+            else:
+                self.main_lag.ensure_running(main)
 
     def add(self, trace: IngressTrace) -> None:
         if self.loop_lag is not None:
             lag = self.loop_lag
             trace.lag_before_recv_s = lag.max_between(trace.recv - LAG_WINDOW_S, trace.recv)
             trace.lag_life_s = lag.max_between(trace.recv, trace.last_sent or time.time())
+        if self.main_lag is not None and self._main_checked:
+            trace.main_lag_before_recv_s = self.main_lag.max_between(
+                trace.recv - LAG_WINDOW_S, trace.recv)
         self._done.append(trace)
 
     def take(self) -> list[dict[str, Any]]:

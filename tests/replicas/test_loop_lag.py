@@ -88,3 +88,67 @@ def test_trace_log_stamps_the_ingress_lag_and_hops_read_it() -> None:
     assert "replica_lag_queue" not in hops
     hops = hop_breakdown([sample], [{**base, **e}], stream=True)
     assert "ingress_lag_before_recv" not in hops
+
+
+def test_a_sampler_on_another_threads_loop_is_read_from_this_one() -> None:
+    import threading
+
+    other = asyncio.new_event_loop()
+    thread = threading.Thread(target=other.run_forever, daemon=True)
+    thread.start()
+    try:
+        async def main() -> float:
+            lag = LoopLag(0.002)
+            lag.ensure_running(other)
+            await asyncio.sleep(0.02)
+            t0 = time.time()
+            other.call_soon_threadsafe(time.sleep, 0.08)  # NOTE: blocks the other loop only
+            await asyncio.sleep(0.15)
+            lag.stop()
+            return lag.max_between(t0, time.time())
+
+        assert asyncio.run(main()) >= 0.07
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        thread.join(timeout=5)
+
+
+def test_trace_log_samples_serves_main_loop_only_when_it_is_another_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    from cluster.serve import openai_trace
+
+    async def outside_serve() -> LoopLag | None:
+        log = TraceLog(loop_lag=LoopLag(0.002), main_lag=LoopLag(0.002))
+        log.sample_loops()
+        assert log.loop_lag is not None
+        log.loop_lag.stop()
+        return log.main_lag
+
+    assert asyncio.run(outside_serve()) is None  # NOTE: not in a Serve replica
+
+    other = asyncio.new_event_loop()
+    thread = threading.Thread(target=other.run_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(openai_trace, "serve_main_loop", lambda: other)
+    try:
+        async def in_replica() -> dict[str, float]:
+            log = TraceLog(main_lag=LoopLag(0.002))
+            log.sample_loops()
+            await asyncio.sleep(0.02)
+            other.call_soon_threadsafe(time.sleep, 0.06)
+            await asyncio.sleep(0.1)
+            t = IngressTrace("cmpl-3", recv=time.time())
+            log.add(t)
+            assert log.main_lag is not None
+            log.main_lag.stop()
+            return log.take()[0]
+
+        d = asyncio.run(in_replica())
+        assert d["main_lag_before_recv_s"] >= 0.05
+        assert d["lag_before_recv_s"] == -1.0
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        thread.join(timeout=5)
