@@ -34,6 +34,7 @@ from replicas.deployment_metrics import ReplicaMetrics
 from replicas.engine import AsyncLLMEngine
 from replicas.loop_lag import LAG_WINDOW_S, LoopLag
 from replicas.output_pacing import OutputPacer, StreamBudget
+from replicas.output_post import OutputPost, ReplyTo, this_node_id
 from replicas.outputs import RequestOutput, RequestTrace
 from replicas.sampling_params import SamplingParams
 
@@ -54,7 +55,9 @@ class GenerateRequest:
     of the prompt (one routed request; the replica's engine fans out, sharing the prompt's
     blocks), their outputs tagged with ``index``. ``stream`` False asks for one output per
     sequence, at its end (the deltas folded by the replica): the caller reads nothing before
-    the response is whole, so it need not pay a handle hop per delta.
+    the response is whole, so it need not pay a handle hop per delta. ``reply_to``
+    (``ReplyTo.encode()``) names the ingress's output inbox: a streamed request's outputs are
+    posted there when the replica runs on its node (``replicas.output_post``), not yielded.
     """
 
     request_id: str
@@ -65,6 +68,7 @@ class GenerateRequest:
     routing_policy: str = ""
     n: int = 1
     stream: bool = True
+    reply_to: str = ""
 
 
 @dataclass(slots=True)
@@ -159,6 +163,7 @@ class LLMReplica:
         self._stopping = False
         self._loop_task = asyncio.get_running_loop().create_task(self._report_loop())
         self._loop_lag = LoopLag.from_env()
+        self._post = OutputPost(this_node_id())
         if self._loop_lag is not None:
             self._loop_lag.ensure_running()
 
@@ -183,8 +188,10 @@ class LLMReplica:
         num_outputs = 0
         # NOTE: every output yielded is a Ray item the ingress receives (and, streamed, an SSE
         # chunk the proxy forwards): folded for a non-streamed request, thinned out under load
-        # for a streamed one (replicas.output_pacing).
+        # for a streamed one (replicas.output_pacing); posted to the ingress's inbox instead
+        # of yielded when it runs on this node (replicas.output_post).
         pacer = OutputPacer(self._stream_budget, request.stream, n)
+        conn = await self._post_connection(request)
         try:
             with pacer:
                 async for delta in stream:
@@ -205,15 +212,43 @@ class LLMReplica:
                         out.trace.num_outputs = num_outputs
                         if self._loop_lag is not None:
                             self._stamp_lag(out.trace)
-                    yield out
+                    if conn is None:
+                        yield out
+                    else:
+                        await OutputPost.send(conn, rid, out)
         except Exception:
             # NOTE: what the engine generated before failing still goes out first.
             for out in pacer.flush():
                 out.emit_time = time.time()
-                yield out
+                if conn is None:
+                    yield out
+                else:
+                    with contextlib.suppress(ConnectionError):
+                        await OutputPost.send(conn, rid, out)
             raise
         finally:
             self._inflight.pop(rid, None)
+            # NOTE: an exit on an error of ours (a lost inbox) must abort the engine's request
+            # now, not when the stream is collected.
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def _post_connection(self, request: GenerateRequest) -> asyncio.StreamWriter | None:
+        """The connection to the request's inbox when its outputs are to be posted (streamed,
+        an inbox on this node), else None (yielded as Ray items). A failed connect falls back
+        to Ray items."""
+        if not request.stream or self._post is None:
+            return None
+        reply_to = ReplyTo.decode(request.reply_to)
+        if reply_to is None or not self._post.accepts(reply_to):
+            return None
+        try:
+            return await self._post.connection(reply_to)
+        except OSError as exc:
+            log.warning("output inbox %s unreachable (%r): outputs go as Ray items",
+                        reply_to.path, exc)
+            return None
 
     def _stamp_lag(self, trace: RequestTrace) -> None:
         assert self._loop_lag is not None
@@ -284,7 +319,7 @@ class LLMReplica:
             SinkSpec(
                 address=address,
                 replica_id=self.replica_id,
-                node_id=_node_id(),
+                node_id=this_node_id(),
                 block_size=stats.block_size,
                 num_blocks=stats.num_blocks,
                 hash_mode=self.config.hash_mode,
@@ -350,7 +385,7 @@ class LLMReplica:
         rates = self.engine.rates()
         d.update(
             replica_id=self.replica_id,
-            node_id=_node_id(),
+            node_id=this_node_id(),
             prefill_tokens_per_s=rates.prefill_tokens_per_s,
             decode_tokens_per_s=rates.decode_tokens_per_s,
             num_inflight=len(self._inflight),
@@ -390,11 +425,3 @@ class LLMReplica:
         if self._sink is not None:
             self._sink.close()
 
-
-def _node_id() -> str:
-    import ray
-
-    try:
-        return str(ray.get_runtime_context().get_node_id())
-    except Exception:
-        return ""

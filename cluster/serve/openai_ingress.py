@@ -50,9 +50,11 @@ from cluster.serve.openai_protocol import ChatCompletionRequest, CompletionReque
 from cluster.serve.openai_responses import Accumulated, ResponseContext, sse
 from cluster.serve.openai_schema import install_openapi
 from cluster.serve.openai_trace import IngressTrace, TraceLog
+from cluster.serve.output_inbox import OutputInbox, merge_posted
 from cluster.serve.tokenizer_pool import TokenizerPool
 from replicas.deployment import GenerateRequest
 from replicas.loop_lag import LoopLag
+from replicas.output_post import this_node_id
 from replicas.outputs import RequestOutput
 
 log = logging.getLogger("ray.serve")
@@ -110,6 +112,9 @@ class OpenAIIngress:
         self.max_model_len = served_max_model_len(self.config.engine.max_model_len, model_dir)
         self.llm = llm.options(stream=True)
         self.trace_log = TraceLog(loop_lag=LoopLag.from_env(), main_lag=LoopLag.from_env())
+        node = this_node_id()
+        self._inbox = (OutputInbox(node) if node and self.config.stream_outputs_over_socket
+                       else None)
         # NOTE: tokenizing (and the chat template) of a long prompt runs off the event loop,
         # so streams keep flowing while it is encoded; one tokenizer copy per thread. A short
         # one is encoded inline: the thread hop would cost more than the encode.
@@ -125,6 +130,12 @@ class OpenAIIngress:
         api.state.guard = Guard(load_keys(self.config.auth), self.limits)
         install_openapi(api, self.model_name)  # NOTE: request bodies name the served model
         self._health = HealthCache(serve.get_replica_context().app_name)
+
+    def __del__(self) -> None:
+        """Serve's shutdown hook: the inbox's socket and directory go."""
+        inbox = getattr(self, "_inbox", None)
+        if inbox is not None:
+            inbox.shutdown()
 
     # -- plumbing ------------------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
@@ -150,7 +161,7 @@ class OpenAIIngress:
             gen = self.llm.generate.remote(req)
             started = done = False
             try:
-                async for out in gen:
+                async for out in self._arrivals(gen, req):
                     started = True
                     trace.on_output(out)
                     yield out
@@ -186,6 +197,28 @@ class OpenAIIngress:
             finally:
                 if not done:
                     gen.cancel()  # NOTE: client went away: abort on the replica.
+
+    async def _arrivals(self, gen: Any, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        """The call's outputs: its Ray items, merged with what its replica posted to this
+        ingress's inbox (``cluster.serve.output_inbox``) when the request named it."""
+        inbox = self._inbox
+        if not req.reply_to or inbox is None:
+            async for out in gen:
+                yield out
+            return
+        queue = inbox.open(req.request_id)
+        try:
+            async for out in merge_posted(gen, queue, req.n):
+                yield out
+        finally:
+            inbox.close(req.request_id)
+
+    async def _reply_to(self, stream: bool) -> str:
+        """The inbox's address for a streamed request ("" = outputs as Ray items)."""
+        if not stream or self._inbox is None:
+            return ""
+        await self._inbox.start()
+        return self._inbox.reply_to.encode()
 
     def _tokenize_chat(self, tokenizer: Any, body: ChatCompletionRequest
                        ) -> tuple[str, list[int]]:
@@ -352,6 +385,14 @@ class OpenAIIngress:
         self._check_limits(body)
         return await self._generate("completion", "cmpl", body, self._tokenize_completion, recv)
 
+    def inbox_stats(self) -> dict[str, int]:
+        """Frames the output inbox received (and dropped: their request had ended); -1 when
+        the outputs travel as Ray items (``stream_outputs_over_socket`` off, or no Ray node)."""
+        inbox = self._inbox
+        if inbox is None:
+            return {"frames": -1, "dropped": -1}
+        return {"frames": inbox.num_frames, "dropped": inbox.num_dropped}
+
     def traces(self) -> list[dict[str, Any]]:
         """Finished requests' per-hop stamps since the last call (``cluster.serve.openai_trace``);
         for benchmarks and operators, through the deployment handle."""
@@ -384,6 +425,7 @@ class OpenAIIngress:
             routing_policy=checked_policy(body.routing_policy),
             n=body.n,
             stream=bool(body.stream),
+            reply_to=await self._reply_to(bool(body.stream)),
         )
         ctx = ResponseContext(kind, rid, self.model_name, self.tokenizer, params.logprobs)
         trace.tokenized = time.time()

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from cluster.selector.client import split_addresses
 from cluster.selector.core_types import Selection
 from kvmanager.hashing import BlockHasher, make_hasher
+from replicas.output_post import this_node_id
 
 R = TypeVar("R")
 
@@ -136,16 +137,9 @@ def select_kwargs(
 
 
 def own_node_id() -> str:
-    """This process's Ray node id ("" outside a Ray worker or when Ray cannot say)."""
-    try:
-        import ray
-
-        # NOTE: outside a Ray process get_runtime_context() would start Ray: ask first.
-        if not ray.is_initialized():
-            return ""
-        return str(ray.get_runtime_context().get_node_id() or "")
-    except Exception:  # NOTE: unknown origin = locality off, never a routing failure
-        return ""
+    """This process's Ray node id ("" outside a Ray worker or when Ray cannot say; unknown
+    origin = locality off, never a routing failure)."""
+    return this_node_id()
 
 
 class PromptHasher:

@@ -141,8 +141,11 @@ def test_models_health_chat_stream_and_completion(cluster: Cluster) -> None:
 def test_ingress_traces_give_every_hop_of_a_request_in_order(cluster: Cluster) -> None:
     ingress = serve.get_deployment_handle("OpenAIIngress", APP)
     ingress.traces.remote().result(timeout_s=30)  # forget earlier requests
+    inbox = ingress.inbox_stats.remote().result(timeout_s=30)
     chunks = list(_chat(cluster, "Name a colour.", max_tokens=5, stream=True,
                         extra_body={"ignore_eos": True}))
+    # NOTE: one ingress, replicas on its node: the streamed outputs came over its inbox.
+    posted = ingress.inbox_stats.remote().result(timeout_s=30)["frames"] - inbox["frames"]
     body = cluster.client.completions.create(model=MODEL, prompt="Red, green and", max_tokens=3,
                                              temperature=0, extra_body={"ignore_eos": True})
     traces = {t["response_id"]: t for t in ingress.traces.remote().result(timeout_s=30)}
@@ -158,6 +161,7 @@ def test_ingress_traces_give_every_hop_of_a_request_in_order(cluster: Cluster) -
         assert 1 <= t["num_outputs_received"] == t["num_outputs"] <= num_tokens
         assert 0 < t["detokenize_s"] < t["engine_finish"] - t["engine_add"]
         assert t["hop_sum_s"] >= 0
+    assert posted == traces[chunks[0].id]["num_outputs"]
 
 
 def test_bad_requests_get_openai_errors_and_disturb_nothing(cluster: Cluster) -> None:

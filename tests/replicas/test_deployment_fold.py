@@ -53,6 +53,7 @@ def _replica(outs: list[RequestOutput]) -> object:
     replica.metrics = SimpleNamespace(on_finished=lambda out: None)
     replica._stream_budget = StreamBudget(0.0)
     replica._loop_lag = None
+    replica._post = None
     return replica
 
 
