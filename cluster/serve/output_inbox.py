@@ -114,7 +114,11 @@ async def merge_posted(
             async for out in items:
                 posted.put_nowait(out)
             posted.put_nowait(_End(None))
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # NOTE: the reader is done with this request
+            posted.put_nowait(_End(exc))  # NOTE: the call itself was cancelled: the reader's error
             raise
         except BaseException as exc:  # NOTE: handed to the reader, raised there
             posted.put_nowait(_End(exc))

@@ -227,3 +227,13 @@ def test_a_lost_inbox_ends_the_request_on_the_replica_at_once() -> None:
     _, _, replica = _run_replica("node-a", drop_inbox_after=2)
     assert replica.engine.closed  # NOTE: the engine's stream was closed: its request aborted
     assert replica._inflight == {}
+
+
+def test_merge_raises_when_the_call_itself_is_cancelled() -> None:
+    async def cancelled() -> AsyncIterator[RequestOutput]:
+        await asyncio.sleep(0.01)
+        raise asyncio.CancelledError  # NOTE: what a cancelled Serve call can raise
+        yield  # pragma: no cover
+
+    with pytest.raises(asyncio.CancelledError):
+        _merge(cancelled(), [(0.0, _out("r", 0))], grace_s=0.5)
