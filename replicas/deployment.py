@@ -177,6 +177,7 @@ class LLMReplica:
         recv = time.time()
         rid = request.request_id
         n = request.n
+        conn = await self._post_connection(request)
         stream = self.engine.generate(
             rid, request.prompt_token_ids, request.sampling_params, n=n
         )
@@ -191,7 +192,6 @@ class LLMReplica:
         # for a streamed one (replicas.output_pacing); posted to the ingress's inbox instead
         # of yielded when it runs on this node (replicas.output_post).
         pacer = OutputPacer(self._stream_budget, request.stream, n)
-        conn = await self._post_connection(request)
         try:
             with pacer:
                 async for delta in stream:
