@@ -168,7 +168,8 @@ def test_engine_failure_mid_stream_ends_with_error_event_then_done() -> None:
         return gens[-1]
 
     fake = SimpleNamespace(llm=SimpleNamespace(generate=SimpleNamespace(remote=remote)),
-                           trace_log=TraceLog())
+                           trace_log=TraceLog(), _inbox=None)
+    fake._arrivals = lambda gen, req: cls._arrivals(fake, gen, req)
     req = GenerateRequest("chatcmpl-1", [1, 2], SamplingParams(max_tokens=8))
     ctx = ResponseContext("chat", "chatcmpl-1", "m", None, None)
 
