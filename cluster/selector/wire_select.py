@@ -101,7 +101,8 @@ class WireSelect:
     def warm_up(self, cfg: Any) -> None:
         """Compile (or load from numba's cache) the kernel: one call on bytes it refuses
         (nothing changes but reservations for one hash)."""
-        assert self.run(b"\x00", 0.0, 0.0, 0, 1, cfg, True) is None
+        refused = self.run(b"\x00", 0.0, 0.0, 0, 1, cfg, True)
+        assert refused is None
 
     def _grow(self, num_candidates: int) -> None:
         """Room for ``num_candidates`` ranked rows (the ranker's buffers, the answer)."""
