@@ -1,5 +1,7 @@
-"""Issue 19, the bound one-call Select: before / now runs gathered into one results JSON and
-its README tables (``readme_tables`` markers ``selector-onecall`` and ``selector-onecall-steps``).
+"""Issue 19, the bound one-call Select (sixth pass) and the bytes-in/bytes-out Select (seventh
+pass): before / now runs gathered into one results JSON and its README tables
+(``readme_tables`` markers ``<marker>`` and ``<marker>-steps``; ``--marker``, default
+``selector-onecall``).
 
 - ``selector_bench.py --json`` runs (any R list), before and now, alternated by the caller:
   per R, the median and range of each figure (Select / Ping p50, hot-loop compute, core.select
@@ -29,6 +31,7 @@ BENCH_ROWS: tuple[tuple[str, Callable[[dict[str, Any]], float | None], str], ...
     ("Select / Ping p50, sequential gRPC", lambda r: r["select_over_ping_p50"], "{:.2f}"),
     ("Ping p50 (us)", lambda r: r["ping"]["p50_us"], "{:.0f}"),
     ("Select p50 (us)", lambda r: r["select"]["p50_us"], "{:.0f}"),
+    ("Select - Ping p50 (us)", lambda r: r["select"]["p50_us"] - r["ping"]["p50_us"], "{:.0f}"),
     ("core.select CPU p50, hot loop (us)", lambda r: r["compute_core_cpu"]["p50_us"], "{:.0f}"),
     ("core.select CPU p99, hot loop (us)", lambda r: r["compute_core_cpu"]["p99_us"], "{:.0f}"),
     ("core.select in the serving process p50 (us)",
@@ -44,7 +47,7 @@ BENCH_ROWS: tuple[tuple[str, Callable[[dict[str, Any]], float | None], str], ...
     ("RSS after population (MB)", lambda r: r["rss_mb"], "{:.0f}"),
 )  # fmt: skip
 STEPS = ("total", "decode", "select", "rank_fast - kernel", "kernel", "route",
-         "select - rank_fast - route", "encode")  # fmt: skip
+         "select - rank_fast - route", "encode", "total - kernel")  # fmt: skip
 
 
 def _cell(xs: list[float], fmt: str) -> str:
@@ -89,6 +92,9 @@ def steps_table(doc: dict[str, Any]) -> str:
                 src = [p[mode] if step == "total" else p[mode + "_steps"] for p in runs]
                 # NOTE: the "before" tree's profile named its compiled call rank_and_route
                 xs = [s[step]["p50_us"] for s in src if step in s]
+                if step == "total - kernel":  # NOTE: the same for every tree: from the p50s
+                    xs = [p[mode + "_steps"]["total"]["p50_us"] - p[mode + "_steps"]["kernel"][
+                        "p50_us"] for p in runs]  # fmt: skip
                 cells.append(f"{np.median(xs):.1f}" if xs else "-")
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     d = pn[0]["dispatch"] if pn else {}
@@ -112,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tables", type=Path, default=None, help="render this file's tables")
     p.add_argument("--readme", type=Path, default=README)
     p.add_argument("--check", action="store_true")
+    p.add_argument("--marker", default="selector-onecall", help="README table markers' prefix")
     ns = p.parse_args(argv)
     if ns.out is not None:
         doc = {
@@ -130,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
         doc = json.loads(ns.tables.read_text())
         text = ns.readme.read_text()
-        new = replace_section(text, "selector-onecall", bench_table(doc))
-        new = replace_section(new, "selector-onecall-steps", steps_table(doc))
+        new = replace_section(text, ns.marker, bench_table(doc))
+        new = replace_section(new, f"{ns.marker}-steps", steps_table(doc))
         return write_or_check(ns.readme, text, new, ns.check)
     return 0
 

@@ -12,7 +12,10 @@ Workloads (each seeded, on a fake clock so pending marks expire the same way in 
 Every Select is made with the tinyserve policy (the compiled path, speculative marks on) and
 with every baseline policy (the ``Candidates`` path); the record is each answer's replica ids,
 scores and matched / pending blocks, plus index counts (resident and pending per replica,
-unique blocks).
+unique blocks). The tinyserve Selects go in as ``SelectRequest`` bytes, as the servicer and
+the fast lane serve them: ``core.select_wire`` where the tree has it (the compiled
+bytes-in/bytes-out path), else ``wire.decode_select`` -> ``core.select`` ->
+``wire.encode_select``; their records are read back from the answer's bytes.
 
     PYTHONPATH=<tree> python benchmarks/selector_rank_check.py --out /tmp/after.json
     python benchmarks/selector_rank_check.py --compare /tmp/before.json /tmp/after.json
@@ -42,6 +45,21 @@ def _answer(sel: Any) -> list[Any]:
             for r in sel.ranked]  # fmt: skip
 
 
+def _wire_answer(core: Any, raw: bytes) -> list[Any]:
+    """The record of a Select served from its bytes (see the module docstring)."""
+    from cluster.selector import wire
+    from protos import cache_selection_pb2 as pb
+
+    if hasattr(core, "select_wire"):
+        body = core.select_wire(raw)
+    else:
+        req, cands, policy, k, spec = wire.decode_select(raw, core.config.max_prompt_blocks)
+        body = wire.encode_select(core.select(req, cands, policy, k, spec))
+    msg = pb.SelectResponse.FromString(body)
+    return [(r.replica_id, repr(r.score), r.terms.num_matched_blocks, r.terms.num_pending_blocks)
+            for r in msg.replicas]  # fmt: skip
+
+
 def _run(
     name: str, seed: int, num_replicas: int, space: int, steps: int, copies: int = 0
 ) -> list[Any]:
@@ -49,6 +67,7 @@ def _run(
     from cluster.selector.policy import policy_names
     from cluster.selector.types import SelectionRequest
     from kvmanager.events import AllBlocksCleared, BlockRemoved, BlockStored
+    from protos import cache_selection_pb2 as pb
 
     rng = np.random.default_rng(seed)
     clock = _Clock()
@@ -102,7 +121,11 @@ def _run(
             prompt = shared[:take] + chain(start, n)
             req = SelectionRequest(f"{name}{step}", prompt, 16 * len(prompt), origin_node_id="n1")
             cands = [] if rng.random() < 0.7 else [ids[int(x)] for x in rng.integers(0, num_replicas, 9)]
-            out.append(_answer(core.select(req, cands, max_results=8)))
+            raw = pb.SelectRequest(request_id=req.request_id, block_hashes=prompt,
+                                   num_prompt_tokens=req.num_prompt_tokens,
+                                   origin_node_id=req.origin_node_id,
+                                   candidate_replica_ids=cands, max_results=8)  # fmt: skip
+            out.append(_wire_answer(core, raw.SerializeToString()))
             pol = policies[step % len(policies)]
             out.append([pol, _answer(core.select(req, cands, pol, 8, speculative=False))])
             clock.t += 0.01

@@ -2,16 +2,21 @@
 
 Builds the benchmark's index in this process (``selector_fixture._populate``: R replicas x
 ``--blocks-per-replica``, 2-copy 128-block chains), then serves raw ``SelectRequest`` bytes
-the way the fast lane and the gRPC servicer do (``wire.decode_select`` -> ``core.select`` ->
-``wire.encode_select``), twice per run:
+the way the fast lane and the gRPC servicer do: ``core.select_wire`` (one compiled call from
+request bytes to answer bytes, ``cluster/selector/wire_select.py``) where the tree has it,
+else (or with ``--three-step``) ``wire.decode_select`` -> ``core.select`` ->
+``wire.encode_select``; twice per run:
 
 - ``hot``: back to back (the caches keep the Select's code and data);
 - ``cold``: ``--evict-mib`` MiB written between calls, the proxy for the RPC work between
   Selects in the serving process (README "Fifth pass": 8 MiB reproduces its ~135 us).
 
 Each step is timed by a wrapper around it (a wrapper adds ~0.1-0.3 us hot; the figures are
-for comparing steps, the end-to-end column is timed without wrappers). It also counts the
-compiled (numba) dispatches a Select makes from Python and the arguments of each call.
+for comparing steps, the end-to-end column is timed without wrappers): on the three-step
+path decode, select, rank_fast, the kernel, the route and encode; on the fused path the
+kernel (``wire_select_kernel.select_wire``) and the Python around it. Both report
+"total - kernel", the Python a Select costs. It also counts the compiled (numba) dispatches
+a Select makes from Python and the arguments of each call.
 
     python benchmarks/selector_select_profile.py --replicas 256 --json /tmp/profile.json
 """
@@ -44,18 +49,29 @@ def _timed(fn: Callable[..., Any], name: str, acc: dict[str, list[float]]) -> Ca
     return wrapper
 
 
-def _dispatch_counts(core: Any, raws: list[bytes], max_blocks: int) -> dict[str, Any]:
+def _server(core: Any, max_blocks: int, fused: bool) -> Callable[[bytes], bytes]:
+    """What the front ends run on one request's bytes."""
+    from cluster.selector import wire
+
+    if fused:
+        return core.select_wire  # type: ignore[no-any-return]
+
+    def three_steps(raw: bytes) -> bytes:
+        req, cands, policy, k, spec = wire.decode_select(raw, max_blocks)
+        return wire.encode_select(core.select(req, cands, policy, k, spec))
+
+    return three_steps
+
+
+def _dispatch_counts(serve: Callable[[bytes], bytes], raws: list[bytes]) -> dict[str, Any]:
     """Compiled calls made from Python by one Select: every numba dispatcher in the
     ``cluster.selector`` modules' globals is wrapped with a counter for one call, then put
     back. NOTE: compiled callers froze their callees at compile time, so only calls from
     Python are counted (the ones that pay numba's type dispatch)."""
     from numba.core.registry import CPUDispatcher
 
-    from cluster.selector import wire
-
     # NOTE: compile first: a kernel typed while the globals are wrapped would fail
-    req, cands, policy, k, spec = wire.decode_select(raws[-1], max_blocks)
-    wire.encode_select(core.select(req, cands, policy, k, spec))
+    serve(raws[-1])
     calls: dict[str, list[int]] = defaultdict(list)
     patched: list[tuple[Any, str, Any]] = []
     for name, mod in list(sys.modules.items()):
@@ -71,8 +87,7 @@ def _dispatch_counts(core: Any, raws: list[bytes], max_blocks: int) -> dict[str,
                 patched.append((mod, attr, val))
                 setattr(mod, attr, counting)
     try:
-        req, cands, policy, k, spec = wire.decode_select(raws[0], max_blocks)
-        wire.encode_select(core.select(req, cands, policy, k, spec))
+        serve(raws[0])
     finally:
         for mod, attr, val in patched:
             setattr(mod, attr, val)
@@ -83,42 +98,48 @@ def _dispatch_counts(core: Any, raws: list[bytes], max_blocks: int) -> dict[str,
 
 
 def _pass(core: Any, raws: list[bytes], evict: np.ndarray | None, max_blocks: int,
-          steps: bool) -> dict[str, list[float]]:  # fmt: skip
-    from cluster.selector import wire
+          steps: bool, fused: bool) -> dict[str, list[float]]:  # fmt: skip
+    from cluster.selector import select_kernel, wire, wire_select_kernel
 
     acc: dict[str, list[float]] = defaultdict(list)
-    decode, encode, select = wire.decode_select, wire.encode_select, core.select
-    if steps:
-        from cluster.selector import select_kernel
+    undo: list[tuple[Any, str, Any]] = []
 
-        ranker = core._ranker
+    def wrap(owner: Any, attr: str, name: str) -> None:
+        undo.append((owner, attr, getattr(owner, attr)))
+        setattr(owner, attr, _timed(getattr(owner, attr), name, acc))
+
+    if steps and fused:
+        wrap(wire_select_kernel, "select_wire", "kernel")
+    elif steps:
         # NOTE: the compiled call the fast path makes (select_bound since the bound arrays)
         kname = "select_bound" if hasattr(select_kernel, "select_bound") else "rank_and_route"
-        kernel = getattr(select_kernel, kname)
-        setattr(select_kernel, kname, _timed(kernel, "kernel", acc))
-        ranker.rank_fast = _timed(ranker.rank_fast, "rank_fast", acc)
-        core._route = _timed(core._route, "route", acc)
-        decode = _timed(decode, "decode", acc)
-        encode = _timed(encode, "encode", acc)
-        select = _timed(select, "select", acc)
+        wrap(select_kernel, kname, "kernel")
+        wrap(core._ranker, "rank_fast", "rank_fast")
+        wrap(core, "_route", "route")
+        wrap(core, "select", "select")
+        wrap(wire, "decode_select", "decode")
+        wrap(wire, "encode_select", "encode")
+    serve = _server(core, max_blocks, fused)
     try:
         for raw in raws:
             if evict is not None:
                 evict += 1  # NOTE: writes every byte: the RPC work's proxy
             t = time.perf_counter()
-            req, cands, policy, k, spec = decode(raw, max_blocks)
-            encode(select(req, cands, policy, k, spec))
+            serve(raw)
             acc["total"].append(time.perf_counter() - t)
     finally:
-        if steps:
-            setattr(select_kernel, kname, kernel)
-            del ranker.rank_fast, core._route
+        for owner, attr, val in reversed(undo):
+            if owner is core or owner is core._ranker:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, val)
     return acc
 
 
 def _summary(acc: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-    out = {k: {"p50_us": float(np.percentile(v, 50) * 1e6),
-               "p99_us": float(np.percentile(v, 99) * 1e6)} for k, v in acc.items()}  # fmt: skip
+    out = {k: _pct(v) for k, v in acc.items()}
+    if "kernel" in acc:
+        out["total - kernel"] = _pct(np.subtract(acc["total"], acc["kernel"]))
     if "rank_fast" in acc:
         derived = {
             "select - rank_fast - route": np.subtract(
@@ -128,9 +149,13 @@ def _summary(acc: dict[str, list[float]]) -> dict[str, dict[str, float]]:
                 acc["total"], np.add(np.add(acc["select"], acc["decode"]), acc["encode"])),
         }  # fmt: skip
         for k, v in derived.items():
-            out[k] = {"p50_us": float(np.percentile(v, 50) * 1e6),
-                      "p99_us": float(np.percentile(v, 99) * 1e6)}  # fmt: skip
+            out[k] = _pct(v)
     return out
+
+
+def _pct(v: Any) -> dict[str, float]:
+    return {"p50_us": float(np.percentile(v, 50) * 1e6),
+            "p99_us": float(np.percentile(v, 99) * 1e6)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--evict-mib", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--three-step", action="store_true",
+                   help="profile decode -> core.select -> encode even where select_wire exists")
     ns = p.parse_args(argv)
 
     from cluster.selector.core import CoreConfig, SelectorCore
@@ -154,16 +181,18 @@ def main(argv: list[str] | None = None) -> int:
                              num_prompt_tokens=CHAIN_BLOCKS * BLOCK_SIZE,
                              max_results=4).SerializeToString()
             for i, h in enumerate(ps)]  # fmt: skip
-    dispatch = _dispatch_counts(core, raws, mb)
+    fused = hasattr(core, "select_wire") and not ns.three_step
+    dispatch = _dispatch_counts(_server(core, mb, fused), raws)
     evict = np.zeros(ns.evict_mib << 20, np.uint8)
-    res: dict[str, Any] = {"meta": {"argv": sys.argv[1:]}, "dispatch": dispatch}
+    res: dict[str, Any] = {"meta": {"argv": sys.argv[1:], "path": "fused" if fused else "three-step"},
+                           "dispatch": dispatch}  # fmt: skip
     n, at = ns.num_requests, 0
     # NOTE: two rounds, alternating modes; the first round's warm-up figures are dropped.
     # Every pass has its own prompts (no pass meets the previous one's pending marks).
     for rnd in range(2):
         for mode, ev in (("hot", None), ("cold", evict)):
             for steps in (False, True):
-                acc = _pass(core, raws[at : at + n], ev, mb, steps)
+                acc = _pass(core, raws[at : at + n], ev, mb, steps, fused)
                 at += n
                 if rnd:
                     res[f"{mode}{'_steps' if steps else ''}"] = _summary(acc)

@@ -39,6 +39,8 @@ from cluster.selector.ranker import Ranker
 from cluster.selector.replica_table import _FLOAT_COLS, _INT_COLS, ReplicaRecord, ReplicaTable
 from cluster.selector.reward import RewardBook, corrected_rate, predict
 from cluster.selector.types import LoadSnapshot, Outcome, SelectionRequest
+from cluster.selector.wire import decode_select, encode_select
+from cluster.selector.wire_select import Answer, WireSelect
 from kvmanager.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 # NOTE: the fast path's kernels read ReplicaTable columns by position; these names pin them.
@@ -86,7 +88,7 @@ class SelectorCore:
             OrderedDict()
         )  # request_id -> (policy, predicted)
         self._started = clock()
-        self.counters = {
+        self._counters = {
             "selects": 0,
             "events": 0,
             "unknown_replica": 0,
@@ -95,6 +97,35 @@ class SelectorCore:
         }
         self._decisions: dict[str, int] = {}
         self._metric_children: dict[str, tuple[Any, Any]] = {}
+        # NOTE: the compiled bytes-in/bytes-out Select (``select_wire``); its counts reach
+        # ``counters`` when read and Prometheus at each collection
+        self._wire = WireSelect(self._index, self._table, self._access, self._ranker,
+                                TinyServeObjective.name)  # fmt: skip
+        obj = self.config.objective
+        self._wire.warm_up(objective_kernel.pack_config(obj, obj.w))
+        self.metrics.on_collect(self._export_tally)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Event counts by kind (selects, events, unknown_replica, resyncs, feedback),
+        the compiled Selects' included; the dict is live (later counts change it)."""
+        with self._lock:
+            self._fold_tally()
+            return self._counters
+
+    def _fold_tally(self) -> None:
+        """The compiled Selects' counts since the last fold into ``_counters`` and
+        ``_decisions`` (call under the lock)."""
+        selects, unknown = self._wire.tally.take_counts()
+        if selects:
+            self._counters["selects"] += selects
+            name = self._wire.policy
+            self._decisions[name] = self._decisions.get(name, 0) + selects
+        self._counters["unknown_replica"] += unknown
+
+    def _export_tally(self) -> None:
+        with self._lock:
+            self._wire.tally.export(self.metrics)
 
     # ------------------------------------------------------------------ policies
     def policy(self, name: str = "") -> Policy:
@@ -173,7 +204,7 @@ class SelectorCore:
     def _known(self, replica_id: str) -> ReplicaRecord | None:
         rec = self._table.get(replica_id)
         if rec is None:
-            self.counters["unknown_replica"] += 1
+            self._counters["unknown_replica"] += 1
             self.metrics.errors.labels("unknown_replica").inc()
         else:
             rec.last_seen = self.clock()
@@ -204,7 +235,7 @@ class SelectorCore:
                     self._access.forget(slot)
                     self.metrics.block_events.labels("cleared").inc()
             rec.last_seq = seq
-            self.counters["events"] += n
+            self._counters["events"] += n
             self._update_index_gauges(rec)
             return ApplyResult(True, False, seq, n)
 
@@ -219,7 +250,7 @@ class SelectorCore:
             self._index.replace(rec.slot, gpu_hashes, cpu_hashes)
             self._access.forget(rec.slot)
             rec.last_seq, rec.synced = seq, True
-            self.counters["resyncs"] += 1
+            self._counters["resyncs"] += 1
             self.metrics.resyncs.inc()
             self._update_index_gauges(rec)
             return ApplyResult(True, False, seq, self._index.num_resident(rec.slot))
@@ -259,7 +290,7 @@ class SelectorCore:
             pol = self.policy(policy)
             slots, ids, unknown, mask = self._table.candidate_slots(candidate_ids)
             if unknown:
-                self.counters["unknown_replica"] += unknown
+                self._counters["unknown_replica"] += unknown
                 self.metrics.errors.labels("unknown_replica").inc(unknown)
             hashes: Sequence[int] | U64 = request.block_hashes
             if self.fast_path and isinstance(pol, TinyServeObjective) and not pol.config.learn:
@@ -280,12 +311,49 @@ class SelectorCore:
             if ranked:
                 self._route(request, hashes, ranked[0].replica_id, pol.name, matched,
                             speculative, marked)  # fmt: skip
-            self.counters["selects"] += 1
+            self._counters["selects"] += 1
             self._decisions[pol.name] = self._decisions.get(pol.name, 0) + 1
             decisions, latency = self._policy_metrics(pol.name)
             decisions.inc()
             latency.observe(time.perf_counter() - t0)
             return Selection(pol.name, ranked, request.num_prompt_blocks, unknown)
+
+    def select_wire(self, raw: bytes) -> bytes:
+        """``SelectResponse`` bytes for ``SelectRequest`` bytes ``raw`` (what the gRPC
+        servicer's raw codec and the fast lane serve): ``wire.decode_select`` -> ``select``
+        -> ``wire.encode_select``, and the same answer, state and errors (MalformedMessage,
+        ValueError) as that, but the tinyserve policy's fast path runs as one compiled call
+        (``wire_select``; the rest falls back to the three steps)."""
+        with self._lock:
+            t0 = time.perf_counter()
+            pol = self.policy(TinyServeObjective.name)
+            if self.fast_path and isinstance(pol, TinyServeObjective) and not pol.config.learn:
+                now = self.clock()
+                ans = self._wire.run(
+                    raw, now, self.config.pending_ttl_s, _SELECT_EXPIRY_MARKS,
+                    self.config.max_prompt_blocks, pol.packed_config(),
+                    self.config.default_policy == pol.name,
+                )  # fmt: skip
+                if ans is not None:
+                    self._wire_routed(ans, now, pol.name)
+                    self._wire.tally.observe(time.perf_counter() - t0)
+                    return ans.body
+        req, candidates, policy, k, speculative = decode_select(raw, self.config.max_prompt_blocks)
+        return encode_select(self.select(req, candidates, policy, k, speculative))
+
+    def _wire_routed(self, ans: Answer, now: float, policy: str) -> None:
+        """The book-keeping ``rank_fast`` and ``_route`` do after their compiled call, for
+        a compiled wire Select."""
+        st = ans.route_stats
+        self._index.routed(st[0], st[1], st[4], st[5])
+        if not ans.r:
+            return
+        rec = self._table.by_slot[ans.winner_slot]
+        if ans.speculative:
+            self._access.bumped(st[2], st[3], now)
+            self._table.add_inflight_record(rec, ans.num_prompt_tokens + ans.num_output_tokens)
+        if ans.request_id:
+            self._remember(ans.request_id, ans.num_prompt_tokens, rec, ans.matched, policy)
 
     def _policy_metrics(self, name: str) -> tuple[Any, Any]:
         children = self._metric_children.get(name)
@@ -322,19 +390,20 @@ class SelectorCore:
             else:
                 self._table.add_inflight(rec, tokens)
         if request.request_id:
-            self._expect(request, rec, matched)
-            self._routed[request.request_id] = (policy, matched * rec.block_size)
-            if len(self._routed) > 65536:
-                self._routed.popitem(last=False)
+            self._remember(request.request_id, request.num_prompt_tokens, rec, matched, policy)
 
     # ------------------------------------------------------------------ feedback and stats
-    def _expect(self, request: SelectionRequest, rec: ReplicaRecord, matched: int) -> None:
-        """The objective's prediction for ``request`` on ``rec`` (cluster/selector/reward.py)."""
+    def _remember(
+        self, request_id: str, num_prompt_tokens: int, rec: ReplicaRecord, matched: int,
+        policy: str,
+    ) -> None:  # fmt: skip
+        """A routed request, for its feedback: the objective's prediction for it on ``rec``
+        (cluster/selector/reward.py) and (policy, predicted hit tokens)."""
         self._rewards.expect(
-            request.request_id,
+            request_id,
             predict(
                 rec.replica_id,
-                request.num_prompt_tokens,
+                num_prompt_tokens,
                 matched * rec.block_size,
                 # NOTE: the REPORTED rate, not the column R may have corrected: R measures
                 # realised TTFT against the reports (a corrected prediction would cancel it).
@@ -342,6 +411,9 @@ class SelectorCore:
                 self.config.objective,
             ),
         )
+        self._routed[request_id] = (policy, matched * rec.block_size)
+        if len(self._routed) > 65536:
+            self._routed.popitem(last=False)
 
     def _set_reward(self, rec: ReplicaRecord, r: float) -> None:
         """R(c) into the table, with the prefill rate it implies (``corrected_rate``)."""
@@ -358,7 +430,7 @@ class SelectorCore:
             r = self._rewards.observe(outcome, self.clock())
             if r is not None:
                 self._set_reward(rec, r)
-            self.counters["feedback"] += 1
+            self._counters["feedback"] += 1
             routed = self._routed.pop(outcome.request_id, None)
             if routed is not None:
                 policy, predicted = routed
@@ -369,6 +441,7 @@ class SelectorCore:
 
     def stats(self) -> CoreStats:
         with self._lock:
+            self._fold_tally()
             tiny = self._policies.get(TinyServeObjective.name)
             w = (
                 tuple(float(x) for x in tiny.w)
@@ -378,7 +451,7 @@ class SelectorCore:
             return CoreStats(
                 len(self._table),
                 self._index.num_unique_blocks,
-                dict(self.counters),
+                dict(self._counters),
                 dict(self._decisions),
                 self.clock() - self._started,
                 self.config.default_policy,

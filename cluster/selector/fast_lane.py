@@ -4,8 +4,8 @@ length-prefixed frames (``cluster.selector.fast_lane_frames``), beside the gRPC 
 NOTE: why a second front end for one method: Python gRPC spends ~170-270 us of server CPU on
 an EMPTY unary call (benchmarks/README.md, "Selection service at fleet scale"), more than
 the Select's own compute (~70-150 us); it, not the ranking, capped one selection process near
-2,300-2,900 Select/s. Here a call costs a header unpack, the wire codec
-(``cluster.selector.wire``, the same bytes gRPC carries) and one write per batch of answers:
+2,300-2,900 Select/s. Here a call costs a header unpack, the Select on the wire bytes
+(``SelectorCore.select_wire``, the same bytes gRPC carries) and one write per batch of answers:
 ``benchmarks/selector_rpc.py --front-ends aio-wire raw-wire`` measures the difference. Every
 other method (ReportKV, Feedback, Stats, ...) stays gRPC only.
 
@@ -31,7 +31,7 @@ from typing import cast
 from cluster.selector import wire
 from cluster.selector.core import SelectorCore
 from cluster.selector.fast_lane_frames import HEADER, MAX_FRAME_BYTES, Kind, frame
-from cluster.selector.wire import MalformedMessage, decode_select, encode_select
+from cluster.selector.wire import MalformedMessage
 
 log = logging.getLogger("tinyserve.selector.fast_lane")
 _HEAD = HEADER.size
@@ -55,7 +55,6 @@ class _Connection(asyncio.Protocol):
         self._authed = False
         self._buf = bytearray()
         self._transport: asyncio.Transport | None = None
-        self._max_blocks = core.config.max_prompt_blocks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # NOTE: cast, not isinstance: uvloop's transports do not subclass asyncio's
@@ -141,8 +140,7 @@ class _Connection(asyncio.Protocol):
 
     def _select(self, call_id: int, raw: bytes) -> bytes:
         try:
-            req, cands, policy, k, spec = decode_select(raw, self._max_blocks)
-            sel = self._core.select(req, cands, policy, k, spec)
+            body = self._core.select_wire(raw)
         except MalformedMessage as exc:
             return self._error(call_id, Kind.INVALID_ARGUMENT, "malformed",
                                f"malformed message: {exc}")  # fmt: skip
@@ -151,7 +149,6 @@ class _Connection(asyncio.Protocol):
         except Exception:  # NOTE: a core bug fails this call, never the connection's others
             log.exception("fast lane Select failed")
             return self._error(call_id, Kind.INTERNAL, "internal", "internal error")
-        body = encode_select(sel)
         return HEADER.pack(len(body), call_id, _OK) + body
 
     def _error(self, call_id: int, kind: Kind, counter: str, message: str) -> bytes:

@@ -7,6 +7,8 @@ keeps them in a tuple (``Ranker``) and re-reads them only when this count moved.
 
 Contract: every owner of such an array calls ``bump()`` right after it replaces one (growth,
 widening, a fresh allocation); a binding is valid while ``Generation.value`` is unchanged.
+``ReplicaTable`` also bumps it when a replica joins or leaves or a node id is first seen: the
+compiled wire Select (``wire_select``) holds the replicas' ids as bytes per slot.
 NOTE: process-wide and conservative: any owner's growth invalidates every binding (growth is
 rare: tables double). A binding holds references to its arrays, so a missed bump would leave
 stale data, never freed memory; ``tests/cluster/test_selector_bound_select.py`` checks the

@@ -6,10 +6,27 @@ simulator) can coexist in one process; ``python -m cluster.selector --metrics-po
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 # NOTE: service-side compute per Select is tens of microseconds; default buckets start at 5 ms.
-_LATENCY_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 1e-1)
+LATENCY_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 1e-1)
+
+
+class _BeforeCollect(Collector):
+    """Yields nothing; runs the hooks first, so counts kept outside Prometheus (the compiled
+    Select's, ``select_tally``) are folded in before any family is read."""
+
+    def __init__(self) -> None:
+        self.hooks: list[Callable[[], None]] = []
+
+    def collect(self) -> Iterator[Metric]:
+        for hook in self.hooks:
+            hook()
+        return iter(())
 
 
 class SelectorMetrics:
@@ -18,11 +35,14 @@ class SelectorMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # NOTE: registered first: a registry collects in registration order
+        self._before = _BeforeCollect()
+        r.register(self._before)
         self.select_latency = Histogram(
             "tinyserve_selector_select_latency_seconds",
             "Service-side compute time of one Select (index walk + policy).",
             ["policy"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.decisions = Counter(
@@ -82,3 +102,8 @@ class SelectorMetrics:
             "gRPC). Unit: connections; range: >= 0.",
             registry=r,
         )
+
+    def on_collect(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` at the start of every collection of this registry (a scrape,
+        ``get_sample_value``, the Ray mirror), before any family is read."""
+        self._before.hooks.append(hook)

@@ -283,7 +283,7 @@ class TinyServeObjective(Policy):
         req = _request_row(request)
         q = kernel.complexity(request.num_prompt_tokens, cfg.q_scale_tokens)
         out = np.empty((len(kernel.OUT_ROWS), n), np.float64)
-        kernel.score(ints, floats, self._packed_config(), req, q, out)
+        kernel.score(ints, floats, self.packed_config(), req, q, out)
         terms = dict(zip(kernel.OUT_ROWS, out, strict=True))
         scores = terms.pop("score")
         terms["reward"] = c.reward
@@ -302,17 +302,18 @@ class TinyServeObjective(Policy):
         (no trace is kept)."""
         req = _request_row(request)
         q = kernel.complexity(request.num_prompt_tokens, self.config.q_scale_tokens)
-        return self._packed_config(), req, q
+        return self.packed_config(), req, q
 
     def kernel_scalars(self, request: SelectionRequest) -> tuple[FloatArray, float]:
         """(cfg, q) of ``kernel_inputs`` without the request row (``select_kernel.select_bound``
         builds it from the request's counts)."""
-        return self._packed_config(), kernel.complexity(
+        return self.packed_config(), kernel.complexity(
             request.num_prompt_tokens, self.config.q_scale_tokens
         )
 
-    def _packed_config(self) -> FloatArray:
-        # NOTE: rebuilt only when w changes (online learning replaces the array).
+    def packed_config(self) -> FloatArray:
+        """The objective's scalars as the kernels take them (``objective_kernel.pack_config``).
+        Rebuilt only when w changes (online learning replaces the array)."""
         if self._packed is None or self._packed_w is not self.w:
             self._packed, self._packed_w = kernel.pack_config(self.config, self.w), self.w
         return self._packed

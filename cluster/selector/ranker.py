@@ -68,8 +68,7 @@ class Ranker:
         self._index.reserve_route(nh)
         if speculative:
             self._access.reserve(max(nh, 1).bit_length())
-        if self._bound_gen != Generation.value or len(slots) > len(self._top):
-            self._bind(len(slots))
+        bound = self.bound_for(len(slots))
         cfg, q = pol.kernel_scalars(request)
         now = self._clock()
         use_cpu, use_pending = self._index.tiers_in_use()
@@ -78,7 +77,7 @@ class Ranker:
                 hashes, self._cand_words(mask), slots,
                 self._table.node_code(request.origin_node_id), request.num_prompt_tokens,
                 request.num_output_tokens, q, k, now, now + ttl_s if ttl_s > 0 else math.nan,
-                use_cpu, use_pending, speculative, max_expire, cfg, *self._bound,
+                use_cpu, use_pending, speculative, max_expire, cfg, *bound,
             )
         )  # fmt: skip
         ranked = [
@@ -91,6 +90,14 @@ class Ranker:
         if speculative and ranked:
             self._access.bumped(acc_created, acc_reused, now)
         return ranked, ranked[0].terms.num_matched_blocks if ranked else 0, hashes
+
+    def bound_for(self, num_candidates: int) -> tuple[Any, ...]:
+        """``select_bound``'s arrays (``BOUND_ARGS``) with room for ``num_candidates`` rows,
+        valid while ``Generation.value`` stays the same (the buffers among them are scratch
+        of one call: a caller may keep an older binding's)."""
+        if self._bound_gen != Generation.value or num_candidates > len(self._top):
+            self._bind(num_candidates)
+        return self._bound
 
     def _bind(self, num_candidates: int) -> None:
         """(Re)read the arrays ``select_bound`` takes after its per-call arguments

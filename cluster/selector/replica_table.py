@@ -124,9 +124,12 @@ class ReplicaTable:
             for col in self.cols.values():
                 col[slot] = 0
         rec.node_id = node_id or rec.node_id
+        num_codes = len(self._node_codes)
         if rec.node_id:
             code = self._node_codes.setdefault(rec.node_id, len(self._node_codes))
             self.node_of_slot[rec.slot] = code
+        if created or len(self._node_codes) != num_codes:
+            bump()  # NOTE: the ids the compiled wire Select holds as bytes (wire_ids.py)
         rec.block_size = block_size or rec.block_size
         rec.num_blocks = num_blocks or rec.num_blocks
         self.cols["block_size"][rec.slot] = rec.block_size
@@ -140,6 +143,10 @@ class ReplicaTable:
         (so neither matches any slot)."""
         return self._node_codes.get(node_id, -2) if node_id else -1
 
+    def node_codes(self) -> dict[str, int]:
+        """Every node id seen, with its ``node_of_slot`` code (a copy)."""
+        return dict(self._node_codes)
+
     def remove(self, replica_id: str) -> ReplicaRecord | None:
         rec = self.records.pop(replica_id, None)
         if rec is not None:
@@ -148,6 +155,7 @@ class ReplicaTable:
             self.live_mask &= ~(1 << rec.slot)
             self._live_cache = None
             self.node_of_slot[rec.slot] = -1
+            bump()  # NOTE: see ``add``
         return rec
 
     def set_load(self, rec: ReplicaRecord, load: LoadSnapshot) -> None:

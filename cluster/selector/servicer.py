@@ -28,7 +28,7 @@ from cluster.selector.convert import (
     selection_to_proto,
 )
 from cluster.selector.core import SelectorCore
-from cluster.selector.wire import MalformedMessage, decode_select, encode_select
+from cluster.selector.wire import MalformedMessage
 from protos import cache_selection_pb2 as pb
 from protos import cache_selection_pb2_grpc as pb_grpc
 
@@ -74,13 +74,11 @@ class CacheSelectionServicer(pb_grpc.CacheSelectionServicer):
         return selection_to_proto(sel)
 
     async def select_wire(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        """``Select`` on the wire bytes (``cluster.selector.wire``): what the server registers
-        by default; ``Select`` above is the same RPC through protobuf objects."""
+        """``Select`` on the wire bytes (``SelectorCore.select_wire``: one compiled call for
+        the tinyserve policy): what the server registers by default; ``Select`` above is the
+        same RPC through protobuf objects."""
         try:
-            req, candidates, policy, k, speculative = decode_select(
-                raw, self.core.config.max_prompt_blocks
-            )
-            sel = self.core.select(req, candidates, policy, k, speculative)
+            return self.core.select_wire(raw)
         except MalformedMessage as exc:
             self.core.metrics.errors.labels("malformed").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {exc}")
@@ -88,7 +86,6 @@ class CacheSelectionServicer(pb_grpc.CacheSelectionServicer):
         except ValueError as exc:
             await self._invalid(context, exc)
             raise AssertionError("unreachable: abort raises") from exc
-        return encode_select(sel)
 
     async def ReportKV(
         self, request_iterator: AsyncIterator[pb.ReportKVRequest], context: grpc.aio.ServicerContext

@@ -1,0 +1,126 @@
+"""WireSelect: the compiled bytes-in/bytes-out Select (``wire_select_kernel``) and its binding.
+
+It owns the kernel's scratch, the answer buffer, the ids as bytes (``wire_ids``) and the
+counts (``select_tally``), and binds them with the ``Ranker``'s arrays into one tuple, re-read
+when ``generation.Generation`` moved (a table grew, a replica joined or left) or a request
+needs bigger buffers. ``run`` makes the call; the core does the Python-side book-keeping
+with what it reports (``Answer``).
+
+Contract: not thread-safe; SelectorCore calls it holding its lock.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from cluster.selector import wire_select_kernel as wk
+from cluster.selector.access import AccessTracker
+from cluster.selector.convert import MAX_CANDIDATES
+from cluster.selector.generation import Generation
+from cluster.selector.index import KVIndex
+from cluster.selector.ranker import Ranker
+from cluster.selector.replica_table import ReplicaTable
+from cluster.selector.select_tally import SelectTally
+from cluster.selector.wire import _NUM_FIELDS
+from cluster.selector.wire_ids import WireIds
+
+_I = {name: i for i, name in enumerate(wk.INFO)}
+assert [_I[n] for n in ("status", "r", "winner_slot", "matched", "unknown", "out_len")] == [
+    0, 1, 2, 3, 4, 5] and wk.INFO[6:12] == ("deadlines_created", "pending_rows_created",
+    "access_created", "access_reused", "expired_pairs", "expired_rows")  # fmt: skip
+
+
+class Answer(NamedTuple):
+    """What ``run`` reports: the answer's bytes and the book-keeping the core still owes."""
+
+    body: bytes
+    r: int
+    winner_slot: int
+    matched: int
+    route_stats: list[int]  # ``select_kernel.ROUTE_STATS``
+    request_id: str
+    num_prompt_tokens: int
+    num_output_tokens: int
+    speculative: bool
+
+
+class WireSelect:
+    """The fused Select of one core (see the module docstring)."""
+
+    def __init__(
+        self, index: KVIndex, table: ReplicaTable, access: AccessTracker, ranker: Ranker,
+        policy: str,
+    ) -> None:  # fmt: skip
+        self._index, self._table, self._access, self._ranker = index, table, access, ranker
+        self.policy = policy
+        self._policy_bytes = np.frombuffer(policy.encode(), np.uint8).copy()
+        self.tally = SelectTally(policy)
+        self._fields = np.zeros(_NUM_FIELDS, np.int64)
+        self._cands = np.zeros(2 * MAX_CANDIDATES, np.int64)
+        self._info = np.zeros(len(wk.INFO), np.int64)
+        self._out = np.zeros(4096, np.uint8)
+        self._bound: tuple[Any, ...] = ()
+        self._bound_gen = -1
+        self._num_candidates = 0
+
+    def run(
+        self, raw: bytes, now: float, ttl_s: float, max_expire: int, max_prompt_blocks: int,
+        cfg: Any, default_policy: bool,
+    ) -> Answer | None:  # fmt: skip
+        """The Select of ``raw`` for the policy, or None (nothing changed) when the kernel
+        does not cover it (``wire_select_kernel``: the caller takes the Python path)."""
+        # NOTE: reservations first (they may replace arrays: a new generation). The
+        # speculative mark has at most one hash per byte of the request.
+        nh = min(len(raw), max_prompt_blocks)
+        self._index.reserve_route(nh)
+        self._access.reserve(max(nh, 1).bit_length())
+        while True:
+            if self._bound_gen != Generation.value:
+                self._bind()
+            use_cpu, use_pending = self._index.tiers_in_use()
+            status = wk.select_wire(
+                raw, now, ttl_s, use_cpu, use_pending, max_expire, max_prompt_blocks, cfg,
+                self._policy_bytes, default_policy, *self._bound,
+            )  # fmt: skip
+            if status == wk.OK:
+                break
+            if status == wk.FALLBACK:
+                return None
+            self._grow(int(self._info[_I["num_candidates"]]))
+        info = self._info.tolist()
+        rid_at, rid_len = info[_I["request_id_at"]], info[_I["request_id_len"]]
+        return Answer(
+            self._out[: info[5]].tobytes(), info[1], info[2], info[3], info[6:12],
+            raw[rid_at : rid_at + rid_len].decode() if rid_len else "",
+            info[_I["num_prompt_tokens"]], info[_I["num_output_tokens"]],
+            info[_I["speculative"]] == 1,
+        )  # fmt: skip
+
+    def warm_up(self, cfg: Any) -> None:
+        """Compile (or load from numba's cache) the kernel: one call on bytes it refuses
+        (nothing changes but reservations for one hash)."""
+        refused = self.run(b"\x00", 0.0, 0.0, 0, 1, cfg, True)
+        assert refused is None
+
+    def _grow(self, num_candidates: int) -> None:
+        """Room for ``num_candidates`` ranked rows (the ranker's buffers, the answer)."""
+        self._num_candidates = max(self._num_candidates, num_candidates)
+        self._bound_gen = -1
+
+    def _bind(self) -> None:
+        ids = WireIds.build(self._table)
+        slots, _ = self._table.live()
+        n = max(self._num_candidates, len(slots))
+        need = 64 + len(self._policy_bytes) + n * (ids.max_field + wk.ROW_BYTES)
+        if len(self._out) < need:
+            self._out = np.zeros(2 * need, np.uint8)
+        ranked = self._ranker.bound_for(n)
+        self._bound = (
+            self._fields, self._cands, slots, self._index.mask_words(self._table.live_mask),
+            ids.id_flat, ids.id_at, ids.id_tab, ids.node_flat, ids.node_at, ids.node_tab,
+            ids.max_field, self._out, self._info, self.tally.counts, *ranked,
+        )  # fmt: skip
+        self._bound_gen = Generation.value
+
