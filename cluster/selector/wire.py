@@ -192,7 +192,7 @@ _TERM_TAGS = tuple((f << 3) | 1 for f in range(1, 12))
 _SCORE = struct.Struct("<Bd")
 
 
-def _varint_bytes(v: int) -> bytes:
+def varint_bytes(v: int) -> bytes:
     out = bytearray()
     while v >= 0x80:
         out.append((v & 0x7F) | 0x80)
@@ -201,11 +201,11 @@ def _varint_bytes(v: int) -> bytes:
     return bytes(out)
 
 
-_SMALL = tuple(_varint_bytes(i) for i in range(1024))
+_SMALL = tuple(varint_bytes(i) for i in range(1024))
 
 
 def _vb(v: int) -> bytes:
-    return _SMALL[v] if v < 1024 else _varint_bytes(v)
+    return _SMALL[v] if v < 1024 else varint_bytes(v)
 
 
 def _field(tag: int, payload: bytes) -> bytes:

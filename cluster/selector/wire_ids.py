@@ -29,6 +29,7 @@ import numpy as np
 
 from cluster.selector.index_kernels import _jit
 from cluster.selector.replica_table import ReplicaTable
+from cluster.selector.wire import varint_bytes
 
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
@@ -84,15 +85,6 @@ def _fill(tab: Any, flat: Any, at: Any, skip: int) -> None:
         tab[i] = key + 1
 
 
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
-
-
 def _table(num_keys: int) -> Any:
     size = 8
     while size < 2 * num_keys:
@@ -120,7 +112,7 @@ class WireIds:
         pos = max_field = 0
         for slot, rec in table.by_slot.items():
             raw = rec.replica_id.encode()
-            head = b"\x0a" + _varint(len(raw))
+            head = b"\x0a" + varint_bytes(len(raw))
             id_at[slot] = (pos, len(head), len(raw))
             parts += (head, raw)
             pos += len(head) + len(raw)

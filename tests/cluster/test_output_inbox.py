@@ -8,17 +8,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from cluster.serve.output_inbox import OutputInbox, merge_posted
-from replicas.deployment import GenerateRequest, LLMReplica
-from replicas.output_pacing import StreamBudget
+from replicas.deployment import GenerateRequest
 from replicas.output_post import HEADER, OutputPost, ReplyTo, frame, hello
 from replicas.outputs import RequestMetrics, RequestOutput, RequestTrace
 from replicas.sampling_params import SamplingParams
+from tests.replica_fakes import fake_replica
 
 
 def _out(rid: str, step: int, finished: bool = False, index: int = 0) -> RequestOutput:
@@ -154,21 +153,8 @@ class _FakeEngine:
         return gen()
 
 
-class _Replica(LLMReplica.func_or_class):  # type: ignore[name-defined,misc]
-    def __del__(self) -> None:  # NOTE: the real one is Serve's async shutdown hook
-        pass
-
-
 def _replica(outs: list[RequestOutput], node: str) -> Any:
-    replica = object.__new__(_Replica)
-    replica.engine = _FakeEngine(outs)
-    replica._stopping, replica._inflight, replica._sink = False, {}, None
-    replica._ttft_ewma = replica._tpot_ewma = 0.0
-    replica.metrics = SimpleNamespace(on_finished=lambda out: None)
-    replica._stream_budget = StreamBudget(0.0)
-    replica._loop_lag = None
-    replica._post = OutputPost(node)
-    return replica
+    return fake_replica(_FakeEngine(outs), OutputPost(node))
 
 
 def _run_replica(node: str, stream: bool = True, drop_inbox_after: int = 0

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from types import SimpleNamespace
+from typing import Any
 
-from replicas.deployment import GenerateRequest, LLMReplica
-from replicas.output_pacing import StreamBudget
+from replicas.deployment import GenerateRequest
 from replicas.outputs import RequestMetrics, RequestOutput, RequestTrace
 from replicas.sampling_params import SamplingParams
+from tests.replica_fakes import fake_replica
 
 
 def _deltas(n: int) -> list[RequestOutput]:
@@ -40,21 +40,8 @@ class _FakeEngine:
         return gen()
 
 
-class _Replica(LLMReplica.func_or_class):  # type: ignore[name-defined,misc]
-    def __del__(self) -> None:  # NOTE: the real one is Serve's async shutdown hook
-        pass
-
-
-def _replica(outs: list[RequestOutput]) -> object:
-    replica = object.__new__(_Replica)
-    replica.engine = _FakeEngine(outs)
-    replica._stopping, replica._inflight, replica._sink = False, {}, None
-    replica._ttft_ewma = replica._tpot_ewma = 0.0
-    replica.metrics = SimpleNamespace(on_finished=lambda out: None)
-    replica._stream_budget = StreamBudget(0.0)
-    replica._loop_lag = None
-    replica._post = None
-    return replica
+def _replica(outs: list[RequestOutput]) -> Any:
+    return fake_replica(_FakeEngine(outs))
 
 
 def _collect(outs: list[RequestOutput], n: int, stream: bool) -> list[RequestOutput]:
