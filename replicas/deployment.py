@@ -56,8 +56,8 @@ class GenerateRequest:
     blocks), their outputs tagged with ``index``. ``stream`` False asks for one output per
     sequence, at its end (the deltas folded by the replica): the caller reads nothing before
     the response is whole, so it need not pay a handle hop per delta. ``reply_to``
-    (``ReplyTo.encode()``) names the ingress's output inbox: a streamed request's outputs are
-    posted there when the replica runs on its node (``replicas.output_post``), not yielded.
+    (``ReplyTo.encode()``) names the ingress's output inbox: the request's outputs are posted
+    there when the replica runs on its node (``replicas.output_post``), not yielded.
     """
 
     request_id: str
@@ -235,10 +235,10 @@ class LLMReplica:
                 await aclose()
 
     async def _post_connection(self, request: GenerateRequest) -> asyncio.StreamWriter | None:
-        """The connection to the request's inbox when its outputs are to be posted (streamed,
-        an inbox on this node), else None (yielded as Ray items). A failed connect falls back
-        to Ray items."""
-        if not request.stream or self._post is None:
+        """The connection to the request's inbox when its outputs are to be posted (an inbox
+        on this node), else None (yielded as Ray items). A failed connect falls back to Ray
+        items."""
+        if self._post is None:
             return None
         reply_to = ReplyTo.decode(request.reply_to)
         if reply_to is None or not self._post.accepts(reply_to):

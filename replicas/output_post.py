@@ -1,4 +1,4 @@
-"""Streamed outputs from a replica to its ingress over a Unix socket, not as Ray items.
+"""A request's outputs from a replica to its ingress over a Unix socket, not as Ray items.
 
 Why: every item of a Ray streaming generator is a round trip between the two core workers;
 measured on the 2-core CPU box (plain Ray, no Serve, 3,000 small items): ~460-520 us of the
@@ -9,8 +9,9 @@ streamed chunk (benchmarks/results/serve_overhead_notes.md, "Outputs over a Unix
 The contract:
 - The ingress (``cluster.serve.output_inbox.OutputInbox``) listens on a socket in a private
   directory (0700) and names it in the request (``ReplyTo``: node id, path, token).
-- The replica (``OutputPost``) posts a streamed request's outputs there when it runs on the
-  same node, and then yields nothing through Ray; the Serve call still carries the request,
+- The replica (``OutputPost``) posts the request's outputs there (every delta of a streamed
+  one, the one folded output per sequence of a non-streamed one) when it runs on the same
+  node, and then yields nothing through Ray; the Serve call still carries the request,
   its end, its errors and its cancellation. Otherwise it yields them as Ray items (the
   ingress takes both).
 - One connection per (replica, inbox), shared by requests; it opens with the token. A frame

@@ -181,7 +181,7 @@ class AppConfig(BaseModel):
     )
     stream_outputs_over_socket: bool = Field(
         default=True,
-        description="Streamed outputs go from an LLM replica to the ingress over a Unix "
+        description="Outputs go from an LLM replica to the ingress over a Unix "
         "socket when both run on one node (replicas/output_post.py: ~10 us an output against "
         "~0.8 ms of CPU for a Ray streaming item); as Ray items otherwise.",
     )

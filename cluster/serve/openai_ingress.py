@@ -213,9 +213,9 @@ class OpenAIIngress:
         finally:
             inbox.close(req.request_id)
 
-    async def _reply_to(self, stream: bool) -> str:
-        """The inbox's address for a streamed request ("" = outputs as Ray items)."""
-        if not stream or self._inbox is None:
+    async def _reply_to(self) -> str:
+        """The inbox's address for a request ("" = outputs as Ray items)."""
+        if self._inbox is None:
             return ""
         await self._inbox.start()
         return self._inbox.reply_to.encode()
@@ -425,7 +425,7 @@ class OpenAIIngress:
             routing_policy=checked_policy(body.routing_policy),
             n=body.n,
             stream=bool(body.stream),
-            reply_to=await self._reply_to(bool(body.stream)),
+            reply_to=await self._reply_to(),
         )
         ctx = ResponseContext(kind, rid, self.model_name, self.tokenizer, params.logprobs)
         trace.tokenized = time.time()

@@ -1,5 +1,5 @@
 """The ingress's end of ``replicas.output_post``: a Unix-socket server on the ingress's loop
-that receives replicas' outputs for its streamed requests and hands each to its request's
+that receives replicas' outputs for its requests and hands each to its request's
 queue. Frames for a request that is not open (finished, cancelled) are dropped.
 
     inbox = OutputInbox(node_id)

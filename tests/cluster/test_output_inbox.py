@@ -203,10 +203,15 @@ def test_the_replica_posts_to_an_inbox_on_its_node_and_yields_nothing() -> None:
     assert posted[-1].finished and posted[-1].emit_time > 0 and posted[-1].trace is not None
 
 
-def test_the_replica_yields_ray_items_off_node_or_when_not_streamed() -> None:
-    for node, stream in (("node-b", True), ("node-a", False)):
-        yielded, posted, _ = _run_replica(node, stream=stream)
-        assert posted == [] and yielded and yielded[-1].finished
+def test_the_replica_yields_ray_items_off_node() -> None:
+    yielded, posted, _ = _run_replica("node-b")
+    assert posted == [] and [o.text_delta for o in yielded] == ["<0>", "<1>", "<2>", "<3>"]
+
+
+def test_a_non_streamed_request_posts_its_one_folded_output() -> None:
+    yielded, posted, _ = _run_replica("node-a", stream=False)
+    assert yielded == [] and len(posted) == 1
+    assert posted[0].finished and posted[0].text_delta == "<0><1><2><3>"
 
 
 def test_a_lost_inbox_ends_the_request_on_the_replica_at_once() -> None:
