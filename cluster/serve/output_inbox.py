@@ -31,19 +31,25 @@ log = logging.getLogger("ray.serve")
 
 
 class OutputInbox:
+    """One per ingress replica; ``reply_to`` is what its requests name."""
+
     def __init__(self, node_id: str) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="tinyserve-inbox-"))
         os.chmod(self._dir, 0o700)  # NOTE: only this uid can reach the socket
         self.reply_to = ReplyTo(node_id, str(self._dir / "s"), secrets.token_hex(16))
         self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Future[asyncio.Server] | None = None
         self.num_frames = 0
         self.num_dropped = 0
 
     async def start(self) -> None:
-        """Listen (idempotent); call on the loop that reads the queues."""
-        if self._server is None:
-            self._server = await asyncio.start_unix_server(self._serve, self.reply_to.path)
+        """Listen (idempotent, also when requests race to start it); call on the loop that
+        reads the queues."""
+        server = self._server
+        if server is None:
+            server = self._server = asyncio.ensure_future(
+                asyncio.start_unix_server(self._serve, self.reply_to.path))
+        await asyncio.shield(server)
 
     def open(self, request_id: str) -> asyncio.Queue[RequestOutput]:
         q: asyncio.Queue[RequestOutput] = asyncio.Queue()
@@ -69,12 +75,14 @@ class OutputInbox:
                     q.put_nowait(out)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # NOTE: the replica went away; its Serve call reports why
+        except Exception as exc:  # NOTE: a bad frame ends this connection, not the ingress
+            log.warning("output inbox: connection dropped: %r", exc)
         finally:
             writer.close()
 
     def shutdown(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        if self._server is not None and self._server.done() and not self._server.exception():
+            self._server.result().close()
         shutil.rmtree(self._dir, ignore_errors=True)
 
 

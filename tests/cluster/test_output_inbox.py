@@ -72,6 +72,22 @@ def test_posted_frames_reach_their_requests_in_order_and_strangers_are_refused()
     assert not path.parent.exists()
 
 
+def test_requests_racing_to_start_the_inbox_share_one_server() -> None:
+    async def main() -> bool:
+        inbox = OutputInbox("n")
+        await asyncio.gather(*(inbox.start() for _ in range(5)))
+        post = OutputPost("n")
+        q = inbox.open("r")
+        conn = await post.connection(inbox.reply_to)
+        await OutputPost.send(conn, "r", _out("r", 0, True))
+        got = (await asyncio.wait_for(q.get(), 5)).finished
+        post.close()
+        inbox.shutdown()
+        return got
+
+    assert asyncio.run(main())
+
+
 def test_a_frame_over_the_size_bound_closes_the_connection() -> None:
     async def main() -> bool:
         inbox = OutputInbox("n")
@@ -186,7 +202,7 @@ def _run_replica(node: str, stream: bool = True, drop_inbox_after: int = 0
         agen = replica.generate(req)
         task = asyncio.ensure_future(agen.__anext__())
         await asyncio.sleep(0.01 * drop_inbox_after + 0.005)
-        inbox._server.close()  # type: ignore[union-attr]
+        inbox._server.result().close()  # type: ignore[union-attr]
         for w in list(replica._post._conns.values()):
             w.transport.abort()  # NOTE: the ingress died: its end of the socket is gone
         with pytest.raises(ConnectionError):
