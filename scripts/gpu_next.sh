@@ -3,7 +3,7 @@
 # the repo root on the GPU machine with the Ray site carried:
 #   carry: .whl/site312.tar.xz.part-aa .whl/site312.tar.xz.part-ab .whl/site312.sha256
 #          .whl/extra .whl/tok.tar.xz          (scripts/gpu_wheelhouse.sh builds them)
-#   scripts/gpu_next.sh serve     # HAProxy mode, 4 ingress replicas, the full 1B grid (~300 s)
+#   scripts/gpu_next.sh serve     # HAProxy mode, 4 ingress replicas, outputs over the socket, the full 1B grid (~300 s)
 #   scripts/gpu_next.sh c1        # c=1: 1 vs 4 ingress replicas, thread vs process core (~250 s)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
 #   scripts/gpu_next.sh wave      # c=16/64: the arrival wave's hops with the loops' lag sampled (~250 s)
@@ -23,7 +23,7 @@ case "$part" in
   serve)
     timeout 560 python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
       --app-args '{"ingress_num_replicas": 4}' --serve-env "$drain" \
-      --json "$OUT/serve_overhead_h100_1b_haproxy4.json" ;;
+      --json "$OUT/serve_overhead_h100_1b_haproxy4_socket.json" ;;
   c1)
     for n in 1 4; do
       timeout 270 python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
