@@ -34,8 +34,9 @@ from replicas.deployment_metrics import ReplicaMetrics
 from replicas.engine import AsyncLLMEngine
 from replicas.loop_lag import LAG_WINDOW_S, LoopLag
 from replicas.output_pacing import OutputPacer, StreamBudget
-from replicas.output_post import OutputPost, ReplyTo, this_node_id
+from replicas.output_post import OutputPost, ReplyTo
 from replicas.outputs import RequestOutput, RequestTrace
+from replicas.ray_node import this_node_id
 from replicas.sampling_params import SamplingParams
 
 log = logging.getLogger("ray.serve")
@@ -424,4 +425,3 @@ class LLMReplica:
             await self.engine.shutdown()
         if self._sink is not None:
             self._sink.close()
-

@@ -56,19 +56,6 @@ class ReplyTo:
         return cls(*parts)
 
 
-def this_node_id() -> str:
-    """This process's Ray node id ("" outside a Ray worker or when Ray cannot say)."""
-    try:
-        import ray
-
-        # NOTE: outside a Ray process get_runtime_context() would start Ray: ask first.
-        if not ray.is_initialized():
-            return ""
-        return str(ray.get_runtime_context().get_node_id() or "")
-    except Exception:  # NOTE: unknown node = nothing posted, never a failure
-        return ""
-
-
 def frame(request_id: str, out: RequestOutput) -> bytes:
     body = pickle.dumps((request_id, out), protocol=5)
     return HEADER.pack(len(body)) + body

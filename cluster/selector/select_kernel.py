@@ -166,7 +166,6 @@ def rank_and_route(
     return r
 
 
-
 _QUEUED_TOKENS = _INT_COLS.index("num_queued_tokens")
 _WAITING_REQS = _INT_COLS.index("num_waiting_reqs")
 # NOTE: the arrays ``select_bound`` takes after its per-call arguments, in order: what

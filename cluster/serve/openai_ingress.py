@@ -54,8 +54,8 @@ from cluster.serve.output_inbox import OutputInbox, merge_posted
 from cluster.serve.tokenizer_pool import TokenizerPool
 from replicas.deployment import GenerateRequest
 from replicas.loop_lag import LoopLag
-from replicas.output_post import this_node_id
 from replicas.outputs import RequestOutput
+from replicas.ray_node import this_node_id
 
 log = logging.getLogger("ray.serve")
 MAX_ATTEMPTS = 3

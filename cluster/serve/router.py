@@ -45,11 +45,11 @@ from cluster.serve.router_core import (
     PromptHasher,
     PromptInfo,
     RouterSettings,
-    own_node_id,
     prompt_info,
     ranks_from_selection,
     select_kwargs,
 )
+from replicas.ray_node import this_node_id
 
 log = logging.getLogger("ray.serve")
 LATENCY_BUCKETS_S = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25]
@@ -101,7 +101,7 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self._failures = 0
         self._metrics = _RouterMetrics()
         # NOTE: the router runs in the ingress replica's process: its node is the origin.
-        self._origin_node_id = own_node_id()
+        self._origin_node_id = this_node_id()
         self.num_decisions = 0
         self.num_fallbacks = 0
         # NOTE: requests sent to their only candidate without waiting for its Select

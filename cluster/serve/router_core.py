@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 from cluster.selector.client import split_addresses
 from cluster.selector.core_types import Selection
 from kvmanager.hashing import BlockHasher, make_hasher
-from replicas.output_post import this_node_id
 
 R = TypeVar("R")
 
@@ -134,12 +133,6 @@ def select_kwargs(
         "max_results": settings.max_ranked,
         "origin_node_id": origin_node_id,
     }
-
-
-def own_node_id() -> str:
-    """This process's Ray node id ("" outside a Ray worker or when Ray cannot say; unknown
-    origin = locality off, never a routing failure)."""
-    return this_node_id()
 
 
 class PromptHasher:

@@ -15,8 +15,9 @@ from cluster.selector.client import _request
 from cluster.selector.convert import select_request_from_proto
 from cluster.selector.core import CoreConfig, SelectorCore
 from cluster.selector.types import LoadSnapshot
-from cluster.serve.router_core import PromptInfo, RouterSettings, own_node_id, select_kwargs
+from cluster.serve.router_core import PromptInfo, RouterSettings, select_kwargs
 from kvmanager.events import BlockStored
+from replicas.ray_node import this_node_id
 
 
 def _core(clock: FakeClock) -> SelectorCore:
@@ -53,5 +54,5 @@ def test_a_tie_is_broken_toward_the_ingress_node(clock: FakeClock, origin: str) 
     assert tie[0].score == tie[1].score
 
 
-def test_own_node_id_is_empty_outside_ray() -> None:
-    assert own_node_id() == ""
+def test_this_node_id_is_empty_outside_ray() -> None:
+    assert this_node_id() == ""
