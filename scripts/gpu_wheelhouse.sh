@@ -3,7 +3,8 @@
 # their dependencies) for THEIR interpreter (CPython 3.12, x86-64, manylinux), and pack them as
 # one trimmed site-packages archive split into parts under .whl/ (git-ignored):
 #
-#   scripts/gpu_wheelhouse.sh            # -> .whl/site312.tar.xz.part-aa, -ab, ... + .sha256
+#   scripts/gpu_wheelhouse.sh            # -> .whl/site312.tar.xz.part-aa, -ab, ... + .sha256,
+#                                        #    .whl/tokenizer + tok.tar.xz, .whl/extra (test wheels)
 #
 # On the GPU machine (no network), with .whl carried there: `. scripts/gpu_site.sh` unpacks it
 # into /tmp/site and puts it (and this repo) on PYTHONPATH; Ray's workers inherit that.
@@ -67,4 +68,10 @@ dst.mkdir(parents=True, exist_ok=True)
 for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
     shutil.copy(src / name, dst / name)
 PYEOF
+tar -C "$DEST" -cJf "$DEST/tok.tar.xz" tokenizer
+# NOTE: what the GPU tests and benchmarks pip-install there from local wheels (gpu_next.sh).
+echo "== wheels for $DEST/extra (pytest, xxhash, sortedcontainers)"
+rm -rf "$DEST/extra"
+"$PY" -m pip download -q "${TARGET[@]}" -d "$DEST/extra" pytest xxhash sortedcontainers \
+  2> >(grep -v '^WARNING: Location' >&2)
 echo "== done: carry $DEST to the GPU machine and source scripts/gpu_site.sh there"
