@@ -8,6 +8,10 @@ each request's body has arrived; the client sends waves of N requests together f
 as serve_overhead's client processes do.
 
     python benchmarks/client_send_lag.py --concurrency 1 4 16 64 --json results/client_send_lag_cpu.json
+    python benchmarks/client_send_lag.py --first-wave --concurrency 4 16 --json ...
+
+``--first-wave``: the first wave of a freshly started client process (what serve_overhead's
+client processes send first), cold and after ``N`` short warm-up requests, against its second.
 
 Prints a table and writes JSON: per N, the send -> arrival lag (ms) p50 and the wave's
 slowest request p50. NOTE: the server shares this process's CPU, so the figures are an upper
@@ -75,13 +79,70 @@ async def measure(n: int, waves: int, prompt_words: int) -> dict[str, Any]:
             "wave_slowest_p50_ms": statistics.median(slowest), "num_requests": len(lags)}
 
 
+async def first_waves(n: int, warm: bool, prompt_words: int) -> dict[str, Any]:
+    """In a fresh process: the first and second wave's send -> arrival lag p50 (ms), after
+    ``n`` concurrent one-token warm-up requests when ``warm``."""
+    arrivals: list[float] = []
+    server = await asyncio.start_server(lambda r, w: _serve(r, w, arrivals), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                                max_retries=0)
+    if warm:
+        await asyncio.gather(*[client.completions.create(model="m", prompt="warm up",
+                                                         max_tokens=1) for _ in range(n)])
+    prompt = " ".join(["word"] * prompt_words)
+    p50s = []
+    for _ in range(2):
+        arrivals.clear()
+        t0 = time.perf_counter()
+        await asyncio.gather(*[
+            client.completions.create(model="m", prompt=prompt, max_tokens=128) for _ in range(n)
+        ])
+        p50s.append(statistics.median((a - t0) * 1e3 for a in arrivals))
+    await client.close()
+    server.close()
+    await server.wait_closed()
+    return {"concurrency": n, "warm": warm, "first_wave_p50_ms": p50s[0],
+            "second_wave_p50_ms": p50s[1]}
+
+
+def _first_waves_fresh(n: int, warm: bool, prompt_words: int) -> dict[str, Any]:
+    return asyncio.run(first_waves(n, warm, prompt_words))
+
+
+def run_first_waves(ns: argparse.Namespace) -> list[dict[str, Any]]:
+    """``first_waves`` for each N, cold and warm, each in its own freshly spawned process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    rows = []
+    for n in ns.concurrency:
+        for warm in (False, True):
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+                rows.append(ex.submit(_first_waves_fresh, n, warm, ns.prompt_words).result())
+    print(f"{'N':>4} {'warm-up':>8} {'first wave p50 ms':>18} {'second wave p50 ms':>19}")
+    for r in rows:
+        print(f"{r['concurrency']:>4} {'yes' if r['warm'] else 'no':>8} "
+              f"{r['first_wave_p50_ms']:>18.2f} {r['second_wave_p50_ms']:>19.2f}")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--waves", type=int, default=30)
     p.add_argument("--prompt-words", type=int, default=1024)
+    p.add_argument("--first-wave", action="store_true",
+                   help="a fresh process's first wave, cold and warmed, against its second")
     p.add_argument("--json", type=Path)
     ns = p.parse_args()
+    if ns.first_wave:
+        rows = run_first_waves(ns)
+        if ns.json:
+            ns.json.write_text(json.dumps({"benchmark": "client_send_lag_first_wave",
+                                           "rows": rows}, indent=1))
+            print(f"wrote {ns.json}")
+        return
     rows = [asyncio.run(measure(n, ns.waves, ns.prompt_words)) for n in ns.concurrency]
     print(f"{'N':>4} {'lag p50 ms':>11} {'slowest p50 ms':>15} {'per request ms':>15}")
     for r in rows:

@@ -100,12 +100,9 @@ def client_run(urls: list[str], model_name: str, prompts: list[Prompt], c: int, 
         clients = [openai.AsyncOpenAI(base_url=f"{u}/v1", api_key="unused", max_retries=0,
                                       timeout=600) for u in urls]
         try:
-            common = dict(model=model_name, max_tokens=output_len, temperature=0,
-                          extra_body={"ignore_eos": True})
-
-            async def one(i: int) -> Sample:
-                client = clients[i % len(clients)]
-                text = prompts[i].text
+            async def call(client: Any, text: str, max_tokens: int) -> Sample:
+                common = dict(model=model_name, max_tokens=max_tokens, temperature=0,
+                              extra_body={"ignore_eos": True})
                 send = time.perf_counter()
                 if endpoint == "chat":
                     msgs = [{"role": "user", "content": text}]
@@ -138,6 +135,17 @@ def client_run(urls: list[str], model_name: str, prompts: list[Prompt], c: int, 
                         n = chunk.usage.completion_tokens
                 return Sample(send, first, last or time.perf_counter(), n, rid)
 
+            async def one(i: int) -> Sample:
+                return await call(clients[i % len(clients)], prompts[i].text, output_len)
+
+            # NOTE: a fresh client process's first wave reaches the server ~25 ms later than
+            # its next ones (lazy set-up inside openai/httpx, then one new connection per
+            # concurrent request; CPU box, a wave of 4: 25 vs 3 ms, `client_send_lag.py
+            # --first-wave`). With two waves per run that was half the measured requests'
+            # client -> ingress hop, so each process first sends ``c`` short requests of the
+            # same kind at once; they are not measured (their ids join no sample).
+            await asyncio.gather(*(call(clients[i % len(clients)], "warm up", 1)
+                                   for i in range(c)))
             await asyncio.sleep(max(0.0, start_at - time.time()))
             return await closed_loop(c, len(prompts), one)
         finally:

@@ -105,3 +105,47 @@ def test_the_process_core_is_compared_with_the_engine_alone_on_the_same_core() -
     assert "| served | completions | no | 64 | 80.0 | 0.80 |" in md
     assert "| served-proc | completions | no | 64 | 120.0 | 0.75 |" in md  # 120 / 160
     assert "| engine-proc | completions | no | 64 | 160.0 | 1.60 |" in md
+
+
+def test_each_client_process_warms_up_with_c_requests_before_the_measured_ones() -> None:
+    """client_run against a real HTTP server: ``c`` one-token requests first, then the prompts;
+    only the prompts become samples."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from benchmarks.serve_overhead_served import Prompt, client_run
+
+    seen: list[tuple[int, str]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            seen.append((body["max_tokens"], body["prompt"]))
+            out = json.dumps({
+                "id": f"cmpl-{len(seen)}", "object": "text_completion", "created": 0,
+                "model": "m", "usage": {"prompt_tokens": 1, "completion_tokens":
+                                        body["max_tokens"], "total_tokens": 2},
+                "choices": [{"index": 0, "text": "x", "finish_reason": "length",
+                             "logprobs": None}]}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        prompts = [Prompt(f"prompt {i}", [i]) for i in range(5)]
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        samples, errors = client_run([url], "m", prompts, 3, "completions", False, 7)
+    finally:
+        server.shutdown()
+    assert errors == 0 and len(samples) == 5
+    assert seen[:3] == [(1, "warm up")] * 3  # NOTE: all warm-ups land before any prompt
+    assert sorted(p for _, p in seen[3:]) == [f"prompt {i}" for i in range(5)]
+    assert all(n == 7 for n, _ in seen[3:]) and all(s.num_output_tokens == 7 for s in samples)
