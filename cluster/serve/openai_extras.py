@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.serve.openai_protocol import ChatMessage, OpenAIError
+from cluster.serve.tokenizer_pool import encode_ids
 
 
 def model_card(model_name: str, max_model_len: int) -> dict[str, Any]:
@@ -121,7 +122,7 @@ def tokenize(tokenizer: Any, body: TokenizeRequest, max_model_len: int) -> dict[
     else:
         text = body.prompt or ""  # NOTE: not None here (exactly one of the two is set)
         special = body.add_special_tokens is not False
-    ids = [int(t) for t in tokenizer.encode(text, add_special_tokens=special)]
+    ids = encode_ids(tokenizer, text, add_special_tokens=special)
     strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
     return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids, "token_strs": strs}
 

@@ -51,7 +51,7 @@ from cluster.serve.openai_responses import Accumulated, ResponseContext, sse
 from cluster.serve.openai_schema import install_openapi
 from cluster.serve.openai_trace import IngressTrace, TraceLog
 from cluster.serve.output_inbox import OutputInbox, merge_posted
-from cluster.serve.tokenizer_pool import TokenizerPool
+from cluster.serve.tokenizer_pool import TokenizerPool, encode_ids
 from replicas.deployment import GenerateRequest
 from replicas.loop_lag import LoopLag
 from replicas.outputs import RequestOutput
@@ -229,7 +229,7 @@ class OpenAIIngress:
         limits.check_prompt_chars(num_chars, self.max_token_chars, self.limits, "messages")
         text = render_chat(tokenizer, chat, add_generation_prompt=True)
         # NOTE: the template already holds the special tokens; do not add a BOS twice.
-        ids = list(tokenizer.encode(text, add_special_tokens=False))
+        ids = encode_ids(tokenizer, text, add_special_tokens=False)
         limits.check_prompt_tokens(len(ids), self.limits, "messages")
         return text, ids
 
@@ -244,7 +244,7 @@ class OpenAIIngress:
         if tokenizer is None:
             raise OpenAIError("this model has no tokenizer; send token ids as the prompt")
         limits.check_prompt_chars(len(prompt), self.max_token_chars, self.limits)
-        ids = list(tokenizer.encode(prompt))
+        ids = encode_ids(tokenizer, prompt)
         limits.check_prompt_tokens(len(ids), self.limits)
         return prompt, ids
 

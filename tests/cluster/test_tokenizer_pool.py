@@ -134,3 +134,38 @@ def test_every_thread_and_its_copy_exist_before_the_first_request() -> None:
         assert len(copies) == 3
     finally:
         pool.shutdown()
+
+
+_TEXTS = [
+    "",
+    "plain words",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",  # special tokens in the text
+    "混合文本：中文、日本語、한국어 🚀👩‍💻 ∑∫√ `def f(x): return x**2`\n\tindented  double  spaces",
+    " ".join(f"word{i}" for i in range(3000)),
+]
+
+
+@pytest.mark.parametrize("special", [True, False])
+def test_encode_ids_equals_the_wrappers_encode_on_the_embedded_tokenizer(special: bool) -> None:
+    from cluster.serve.tokenizer_pool import encode_ids
+    from replicas.model_loader import load_tokenizer
+    from replicas.model_source import resolve_model_dir
+
+    try:
+        tok = load_tokenizer(resolve_model_dir("default"))
+    except Exception as exc:  # NOTE: the embedded model ships with the dev install.
+        pytest.skip(f"SmolLM2 not available: {exc!r}")
+    assert hasattr(tok.backend_tokenizer, "encode_batch_fast")  # the fast path is taken
+    for text in _TEXTS:
+        assert encode_ids(tok, text, special) == list(tok.encode(text, add_special_tokens=special))
+
+
+def test_encode_ids_leaves_truncation_to_the_wrapper() -> None:
+    from cluster.serve.tokenizer_pool import encode_ids
+
+    tok = _tokenizer()
+    text = " ".join(f"w{i}" for i in range(1, 50))
+    tok.backend_tokenizer.enable_truncation(8)
+    # NOTE: the wrapper turns the backend's truncation off per call; the raw backend would cut.
+    assert len(tok.backend_tokenizer.encode(text).ids) == 8
+    assert encode_ids(tok, text) == list(tok.encode(text)) and len(encode_ids(tok, text)) == 49
