@@ -52,6 +52,7 @@ from benchmarks.gpu_ab_report import mean_table, plot, table
 from benchmarks.gpu_models import SHAPES
 from benchmarks.loadgen import LoadRecord, Replayer, summarize
 from benchmarks.workloads import build_workload
+from cluster.selector.objective_settings import objective_from_mapping, parse_assignments
 
 APP = "tinyserve"
 # label -> (Serve router, the selection-service policy the requests ask for)
@@ -181,7 +182,7 @@ def tpot(records: list[LoadRecord]) -> dict[str, float]:
 
 
 def deploy(router: str, engine: dict[str, Any], replicas: int, device: str, http: str,
-           num_gpus_per_replica: float = 1.0) -> float:
+           num_gpus_per_replica: float = 1.0, objective: dict[str, Any] | None = None) -> float:
     from ray import serve
 
     from cluster.serve.app import build_app
@@ -190,7 +191,7 @@ def deploy(router: str, engine: dict[str, Any], replicas: int, device: str, http
             "num_cpus_per_replica": 2 if device == "cuda" else 1,
             "num_gpus_per_replica": num_gpus_per_replica if device == "cuda" else 0,
             "max_ongoing_requests": 1024, "ingress_num_replicas": 4 if device == "cuda" else 1,
-            "selector": {"port": 0, "stale_after_s": 600},
+            "selector": {"port": 0, "stale_after_s": 600, "objective": objective or {}},
             "auth": {"enabled": False}}  # NOTE: the proxy binds loopback (see main())
     if router == "tinyserve":  # NOTE: router_kwargs go to whichever router class is chosen.
         args["router_kwargs"] = {"select_timeout_s": 0.05 if device == "cuda" else 1.0}
@@ -269,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="workload builder override, e.g. b2b_saas.stage_s=4")
     ap.add_argument("--engine", action="append", default=[], metavar="KEY=JSON",
                     help="EngineConfig override, e.g. stream_interval=8")
+    ap.add_argument("--objective", action="append", default=[], metavar="KEY=JSON",
+                    help="TinyServe objective override for the selection service "
+                    "(cluster.selector.objective.ObjectiveConfig), e.g. temperature=2")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, nargs="+", default=None,
                     help="several seeds in one run (overrides --seed)")
@@ -324,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             engine["kv_cache_memory_fraction"] = round(0.85 / plan["replicas_per_gpu"], 4)
     else:
         engine.update(num_blocks=min(num_blocks or 2048, 2048), max_num_seqs=8, num_threads=1)
+    objective = parse_assignments(args.objective)
+    objective_from_mapping(objective)  # NOTE: a bad key or value fails here, before Ray starts
     for item in args.engine:
         key, _, value = item.partition("=")
         engine[key] = json.loads(value)
@@ -355,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                 "gpus": plan["gpus_used"], "replicas_per_gpu": plan["replicas_per_gpu"],
                 "num_gpus_per_replica": plan["num_gpus_per_replica"], "kv_fit": fit,
                 "model": model, "arch": LLAMA_1B if args.make_llama1b else "smollm2-135m",
-                "engine": engine, "plan": {w: PLAN[w] for w in args.workloads},
+                "engine": engine, "objective": objective,
+                "plan": {w: PLAN[w] for w in args.workloads},
                 "seeds": seeds, "budget_s": args.budget_s, "elapsed_s": budget.elapsed(),
                 "deploy_s": deploy_s, "skipped": skipped, "partial": partial}
         out.with_suffix(".json").write_text(json.dumps({**meta, "runs": results}))
@@ -380,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                 skipped += [{"seed": s, "workload": w, "policy": p} for s, w, p in replays]
                 continue
             deploy_s[router] = deploy(router, engine, args.replicas, args.device, http,
-                                      plan["num_gpus_per_replica"])
+                                      plan["num_gpus_per_replica"], objective)
             t0 = time.perf_counter()
             with urllib.request.urlopen(f"{http}/v1/models") as r:
                 served = json.loads(r.read())["data"][0]["id"]

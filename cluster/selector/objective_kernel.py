@@ -45,7 +45,7 @@ OUT_ROWS = (
 )
 INT_ROWS = 8
 FLOAT_ROWS = 6
-CFG_LEN = 21  # entries of pack_config
+CFG_LEN = 22  # entries of pack_config
 
 
 def pack_config(cfg: ObjectiveConfig, w: Any) -> np.ndarray:
@@ -73,6 +73,7 @@ def pack_config(cfg: ObjectiveConfig, w: Any) -> np.ndarray:
             cfg.evict_token_weight,
             cfg.load_clip_s,
             cfg.latency_ref_s,
+            1.0 if cfg.match_scaled_features else 0.0,
         ],
         np.float64,
     )
@@ -92,6 +93,7 @@ def score(ints: Any, floats: Any, cfg: Any, req: Any, q: float, out: Any) -> Non
     a_size, a_load, a_lat, a_frag = cfg[9], cfg[10], cfg[11], cfg[12]
     l_util, l_cost, l_rew = cfg[13], cfg[14], cfg[15]
     pps, qtw, etw, clip, lat_ref = cfg[16], cfg[17], cfg[18], cfg[19], cfg[20]
+    scale_by_match = cfg[21] > 0
     npb, npt, nout, origin = int(req[0]), req[1], int(req[2]), req[3] > 0
     inv_npb = 1.0 / max(npb, 1)
     sim_w = (w0 * q + w2) * inv_t
@@ -109,6 +111,9 @@ def score(ints: Any, floats: Any, cfg: Any, req: Any, q: float, out: Any) -> Non
         loc = tiered / max(m, 1)
         if origin:
             loc = loc * (1.0 if floats[4, j] > 0 else 0.5)
+        if scale_by_match:
+            freq = freq * sim
+            loc = loc * sim
         logit = sim * sim_w
         if w1:
             logit = logit + freq * (w1 * inv_t)

@@ -121,7 +121,8 @@ def test_host_tier_events_lower_locality(clock: FakeClock) -> None:
     core.apply_events("r1", 0, [_stored([1, 2, 3, 4], MEDIUM_CPU)])
     sel = core.select(request(4), speculative=False)
     terms = {r.replica_id: r.terms for r in sel.ranked}
-    assert terms["r0"].locality == 1.0 and terms["r1"].locality == 0.5
+    # NOTE: tier share x S (match_scaled_features): 1 x 1 and 0.5 x 0.5
+    assert terms["r0"].locality == 1.0 and terms["r1"].locality == 0.25
     assert sel.replica_id == "r0"
 
 

@@ -92,7 +92,8 @@ def test_host_tier_and_pending_weigh_less_than_device_blocks() -> None:
     r = p.select(request(8), c)
     sim, loc = r.terms["similarity"], r.terms["locality"]
     assert sim[0] > sim[2] > 0 and sim[0] > sim[1] > 0
-    assert loc[0] == 1.0 and loc[1] == 0.5
+    # NOTE: locality = tier share x S (match_scaled_features): 1 x 1 and 0.5 x 0.5
+    assert loc[0] == 1.0 and loc[1] == 0.5 * sim[1] == 0.25
     assert r.top(c, 1)[0].replica_id == "gpu"
 
 
@@ -100,7 +101,8 @@ def test_node_locality_needs_origin() -> None:
     p = TinyServeObjective()
     c = cands(_row("near", num_matched_blocks=4, same_node=True), _row("far", num_matched_blocks=4))
     with_origin = p.select(request(8, origin_node_id="n1"), c)
-    assert with_origin.terms["locality"][0] == 1.0 and with_origin.terms["locality"][1] == 0.5
+    # NOTE: 4 of 8 blocks matched: locality = node share x S = 1 x 0.5 and 0.5 x 0.5
+    assert with_origin.terms["locality"][0] == 0.5 and with_origin.terms["locality"][1] == 0.25
     assert with_origin.top(c, 1)[0].replica_id == "near"
     without = p.select(request(8), c)
     assert without.terms["locality"][0] == without.terms["locality"][1]
