@@ -20,10 +20,13 @@ Every function is pure over its array arguments (mutating only the ones it docum
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import numba
 import numpy as np
+
+from cluster.selector import kernel_cache
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -217,3 +220,8 @@ def mask_from_slots(slots: Any, num_words: int) -> Any:
     for s in slots:
         out[s >> 6] |= np.uint64(1) << np.uint64(s & 63)
     return out
+
+
+# NOTE: every kernel module imports this one before any kernel is first called (and loaded
+# from numba's cache): stale cached kernels go here, once per process (kernel_cache).
+kernel_cache.ensure_fresh(_home, Path(__file__).resolve().parent)

@@ -16,11 +16,8 @@ glue is gone: the caller's buffers are reused and the answer comes out as rows i
 ``ScoreTerms`` field order, so building it is one ``tolist()``.
 
 Adding a per-replica term to the score is a row in the replica table's ``floats`` and a line
-in ``objective_kernel.gather`` / ``score``; nothing here changes. NOTE: except this: numba's
-on-disk cache checks only the caller's own file, and the machine code cached for this file
-embeds the kernels it calls (walk, hot_of, gather, score). After changing one of them, edit
-this file and ``wire_select_kernel`` too (or delete their ``__pycache__/*.nbi``), or a warm
-cache keeps the old arithmetic (it hid the match-scaled features until cleared).
+in ``objective_kernel.gather`` / ``score``; nothing here changes (the cached machine code of
+this file embeds those kernels: ``kernel_cache`` rebuilds it when any source here changes).
 """
 
 from __future__ import annotations

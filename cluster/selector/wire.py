@@ -36,6 +36,7 @@ _MAX_FIELD = (1 << 29) - 1  # protobuf's largest field number
 # fields[] layout: for string field f (1, 5, 7, 10): [2f] offset, [2f + 1] length;
 # for varint field f (3, 4, 8, 9): [2f] value; [12] number of candidate ids.
 _NUM_FIELDS = 22
+_MAX_GROUP_DEPTH = 100  # NOTE: protobuf's default recursion limit
 
 
 class MalformedMessage(ValueError):
@@ -58,6 +59,51 @@ def _varint(buf: Any, pos: int, end: int) -> tuple[Any, int]:
             return out, pos
         shift += np.uint64(7)
     return out, -1
+
+
+@_jit
+def _skip_group(buf: Any, pos: int, end: int, field: int) -> int:
+    """The position after the end-group key of group ``field``, whose start-group key ends at
+    ``pos`` (nested groups included); -1 when malformed or truncated. NOTE: no SelectRequest
+    field is a group, but protobuf skips a well-formed group on any field number as an unknown
+    field (``0b 0c`` parses as an empty message), so the scan must too."""
+    stack = np.empty(_MAX_GROUP_DEPTH, np.int64)
+    stack[0] = field
+    depth = 1
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        if pos < 0 or key >> np.uint64(3) == 0 or key >> np.uint64(3) > np.uint64(_MAX_FIELD):
+            return -1
+        f, wt = int(key >> np.uint64(3)), int(key & np.uint64(7))
+        if wt == 0:
+            _, pos = _varint(buf, pos, end)
+            if pos < 0:
+                return -1
+        elif wt == 1:
+            pos += 8
+        elif wt == 5:
+            pos += 4
+        elif wt == 2:
+            ln, pos = _varint(buf, pos, end)
+            if pos < 0 or ln > np.uint64(end - pos):
+                return -1
+            pos += int(ln)
+        elif wt == 3:
+            if depth == _MAX_GROUP_DEPTH:
+                return -1
+            stack[depth] = f
+            depth += 1
+        elif wt == 4:
+            depth -= 1
+            if stack[depth] != f:
+                return -1
+            if depth == 0:
+                return pos
+        else:
+            return -1
+        if pos > end:
+            return -1
+    return -1
 
 
 @_jit
@@ -114,6 +160,10 @@ def _scan(buf: Any, fields: Any, cands: Any) -> tuple[int, int, Any]:
             pos += 8
         elif wt == 5:
             pos += 4
+        elif wt == 3:
+            pos = _skip_group(buf, pos, end, f)
+            if pos < 0:
+                return _MALFORMED, n, hashes
         else:
             return _MALFORMED, n, hashes
         if pos > end:

@@ -20,8 +20,6 @@ grow them and call again.
 NOTE: why: the sixth pass (benchmarks/README.md) measured ~80 us of cold Python per Select
 around ~95 us of kernel (decode, the glue around the kernel, ``core.select``'s book-keeping,
 the route, Prometheus, encode); this leaves the caller a lock, a few counts and a copy.
-NOTE: numba's cache of this file embeds ``select_kernel`` and the objective's kernels; edit
-this file when they change (``select_kernel``'s docstring says why).
 """
 
 from __future__ import annotations

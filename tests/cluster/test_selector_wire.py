@@ -188,3 +188,17 @@ def test_reuse_port_lets_processes_of_one_replica_share_a_port() -> None:
                 if all(c.stats().counters["selects"] for c in cores):
                     break
     assert all(c.stats().counters["selects"] > 0 for c in cores)
+
+
+@pytest.mark.parametrize("raw", [
+    b"\x0b\x0c",  # an empty group on field 1 (a string field): protobuf skips it
+    b"\x0b\x13\x14\x0c",  # nested groups
+    b"\x0b\x10\x05\x12\x01\x07\x0c\x10\x09",  # a group holding a hash (skipped), then a hash
+    b"\x0b\x14",  # an end-group for another field
+    b"\x0c",  # an end-group with no group open
+    b"\x0b",  # a group never closed
+    b"\x0b\x00\x0c",  # field 0 inside a group
+    b"\x0b" * 101 + b"\x0c" * 101,  # deeper than protobuf's recursion limit
+])
+def test_groups_decode_or_fail_as_protobuf_does(raw: bytes) -> None:
+    _same(raw)
