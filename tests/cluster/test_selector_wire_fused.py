@@ -162,7 +162,7 @@ def _error(fn: Any) -> tuple[type, str] | None:
 
 _BAD: dict[str, bytes] = {
     "truncated": pb.SelectRequest(block_hashes=[1, 2, 3]).SerializeToString()[:-1],
-    "group wire type": b"\x0b\x0c",
+    "mismatched group": b"\x0b\x14",  # NOTE: a well-formed group (0b 0c) is skipped
     "field 0": b"\x02\x00",
     "oversized prompt": pb.SelectRequest(block_hashes=list(range(1, 40))).SerializeToString(),
     "too many candidates": pb.SelectRequest(
@@ -183,7 +183,7 @@ def test_errors_are_the_three_steps_errors(case: str) -> None:
     raw = _BAD[case]
     got, want = _error(lambda: fused.select_wire(raw)), _error(lambda: _unfused(plain, raw))
     assert want is not None and got == want
-    if case in ("truncated", "group wire type", "field 0", "request id not UTF-8"):
+    if case in ("truncated", "mismatched group", "field 0", "request id not UTF-8"):
         assert got[0] is MalformedMessage
     assert int(fused._wire.tally.counts[0]) == 0 and fused.counters == plain.counters
 
