@@ -7,7 +7,8 @@ pass): before / now runs gathered into one results JSON and its README tables
   per R, the median and range of each figure (Select / Ping p50, hot-loop compute, core.select
   inside the serving process, closed-loop Select/s and server CPU per Select, fast lane, RSS);
 - ``selector_select_profile.py --json`` runs: the per-step split of one Select, hot and with
-  8 MiB written between calls.
+  8 MiB written between calls; ``--profile-rate-before`` / ``--profile-rate-now``: the same
+  with ``--rate`` (marks expiring as in a server), rendered under ``<marker>-steady``.
 
     python -m benchmarks.selector_onecall --before b1.json b2.json --now n1.json n2.json \
         --profile-before pb1.json --profile-now pn1.json \
@@ -80,9 +81,10 @@ def bench_table(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def steps_table(doc: dict[str, Any]) -> str:
-    """One Select's steps, p50 us, hot and with 8 MiB written between calls."""
-    pb, pn = doc["profile_before"], doc["profile_now"]
+def steps_table(doc: dict[str, Any], key: str = "profile") -> str:
+    """One Select's steps, p50 us, hot and with 8 MiB written between calls (``key``:
+    "profile", or "profile_rate" for the ``--rate`` runs)."""
+    pb, pn = doc.get(f"{key}_before", []), doc.get(f"{key}_now", [])
     lines = ["| step (p50 us) | hot: before | hot: now | cold: before | cold: now |",
              "|---|---:|---:|---:|---:|"]  # fmt: skip
     for step in STEPS:
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--now", type=Path, nargs="*", default=[])
     p.add_argument("--profile-before", type=Path, nargs="*", default=[])
     p.add_argument("--profile-now", type=Path, nargs="*", default=[])
+    p.add_argument("--profile-rate-before", type=Path, nargs="*", default=[])
+    p.add_argument("--profile-rate-now", type=Path, nargs="*", default=[])
     p.add_argument("--meta", default="{}", help="JSON object stored as the file's meta")
     p.add_argument("--out", type=Path, default=None, help="write the gathered runs here")
     p.add_argument("--tables", type=Path, default=None, help="render this file's tables")
@@ -128,10 +132,16 @@ def main(argv: list[str] | None = None) -> int:
             "profile_before": [json.loads(f.read_text()) for f in ns.profile_before],
             "profile_now": [json.loads(f.read_text()) for f in ns.profile_now],
         }
+        if ns.profile_rate_before or ns.profile_rate_now:
+            doc["profile_rate_before"] = [json.loads(f.read_text()) for f in ns.profile_rate_before]
+            doc["profile_rate_now"] = [json.loads(f.read_text()) for f in ns.profile_rate_now]
         ns.out.write_text(json.dumps(doc, indent=1))
         print(bench_table(doc))
         print()
         print(steps_table(doc))
+        if "profile_rate_now" in doc:
+            print()
+            print(steps_table(doc, "profile_rate"))
     if ns.tables is not None:
         from benchmarks.readme_tables import replace_section, write_or_check
 
@@ -139,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         text = ns.readme.read_text()
         new = replace_section(text, ns.marker, bench_table(doc))
         new = replace_section(new, f"{ns.marker}-steps", steps_table(doc))
+        if "profile_rate_now" in doc:
+            new = replace_section(new, f"{ns.marker}-steady", steps_table(doc, "profile_rate"))
         return write_or_check(ns.readme, text, new, ns.check)
     return 0
 

@@ -11,6 +11,12 @@ else (or with ``--three-step``) ``wire.decode_select`` -> ``core.select`` ->
 - ``cold``: ``--evict-mib`` MiB written between calls, the proxy for the RPC work between
   Selects in the serving process (README "Fifth pass": 8 MiB reproduces its ~135 us).
 
+With ``--rate`` R the core runs on a simulated clock that moves 1/R s per Select, and
+R x (pending TTL + 1 s) Selects run first, so the speculative marks expire as they do in a
+server taking R Selects/s (each Select then drains ~one earlier Select's marks). NOTE: on the
+wall clock (``--rate 0``, the default) a run is over before the first mark's 2 s TTL, so it
+leaves that expiry out: ~25 us of a ~67 us kernel at 2,500 Selects/s (README "Eighth pass").
+
 Each step is timed by a wrapper around it (a wrapper adds ~0.1-0.3 us hot; the figures are
 for comparing steps, the end-to-end column is timed without wrappers): on the three-step
 path decode, select, rank_fast, the kernel, the route and encode; on the fused path the
@@ -39,6 +45,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.selector_fixture import BLOCK_SIZE, CHAIN_BLOCKS, _populate, prompts
 
 
+class _StepClock:
+    """A clock that moves 1/rate s each time ``_pass`` serves a Select (``--rate``)."""
+
+    def __init__(self, rate: float) -> None:
+        self.t, self.step = 1000.0, 1.0 / rate
+
+    def __call__(self) -> float:
+        return self.t
+
+
 def _timed(fn: Callable[..., Any], name: str, acc: dict[str, list[float]]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         t = time.perf_counter()
@@ -49,18 +65,24 @@ def _timed(fn: Callable[..., Any], name: str, acc: dict[str, list[float]]) -> Ca
     return wrapper
 
 
-def _server(core: Any, max_blocks: int, fused: bool) -> Callable[[bytes], bytes]:
-    """What the front ends run on one request's bytes."""
+def _server(core: Any, max_blocks: int, fused: bool,
+            clock: _StepClock | None = None) -> Callable[[bytes], bytes]:  # fmt: skip
+    """What the front ends run on one request's bytes (``clock``: moved first, each call)."""
     from cluster.selector import wire
-
-    if fused:
-        return core.select_wire  # type: ignore[no-any-return]
 
     def three_steps(raw: bytes) -> bytes:
         req, cands, policy, k, spec = wire.decode_select(raw, max_blocks)
         return wire.encode_select(core.select(req, cands, policy, k, spec))
 
-    return three_steps
+    base: Callable[[bytes], bytes] = core.select_wire if fused else three_steps
+    if clock is None:
+        return base
+
+    def ticking(raw: bytes) -> bytes:
+        clock.t += clock.step
+        return base(raw)
+
+    return ticking
 
 
 def _dispatch_counts(serve: Callable[[bytes], bytes], raws: list[bytes]) -> dict[str, Any]:
@@ -98,7 +120,7 @@ def _dispatch_counts(serve: Callable[[bytes], bytes], raws: list[bytes]) -> dict
 
 
 def _pass(core: Any, raws: list[bytes], evict: np.ndarray | None, max_blocks: int,
-          steps: bool, fused: bool) -> dict[str, list[float]]:  # fmt: skip
+          steps: bool, fused: bool, clock: _StepClock | None) -> dict[str, list[float]]:  # fmt: skip
     from cluster.selector import select_kernel, wire, wire_select_kernel
 
     acc: dict[str, list[float]] = defaultdict(list)
@@ -119,7 +141,7 @@ def _pass(core: Any, raws: list[bytes], evict: np.ndarray | None, max_blocks: in
         wrap(core, "select", "select")
         wrap(wire, "decode_select", "decode")
         wrap(wire, "encode_select", "encode")
-    serve = _server(core, max_blocks, fused)
+    serve = _server(core, max_blocks, fused, clock)
     try:
         for raw in raws:
             if evict is not None:
@@ -166,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--evict-mib", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="Selects/s of a simulated clock (0: the wall clock); see the docstring")
     p.add_argument("--three-step", action="store_true",
                    help="profile decode -> core.select -> encode even where select_wire exists")
     ns = p.parse_args(argv)
@@ -173,18 +197,24 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.selector.core import CoreConfig, SelectorCore
     from protos import cache_selection_pb2 as pb
 
-    core = SelectorCore(CoreConfig(stale_after_s=1e9))
+    clock = _StepClock(ns.rate) if ns.rate > 0 else None
+    core = SelectorCore(CoreConfig(stale_after_s=1e9), **({"clock": clock} if clock else {}))
     num_chains = _populate(core, ns.replicas, ns.blocks_per_replica, 2)
     mb = core.config.max_prompt_blocks
-    ps = prompts(8 * ns.num_requests, num_chains, ns.seed + 1)
+    steady = int(ns.rate * (core.config.pending_ttl_s + 1.0))
+    ps = prompts(8 * ns.num_requests + steady, num_chains, ns.seed + 1)
     raws = [pb.SelectRequest(request_id=f"p{i}", block_hashes=h,
                              num_prompt_tokens=CHAIN_BLOCKS * BLOCK_SIZE,
                              max_results=4).SerializeToString()
             for i, h in enumerate(ps)]  # fmt: skip
     fused = hasattr(core, "select_wire") and not ns.three_step
-    dispatch = _dispatch_counts(_server(core, mb, fused), raws)
+    serve = _server(core, mb, fused, clock)
+    for raw in raws[8 * ns.num_requests :]:
+        serve(raw)  # NOTE: --rate: the marks' steady state (none on the wall clock)
+    dispatch = _dispatch_counts(serve, raws)
     evict = np.zeros(ns.evict_mib << 20, np.uint8)
-    res: dict[str, Any] = {"meta": {"argv": sys.argv[1:], "path": "fused" if fused else "three-step"},
+    res: dict[str, Any] = {"meta": {"argv": sys.argv[1:], "path": "fused" if fused else "three-step",
+                                    "rate": ns.rate, "steady_selects": steady},
                            "dispatch": dispatch}  # fmt: skip
     n, at = ns.num_requests, 0
     # NOTE: two rounds, alternating modes; the first round's warm-up figures are dropped.
@@ -192,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     for rnd in range(2):
         for mode, ev in (("hot", None), ("cold", evict)):
             for steps in (False, True):
-                acc = _pass(core, raws[at : at + n], ev, mb, steps, fused)
+                acc = _pass(core, raws[at : at + n], ev, mb, steps, fused, clock)
                 at += n
                 if rnd:
                     res[f"{mode}{'_steps' if steps else ''}"] = _summary(acc)

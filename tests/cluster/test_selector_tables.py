@@ -145,3 +145,17 @@ def test_pending_queue_through_ring_growth_equals_the_reference(
     clock.t += 10.0
     assert new.expire_pending() == ref.expire_pending()
     assert all(new.num_pending(s) == 0 for s in _SLOTS)
+
+
+def test_touch_run_reads_past_the_table_end_and_changes_nothing() -> None:
+    """The pending table's prefetch loads rows after each home, wrapping at the end, on
+    tables down to 2 rows (fewer than ``RUN_AHEAD`` + 1), and writes only the sink."""
+    for bits in (1, 3):
+        t = MaskTable(num_words=2, bits=bits)
+        keys = np.asarray(keys_homed_at(((1 << bits) - 1,), bits, 2), np.uint64)
+        t.set_bits(keys, 65)
+        before = t.tab.copy()
+        sink = np.zeros(1, np.uint64)
+        k.touch_run(t.tab, t.bits, keys, sink)
+        assert np.array_equal(t.tab, before)
+        assert t.has(keys[1], 65)
