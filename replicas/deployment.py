@@ -239,8 +239,6 @@ class LLMReplica:
         """The connection to the request's inbox when its outputs are to be posted (an inbox
         on this node), else None (yielded as Ray items). A failed connect falls back to Ray
         items."""
-        if self._post is None:
-            return None
         reply_to = ReplyTo.decode(request.reply_to)
         if reply_to is None or not self._post.accepts(reply_to):
             return None

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 from cluster.selector import access, objective_kernel, select_kernel
 from cluster.selector.access import AccessTracker
@@ -293,7 +293,7 @@ class SelectorCore:
                 self._counters["unknown_replica"] += unknown
                 self.metrics.errors.labels("unknown_replica").inc(unknown)
             hashes: Sequence[int] | U64 = request.block_hashes
-            if self.fast_path and isinstance(pol, TinyServeObjective) and not pol.config.learn:
+            if self._compiled(pol):
                 # NOTE: the expiry, the pending marks and the access bump are made inside
                 # this call
                 ranked, matched, hashes = self._ranker.rank_fast(
@@ -327,7 +327,7 @@ class SelectorCore:
         with self._lock:
             t0 = time.perf_counter()
             pol = self.policy(TinyServeObjective.name)
-            if self.fast_path and isinstance(pol, TinyServeObjective) and not pol.config.learn:
+            if self._compiled(pol):
                 now = self.clock()
                 ans = self._wire.run(
                     raw, now, self.config.pending_ttl_s, _SELECT_EXPIRY_MARKS,
@@ -354,6 +354,11 @@ class SelectorCore:
             self._table.add_inflight_record(rec, ans.num_prompt_tokens + ans.num_output_tokens)
         if ans.request_id:
             self._remember(ans.request_id, ans.num_prompt_tokens, rec, ans.matched, policy)
+
+    def _compiled(self, pol: Policy) -> TypeGuard[TinyServeObjective]:
+        """Whether ``pol`` ranks in the compiled kernels (``select_kernel``): the tinyserve
+        objective, not learning, with ``fast_path`` on."""
+        return self.fast_path and isinstance(pol, TinyServeObjective) and not pol.config.learn
 
     def _policy_metrics(self, name: str) -> tuple[Any, Any]:
         children = self._metric_children.get(name)

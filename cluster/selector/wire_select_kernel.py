@@ -73,6 +73,13 @@ def _put_varint(out: Any, pos: int, v: int) -> int:
 
 
 @_jit
+def _put_tagged(out: Any, pos: int, tag: int, v: int) -> int:
+    """A one-byte field tag and a varint (a varint field's value or a length prefix)."""
+    out[pos] = tag
+    return _put_varint(out, pos + 1, v)
+
+
+@_jit
 def _varint_len(v: int) -> int:
     n = 1
     while v >= 0x80:
@@ -98,8 +105,7 @@ def _encode(out: Any, policy: Any, result: Any, r: int, slots: Any, id_flat: Any
     dbl_bytes = dbl.view(np.uint8)
     pos = 0
     if policy.shape[0]:
-        out[0] = 0x0A
-        pos = _put_varint(out, 1, policy.shape[0])
+        pos = _put_tagged(out, 0, 0x0A, policy.shape[0])
         out[pos : pos + policy.shape[0]] = policy
         pos += policy.shape[0]
     for i in range(r):
@@ -112,26 +118,20 @@ def _encode(out: Any, policy: Any, result: Any, r: int, slots: Any, id_flat: Any
             terms += 1 + _varint_len(p)
         field, head = id_at[s, 0], id_at[s, 1] + id_at[s, 2]
         inner = head + 9 + 1 + _varint_len(terms) + terms
-        out[pos] = 0x12
-        pos = _put_varint(out, pos + 1, inner)
+        pos = _put_tagged(out, pos, 0x12, inner)
         out[pos : pos + head] = id_flat[field : field + head]
         pos = _put_double(out, pos + head, 0x11, result[i, 13], dbl, dbl_bytes)
-        out[pos] = 0x1A
-        pos = _put_varint(out, pos + 1, terms)
+        pos = _put_tagged(out, pos, 0x1A, terms)
         for c in range(11):
             pos = _put_double(out, pos, ((c + 1) << 3) | 1, result[i, c], dbl, dbl_bytes)
         if m:
-            out[pos] = 0x60
-            pos = _put_varint(out, pos + 1, m)
+            pos = _put_tagged(out, pos, 0x60, m)
         if p:
-            out[pos] = 0x68
-            pos = _put_varint(out, pos + 1, p)
+            pos = _put_tagged(out, pos, 0x68, p)
     if num_blocks:
-        out[pos] = 0x18
-        pos = _put_varint(out, pos + 1, num_blocks)
+        pos = _put_tagged(out, pos, 0x18, num_blocks)
     if unknown:
-        out[pos] = 0x20
-        pos = _put_varint(out, pos + 1, unknown)
+        pos = _put_tagged(out, pos, 0x20, unknown)
     return pos
 
 
