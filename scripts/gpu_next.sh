@@ -4,7 +4,7 @@
 #   carry: .whl/site312.tar.xz.part-aa .whl/site312.tar.xz.part-ab .whl/site312.sha256
 #          .whl/extra .whl/tok.tar.xz          (scripts/gpu_wheelhouse.sh builds them)
 #   scripts/gpu_next.sh serve     # HAProxy mode, 4 ingress replicas, outputs over the socket, the full 1B grid (~300 s)
-#   scripts/gpu_next.sh c1        # c=1: 1 vs 4 ingress replicas, thread vs process core (~250 s)
+#   scripts/gpu_next.sh c1        # c=1 TTFT, completions and chat, 4 ingress replicas (~250 s)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
 #   scripts/gpu_next.sh wave      # c=16/64: the arrival wave's hops with the loops' lag sampled (~250 s)
 #   scripts/gpu_next.sh selector  # selection processes N = 1/2/4 over the fast lane, pinned (~300 s)
@@ -25,13 +25,12 @@ case "$part" in
       --app-args '{"ingress_num_replicas": 4}' --serve-env "$drain" \
       --json "$OUT/serve_overhead_h100_1b_haproxy4_socket.json" ;;
   c1)
-    for n in 1 4; do
-      timeout 270 python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
-        --concurrency 1 --min-requests 16 --engine-process both --endpoints completions \
-        --app-args "{\"ingress_num_replicas\": $n}" --serve-env "$drain" \
-        --json "$OUT/serve_overhead_h100_1b_c1_haproxy$n.json"
-      ray stop --force >/dev/null 2>&1
-    done ;;
+    # NOTE: c=1 TTFT, completions and chat, 4 ingress replicas, process core (session 11: after
+    # the ingress's batch-encode fast path, tokenizer_pool.encode_ids).
+    timeout 560 python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
+      --concurrency 1 --min-requests 16 --engine-process on --endpoints completions chat \
+      --app-args '{"ingress_num_replicas": 4}' --serve-env "$drain" \
+      --json "$OUT/serve_overhead_h100_1b_c1_encodefast.json" ;;
   tput)
     # NOTE: Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED (gRPC between deployments, the router in the
     # replica's loop, user code on the main loop) against the defaults, one machine, same build.
