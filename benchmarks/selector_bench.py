@@ -297,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(cpu_table(rows))
     for r in rows:
+        fl = r["core_in_server"].get("flush_wall")
+        if fl:
+            print(f"R={r['num_replicas']} in the server: the answer {r['core_in_server']['wall']['p50_us']:.0f}"
+                  f" us p50, then the route after it (flush) {fl['p50_us']:.0f} us p50 / "
+                  f"{fl['p99_us']:.0f} p99")  # fmt: skip
         if r["fast_lane"]:
             x = r["fast_lane"]
             print(f"R={r['num_replicas']} fast lane: {x['select_rps']:.0f} Select/s "

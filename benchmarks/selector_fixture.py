@@ -93,6 +93,18 @@ def _populate(core: Any, num_replicas: int, blocks_per_replica: int, copies: int
 
 
 # ------------------------------------------------------------------------------ server process
+def _timed(fn: Any, samples: list[tuple[float, float]]) -> Any:
+    """``fn`` appending (wall, thread CPU) seconds per call to ``samples``."""
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t, c = time.perf_counter(), time.thread_time()
+        out = fn(*args, **kwargs)
+        samples.append((time.perf_counter() - t, time.thread_time() - c))
+        return out
+
+    return timed
+
+
 def _server_main(
     conn: Connection,
     num_replicas: int,
@@ -199,27 +211,25 @@ def _server_main(
     # ``select_wire`` (the servicer's call since the seventh pass) the figure includes the
     # request's decoding and the answer's encoding, which ``core.select``'s did not.
     served: list[tuple[float, float]] = []
-    timed_name = "select_wire" if fused else "select"
-    plain_select = getattr(core, timed_name)
-
-    def timed_select(*args: Any, **kwargs: Any) -> Any:
-        t, c = time.perf_counter(), time.thread_time()
-        out = plain_select(*args, **kwargs)
-        served.append((time.perf_counter() - t, time.thread_time() - c))
-        return out
-
-    setattr(core, timed_name, timed_select)
+    flushed: list[tuple[float, float]] = []
+    timed = {"select_wire" if fused else "select": served}
+    if hasattr(core, "flush"):
+        # NOTE: since the ninth pass the servicer answers first and makes the Select's route
+        # in ``flush`` after; timed apart (the answer's path is the figure above)
+        timed["flush"] = flushed
+    for name, samples in timed.items():
+        setattr(core, name, _timed(getattr(core, name), samples))
     while (msg := conn.recv()) != "stop":
         if msg == "untimed":
             # NOTE: the closed loops run without the timing: its two thread_time() calls took
             # ~7% of the server's samples (py-spy) at fast lane rates
-            delattr(core, timed_name)
+            for name in timed:
+                delattr(core, name)
             continue
-        conn.send(
-            {
-                "wall": _pcts([x[0] for x in served]) if served else None,
-                "cpu": _pcts([x[1] for x in served]) if served else None,
-            }
-        )
+        conn.send({"wall": _pcts([x[0] for x in served]) if served else None,
+                   "cpu": _pcts([x[1] for x in served]) if served else None,
+                   "flush_wall": _pcts([x[0] for x in flushed]) if flushed else None,
+                   "flush_cpu": _pcts([x[1] for x in flushed]) if flushed else None})  # fmt: skip
         served.clear()
+        flushed.clear()
     server.stop()

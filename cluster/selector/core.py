@@ -14,6 +14,7 @@ replica may skip the resync and start at seq 0 (empty cache). ``clock`` is injec
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -54,6 +55,28 @@ assert _FLOAT_COLS[3] == "reward" and _FLOAT_COLS[4] == "prefill_tokens_per_s"
 _SELECT_EXPIRY_MARKS = 2
 
 
+class _CoreLock:
+    """The core's lock. Entering it first makes the route a deferred Select still owes
+    (``SelectorCore.select_wire(defer=True)``), so no holder sees the index without it."""
+
+    __slots__ = ("_core", "_lock")
+
+    def __init__(self, core: SelectorCore) -> None:
+        self._core, self._lock = core, threading.Lock()
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        if self._core._deferred is not None:
+            try:
+                self._core._route_deferred()
+            except BaseException:
+                self._lock.release()
+                raise
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
 class SelectorCore:
     """Global KV view and replica ranking. See the module docstring for the protocol."""
 
@@ -68,7 +91,9 @@ class SelectorCore:
             raise ValueError(f"unknown default policy {self.config.default_policy!r}")
         self.clock = clock
         self.metrics = metrics or SelectorMetrics()
-        self._lock = threading.Lock()
+        self._lock = _CoreLock(self)
+        # NOTE: (answer, now, policy) of a select_wire(defer=True) whose route is still owed
+        self._deferred: tuple[Answer, float, str] | None = None
         self._index = KVIndex(clock)
         # NOTE: the tinyserve policy's compiled path (no Candidates); False = the generic one.
         self.fast_path = True
@@ -318,12 +343,18 @@ class SelectorCore:
             latency.observe(time.perf_counter() - t0)
             return Selection(pol.name, ranked, request.num_prompt_blocks, unknown)
 
-    def select_wire(self, raw: bytes) -> bytes:
+    def select_wire(self, raw: bytes, defer: bool = False) -> bytes:
         """``SelectResponse`` bytes for ``SelectRequest`` bytes ``raw`` (what the gRPC
         servicer's raw codec and the fast lane serve): ``wire.decode_select`` -> ``select``
         -> ``wire.encode_select``, and the same answer, state and errors (MalformedMessage,
         ValueError) as that, but the tinyserve policy's fast path runs as one compiled call
-        (``wire_select``; the rest falls back to the three steps)."""
+        (``wire_select``; the rest falls back to the three steps).
+
+        ``defer``: the compiled Select answers first and owes its route (the winner's pending
+        marks, access bump, in-flight record, the reward's prediction): the next holder of
+        the core's lock makes it before anything else, so every later call sees the same
+        state as without ``defer``; ``flush`` makes it at once (the server calls it after
+        sending the answer)."""
         with self._lock:
             t0 = time.perf_counter()
             pol = self.policy(TinyServeObjective.name)
@@ -332,19 +363,40 @@ class SelectorCore:
                 ans = self._wire.run(
                     raw, now, self.config.pending_ttl_s, _SELECT_EXPIRY_MARKS,
                     self.config.max_prompt_blocks, pol.packed_config(),
-                    self.config.default_policy == pol.name,
+                    self.config.default_policy == pol.name, defer,
                 )  # fmt: skip
                 if ans is not None:
-                    self._wire_routed(ans, now, pol.name)
+                    if defer:
+                        self._deferred = (ans, now, pol.name)
+                    else:
+                        self._wire_routed(ans, now, pol.name, ans.route_stats)
                     self._wire.tally.observe(time.perf_counter() - t0)
                     return ans.body
         req, candidates, policy, k, speculative = decode_select(raw, self.config.max_prompt_blocks)
         return encode_select(self.select(req, candidates, policy, k, speculative))
 
-    def _wire_routed(self, ans: Answer, now: float, policy: str) -> None:
-        """The book-keeping ``rank_fast`` and ``_route`` do after their compiled call, for
-        a compiled wire Select."""
+    def flush(self) -> None:
+        """Make a deferred Select's route now (``select_wire(defer=True)``), then drop due
+        pending marks as a Select's start would (at most ``_SELECT_EXPIRY_MARKS``): the work
+        a server does after sending an answer, off the next Select's path."""
+        with self._lock:
+            self._index.expire_pending(max_marks=_SELECT_EXPIRY_MARKS)
+
+    def _route_deferred(self) -> None:
+        """The deferred Select's route, as ``select_wire`` would have made it (``_CoreLock``
+        calls this on entry: nothing changed the index since that Select)."""
+        assert self._deferred is not None
+        ans, now, policy = self._deferred
+        self._deferred = None
         st = ans.route_stats
+        if ans.r and ans.speculative:
+            ttl = self.config.pending_ttl_s
+            st = [*self._wire.route(ans, now, now + ttl if ttl > 0 else math.nan), *st[4:]]
+        self._wire_routed(ans, now, policy, st)
+
+    def _wire_routed(self, ans: Answer, now: float, policy: str, st: list[int]) -> None:
+        """The book-keeping ``rank_fast`` and ``_route`` do after their compiled call, for
+        a compiled wire Select (``st``: its ``select_kernel.ROUTE_STATS``)."""
         self._index.routed(st[0], st[1], st[4], st[5])
         if not ans.r:
             return

@@ -77,7 +77,7 @@ class Ranker:
                 hashes, self._cand_words(mask), slots,
                 self._table.node_code(request.origin_node_id), request.num_prompt_tokens,
                 request.num_output_tokens, q, k, now, now + ttl_s if ttl_s > 0 else math.nan,
-                use_cpu, use_pending, speculative, max_expire, cfg, *bound,
+                use_cpu, use_pending, speculative, False, max_expire, cfg, *bound,
             )
         )  # fmt: skip
         ranked = [

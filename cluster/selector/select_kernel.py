@@ -130,7 +130,7 @@ def rank_and_route(
     cfg: Any, req: Any, q: float, k: int, result: Any, top: Any, sink: Any,
     speculative: bool, deadline: float, dl_keys: Any, dl_slots: Any, dl_dl: Any, dl_bits: int,
     q_dl: Any, q_meta: Any, q_ring: Any, q_state: Any, num_pending: Any, max_expire: int,
-    stats: Any,
+    stats: Any, defer: bool,
 ) -> int:  # fmt: skip
     """The core's whole fast-path Select in one call: the bounded expiry of due pending marks
     (at most ``max_expire`` marks, as ``pending_queue.expire``; 0: none), ``rank``, then the
@@ -138,7 +138,8 @@ def rank_and_route(
     with ``speculative`` (and r > 0), the winner's unmatched blocks ``hashes[matched:]`` get
     pending marks due at ``deadline`` (skipped when ``deadline`` is NaN: a zero TTL), counted
     in ``num_pending`` and queued (``q_*``, ``pending_queue``), and an access at every
-    checkpoint of ``hashes``.
+    checkpoint of ``hashes`` (``route``; with ``defer`` left to the caller, which makes that
+    call later: see ``SelectorCore.select_wire``).
 
     The caller must have reserved room for ``len(hashes)`` new pending rows, deadlines and
     queued hashes (one more queued mark) and for ``bit_length(len(hashes))`` access entries
@@ -154,17 +155,32 @@ def rank_and_route(
              cand, match,
              acc_keys, acc_slots, acc_vt, acc_bits, now, rate, slots, tab_ints, tab_floats,
              node_of_slot, origin, cfg, req, q, k, result, top, sink)  # fmt: skip
-    if not speculative or r == 0:
+    if not speculative or r == 0 or defer:
         return r
-    s = slots[top[0]]
-    tail = hashes[int(result[0, 11]) :]
+    route(hashes, slots[top[0]], int(result[0, 11]), now, deadline, pend, pbits, acc_keys,
+          acc_slots, acc_vt, acc_bits, rate, dl_keys, dl_slots, dl_dl, dl_bits, q_dl, q_meta,
+          q_ring, q_state, num_pending, stats, sink)  # fmt: skip
+    return r
+
+
+@_jit
+def route(
+    hashes: Any, s: int, matched: int, now: float, deadline: float, pend: Any, pbits: int,
+    acc_keys: Any, acc_slots: Any, acc_vt: Any, acc_bits: int, rate: float,
+    dl_keys: Any, dl_slots: Any, dl_dl: Any, dl_bits: int,
+    q_dl: Any, q_meta: Any, q_ring: Any, q_state: Any, num_pending: Any, stats: Any, sink: Any,
+) -> None:  # fmt: skip
+    """A winner's speculative insert: slot ``s``'s pending marks on ``hashes[matched:]`` due
+    at ``deadline`` (none when NaN), counted in ``num_pending`` and queued, and an access at
+    every checkpoint of ``hashes``; ``stats[:4]`` = its ``ROUTE_STATS`` (the caller reserved
+    room, as for ``rank_and_route``)."""
+    tail = hashes[matched:]
     if tail.shape[0] and deadline == deadline:
         stats[0] = set_deadlines(dl_keys, dl_slots, dl_dl, dl_bits, tail, s, deadline, sink)
         _, stats[1] = set_bits(pend, pbits, tail, s, sink)
         num_pending[s] += stats[0]
         push(q_dl, q_meta, q_ring, q_state, deadline, s, tail)
     stats[2], stats[3] = bump_kernel(acc_keys, acc_slots, acc_vt, acc_bits, hashes, s, now, rate)
-    return r
 
 
 _QUEUED_TOKENS = _INT_COLS.index("num_queued_tokens")
@@ -182,7 +198,7 @@ BOUND_ARGS = ("gpu", "gover", "gbits", "cpu", "cover", "cbits", "pend", "pbits",
 def select_bound(
     hashes: Any, cand: Any, slots: Any, origin: int, num_prompt_tokens: int,
     num_output_tokens: int, q: float, k: int, now: float, deadline: float, use_cpu: bool,
-    use_pending: bool, speculative: bool, max_expire: int, cfg: Any,
+    use_pending: bool, speculative: bool, defer: bool, max_expire: int, cfg: Any,
     gpu: Any, gover: Any, gbits: int, cpu: Any, cover: Any, cbits: int, pend: Any, pbits: int,
     acc_keys: Any, acc_slots: Any, acc_vt: Any, acc_bits: int, rate: float,
     tab_ints: Any, tab_floats: Any, node_of_slot: Any,
@@ -208,7 +224,7 @@ def select_bound(
         match, acc_keys, acc_slots, acc_vt, acc_bits, now, rate, slots, tab_ints, tab_floats,
         node_of_slot, origin, cfg, req, q, k, result, top, sink, speculative, deadline,
         dl_keys, dl_slots, dl_dl, dl_bits, q_dl, q_meta, q_ring, q_state, num_pending,
-        max_expire, stats,
+        max_expire, stats, defer,
     )  # fmt: skip
     last = len(RESULT_COLS)
     for i in range(r):
@@ -250,12 +266,12 @@ def warm_up() -> None:
                 k, result, top, np.zeros(1, np.uint64), spec, 1.0, np.zeros(8, np.uint64),
                 np.zeros(8, np.int64), np.zeros(8), 3, np.zeros(4), np.zeros((4, 3), np.int64),
                 np.zeros(16, np.uint64), np.zeros(4, np.int64), np.zeros(2, np.int64), 8,
-                np.zeros(len(ROUTE_STATS), np.int64),
+                np.zeros(len(ROUTE_STATS), np.int64), False,
             )  # fmt: skip
         for spec in (False, True):
             select_bound(
                 h, np.ones(1, np.uint64), slots, -1, 48, 0, 0.5, k, 0.0, 1.0, True, True, spec,
-                8, np.ones(ok.CFG_LEN), tab, over, 4, tab, over, 4, tab.copy(), 4,
+                False, 8, np.ones(ok.CFG_LEN), tab, over, 4, tab, over, 4, tab.copy(), 4,
                 np.zeros(8, np.uint64), np.zeros(8, np.int64), np.zeros((2, 8)), 3, 0.01,
                 np.ones((7, 2), np.int64), np.ones((5, 2)), np.zeros(2, np.int64),
                 np.zeros(8, np.uint64), np.zeros(8, np.int64), np.zeros(8), 3, np.zeros(4),

@@ -12,6 +12,7 @@ except through ``context.abort``.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -76,9 +77,15 @@ class CacheSelectionServicer(pb_grpc.CacheSelectionServicer):
     async def select_wire(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """``Select`` on the wire bytes (``SelectorCore.select_wire``: one compiled call for
         the tinyserve policy): what the server registers by default; ``Select`` above is the
-        same RPC through protobuf objects."""
+        same RPC through protobuf objects. The answer goes out first: the Select's route
+        (its pending marks, access bump and book-keeping) is deferred to a loop callback
+        (``SelectorCore.flush``), which runs once this handler has handed gRPC the answer."""
         try:
-            return self.core.select_wire(raw)
+            body = self.core.select_wire(raw, defer=True)
+            # NOTE: ~30 us of a Select's work off its answer's path (benchmarks/README.md,
+            # "Ninth pass"); a later call on the core makes the route first if this has not run
+            asyncio.get_running_loop().call_soon(self.core.flush)
+            return body
         except MalformedMessage as exc:
             self.core.metrics.errors.labels("malformed").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {exc}")

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from cluster.selector import select_kernel
 from cluster.selector import wire_select_kernel as wk
 from cluster.selector.access import AccessTracker
 from cluster.selector.convert import MAX_CANDIDATES
@@ -31,6 +32,11 @@ assert [_I[n] for n in ("status", "r", "winner_slot", "matched", "unknown", "out
     0, 1, 2, 3, 4, 5] and wk.INFO[6:12] == ("deadlines_created", "pending_rows_created",
     "access_created", "access_reused", "expired_pairs", "expired_rows")  # fmt: skip
 
+# ``select_kernel.route``'s arrays after its per-call arguments (from ``BOUND_ARGS``)
+_ROUTE_ARGS = ("pend", "pbits", "acc_keys", "acc_slots", "acc_vt", "acc_bits", "rate",
+               "dl_keys", "dl_slots", "dl_dl", "dl_bits", "q_dl", "q_meta", "q_ring", "q_state",
+               "num_pending", "stats", "sink")  # fmt: skip
+
 
 class Answer(NamedTuple):
     """What ``run`` reports: the answer's bytes and the book-keeping the core still owes."""
@@ -44,6 +50,7 @@ class Answer(NamedTuple):
     num_prompt_tokens: int
     num_output_tokens: int
     speculative: bool
+    num_hashes: int
 
 
 class WireSelect:
@@ -61,28 +68,36 @@ class WireSelect:
         self._cands = np.zeros(2 * MAX_CANDIDATES, np.int64)
         self._info = np.zeros(len(wk.INFO), np.int64)
         self._out = np.zeros(4096, np.uint8)
-        self._bound: tuple[Any, ...] = ()
+        self._deferred = np.zeros(64, np.uint64)  # NOTE: a deferred route's hashes
+        self._binding: wk.Binding | None = None
+        self._route_args: tuple[Any, ...] = ()
         self._bound_gen = -1
         self._num_candidates = 0
 
     def run(
         self, raw: bytes, now: float, ttl_s: float, max_expire: int, max_prompt_blocks: int,
-        cfg: Any, default_policy: bool,
+        cfg: Any, default_policy: bool, defer: bool = False,
     ) -> Answer | None:  # fmt: skip
         """The Select of ``raw`` for the policy, or None (nothing changed) when the kernel
-        does not cover it (``wire_select_kernel``: the caller takes the Python path)."""
-        # NOTE: reservations first (they may replace arrays: a new generation). The
-        # speculative mark has at most one hash per byte of the request.
+        does not cover it (``wire_select_kernel``: the caller takes the Python path). With
+        ``defer`` a speculative winner's pending marks and access bump are left for ``route``,
+        which the caller must make before anything else reads or changes the index."""
+        # NOTE: the speculative mark has at most one hash per byte of the request; room
+        # for it first (a reservation may replace arrays: a new generation), in ``route``
+        # when deferred (this call then adds nothing to the tables).
         nh = min(len(raw), max_prompt_blocks)
-        self._index.reserve_route(nh)
-        self._access.reserve(max(nh, 1).bit_length())
+        if not defer:
+            self._reserve(nh)
+        elif len(self._deferred) < nh:
+            self._deferred = np.zeros(2 * nh, np.uint64)
+            self._bound_gen = -1
         while True:
             if self._bound_gen != Generation.value:
                 self._bind()
             use_cpu, use_pending = self._index.tiers_in_use()
-            status = wk.select_wire(
+            status = wk.select_wire_bound(
                 raw, now, ttl_s, use_cpu, use_pending, max_expire, max_prompt_blocks, cfg,
-                self._policy_bytes, default_policy, *self._bound,
+                self._policy_bytes, default_policy, defer, self._binding,
             )  # fmt: skip
             if status == wk.OK:
                 break
@@ -95,8 +110,26 @@ class WireSelect:
             self._out[: info[5]].tobytes(), info[1], info[2], info[3], info[6:12],
             raw[rid_at : rid_at + rid_len].decode() if rid_len else "",
             info[_I["num_prompt_tokens"]], info[_I["num_output_tokens"]],
-            info[_I["speculative"]] == 1,
+            info[_I["speculative"]] == 1, info[_I["num_hashes"]],
         )  # fmt: skip
+
+    def route(self, ans: Answer, now: float, deadline: float) -> list[int]:
+        """The route ``run(defer=True)`` left for later, as it would have made it then
+        (``select_kernel.route``, the index and access tables as they are now: the caller
+        changed nothing in between); returns its ``ROUTE_STATS[:4]``."""
+        self._reserve(ans.num_hashes)
+        if self._bound_gen != Generation.value:
+            self._bind()
+        stats = self._route_args[-2]
+        stats[:] = 0
+        select_kernel.route(self._deferred[: ans.num_hashes], ans.winner_slot, ans.matched, now,
+                            deadline, *self._route_args)  # fmt: skip
+        return [int(x) for x in stats[:4]]
+
+    def _reserve(self, num_hashes: int) -> None:
+        """Room for one route of ``num_hashes`` (its pending marks, its access bump)."""
+        self._index.reserve_route(num_hashes)
+        self._access.reserve(max(num_hashes, 1).bit_length())
 
     def warm_up(self, cfg: Any) -> None:
         """Compile (or load from numba's cache) the kernel: one call on bytes it refuses
@@ -117,10 +150,13 @@ class WireSelect:
         if len(self._out) < need:
             self._out = np.zeros(2 * need, np.uint8)
         ranked = self._ranker.bound_for(n)
-        self._bound = (
+        bound = (
             self._fields, self._cands, slots, self._index.mask_words(self._table.live_mask),
             ids.id_flat, ids.id_at, ids.id_tab, ids.node_flat, ids.node_at, ids.node_tab,
-            ids.max_field, self._out, self._info, self.tally.counts, *ranked,
+            ids.max_field, self._out, self._info, self.tally.counts, self._deferred, *ranked,
         )  # fmt: skip
+        self._binding = wk.Binding(*bound)  # type: ignore[no-untyped-call]
+        b = dict(zip(wk.BINDING, bound, strict=True))
+        self._route_args = tuple(b[name] for name in _ROUTE_ARGS)
         self._bound_gen = Generation.value
 

@@ -28,10 +28,12 @@ import math
 from typing import Any
 
 import numpy as np
+from numba.core import types
+from numba.experimental import structref
 
 from cluster.selector.convert import MAX_ID_CHARS
 from cluster.selector.index_kernels import _jit
-from cluster.selector.select_kernel import RESULT_COLS, select_bound
+from cluster.selector.select_kernel import BOUND_ARGS, RESULT_COLS, select_bound
 from cluster.selector.wire import _OK as _SCAN_OK
 from cluster.selector.wire import _scan
 from cluster.selector.wire_ids import find
@@ -42,7 +44,7 @@ OK, FALLBACK, NEED_ROOM = 0, 1, 2
 INFO = ("status", "r", "winner_slot", "matched", "unknown", "out_len", "deadlines_created",
         "pending_rows_created", "access_created", "access_reused", "expired_pairs",
         "expired_rows", "request_id_at", "request_id_len", "num_prompt_tokens", "speculative",
-        "num_candidates", "num_output_tokens")  # fmt: skip
+        "num_candidates", "num_output_tokens", "num_hashes")  # fmt: skip
 # tally[] entries (cumulative, the caller folds them into counters and metrics)
 TALLY = ("selects", "unknown_replica")
 # NOTE: per answered row beyond the id field: tags and lengths (<= 8), score (9), terms
@@ -138,10 +140,10 @@ def _encode(out: Any, policy: Any, result: Any, r: int, slots: Any, id_flat: Any
 @_jit
 def select_wire(
     raw: Any, now: float, ttl_s: float, use_cpu: bool, use_pending: bool, max_expire: int,
-    max_prompt_blocks: int, cfg: Any, policy: Any, default_policy: bool,
+    max_prompt_blocks: int, cfg: Any, policy: Any, default_policy: bool, defer: bool,
     fields: Any, cands: Any, live_slots: Any, live_words: Any, id_flat: Any, id_at: Any,
     id_tab: Any, node_flat: Any, node_at: Any, node_tab: Any, max_field: int, out: Any,
-    info: Any, tally: Any,
+    info: Any, tally: Any, deferred: Any,
     gpu: Any, gover: Any, gbits: int, cpu: Any, cover: Any, cbits: int, pend: Any, pbits: int,
     acc_keys: Any, acc_slots: Any, acc_vt: Any, acc_bits: int, rate: float,
     tab_ints: Any, tab_floats: Any, node_of_slot: Any,
@@ -154,8 +156,10 @@ def select_wire(
     ``policy``: the fused policy's name as bytes; ``default_policy``: an empty policy field
     means it. ``live_slots`` / ``live_words``: the candidates when none are named
     (``ReplicaTable.live``, its mask as walk words). ``fields`` / ``cands``: ``wire._scan``'s
-    scratch. The arrays after ``tally`` are ``select_kernel.BOUND_ARGS``; the caller has
+    scratch. The arrays after ``deferred`` are ``select_kernel.BOUND_ARGS``; the caller has
     reserved room for a speculative mark of up to min(len(raw), max_prompt_blocks) hashes.
+    With ``defer`` the winner's mark and access bump are not made: its hashes are copied to
+    ``deferred`` (room for min(len(raw), max_prompt_blocks)) for ``select_kernel.route``.
     On OK: ``out[:info[5]]`` is the answer, ``info`` the rest of ``INFO`` for the caller's
     book-keeping (``ROUTE_STATS``, the winner, the request id's span in ``raw``), ``tally``
     counted. Otherwise nothing but ``fields``, ``cands`` and ``info`` was written."""
@@ -220,12 +224,14 @@ def select_wire(
     deadline = now + ttl_s if ttl_s > 0 else math.nan
     ret = select_bound(
         hashes[:n], words, slots, origin, npt, nout, q, k, now, deadline, use_cpu, use_pending,
-        speculative, max_expire, cfg, gpu, gover, gbits, cpu, cover, cbits, pend, pbits,
+        speculative, defer, max_expire, cfg, gpu, gover, gbits, cpu, cover, cbits, pend, pbits,
         acc_keys, acc_slots, acc_vt, acc_bits, rate, tab_ints, tab_floats, node_of_slot,
         dl_keys, dl_slots, dl_dl, dl_bits, q_dl, q_meta, q_ring, q_state, num_pending,
         match, result, top, stats, sink,
     )  # fmt: skip
     r = ret[0]
+    if defer and speculative and r > 0:
+        deferred[:n] = hashes[:n]
     info[0], info[1], info[4] = OK, r, unknown
     if r > 0:
         info[2], info[3] = slots[top[0]], int(result[0, 11])
@@ -233,7 +239,43 @@ def select_wire(
         info[6 + i] = ret[1 + i]
     info[12], info[13] = fields[2], fields[3]
     info[14], info[15], info[16], info[17] = npt, 1 if speculative else 0, slots.shape[0], nout
+    info[18] = n
     info[5] = _encode(out, policy, result, r, slots, id_flat, id_at, n, unknown)
     tally[0] += 1
     tally[1] += unknown
     return OK
+
+
+@structref.register
+class _BindingType(types.StructRef):
+    def preprocess_fields(self, fields: Any) -> Any:
+        return tuple((name, types.unliteral(t)) for name, t in fields)  # type: ignore[no-untyped-call]
+
+
+class Binding(structref.StructRefProxy):
+    """``select_wire``'s arguments after ``defer`` (``BINDING``) as one value.
+    NOTE: numba checks each argument's type on every call: ~5 us for the 48 of them
+    (benchmarks/README.md, "Ninth pass"), ~1 us for this one."""
+
+
+BINDING = ("fields", "cands", "live_slots", "live_words", "id_flat", "id_at", "id_tab",
+           "node_flat", "node_at", "node_tab", "max_field", "out", "info", "tally", "deferred",
+           *BOUND_ARGS)  # fmt: skip
+structref.define_proxy(Binding, _BindingType, list(BINDING))  # type: ignore[no-untyped-call]
+
+
+@_jit
+def select_wire_bound(
+    raw: Any, now: float, ttl_s: float, use_cpu: bool, use_pending: bool, max_expire: int,
+    max_prompt_blocks: int, cfg: Any, policy: Any, default_policy: bool, defer: bool, b: Any,
+) -> int:  # fmt: skip
+    """``select_wire`` with its bound arguments in ``b`` (a ``Binding``)."""
+    return select_wire(
+        raw, now, ttl_s, use_cpu, use_pending, max_expire, max_prompt_blocks, cfg, policy,
+        default_policy, defer, b.fields, b.cands, b.live_slots, b.live_words, b.id_flat, b.id_at,
+        b.id_tab, b.node_flat, b.node_at, b.node_tab, b.max_field, b.out, b.info, b.tally,
+        b.deferred, b.gpu, b.gover, b.gbits, b.cpu, b.cover, b.cbits, b.pend, b.pbits,
+        b.acc_keys, b.acc_slots, b.acc_vt, b.acc_bits, b.rate, b.tab_ints, b.tab_floats,
+        b.node_of_slot, b.dl_keys, b.dl_slots, b.dl_dl, b.dl_bits, b.q_dl, b.q_meta, b.q_ring,
+        b.q_state, b.num_pending, b.match, b.result, b.top, b.stats, b.sink,
+    )  # fmt: skip
