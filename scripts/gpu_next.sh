@@ -50,7 +50,11 @@ case "$part" in
       --app-args '{"ingress_num_replicas": 4}' --serve-env "$drain" \
       --json "$OUT/serve_overhead_h100_1b_wave.json" ;;
   selector)
-    timeout 560 python3 benchmarks/selector_bench.py --replicas 256 --procs ${PROCS:-1 2 4} \
-      --client-procs 8 --scaling-front lane --pin --json "$OUT/selector_h100host_lane.json" ;;
+    # NOTE: then what a bare grpc.aio handler pays for on this host (sizes, its work, work
+    # after the answer: the ninth pass's premise), 45 us of work ~ a Select's answer there
+    timeout 420 python3 benchmarks/selector_bench.py --replicas 256 --procs ${PROCS:-1 2 4} \
+      --client-procs 8 --scaling-front lane --pin --json "$OUT/selector_h100host_lane.json"
+    timeout 120 python3 benchmarks/grpc_after_answer.py --work-us 45 \
+      --json "$OUT/grpc_after_answer_h100host.json" | tail -7 ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac
