@@ -87,7 +87,7 @@ class _Connection(asyncio.Protocol):
         buf += data
         out: list[bytes] = []
         pos, end = 0, len(buf)
-        close = False
+        close = owed = False
         while end - pos >= _HEAD:
             length, call_id, kind = HEADER.unpack_from(buf, pos)
             if length > MAX_FRAME_BYTES:
@@ -107,7 +107,12 @@ class _Connection(asyncio.Protocol):
                 break
             payload = bytes(buf[pos + _HEAD : pos + _HEAD + length])
             pos += _HEAD + length
-            answer, close = self._call(call_id, kind, payload)
+            # NOTE: the read's last Select answers first and routes after the write (a lone
+            # request waits for its answer only: benchmarks/README.md, "Ninth pass"); one
+            # with more behind it routes inline (cheaper: pipelined clients want throughput)
+            last = kind == Kind.SELECT and end - pos < _HEAD
+            answer, close = self._call(call_id, kind, payload, last)
+            owed |= last
             out.append(answer)
             if close:
                 break
@@ -120,13 +125,18 @@ class _Connection(asyncio.Protocol):
             return
         if out:
             t.write(b"".join(out) if len(out) > 1 else out[0])
+        if owed:
+            self._core.flush()
         if close:
             t.close()
 
-    def _call(self, call_id: int, kind: int, payload: bytes) -> tuple[bytes, bool]:
-        """One call's answer frame, and whether to close the connection after it."""
+    def _call(
+        self, call_id: int, kind: int, payload: bytes, defer: bool = False
+    ) -> tuple[bytes, bool]:
+        """One call's answer frame, and whether to close the connection after it; a Select
+        with ``defer`` leaves its route owed (``SelectorCore.select_wire``)."""
         if kind == Kind.SELECT:
-            return self._select(call_id, payload), False
+            return self._select(call_id, payload, defer), False
         if kind == Kind.PING:
             return frame(call_id, _OK), False
         if kind == Kind.HELLO:
@@ -138,9 +148,9 @@ class _Connection(asyncio.Protocol):
         return self._error(call_id, Kind.INVALID_ARGUMENT, "invalid_argument",
                            f"unknown frame kind {kind}"), False  # fmt: skip
 
-    def _select(self, call_id: int, raw: bytes) -> bytes:
+    def _select(self, call_id: int, raw: bytes, defer: bool) -> bytes:
         try:
-            body = self._core.select_wire(raw)
+            body = self._core.select_wire(raw, defer)
         except MalformedMessage as exc:
             return self._error(call_id, Kind.INVALID_ARGUMENT, "malformed",
                                f"malformed message: {exc}")  # fmt: skip

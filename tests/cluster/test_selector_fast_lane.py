@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from ports import free_port
+from selector_helpers import FakeClock
 from tls_certs import make_pki
 
 from cluster.selector.client import AsyncSelectorClient
@@ -35,9 +36,9 @@ def _wait(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def _core() -> SelectorCore:
+def _core(clock: Callable[[], float] = time.monotonic) -> SelectorCore:
     """Replica r holds blocks 1..(r + 1) * 10 of one chain and 1000r..1000r + 49."""
-    core = SelectorCore()
+    core = SelectorCore(clock=clock)
     for r in range(NUM_REPLICAS):
         core.join(f"r{r}", node_id=f"n{r // 2}", num_blocks=1000)
         core.resync(f"r{r}", 0, [*range(1, (r + 1) * 10 + 1), *range(1000 * r, 1000 * r + 50)])
@@ -111,7 +112,9 @@ def test_same_answers_as_grpc(lane_server: ServerThread) -> None:
         assert (call_id, kind) == (100 + i, Kind.OK)
         assert pb.SelectResponse.FromString(body) == want[i]
     raw.close()
-    assert any(len(w.replicas) > 1 for w in want) and len({w.replicas[0].replica_id for w in want}) > 1
+    assert (
+        any(len(w.replicas) > 1 for w in want) and len({w.replicas[0].replica_id for w in want}) > 1
+    )
 
 
 def test_pipelined_calls_are_answered_in_order_with_their_ids(lane_server: ServerThread) -> None:
@@ -148,7 +151,9 @@ def test_pipelined_calls_are_answered_in_order_with_their_ids(lane_server: Serve
     got = asyncio.run(many())
     # NOTE: the open-connections gauge counted that client and is back to 0 after close
     _wait(lambda: st.core.metrics.fast_lane_connections._value.get() == 0)
-    assert [pb.SelectResponse.FromString(b) for b in got] == [want[i % len(reqs)] for i in range(300)]
+    assert [pb.SelectResponse.FromString(b) for b in got] == [
+        want[i % len(reqs)] for i in range(300)
+    ]
 
 
 def test_bad_frames_fail_their_call_and_the_server_stays_up(lane_server: ServerThread) -> None:
@@ -165,7 +170,10 @@ def test_bad_frames_fail_their_call_and_the_server_stays_up(lane_server: ServerT
     assert errors.labels("malformed")._value.get() == malformed0 + 1
     too_long = pb.SelectRequest(block_hashes=range(1, st.core.config.max_prompt_blocks + 2))
     raw.send(frame(3, Kind.SELECT, too_long.SerializeToString()))
-    assert raw.answer()[1:] == (Kind.INVALID_ARGUMENT, b"16385 block hashes exceed the limit of 16384")
+    assert raw.answer()[1:] == (
+        Kind.INVALID_ARGUMENT,
+        b"16385 block hashes exceed the limit of 16384",
+    )
     raw.send(frame(4, 99))
     assert raw.answer()[:2] == (4, Kind.INVALID_ARGUMENT)
     raw.send(frame(5, Kind.PING))  # the connection is still good
@@ -368,3 +376,37 @@ def test_registry_publishes_fast_lanes() -> None:
         b"not json",
     ]
     assert parse_fast_lanes(values, now, max_age_s=5.0) == {"h:1": "h:11"}
+
+
+def test_lone_selects_route_after_the_write_pipelined_ones_inline() -> None:
+    clock = FakeClock()  # NOTE: frozen time: the scores' decay is the same on both cores
+    with ServerThread(_core(clock), fast_lane_port=0) as st:
+        _lone_and_pipelined(st, _core(clock))
+
+
+def _lone_and_pipelined(st: ServerThread, twin: SelectorCore) -> None:
+    """``twin`` routes every Select inline, in process."""
+    reqs = [pb.SelectRequest(request_id=f"s{i}", block_hashes=[*range(1, 12 + i), 10**7 + i],
+                             num_prompt_tokens=16 * (12 + i)) for i in range(12)]  # fmt: skip
+    flushes: list[int] = []
+    plain_flush = st.core.flush
+    st.core.flush = lambda: (flushes.append(1), plain_flush())[1]  # type: ignore[method-assign]
+    raw = _Raw(_lane_port(st))
+    raw.send(frame(1, Kind.HELLO))
+    assert raw.answer() == (1, Kind.OK, b"")
+    for i, r in enumerate(reqs[:6]):  # NOTE: one at a time: each is its read's last
+        raw.send(frame(10 + i, Kind.SELECT, r.SerializeToString()))
+        assert raw.answer()[2] == twin.select_wire(r.SerializeToString()), i
+        # NOTE: the server routes after writing the answer, so read the owed route unlocked
+        _wait(lambda: st.core._deferred is None)
+    assert len(flushes) == 6
+    raw.send(
+        b"".join(frame(20 + i, Kind.SELECT, r.SerializeToString()) for i, r in enumerate(reqs[6:]))
+    )
+    for r in reqs[6:]:
+        assert raw.answer()[2] == twin.select_wire(r.SerializeToString())
+    raw.close()
+    _wait(lambda: st.core._deferred is None)
+    pending = [(x.replica_id, x.num_pending_blocks) for x in st.core.list_replicas()]
+    assert pending == [(x.replica_id, x.num_pending_blocks) for x in twin.list_replicas()]
+    assert sum(n for _, n in pending) > 0 and set(st.core._routed) == set(twin._routed)
