@@ -421,5 +421,6 @@ class LLMReplica:
         self._stopping = True
         with contextlib.suppress(Exception):
             await self.engine.shutdown()
+        self._post.close()  # NOTE: its sockets to the ingresses' output inboxes
         if self._sink is not None:
             self._sink.close()

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from cluster.serve.output_inbox import OutputInbox, merge_posted
-from replicas.deployment import GenerateRequest
+from replicas.deployment import GenerateRequest, LLMReplica
 from replicas.output_post import HEADER, OutputPost, ReplyTo, frame, hello
 from replicas.outputs import RequestMetrics, RequestOutput, RequestTrace
 from replicas.sampling_params import SamplingParams
@@ -244,3 +244,22 @@ def test_merge_raises_when_the_call_itself_is_cancelled() -> None:
 
     with pytest.raises(asyncio.CancelledError):
         _merge(cancelled(), [(0.0, _out("r", 0))], grace_s=0.5)
+
+
+def test_replica_shutdown_closes_its_connections_to_the_inboxes() -> None:
+    class _Engine:
+        async def shutdown(self) -> None:
+            pass
+
+    async def main() -> tuple[asyncio.StreamWriter, OutputPost, OutputInbox]:
+        inbox = OutputInbox("node-a")
+        await inbox.start()
+        post = OutputPost("node-a")
+        conn = await post.connection(inbox.reply_to)
+        replica = fake_replica(_Engine(), post)
+        await LLMReplica.func_or_class.__del__(replica)  # NOTE: Serve's shutdown hook
+        return conn, post, inbox
+
+    conn, post, inbox = asyncio.run(main())
+    assert conn.is_closing() and post._conns == {}
+    inbox.shutdown()
