@@ -3,7 +3,7 @@ compiled path to the path it replaces (same answers, same state after)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from selector_helpers import FakeClock
@@ -82,3 +82,21 @@ def core_state(core: SelectorCore, probes: list[list[int]]) -> Any:
         out += [m.resident, m.pending, m.host,
                 core._access.hotness(h, matched, m.lengths()).tolist()]  # fmt: skip
     return out
+
+
+class TwinRun(NamedTuple):
+    """Twin cores on one clock, the request generator and the prefixes ``core_state`` probes."""
+
+    a: SelectorCore
+    b: SelectorCore
+    base: list[int]
+    rng: np.random.Generator
+    clock: FakeClock
+    probes: list[list[int]]
+
+
+def twin_run(seed: int, num_replicas: int) -> TwinRun:
+    (a, b), base = twin_cores(seed, num_replicas)
+    assert isinstance(a.clock, FakeClock)
+    probes = [base[s : s + 60] for s in range(0, 2900, 97)]
+    return TwinRun(a, b, base, np.random.default_rng(seed + 100), a.clock, probes)

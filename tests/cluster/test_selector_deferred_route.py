@@ -12,8 +12,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from select_twins import core_state, random_select_request, twin_cores
-from selector_helpers import FakeClock
+from select_twins import core_state, random_select_request, twin_cores, twin_run
 
 from cluster.selector.core import SelectorCore
 from cluster.selector.server import ServerThread
@@ -47,11 +46,7 @@ def _between(core: SelectorCore, base: list[int], step: int) -> None:
 
 @pytest.mark.parametrize(("seed", "num_replicas"), [(11, 8), (12, 60)])
 def test_deferred_route_gives_the_same_answers_and_state(seed: int, num_replicas: int) -> None:
-    (deferred, plain), base = twin_cores(seed, num_replicas)
-    rng = np.random.default_rng(seed + 100)
-    clock = deferred.clock
-    assert isinstance(clock, FakeClock)
-    probes = [base[s : s + 60] for s in range(0, 2900, 97)]
+    deferred, plain, base, rng, clock, probes = twin_run(seed, num_replicas)
     owed = 0
     for step in range(400):
         raw = random_select_request(rng, base, num_replicas)

@@ -12,8 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from prometheus_client import generate_latest
-from select_twins import core_state, random_select_request, twin_cores, unfused
-from selector_helpers import FakeClock
+from select_twins import core_state, random_select_request, twin_cores, twin_run, unfused
 
 from cluster.selector.convert import MAX_CANDIDATES
 from cluster.selector.core import SelectorCore
@@ -24,11 +23,7 @@ from protos import cache_selection_pb2 as pb
 
 @pytest.mark.parametrize(("seed", "num_replicas"), [(1, 5), (2, 40), (3, 130)])
 def test_fused_answers_and_state_match_the_three_steps(seed: int, num_replicas: int) -> None:
-    (fused, plain), base = twin_cores(seed, num_replicas)
-    rng = np.random.default_rng(seed + 100)
-    clock = fused.clock
-    assert isinstance(clock, FakeClock)
-    probes = [base[s : s + 60] for s in range(0, 2900, 97)]
+    fused, plain, base, rng, clock, probes = twin_run(seed, num_replicas)
     for step in range(300):
         raw = random_select_request(rng, base, num_replicas)
         assert fused.select_wire(raw) == unfused(plain, raw), step
