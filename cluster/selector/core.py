@@ -2,7 +2,9 @@
 
 The gRPC servicer, the vLLM ZMQ adapter and the discrete-event simulator all drive this one
 object. Every public method takes the core's lock, so callers on different threads (the aio
-loop, a ZMQ subscriber thread) are safe; each call is short.
+loop, a ZMQ subscriber thread) are safe; each call is short. Taking the lock first makes the
+route a ``select_wire(defer=True)`` still owes (``_CoreLock``): no call sees the index without
+it.
 
 Replica stream protocol (per replica): ``join`` -> ``resync(seq=S)`` -> ``apply_events(S+1)``,
 ``apply_events(S+2)``, ... A batch whose seq is not ``last_seq + 1`` is not applied: the result
