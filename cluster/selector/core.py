@@ -378,11 +378,12 @@ class SelectorCore:
         return encode_select(self.select(req, candidates, policy, k, speculative))
 
     def flush(self) -> None:
-        """Make a deferred Select's route now (``select_wire(defer=True)``), then drop due
-        pending marks as a Select's start would (at most ``_SELECT_EXPIRY_MARKS``): the work
-        a server does after sending an answer, off the next Select's path."""
+        """Make a deferred Select's route now (``select_wire(defer=True)``): what a server
+        runs after sending the answer, off the next Select's path.
+        NOTE: no expiry here: only marks that fell due since that Select began would go, and
+        the next Select's start drains those in the same compiled call."""
         with self._lock:
-            self._index.expire_pending(max_marks=_SELECT_EXPIRY_MARKS)
+            return  # NOTE: entering the lock makes the owed route (``_CoreLock``)
 
     def _route_deferred(self) -> None:
         """The deferred Select's route, as ``select_wire`` would have made it (``_CoreLock``
