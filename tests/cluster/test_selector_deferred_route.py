@@ -22,8 +22,9 @@ from protos import cache_selection_pb2 as pb
 from protos import cache_selection_pb2_grpc as pb_grpc
 
 
-def _between(core: SelectorCore, base: list[int], step: int) -> None:
-    """One of the calls that may come between two Selects (the same on both twins)."""
+def _between(core: SelectorCore, base: list[int], step: int, last_id: str) -> None:
+    """One of the calls that may come between two Selects (the same on both twins);
+    ``last_id``: the last Select's request id (its feedback pops what its route remembered)."""
     rid = f"r{step % 7}"
     rec = core._table.records.get(rid)
     kind = step % 6
@@ -39,7 +40,7 @@ def _between(core: SelectorCore, base: list[int], step: int) -> None:
         core.update_load(rid, LoadSnapshot(num_blocks=4096, num_free_blocks=step % 4096,
                                            num_waiting_tokens=step))  # fmt: skip
     elif kind == 3:
-        core.feedback(Outcome(f"q{step - 1}", rid, 512, 128, ttft_s=0.05))
+        core.feedback(Outcome(last_id, rid, 512, 128, ttft_s=0.05))
     else:
         core.flush()
 
@@ -54,7 +55,7 @@ def test_deferred_route_gives_the_same_answers_and_state(seed: int, num_replicas
         owed += deferred._deferred is not None
         if rng.random() < 0.5:
             for core in (deferred, plain):
-                _between(core, base, step)
+                _between(core, base, step, pb.SelectRequest.FromString(raw).request_id)
         if step % 7 == 0:
             clock.advance(0.2)  # NOTE: pending marks fall due, some drained by flush()
         if step % 50 == 0:
