@@ -3,8 +3,9 @@
 The gRPC servicer, the vLLM ZMQ adapter and the discrete-event simulator all drive this one
 object. Every public method takes the core's lock, so callers on different threads (the aio
 loop, a ZMQ subscriber thread) are safe; each call is short. Taking the lock first makes the
-route a ``select_wire(defer=True)`` still owes (``_CoreLock``): no call sees the index without
-it.
+route a ``select_wire(defer=True)`` still owes (``CoreLock``): no call sees the index without
+it. Policies, ranking and routing live in ``core_select.py`` (``CoreSelection``); this file
+holds the state, membership, ingestion, feedback and stats.
 
 Replica stream protocol (per replica): ``join`` -> ``resync(seq=S)`` -> ``apply_events(S+1)``,
 ``apply_events(S+2)``, ... A batch whose seq is not ``last_seq + 1`` is not applied: the result
@@ -16,33 +17,30 @@ replica may skip the resync and start at seq 0 (empty cache). ``clock`` is injec
 from __future__ import annotations
 
 import contextlib
-import math
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeGuard
+from typing import Any
 
 from cluster.selector import access, objective_kernel, select_kernel
 from cluster.selector.access import AccessTracker
+from cluster.selector.core_select import CoreLock, CoreSelection
 from cluster.selector.core_types import (
     ApplyResult,
     CoreStats,
     ReplicaStatus,
-    Selection,
 )
 from cluster.selector.core_types import (
     CoreConfig as CoreConfig,  # NOTE: re-exported: callers build the core from here
 )
-from cluster.selector.index import U64, KVIndex
+from cluster.selector.index import KVIndex
 from cluster.selector.metrics import SelectorMetrics
 from cluster.selector.objective import TinyServeObjective
-from cluster.selector.policy import Policy, make_policy, policy_names, policy_params
+from cluster.selector.policy import Policy, policy_names
 from cluster.selector.ranker import Ranker
 from cluster.selector.replica_table import _FLOAT_COLS, _INT_COLS, ReplicaRecord, ReplicaTable
-from cluster.selector.reward import RewardBook, corrected_rate, predict
-from cluster.selector.types import LoadSnapshot, Outcome, SelectionRequest
-from cluster.selector.wire import decode_select, encode_select
+from cluster.selector.reward import RewardBook, corrected_rate
+from cluster.selector.types import LoadSnapshot, Outcome
 from cluster.selector.wire_select import Answer, WireSelect
 from kvmanager.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
@@ -50,36 +48,9 @@ from kvmanager.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEven
 assert _INT_COLS[:4] == ("block_size", "num_blocks", "num_free_blocks", "num_cached_blocks")
 assert _INT_COLS[6] == "num_queued_tokens" and _FLOAT_COLS[:2] == ("ttft_ewma_s", "f_total")
 assert _FLOAT_COLS[3] == "reward" and _FLOAT_COLS[4] == "prefill_tokens_per_s"
-# NOTE: bounded: a backlog is drained by expire_stale(), not by one unlucky Select. A Select
-# queues at most one mark, so 2 out per Select keeps up and still drains a backlog; with 8,
-# the Selects after a stall paid ~8 marks (~520 deletions) each (p99.9 393 -> 321 us CPU,
-# max 29 -> 3.5 ms at 5,000 Selects/s in steady state, 256 x 100k; p99 unchanged).
-_SELECT_EXPIRY_MARKS = 2
 
 
-class _CoreLock:
-    """The core's lock. Entering it first makes the route a deferred Select still owes
-    (``SelectorCore.select_wire(defer=True)``), so no holder sees the index without it."""
-
-    __slots__ = ("_core", "_lock")
-
-    def __init__(self, core: SelectorCore) -> None:
-        self._core, self._lock = core, threading.Lock()
-
-    def __enter__(self) -> None:
-        self._lock.acquire()
-        if self._core._deferred is not None:
-            try:
-                self._core._route_deferred()
-            except BaseException:
-                self._lock.release()
-                raise
-
-    def __exit__(self, *exc: object) -> None:
-        self._lock.release()
-
-
-class SelectorCore:
+class SelectorCore(CoreSelection):
     """Global KV view and replica ranking. See the module docstring for the protocol."""
 
     def __init__(
@@ -93,7 +64,7 @@ class SelectorCore:
             raise ValueError(f"unknown default policy {self.config.default_policy!r}")
         self.clock = clock
         self.metrics = metrics or SelectorMetrics()
-        self._lock = _CoreLock(self)
+        self._lock = CoreLock(self)
         # NOTE: (answer, now, policy) of a select_wire(defer=True) whose route is still owed
         self._deferred: tuple[Answer, float, str] | None = None
         self._index = KVIndex(clock)
@@ -153,21 +124,6 @@ class SelectorCore:
     def _export_tally(self) -> None:
         with self._lock:
             self._wire.tally.export(self.metrics)
-
-    # ------------------------------------------------------------------ policies
-    def policy(self, name: str = "") -> Policy:
-        """The (shared, stateful) policy instance by name; ValueError when unknown."""
-        name = name or self.config.default_policy
-        pol = self._policies.get(name)
-        if pol is None:
-            kwargs: dict[str, Any] = (
-                {"config": self.config.objective} if name == TinyServeObjective.name else {}
-            )
-            if "seed" in policy_params(name):
-                kwargs["seed"] = self.config.seed
-            pol = make_policy(name, **kwargs)
-            self._policies[name] = pol
-        return pol
 
     # ------------------------------------------------------------------ membership
     def join(
@@ -295,186 +251,7 @@ class SelectorCore:
         self.metrics.index_blocks.labels(rec.replica_id).set(self._index.num_resident(rec.slot))
         self.metrics.unique_blocks.set(self._index.num_unique_blocks)
 
-    # ------------------------------------------------------------------ selection
-    def select(
-        self,
-        request: SelectionRequest,
-        candidate_ids: Sequence[str] = (),
-        policy: str = "",
-        max_results: int = 0,
-        speculative: bool = True,
-    ) -> Selection:
-        """Rank candidates (all known replicas when empty) for ``request``. Unknown candidate
-        ids are ignored and counted. ValueError for an oversized prompt or an unknown policy.
-        With ``speculative`` the winner gets the prompt's blocks as pending inserts and the
-        request's tokens as in-flight load."""
-        if len(request.block_hashes) > self.config.max_prompt_blocks:
-            raise ValueError(
-                f"{len(request.block_hashes)} block hashes exceed max_prompt_blocks={self.config.max_prompt_blocks}"
-            )
-        with self._lock:
-            t0 = time.perf_counter()
-            pol = self.policy(policy)
-            slots, ids, unknown, mask = self._table.candidate_slots(candidate_ids)
-            if unknown:
-                self._counters["unknown_replica"] += unknown
-                self.metrics.errors.labels("unknown_replica").inc(unknown)
-            hashes: Sequence[int] | U64 = request.block_hashes
-            if self._compiled(pol):
-                # NOTE: the expiry, the pending marks and the access bump are made inside
-                # this call
-                ranked, matched, hashes = self._ranker.rank_fast(
-                    request, pol, slots, ids, mask, max_results, speculative,
-                    self.config.pending_ttl_s, _SELECT_EXPIRY_MARKS,
-                )  # fmt: skip
-                marked = True
-            else:
-                self._index.expire_pending(max_marks=_SELECT_EXPIRY_MARKS)
-                cands = self._ranker.candidates(request, slots, ids, mask)
-                ranking = pol.select(request, cands)
-                ranked = ranking.top(cands, max_results)
-                matched = int(cands.num_matched_blocks[ranking.order[0]]) if ranked else 0
-                marked = False
-            if ranked:
-                self._route(request, hashes, ranked[0].replica_id, pol.name, matched,
-                            speculative, marked)  # fmt: skip
-            self._counters["selects"] += 1
-            self._decisions[pol.name] = self._decisions.get(pol.name, 0) + 1
-            decisions, latency = self._policy_metrics(pol.name)
-            decisions.inc()
-            latency.observe(time.perf_counter() - t0)
-            return Selection(pol.name, ranked, request.num_prompt_blocks, unknown)
-
-    def select_wire(self, raw: bytes, defer: bool = False) -> bytes:
-        """``SelectResponse`` bytes for ``SelectRequest`` bytes ``raw`` (what the gRPC
-        servicer's raw codec and the fast lane serve): ``wire.decode_select`` -> ``select``
-        -> ``wire.encode_select``, and the same answer, state and errors (MalformedMessage,
-        ValueError) as that, but the tinyserve policy's fast path runs as one compiled call
-        (``wire_select``; the rest falls back to the three steps).
-
-        ``defer``: the compiled Select answers first and owes its route (the winner's pending
-        marks, access bump, in-flight record, the reward's prediction): the next holder of
-        the core's lock makes it before anything else, so every later call sees the same
-        state as without ``defer``; ``flush`` makes it at once (the server calls it after
-        sending the answer)."""
-        with self._lock:
-            t0 = time.perf_counter()
-            pol = self.policy(TinyServeObjective.name)
-            if self._compiled(pol):
-                now = self.clock()
-                ans = self._wire.run(
-                    raw, now, self.config.pending_ttl_s, _SELECT_EXPIRY_MARKS,
-                    self.config.max_prompt_blocks, pol.packed_config(),
-                    self.config.default_policy == pol.name, defer,
-                )  # fmt: skip
-                if ans is not None:
-                    if defer:
-                        self._deferred = (ans, now, pol.name)
-                    else:
-                        self._wire_routed(ans, now, pol.name, ans.route_stats)
-                    self._wire.tally.observe(time.perf_counter() - t0)
-                    return ans.body
-        req, candidates, policy, k, speculative = decode_select(raw, self.config.max_prompt_blocks)
-        return encode_select(self.select(req, candidates, policy, k, speculative))
-
-    def flush(self) -> None:
-        """Make a deferred Select's route now (``select_wire(defer=True)``): what a server
-        runs after sending the answer, off the next Select's path.
-        NOTE: no expiry here: only marks that fell due since that Select began would go, and
-        the next Select's start drains those in the same compiled call."""
-        with self._lock:
-            return  # NOTE: entering the lock makes the owed route (``_CoreLock``)
-
-    def _route_deferred(self) -> None:
-        """The deferred Select's route, as ``select_wire`` would have made it (``_CoreLock``
-        calls this on entry: nothing changed the index since that Select)."""
-        assert self._deferred is not None
-        ans, now, policy = self._deferred
-        self._deferred = None
-        st = ans.route_stats
-        if ans.r and ans.speculative:
-            ttl = self.config.pending_ttl_s
-            st = [*self._wire.route(ans, now, now + ttl if ttl > 0 else math.nan), *st[4:]]
-        self._wire_routed(ans, now, policy, st)
-
-    def _wire_routed(self, ans: Answer, now: float, policy: str, st: list[int]) -> None:
-        """The book-keeping ``rank_fast`` and ``_route`` do after their compiled call, for
-        a compiled wire Select (``st``: its ``select_kernel.ROUTE_STATS``)."""
-        self._index.routed(st[0], st[1], st[4], st[5])
-        if not ans.r:
-            return
-        rec = self._table.by_slot[ans.winner_slot]
-        if ans.speculative:
-            self._access.bumped(st[2], st[3], now)
-            self._table.add_inflight_record(rec, ans.num_prompt_tokens + ans.num_output_tokens)
-        if ans.request_id:
-            self._remember(ans.request_id, ans.num_prompt_tokens, rec, ans.matched, policy)
-
-    def _compiled(self, pol: Policy) -> TypeGuard[TinyServeObjective]:
-        """Whether ``pol`` ranks in the compiled kernels (``select_kernel``): the tinyserve
-        objective, not learning, with ``fast_path`` on."""
-        return self.fast_path and isinstance(pol, TinyServeObjective) and not pol.config.learn
-
-    def _policy_metrics(self, name: str) -> tuple[Any, Any]:
-        children = self._metric_children.get(name)
-        if children is None:
-            children = (
-                self.metrics.decisions.labels(name),
-                self.metrics.select_latency.labels(name),
-            )
-            self._metric_children[name] = children
-        return children
-
-    def _route(
-        self,
-        request: SelectionRequest,
-        hashes: Sequence[int] | U64,
-        replica_id: str,
-        policy: str,
-        matched: int,
-        speculative: bool,
-        marked: bool,
-    ) -> None:
-        """The winner's share of the request: pending marks, access bump and the table's
-        in-flight load (unless the compiled call ``marked`` them already), the record's
-        in-flight tokens, the reward's prediction."""
-        rec = self._table.records[replica_id]
-        if speculative:
-            if not marked:
-                # NOTE: the matched prefix is resident already; only the rest needs a mark.
-                self._index.mark_pending(rec.slot, hashes[matched:], self.config.pending_ttl_s)
-                self._access.bump(rec.slot, hashes)
-            tokens = request.num_prompt_tokens + request.num_output_tokens
-            if marked:  # NOTE: the compiled call added the columns' in-flight load
-                self._table.add_inflight_record(rec, tokens)
-            else:
-                self._table.add_inflight(rec, tokens)
-        if request.request_id:
-            self._remember(request.request_id, request.num_prompt_tokens, rec, matched, policy)
-
     # ------------------------------------------------------------------ feedback and stats
-    def _remember(
-        self, request_id: str, num_prompt_tokens: int, rec: ReplicaRecord, matched: int,
-        policy: str,
-    ) -> None:  # fmt: skip
-        """A routed request, for its feedback: the objective's prediction for it on ``rec``
-        (cluster/selector/reward.py) and (policy, predicted hit tokens)."""
-        self._rewards.expect(
-            request_id,
-            predict(
-                rec.replica_id,
-                num_prompt_tokens,
-                matched * rec.block_size,
-                # NOTE: the REPORTED rate, not the column R may have corrected: R measures
-                # realised TTFT against the reports (a corrected prediction would cancel it).
-                rec.load.prefill_tokens_per_s,
-                self.config.objective,
-            ),
-        )
-        self._routed[request_id] = (policy, matched * rec.block_size)
-        if len(self._routed) > 65536:
-            self._routed.popitem(last=False)
-
     def _set_reward(self, rec: ReplicaRecord, r: float) -> None:
         """R(c) into the table, with the prefill rate it implies (``corrected_rate``)."""
         rate = corrected_rate(rec.load.prefill_tokens_per_s, r, self.config.objective)
