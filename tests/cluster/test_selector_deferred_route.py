@@ -110,11 +110,11 @@ def test_the_server_routes_after_answering() -> None:
         resp = stub.Select(pb.SelectRequest(block_hashes=base[:10] + fresh,
                                             num_prompt_tokens=640, request_id="q7"))  # fmt: skip
         winner = resp.replicas[0].replica_id
+        # NOTE: read without the core's lock (entering it would make the route itself); the
+        # remembered request is the route's last write
         deadline = time.monotonic() + 5
-        while core._deferred is not None and time.monotonic() < deadline:
+        while "q7" not in core._routed and time.monotonic() < deadline:
             time.sleep(0.001)
-        # NOTE: read without the core's lock: entering it would make the route itself
-        assert core._deferred is None
-        assert "q7" in core._routed
+        assert "q7" in core._routed and core._deferred is None
         pending = {r.replica_id: r.num_pending_blocks for r in core.list_replicas()}
         assert pending[winner] >= len(fresh)
