@@ -71,6 +71,7 @@ class WireSelect:
         self._deferred = np.zeros(64, np.uint64)  # NOTE: a deferred route's hashes
         self._binding: wk.Binding | None = None
         self._route_args: tuple[Any, ...] = ()
+        self._route_stats = np.zeros(0, np.int64)  # NOTE: the ``stats`` among them
         self._bound_gen = -1
         self._num_candidates = 0
 
@@ -120,7 +121,7 @@ class WireSelect:
         self._reserve(ans.num_hashes)
         if self._bound_gen != Generation.value:
             self._bind()
-        stats = self._route_args[-2]
+        stats = self._route_stats
         stats[:] = 0
         select_kernel.route(self._deferred[: ans.num_hashes], ans.winner_slot, ans.matched, now,
                             deadline, *self._route_args)  # fmt: skip
@@ -158,5 +159,6 @@ class WireSelect:
         self._binding = wk.Binding(*bound)  # type: ignore[no-untyped-call]
         b = dict(zip(wk.BINDING, bound, strict=True))
         self._route_args = tuple(b[name] for name in _ROUTE_ARGS)
+        self._route_stats = b["stats"]
         self._bound_gen = Generation.value
 
