@@ -92,31 +92,12 @@ def _app_args(spec: AppSpec, key: str, multi_node: bool) -> dict[str, Any]:
 def start_app(spec: AppSpec, key_file: str = "", api_key: str = "") -> App:
     """Start Ray (one node or a multi-node Cluster), Serve on a free loopback port, the app;
     wait until a completion succeeds. ``key_file``/``api_key``: auth on with that key."""
-    import ray
     from ray import serve
 
     from cluster.serve.app import build_app
 
     name = f"ts{uuid.uuid4().hex[:6]}"
-    cluster = None
-    workers: dict[str, Any] = {}
-    if spec.num_worker_nodes:
-        from ray.cluster_utils import Cluster
-
-        system: dict[str, Any] = {}
-        if spec.health_check_period_ms:
-            system["health_check_period_ms"] = spec.health_check_period_ms
-        if spec.health_check_failure_threshold:
-            system["health_check_failure_threshold"] = spec.health_check_failure_threshold
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 3, "include_dashboard": False, "_system_config": system,
-            "resources": {"ingress": 1, "selector": spec.num_selectors, "llm": 1}})
-        for _ in range(spec.num_worker_nodes):
-            node = cluster.add_node(num_cpus=2, resources={"llm": 1})
-            workers[node.node_id] = node
-        ray.init(address=cluster.address)
-    else:
-        ray.init(address="local", num_cpus=6, include_dashboard=False)
+    cluster, workers = _start_ray_retrying(spec)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port},
                 proxy_location="HeadOnly")  # fmt: skip
@@ -127,6 +108,56 @@ def start_app(spec: AppSpec, key_file: str = "", api_key: str = "") -> App:
     app = App(spec, name, f"http://127.0.0.1:{port}", model, api_key, cluster, head, workers)
     wait_ready(app)
     return app
+
+
+def _start_ray(spec: AppSpec) -> tuple[Any, dict[str, Any]]:
+    import ray
+
+    if not spec.num_worker_nodes:
+        ray.init(address="local", num_cpus=6, include_dashboard=False)
+        return None, {}
+    from ray.cluster_utils import Cluster
+
+    system: dict[str, Any] = {}
+    if spec.health_check_period_ms:
+        system["health_check_period_ms"] = spec.health_check_period_ms
+    if spec.health_check_failure_threshold:
+        system["health_check_failure_threshold"] = spec.health_check_failure_threshold
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 3, "include_dashboard": False, "_system_config": system,
+        "resources": {"ingress": 1, "selector": spec.num_selectors, "llm": 1}})
+    workers: dict[str, Any] = {}
+    for _ in range(spec.num_worker_nodes):
+        node = cluster.add_node(num_cpus=2, resources={"llm": 1})
+        workers[node.node_id] = node
+    ray.init(address=cluster.address)
+    return cluster, workers
+
+
+def _start_ray_retrying(spec: AppSpec, attempts: int = 3) -> tuple[Any, dict[str, Any]]:
+    """``_start_ray``, again after a node that did not come up in time.
+
+    NOTE: Ray gives a starting raylet a fixed 30 s to register with the GCS
+    (``ray._private.node``); on a loaded 2-core CI box it once missed that. A failed start
+    leaves its processes behind, so they are stopped (``ray stop --force``: every Ray process
+    of this host, which a test or benchmark run here owns) before the next try."""
+    import subprocess
+    import sys
+
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_ray(spec)
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == attempts:
+                raise
+            print(f"app_cluster: a Ray node did not start ({e}); try {attempt + 1} of "
+                  f"{attempts}", file=sys.stderr)  # fmt: skip
+            ray.shutdown()
+            subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
+                           capture_output=True, timeout=120, check=False)  # fmt: skip
+    raise AssertionError("unreachable")
 
 
 def stop_app(app: App) -> None:
