@@ -7,7 +7,10 @@
 - A background loop drains the pool's KV events every ``report_interval_s`` and hands them,
   plus a load snapshot, to a ``KVSink`` (the selection service's ReportKV stream). The sink
   comes from an injected factory: ``replicas`` never imports ``cluster`` (dependency
-  direction), the app builder passes ``cluster.serve.app_reporting.SelectorSink``.
+  direction), the app builder passes ``cluster.serve.app_reporting.SelectorSink``. That
+  reporting half (``ReplicaLoad``, ``SinkSpec``, ``KVSink``, the loop) lives in
+  ``deployment_report.py`` (``ReplicaReporting``); this file holds the request, serving and
+  Serve's hooks.
 - Outputs leave as the engine's deltas when streamed (thinned out above
   ``stream_max_outputs_per_s`` a second), as one per sequence when not
   (``replicas.output_pacing``).
@@ -21,16 +24,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 from ray import serve
 
-from kvmanager.events import KVEvent
-from kvmanager.metrics import PoolStats
 from replicas.config import EngineConfig
 from replicas.deployment_metrics import ReplicaMetrics
+from replicas.deployment_report import KVSink, ReplicaReporting, SinkFactory
+from replicas.deployment_report import (
+    ReplicaLoad as ReplicaLoad,  # NOTE: re-exported: the app's sink and tests import it here
+)
+from replicas.deployment_report import (
+    SinkSpec as SinkSpec,  # NOTE: re-exported: the app's sink and tests import it here
+)
 from replicas.engine import AsyncLLMEngine
 from replicas.loop_lag import LAG_WINDOW_S, LoopLag
 from replicas.output_pacing import OutputPacer, StreamBudget
@@ -41,8 +49,6 @@ from replicas.sampling_params import SamplingParams
 
 log = logging.getLogger("ray.serve")
 EWMA_ALPHA = 0.2
-SNAPSHOT_EVERY_S = 0.5
-RERESOLVE_AFTER_S = 5.0
 
 
 @dataclass(slots=True)
@@ -72,53 +78,6 @@ class GenerateRequest:
     reply_to: str = ""
 
 
-@dataclass(slots=True)
-class ReplicaLoad:
-    """A load/fragmentation snapshot (field names of ``tinyserve.v1.LoadSnapshot``)."""
-
-    num_blocks: int
-    num_free_blocks: int
-    num_cached_blocks: int
-    num_used_blocks: int
-    num_running_reqs: int
-    num_waiting_reqs: int
-    num_running_tokens: int
-    num_waiting_tokens: int
-    ttft_ewma_s: float
-    step_time_ewma_s: float
-    f_total: float
-    usage: float
-    external_fragmentation: float
-    prefill_tokens_per_s: float = 0.0
-    decode_tokens_per_s: float = 0.0
-
-
-@dataclass(slots=True)
-class SinkSpec:
-    """What a KV sink needs to introduce the replica to the selection service."""
-
-    address: str
-    replica_id: str
-    node_id: str
-    block_size: int
-    num_blocks: int
-    hash_mode: str
-    resident_hashes: Callable[[], list[int]] = field(default=lambda: [])
-
-
-class KVSink(Protocol):
-    """Where a replica's KV events, load and outcomes go. Methods must not block."""
-
-    def publish(self, events: list[KVEvent]) -> None: ...
-    def snapshot(self, load: ReplicaLoad) -> None: ...
-    def feedback(self, request_id: str, out: RequestOutput) -> None: ...
-    def connected(self) -> bool: ...
-    def close(self) -> None: ...
-
-
-SinkFactory = Callable[[SinkSpec], KVSink]
-
-
 def remaining_work_tokens(num_prompt: int, max_tokens: int, out: RequestOutput | None) -> int:
     """Tokens a request still has to compute: the whole prompt plus max_tokens until its first
     output; after it the prompt is done (cached or computed) and only the outputs still owed
@@ -131,7 +90,7 @@ def remaining_work_tokens(num_prompt: int, max_tokens: int, out: RequestOutput |
 
 
 @serve.deployment(name="LLMReplica", max_ongoing_requests=64, health_check_period_s=5)
-class LLMReplica:
+class LLMReplica(ReplicaReporting):
     """One engine per replica. ``selector`` is the selection service's handle (or None)."""
 
     async def __init__(  # type: ignore[misc]  # NOTE: Serve awaits async constructors.
@@ -267,94 +226,6 @@ class LLMReplica:
         # NOTE: the router routed one request: one outcome (the first sequence's) goes back.
         if self._sink is not None and feedback and out.finish_reason != "abort":
             self._sink.feedback(request_id, out)
-
-    # -- reporting -----------------------------------------------------------------------------
-    def load(self, stats: PoolStats | None = None) -> ReplicaLoad:
-        """The load snapshot; ``stats`` (the pool's, just taken) saves taking it again."""
-        stats = stats if stats is not None else self.engine.stats()
-        tokens = sum(self._inflight.values())
-        rates = self.engine.rates()
-        return ReplicaLoad(
-            num_blocks=stats.num_blocks,
-            num_free_blocks=stats.num_free_blocks,
-            num_cached_blocks=stats.num_cached_blocks,
-            num_used_blocks=stats.num_used_blocks,
-            num_running_reqs=stats.num_requests,
-            num_waiting_reqs=max(len(self._inflight) - stats.num_requests, 0),
-            num_running_tokens=tokens,
-            num_waiting_tokens=0,
-            ttft_ewma_s=self._ttft_ewma,
-            step_time_ewma_s=self._tpot_ewma,
-            f_total=stats.f_total,
-            usage=stats.usage,
-            external_fragmentation=stats.external_fragmentation,
-            prefill_tokens_per_s=rates.prefill_tokens_per_s,
-            decode_tokens_per_s=rates.decode_tokens_per_s,
-        )
-
-    async def _resolve_address(self) -> str | None:
-        if self._selector is None:
-            return None
-        try:
-            return str(await asyncio.wait_for(self._selector.address.remote(), timeout=10.0))
-        except Exception as exc:  # NOTE: the service may still be starting; retry later.
-            log.info("selection service not reachable yet: %r", exc)
-            return None
-
-    async def _ensure_sink(self, now: float, disconnected_since: float | None) -> None:
-        if self._sink_factory is None or self._selector is None:
-            return
-        stale = disconnected_since is not None and now - disconnected_since > RERESOLVE_AFTER_S
-        if self._sink is not None and not stale:
-            return
-        address = await self._resolve_address()
-        if address is None or (self._sink is not None and address == self._address):
-            return
-        if self._sink is not None:
-            self._sink.close()
-        stats = await asyncio.to_thread(self.engine.stats)
-        self._address = address
-        self._sink = self._sink_factory(
-            SinkSpec(
-                address=address,
-                replica_id=self.replica_id,
-                node_id=this_node_id(),
-                block_size=stats.block_size,
-                num_blocks=stats.num_blocks,
-                hash_mode=self.config.hash_mode,
-                resident_hashes=self.engine.cached_block_hashes,
-            )
-        )
-        log.info("replica %s reports KV to %s", self.replica_id, address)
-
-    async def _report_loop(self) -> None:
-        """Drain events -> sink; snapshot load -> sink and gauges. Never raises."""
-        last_snapshot = 0.0
-        disconnected_since: float | None = None
-        while not self._stopping:
-            now = time.monotonic()
-            try:
-                await self._ensure_sink(now, disconnected_since)
-                # NOTE: the pool's readers wait for a running step (the engine lock): off
-                # the event loop, or every stream of this replica would stall for a step.
-                events = await asyncio.to_thread(self.engine.take_events)
-                if events and self._sink is not None:
-                    self._sink.publish(events)
-                if now - last_snapshot >= SNAPSHOT_EVERY_S:
-                    last_snapshot = now
-                    stats = await asyncio.to_thread(self.engine.stats)
-                    load = self.load(stats)
-                    self.metrics.on_pool(stats, len(self._inflight))
-                    sparse = await asyncio.to_thread(self.engine.sparse_stats)
-                    if sparse is not None:
-                        self.metrics.on_sparse(sparse)
-                    if self._sink is not None:
-                        self._sink.snapshot(load)
-                        ok = self._sink.connected()
-                        disconnected_since = None if ok else (disconnected_since or now)
-            except Exception:  # NOTE: reporting must never take serving down.
-                log.exception("KV report loop iteration failed")
-            await asyncio.sleep(self._interval)
 
     # -- Serve hooks -----------------------------------------------------------------------------
     def record_routing_stats(self) -> dict[str, Any]:

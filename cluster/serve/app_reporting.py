@@ -1,7 +1,8 @@
 """SelectorSink: a replica's KVSink backed by the selection service (ReportKV streams).
 
-The replica deployment (``replicas.deployment``) only knows the ``KVSink`` protocol; the app
-builder injects ``make_selector_sink`` so that ``replicas`` never imports ``cluster``.
+The replica deployment (``replicas.deployment``, its reporting half in
+``replicas.deployment_report``) only knows the ``KVSink`` protocol; the app builder injects
+``make_selector_sink`` so that ``replicas`` never imports ``cluster``.
 
 - KV events and load snapshots go to EVERY selection replica, one ``KVReporter`` stream each
   (its own thread; Hello + full resync on every reconnect, so a restarted service catches up).
@@ -31,7 +32,7 @@ from cluster.selector.reporter import KVReporter
 from cluster.selector.types import LoadSnapshot, Outcome
 from kvmanager.events import KVEvent
 from protos import cache_selection_pb2 as pb
-from replicas.deployment import ReplicaLoad, SinkSpec
+from replicas.deployment_report import ReplicaLoad, SinkSpec
 from replicas.outputs import RequestOutput
 
 log = logging.getLogger("tinyserve.app_reporting")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from cluster.selector.grpc_tls import ClientTLS
 from cluster.serve.app_reporting import SelectorSink, make_selector_sink
-from replicas.deployment import SinkSpec
+from replicas.deployment_report import SinkSpec
 
 
 def new_token() -> str:

@@ -133,7 +133,7 @@ def test_a_replica_slower_than_its_reports_loses_traffic_then_recovers(
 
 
 def test_feedback_over_grpc_from_the_replica_sink_penalises_the_slow_replica() -> None:
-    """The real path: each replica's SelectorSink (replicas/deployment.py's sink) streams its
+    """The real path: each replica's SelectorSink (replicas/deployment_report.py's sink) streams its
     load and sends Feedback on completion over loopback gRPC; the router's SelectorClient
     then sees R(c) < 0 for the replica 4x slower than its reports, and it is not chosen."""
     import time
