@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -49,8 +48,8 @@ import numpy as np
 
 from benchmarks.gpu_ab_plan import Budget, gpu_plan, kv_fit, replay_plan
 from benchmarks.gpu_ab_report import mean_table, plot, table
-from benchmarks.gpu_models import SHAPES
 from benchmarks.loadgen import LoadRecord, Replayer, summarize
+from benchmarks.random_llama import LLAMA_1B, make_llama1b
 from benchmarks.workloads import build_workload
 from cluster.selector.objective_settings import objective_from_mapping, parse_assignments
 
@@ -73,50 +72,6 @@ PLAN: dict[str, tuple[float, float, dict[str, Any]]] = {
     "tool_agent": (0.25, 12.0, {}),
     "b2b_saas": (0.25, 4.0, {"stage_s": 4.0}),
 }
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=64)
-
-
-# NOTE: the engine benchmarks' 8B shape (benchmarks.gpu_models), less its vocabulary: a served
-# checkpoint takes the real tokenizer's.
-LLAMA_8B = {k: v for k, v in SHAPES["8b"].items() if k != "vocab_size"}
-
-
-def make_llama1b(path: Path, tokenizer_dir: Path) -> Path:
-    """A Llama-3.2-1B-shaped checkpoint with random bf16 weights and a real tokenizer (routing
-    and prefix caching act on token ids; the weights only set the compute)."""
-    return make_random_llama(path, tokenizer_dir, LLAMA_1B)
-
-
-def make_random_llama(path: Path, tokenizer_dir: Path, shape: dict[str, int]) -> Path:
-    """A Llama checkpoint of ``shape`` (LLAMA_1B, LLAMA_8B) with random bf16 weights and the
-    tokenizer of ``tokenizer_dir``; reused when ``path`` already holds one."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if (path / "config.json").exists():
-        return path
-    tok = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
-    vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
-    cfg = LlamaConfig(**shape, vocab_size=vocab, max_position_embeddings=32768,
-                      rope_theta=500000.0, tie_word_embeddings=shape is LLAMA_1B,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=tok.get("pad_token_id"))
-    torch.manual_seed(0)
-    default_dtype = torch.get_default_dtype()
-    # NOTE: built in bf16 directly: an 8B model in fp32 first would need 32 GB more.
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(default_dtype)
-    model.save_pretrained(str(path))
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, path / f.name)
-    del model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # NOTE: the driver keeps no cached GPU memory the replicas need.
-    return path
 
 
 class PoolSampler:

@@ -98,7 +98,7 @@ def prepare_model(args: argparse.Namespace) -> tuple[str, Path]:
 
         path = Path(args.checkpoint_dir or tempfile.gettempdir()) / "serve_overhead_tiny"
         return str(make_tiny_checkpoint(path)), path
-    from benchmarks.gpu_ab import LLAMA_1B, LLAMA_8B, make_random_llama
+    from benchmarks.random_llama import LLAMA_1B, LLAMA_8B, make_random_llama
 
     shape = LLAMA_1B if args.model == "random-1b" else LLAMA_8B
     path = Path(args.checkpoint_dir or tempfile.gettempdir()) / f"serve_overhead_{args.model}"

@@ -167,7 +167,7 @@ def _model_dir(model: str) -> str:
         return model
     import tempfile
 
-    from benchmarks.gpu_ab import LLAMA_1B, LLAMA_8B, make_random_llama
+    from benchmarks.random_llama import LLAMA_1B, LLAMA_8B, make_random_llama
     from benchmarks.serve_overhead import default_tokenizer_dir
 
     path = Path(tempfile.gettempdir()) / f"structured_{model}"
