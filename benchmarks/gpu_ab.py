@@ -27,181 +27,42 @@ gives each a fraction of a GPU, and each keeps the fixed pool of ``--num-blocks`
 then sizes nothing from the GPU's free memory); ``kv_fit`` checks that the replicas' weights,
 pools and overhead fit a GPU, and shrinks the pools if not. ``--budget-s`` (``Budget``) starts
 no replay that would overrun it and still writes every replay that finished.
+
+This file holds the command (flags, the engine's settings, the loop over deployments and
+replays, the output files). The plan (``POLICIES``, ``PLAN``, GPU sharing, budget) is in
+``gpu_ab_plan.py``; one deployment and one replay with its measures in ``gpu_ab_replay.py``;
+the tables and plot in ``gpu_ab_report.py``; the random checkpoint in ``random_llama.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
 import sys
-import threading
 import time
 import urllib.request
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from benchmarks.gpu_ab_plan import Budget, gpu_plan, kv_fit, replay_plan
+from benchmarks.gpu_ab_plan import (
+    DEFAULT_POLICIES,
+    PLAN,
+    POLICIES,
+    Budget,
+    gpu_plan,
+    kv_fit,
+    replay_plan,
+)
+from benchmarks.gpu_ab_replay import APP, deploy, replay
+from benchmarks.gpu_ab_replay import (
+    tpot as tpot,  # NOTE: re-exported: tests import it here
+)
 from benchmarks.gpu_ab_report import mean_table, plot, table
-from benchmarks.loadgen import LoadRecord, Replayer, summarize
 from benchmarks.random_llama import LLAMA_1B, make_llama1b
 from benchmarks.workloads import build_workload
 from cluster.selector.objective_settings import objective_from_mapping, parse_assignments
-
-APP = "tinyserve"
-# label -> (Serve router, the selection-service policy the requests ask for)
-POLICIES: dict[str, tuple[str, str]] = {
-    "tinyserve": ("tinyserve", "tinyserve"),
-    "sglang_cache_aware": ("tinyserve", "sglang_cache_aware"),
-    "dynamo_cost": ("tinyserve", "dynamo_cost"),
-    "llmd_weighted": ("tinyserve", "llmd_weighted"),
-    "ray_prefix_affinity": ("prefix_cache_affinity", ""),
-    "pow2": ("pow2", ""),
-}
-DEFAULT_POLICIES = ["tinyserve", "sglang_cache_aware", "dynamo_cost", "ray_prefix_affinity", "pow2"]
-# workload -> scale at 2 replicas (x replicas/2; 8 replicas = 1 is the design point), rate
-# multiplier (1 = the design rate), builder overrides
-PLAN: dict[str, tuple[float, float, dict[str, Any]]] = {
-    "generated_shared_prefix": (0.5, 3.0, {}),
-    "multi_turn_chat": (0.5, 4.0, {}),
-    "tool_agent": (0.25, 12.0, {}),
-    "b2b_saas": (0.25, 4.0, {"stage_s": 4.0}),
-}
-
-
-class PoolSampler:
-    """Samples every LLM replica's pool (usage, counters) in a thread while a replay runs.
-
-    NOTE: a handle call reaches ONE replica (whichever the router picks), so the replicas are
-    asked directly, through their Serve actors' ``record_routing_stats`` (the deployment's
-    routing-stats hook, which reports the pool's counters)."""
-
-    def __init__(self, num_replicas: int, period_s: float = 0.5) -> None:
-        import ray
-
-        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                 if f"{APP}#LLMReplica#" in a["name"]]
-        if len(names) != num_replicas:
-            raise RuntimeError(f"found {len(names)} LLMReplica actors, expected {num_replicas}")
-        self.actors = {n.rsplit("#", 1)[-1]: ray.get_actor(n, namespace="serve") for n in names}
-        self.period_s = period_s
-        self.usage: dict[str, list[float]] = {r: [] for r in self.actors}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def snapshot(self) -> dict[str, dict[str, Any]]:
-        import ray
-
-        refs = {r: a.record_routing_stats.remote() for r, a in self.actors.items()}
-        return {r: ray.get(ref, timeout=60) for r, ref in refs.items()}
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
-            for rid, st in self.snapshot().items():
-                self.usage[rid].append(float(st["kv_usage"]))
-
-    def __enter__(self) -> PoolSampler:
-        self.before = self.snapshot()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.after = self.snapshot()
-
-    def figures(self) -> dict[str, Any]:
-        prompt = {r: self.after[r]["prefix_query_tokens"] - self.before.get(r, {}).get(
-            "prefix_query_tokens", 0) for r in self.after}
-        vals = list(prompt.values())
-        mean = float(np.mean(vals)) if vals else 0.0
-        usage = [float(np.mean(u)) for u in self.usage.values() if u]
-        return {"prompt_tokens_per_replica": prompt,
-                "imbalance": max(vals) / mean if mean > 0 else 0.0,
-                "kv_usage_mean": float(np.mean(usage)) if usage else 0.0,
-                "kv_usage_max": max((max(u) for u in self.usage.values() if u), default=0.0)}
-
-
-def tpot(records: list[LoadRecord]) -> dict[str, float]:
-    """Client-side time per output token after the first (finished, error-free requests)."""
-    t = np.asarray([(r.finish_s - r.first_token_s) / (r.num_output_tokens - 1)
-                    for r in records if not r.error and r.num_output_tokens > 1])
-    if not len(t):
-        return {}
-    return {"tpot_p50_s": float(np.percentile(t, 50)), "tpot_p90_s": float(np.percentile(t, 90))}
-
-
-def deploy(router: str, engine: dict[str, Any], replicas: int, device: str, http: str,
-           num_gpus_per_replica: float = 1.0, objective: dict[str, Any] | None = None) -> float:
-    from ray import serve
-
-    from cluster.serve.app import build_app
-
-    args = {"engine": engine, "num_replicas": replicas, "router": router,
-            "num_cpus_per_replica": 2 if device == "cuda" else 1,
-            "num_gpus_per_replica": num_gpus_per_replica if device == "cuda" else 0,
-            "max_ongoing_requests": 1024, "ingress_num_replicas": 4 if device == "cuda" else 1,
-            "selector": {"port": 0, "stale_after_s": 600, "objective": objective or {}},
-            "auth": {"enabled": False}}  # NOTE: the proxy binds loopback (see main())
-    if router == "tinyserve":  # NOTE: router_kwargs go to whichever router class is chosen.
-        args["router_kwargs"] = {"select_timeout_s": 0.05 if device == "cuda" else 1.0}
-    t0 = time.perf_counter()
-    serve.run(build_app(args), name=APP, route_prefix="/")
-    deadline = time.monotonic() + 600
-    while True:
-        try:
-            with urllib.request.urlopen(f"{http}/v1/models", timeout=5) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"router={router}: the app did not answer in 600 s") from None
-            time.sleep(1)
-    took = time.perf_counter() - t0
-    print(f"== deployed router={router} in {took:.1f} s", flush=True)
-    return took
-
-
-def replay(http: str, model: str, workload: str, seed: int, policy: str, nonce: str,
-           max_requests: int, num_replicas: int) -> dict[str, Any]:
-    import openai
-
-    # NOTE: a fresh client per replay: its connection pool binds to the replay's event loop.
-    client = openai.AsyncOpenAI(base_url=f"{http}/v1", api_key="unused", max_retries=0,
-                                timeout=600)
-    base, rate, overrides = PLAN[workload]
-    scale = base * num_replicas / 2
-    w = build_workload(workload, seed, scale, **overrides)
-    extra: dict[str, Any] = {"ignore_eos": True}
-    if POLICIES[policy][1]:
-        extra["routing_policy"] = POLICIES[policy][1]
-    rep = Replayer(client, model, w, time_scale=1.0 / rate, max_requests=max_requests,
-                   nonce=nonce, extra_body=extra)
-    t0 = time.perf_counter()
-
-    async def run() -> list[LoadRecord]:
-        async with client:  # NOTE: closed on the replay's own loop, not after it ends.
-            return await rep.run()
-
-    with PoolSampler(num_replicas) as pools:
-        records = asyncio.run(run())
-    row = {"workload": workload, "policy": policy, "router": POLICIES[policy][0], "seed": seed,
-           "scale": scale, "rate_multiplier": rate, "overrides": overrides,
-           "num_sent": len(rep.requests), "wall_s": time.perf_counter() - t0,
-           **summarize(records), **tpot(records), **pools.figures()}
-    print(f"   s{seed} {workload:24s} {policy:20s} n={row['num_requests']:5d} err={row.get('num_errors')}"
-          f" ttft p50/p99 {row.get('ttft_p50_s', 0):.3f}/{row.get('ttft_p99_s', 0):.3f} s"
-          f" hit {row.get('hit_ratio', 0):.3f} tok/s {row.get('throughput_tok_s', 0):.0f}"
-          f" imb {row['imbalance']:.2f} kv {row['kv_usage_mean']:.2f}"
-          f" ({row['wall_s']:.1f} s) {row['prompt_tokens_per_replica']}", flush=True)
-    return {"summary": row, "records": [asdict(r) for r in records],
-            "args": {"workload": workload, "seed": seed, "scale": scale,
-                     "time_scale": 1.0 / rate, "set": overrides, "max_requests": max_requests}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,30 @@
-"""gpu_ab's run plan, pure: how replicas share GPUs, whether their KV pools fit, the order of the
-replays, and the time budget that trims them (``benchmarks.gpu_ab``)."""
+"""gpu_ab's run plan, pure: the policies and workloads it replays (``POLICIES``, ``PLAN``), how
+replicas share GPUs, whether their KV pools fit, the order of the replays, and the time budget
+that trims them (``benchmarks.gpu_ab``)."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
+
+# label -> (Serve router, the selection-service policy the requests ask for)
+POLICIES: dict[str, tuple[str, str]] = {
+    "tinyserve": ("tinyserve", "tinyserve"),
+    "sglang_cache_aware": ("tinyserve", "sglang_cache_aware"),
+    "dynamo_cost": ("tinyserve", "dynamo_cost"),
+    "llmd_weighted": ("tinyserve", "llmd_weighted"),
+    "ray_prefix_affinity": ("prefix_cache_affinity", ""),
+    "pow2": ("pow2", ""),
+}
+DEFAULT_POLICIES = ["tinyserve", "sglang_cache_aware", "dynamo_cost", "ray_prefix_affinity", "pow2"]
+# workload -> scale at 2 replicas (x replicas/2; 8 replicas = 1 is the design point), rate
+# multiplier (1 = the design rate), builder overrides
+PLAN: dict[str, tuple[float, float, dict[str, Any]]] = {
+    "generated_shared_prefix": (0.5, 3.0, {}),
+    "multi_turn_chat": (0.5, 4.0, {}),
+    "tool_agent": (0.25, 12.0, {}),
+    "b2b_saas": (0.25, 4.0, {"stage_s": 4.0}),
+}
 
 
 def gpu_plan(replicas: int, gpus: int) -> dict[str, Any]:

@@ -5,8 +5,8 @@ its first few blocks (the template's opening plus the replay's nonce: 47 tokens,
 gpu_ab's b2b_saas replays, the median real - spec prompt length). The workload specs have no
 such header, and neither had the weight sweeps. This benchmark prepends ``--header-blocks``
 shared blocks to every prompt (a conversation's later turns carry it through their history)
-and replays gpu_ab's plan (``benchmarks.gpu_ab.PLAN``: same scale at 2 replicas, rate, builder
-overrides, pool size) for several seeds, for the baselines and for TinyServe objective
+and replays gpu_ab's plan (``benchmarks.gpu_ab_plan.PLAN``: same scale at 2 replicas, rate,
+builder overrides, pool size) for several seeds, for the baselines and for TinyServe objective
 variants, all in one run. Figures per replay: imbalance as gpu_ab measures it (max / mean
 prompt tokens routed per replica), the simulator's own (prefill + decode tokens run),
 prefix-hit token ratio, TTFT p50/p99, output tokens/s. ``--trace`` keeps the per-candidate
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import benchmarks.sim.policies  # noqa: F401  (registers the benchmark-only policies)
-from benchmarks.gpu_ab import PLAN
+from benchmarks.gpu_ab_plan import PLAN
 from benchmarks.sim.calibration import load_calibration
 from benchmarks.sim.cluster import ClusterSim, SimConfig
 from benchmarks.sim_vs_real import scaled
