@@ -175,8 +175,8 @@ class EngineConfig(BaseModel):
     )
     engine_process: bool = Field(
         default=False,
-        description="Run the engine core in its own process (replicas.engine_core_proc; ZMQ + "
-        "msgspec between them) instead of a thread of the replica: the engine's Python no "
+        description="Run the engine core in its own process (replicas.engine_core_proc; msgspec "
+        "frames over a Unix socket pair) instead of a thread of the replica: the engine's Python no "
         "longer competes for the GIL with Ray, Serve's streaming and asyncio. Unset = on for "
         "CUDA (served 1B at 64 concurrent: +28-31% tok/s on an H100), off on CPU "
         "(benchmarks/results/serve_overhead_notes.md).",

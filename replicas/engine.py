@@ -10,7 +10,7 @@
 The engine core steps on its own thread (``replicas.engine_core_thread``, the default) or,
 with ``EngineConfig.engine_process``, in its own process (``replicas.engine_core_proc``)::
 
-    event loop(s)                          engine core (thread, or child process over ZMQ)
+    event loop(s)                          engine core (thread, or child process over a socket pair)
     generate() -> core.submit()  ------->  apply adds/aborts, step(), step(), ...
     _stream() <- asyncio.Queue   <-------  route(): one call_soon_threadsafe per loop per step
                                            (that step's outputs, one per request)

@@ -18,15 +18,17 @@ from __future__ import annotations
 import logging
 import pickle
 import queue
+import select
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
 import msgspec
-import zmq
 
 from replicas.config import EngineConfig
+from replicas.engine_core_pipe import FrameReader, FrameWriter
 from replicas.engine_core_turn import Add, Routed, abort_all, apply_inputs, check_idle, safe_step
 from replicas.engine_core_wire import (
     QUERIES,
@@ -52,7 +54,7 @@ logger = logging.getLogger(__name__)
 # NOTE: while a grammar compiles on the worker thread, the idle loop wakes this often to pick
 # it up (a compile takes milliseconds to seconds).
 COMPILE_POLL_MS = 2
-LINGER_MS = 5000
+LINGER_S = 5.0  # NOTE: how long the last messages may take to leave when the child exits
 
 
 class ParentGone(Exception):
@@ -60,44 +62,31 @@ class ParentGone(Exception):
 
 
 class Outbox:
-    """The child's output socket. NOTE: a PUSH socket with no connected peer blocks a send;
-    the parent binds it, so sends retry while the parent lives and give up once it is gone
-    (never an orphan stuck in a send)."""
+    """The child's outputs to the parent. A send never blocks the step loop
+    (``FrameWriter``); once the parent is gone it raises ParentGone."""
 
-    def __init__(self, socket: zmq.Socket[Any], parent_alive: Connection) -> None:
-        self.socket = socket
-        self.parent_alive = parent_alive
+    def __init__(self, sock: socket.socket) -> None:
+        self.writer = FrameWriter(sock, "tinyserve-engine-outputs")
         self.encoder = msgspec.msgpack.Encoder()
 
     def send(self, msg: msgspec.Struct) -> None:
-        frame = self.encoder.encode(msg)
-        while True:
-            try:
-                self.socket.send(frame, zmq.NOBLOCK, copy=False)
-                return
-            except zmq.Again:
-                if self.parent_alive.poll(0.1):  # NOTE: readable = EOF: the parent is gone
-                    raise ParentGone from None
+        try:
+            self.writer.send(self.encoder.encode(msg))
+        except OSError:
+            raise ParentGone from None
 
 
 def run_engine_core(
     config_json: str,
-    in_addr: str,
-    out_addr: str,
+    sock: socket.socket,
     parent_alive: Connection,
     idle_check_after_s: float,
 ) -> None:
     """Build the engine, say ``Ready`` (or why not), serve until ``Shutdown`` or the parent
-    is gone."""
-    ctx = zmq.Context()
-    inbox = ctx.socket(zmq.PULL)
-    inbox.setsockopt(zmq.RCVHWM, 0)
-    inbox.connect(in_addr)
-    outbox = ctx.socket(zmq.PUSH)
-    outbox.setsockopt(zmq.SNDHWM, 0)
-    outbox.connect(out_addr)
-    out = Outbox(outbox, parent_alive)
-    linger_ms = LINGER_MS
+    is gone. ``sock``: this end of the parent's socket pair (inputs in, outputs out)."""
+    inbox = FrameReader(sock)
+    out = Outbox(sock)
+    linger_s = LINGER_S
     try:
         try:
             engine = LLMEngine(EngineConfig.model_validate_json(config_json))
@@ -109,11 +98,10 @@ def run_engine_core(
         CoreLoop(engine, inbox, out, parent_alive, idle_check_after_s).run()
     except ParentGone:
         logger.warning("engine core: the parent process is gone; exiting")
-        linger_ms = 0
+        linger_s = 0.0
     finally:
-        inbox.close(linger=0)
-        outbox.close(linger=linger_ms)
-        ctx.term()
+        out.writer.close(linger_s)
+        sock.close()
 
 
 class CoreLoop:
@@ -122,7 +110,7 @@ class CoreLoop:
     def __init__(
         self,
         engine: LLMEngine,
-        inbox: zmq.Socket[Any],
+        inbox: FrameReader,
         outbox: Outbox,
         parent_alive: Connection,
         idle_check_after_s: float,
@@ -133,9 +121,9 @@ class CoreLoop:
         self.idle_check_after_s = idle_check_after_s
         self.decoder = msgspec.msgpack.Decoder(Inbound)
         self.parent_fd = parent_alive.fileno()
-        self.poller = zmq.Poller()
-        self.poller.register(inbox, zmq.POLLIN)
-        self.poller.register(self.parent_fd, zmq.POLLIN)
+        self.poller = select.poll()
+        self.poller.register(inbox.fileno(), select.POLLIN)
+        self.poller.register(self.parent_fd, select.POLLIN)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="tinyserve-grammar")
         self._compiled: queue.SimpleQueue[tuple[list[Add], BaseException | None]] = (
             queue.SimpleQueue()
@@ -161,6 +149,8 @@ class CoreLoop:
                 if self.parent_fd in events:
                     raise ParentGone
                 adds, aborts, queries, stop = self._receive()
+                if self.inbox.eof and not stop:
+                    raise ParentGone  # NOTE: the parent closed its end
                 routed: Routed = []
                 adds += self._take_compiled(routed)
                 if stop:
@@ -197,12 +187,8 @@ class CoreLoop:
         adds: list[Add] = []
         aborts: list[str] = []
         queries: list[Query] = []
-        while True:
-            try:
-                frame = self.inbox.recv(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return adds, aborts, queries, False
-            msg = self.decoder.decode(frame.buffer)
+        for frame in self.inbox.read():
+            msg = self.decoder.decode(frame)
             if isinstance(msg, Adds):
                 batch: list[Add] = [
                     (a.request_id, a.prompt_token_ids, a.params, None) for a in msg.adds
@@ -222,6 +208,7 @@ class CoreLoop:
                 queries.append(msg)
             elif isinstance(msg, Shutdown):
                 return adds, aborts, queries, True
+        return adds, aborts, queries, False
 
     def _compile(self, batch: list[Add]) -> None:
         """Compile the batch's grammar on the worker thread (never on the step loop)."""

@@ -1,15 +1,15 @@
 """ProcessCore: the engine core in a child process, behind ThreadCore's interface.
 
     replica process                                   engine-core process (spawn)
-    AsyncLLMEngine ... submit/abort/query --PUSH-->   CoreLoop: add, abort, step, answer
-    reader thread  <--PULL-- Step / Reply / Bye ---   (replicas.engine_core_main)
+    AsyncLLMEngine ... submit/abort/query -------->   CoreLoop: add, abort, step, answer
+    reader thread  <-------- Step / Reply / Bye ---   (replicas.engine_core_main)
       route(step's outputs) -> streams' loops
     parent's pipe  ------------------------------->   closed when this process dies: the
                                                       child exits (no orphan)
 
-Messages are ``replicas.engine_core_wire`` structs over two ZMQ ``ipc://`` sockets in a private
-temporary directory. The reader thread is the only reader of the output socket; sends are
-serialised by a lock. Queries (stats, events, ...) block the caller until the child answers,
+Messages are ``replicas.engine_core_wire`` structs, framed over one Unix socket pair
+(``replicas.engine_core_pipe``: a send never blocks). The reader thread is the only reader;
+sends are serialised by a lock. Queries (stats, events, ...) block the caller until the child answers,
 between two steps (at most one step, as the thread core's lock), or ``QUERY_TIMEOUT_S``.
 
 NOTE: spawn starts a fresh interpreter that re-imports the parent's ``__main__``: a script that
@@ -28,20 +28,20 @@ import itertools
 import logging
 import multiprocessing
 import pickle
-import shutil
-import tempfile
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
-import zmq
 
 from kvmanager.events import KVEvent
 from kvmanager.metrics import PoolStats
 from replicas.config import EngineConfig
 from replicas.engine_core_main import run_engine_core
+from replicas.engine_core_pipe import FrameReader, FrameWriter
 from replicas.engine_core_turn import Add, Routed
 from replicas.engine_core_wire import (
     Aborts,
@@ -67,7 +67,8 @@ logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 900.0  # NOTE: an 8B checkpoint loads in minutes from a cold disk
 QUERY_TIMEOUT_S = 120.0
 SHUTDOWN_TIMEOUT_S = 30.0
-# NOTE: after the child's exit, what it sent may still be in flight between the sockets.
+# NOTE: after the child's exit, what it sent may still be unread: read until EOF, at most this
+# long (a process the child forked, a compiler's worker, may hold its end open).
 DRAIN_AFTER_EXIT_S = 0.2
 
 
@@ -107,30 +108,26 @@ class ProcessCore:
         self._tokenizer: Any = None
         self._decoder = msgspec.msgpack.Decoder(Outbound)
         self._encoder = msgspec.msgpack.Encoder()
-        self._dir = tempfile.mkdtemp(prefix="tinyserve-core-")
-        in_addr, out_addr = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
-        self._zmq = zmq.Context()
-        self._inbox = self._zmq.socket(zmq.PUSH)  # the child's inbox
-        self._inbox.setsockopt(zmq.SNDHWM, 0)
-        self._inbox.bind(in_addr)
-        self._outbox = self._zmq.socket(zmq.PULL)  # the child's outbox
-        self._outbox.setsockopt(zmq.RCVHWM, 0)
-        self._outbox.bind(out_addr)
+        self._sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._inbox = FrameWriter(self._sock, "tinyserve-engine-input")  # the child's inbox
+        self._outbox = FrameReader(self._sock)  # the child's outbox
         mp = multiprocessing.get_context("spawn")
         # NOTE: the child holds the read end; this process holds the only write end, so its
         # death (however it dies) closes the pipe and wakes the child's poll.
         parent_alive, self._alive_w = mp.Pipe(duplex=False)
         self._proc = mp.Process(
             target=run_engine_core,
-            args=(config.model_dump_json(), in_addr, out_addr, parent_alive, idle_check_after_s),
+            args=(config.model_dump_json(), child_sock, parent_alive, idle_check_after_s),
             name="tinyserve-engine-core",
             daemon=True,
         )
         try:
             self._proc.start()
             parent_alive.close()
+            child_sock.close()
             self.limits = self._wait_ready(start_timeout_s)
         except BaseException:
+            child_sock.close()
             self._stop_process()
             self._close_sockets()
             raise
@@ -156,22 +153,26 @@ class ProcessCore:
         return self._tokenizer
 
     def _wait_ready(self, timeout_s: float) -> RequestLimits:
-        poller = zmq.Poller()
-        poller.register(self._outbox, zmq.POLLIN)
-        poller.register(self._proc.sentinel, zmq.POLLIN)
-        events = dict(poller.poll(timeout_s * 1e3))
-        if self._outbox in events:
-            msg = self._decoder.decode(self._outbox.recv())
-            assert isinstance(msg, Ready), msg
-            if msg.limits is None:
-                raise make_error(msg.error_kind, f"engine core failed to start: {msg.error}")
-            return msg.limits
-        if events:
-            self._proc.join(timeout=5.0)
-            raise RuntimeError(
-                f"engine core process exited while starting (exit code {self._proc.exitcode})"
-            )
-        raise RuntimeError(f"engine core process not ready after {timeout_s:.0f} s")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"engine core process not ready after {timeout_s:.0f} s")
+            ready, _, _ = select.select([self._outbox, self._proc.sentinel], [], [], left)
+            frames = self._outbox.read() if self._outbox in ready else []
+            if frames:
+                # NOTE: Ready is the child's first message and it sends nothing else before
+                # this process answers it with work.
+                msg = self._decoder.decode(frames[0])
+                assert isinstance(msg, Ready) and len(frames) == 1, msg
+                if msg.limits is None:
+                    raise make_error(msg.error_kind, f"engine core failed to start: {msg.error}")
+                return msg.limits
+            if self._outbox.eof or self._proc.sentinel in ready:
+                self._proc.join(timeout=5.0)
+                raise RuntimeError(
+                    f"engine core process exited while starting (exit code {self._proc.exitcode})"
+                )
 
     # -- inputs ----------------------------------------------------------------------------------
     def _send(self, msg: msgspec.Struct) -> None:
@@ -181,10 +182,8 @@ class ProcessCore:
         if self._closed:
             raise RuntimeError("engine is shut down")
         try:
-            # NOTE: never blocks: no send limit (SNDHWM 0), and with no peer connected (the
-            # child gone) PUSH would block forever where NOBLOCK raises.
-            self._inbox.send(self._encoder.encode(msg), zmq.NOBLOCK)
-        except zmq.Again:
+            self._inbox.send(self._encoder.encode(msg))  # NOTE: never blocks
+        except OSError:
             raise RuntimeError("engine core process is not connected (exited?)") from None
 
     def submit(self, adds: list[Add]) -> None:
@@ -199,17 +198,16 @@ class ProcessCore:
 
     # -- the reader thread -----------------------------------------------------------------------
     def _read_loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._outbox, zmq.POLLIN)
-        poller.register(self._proc.sentinel, zmq.POLLIN)
         while True:
-            events = dict(poller.poll())
+            # NOTE: at EOF the socket stays readable; only the process's end is waited for.
+            waits = [self._proc.sentinel] if self._outbox.eof else [self._outbox, self._proc.sentinel]
+            ready, _, _ = select.select(waits, [], [])
             if self._drain():
                 return
-            if self._proc.sentinel in events:
+            if self._proc.sentinel in ready:
                 deadline = time.monotonic() + DRAIN_AFTER_EXIT_S
-                while time.monotonic() < deadline:
-                    if self._outbox.poll(10) and self._drain():
+                while time.monotonic() < deadline and not self._outbox.eof:
+                    if self._outbox.wait(0.01) and self._drain():
                         return
                 self._proc.join()
                 code = self._proc.exitcode
@@ -224,12 +222,8 @@ class ProcessCore:
 
     def _drain(self) -> bool:
         """Handle every message received so far; True once ``Bye`` came."""
-        while True:
-            try:
-                frame = self._outbox.recv(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return False
-            msg = self._decoder.decode(frame.buffer)
+        for frame in self._outbox.read():
+            msg = self._decoder.decode(frame)
             if isinstance(msg, Step):
                 self._rates = Rates(msg.prefill_tokens_per_s, msg.decode_tokens_per_s)
                 routed: Routed = [(w.request_id, from_wire(w)) for w in msg.outputs]
@@ -245,6 +239,7 @@ class ProcessCore:
                     pending.done.set()
             elif isinstance(msg, Bye):
                 return True
+        return False
 
     def _die(self, exc: BaseException) -> None:
         logger.error("%s", exc)
@@ -340,8 +335,6 @@ class ProcessCore:
             proc.join()
 
     def _close_sockets(self) -> None:
-        self._inbox.close(linger=0)
-        self._outbox.close(linger=0)
-        self._zmq.term()
+        self._inbox.close(timeout_s=0)
+        self._sock.close()
         self._alive_w.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
