@@ -9,8 +9,9 @@
 
 Messages are ``replicas.engine_core_wire`` structs, framed over one Unix socket pair
 (``replicas.engine_core_pipe``: a send never blocks). The reader thread is the only reader;
-sends are serialised by a lock. Queries (stats, events, ...) block the caller until the child answers,
-between two steps (at most one step, as the thread core's lock), or ``QUERY_TIMEOUT_S``.
+sends are serialised by a lock. Queries (stats, events, ...) block the caller until the child
+answers, between two steps (at most one step, as the thread core's lock), or
+``QUERY_TIMEOUT_S``.
 
 NOTE: spawn starts a fresh interpreter that re-imports the parent's ``__main__``: a script that
 builds a process engine at import time needs the usual ``if __name__ == "__main__":`` guard
@@ -200,7 +201,9 @@ class ProcessCore:
     def _read_loop(self) -> None:
         while True:
             # NOTE: at EOF the socket stays readable; only the process's end is waited for.
-            waits = [self._proc.sentinel] if self._outbox.eof else [self._outbox, self._proc.sentinel]
+            waits: list[Any] = [self._proc.sentinel]
+            if not self._outbox.eof:
+                waits.append(self._outbox)
             ready, _, _ = select.select(waits, [], [])
             if self._drain():
                 return

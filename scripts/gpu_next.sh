@@ -4,7 +4,7 @@
 #   carry: .whl/site312.tar.xz.part-aa .whl/site312.tar.xz.part-ab .whl/site312.sha256
 #          .whl/extra .whl/tok.tar.xz          (scripts/gpu_wheelhouse.sh builds them)
 #   scripts/gpu_next.sh serve     # HAProxy mode, 4 ingress replicas, outputs over the socket, the full 1B grid (~300 s)
-#   scripts/gpu_next.sh c1        # c=1 TTFT, completions and chat, 4 ingress replicas (~250 s)
+#   scripts/gpu_next.sh c1        # the process core's CUDA test; c=1 TTFT, completions and chat (~300 s)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
 #   scripts/gpu_next.sh wave      # c=16/64: the arrival wave's hops with the loops' lag sampled (~250 s)
 #   scripts/gpu_next.sh selector  # selection processes N = 1/2/4 over the fast lane, pinned (~300 s)
@@ -25,8 +25,11 @@ case "$part" in
       --app-args '{"ingress_num_replicas": 4}' --serve-env "$drain" \
       --json "$OUT/serve_overhead_h100_1b_haproxy4_socket.json" ;;
   c1)
-    # NOTE: c=1 TTFT, completions and chat, 4 ingress replicas, process core (session 11: after
-    # the ingress's batch-encode fast path, tokenizer_pool.encode_ids).
+    # NOTE: first the process core's CUDA test (session 12: the replica <-> core link is a
+    # socket pair, replicas/engine_core_pipe.py); then c=1 TTFT, completions and chat, 4
+    # ingress replicas, process core (session 11: the ingress's batch-encode fast path).
+    timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider \
+      tests/replicas/test_engine_process.py 2>&1 | tail -3
     timeout 560 python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
       --concurrency 1 --min-requests 16 --engine-process on --endpoints completions chat \
       --app-args '{"ingress_num_replicas": 4}' --serve-env "$drain" \

@@ -122,6 +122,39 @@ def test_same_greedy_streams_as_the_thread_core(
         assert last.trace is not None and last.trace.engine_finish >= last.trace.engine_add > 0
 
 
+def test_a_burst_over_the_socket_buffers_streams_whole_as_the_thread_core(
+    engines: tuple[AsyncLLMEngine, AsyncLLMEngine],
+) -> None:
+    """3,000 requests at once: their Adds (~1.4 MB) are more than the socket pair holds, so
+    the parent's frame writer buffers and its flusher sends the rest as the child drains
+    (``replicas.engine_core_pipe``); every stream still matches the thread core's."""
+    import socket
+
+    import msgspec
+
+    from replicas.engine_core_wire import Adds, WireAdd
+
+    proc, thread = engines
+    prompts = random_prompts(3000, [70, 101, 120], seed=77)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    wire = msgspec.msgpack.encode(Adds([WireAdd(f"b{i}", p, params) for i, p in enumerate(prompts)]))
+    a, b = socket.socketpair()
+    held = sum(s.getsockopt(socket.SOL_SOCKET, o) for s in (a, b)
+               for o in (socket.SO_SNDBUF, socket.SO_RCVBUF))
+    a.close()
+    b.close()
+    assert len(wire) > held  # NOTE: the burst cannot sit in the kernel's buffers alone
+
+    async def burst(engine: AsyncLLMEngine) -> list[list[int]]:
+        outs = await asyncio.gather(
+            *(_collect(engine, f"b{i}", p, params) for i, p in enumerate(prompts)))
+        return [_tokens(o) for o in outs]
+
+    got, want = _run(burst(proc)), _run(burst(thread))
+    assert got == want and all(len(t) == 2 for t in got)
+    assert proc.stats().num_used_blocks == 0
+
+
 def test_parallel_sampling_matches_the_thread_core(
     engines: tuple[AsyncLLMEngine, AsyncLLMEngine],
 ) -> None:
