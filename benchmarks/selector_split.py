@@ -83,9 +83,14 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
         select_kernel.rank_and_route = inner
     python = [t - k for t, k in zip(total, kernel_cpu, strict=True)]
     # NOTE: the tables as the live pass left them: the last call's arguments minus its prompt
-    tables = captured[-1][1:31]
-    match = tables[11]
-    walk_args = tables[:11]
+    # (rank_and_route's order: ... use_pending, cand, match, ..., sink, speculative,
+    # deadline, dl_keys, dl_slots, dl_dl, dl_bits, ...; walk and rank take the deadlines
+    # after use_pending)
+    a = captured[-1]
+    deadlines = a[33:37]
+    match = a[12]
+    walk_args = (*a[1:11], *deadlines, a[17], a[11])
+    tables = (*a[1:11], *deadlines, *a[11:31])
     parts: dict[str, list[float]] = {"walk": [], "rank": []}
     walk_by_shared: dict[int, list[float]] = {}
     fresh_w, shared_w = _prompts(n, num_chains, ns.seed + 1)

@@ -151,18 +151,20 @@ class CoreSelection:
         ValueError) as that, but the tinyserve policy's fast path runs as one compiled call
         (``wire_select``; the rest falls back to the three steps).
 
-        ``defer``: the compiled Select answers first and owes its route (the winner's pending
-        marks, access bump, in-flight record, the reward's prediction): the next holder of
-        the core's lock makes it before anything else, so every later call sees the same
-        state as without ``defer``; ``flush`` makes it at once (the server calls it after
-        sending the answer)."""
+        ``defer``: the compiled Select answers first and owes its route (the bounded expiry
+        of due marks, the winner's pending marks, access bump, in-flight record, the reward's
+        prediction): the next holder of the core's lock makes it before anything else, so
+        every later call sees the same state as without ``defer``; ``flush`` makes it at once
+        (the server calls it after sending the answer)."""
         with self._lock:
             t0 = time.perf_counter()
             pol = self.policy(TinyServeObjective.name)
             if self._compiled(pol):
                 now = self.clock()
+                # NOTE: deferred, the expiry of due marks goes after the answer too (the walk
+                # does not count a due mark, expired or not: same answer).
                 ans = self._wire.run(
-                    raw, now, self.config.pending_ttl_s, _SELECT_EXPIRY_MARKS,
+                    raw, now, self.config.pending_ttl_s, 0 if defer else _SELECT_EXPIRY_MARKS,
                     self.config.max_prompt_blocks, pol.packed_config(),
                     self.config.default_policy == pol.name, defer,
                 )  # fmt: skip
@@ -179,8 +181,8 @@ class CoreSelection:
     def flush(self) -> None:
         """Make a deferred Select's route now (``select_wire(defer=True)``): what a server
         runs after sending the answer, off the next Select's path.
-        NOTE: no expiry here: only marks that fell due since that Select began would go, and
-        the next Select's start drains those in the same compiled call."""
+        NOTE: the route's expiry is that Select's own (marks due by its start, bounded);
+        marks due since go at the next Select's, as without ``defer``."""
         with self._lock:
             return  # NOTE: entering the lock makes the owed route (``CoreLock``)
 
@@ -190,6 +192,7 @@ class CoreSelection:
         assert self._deferred is not None
         ans, now, policy = self._deferred
         self._deferred = None
+        self._index.expire_pending(_SELECT_EXPIRY_MARKS, now)
         st = ans.route_stats
         if ans.r and ans.speculative:
             ttl = self.config.pending_ttl_s

@@ -254,11 +254,12 @@ class KVIndex:
         self._pending.set_bits(hashes, slot)
         self._queue.push(deadline, slot, hashes)
 
-    def expire_pending(self, max_marks: int | None = None) -> int:
-        """Drop pending inserts whose TTL passed; returns how many (slot, hash) pairs expired.
-        ``max_marks`` bounds the work (in mark_pending calls) so a Select never pays for a
-        long backlog; the service's background loop calls it unbounded."""
-        now = self._clock()
+    def expire_pending(self, max_marks: int | None = None, now: float | None = None) -> int:
+        """Drop pending inserts whose TTL passed by ``now`` (default: the clock's); returns
+        how many (slot, hash) pairs expired. ``max_marks`` bounds the work (in mark_pending
+        calls) so a Select never pays for a long backlog; the service's background loop calls
+        it unbounded."""
+        now = self._clock() if now is None else now
         q, d, p = self._queue, self._deadlines, self._pending
         if not len(q) or q.dl[q.state[0] & (len(q.dl) - 1)] > now:
             return 0
@@ -282,18 +283,20 @@ class KVIndex:
         self, block_hashes: Sequence[int] | I64 | U64, slots_mask: int | npt.NDArray[np.uint64]
     ) -> PrefixMatch:
         """Longest exact prefix of ``block_hashes`` on every slot in ``slots_mask`` (a Python
-        int bitmask, or the words from ``slots_mask()``)."""
+        int bitmask, or the words from ``slots_mask()``); a pending mark due by the clock's
+        now does not count, expired or not (``walk_kernel.walk``)."""
         cand = self._mask_words(slots_mask)
         size = 64 * self.num_words
         res = np.zeros(size, np.int64)
         both = np.zeros(size, np.int64)
         host = np.zeros(size, np.int64)
-        g, c, p = self._gpu, self._cpu, self._pending
+        g, c, p, d = self._gpu, self._cpu, self._pending, self._deadlines
         walk_kernel.walk(
             as_hash_array(block_hashes),
             g.tab, g.over, g.bits,
             c.tab, c.over, c.bits, len(c) > 0,
             p.tab, p.bits, len(p) > 0,
+            d.keys, d.slots, d.dl, d.bits, self._clock(),
             cand, res, both, host, k.SINK,
         )  # fmt: skip
         return PrefixMatch(res, both, host)

@@ -72,7 +72,8 @@ def _top(score: Any, k: int, top: Any) -> int:
 def rank(
     hashes: Any, gpu: Any, gover: Any, gbits: int, cpu: Any, cover: Any, cbits: int,
     use_cpu: bool, pend: Any,
-    pbits: int, use_pending: bool, cand: Any, match: Any,
+    pbits: int, use_pending: bool, dl_keys: Any, dl_slots: Any, dl_dl: Any, dl_bits: int,
+    cand: Any, match: Any,
     acc_keys: Any, acc_slots: Any, acc_vt: Any, acc_bits: int, now: float, rate: float,
     slots: Any, tab_ints: Any, tab_floats: Any, node_of_slot: Any, origin: int,
     cfg: Any, req: Any, q: float, k: int, result: Any, top: Any, sink: Any,
@@ -83,11 +84,14 @@ def rank(
     prefix lengths) and the outputs: ``top[:r]`` = candidate indices best first and
     ``result[:r]`` = their ``RESULT_COLS``. Returns r (``k``, or every candidate when
     ``k <= 0``). ``origin`` is the request's node code (-1: none given); a candidate is on the
-    same node when ``node_of_slot[slot] == origin``. ``sink``: see ``index_kernels.touch``."""
+    same node when ``node_of_slot[slot] == origin``. ``sink``: see ``index_kernels.touch``.
+    ``dl_*``: the pending marks' deadlines (a mark due by ``now`` does not count, see
+    ``walk_kernel.walk``)."""
     n = slots.shape[0]
     match[:] = 0
-    walk(hashes, gpu, gover, gbits, cpu, cover, cbits, use_cpu, pend, pbits, use_pending, cand,
-         match[0], match[1], match[2], sink)  # fmt: skip
+    walk(hashes, gpu, gover, gbits, cpu, cover, cbits, use_cpu, pend, pbits, use_pending,
+         dl_keys, dl_slots, dl_dl, dl_bits, now, cand, match[0], match[1], match[2],
+         sink)  # fmt: skip
     hot = np.empty(n)
     same = np.zeros(n)
     for j in range(n):
@@ -152,7 +156,7 @@ def rank_and_route(
         stats[4], stats[5] = expire(q_dl, q_meta, q_ring, q_state, now, max_expire, dl_keys,
                                     dl_slots, dl_dl, dl_bits, pend, pbits, num_pending, sink)  # fmt: skip
     r = rank(hashes, gpu, gover, gbits, cpu, cover, cbits, use_cpu, pend, pbits, use_pending,
-             cand, match,
+             dl_keys, dl_slots, dl_dl, dl_bits, cand, match,
              acc_keys, acc_slots, acc_vt, acc_bits, now, rate, slots, tab_ints, tab_floats,
              node_of_slot, origin, cfg, req, q, k, result, top, sink)  # fmt: skip
     if not speculative or r == 0 or defer:
@@ -252,7 +256,8 @@ def warm_up() -> None:
     result = np.zeros((2, len(RESULT_COLS)))
     top = np.zeros(2, np.int64)
     for k in (0, 1):
-        rank(h, tab, over, 4, tab, over, 4, True, tab, 4, True, np.ones(1, np.uint64),
+        rank(h, tab, over, 4, tab, over, 4, True, tab, 4, True, np.zeros(16, np.uint64),
+             np.zeros(16, np.int64), np.zeros(16), 4, np.ones(1, np.uint64),
              np.zeros((3, 64), np.int64), np.zeros(8, np.uint64), np.zeros(8, np.int64),
              np.zeros((2, 8)), 3, 0.0, 0.01, slots, np.ones((7, 2), np.int64), np.ones((5, 2)),
              np.zeros(2, np.int64), -1, np.ones(ok.CFG_LEN), np.ones(4), 0.5, k, result, top,

@@ -14,6 +14,7 @@ import numpy as np
 
 from cluster.selector import holder_kernels as hk
 from cluster.selector import index_kernels as k
+from cluster.selector import pending_deadlines as pd
 from cluster.selector.index_kernels import _jit
 
 
@@ -29,11 +30,29 @@ def _leave(out: Any, w: int, gone: Any, n: int) -> None:
 
 
 @_jit
+def _live(q: Any, w: int, h: Any, dl_keys: Any, dl_slots: Any, dl_dl: Any, dl_bits: int,
+          now: float) -> Any:  # fmt: skip
+    """``q`` (word ``w`` of the pending row of ``h``) less the slots whose mark on ``h`` is
+    due by ``now`` (``PendingDeadlines``): expired in all but name, whenever the expiry runs."""
+    out = q
+    b = 0
+    while q:
+        if q & np.uint64(1):
+            i = pd._find(dl_keys, dl_slots, dl_bits, h, w * 64 + b)
+            if i >= 0 and dl_dl[i] <= now:
+                out &= ~(np.uint64(1) << np.uint64(b))
+        q >>= np.uint64(1)
+        b += 1
+    return out
+
+
+@_jit
 def walk(
     hashes: Any,
     gpu: Any, gover: Any, gbits: int,
     cpu: Any, cover: Any, cbits: int, use_cpu: bool,
     pend: Any, pbits: int, use_pending: bool,
+    dl_keys: Any, dl_slots: Any, dl_dl: Any, dl_bits: int, now: float,
     cand: Any,
     out_res: Any, out_both: Any, out_host: Any, sink: Any,
 ) -> None:  # fmt: skip
@@ -44,7 +63,10 @@ def walk(
     Writes, indexed by slot: ``out_res`` = leading blocks resident (device or host tier),
     ``out_both`` = leading blocks resident or pending, ``out_host`` = blocks of the resident
     prefix held on the host tier only. The outputs must be zero on entry. ``sink``: see
-    ``index_kernels.touch``.
+    ``index_kernels.touch``. A pending mark counts while its deadline (``dl_*``, the
+    ``PendingDeadlines`` arrays) is after ``now``: the answer is the same whether the due
+    marks were expired before this walk or are expired after it (a Select answers before its
+    expiry runs: ``SelectorCore.select_wire(defer=True)``).
     NOTE: the walk stops as soon as no candidate is left (a fresh suffix costs one probe).
     NOTE: the pending table is probed only while some candidate still alive for "resident
     or pending" is not covered by this block's resident masks (same answer): in a shared
@@ -77,6 +99,9 @@ def walk(
         for w in range(nw):
             g, c = gw[w], cw[w]
             p = pend[ip, 1 + w] if ip >= 0 else zero
+            q = p & alive_b[w] & ~(g | c)  # NOTE: the pending bits that decide this block
+            if q:
+                p = (p & ~q) | _live(q, w, h, dl_keys, dl_slots, dl_dl, dl_bits, now)
             nr = alive_r[w] & (g | c)
             if nr != alive_r[w]:
                 _leave(out_res, w, alive_r[w] ^ nr, i)
@@ -111,14 +136,16 @@ def warm_up() -> None:
         return
     from cluster.selector.holder_table import HolderTable
     from cluster.selector.mask_table import MaskTable
+    from cluster.selector.pending_deadlines import PendingDeadlines
 
     g, c, p = HolderTable(bits=4), HolderTable(bits=4), MaskTable(bits=4)
+    d = PendingDeadlines()
     h = np.arange(1, 6, dtype=np.uint64)
     for t in (g, c):
         t.set_slot(h, 1)
     p.set_bits(h, 0)
     out = np.zeros(64, np.int64)
     cand = k.mask_from_slots(np.arange(2, dtype=np.int64), 1)
-    walk(h, g.tab, g.over, g.bits, c.tab, c.over, c.bits, True, p.tab, p.bits, True, cand, out,
-         out.copy(), out.copy(), k.SINK)  # fmt: skip
+    walk(h, g.tab, g.over, g.bits, c.tab, c.over, c.bits, True, p.tab, p.bits, True, d.keys,
+         d.slots, d.dl, d.bits, 0.0, cand, out, out.copy(), out.copy(), k.SINK)  # fmt: skip
     _warm = True

@@ -18,6 +18,7 @@ sweeps the rest every TTL/2, so under a backlog a mark may outlive its TTL by up
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -277,16 +278,28 @@ class KVIndex:
 
     # ------------------------------------------------------------------ query
     def match(self, block_hashes: Sequence[int], slots_mask: int) -> PrefixMatch:
-        """Longest exact prefix of ``block_hashes`` on every slot in ``slots_mask``."""
+        """Longest exact prefix of ``block_hashes`` on every slot in ``slots_mask``; a pending
+        insert whose deadline has passed does not count, expired or not."""
         pending: list[tuple[int, int]] = []
         if self._pending:
-            resident, pending = _walk2(self._any.get, self._pending.get, block_hashes, slots_mask)
+            resident, pending = _walk2(self._any.get, self._live_pending, block_hashes,
+                                       slots_mask)  # fmt: skip
         else:
             resident = _walk(self._any.get, block_hashes, slots_mask)
         host: dict[int, int] = {}
         if self._cpu_mask and resident:
             host = self._count_host_only(block_hashes, _as_dict(resident))
         return PrefixMatch(resident, pending, host)
+
+    def _live_pending(self, h: int, default: int = 0) -> int:
+        """The slots pending on ``h`` whose deadline is still ahead."""
+        now, live, rest, slot = self._clock(), 0, self._pending.get(h, 0), 0
+        while rest:
+            if rest & 1 and self._pending_deadline.get(slot, {}).get(h, math.inf) > now:
+                live |= 1 << slot
+            rest >>= 1
+            slot += 1
+        return live or default
 
     def _count_host_only(
         self, block_hashes: Sequence[int], resident: dict[int, int]

@@ -89,6 +89,31 @@ _CALLS: dict[str, Callable[[SelectorCore], Any]] = {
 }
 
 
+def test_a_due_mark_counts_for_nothing_and_expires_after_the_answer() -> None:
+    """The deferred Select's expiry of due marks goes after its answer: the walk already
+    leaves a due mark out, expired or not (``walk_kernel.walk``)."""
+    (core, _), _ = twin_cores(22, 6)
+    rng = np.random.default_rng(5)
+    fresh = rng.integers(1, 1 << 64, 30, dtype=np.uint64).tolist()  # NOTE: held nowhere
+
+    def select(defer: bool, speculative: bool = True) -> dict[str, int]:
+        raw = pb.SelectRequest(block_hashes=fresh, num_prompt_tokens=480, max_results=0,
+                               no_speculative_insert=not speculative).SerializeToString()
+        ans = pb.SelectResponse.FromString(core.select_wire(raw, defer=defer))
+        return {r.replica_id: r.terms.num_pending_blocks for r in ans.replicas}
+
+    assert set(select(defer=False).values()) == {0}  # marks the winner's 30 blocks pending
+    pending = select(defer=False, speculative=False)
+    assert sorted(pending.values()) == [0] * 5 + [30]
+    deadlines = core._index._deadlines
+    assert deadlines.count == 30
+    core.clock.advance(1.0)  # NOTE: past the 0.5 s TTL: due, not yet expired
+    assert set(select(defer=True, speculative=False).values()) == {0}
+    assert deadlines.count == 30 and core._deferred is not None  # the answer went first
+    core.flush()
+    assert deadlines.count == 0 and core._deferred is None
+
+
 @pytest.mark.parametrize("call", list(_CALLS))
 def test_every_call_makes_the_owed_route_first(call: str) -> None:
     (core, _), base = twin_cores(21, 6)
