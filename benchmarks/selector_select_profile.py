@@ -65,16 +65,21 @@ def _timed(fn: Callable[..., Any], name: str, acc: dict[str, list[float]]) -> Ca
     return wrapper
 
 
-def _server(core: Any, max_blocks: int, fused: bool,
-            clock: _StepClock | None = None) -> Callable[[bytes], bytes]:  # fmt: skip
-    """What the front ends run on one request's bytes (``clock``: moved first, each call)."""
+def _server(core: Any, max_blocks: int, fused: bool, clock: _StepClock | None = None,
+            defer: bool = False) -> Callable[[bytes], bytes]:  # fmt: skip
+    """What the front ends run on one request's bytes (``clock``: moved first, each call;
+    ``defer``: the gRPC servicer's answer-first Select, whose route the caller then flushes)."""
     from cluster.selector import wire
 
     def three_steps(raw: bytes) -> bytes:
         req, cands, policy, k, spec = wire.decode_select(raw, max_blocks)
         return wire.encode_select(core.select(req, cands, policy, k, spec))
 
-    base: Callable[[bytes], bytes] = core.select_wire if fused else three_steps
+    def answer_first(raw: bytes) -> bytes:
+        return bytes(core.select_wire(raw, defer=True))
+
+    base: Callable[[bytes], bytes] = (
+        (answer_first if defer else core.select_wire) if fused else three_steps)
     if clock is None:
         return base
 
@@ -120,7 +125,8 @@ def _dispatch_counts(serve: Callable[[bytes], bytes], raws: list[bytes]) -> dict
 
 
 def _pass(core: Any, raws: list[bytes], evict: np.ndarray | None, max_blocks: int,
-          steps: bool, fused: bool, clock: _StepClock | None) -> dict[str, list[float]]:  # fmt: skip
+          steps: bool, fused: bool, clock: _StepClock | None,
+          defer: bool = False) -> dict[str, list[float]]:  # fmt: skip
     from cluster.selector import select_kernel, wire, wire_select_kernel
 
     acc: dict[str, list[float]] = defaultdict(list)
@@ -141,7 +147,7 @@ def _pass(core: Any, raws: list[bytes], evict: np.ndarray | None, max_blocks: in
         wrap(core, "select", "select")
         wrap(wire, "decode_select", "decode")
         wrap(wire, "encode_select", "encode")
-    serve = _server(core, max_blocks, fused, clock)
+    serve = _server(core, max_blocks, fused, clock, defer)
     try:
         for raw in raws:
             if evict is not None:
@@ -149,6 +155,10 @@ def _pass(core: Any, raws: list[bytes], evict: np.ndarray | None, max_blocks: in
             t = time.perf_counter()
             serve(raw)
             acc["total"].append(time.perf_counter() - t)
+            if defer:  # NOTE: the owed route, after the answer (not in "total")
+                t = time.perf_counter()
+                core.flush()
+                acc["flush after the answer"].append(time.perf_counter() - t)
     finally:
         for owner, attr, val in reversed(undo):
             if owner is core or owner is core._ranker:
@@ -190,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--rate", type=float, default=0.0,
                    help="Selects/s of a simulated clock (0: the wall clock); see the docstring")
+    p.add_argument("--defer", action="store_true",
+                   help="the gRPC servicer's Select: select_wire(defer=True), then flush() "
+                   "timed apart (\"total\" is the answer alone)")
     p.add_argument("--three-step", action="store_true",
                    help="profile decode -> core.select -> encode even where select_wire exists")
     ns = p.parse_args(argv)
@@ -208,13 +221,17 @@ def main(argv: list[str] | None = None) -> int:
                              max_results=4).SerializeToString()
             for i, h in enumerate(ps)]  # fmt: skip
     fused = hasattr(core, "select_wire") and not ns.three_step
-    serve = _server(core, mb, fused, clock)
+    defer = ns.defer and fused
+    serve = _server(core, mb, fused, clock, defer)
     for raw in raws[8 * ns.num_requests :]:
         serve(raw)  # NOTE: --rate: the marks' steady state (none on the wall clock)
+        if defer:
+            core.flush()
     dispatch = _dispatch_counts(serve, raws)
     evict = np.zeros(ns.evict_mib << 20, np.uint8)
     res: dict[str, Any] = {"meta": {"argv": sys.argv[1:], "path": "fused" if fused else "three-step",
-                                    "rate": ns.rate, "steady_selects": steady},
+                                    "rate": ns.rate, "steady_selects": steady,
+                                    "defer": defer},
                            "dispatch": dispatch}  # fmt: skip
     n, at = ns.num_requests, 0
     # NOTE: two rounds, alternating modes; the first round's warm-up figures are dropped.
@@ -222,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     for rnd in range(2):
         for mode, ev in (("hot", None), ("cold", evict)):
             for steps in (False, True):
-                acc = _pass(core, raws[at : at + n], ev, mb, steps, fused, clock)
+                acc = _pass(core, raws[at : at + n], ev, mb, steps, fused, clock, defer)
                 at += n
                 if rnd:
                     res[f"{mode}{'_steps' if steps else ''}"] = _summary(acc)

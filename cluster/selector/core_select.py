@@ -192,11 +192,13 @@ class CoreSelection:
         assert self._deferred is not None
         ans, now, policy = self._deferred
         self._deferred = None
-        self._index.expire_pending(_SELECT_EXPIRY_MARKS, now)
         st = ans.route_stats
         if ans.r and ans.speculative:
             ttl = self.config.pending_ttl_s
-            st = [*self._wire.route(ans, now, now + ttl if ttl > 0 else math.nan), *st[4:]]
+            st = self._wire.route(ans, now, now + ttl if ttl > 0 else math.nan,
+                                  _SELECT_EXPIRY_MARKS)  # fmt: skip
+        else:
+            self._index.expire_pending(_SELECT_EXPIRY_MARKS, now)
         self._wire_routed(ans, now, policy, st)
 
     def _wire_routed(self, ans: Answer, now: float, policy: str, st: list[int]) -> None:

@@ -161,7 +161,7 @@ def rank_and_route(
              node_of_slot, origin, cfg, req, q, k, result, top, sink)  # fmt: skip
     if not speculative or r == 0 or defer:
         return r
-    route(hashes, slots[top[0]], int(result[0, 11]), now, deadline, pend, pbits, acc_keys,
+    route(hashes, slots[top[0]], int(result[0, 11]), now, deadline, 0, pend, pbits, acc_keys,
           acc_slots, acc_vt, acc_bits, rate, dl_keys, dl_slots, dl_dl, dl_bits, q_dl, q_meta,
           q_ring, q_state, num_pending, stats, sink)  # fmt: skip
     return r
@@ -169,15 +169,20 @@ def rank_and_route(
 
 @_jit
 def route(
-    hashes: Any, s: int, matched: int, now: float, deadline: float, pend: Any, pbits: int,
-    acc_keys: Any, acc_slots: Any, acc_vt: Any, acc_bits: int, rate: float,
+    hashes: Any, s: int, matched: int, now: float, deadline: float, max_expire: int, pend: Any,
+    pbits: int, acc_keys: Any, acc_slots: Any, acc_vt: Any, acc_bits: int, rate: float,
     dl_keys: Any, dl_slots: Any, dl_dl: Any, dl_bits: int,
     q_dl: Any, q_meta: Any, q_ring: Any, q_state: Any, num_pending: Any, stats: Any, sink: Any,
 ) -> None:  # fmt: skip
-    """A winner's speculative insert: slot ``s``'s pending marks on ``hashes[matched:]`` due
-    at ``deadline`` (none when NaN), counted in ``num_pending`` and queued, and an access at
-    every checkpoint of ``hashes``; ``stats[:4]`` = its ``ROUTE_STATS`` (the caller reserved
-    room, as for ``rank_and_route``)."""
+    """A winner's speculative insert: first the bounded expiry of marks due by ``now`` (at
+    most ``max_expire``, as ``rank_and_route``'s; 0: none, ``stats[4:6]`` untouched), then
+    slot ``s``'s pending marks on ``hashes[matched:]`` due at ``deadline`` (none when NaN),
+    counted in ``num_pending`` and queued, and an access at every checkpoint of ``hashes``;
+    ``stats[:4]`` = its ``ROUTE_STATS`` (the caller reserved room, as for
+    ``rank_and_route``)."""
+    if max_expire != 0:
+        stats[4], stats[5] = expire(q_dl, q_meta, q_ring, q_state, now, max_expire, dl_keys,
+                                    dl_slots, dl_dl, dl_bits, pend, pbits, num_pending, sink)  # fmt: skip
     tail = hashes[matched:]
     if tail.shape[0] and deadline == deadline:
         stats[0] = set_deadlines(dl_keys, dl_slots, dl_dl, dl_bits, tail, s, deadline, sink)

@@ -114,18 +114,19 @@ class WireSelect:
             info[_I["speculative"]] == 1, info[_I["num_hashes"]],
         )  # fmt: skip
 
-    def route(self, ans: Answer, now: float, deadline: float) -> list[int]:
+    def route(self, ans: Answer, now: float, deadline: float, max_expire: int = 0) -> list[int]:
         """The route ``run(defer=True)`` left for later, as it would have made it then
         (``select_kernel.route``, the index and access tables as they are now: the caller
-        changed nothing in between); returns its ``ROUTE_STATS[:4]``."""
+        changed nothing in between), after the bounded expiry that ``run`` left out
+        (``max_expire`` marks due by ``now``); returns its ``ROUTE_STATS``."""
         self._reserve(ans.num_hashes)
         if self._bound_gen != Generation.value:
             self._bind()
         stats = self._route_stats
         stats[:] = 0
         select_kernel.route(self._deferred[: ans.num_hashes], ans.winner_slot, ans.matched, now,
-                            deadline, *self._route_args)  # fmt: skip
-        return [int(x) for x in stats[:4]]
+                            deadline, max_expire, *self._route_args)  # fmt: skip
+        return [int(x) for x in stats[:6]]
 
     def _reserve(self, num_hashes: int) -> None:
         """Room for one route of ``num_hashes`` (its pending marks, its access bump)."""
