@@ -137,7 +137,10 @@ def _pass(core: Any, raws: list[bytes], evict: np.ndarray | None, max_blocks: in
         setattr(owner, attr, _timed(getattr(owner, attr), name, acc))
 
     if steps and fused:
-        wrap(wire_select_kernel, "select_wire", "kernel")
+        # NOTE: the bound entry point where the tree has it (pass 9: one structref argument)
+        kname = ("select_wire_bound" if hasattr(wire_select_kernel, "select_wire_bound")
+                 else "select_wire")  # fmt: skip
+        wrap(wire_select_kernel, kname, "kernel")
     elif steps:
         # NOTE: the compiled call the fast path makes (select_bound since the bound arrays)
         kname = "select_bound" if hasattr(select_kernel, "select_bound") else "rank_and_route"
