@@ -3,7 +3,8 @@
 One process, one core, fresh prompts (every block of a prompt's unshared suffix new):
 
 1. ``live``: ``core.select`` back to back, timing the whole call and, inside it, the one
-   compiled call (``select_kernel.rank_and_route``); the Python around it is the difference.
+   compiled call (``select_kernel.select_bound``, around ``rank_and_route``); the Python
+   around it is the difference.
 2. Parts of the compiled call, each on its own fresh prompts against the tables as the live
    pass left them (read-only, so nothing changes between parts): the index walk alone
    (``walk_kernel.walk``), and the ranking (``select_kernel.rank``: walk, hotness, gather,
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import os
 import sys
@@ -49,6 +51,11 @@ def _prompts(num: int, num_chains: int, seed: int) -> tuple[list[Any], np.ndarra
     return ps, shared
 
 
+def _params(kernel: Any) -> list[str]:
+    """A compiled function's parameter names, in order."""
+    return list(inspect.signature(kernel.py_func).parameters)
+
+
 def run(ns: argparse.Namespace) -> dict[str, Any]:
     from cluster.selector import index_kernels, select_kernel, walk_kernel
     from cluster.selector.core import CoreConfig, SelectorCore
@@ -62,7 +69,8 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     ps, _ = _prompts(n, num_chains, ns.seed)
     captured: list[tuple[Any, ...]] = []
     kernel_cpu: list[float] = []
-    inner = select_kernel.rank_and_route
+    # NOTE: ``select_bound`` is what the ranker calls from Python (its callees are compiled in)
+    inner = select_kernel.select_bound
 
     def timed(*args: Any) -> int:
         c = time.thread_time()
@@ -71,7 +79,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
         captured.append(args)
         return r
 
-    select_kernel.rank_and_route = timed
+    select_kernel.select_bound = timed
     total: list[float] = []
     try:
         for i, h in enumerate(ps):
@@ -80,17 +88,16 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             core.select(req, max_results=4)
             total.append(time.thread_time() - c)
     finally:
-        select_kernel.rank_and_route = inner
+        select_kernel.select_bound = inner
     python = [t - k for t, k in zip(total, kernel_cpu, strict=True)]
-    # NOTE: the tables as the live pass left them: the last call's arguments minus its prompt
-    # (rank_and_route's order: ... use_pending, cand, match, ..., sink, speculative,
-    # deadline, dl_keys, dl_slots, dl_dl, dl_bits, ...; walk and rank take the deadlines
-    # after use_pending)
-    a = captured[-1]
-    deadlines = a[33:37]
-    match = a[12]
-    walk_args = (*a[1:11], *deadlines, a[17], a[11])
-    tables = (*a[1:11], *deadlines, *a[11:31])
+    # NOTE: the tables as the live pass left them: the last call's arguments by name, so
+    # walk and rank get theirs whatever order each function takes them in
+    last = dict(zip(_params(inner), captured[-1], strict=True))
+    last["req"] = np.array([len(last["hashes"]), last["num_prompt_tokens"],
+                            last["num_output_tokens"], float(last["origin"] != -1)])  # fmt: skip
+    match = last["match"]
+    walk_args = tuple(last[n] for n in _params(walk_kernel.walk)[1:-4])
+    tables = tuple(last[n] for n in _params(select_kernel.rank)[1:])
     parts: dict[str, list[float]] = {"walk": [], "rank": []}
     walk_by_shared: dict[int, list[float]] = {}
     fresh_w, shared_w = _prompts(n, num_chains, ns.seed + 1)
