@@ -83,6 +83,10 @@ def walk(
     cw = np.zeros(nw, np.uint64)
     n = hashes.shape[0]
     zero = np.uint64(0)
+    # NOTE: [lo, hi) spans the words with a candidate alive (alive_r is within alive_b): a
+    # word with none changes nothing, and after a shared prefix's first block only the
+    # holders' words are left (1-2 of 4 at 256 replicas)
+    lo, hi = 0, nw
     k.touch(gpu, gbits, hashes, sink)
     for i in range(n):
         h = hashes[i]
@@ -91,12 +95,12 @@ def walk(
             hk.holder_words(cpu, cover, hk.find(cpu, cbits, h), cw)
         ip = -1
         if use_pending:
-            for w in range(nw):
+            for w in range(lo, hi):
                 if alive_b[w] & ~(gw[w] | cw[w]):
                     ip = k.find(pend, pbits, h)
                     break
-        left = False
-        for w in range(nw):
+        new_lo, new_hi = hi, lo
+        for w in range(lo, hi):
             g, c = gw[w], cw[w]
             p = pend[ip, 1 + w] if ip >= 0 else zero
             q = p & alive_b[w] & ~(g | c)  # NOTE: the pending bits that decide this block
@@ -118,9 +122,10 @@ def walk(
                 _leave(out_both, w, alive_b[w] ^ nb, i)
                 alive_b[w] = nb
             if nb:
-                left = True
-        if not left:
+                new_lo, new_hi = min(new_lo, w), w + 1
+        if new_hi <= new_lo:
             return
+        lo, hi = new_lo, new_hi
     for w in range(nw):
         _leave(out_res, w, alive_r[w], n)
         _leave(out_both, w, alive_b[w], n)
