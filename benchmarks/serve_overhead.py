@@ -48,6 +48,7 @@ import json
 import os
 import platform
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -168,6 +169,29 @@ def run_engine(engine: Any, prompts: list[Prompt], c: int, endpoint: str,
 
 
 # -- main --------------------------------------------------------------------------------------------
+def save_results(args: argparse.Namespace, device: str, results: list[RunResult],
+                 total_s: float, partial: bool) -> None:
+    """Write ``--json`` (and the markdown beside it) with the runs measured so far.
+    NOTE: called after every run with ``partial`` true, so a run killed at a GPU machine's
+    command limit keeps what it finished (an 8B grid once lost all of it at 400 s)."""
+    if not args.json:
+        return
+    data = {
+        "benchmark": "serve_overhead",
+        "device": device,
+        "machine": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "label": args.label,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "total_s": total_s,
+        "partial": partial,
+        "results": [asdict(r) for r in results],
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(data, indent=2) + "\n")
+    args.json.with_suffix(".md").write_text(render_markdown(data))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", choices=(*CPU_MODELS, "random-1b", "random-8b"), default="smollm2",
@@ -263,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     # Phase 1: the engine alone, in this process.
     import torch
 
+    device_name = torch.cuda.get_device_name() if gpu else platform.processor() or "cpu"
+    # NOTE: a SIGTERM (a command's timeout) ends the run through the finally blocks below
+    # (Serve and Ray shut down), with the runs measured so far already written
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
     from replicas.config import EngineConfig
     from replicas.engine import AsyncLLMEngine
 
@@ -295,12 +324,12 @@ def main(argv: list[str] | None = None) -> int:
             r = run_engine(engine, prompts, c, endpoint, args, side)
             results.append(r)
             print(f"{side} {endpoint} c={c}: {r.output_tok_s:.1f} tok/s", flush=True)
+            save_results(args, device_name, results, time.perf_counter() - t_start, True)
         asyncio.run(engine.shutdown())
         del engine
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    device_name = torch.cuda.get_device_name() if gpu else platform.processor() or "cpu"
 
     # Phase 2: the served app, the same requests; once per engine core (thread, process).
     import ray
@@ -323,26 +352,16 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(r)
                     print(f"{side} {endpoint} {mode} c={c}: {r.output_tok_s:.1f} tok/s",
                           flush=True)
+                    save_results(args, device_name, results, time.perf_counter() - t_start,
+                                 True)
     finally:
         serve.shutdown()
         ray.shutdown()
     print_table(results)
     total_s = time.perf_counter() - t_start
     print(f"total {total_s:.0f} s")
+    save_results(args, device_name, results, total_s, False)
     if args.json:
-        data = {
-            "benchmark": "serve_overhead",
-            "device": device_name,
-            "machine": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "label": args.label,
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "total_s": total_s,
-            "results": [asdict(r) for r in results],
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(data, indent=2) + "\n")
-        args.json.with_suffix(".md").write_text(render_markdown(data))
         print(f"wrote {args.json} and {args.json.with_suffix('.md')}")
     return 1 if any(r.num_errors for r in results) else 0
 

@@ -5,6 +5,7 @@
 #          .whl/extra .whl/tok.tar.xz          (scripts/gpu_wheelhouse.sh builds them)
 #   scripts/gpu_next.sh serve     # HAProxy mode, 4 ingress replicas, outputs over the socket, the full 1B grid (~300 s)
 #   scripts/gpu_next.sh c1        # the process core's CUDA test; c=1 TTFT, completions and chat (~300 s)
+#   scripts/gpu_next.sh 8b        # the random 8B, completions, c = 1/16/64/256, process core (~500 s)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
 #   scripts/gpu_next.sh wave      # c=16/64: the arrival wave's hops with the loops' lag sampled (~250 s)
 #   scripts/gpu_next.sh selector  # selection processes N = 1/2/4 over the fast lane, pinned (~300 s)
@@ -12,7 +13,7 @@
 # Results land in $OUT (JSON + markdown); copy them to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: scripts/gpu_next.sh serve|c1|tput|wave|selector}"
+part="${1:?usage: scripts/gpu_next.sh serve|c1|8b|tput|wave|selector}"
 # shellcheck disable=SC1091
 . scripts/gpu_site.sh || exit 1
 python3 -m pip install -q --no-index --find-links .whl/extra pytest xxhash sortedcontainers >/dev/null 2>&1
@@ -34,6 +35,15 @@ case "$part" in
       --concurrency 1 --min-requests 16 --engine-process on --endpoints completions chat \
       --app-args '{"ingress_num_replicas": 4}' --serve-env "$drain" \
       --json "$OUT/serve_overhead_h100_1b_c1_encodefast.json" ;;
+  8b)
+    # NOTE: the random 8B, completions, every concurrency (session 13: a run cut at 400 s
+    # printed nothing usable; serve_overhead now writes its JSON after every run, and the log
+    # goes to $OUT). The engine side makes an unmeasured pass per concurrency on a GPU.
+    timeout 580 python3 benchmarks/serve_overhead.py --model random-8b --haproxy \
+      --endpoints completions --engine-process on --app-args '{"ingress_num_replicas": 4}' \
+      --serve-env "$drain" --json "$OUT/serve_overhead_h100_8b_haproxy4.json" \
+      > "$OUT/serve_overhead_8b.log" 2>&1
+    grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_8b.log" ;;
   tput)
     # NOTE: Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED (gRPC between deployments, the router in the
     # replica's loop, user code on the main loop) against the defaults, one machine, same build.

@@ -149,3 +149,27 @@ def test_each_client_process_warms_up_with_c_requests_before_the_measured_ones()
     assert seen[:3] == [(1, "warm up")] * 3  # NOTE: all warm-ups land before any prompt
     assert sorted(p for _, p in seen[3:]) == [f"prompt {i}" for i in range(5)]
     assert all(n == 7 for n, _ in seen[3:]) and all(s.num_output_tokens == 7 for s in samples)
+
+
+def test_results_are_saved_after_every_run_and_marked_partial_until_the_end(tmp_path) -> None:
+    import argparse
+    import json
+
+    from benchmarks.serve_overhead import save_results
+    from benchmarks.serve_overhead_stats import RunResult
+
+    out = tmp_path / "run.json"
+    args = argparse.Namespace(json=out, label="", model="tiny", prompt_len=64, output_len=8,
+                              stream_interval=1, concurrency=[1])
+    engine = RunResult("engine", "chat", True, 1, 4, 0, 100.0, 1.0, 2.0, 3.0, 4.0, 5.0, 1.0)
+    save_results(args, "cpu", [engine], 1.0, partial=True)
+    data = json.loads(out.read_text())
+    assert data["partial"] is True and [r["side"] for r in data["results"]] == ["engine"]
+    assert "PARTIAL" in out.with_suffix(".md").read_text()
+    served = RunResult("served", "chat", True, 1, 4, 0, 90.0, 1.0, 2.0, 3.0, 4.0, 5.0, 1.0)
+    save_results(args, "cpu", [engine, served], 2.0, partial=False)
+    data = json.loads(out.read_text())
+    assert data["partial"] is False and len(data["results"]) == 2
+    md = out.with_suffix(".md").read_text()
+    assert "PARTIAL" not in md and "| served | chat | yes | 1 | 90.0 | 0.90 |" in md
+    save_results(argparse.Namespace(json=None), "cpu", [engine], 1.0, partial=True)  # no file
