@@ -107,7 +107,10 @@ def score(ints: Any, floats: Any, cfg: Any, req: Any, q: float, out: Any) -> Non
         tiered = m - (1.0 - hw) * host
         covered = tiered + pw * pend
         sim = min(covered * inv_npb, 1.0)
-        freq = -math.expm1(floats[0, j] * (-1.0 / hot_scale))
+        # NOTE: no hotness (every candidate but the few that matched): expm1(x) is x at
+        # x = ±0, so the same value without the call (~254 of 256 calls a Select)
+        x = floats[0, j] * (-1.0 / hot_scale)
+        freq = -(math.expm1(x) if x != 0.0 else x)
         loc = tiered / max(m, 1)
         if origin:
             loc = loc * (1.0 if floats[4, j] > 0 else 0.5)
@@ -144,8 +147,14 @@ def score(ints: Any, floats: Any, cfg: Any, req: Any, q: float, out: Any) -> Non
         out[9, j] = loc
         if floats[3, j] != 0:
             any_reward = True
+    # NOTE: the candidates without a match share one logit (0.0): one exp for all of them,
+    # the same value the call would give each (bit for bit: same argument)
+    last_logit, last_utility = np.nan, 0.0
     for j in range(n):
-        utility = math.exp(out[0, j] - max_logit)
+        if out[0, j] != last_logit:
+            last_logit = out[0, j]
+            last_utility = math.exp(last_logit - max_logit)
+        utility = last_utility
         load = min(out[3, j] - min_load, clip)
         cost = a_size * out[2, j] + a_load * load + a_lat * out[4, j] + a_frag * out[5, j]
         s = l_util * utility - l_cost * cost
