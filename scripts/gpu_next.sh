@@ -34,7 +34,7 @@ case "$part" in
     timeout 560 python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
       --concurrency 1 --min-requests 16 --engine-process on --endpoints completions chat \
       --app-args '{"ingress_num_replicas": 4}' --serve-env "$drain" \
-      --json "$OUT/serve_overhead_h100_1b_c1_encodefast.json" ;;
+      --json "$OUT/serve_overhead_h100_1b_c1.json" ;;
   8b)
     # NOTE: the random 8B, completions, every concurrency (session 13: a run cut at 400 s
     # printed nothing usable; serve_overhead now writes its JSON after every run, and the log
