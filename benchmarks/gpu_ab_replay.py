@@ -2,7 +2,8 @@
 the Serve app with one router and waits until it answers; ``replay`` sends one workload under
 one policy through the ``openai`` streaming client and measures it: client-side TTFT and TPOT
 (``tpot``), and the replicas' pools sampled while it runs (``PoolSampler``: KV usage, prompt
-tokens per replica, hence the load imbalance).
+tokens per replica, hence the load imbalance, and each replica's requests in flight over
+time, the replay's ``timeline``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -24,38 +26,53 @@ APP = "tinyserve"
 
 
 class PoolSampler:
-    """Samples every LLM replica's pool (usage, counters) in a thread while a replay runs.
+    """Samples every LLM replica's pool (usage, counters) and its requests in flight, in a
+    thread while a replay runs.
 
     NOTE: a handle call reaches ONE replica (whichever the router picks), so the replicas are
     asked directly, through their Serve actors' ``record_routing_stats`` (the deployment's
-    routing-stats hook, which reports the pool's counters)."""
+    routing-stats hook, which reports the pool's counters). ``actors`` / ``get``: given, they
+    stand in for the Serve actors and ``ray.get`` (tests).
 
-    def __init__(self, num_replicas: int, period_s: float = 0.5) -> None:
-        import ray
+    ``timeline``: per replica, [seconds since the sampler started (just before the replay),
+    requests in flight, their prompt + output tokens] every ``period_s``: where a burst
+    queued (session 13: b2b_saas's tail was returning tenants piled on one replica)."""
 
-        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                 if f"{APP}#LLMReplica#" in a["name"]]
-        if len(names) != num_replicas:
-            raise RuntimeError(f"found {len(names)} LLMReplica actors, expected {num_replicas}")
-        self.actors = {n.rsplit("#", 1)[-1]: ray.get_actor(n, namespace="serve") for n in names}
+    def __init__(self, num_replicas: int, period_s: float = 0.1,
+                 actors: dict[str, Any] | None = None,
+                 get: Callable[[Any], dict[str, Any]] | None = None) -> None:  # fmt: skip
+        if actors is None:
+            import ray
+
+            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                     if f"{APP}#LLMReplica#" in a["name"]]
+            if len(names) != num_replicas:
+                raise RuntimeError(
+                    f"found {len(names)} LLMReplica actors, expected {num_replicas}")
+            actors = {n.rsplit("#", 1)[-1]: ray.get_actor(n, namespace="serve") for n in names}
+        self.actors = actors
+        self._get = get or _ray_get
         self.period_s = period_s
         self.usage: dict[str, list[float]] = {r: [] for r in self.actors}
+        self.timeline: dict[str, list[list[float]]] = {r: [] for r in self.actors}
+        self._t0 = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
-        import ray
-
         refs = {r: a.record_routing_stats.remote() for r, a in self.actors.items()}
-        return {r: ray.get(ref, timeout=60) for r, ref in refs.items()}
+        return {r: self._get(ref) for r, ref in refs.items()}
 
     def _run(self) -> None:
         while not self._stop.wait(self.period_s):
+            t = round(time.perf_counter() - self._t0, 3)
             for rid, st in self.snapshot().items():
                 self.usage[rid].append(float(st["kv_usage"]))
+                self.timeline[rid].append([t, st["num_inflight"], st["num_inflight_tokens"]])
 
     def __enter__(self) -> PoolSampler:
         self.before = self.snapshot()
+        self._t0 = time.perf_counter()
         self._thread.start()
         return self
 
@@ -73,7 +90,16 @@ class PoolSampler:
         return {"prompt_tokens_per_replica": prompt,
                 "imbalance": max(vals) / mean if mean > 0 else 0.0,
                 "kv_usage_mean": float(np.mean(usage)) if usage else 0.0,
-                "kv_usage_max": max((max(u) for u in self.usage.values() if u), default=0.0)}
+                "kv_usage_max": max((max(u) for u in self.usage.values() if u), default=0.0),
+                "inflight_max": {r: max((x[1] for x in tl), default=0)
+                                 for r, tl in self.timeline.items()},
+                "timeline": self.timeline}
+
+
+def _ray_get(ref: Any) -> dict[str, Any]:
+    import ray
+
+    return dict(ray.get(ref, timeout=60))
 
 
 def tpot(records: list[LoadRecord]) -> dict[str, float]:
@@ -139,15 +165,17 @@ def replay(http: str, model: str, workload: str, seed: int, policy: str, nonce: 
 
     with PoolSampler(num_replicas) as pools:
         records = asyncio.run(run())
+    figures = pools.figures()
+    timeline = figures.pop("timeline")  # NOTE: beside the records, not in the summary row
     row = {"workload": workload, "policy": policy, "router": POLICIES[policy][0], "seed": seed,
            "scale": scale, "rate_multiplier": rate, "overrides": overrides,
            "num_sent": len(rep.requests), "wall_s": time.perf_counter() - t0,
-           **summarize(records), **tpot(records), **pools.figures()}
+           **summarize(records), **tpot(records), **figures}
     print(f"   s{seed} {workload:24s} {policy:20s} n={row['num_requests']:5d} err={row.get('num_errors')}"
           f" ttft p50/p99 {row.get('ttft_p50_s', 0):.3f}/{row.get('ttft_p99_s', 0):.3f} s"
           f" hit {row.get('hit_ratio', 0):.3f} tok/s {row.get('throughput_tok_s', 0):.0f}"
           f" imb {row['imbalance']:.2f} kv {row['kv_usage_mean']:.2f}"
           f" ({row['wall_s']:.1f} s) {row['prompt_tokens_per_replica']}", flush=True)
-    return {"summary": row, "records": [asdict(r) for r in records],
+    return {"summary": row, "records": [asdict(r) for r in records], "timeline": timeline,
             "args": {"workload": workload, "seed": seed, "scale": scale,
                      "time_scale": 1.0 / rate, "set": overrides, "max_requests": max_requests}}

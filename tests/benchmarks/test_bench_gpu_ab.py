@@ -161,3 +161,40 @@ def test_mean_over_seeds_per_workload_and_policy() -> None:
     assert m["q"]["seeds"] == 1 and "hit_ratio" not in m["q"]
     md = mean_table(rows)
     assert "| w | p | 2 | 22 | 1 |" in md and "1.500" in md
+
+
+def test_pool_sampler_keeps_each_replicas_requests_in_flight_over_time() -> None:
+    import time as _time
+
+    from benchmarks.gpu_ab_replay import PoolSampler
+
+    class _Call:
+        def __init__(self, stats: Any) -> None:
+            self.remote = stats
+
+    class _Actor:
+        """A replica whose requests in flight grow by one per snapshot (a queue building)."""
+
+        def __init__(self, step: int) -> None:
+            self.n, self.step = 0, step
+            self.record_routing_stats = _Call(self._stats)
+
+        def _stats(self) -> dict[str, Any]:
+            self.n += self.step
+            return {"num_inflight": self.n, "num_inflight_tokens": 1000 * self.n,
+                    "kv_usage": 0.5, "prefix_query_tokens": 7 * self.n}
+
+    actors = {"a": _Actor(1), "b": _Actor(0)}
+    with PoolSampler(2, period_s=0.02, actors=actors, get=lambda st: st) as pools:
+        _time.sleep(0.3)
+    fig = pools.figures()
+    tl = fig["timeline"]
+    assert set(tl) == {"a", "b"} and len(tl["a"]) == len(tl["b"]) >= 5
+    ts = [x[0] for x in tl["a"]]
+    assert ts == sorted(ts) and 0 < ts[0] < ts[-1] < 1.0
+    # NOTE: snapshot 1 is taken on entry (the "before" counters); the timeline starts at 2
+    assert [x[1] for x in tl["a"]] == list(range(2, 2 + len(tl["a"])))
+    assert all(x[2] == 1000 * x[1] for x in tl["a"]) and {x[1] for x in tl["b"]} == {0}
+    assert fig["inflight_max"] == {"a": tl["a"][-1][1], "b": 0}
+    assert fig["prompt_tokens_per_replica"]["b"] == 0
+    json.dumps(fig)  # NOTE: it goes into the results JSON as is
