@@ -69,7 +69,12 @@ class FrameWriter:
                 self._error = exc
                 raise
             if n < HEADER.size + len(payload):
-                self._buf += (header + bytes(payload))[n:]
+                # NOTE: the rest, copied once (not header + payload, then a slice of it)
+                if n < HEADER.size:
+                    self._buf += header[n:]
+                    self._buf += payload
+                else:
+                    self._buf += memoryview(payload)[n - HEADER.size :]
                 self._cv.notify()
 
     def _flush_loop(self) -> None:
@@ -135,12 +140,15 @@ class FrameReader:
             self._buf += chunk
         frames: list[bytes] = []
         at, end = 0, len(self._buf)
-        while end - at >= HEADER.size:
-            (size,) = HEADER.unpack_from(self._buf, at)
-            if end - at - HEADER.size < size:
-                break
-            frames.append(bytes(self._buf[at + HEADER.size : at + HEADER.size + size]))
-            at += HEADER.size + size
+        # NOTE: through a view, each frame is copied once (a bytearray slice is a copy too);
+        # the view is released before the buffer is resized
+        with memoryview(self._buf) as view:
+            while end - at >= HEADER.size:
+                (size,) = HEADER.unpack_from(view, at)
+                if end - at - HEADER.size < size:
+                    break
+                frames.append(bytes(view[at + HEADER.size : at + HEADER.size + size]))
+                at += HEADER.size + size
         del self._buf[:at]
         return frames
 
