@@ -41,7 +41,7 @@ from cluster.selector.ranker import Ranker
 from cluster.selector.replica_table import _FLOAT_COLS, _INT_COLS, ReplicaRecord, ReplicaTable
 from cluster.selector.reward import RewardBook, corrected_rate
 from cluster.selector.types import LoadSnapshot, Outcome
-from cluster.selector.wire_select import Answer, WireSelect
+from cluster.selector.wire_select import WireSelect
 from kvmanager.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 # NOTE: the fast path's kernels read ReplicaTable columns by position; these names pin them.
@@ -65,8 +65,9 @@ class SelectorCore(CoreSelection):
         self.clock = clock
         self.metrics = metrics or SelectorMetrics()
         self._lock = CoreLock(self)
-        # NOTE: (answer, now, policy) of a select_wire(defer=True) whose route is still owed
-        self._deferred: tuple[Answer, float, str] | None = None
+        # NOTE: (request bytes, now, answer latency) of a select_wire(defer=True) whose
+        # route is still owed (its Answer is the wire's last: ``WireSelect.answer``)
+        self._deferred: tuple[bytes, float, float] | None = None
         self._index = KVIndex(clock)
         # NOTE: the tinyserve policy's compiled path (no Candidates); False = the generic one.
         self.fast_path = True

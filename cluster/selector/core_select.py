@@ -34,6 +34,7 @@ from cluster.selector.wire_select import Answer, WireSelect
 # the Selects after a stall paid ~8 marks (~520 deletions) each (p99.9 393 -> 321 us CPU,
 # max 29 -> 3.5 ms at 5,000 Selects/s in steady state, 256 x 100k; p99 unchanged).
 _SELECT_EXPIRY_MARKS = 2
+_TINYSERVE = TinyServeObjective.name
 
 
 class CoreLock:
@@ -66,7 +67,7 @@ class CoreSelection:
     metrics: SelectorMetrics
     fast_path: bool
     _lock: CoreLock
-    _deferred: tuple[Answer, float, str] | None
+    _deferred: tuple[bytes, float, float] | None
     _index: KVIndex
     _table: ReplicaTable
     _access: AccessTracker
@@ -158,23 +159,24 @@ class CoreSelection:
         (the server calls it after sending the answer)."""
         with self._lock:
             t0 = time.perf_counter()
-            pol = self.policy(TinyServeObjective.name)
+            pol = self._policies.get(_TINYSERVE) or self.policy(_TINYSERVE)
             if self._compiled(pol):
                 now = self.clock()
                 # NOTE: deferred, the expiry of due marks goes after the answer too (the walk
                 # does not count a due mark, expired or not: same answer).
-                ans = self._wire.run(
+                body = self._wire.run(
                     raw, now, self.config.pending_ttl_s, 0 if defer else _SELECT_EXPIRY_MARKS,
                     self.config.max_prompt_blocks, pol.packed_config(),
-                    self.config.default_policy == pol.name, defer,
+                    self.config.default_policy == _TINYSERVE, defer,
                 )  # fmt: skip
-                if ans is not None:
+                if body is not None:
                     if defer:
-                        self._deferred = (ans, now, pol.name)
+                        self._deferred = (raw, now, time.perf_counter() - t0)
                     else:
-                        self._wire_routed(ans, now, pol.name, ans.route_stats)
-                    self._wire.tally.observe(time.perf_counter() - t0)
-                    return ans.body
+                        ans = self._wire.answer(raw)
+                        self._wire_routed(ans, now, ans.route_stats)
+                        self._wire.tally.observe(time.perf_counter() - t0)
+                    return body
         req, candidates, policy, k, speculative = decode_select(raw, self.config.max_prompt_blocks)
         return encode_select(self.select(req, candidates, policy, k, speculative))
 
@@ -190,8 +192,9 @@ class CoreSelection:
         """The deferred Select's route, as ``select_wire`` would have made it (``CoreLock``
         calls this on entry: nothing changed the index since that Select)."""
         assert self._deferred is not None
-        ans, now, policy = self._deferred
+        raw, now, elapsed = self._deferred
         self._deferred = None
+        ans = self._wire.answer(raw)
         st = ans.route_stats
         if ans.r and ans.speculative:
             ttl = self.config.pending_ttl_s
@@ -199,9 +202,10 @@ class CoreSelection:
                                   _SELECT_EXPIRY_MARKS)  # fmt: skip
         else:
             self._index.expire_pending(_SELECT_EXPIRY_MARKS, now)
-        self._wire_routed(ans, now, policy, st)
+        self._wire_routed(ans, now, st)
+        self._wire.tally.observe(elapsed)
 
-    def _wire_routed(self, ans: Answer, now: float, policy: str, st: list[int]) -> None:
+    def _wire_routed(self, ans: Answer, now: float, st: list[int]) -> None:
         """The book-keeping ``rank_fast`` and ``_route`` do after their compiled call, for
         a compiled wire Select (``st``: its ``select_kernel.ROUTE_STATS``)."""
         self._index.routed(st[0], st[1], st[4], st[5])
@@ -212,7 +216,7 @@ class CoreSelection:
             self._access.bumped(st[2], st[3], now)
             self._table.add_inflight_record(rec, ans.num_prompt_tokens + ans.num_output_tokens)
         if ans.request_id:
-            self._remember(ans.request_id, ans.num_prompt_tokens, rec, ans.matched, policy)
+            self._remember(ans.request_id, ans.num_prompt_tokens, rec, ans.matched, _TINYSERVE)
 
     def _compiled(self, pol: Policy) -> TypeGuard[TinyServeObjective]:
         """Whether ``pol`` ranks in the compiled kernels (``select_kernel``): the tinyserve

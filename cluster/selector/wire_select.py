@@ -28,6 +28,7 @@ from cluster.selector.wire import _NUM_FIELDS
 from cluster.selector.wire_ids import WireIds
 
 _I = {name: i for i, name in enumerate(wk.INFO)}
+_OUT_LEN = _I["out_len"]
 assert [_I[n] for n in ("status", "r", "winner_slot", "matched", "unknown", "out_len")] == [
     0, 1, 2, 3, 4, 5] and wk.INFO[6:12] == ("deadlines_created", "pending_rows_created",
     "access_created", "access_reused", "expired_pairs", "expired_rows")  # fmt: skip
@@ -39,9 +40,8 @@ _ROUTE_ARGS = ("pend", "pbits", "acc_keys", "acc_slots", "acc_vt", "acc_bits", "
 
 
 class Answer(NamedTuple):
-    """What ``run`` reports: the answer's bytes and the book-keeping the core still owes."""
+    """What ``answer`` reports after ``run``: the book-keeping the core still owes."""
 
-    body: bytes
     r: int
     winner_slot: int
     matched: int
@@ -68,6 +68,7 @@ class WireSelect:
         self._cands = np.zeros(2 * MAX_CANDIDATES, np.int64)
         self._info = np.zeros(len(wk.INFO), np.int64)
         self._out = np.zeros(4096, np.uint8)
+        self._out_view = self._out.data
         self._deferred = np.zeros(64, np.uint64)  # NOTE: a deferred route's hashes
         self._binding: wk.Binding | None = None
         self._route_args: tuple[Any, ...] = ()
@@ -78,9 +79,10 @@ class WireSelect:
     def run(
         self, raw: bytes, now: float, ttl_s: float, max_expire: int, max_prompt_blocks: int,
         cfg: Any, default_policy: bool, defer: bool = False,
-    ) -> Answer | None:  # fmt: skip
-        """The Select of ``raw`` for the policy, or None (nothing changed) when the kernel
-        does not cover it (``wire_select_kernel``: the caller takes the Python path). With
+    ) -> bytes | None:  # fmt: skip
+        """The answer's bytes for the Select of ``raw`` under the policy, or None (nothing
+        changed) when the kernel does not cover it (``wire_select_kernel``: the caller takes
+        the Python path); ``answer`` then reports the book-keeping the core still owes. With
         ``defer`` a speculative winner's pending marks and access bump are left for ``route``,
         which the caller must make before anything else reads or changes the index."""
         # NOTE: the speculative mark has at most one hash per byte of the request; room
@@ -101,14 +103,20 @@ class WireSelect:
                 self._policy_bytes, default_policy, defer, self._binding,
             )  # fmt: skip
             if status == wk.OK:
-                break
+                # NOTE: only the bytes before the answer goes out; ``answer`` reads the rest
+                # of ``_info`` later (deferred: in the flush), ~1 us off the answer
+                return self._out_view[: self._info.item(_OUT_LEN)].tobytes()
             if status == wk.FALLBACK:
                 return None
             self._grow(int(self._info[_I["num_candidates"]]))
+
+    def answer(self, raw: bytes) -> Answer:
+        """What the last ``run`` that returned bytes (for ``raw``) reports; valid until the
+        next ``run``."""
         info = self._info.tolist()
         rid_at, rid_len = info[_I["request_id_at"]], info[_I["request_id_len"]]
         return Answer(
-            self._out[: info[5]].tobytes(), info[1], info[2], info[3], info[6:12],
+            info[1], info[2], info[3], info[6:12],
             raw[rid_at : rid_at + rid_len].decode() if rid_len else "",
             info[_I["num_prompt_tokens"]], info[_I["num_output_tokens"]],
             info[_I["speculative"]] == 1, info[_I["num_hashes"]],
@@ -151,6 +159,7 @@ class WireSelect:
         need = 64 + len(self._policy_bytes) + n * (ids.max_field + wk.ROW_BYTES)
         if len(self._out) < need:
             self._out = np.zeros(2 * need, np.uint8)
+            self._out_view = self._out.data
         ranked = self._ranker.bound_for(n)
         bound = (
             self._fields, self._cands, slots, self._index.mask_words(self._table.live_mask),
