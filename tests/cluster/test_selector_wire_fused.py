@@ -14,6 +14,7 @@ import pytest
 from prometheus_client import generate_latest
 from select_twins import core_state, random_select_request, twin_cores, twin_run, unfused
 
+from cluster.selector import wire_select
 from cluster.selector.convert import MAX_CANDIDATES
 from cluster.selector.core import SelectorCore
 from cluster.selector.objective import ObjectiveConfig
@@ -36,9 +37,24 @@ def test_fused_answers_and_state_match_the_three_steps(seed: int, num_replicas: 
                 core.leave("r1")
                 core.join("late", node_id="n9", num_blocks=4096)
     assert core_state(fused, probes) == core_state(plain, probes)
-    # NOTE: every one of them took the compiled path (none needed Python)
+    # NOTE: every one of them took the compiled path (none needed Python), through the
+    # overload's entry point (``wire_select._entry_point``) once a binding had been typed
     assert int(fused._wire.tally.counts[0]) == 300
     assert int(plain._wire.tally.counts[0]) == 0
+    assert fused._wire._entry is not None
+
+
+def test_through_numba_dispatch_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the entry point every call goes through numba's dispatcher: same answers."""
+    monkeypatch.setattr(wire_select, "_entry_point", lambda args: None)
+    fused, plain, base, rng, clock, probes = twin_run(4, 20)
+    for step in range(60):
+        raw = random_select_request(rng, base, 20)
+        assert fused.select_wire(raw) == unfused(plain, raw), step
+        if step % 7 == 0:
+            clock.advance(0.2)
+    assert core_state(fused, probes) == core_state(plain, probes)
+    assert fused._wire._entry is None and int(fused._wire.tally.counts[0]) == 60
 
 
 def _scrape(core: SelectorCore) -> dict[str, float]:
