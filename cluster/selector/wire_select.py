@@ -187,12 +187,13 @@ class WireSelect:
         self._entry = None
 
 
-def _entry_point(args: tuple[Any, ...]) -> Callable[..., int] | None:
+def _entry_point(
+    args: tuple[Any, ...], disp: Any = wk.select_wire_bound
+) -> Callable[..., int] | None:
     """The entry point of ``select_wire_bound``'s overload for the numba types of ``args``
     (what its dispatcher picks for them), or None. NOTE: calling it skips the dispatcher's
     typing: only for arguments of those types (a Binding of the same fields' types, bytes,
     a float64 config array), which ``run`` keeps: a new Binding drops it."""
-    disp: Any = wk.select_wire_bound
     cres = disp.overloads.get(tuple(disp.typeof_pyval(a) for a in args))
     return None if cres is None else cres.entry_point
 
