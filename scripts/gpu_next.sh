@@ -8,7 +8,8 @@
 #   scripts/gpu_next.sh 8b        # the random 8B, completions, c = 1/16/64/256, process core (~500 s)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
 #   scripts/gpu_next.sh wave      # c=16/64: the arrival wave's hops with the loops' lag sampled (~250 s)
-#   scripts/gpu_next.sh selector  # selection processes N = 1/2/4 over the fast lane, pinned (~300 s)
+#   scripts/gpu_next.sh selector  # selection processes N = 1/2/4 over the fast lane, pinned; a bare
+#                                 # gRPC server's work; the answer in process (~400 s; PROCS=1 ~150 s)
 #   scripts/gpu_ab_run.sh ...     # the routing A/B's further seeds: benchmarks/results/gpu_ab/README.md
 # Results land in $OUT (JSON + markdown); copy them to benchmarks/results/.
 set -uo pipefail
@@ -68,6 +69,9 @@ case "$part" in
     timeout 420 python3 benchmarks/selector_bench.py --replicas 256 --procs ${PROCS:-1 2 4} \
       --client-procs 8 --scaling-front lane --pin --json "$OUT/selector_h100host_lane.json"
     timeout 120 python3 benchmarks/grpc_after_answer.py --work-us 45 \
-      --json "$OUT/grpc_after_answer_h100host.json" | tail -7 ;;
+      --json "$OUT/grpc_after_answer_h100host.json" | tail -7
+    # NOTE: the answer in process on this host, hot and cold (the server's 47 us against it)
+    timeout 240 python3 benchmarks/selector_select_profile.py --replicas 256 --rate 2500 \
+      --defer --json "$OUT/selector_profile_h100host.json" | tail -12 ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac
