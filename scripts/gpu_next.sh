@@ -40,7 +40,7 @@ case "$part" in
     # NOTE: the random 8B, completions, every concurrency (session 13: a run cut at 400 s
     # printed nothing usable; serve_overhead now writes its JSON after every run, and the log
     # goes to $OUT). The engine side makes an unmeasured pass per concurrency on a GPU.
-    timeout 580 python3 benchmarks/serve_overhead.py --model random-8b --haproxy \
+    timeout "${T8B:-580}" python3 benchmarks/serve_overhead.py --model random-8b --haproxy \
       --endpoints completions --engine-process on --app-args '{"ingress_num_replicas": 4}' \
       --serve-env "$drain" --json "$OUT/serve_overhead_h100_8b_haproxy4.json" \
       > "$OUT/serve_overhead_8b.log" 2>&1
