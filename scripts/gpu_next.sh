@@ -5,7 +5,8 @@
 #          .whl/extra .whl/tok.tar.xz          (scripts/gpu_wheelhouse.sh builds them)
 #   scripts/gpu_next.sh serve     # HAProxy mode, 4 ingress replicas, outputs over the socket, the full 1B grid (~300 s)
 #   scripts/gpu_next.sh c1        # the process core's CUDA test; c=1 TTFT, completions and chat (~300 s)
-#   scripts/gpu_next.sh 8b        # the random 8B, completions, c = 1/16/64/256, process core (~500 s)
+#   scripts/gpu_next.sh 8b        # the random 8B, completions, c = 1/16/64/256, process core (~500 s;
+#                                 # T8B: its timeout, C8B: the concurrencies)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
 #   scripts/gpu_next.sh wave      # c=16/64: the arrival wave's hops with the loops' lag sampled (~250 s)
 #   scripts/gpu_next.sh selector  # selection processes N = 1/2/4 over the fast lane, pinned; a bare
@@ -42,6 +43,7 @@ case "$part" in
     # goes to $OUT). The engine side makes an unmeasured pass per concurrency on a GPU.
     timeout "${T8B:-580}" python3 benchmarks/serve_overhead.py --model random-8b --haproxy \
       --endpoints completions --engine-process on --app-args '{"ingress_num_replicas": 4}' \
+      --concurrency ${C8B:-1 16 64 256} \
       --serve-env "$drain" --json "$OUT/serve_overhead_h100_8b_haproxy4.json" \
       > "$OUT/serve_overhead_8b.log" 2>&1
     grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_8b.log" ;;
