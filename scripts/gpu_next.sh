@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next GPU batch (issues 16 and 19), one part per device command (each < 600 s), run from
+# The next GPU batch (issues 16 and 19), one or more parts per device command (each < 600 s), run from
 # the repo root on the GPU machine with the Ray site carried:
 #   carry: .whl/site312.tar.xz.part-aa .whl/site312.tar.xz.part-ab .whl/site312.sha256
 #          .whl/extra .whl/tok.tar.xz          (scripts/gpu_wheelhouse.sh builds them)
@@ -12,16 +12,19 @@
 #   scripts/gpu_next.sh selector  # selection processes N = 1/2/4 over the fast lane, pinned; a bare
 #                                 # gRPC server's work; the answer in process (~400 s; PROCS=1 ~150 s)
 #   scripts/gpu_ab_run.sh ...     # the routing A/B's further seeds: benchmarks/results/gpu_ab/README.md
+# Several parts run one after another in one machine start, e.g. (~550 s; machines are scarce):
+#   PROCS=1 T8B=380 scripts/gpu_next.sh selector 8b
 # Results land in $OUT (JSON + markdown); copy them to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: scripts/gpu_next.sh serve|c1|8b|tput|wave|selector}"
+: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|tput|wave|selector), one after another}"
 # shellcheck disable=SC1091
 . scripts/gpu_site.sh || exit 1
 python3 -m pip install -q --no-index --find-links .whl/extra pytest xxhash sortedcontainers >/dev/null 2>&1
 tar -C .whl -xJf .whl/tok.tar.xz
 export PYTHONPATH=".:$PYTHONPATH" PYTHONUNBUFFERED=1
 drain=RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=0
+for part in "$@"; do
 case "$part" in
   serve)
     timeout 560 python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
@@ -77,3 +80,5 @@ case "$part" in
       --defer --json "$OUT/selector_profile_h100host.json" | tail -12 ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac
+ray stop --force >/dev/null 2>&1
+done
