@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next GPU batch (issues 16 and 19), one or more parts per device command (each < 600 s), run from
+# The next GPU batch (issues 16 and 19), one or more parts per device command (< 600 s), run from
 # the repo root on the GPU machine with the Ray site carried:
 #   carry: .whl/site312.tar.xz.part-aa .whl/site312.tar.xz.part-ab .whl/site312.sha256
 #          .whl/extra .whl/tok.tar.xz          (scripts/gpu_wheelhouse.sh builds them)
