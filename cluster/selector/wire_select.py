@@ -103,15 +103,11 @@ class WireSelect:
             if self._bound_gen != Generation.value:
                 self._bind()
             use_cpu, use_pending = self._index.tiers_in_use()
-            entry = self._entry
-            if entry is not None and type(raw) is bytes:
-                status = entry(
-                    raw, now, ttl_s, use_cpu, use_pending, max_expire, max_prompt_blocks, cfg,
-                    self._policy_bytes, default_policy, defer, self._binding,
-                )  # fmt: skip
+            args = (raw, now, ttl_s, use_cpu, use_pending, max_expire, max_prompt_blocks, cfg,
+                    self._policy_bytes, default_policy, defer, self._binding)  # fmt: skip
+            if self._entry is not None and type(raw) is bytes:
+                status = self._entry(*args)
             else:
-                args = (raw, now, ttl_s, use_cpu, use_pending, max_expire, max_prompt_blocks,
-                        cfg, self._policy_bytes, default_policy, defer, self._binding)  # fmt: skip
                 status = wk.select_wire_bound(*args)
                 if type(raw) is bytes:
                     self._entry = _entry_point(args)
@@ -193,7 +189,8 @@ def _entry_point(
     """The entry point of ``select_wire_bound``'s overload for the numba types of ``args``
     (what its dispatcher picks for them), or None. NOTE: calling it skips the dispatcher's
     typing: only for arguments of those types (a Binding of the same fields' types, bytes,
-    a float64 config array), which ``run`` keeps: a new Binding drops it."""
+    a float64 config array), which ``run`` keeps: a new Binding drops it. ``disp`` is bound
+    at import, so a profiler's wrapper on the module's name does not hide the dispatcher."""
     cres = disp.overloads.get(tuple(disp.typeof_pyval(a) for a in args))
     return None if cres is None else cres.entry_point
 
