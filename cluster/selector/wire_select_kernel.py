@@ -91,10 +91,14 @@ def _varint_len(v: int) -> int:
 
 
 @_jit
-def _put_double(out: Any, pos: int, tag: int, x: float, dbl: Any, dbl_bytes: Any) -> int:
+def _put_double(out: Any, pos: int, tag: int, x: float, dbl: Any, dbl_bits: Any) -> int:
+    """A one-byte field tag and ``x`` as fixed64 (``dbl_bits``: ``dbl`` viewed as uint64).
+    NOTE: byte by byte: a slice assignment of 8 bytes cost ~20 ns, 48 of them an answer."""
     out[pos] = tag
     dbl[0] = x
-    out[pos + 1 : pos + 9] = dbl_bytes
+    v = dbl_bits[0]
+    for b in range(8):
+        out[pos + 1 + b] = (v >> np.uint64(8 * b)) & np.uint64(0xFF)
     return pos + 9
 
 
@@ -104,7 +108,7 @@ def _encode(out: Any, policy: Any, result: Any, r: int, slots: Any, id_flat: Any
     """``wire.encode_select`` of the ranked rows ``result[:r]`` into ``out``; returns the
     length. Replica ids come pre-encoded per slot (``wire_ids``)."""
     dbl = np.empty(1, np.float64)
-    dbl_bytes = dbl.view(np.uint8)
+    dbl_bits = dbl.view(np.uint64)
     pos = 0
     if policy.shape[0]:
         pos = _put_tagged(out, 0, 0x0A, policy.shape[0])
@@ -122,10 +126,10 @@ def _encode(out: Any, policy: Any, result: Any, r: int, slots: Any, id_flat: Any
         inner = head + 9 + 1 + _varint_len(terms) + terms
         pos = _put_tagged(out, pos, 0x12, inner)
         out[pos : pos + head] = id_flat[field : field + head]
-        pos = _put_double(out, pos + head, 0x11, result[i, 13], dbl, dbl_bytes)
+        pos = _put_double(out, pos + head, 0x11, result[i, 13], dbl, dbl_bits)
         pos = _put_tagged(out, pos, 0x1A, terms)
         for c in range(11):
-            pos = _put_double(out, pos, ((c + 1) << 3) | 1, result[i, c], dbl, dbl_bytes)
+            pos = _put_double(out, pos, ((c + 1) << 3) | 1, result[i, c], dbl, dbl_bits)
         if m:
             pos = _put_tagged(out, pos, 0x60, m)
         if p:
