@@ -16,7 +16,7 @@ from cluster.selector.access import AccessTracker
 from cluster.selector.convert import selection_to_proto
 from cluster.selector.core import SelectorCore
 from cluster.selector.core_types import Selection
-from cluster.selector.select_kernel import _top
+from cluster.selector.select_kernel import _top, _top_passes
 from cluster.selector.types import LoadSnapshot, Ranked, ScoreTerms
 from kvmanager.events import MEDIUM_CPU, BlockStored
 from protos import cache_selection_pb2 as pb
@@ -176,3 +176,17 @@ def test_fast_path_expires_and_queues_marks_as_the_generic_path() -> None:
         core.expire_stale()
         assert all(r.num_pending_blocks == 0 for r in core.list_replicas())
         assert core._index._pending.count == core._index._deadlines.count == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(scores=st.lists(st.sampled_from([-1.5, 0.0, -0.0, 0.25, 1.0, 3.0, math.nan]), min_size=2,
+                       max_size=40),
+       k=st.integers(1, 40))  # fmt: skip
+def test_top_k_one_pass_is_the_selection_passes(scores: list[float], k: int) -> None:
+    """The one-pass top k (``_top``) orders exactly as the k selection passes, NaN included
+    (it hands those to the passes)."""
+    s = np.asarray(scores, np.float64)
+    k = min(k, len(s) - 1)
+    got, want = np.zeros(len(s), np.int64), np.zeros(len(s), np.int64)
+    assert _top(s, k, got) == _top_passes(s, k, want) == k
+    assert got[:k].tolist() == want[:k].tolist()
