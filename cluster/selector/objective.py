@@ -87,6 +87,7 @@ import numpy as np
 from cluster.selector import objective_kernel as kernel
 from cluster.selector.objective_settings import check_objective
 from cluster.selector.policy import Policy, rank_by, register_policy
+from cluster.selector.replica_table import _FLOAT_COLS, _INT_COLS
 from cluster.selector.types import Candidates, FloatArray, Outcome, Ranking, SelectionRequest
 
 FEATURES = ("complexity", "frequency", "similarity", "locality")
@@ -280,28 +281,18 @@ class TinyServeObjective(Policy):
         cfg = self.config
         c = candidates
         n = len(c)
-        # NOTE: np.array over a list is one C call; np.stack is ~20 Python-level numpy calls.
-        ints = np.array(
-            (
-                c.num_matched_blocks,
-                c.num_pending_blocks,
-                c.num_host_blocks,
-                c.block_size,
-                c.num_blocks,
-                c.num_free_blocks,
-                c.num_cached_blocks,
-                c.num_queued_tokens,
-            ),
-            np.int64,
-        )
-        floats = np.array(
-            (c.hotness, c.ttft_ewma_s, c.f_total, c.reward, c.same_node, c.prefill_tokens_per_s),
-            np.float64,
-        )
+        # NOTE: the kernel reads the candidates' columns as the replica table lays them out
+        # (candidate j at slot j); np.array over a list is one C call, np.stack ~20.
+        matched = np.asarray(c.num_matched_blocks, np.int64)
+        tab_ints = np.array([getattr(c, name) for name in _INT_COLS], np.int64)
+        tab_floats = np.array([getattr(c, name) for name in _FLOAT_COLS], np.float64)
         req = _request_row(request)
         q = kernel.complexity(request.num_prompt_tokens, cfg.q_scale_tokens)
         out = np.empty((len(kernel.OUT_ROWS), n), np.float64)
-        kernel.score(ints, floats, self.packed_config(), req, q, out)
+        kernel.score(np.arange(n), matched, matched + c.num_pending_blocks,
+                     np.asarray(c.num_host_blocks, np.int64), np.asarray(c.hotness, np.float64),
+                     np.asarray(c.same_node, np.float64), tab_ints, tab_floats,
+                     self.packed_config(), req, q, out)  # fmt: skip
         terms = dict(zip(kernel.OUT_ROWS, out, strict=True))
         scores = terms.pop("score")
         terms["reward"] = c.reward

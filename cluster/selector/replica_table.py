@@ -26,7 +26,7 @@ _INT_COLS = (
     "num_waiting_reqs",
     "num_queued_tokens",
 )
-# NOTE: the objective kernel reads these by row index (objective_kernel.gather): append.
+# NOTE: the objective kernel reads these by row index (objective_kernel.score): append.
 _FLOAT_COLS = ("ttft_ewma_s", "f_total", "usage", "reward", "prefill_tokens_per_s")
 
 

@@ -3,7 +3,6 @@
     (first: up to N due pending marks expire                         pending_queue.expire)
     hashes ──walk──> per-slot prefix (resident / +pending / host)   walk_kernel.walk
            ──hot───> per-candidate decayed access count              access.hot_of
-           ──gather─> score's packed columns                         objective_kernel.gather
            ──score──> out[OUT_ROWS, N]                               objective_kernel.score
            ──top k──> result[k, RESULT_COLS], top[k]                 (stable: ties keep
                                                                      candidate order)
@@ -16,7 +15,7 @@ glue is gone: the caller's buffers are reused and the answer comes out as rows i
 ``ScoreTerms`` field order, so building it is one ``tolist()``.
 
 Adding a per-replica term to the score is a row in the replica table's ``floats`` and a line
-in ``objective_kernel.gather`` / ``score``; nothing here changes (the cached machine code of
+in ``objective_kernel.score``; nothing here changes (the cached machine code of
 this file embeds those kernels: ``kernel_cache`` rebuilds it when any source here changes).
 """
 
@@ -128,17 +127,18 @@ def rank(
             hot[j] = hot_of(acc_keys, acc_slots, acc_vt, acc_bits, hashes, m, s, now, rate)
         if origin >= 0 and node_of_slot[s] == origin:
             same[j] = 1.0
-    ints, floats = ok.gather(slots, match[0], match[1], match[2], hot, tab_ints, tab_floats, same)
     out = np.empty((len(ok.OUT_ROWS), n))
-    ok.score(ints, floats, cfg, req, q, out)
+    ok.score(slots, match[0], match[1], match[2], hot, same, tab_ints, tab_floats, cfg, req, q,
+             out)  # fmt: skip
     r = _top(out[10], k, top)
     for i in range(r):
         j = top[i]
+        s = slots[j]
         for c in range(len(_OUT_MAP)):
             result[i, _OUT_MAP[c]] = out[c, j]
-        result[i, 2] = floats[3, j]  # reward
-        result[i, 11] = ints[0, j]  # num_matched_blocks
-        result[i, 12] = ints[1, j]  # num_pending_blocks
+        result[i, 2] = tab_floats[3, s]  # reward
+        result[i, 11] = match[0, s]  # num_matched_blocks
+        result[i, 12] = match[1, s] - match[0, s]  # num_pending_blocks
         result[i, 13] = out[10, j]  # score
     return r
 

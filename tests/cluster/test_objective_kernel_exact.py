@@ -13,17 +13,17 @@ from cluster.selector.objective import ObjectiveConfig
 
 def _score(hotness: list[float], matched: list[int]) -> tuple[np.ndarray, np.ndarray]:
     n = len(hotness)
-    ints = np.zeros((ok.INT_ROWS, n), np.int64)
-    floats = np.zeros((ok.FLOAT_ROWS, n))
-    ints[0] = matched  # matched blocks: unequal logits where they differ
-    ints[3], ints[4], ints[5] = 16, 1000, 500
-    floats[0] = hotness
+    # NOTE: candidate j at slot j; matched blocks make unequal logits where they differ
+    res = np.asarray(matched, np.int64)
+    tab_ints = np.zeros((7, n), np.int64)
+    tab_ints[0], tab_ints[1], tab_ints[2] = 16, 1000, 500  # block size, blocks, free blocks
     # NOTE: w1 = w3 = 0: the logit is sim * sim_w alone, which the test can recompute exactly
     cfg_obj = ObjectiveConfig(w=(2.0, 0.0, 4.0, 0.0))
     cfg = ok.pack_config(cfg_obj, np.asarray(cfg_obj.w, np.float64))
     out = np.empty((len(ok.OUT_ROWS), n))
     req = np.array([40.0, 640.0, 16.0, 0.0])
-    ok.score(ints, floats, cfg, req, 0.5, out)
+    ok.score(np.arange(n), res, res, np.zeros(n, np.int64), np.asarray(hotness, np.float64),
+             np.zeros(n), tab_ints, np.zeros((5, n)), cfg, req, 0.5, out)  # fmt: skip
     return out, cfg
 
 
