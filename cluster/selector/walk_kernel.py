@@ -20,7 +20,12 @@ from cluster.selector.index_kernels import _jit
 
 @_jit
 def _leave(out: Any, w: int, gone: Any, n: int) -> None:
-    """out[slot] = n for every slot whose bit is set in ``gone`` (word ``w``)."""
+    """out[slot] = n for every slot whose bit is set in ``gone`` (word ``w``); nothing for
+    n = 0 (``walk``'s outputs are zero on entry).
+    NOTE: at the first block most candidates leave (all but a prefix's few holders): 256
+    bit steps a word for stores of 0, ~0.8 us of a walk at 256 candidates."""
+    if n == 0:
+        return
     b = 0
     while gone:
         if gone & np.uint64(1):
