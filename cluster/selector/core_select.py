@@ -39,25 +39,24 @@ _TINYSERVE = TinyServeObjective.name
 
 class CoreLock:
     """The core's lock. Entering it first makes the route a deferred Select still owes
-    (``SelectorCore.select_wire(defer=True)``), so no holder sees the index without it.
-    ``inner``: the lock itself, for a holder that makes the owed route itself."""
+    (``SelectorCore.select_wire(defer=True)``), so no holder sees the index without it."""
 
-    __slots__ = ("_core", "inner")
+    __slots__ = ("_core", "_lock")
 
     def __init__(self, core: CoreSelection) -> None:
-        self._core, self.inner = core, threading.Lock()
+        self._core, self._lock = core, threading.Lock()
 
     def __enter__(self) -> None:
-        self.inner.acquire()
+        self._lock.acquire()
         if self._core._deferred is not None:
             try:
                 self._core._route_deferred()
             except BaseException:
-                self.inner.release()
+                self._lock.release()
                 raise
 
     def __exit__(self, *exc: object) -> None:
-        self.inner.release()
+        self._lock.release()
 
 
 class CoreSelection:
@@ -158,11 +157,7 @@ class CoreSelection:
         prediction): the next holder of the core's lock makes it before anything else, so
         every later call sees the same state as without ``defer``; ``flush`` makes it at once
         (the server calls it after sending the answer)."""
-        # NOTE: ``CoreLock``'s work inline: its lock's own C-level ``with`` and the owed route
-        # here save two Python frames before the answer
-        with self._lock.inner:
-            if self._deferred is not None:
-                self._route_deferred()
+        with self._lock:
             t0 = time.perf_counter()
             pol = self._policies.get(_TINYSERVE) or self.policy(_TINYSERVE)
             if self._compiled(pol):
