@@ -6,7 +6,9 @@
 #   scripts/gpu_next.sh serve     # HAProxy mode, 4 ingress replicas, outputs over the socket, the full 1B grid (~300 s)
 #   scripts/gpu_next.sh c1        # the process core's CUDA test; c=1 TTFT, completions and chat (~300 s)
 #   scripts/gpu_next.sh 8b        # the random 8B, completions, c = 1/16/64/256, process core (~500 s;
-#                                 # T8B: its timeout, C8B: the concurrencies)
+#                                 # T8B: its timeout, C8B: the concurrencies, TAG: a name suffix,
+#                                 # SENV: more KEY=VALUE for the Serve cluster's environment)
+#   scripts/gpu_next.sh tok       # the prompt encode: wrapper, whole, in pieces (~20 s)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
 #   scripts/gpu_next.sh wave      # c=16/64: the arrival wave's hops with the loops' lag sampled (~250 s)
 #   scripts/gpu_next.sh selector  # selection processes N = 1/2/4 over the fast lane, pinned; a bare
@@ -17,7 +19,7 @@
 # Results land in $OUT (JSON + markdown); copy them to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|tput|wave|selector), one after another}"
+: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|tok|tput|wave|selector), one after another}"
 # shellcheck disable=SC1091
 . scripts/gpu_site.sh || exit 1
 python3 -m pip install -q --no-index --find-links .whl/extra pytest xxhash sortedcontainers >/dev/null 2>&1
@@ -47,9 +49,12 @@ case "$part" in
     timeout "${T8B:-580}" python3 benchmarks/serve_overhead.py --model random-8b --haproxy \
       --endpoints completions --engine-process on --app-args '{"ingress_num_replicas": 4}' \
       --concurrency ${C8B:-1 16 64 256} \
-      --serve-env "$drain" --json "$OUT/serve_overhead_h100_8b_haproxy4.json" \
-      > "$OUT/serve_overhead_8b.log" 2>&1
-    grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_8b.log" ;;
+      --serve-env "$drain" ${SENV:-} --json "$OUT/serve_overhead_h100_8b_haproxy4${TAG:-}.json" \
+      > "$OUT/serve_overhead_8b${TAG:-}.log" 2>&1
+    grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_8b${TAG:-}.log" ;;
+  tok)
+    timeout 120 python3 benchmarks/tokenize_cost.py --tokenizer .whl/tokenizer \
+      --tokens 256 1024 4096 --json "$OUT/tokenize_cost_h100host.json" | head -4 ;;
   tput)
     # NOTE: Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED (gRPC between deployments, the router in the
     # replica's loop, user code on the main loop) against the defaults, one machine, same build.

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from cluster.serve.chunked_encode import encode_pieces
+
 T = TypeVar("T")
 
 
@@ -97,9 +99,13 @@ def encode_ids(tokenizer: Any, text: str, add_special_tokens: bool = True) -> li
     fields and then keeps only the ids; ``encode_batch_fast`` (tokenizers >= 0.21) skips them
     and, like the wrapper's batch call, releases the GIL. SmolLM2's tokenizer, ~2,000 tokens,
     2-core box: 2.55 -> 2.02 ms. The wrapper is used whenever its own settings could change the
-    ids (truncation or padding set on the backend) or there is no fast backend."""
+    ids (truncation or padding set on the backend) or there is no fast backend. A long text is
+    encoded in pieces on the backend's thread pool where that is exact (``chunked_encode``)."""
     backend: Any = getattr(tokenizer, "backend_tokenizer", None)
     fast = getattr(backend, "encode_batch_fast", None)
     if fast is None or backend.truncation is not None or backend.padding is not None:
         return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    ids = encode_pieces(backend, text, add_special_tokens)
+    if ids is not None:
+        return ids
     return list(fast([text], add_special_tokens=add_special_tokens)[0].ids)
