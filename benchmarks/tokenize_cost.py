@@ -80,10 +80,10 @@ def main() -> None:
               f"{r['pieces_ratio']:>10.2f}")
     out = {"benchmark": "tokenize_cost", "machine": platform.node(), "cpus": os.cpu_count(),
            "chunk_safe": chunk_safe(tokenizer.backend_tokenizer), "rows": rows}
-    print(json.dumps(out))
     if ns.json:
         ns.json.write_text(json.dumps(out, indent=1))
         print(f"wrote {ns.json}")
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

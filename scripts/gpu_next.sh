@@ -54,7 +54,7 @@ case "$part" in
     grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_8b${TAG:-}.log" ;;
   tok)
     timeout 120 python3 benchmarks/tokenize_cost.py --tokenizer .whl/tokenizer \
-      --tokens 256 1024 4096 --json "$OUT/tokenize_cost_h100host.json" | head -4 ;;
+      --tokens 256 1024 4096 --json "$OUT/tokenize_cost_h100host.json" ;;
   tput)
     # NOTE: Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED (gRPC between deployments, the router in the
     # replica's loop, user code on the main loop) against the defaults, one machine, same build.
