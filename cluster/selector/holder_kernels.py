@@ -245,6 +245,14 @@ def set_slot(
     of free rows at ``hashes[next]`` (nothing done for it): grow the pool, call again from
     there. The table must have room for every new key. ``sink``: see ``index_kernels.touch``."""
     touch(tab, bits, hashes[start:], sink)
+    return add_all(tab, bits, over, ostate, hashes, slot, start)
+
+
+@_jit
+def add_all(
+    tab: Any, bits: int, over: Any, ostate: Any, hashes: Any, slot: int, start: int
+) -> tuple[int, int, int]:
+    """``set_slot`` without its prefetch (the caller made its own)."""
     added = created = 0
     for j in range(start, hashes.shape[0]):
         i, c = _find_or_insert(tab, bits, hashes[j])
@@ -263,6 +271,12 @@ def clear_slot_of(
     """Remove ``slot`` from every hash (unknown hashes ignored); rows left with no holder are
     deleted. Returns (holders removed, keys deleted). ``sink``: see ``index_kernels.touch``."""
     touch(tab, bits, hashes, sink)
+    return drop_all(tab, bits, over, ostate, hashes, slot)
+
+
+@_jit
+def drop_all(tab: Any, bits: int, over: Any, ostate: Any, hashes: Any, slot: int) -> tuple[int, int]:
+    """``clear_slot_of`` without its prefetch (the caller made its own)."""
     removed = deleted = 0
     for j in range(hashes.shape[0]):
         i = find(tab, bits, hashes[j])

@@ -1,16 +1,24 @@
-"""HolderTable: block_hash -> the replica slots holding it, for the resident tiers of the index.
+"""HolderTable: block_hash -> the replica slots holding it (the resident tiers of the index) or
+with a pending mark on it (the speculative inserts, ``pending_rows``).
 
 Layout (``holder_kernels`` draws the row): ``tab`` uint64[2^bits, 2], 16 B a row (key, up to
 three slot ids inline), and ``over`` uint64[ocap, W], one holder bitmask per block held by four
-or more slots (W = 64-bit words for the slots tracked). Linear probing with backward-shift
-deletes as ``MaskTable``; live rows kept <= 4/5 of the table by doubling, and ``over`` doubles
-when its free rows run out.
+or more slots (W = 64-bit words for the slots tracked). Linear probing (Fibonacci hashing of
+the key) with backward-shift deletes, no tombstones; live rows kept <= ``max_load`` of the
+table by doubling (4/5; the pending rows 1/2, ``KVIndex``; ``reserve`` sizes a table ahead,
+so a hot path never pays for a doubling), and ``over`` doubles when its free rows run out
+(``reserve_overflow`` ahead of compiled callers that cannot grow it).
 
-NOTE: why not ``MaskTable`` here: its row is a key plus W mask words, 8·(1 + W) B, so at 256
-slots (W = 4) the device tier of 12.8M blocks took 16.8M rows x 40 B = 640 MiB, nearly all
+NOTE: why not a mask row (a key plus W mask words, 8·(1 + W) B, the index's first layout): at
+256 slots (W = 4) the device tier of 12.8M blocks took 16.8M rows x 40 B = 640 MiB, nearly all
 zero words: a block is held by one or two replicas in a fleet with prefix-aware routing. Here
 the same rows cost 16 B (256 MiB), and only blocks held by 4+ slots pay a mask (8·W B more).
-``MaskTable`` stays for the pending marks (small, short-lived, their kernels share its rows).
+The pending marks moved to these rows too (a mark is nearly always one slot): 2.5x fewer
+cache lines for a mark's insert and backward-shift delete (benchmarks/README.md, "Fourteenth
+pass").
+NOTE: why not a dict of Python ints: at 256 replicas x 100k blocks the dict index held 12.8M
+int keys, 12.8M 256-bit int masks and 256 per-slot sets (3.4 GB RSS), and a Select spent
+~1 us per dict lookup on cache misses; here lookups run in the compiled walk (``walk_kernel``).
 
 Contract: not thread-safe (the core serialises calls). ``tab`` and ``over`` are replaced on
 growth, so never keep a reference to them across calls. Slots must be < 64·num_words (see
@@ -25,16 +33,30 @@ import numpy.typing as npt
 from cluster.selector import holder_kernels as hk
 from cluster.selector import index_kernels as k
 from cluster.selector.generation import bump
-from cluster.selector.mask_table import grown_bits
 
 U64 = npt.NDArray[np.uint64]
+MAX_LOAD = 0.8
+
+
+def grown_bits(num_keys: int, bits: int, max_load: float = MAX_LOAD) -> int:
+    """The table size (log2 rows) for ``num_keys`` keys: ``bits`` while they fit under
+    ``max_load``, else the first size that holds them at no more than ``max_load / 1.5`` (room
+    to grow before the next doubling)."""
+    if num_keys <= max_load * (1 << bits):
+        return bits
+    while num_keys > max_load * (1 << bits) / 1.5:
+        bits += 1
+    return bits
 
 
 class HolderTable:
     """Holder slots by 64-bit block hash; see the module docstring."""
 
-    def __init__(self, num_words: int = 1, bits: int = 10, overflow_rows: int = 64) -> None:
-        self.bits = bits
+    def __init__(
+        self, num_words: int = 1, bits: int = 10, overflow_rows: int = 64,
+        max_load: float = MAX_LOAD,
+    ) -> None:  # fmt: skip
+        self.bits, self.max_load = bits, max_load
         self.tab = k.zeros((1 << bits, 2), np.uint64)
         self.over = k.zeros((0, num_words), np.uint64)
         bump()
@@ -67,13 +89,20 @@ class HolderTable:
 
     def reserve(self, num_new: int) -> None:
         """Make room for ``num_new`` more keys without another doubling."""
-        bits = grown_bits(self.count + num_new, self.bits)
+        bits = grown_bits(self.count + num_new, self.bits, self.max_load)
         if bits == self.bits:
             return
         new = k.zeros((1 << bits, 2), np.uint64)
         hk.rehash(self.tab, new, bits)
         self.tab, self.bits = new, bits
         bump()
+
+    def reserve_overflow(self, num_rows: int) -> None:
+        """Make room for ``num_rows`` more blocks in the overflow pool (what a compiled caller
+        that cannot grow the pool needs: ``pending_rows.mark`` of ``num_rows`` hashes)."""
+        free = len(self.over) - self.ostate.item(1)
+        if free < num_rows:
+            self._grow_overflow(num_rows - free)
 
     def _grow_overflow(self, num_rows: int) -> None:
         """Add ``num_rows`` free overflow rows (the pool at least doubles)."""
