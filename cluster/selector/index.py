@@ -4,13 +4,13 @@ Layout (R replicas, each owning a small-int ``slot``; bit ``slot`` of a mask = t
 
     _gpu     : HolderTable  block_hash -> slots holding it on the device tier (dense, big)
     _cpu     : HolderTable  block_hash -> slots holding it on the host tier   (usually empty)
-    _pending : MaskTable    block_hash -> slots with a speculative insert     (TTL, mark_pending)
+    _pending : HolderTable  block_hash -> slots with a speculative insert     (TTL, mark_pending)
     _deadlines: PendingDeadlines  (block_hash, slot) -> deadline of its pending mark
     _queue   : PendingQueue  the marks in deadline order (what expiry drains)
 
-NOTE: the resident tiers keep 16-byte rows (a key and up to three slot ids inline, a mask in
-an overflow pool for blocks held by more: ``holder_table``), the pending marks a key and a mask
-word per 64 slots a row (``mask_table``). One compiled pass over the prompt's hashes
+NOTE: all three keep 16-byte rows (a key and up to three slot ids inline, a mask in an
+overflow pool for blocks held or pending on more: ``holder_table``; the pending marks' compiled
+mark / unmark are ``pending_rows``). One compiled pass over the prompt's hashes
 (``walk_kernel.walk``) ANDs the masks block by block and gives every candidate's longest
 prefix at once: O(prompt blocks x mask words), stopping at the first block no candidate holds.
 Equivalence with the previous dict-of-ints index is tested by hypothesis
@@ -36,14 +36,13 @@ from cluster.selector import holder_table, pending_deadlines, pending_queue, wal
 from cluster.selector import index_kernels as k
 from cluster.selector.generation import bump
 from cluster.selector.holder_table import HolderTable
-from cluster.selector.mask_table import MaskTable, warm_up
 from cluster.selector.pending_deadlines import PendingDeadlines
 from cluster.selector.pending_queue import PendingQueue
 from kvmanager.events import MEDIUM_CPU
 
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
-U64Table = npt.NDArray[np.uint64]  # rows: HolderTable [rows, 2], MaskTable [rows, 1 + W]
+PENDING_MAX_LOAD = 0.5
 
 
 def as_hash_array(block_hashes: Iterable[int]) -> U64:
@@ -107,7 +106,6 @@ class KVIndex:
     """Resident and pending block hashes of every replica slot."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
-        warm_up()
         holder_table.warm_up()
         walk_kernel.warm_up()
         pending_deadlines.warm_up()
@@ -115,7 +113,11 @@ class KVIndex:
         self._clock = clock
         self._gpu = HolderTable(bits=16)
         self._cpu = HolderTable()
-        self._pending = MaskTable()
+        # NOTE: at most half full (the resident tiers: 4/5): the pending rows churn (a Select
+        # inserts ~64 marks and deletes as many, each probing to the end of its run); at 320k
+        # marks 0.61 full became 0.31 (8 -> 16 MiB, the mask rows took 20), the route's p50
+        # ~34 -> ~30 us hot (benchmarks/README.md, "Fourteenth pass")
+        self._pending = HolderTable(max_load=PENDING_MAX_LOAD)
         self._num_gpu = np.zeros(64, np.int64)
         self._num_cpu = np.zeros(64, np.int64)
         self._num_pending = np.zeros(64, np.int64)
@@ -150,7 +152,7 @@ class KVIndex:
         """Forget every resident and pending hash of ``slot``; the slot number may be reused."""
         self.clear(slot)
         if slot < len(self._num_pending) and self._num_pending[slot]:
-            self._pending.clear_bits(self._deadlines.drop_slot(slot), slot)
+            self._pending.clear_slot_of(self._deadlines.drop_slot(slot), slot)
             self._num_pending[slot] = 0
 
     def num_resident(self, slot: int) -> int:
@@ -215,20 +217,22 @@ class KVIndex:
 
     def reserve_route(self, num_new: int) -> None:
         """Make room for one pending mark of ``num_new`` hashes (a Select's speculative
-        insert): the pending rows, deadlines and queue. A reservation may replace arrays
-        (``generation.bump``): call it before reading ``bound_arrays``."""
+        insert): the pending rows (each may need an overflow row), deadlines and queue. A
+        reservation may replace arrays (``generation.bump``): call it before reading
+        ``bound_arrays``."""
         self._pending.reserve(num_new)
+        self._pending.reserve_overflow(num_new)
         self._deadlines.reserve(num_new)
         self._queue.reserve(num_new)
 
     def bound_arrays(self) -> tuple[Any, ...]:
-        """The index's part of ``select_kernel.BOUND_ARGS``: the device, host and pending
-        tables (tab, over, bits, ...), then the deadline table (keys, slots, deadlines, bits),
+        """The index's part of ``select_kernel.BOUND_ARGS``: the device and host tables (tab,
+        over, bits), the pending one (tab, over, ostate, bits), then the deadline table (keys, slots, deadlines, bits),
         the queue (dl, meta, ring, state) and the per-slot pending counts, split around the
         caller's arrays as ``Ranker`` arranges them. Valid while ``Generation.value`` stays
         the same; report what the kernel did with ``routed``."""
         g, c, p, d, q = self._gpu, self._cpu, self._pending, self._deadlines, self._queue
-        return (g.tab, g.over, g.bits, c.tab, c.over, c.bits, p.tab, p.bits,
+        return (g.tab, g.over, g.bits, c.tab, c.over, c.bits, p.tab, p.over, p.ostate, p.bits,
                 d.keys, d.slots, d.dl, d.bits, q.dl, q.meta, q.ring, q.state, self._num_pending)  # fmt: skip
 
     def tiers_in_use(self) -> tuple[bool, bool]:
@@ -251,7 +255,7 @@ class KVIndex:
         deadline = self._clock() + ttl_s
         hashes = as_hash_array(block_hashes)
         self._num_pending[slot] += self._deadlines.set(hashes, slot, deadline)
-        self._pending.set_bits(hashes, slot)
+        self._pending.set_slot(hashes, slot)
         self._queue.push(deadline, slot, hashes)
 
     def expire_pending(self, max_marks: int | None = None, now: float | None = None) -> int:
@@ -266,7 +270,8 @@ class KVIndex:
         # NOTE: a later mark_pending of the same hash pushed its deadline; that one stays.
         pairs, rows = pending_queue.expire(
             q.dl, q.meta, q.ring, q.state, now, -1 if max_marks is None else max_marks,
-            d.keys, d.slots, d.dl, d.bits, p.tab, p.bits, self._num_pending, k.SINK,
+            d.keys, d.slots, d.dl, d.bits, p.tab, p.over, p.ostate, p.bits, self._num_pending,
+            k.SINK,
         )  # fmt: skip
         d.count -= int(pairs)
         p.count -= int(rows)
@@ -295,20 +300,11 @@ class KVIndex:
             as_hash_array(block_hashes),
             g.tab, g.over, g.bits,
             c.tab, c.over, c.bits, len(c) > 0,
-            p.tab, p.bits, len(p) > 0,
+            p.tab, p.over, p.bits, len(p) > 0,
             d.keys, d.slots, d.dl, d.bits, self._clock(),
             cand, res, both, host, k.SINK,
         )  # fmt: skip
         return PrefixMatch(res, both, host)
-
-    def walk_args(self) -> tuple[
-        U64Table, U64Table, int, U64Table, U64Table, int, bool, U64Table, int, bool
-    ]:  # fmt: skip
-        """The device, host and pending tables as ``walk_kernel.walk`` takes them (tab, over,
-        bits, ... use_cpu ..., use_pending); valid until the next mutation of the index."""
-        g, c, p = self._gpu, self._cpu, self._pending
-        return (g.tab, g.over, g.bits, c.tab, c.over, c.bits, len(c) > 0,
-                p.tab, p.bits, len(p) > 0)  # fmt: skip
 
     def mask_words(self, mask: int) -> npt.NDArray[np.uint64]:
         """The candidate bitmask (a Python int over slots) as the walk's uint64 words."""

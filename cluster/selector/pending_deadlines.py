@@ -6,7 +6,7 @@ Layout (cap = 2^bits entries, open addressing on a mix of hash and slot, linear 
     slots : int64[cap]    0 empty, else slot + 1
     dl    : float64[cap]  deadline of the (block_hash, slot) mark
 
-Deletion shifts the probe run back (no tombstones, as in ``index_kernels.delete_row``): a
+Deletion shifts the probe run back (no tombstones, as in ``holder_kernels.delete_row``): a
 Select marks ~100 blocks and expires about as many, so tombstones forced a full rebuild every
 few thousand Selects.
 NOTE: this replaces a dict per slot (block_hash -> deadline): a Select marks ~100 blocks
@@ -124,7 +124,7 @@ def _expire(
 
 @_jit
 def _drop_slot(keys: Any, slots: Any, dl: Any, bits: int, slot: int) -> Any:
-    """Delete every entry of ``slot``; returns their hashes (see ``index_kernels.clear_slot``
+    """Delete every entry of ``slot``; returns their hashes (see ``holder_kernels.clear_slot``
     for why a row is looked at again after a deletion)."""
     n = 0
     for i in range(slots.shape[0]):

@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cluster.selector import index_kernels as k
 from cluster.selector import pending_deadlines as pd
+from cluster.selector import pending_rows
 from cluster.selector.generation import bump
-from cluster.selector.index_kernels import _jit, zeros
+from cluster.selector.holder_table import HolderTable
+from cluster.selector.index_kernels import SINK, _jit, zeros
 
 U64 = npt.NDArray[np.uint64]
 
@@ -47,12 +48,13 @@ def _push(dl: Any, meta: Any, ring: Any, state: Any, deadline: float, slot: int,
 @_jit
 def expire(
     dl: Any, meta: Any, ring: Any, state: Any, now: float, max_marks: int,
-    d_keys: Any, d_slots: Any, d_dl: Any, d_bits: int, ptab: Any, pbits: int,
-    num_pending: Any, sink: Any,
+    d_keys: Any, d_slots: Any, d_dl: Any, d_bits: int, ptab: Any, pover: Any, postate: Any,
+    pbits: int, num_pending: Any, sink: Any,
 ) -> tuple[int, int]:  # fmt: skip
     """Drain the marks due by ``now`` (at most ``max_marks`` of them; < 0: all): each
     (hash, slot) pair whose deadline is still due leaves the deadline table and the pending
-    mask table (``ptab``), and ``num_pending[slot]`` drops. A pair whose deadline a later mark
+    rows (``ptab`` / ``pover`` / ``postate``, ``pending_rows``), and ``num_pending[slot]``
+    drops. A pair whose deadline a later mark
     pushed stays. Returns (pairs expired, pending rows deleted)."""
     mm, hm = dl.shape[0] - 1, ring.shape[0] - 1
     pairs = rows = 0
@@ -69,7 +71,7 @@ def expire(
         # writes position e only after reading positions >= e)
         e = pd._expire(d_keys, d_slots, d_dl, d_bits, hashes, slot, now, hashes, sink)
         if e:
-            _, deleted = k.clear_bits(ptab, pbits, hashes[:e], slot, sink)
+            _, deleted = pending_rows.unmark(ptab, pbits, pover, postate, hashes[:e], slot, sink)
             rows += deleted
             num_pending[slot] -= e
             pairs += e
@@ -130,10 +132,11 @@ def warm_up() -> None:
     q = PendingQueue(num_marks=2, num_hashes=4)
     h = np.arange(1, 4, dtype=np.uint64)
     d = pd.PendingDeadlines(bits=3)
-    t = np.zeros((8, 2), np.uint64)
+    t = HolderTable(bits=3)
     d.set(h, 0, 1.0)
-    k.set_bits(t, 3, h, 0, k.SINK)
+    t.reserve_overflow(len(h))
+    pending_rows.mark(t.tab, t.bits, t.over, t.ostate, h, 0, SINK)
     for _ in range(3):
         q.push(1.0, 0, h)  # NOTE: the third push grows both rings
-    expire(q.dl, q.meta, q.ring, q.state, 2.0, -1, d.keys, d.slots, d.dl, d.bits, t, 3,
-           np.ones(1, np.int64) * 3, k.SINK)  # fmt: skip
+    expire(q.dl, q.meta, q.ring, q.state, 2.0, -1, d.keys, d.slots, d.dl, d.bits, t.tab, t.over,
+           t.ostate, t.bits, np.ones(1, np.int64) * 3, SINK)  # fmt: skip

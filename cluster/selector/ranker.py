@@ -118,8 +118,8 @@ class Ranker:
         tables = self._index.bound_arrays()
         acc, t = self._access, self._table
         return (
-            *tables[:8], acc.keys, acc.slots, acc.vt, acc.bits, acc.rate,
-            t.ints, t.floats, t.node_of_slot, *tables[8:],
+            *tables[:10], acc.keys, acc.slots, acc.vt, acc.bits, acc.rate,
+            t.ints, t.floats, t.node_of_slot, *tables[10:],
             self._match, self._result, self._top, self._stats, index_kernels.SINK,
         )  # fmt: skip
 

@@ -28,10 +28,11 @@ import numpy as np
 
 from cluster.selector import objective_kernel as ok
 from cluster.selector.access import bump_kernel, hot_of
-from cluster.selector.index_kernels import _jit, set_bits
+from cluster.selector.index_kernels import _jit
 from cluster.selector.pending_deadlines import _upsert as set_deadlines
 from cluster.selector.pending_queue import _push as push
 from cluster.selector.pending_queue import expire
+from cluster.selector.pending_rows import mark
 from cluster.selector.replica_table import _INT_COLS
 from cluster.selector.types import ScoreTerms
 from cluster.selector.walk_kernel import walk
@@ -94,7 +95,7 @@ def _top_passes(score: Any, k: int, top: Any) -> int:
 @_jit
 def rank(
     hashes: Any, gpu: Any, gover: Any, gbits: int, cpu: Any, cover: Any, cbits: int,
-    use_cpu: bool, pend: Any,
+    use_cpu: bool, pend: Any, pover: Any,
     pbits: int, use_pending: bool, dl_keys: Any, dl_slots: Any, dl_dl: Any, dl_bits: int,
     cand: Any, match: Any,
     acc_keys: Any, acc_slots: Any, acc_vt: Any, acc_bits: int, now: float, rate: float,
@@ -112,7 +113,7 @@ def rank(
     ``walk_kernel.walk``)."""
     n = slots.shape[0]
     match[:] = 0
-    walk(hashes, gpu, gover, gbits, cpu, cover, cbits, use_cpu, pend, pbits, use_pending,
+    walk(hashes, gpu, gover, gbits, cpu, cover, cbits, use_cpu, pend, pover, pbits, use_pending,
          dl_keys, dl_slots, dl_dl, dl_bits, now, cand, match[0], match[1], match[2],
          sink)  # fmt: skip
     hot = np.empty(n)
@@ -151,7 +152,7 @@ ROUTE_STATS = ("deadlines_created", "pending_rows_created", "access_created", "a
 @_jit
 def rank_and_route(
     hashes: Any, gpu: Any, gover: Any, gbits: int, cpu: Any, cover: Any, cbits: int,
-    use_cpu: bool, pend: Any,
+    use_cpu: bool, pend: Any, pover: Any, postate: Any,
     pbits: int, use_pending: bool, cand: Any, match: Any,
     acc_keys: Any, acc_slots: Any, acc_vt: Any, acc_bits: int, now: float, rate: float,
     slots: Any, tab_ints: Any, tab_floats: Any, node_of_slot: Any, origin: int,
@@ -169,8 +170,8 @@ def rank_and_route(
     checkpoint of ``hashes`` (``route``; with ``defer`` left to the caller, which makes that
     call later: see ``SelectorCore.select_wire``).
 
-    The caller must have reserved room for ``len(hashes)`` new pending rows, deadlines and
-    queued hashes (one more queued mark) and for ``bit_length(len(hashes))`` access entries
+    The caller must have reserved room for ``len(hashes)`` new pending rows (and free
+    overflow rows), deadlines and queued hashes (one more queued mark) and for ``bit_length(len(hashes))`` access entries
     (no table grows here). Writes ``stats`` (``ROUTE_STATS``) so the caller updates its
     counts; returns r as ``rank``.
     NOTE: one call instead of three (expiry, ranking, queueing the mark): each Python-side
@@ -178,15 +179,17 @@ def rank_and_route(
     stats[:] = 0
     if max_expire != 0:
         stats[4], stats[5] = expire(q_dl, q_meta, q_ring, q_state, now, max_expire, dl_keys,
-                                    dl_slots, dl_dl, dl_bits, pend, pbits, num_pending, sink)  # fmt: skip
-    r = rank(hashes, gpu, gover, gbits, cpu, cover, cbits, use_cpu, pend, pbits, use_pending,
+                                    dl_slots, dl_dl, dl_bits, pend, pover, postate, pbits,
+                                    num_pending, sink)  # fmt: skip
+    r = rank(hashes, gpu, gover, gbits, cpu, cover, cbits, use_cpu, pend, pover, pbits,
+             use_pending,
              dl_keys, dl_slots, dl_dl, dl_bits, cand, match,
              acc_keys, acc_slots, acc_vt, acc_bits, now, rate, slots, tab_ints, tab_floats,
              node_of_slot, origin, cfg, req, q, k, result, top, sink)  # fmt: skip
     if not speculative or r == 0 or defer:
         return r
-    route(hashes, slots[top[0]], int(result[0, 11]), now, deadline, 0, pend, pbits, acc_keys,
-          acc_slots, acc_vt, acc_bits, rate, dl_keys, dl_slots, dl_dl, dl_bits, q_dl, q_meta,
+    route(hashes, slots[top[0]], int(result[0, 11]), now, deadline, 0, pend, pover, postate,
+          pbits, acc_keys, acc_slots, acc_vt, acc_bits, rate, dl_keys, dl_slots, dl_dl, dl_bits, q_dl, q_meta,
           q_ring, q_state, num_pending, stats, sink)  # fmt: skip
     return r
 
@@ -194,7 +197,7 @@ def rank_and_route(
 @_jit
 def route(
     hashes: Any, s: int, matched: int, now: float, deadline: float, max_expire: int, pend: Any,
-    pbits: int, acc_keys: Any, acc_slots: Any, acc_vt: Any, acc_bits: int, rate: float,
+    pover: Any, postate: Any, pbits: int, acc_keys: Any, acc_slots: Any, acc_vt: Any, acc_bits: int, rate: float,
     dl_keys: Any, dl_slots: Any, dl_dl: Any, dl_bits: int,
     q_dl: Any, q_meta: Any, q_ring: Any, q_state: Any, num_pending: Any, stats: Any, sink: Any,
 ) -> None:  # fmt: skip
@@ -206,11 +209,12 @@ def route(
     ``rank_and_route``)."""
     if max_expire != 0:
         stats[4], stats[5] = expire(q_dl, q_meta, q_ring, q_state, now, max_expire, dl_keys,
-                                    dl_slots, dl_dl, dl_bits, pend, pbits, num_pending, sink)  # fmt: skip
+                                    dl_slots, dl_dl, dl_bits, pend, pover, postate, pbits,
+                                    num_pending, sink)  # fmt: skip
     tail = hashes[matched:]
     if tail.shape[0] and deadline == deadline:
         stats[0] = set_deadlines(dl_keys, dl_slots, dl_dl, dl_bits, tail, s, deadline, sink)
-        _, stats[1] = set_bits(pend, pbits, tail, s, sink)
+        _, stats[1] = mark(pend, pbits, pover, postate, tail, s, sink)
         num_pending[s] += stats[0]
         push(q_dl, q_meta, q_ring, q_state, deadline, s, tail)
     stats[2], stats[3] = bump_kernel(acc_keys, acc_slots, acc_vt, acc_bits, hashes, s, now, rate)
@@ -220,7 +224,8 @@ _QUEUED_TOKENS = _INT_COLS.index("num_queued_tokens")
 _WAITING_REQS = _INT_COLS.index("num_waiting_reqs")
 # NOTE: the arrays ``select_bound`` takes after its per-call arguments, in order: what
 # ``Ranker`` binds once per ``generation.Generation`` (see ``BOUND_ARGS`` users).
-BOUND_ARGS = ("gpu", "gover", "gbits", "cpu", "cover", "cbits", "pend", "pbits",
+BOUND_ARGS = ("gpu", "gover", "gbits", "cpu", "cover", "cbits", "pend", "pover", "postate",
+              "pbits",
               "acc_keys", "acc_slots", "acc_vt", "acc_bits", "rate",
               "tab_ints", "tab_floats", "node_of_slot",
               "dl_keys", "dl_slots", "dl_dl", "dl_bits", "q_dl", "q_meta", "q_ring", "q_state",
@@ -232,7 +237,8 @@ def select_bound(
     hashes: Any, cand: Any, slots: Any, origin: int, num_prompt_tokens: int,
     num_output_tokens: int, q: float, k: int, now: float, deadline: float, use_cpu: bool,
     use_pending: bool, speculative: bool, defer: bool, max_expire: int, cfg: Any,
-    gpu: Any, gover: Any, gbits: int, cpu: Any, cover: Any, cbits: int, pend: Any, pbits: int,
+    gpu: Any, gover: Any, gbits: int, cpu: Any, cover: Any, cbits: int, pend: Any, pover: Any,
+    postate: Any, pbits: int,
     acc_keys: Any, acc_slots: Any, acc_vt: Any, acc_bits: int, rate: float,
     tab_ints: Any, tab_floats: Any, node_of_slot: Any,
     dl_keys: Any, dl_slots: Any, dl_dl: Any, dl_bits: int,
@@ -253,8 +259,8 @@ def select_bound(
     req[2] = num_output_tokens
     req[3] = 1.0 if origin != -1 else 0.0
     r = rank_and_route(
-        hashes, gpu, gover, gbits, cpu, cover, cbits, use_cpu, pend, pbits, use_pending, cand,
-        match, acc_keys, acc_slots, acc_vt, acc_bits, now, rate, slots, tab_ints, tab_floats,
+        hashes, gpu, gover, gbits, cpu, cover, cbits, use_cpu, pend, pover, postate, pbits,
+        use_pending, cand, match, acc_keys, acc_slots, acc_vt, acc_bits, now, rate, slots, tab_ints, tab_floats,
         node_of_slot, origin, cfg, req, q, k, result, top, sink, speculative, deadline,
         dl_keys, dl_slots, dl_dl, dl_bits, q_dl, q_meta, q_ring, q_state, num_pending,
         max_expire, stats, defer,
@@ -278,14 +284,18 @@ def warm_up() -> None:
     global _warm
     if _warm:
         return
+    from cluster.selector.holder_table import HolderTable
+
     tab = np.zeros((16, 2), np.uint64)
     over = np.zeros((1, 1), np.uint64)
+    pend = HolderTable(bits=4)
+    pend.reserve_overflow(4)
     h = np.arange(1, 4, dtype=np.uint64)
     slots = np.arange(2, dtype=np.int64)
     result = np.zeros((2, len(RESULT_COLS)))
     top = np.zeros(2, np.int64)
     for k in (0, 1):
-        rank(h, tab, over, 4, tab, over, 4, True, tab, 4, True, np.zeros(16, np.uint64),
+        rank(h, tab, over, 4, tab, over, 4, True, tab, over, 4, True, np.zeros(16, np.uint64),
              np.zeros(16, np.int64), np.zeros(16), 4, np.ones(1, np.uint64),
              np.zeros((3, 64), np.int64), np.zeros(8, np.uint64), np.zeros(8, np.int64),
              np.zeros((2, 8)), 3, 0.0, 0.01, slots, np.ones((7, 2), np.int64), np.ones((5, 2)),
@@ -293,7 +303,8 @@ def warm_up() -> None:
              np.zeros(1, np.uint64))  # fmt: skip
         for spec in (False, True):
             rank_and_route(
-                h, tab, over, 4, tab, over, 4, True, tab.copy(), 4, True, np.ones(1, np.uint64),
+                h, tab, over, 4, tab, over, 4, True, pend.tab, pend.over, pend.ostate, 4, True,
+                np.ones(1, np.uint64),
                 np.zeros((3, 64), np.int64), np.zeros(8, np.uint64), np.zeros(8, np.int64),
                 np.zeros((2, 8)), 3, 0.0, 0.01, slots, np.ones((7, 2), np.int64),
                 np.ones((5, 2)), np.zeros(2, np.int64), -1, np.ones(ok.CFG_LEN), np.ones(4), 0.5,
@@ -305,7 +316,8 @@ def warm_up() -> None:
         for spec in (False, True):
             select_bound(
                 h, np.ones(1, np.uint64), slots, -1, 48, 0, 0.5, k, 0.0, 1.0, True, True, spec,
-                False, 8, np.ones(ok.CFG_LEN), tab, over, 4, tab, over, 4, tab.copy(), 4,
+                False, 8, np.ones(ok.CFG_LEN), tab, over, 4, tab, over, 4, pend.tab, pend.over,
+                pend.ostate, 4,
                 np.zeros(8, np.uint64), np.zeros(8, np.int64), np.zeros((2, 8)), 3, 0.01,
                 np.ones((7, 2), np.int64), np.ones((5, 2)), np.zeros(2, np.int64),
                 np.zeros(8, np.uint64), np.zeros(8, np.int64), np.zeros(8), 3, np.zeros(4),

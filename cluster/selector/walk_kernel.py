@@ -1,5 +1,5 @@
 """The longest-prefix walk of a Select (compiled): one pass over a prompt's block hashes against
-the device and host tiers (``HolderTable`` arrays) and the pending marks (``MaskTable``).
+the device and host tiers and the pending marks (all three ``HolderTable`` arrays).
 
 Every block's holders are decoded into per-tier mask words (``holder_kernels.holder_words``),
 then ANDed into the candidates still alive: O(prompt blocks x mask words), stopping at the
@@ -15,6 +15,7 @@ import numpy as np
 from cluster.selector import holder_kernels as hk
 from cluster.selector import index_kernels as k
 from cluster.selector import pending_deadlines as pd
+from cluster.selector import pending_rows
 from cluster.selector.index_kernels import _jit
 
 
@@ -37,7 +38,7 @@ def _leave(out: Any, w: int, gone: Any, n: int) -> None:
 @_jit
 def _live(q: Any, w: int, h: Any, dl_keys: Any, dl_slots: Any, dl_dl: Any, dl_bits: int,
           now: float) -> Any:  # fmt: skip
-    """``q`` (word ``w`` of the pending row of ``h``) less the slots whose mark on ``h`` is
+    """``q`` (word ``w`` of the pending slots of ``h``) less the slots whose mark on ``h`` is
     due by ``now`` (``PendingDeadlines``): expired in all but name, whenever the expiry runs."""
     out = q
     b = 0
@@ -56,14 +57,14 @@ def walk(
     hashes: Any,
     gpu: Any, gover: Any, gbits: int,
     cpu: Any, cover: Any, cbits: int, use_cpu: bool,
-    pend: Any, pbits: int, use_pending: bool,
+    pend: Any, pover: Any, pbits: int, use_pending: bool,
     dl_keys: Any, dl_slots: Any, dl_dl: Any, dl_bits: int, now: float,
     cand: Any,
     out_res: Any, out_both: Any, out_host: Any, sink: Any,
 ) -> None:  # fmt: skip
     """Longest exact prefix of ``hashes`` (uint64) per candidate slot (``cand`` bitmask
     words), in one pass over the device (``gpu``/``gover``) and host (``cpu``/``cover``)
-    holder tables and the pending mask table.
+    holder tables and the pending one (``pend``/``pover``).
 
     Writes, indexed by slot: ``out_res`` = leading blocks resident (device or host tier),
     ``out_both`` = leading blocks resident or pending, ``out_host`` = blocks of the resident
@@ -76,8 +77,8 @@ def walk(
     NOTE: the pending table is probed only while some candidate still alive for "resident
     or pending" is not covered by this block's resident masks (same answer): in a shared
     prefix the few candidates holding it are covered, so it is ~1 probe per walk instead of
-    one per block (each an unsuccessful probe run of ~7 rows at the pending table's load),
-    and its rows are not prefetched. The device rows are, all at once: measured against a
+    one per block (each an unsuccessful probe to the end of a run of rows), and its rows are
+    not prefetched. The device rows are, all at once: measured against a
     sliding window 16-64 blocks ahead of the probe (fewer loads for short prefixes), the
     up-front ``touch`` was as fast or faster (p50 12.9 vs 14.6-15.5 us at 256 x 100k).
     """
@@ -86,6 +87,7 @@ def walk(
     alive_b = cand.copy()
     gw = np.zeros(nw, np.uint64)
     cw = np.zeros(nw, np.uint64)
+    pw = np.zeros(nw, np.uint64)
     n = hashes.shape[0]
     zero = np.uint64(0)
     # NOTE: [lo, hi) spans the words with a candidate alive (alive_r is within alive_b): a
@@ -102,12 +104,14 @@ def walk(
         if use_pending:
             for w in range(lo, hi):
                 if alive_b[w] & ~(gw[w] | cw[w]):
-                    ip = k.find(pend, pbits, h)
+                    ip = hk.find(pend, pbits, h)
+                    if ip >= 0:
+                        hk.holder_words(pend, pover, ip, pw)
                     break
         new_lo, new_hi = hi, lo
         for w in range(lo, hi):
             g, c = gw[w], cw[w]
-            p = pend[ip, 1 + w] if ip >= 0 else zero
+            p = pw[w] if ip >= 0 else zero
             q = p & alive_b[w] & ~(g | c)  # NOTE: the pending bits that decide this block
             if q:
                 p = (p & ~q) | _live(q, w, h, dl_keys, dl_slots, dl_dl, dl_bits, now)
@@ -145,17 +149,17 @@ def warm_up() -> None:
     if _warm:
         return
     from cluster.selector.holder_table import HolderTable
-    from cluster.selector.mask_table import MaskTable
     from cluster.selector.pending_deadlines import PendingDeadlines
 
-    g, c, p = HolderTable(bits=4), HolderTable(bits=4), MaskTable(bits=4)
+    g, c, p = HolderTable(bits=4), HolderTable(bits=4), HolderTable(bits=4)
     d = PendingDeadlines()
     h = np.arange(1, 6, dtype=np.uint64)
     for t in (g, c):
         t.set_slot(h, 1)
-    p.set_bits(h, 0)
+    p.reserve_overflow(len(h))
+    pending_rows.mark(p.tab, p.bits, p.over, p.ostate, h, 0, k.SINK)
     out = np.zeros(64, np.int64)
     cand = k.mask_from_slots(np.arange(2, dtype=np.int64), 1)
-    walk(h, g.tab, g.over, g.bits, c.tab, c.over, c.bits, True, p.tab, p.bits, True, d.keys,
-         d.slots, d.dl, d.bits, 0.0, cand, out, out.copy(), out.copy(), k.SINK)  # fmt: skip
+    walk(h, g.tab, g.over, g.bits, c.tab, c.over, c.bits, True, p.tab, p.over, p.bits, True,
+         d.keys, d.slots, d.dl, d.bits, 0.0, cand, out, out.copy(), out.copy(), k.SINK)  # fmt: skip
     _warm = True

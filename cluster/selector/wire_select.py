@@ -35,9 +35,9 @@ assert [_I[n] for n in ("status", "r", "winner_slot", "matched", "unknown", "out
     "access_created", "access_reused", "expired_pairs", "expired_rows")  # fmt: skip
 
 # ``select_kernel.route``'s arrays after its per-call arguments (from ``BOUND_ARGS``)
-_ROUTE_ARGS = ("pend", "pbits", "acc_keys", "acc_slots", "acc_vt", "acc_bits", "rate",
-               "dl_keys", "dl_slots", "dl_dl", "dl_bits", "q_dl", "q_meta", "q_ring", "q_state",
-               "num_pending", "stats", "sink")  # fmt: skip
+_ROUTE_ARGS = ("pend", "pover", "postate", "pbits", "acc_keys", "acc_slots", "acc_vt",
+               "acc_bits", "rate", "dl_keys", "dl_slots", "dl_dl", "dl_bits", "q_dl", "q_meta",
+               "q_ring", "q_state", "num_pending", "stats", "sink")  # fmt: skip
 
 
 class Answer(NamedTuple):

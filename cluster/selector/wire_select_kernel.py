@@ -148,7 +148,8 @@ def select_wire(
     fields: Any, cands: Any, live_slots: Any, live_words: Any, id_flat: Any, id_at: Any,
     id_tab: Any, node_flat: Any, node_at: Any, node_tab: Any, max_field: int, out: Any,
     info: Any, tally: Any, deferred: Any,
-    gpu: Any, gover: Any, gbits: int, cpu: Any, cover: Any, cbits: int, pend: Any, pbits: int,
+    gpu: Any, gover: Any, gbits: int, cpu: Any, cover: Any, cbits: int, pend: Any, pover: Any,
+    postate: Any, pbits: int,
     acc_keys: Any, acc_slots: Any, acc_vt: Any, acc_bits: int, rate: float,
     tab_ints: Any, tab_floats: Any, node_of_slot: Any,
     dl_keys: Any, dl_slots: Any, dl_dl: Any, dl_bits: int,
@@ -228,8 +229,8 @@ def select_wire(
     deadline = now + ttl_s if ttl_s > 0 else math.nan
     ret = select_bound(
         hashes[:n], words, slots, origin, npt, nout, q, k, now, deadline, use_cpu, use_pending,
-        speculative, defer, max_expire, cfg, gpu, gover, gbits, cpu, cover, cbits, pend, pbits,
-        acc_keys, acc_slots, acc_vt, acc_bits, rate, tab_ints, tab_floats, node_of_slot,
+        speculative, defer, max_expire, cfg, gpu, gover, gbits, cpu, cover, cbits, pend, pover,
+        postate, pbits, acc_keys, acc_slots, acc_vt, acc_bits, rate, tab_ints, tab_floats, node_of_slot,
         dl_keys, dl_slots, dl_dl, dl_bits, q_dl, q_meta, q_ring, q_state, num_pending,
         match, result, top, stats, sink,
     )  # fmt: skip
@@ -278,7 +279,8 @@ def select_wire_bound(
         raw, now, ttl_s, use_cpu, use_pending, max_expire, max_prompt_blocks, cfg, policy,
         default_policy, defer, b.fields, b.cands, b.live_slots, b.live_words, b.id_flat, b.id_at,
         b.id_tab, b.node_flat, b.node_at, b.node_tab, b.max_field, b.out, b.info, b.tally,
-        b.deferred, b.gpu, b.gover, b.gbits, b.cpu, b.cover, b.cbits, b.pend, b.pbits,
+        b.deferred, b.gpu, b.gover, b.gbits, b.cpu, b.cover, b.cbits, b.pend, b.pover, b.postate,
+        b.pbits,
         b.acc_keys, b.acc_slots, b.acc_vt, b.acc_bits, b.rate, b.tab_ints, b.tab_floats,
         b.node_of_slot, b.dl_keys, b.dl_slots, b.dl_dl, b.dl_bits, b.q_dl, b.q_meta, b.q_ring,
         b.q_state, b.num_pending, b.match, b.result, b.top, b.stats, b.sink,

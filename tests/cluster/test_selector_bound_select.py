@@ -77,13 +77,12 @@ def test_every_array_replacement_bumps_the_generation() -> None:
     from cluster.selector.access import AccessTracker
     from cluster.selector.holder_table import HolderTable
     from cluster.selector.index import KVIndex
-    from cluster.selector.mask_table import MaskTable
     from cluster.selector.pending_deadlines import PendingDeadlines
     from cluster.selector.pending_queue import PendingQueue
     from cluster.selector.replica_table import ReplicaTable
 
     hashes = np.arange(1, 5000, dtype=np.uint64)
-    holder, mask = HolderTable(bits=4, overflow_rows=1), MaskTable(bits=4)
+    holder, pend = HolderTable(bits=4, overflow_rows=1), HolderTable(bits=4, overflow_rows=1)
     acc, dls, queue = AccessTracker(lambda: 1.0, bits=3), PendingDeadlines(bits=3), PendingQueue(2, 4)
     table, index = ReplicaTable(capacity=2), KVIndex(lambda: 1.0)
     cases = [
@@ -91,8 +90,8 @@ def test_every_array_replacement_bumps_the_generation() -> None:
         (holder, ("tab", "over"), lambda: holder.widen(3)),
         # NOTE: four holders of one block: the block moves to the overflow pool, which grows
         (holder, ("tab", "over"), lambda: [holder.set_slot(hashes[:50], s) for s in range(5)]),
-        (mask, ("tab",), lambda: mask.reserve(100)),
-        (mask, ("tab",), lambda: mask.widen(3)),
+        # NOTE: the pending rows' reservation ahead of a compiled mark (route, rank_and_route)
+        (pend, ("tab", "over"), lambda: pend.reserve_overflow(100)),
         (acc, ("keys", "slots", "vt"), lambda: acc.reserve(100)),
         (dls, ("keys", "slots", "dl"), lambda: dls.reserve(100)),
         (queue, ("dl", "meta", "ring", "state"), lambda: queue.reserve(100, 10)),

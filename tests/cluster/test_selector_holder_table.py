@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from index_reference import KVIndex as RefIndex
 from selector_helpers import FakeClock
-from slot_reference import apply_op, keys_homed_at
+from slot_reference import apply_op, check_holder_table, keys_homed_at
 
 from cluster.selector import holder_kernels as hk
 from cluster.selector.holder_table import HolderTable
@@ -26,31 +26,7 @@ _KEYS = keys_homed_at((6, 7, 0), 3, 2)
 
 
 def _check(t: HolderTable, ref: dict[int, set[int]]) -> None:
-    """Every answer equals the dict's, and the layout's invariants hold."""
-    assert len(t) == len(ref)
-    for x in _KEYS:
-        held = ref.get(x, set())
-        for s in _SLOTS:
-            assert t.has(np.uint64(x), s) == (s in held)
-        words = t.holders(np.uint64(x))
-        assert {64 * w + b for w in range(len(words)) for b in range(64)
-                if int(words[w]) >> b & 1} == held  # fmt: skip
-    live = [i for i in range(len(t.tab)) if t.tab[i, 1]]
-    # NOTE: no orphan rows: every live row is reachable from its home (probe runs unbroken)
-    assert sorted(hk.find(t.tab, t.bits, t.tab[i, 0]) for i in live) == live
-    # NOTE: inline iff <= 3 holders; overflow rows in use + free list == the pool
-    over_rows = []
-    for i in live:
-        n = len(ref[int(t.tab[i, 0])])
-        assert bool(t.tab[i, 1] & _OVER_BIT) == (n > hk.NUM_INLINE)
-        if n > hk.NUM_INLINE:
-            over_rows.append(int(t.tab[i, 1] & np.uint64(0xFFFFFFFF)))
-    assert t.num_overflow == len(over_rows) == len(set(over_rows))
-    free, o = [], int(t.ostate[0])
-    while o >= 0:
-        free.append(o)
-        o = int(t.over[o, 0]) - 1
-    assert sorted(free + over_rows) == list(range(len(t.over)))
+    check_holder_table(t, ref, _KEYS, _SLOTS)
 
 
 _ops = st.lists(

@@ -1,8 +1,8 @@
-"""The tables under the index: backward-shift deletion keeps every key findable; the pending
-queue's rings grow and wrap without losing a mark.
+"""The tables under the index: the pending deadlines' backward-shift deletion keeps every key
+findable; the pending queue's rings grow and wrap without losing a mark. (The pending rows:
+test_selector_pending_rows.py; the resident tiers' rows: test_selector_holder_table.py.)
 
-Tiny tables (8 or 16 rows) with keys chosen to share home rows at the table's end, so probe
-runs collide and wrap around row 0; every history is checked against a dict.
+Tiny tables (16 rows), every history checked against a dict.
 """
 
 from __future__ import annotations
@@ -12,52 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from index_reference import KVIndex as RefIndex
 from selector_helpers import FakeClock
-from slot_reference import apply_op, keys_homed_at
 
-from cluster.selector import index_kernels as k
 from cluster.selector import pending_deadlines as pd
 from cluster.selector.index import KVIndex
-from cluster.selector.mask_table import MaskTable
 from cluster.selector.pending_deadlines import PendingDeadlines
 from cluster.selector.pending_queue import PendingQueue
 
 _SLOTS = [0, 1, 65]
-
-
-_MASK_KEYS = keys_homed_at((6, 7, 0), 3, 3)
-_mask_ops = st.lists(
-    st.tuples(
-        st.sampled_from(["set", "clear", "clear_slot"]),
-        st.sampled_from(_SLOTS),
-        st.lists(st.sampled_from(_MASK_KEYS), max_size=4),
-    ),
-    max_size=60,
-)
-
-
-@settings(max_examples=300, deadline=None)
-@given(ops=_mask_ops)
-def test_mask_table_equals_a_dict_through_colliding_deletes(
-    ops: list[tuple[str, int, list[int]]],
-) -> None:
-    t = MaskTable(num_words=2, bits=3)
-    ref: dict[int, set[int]] = {}
-    for op, slot, keys in ops:
-        arr = np.asarray(keys, np.uint64)
-        want = apply_op(ref, op, slot, keys)
-        if op == "set":
-            assert t.set_bits(arr, slot) == want
-        elif op == "clear":
-            assert t.clear_bits(arr, slot) == want
-        else:
-            t.clear_slot(slot)
-        assert len(t) == len(ref)
-        for x in _MASK_KEYS:
-            for s in _SLOTS:
-                assert t.has(np.uint64(x), s) == (s in ref.get(x, set()))
-    # NOTE: no orphan rows: every live row is reachable from its home (probe runs unbroken)
-    live = [i for i in range(len(t.tab)) if t.tab[i, 1:].any()]
-    assert sorted(int(k.find(t.tab, t.bits, t.tab[i, 0])) for i in live) == live
 
 
 _DL_KEYS = list(range(12))
@@ -145,17 +106,3 @@ def test_pending_queue_through_ring_growth_equals_the_reference(
     clock.t += 10.0
     assert new.expire_pending() == ref.expire_pending()
     assert all(new.num_pending(s) == 0 for s in _SLOTS)
-
-
-def test_touch_run_reads_past_the_table_end_and_changes_nothing() -> None:
-    """The pending table's prefetch loads rows after each home, wrapping at the end, on
-    tables down to 2 rows (fewer than ``RUN_AHEAD`` + 1), and writes only the sink."""
-    for bits in (1, 3):
-        t = MaskTable(num_words=2, bits=bits)
-        keys = np.asarray(keys_homed_at(((1 << bits) - 1,), bits, 2), np.uint64)
-        t.set_bits(keys, 65)
-        before = t.tab.copy()
-        sink = np.zeros(1, np.uint64)
-        k.touch_run(t.tab, t.bits, keys, sink)
-        assert np.array_equal(t.tab, before)
-        assert t.has(keys[1], 65)
