@@ -26,7 +26,11 @@ from cluster.selector.generation import bump
 from cluster.selector.index_kernels import SINK, _jit, _moves_back, zeros
 
 U64 = npt.NDArray[np.uint64]
-MAX_LOAD = 0.7
+# NOTE: at most half full (0.7 before): every Select deletes ~64 marks and inserts as many, and
+# a backward-shift delete and an insert probe to the end of their run; at 320k marks (2,500
+# Selects/s x 2 s) 0.61 full became 0.31 (one table doubling, 12 -> 24 MiB), the route's p50
+# ~30 -> ~26 us hot (benchmarks/README.md, "Fourteenth pass")
+MAX_LOAD = 0.5
 _MIX = np.uint64(0xD6E8FEB86659FD93)
 _FIB = np.uint64(0x9E3779B97F4A7C15)
 
