@@ -275,7 +275,9 @@ def clear_slot_of(
 
 
 @_jit
-def drop_all(tab: Any, bits: int, over: Any, ostate: Any, hashes: Any, slot: int) -> tuple[int, int]:
+def drop_all(
+    tab: Any, bits: int, over: Any, ostate: Any, hashes: Any, slot: int
+) -> tuple[int, int]:
     """``clear_slot_of`` without its prefetch (the caller made its own)."""
     removed = deleted = 0
     for j in range(hashes.shape[0]):

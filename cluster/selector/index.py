@@ -227,10 +227,10 @@ class KVIndex:
 
     def bound_arrays(self) -> tuple[Any, ...]:
         """The index's part of ``select_kernel.BOUND_ARGS``: the device and host tables (tab,
-        over, bits), the pending one (tab, over, ostate, bits), then the deadline table (keys, slots, deadlines, bits),
-        the queue (dl, meta, ring, state) and the per-slot pending counts, split around the
-        caller's arrays as ``Ranker`` arranges them. Valid while ``Generation.value`` stays
-        the same; report what the kernel did with ``routed``."""
+        over, bits), the pending one (tab, over, ostate, bits), then the deadline table (keys,
+        slots, deadlines, bits), the queue (dl, meta, ring, state) and the per-slot pending
+        counts, split around the caller's arrays as ``Ranker`` arranges them. Valid while
+        ``Generation.value`` stays the same; report what the kernel did with ``routed``."""
         g, c, p, d, q = self._gpu, self._cpu, self._pending, self._deadlines, self._queue
         return (g.tab, g.over, g.bits, c.tab, c.over, c.bits, p.tab, p.over, p.ostate, p.bits,
                 d.keys, d.slots, d.dl, d.bits, q.dl, q.meta, q.ring, q.state, self._num_pending)  # fmt: skip

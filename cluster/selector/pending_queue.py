@@ -54,8 +54,8 @@ def expire(
     """Drain the marks due by ``now`` (at most ``max_marks`` of them; < 0: all): each
     (hash, slot) pair whose deadline is still due leaves the deadline table and the pending
     rows (``ptab`` / ``pover`` / ``postate``, ``pending_rows``), and ``num_pending[slot]``
-    drops. A pair whose deadline a later mark
-    pushed stays. Returns (pairs expired, pending rows deleted)."""
+    drops. A pair whose deadline a later mark pushed stays. Returns (pairs expired, pending
+    rows deleted)."""
     mm, hm = dl.shape[0] - 1, ring.shape[0] - 1
     pairs = rows = 0
     budget = max_marks

@@ -171,9 +171,9 @@ def rank_and_route(
     call later: see ``SelectorCore.select_wire``).
 
     The caller must have reserved room for ``len(hashes)`` new pending rows (and free
-    overflow rows), deadlines and queued hashes (one more queued mark) and for ``bit_length(len(hashes))`` access entries
-    (no table grows here). Writes ``stats`` (``ROUTE_STATS``) so the caller updates its
-    counts; returns r as ``rank``.
+    overflow rows), deadlines and queued hashes (one more queued mark) and for
+    ``bit_length(len(hashes))`` access entries (no table grows here). Writes ``stats``
+    (``ROUTE_STATS``) so the caller updates its counts; returns r as ``rank``.
     NOTE: one call instead of three (expiry, ranking, queueing the mark): each Python-side
     step cost 1-3 us of argument checking and numpy scalar arithmetic."""
     stats[:] = 0
@@ -182,22 +182,22 @@ def rank_and_route(
                                     dl_slots, dl_dl, dl_bits, pend, pover, postate, pbits,
                                     num_pending, sink)  # fmt: skip
     r = rank(hashes, gpu, gover, gbits, cpu, cover, cbits, use_cpu, pend, pover, pbits,
-             use_pending,
-             dl_keys, dl_slots, dl_dl, dl_bits, cand, match,
+             use_pending, dl_keys, dl_slots, dl_dl, dl_bits, cand, match,
              acc_keys, acc_slots, acc_vt, acc_bits, now, rate, slots, tab_ints, tab_floats,
              node_of_slot, origin, cfg, req, q, k, result, top, sink)  # fmt: skip
     if not speculative or r == 0 or defer:
         return r
     route(hashes, slots[top[0]], int(result[0, 11]), now, deadline, 0, pend, pover, postate,
-          pbits, acc_keys, acc_slots, acc_vt, acc_bits, rate, dl_keys, dl_slots, dl_dl, dl_bits, q_dl, q_meta,
-          q_ring, q_state, num_pending, stats, sink)  # fmt: skip
+          pbits, acc_keys, acc_slots, acc_vt, acc_bits, rate, dl_keys, dl_slots, dl_dl, dl_bits,
+          q_dl, q_meta, q_ring, q_state, num_pending, stats, sink)  # fmt: skip
     return r
 
 
 @_jit
 def route(
     hashes: Any, s: int, matched: int, now: float, deadline: float, max_expire: int, pend: Any,
-    pover: Any, postate: Any, pbits: int, acc_keys: Any, acc_slots: Any, acc_vt: Any, acc_bits: int, rate: float,
+    pover: Any, postate: Any, pbits: int,
+    acc_keys: Any, acc_slots: Any, acc_vt: Any, acc_bits: int, rate: float,
     dl_keys: Any, dl_slots: Any, dl_dl: Any, dl_bits: int,
     q_dl: Any, q_meta: Any, q_ring: Any, q_state: Any, num_pending: Any, stats: Any, sink: Any,
 ) -> None:  # fmt: skip
@@ -260,10 +260,10 @@ def select_bound(
     req[3] = 1.0 if origin != -1 else 0.0
     r = rank_and_route(
         hashes, gpu, gover, gbits, cpu, cover, cbits, use_cpu, pend, pover, postate, pbits,
-        use_pending, cand, match, acc_keys, acc_slots, acc_vt, acc_bits, now, rate, slots, tab_ints, tab_floats,
-        node_of_slot, origin, cfg, req, q, k, result, top, sink, speculative, deadline,
-        dl_keys, dl_slots, dl_dl, dl_bits, q_dl, q_meta, q_ring, q_state, num_pending,
-        max_expire, stats, defer,
+        use_pending, cand, match, acc_keys, acc_slots, acc_vt, acc_bits, now, rate, slots,
+        tab_ints, tab_floats, node_of_slot, origin, cfg, req, q, k, result, top, sink,
+        speculative, deadline, dl_keys, dl_slots, dl_dl, dl_bits, q_dl, q_meta, q_ring, q_state,
+        num_pending, max_expire, stats, defer,
     )  # fmt: skip
     last = len(RESULT_COLS)
     for i in range(r):

@@ -230,8 +230,8 @@ def select_wire(
     ret = select_bound(
         hashes[:n], words, slots, origin, npt, nout, q, k, now, deadline, use_cpu, use_pending,
         speculative, defer, max_expire, cfg, gpu, gover, gbits, cpu, cover, cbits, pend, pover,
-        postate, pbits, acc_keys, acc_slots, acc_vt, acc_bits, rate, tab_ints, tab_floats, node_of_slot,
-        dl_keys, dl_slots, dl_dl, dl_bits, q_dl, q_meta, q_ring, q_state, num_pending,
+        postate, pbits, acc_keys, acc_slots, acc_vt, acc_bits, rate, tab_ints, tab_floats,
+        node_of_slot, dl_keys, dl_slots, dl_dl, dl_bits, q_dl, q_meta, q_ring, q_state, num_pending,
         match, result, top, stats, sink,
     )  # fmt: skip
     r = ret[0]
