@@ -44,7 +44,7 @@ from replicas.loop_lag import LAG_WINDOW_S, LoopLag
 from replicas.output_pacing import OutputPacer, StreamBudget
 from replicas.output_post import OutputPost, ReplyTo
 from replicas.outputs import RequestOutput, RequestTrace
-from replicas.ray_node import this_node_id
+from replicas.ray_node import serve_loop_flags, this_node_id
 from replicas.sampling_params import SamplingParams
 
 log = logging.getLogger("ray.serve")
@@ -261,6 +261,7 @@ class LLMReplica(ReplicaReporting):
             num_inflight=len(self._inflight),
             selector_address=self._address,
             selector_connected=bool(self._sink and self._sink.connected()),
+            serve_loops=serve_loop_flags(),
         )
         return d
 

@@ -16,3 +16,16 @@ def this_node_id() -> str:
         return str(ray.get_runtime_context().get_node_id() or "")
     except Exception:
         return ""
+
+
+def serve_loop_flags() -> dict[str, bool]:
+    """How Serve runs this replica process's handlers and its handles' routers, as the process
+    read it from its environment (the app's ``serve_main_loop``; empty outside Serve)."""
+    try:
+        from ray.serve._private import constants
+    except ImportError:
+        return {}
+    return {
+        "user_code_in_separate_thread": bool(constants.RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD),
+        "router_in_separate_loop": bool(constants.RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP),
+    }

@@ -39,10 +39,21 @@ def router_config(config: AppConfig) -> dict[str, Any]:
     }
 
 
-def _actor_options(num_cpus: float, resources: dict[str, float]) -> dict[str, Any]:
+# NOTE: Serve reads these when a replica's process imports it, so a deployment's runtime_env
+# sets them for its replicas alone (Serve merges env_vars with the app's runtime_env).
+MAIN_LOOP_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+
+
+def _actor_options(num_cpus: float, resources: dict[str, float],
+                   main_loop: bool = False) -> dict[str, Any]:
     options: dict[str, Any] = {"num_cpus": num_cpus}
     if resources:
         options["resources"] = dict(resources)
+    if main_loop:
+        options["runtime_env"] = {"env_vars": dict(MAIN_LOOP_ENV)}
     return options
 
 
@@ -67,7 +78,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         if selector_enabled
         else None
     )
-    actor_options = _actor_options(config.num_cpus_per_replica, config.placement.llm)
+    actor_options = _actor_options(config.num_cpus_per_replica, config.placement.llm,
+                                   config.serve_main_loop)
     if config.num_gpus_per_replica:
         actor_options["num_gpus"] = config.num_gpus_per_replica
     llm = (
@@ -89,5 +101,6 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     ingress = cast(Deployment, OpenAIIngress)
     return ingress.options(
         num_replicas=config.ingress_num_replicas,
-        ray_actor_options=_actor_options(config.ingress_num_cpus, config.placement.ingress),
+        ray_actor_options=_actor_options(config.ingress_num_cpus, config.placement.ingress,
+                                         config.serve_main_loop),
     ).bind(llm, config.model_dump(exclude=no_tls))

@@ -185,6 +185,15 @@ class AppConfig(BaseModel):
         "socket when both run on one node (replicas/output_post.py: ~10 us an output against "
         "~0.8 ms of CPU for a Ray streaming item); as Ray items otherwise.",
     )
+    serve_main_loop: bool = Field(
+        default=True,
+        description="Serve runs the ingress's and the LLM replicas' handlers on each replica's "
+        "main event loop, and the ingress's request router on the caller's loop "
+        "(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 and RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 "
+        "in those replicas' runtime_env): no thread hop per request and per streamed chunk. "
+        "Random 8B on an H100, c=1: served TTFT 10.0 -> 8.4 ms above the engine's "
+        "(benchmarks/results/serve_overhead_notes.md, session 16). False = Serve's defaults.",
+    )
     ingress_num_cpus: float = Field(
         default=0.5, ge=0, description="Ray CPUs per ingress replica (tokenization only)."
     )

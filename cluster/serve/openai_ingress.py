@@ -55,7 +55,7 @@ from cluster.serve.output_inbox import OutputInbox
 from cluster.serve.tokenizer_pool import TokenizerPool, encode_ids
 from replicas.deployment import GenerateRequest
 from replicas.loop_lag import LoopLag
-from replicas.ray_node import this_node_id
+from replicas.ray_node import serve_loop_flags, this_node_id
 
 api = FastAPI(title="TinyServe Cluster", version="0.1.0")
 install(api)  # NOTE: API key and body size, before any route runs (cluster.serve.openai_guard)
@@ -227,6 +227,10 @@ class OpenAIIngress(IngressAnswer):
         if inbox is None:
             return {"frames": -1, "dropped": -1}
         return {"frames": inbox.num_frames, "dropped": inbox.num_dropped}
+
+    def serve_loops(self) -> dict[str, bool]:
+        """How Serve runs this ingress's handlers and its handle's router (``serve_main_loop``)."""
+        return serve_loop_flags()
 
     def traces(self) -> list[dict[str, Any]]:
         """Finished requests' per-hop stamps since the last call (``cluster.serve.openai_trace``);

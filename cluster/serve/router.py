@@ -26,9 +26,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
+from ray.serve._private import constants as serve_constants
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import (
     LocalityMixin,
@@ -52,6 +53,7 @@ from cluster.serve.router_core import (
 from replicas.ray_node import this_node_id
 
 log = logging.getLogger("ray.serve")
+RESOLVE_TIMEOUT_S = 10.0  # each call to the CacheSelector deployment while resolving it
 LATENCY_BUCKETS_S = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25]
 
 
@@ -110,38 +112,45 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
 
     # -- selection service address ------------------------------------------------------------
     def _resolve_in_background(self) -> None:
-        """Ask the CacheSelector deployment for its address on a thread (a blocking handle
-        call must not run on the router's event loop)."""
+        """Ask the CacheSelector deployment for its address, token and fast lanes, in the
+        background (called from the router's loop).
+
+        NOTE: where Serve runs routers on the caller's loop (``serve_main_loop``), a handle can
+        only be called from a running loop: a task on this one. Where Serve runs them on its
+        own router thread, a handle made on that thread blocks it (the new handle's router
+        waits on the same loop): a thread of ours, with a loop of its own."""
         if self._resolving:
             return
         self._resolving = True
+        if serve_constants.RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP:
+            threading.Thread(target=asyncio.run, args=(self._resolve(),),
+                             name="tinyserve-router-resolve", daemon=True).start()
+        else:
+            self._spawn(self._resolve())
 
-        def run() -> None:
-            from ray import serve
+    async def _resolve(self) -> None:
+        from ray import serve
 
-            try:
-                handle = serve.get_deployment_handle(
-                    self.settings.selector_deployment, self.app_name
-                )
-                token = handle.auth_token.remote().result(timeout_s=10.0)
-                self._token = str(token) if token else None
-                self._tls = handle.client_tls.remote().result(timeout_s=10.0)
-                self._fast_lanes = self._fetch_fast_lanes(handle)
-                self._address = str(handle.address.remote().result(timeout_s=10.0))
-                self._failures = 0
-            except Exception as exc:
-                log.info("TinyServeRouter: selection service address unknown: %r", exc)
-            finally:
-                self._resolving = False
-
-        threading.Thread(target=run, name="tinyserve-router-resolve", daemon=True).start()
+        try:
+            handle = serve.get_deployment_handle(self.settings.selector_deployment, self.app_name)
+            token = await asyncio.wait_for(handle.auth_token.remote(), RESOLVE_TIMEOUT_S)
+            self._token = str(token) if token else None
+            self._tls = await asyncio.wait_for(handle.client_tls.remote(), RESOLVE_TIMEOUT_S)
+            self._fast_lanes = await self._fetch_fast_lanes(handle)
+            address = await asyncio.wait_for(handle.address.remote(), RESOLVE_TIMEOUT_S)
+            self._address = str(address)
+            self._failures = 0
+        except Exception as exc:
+            log.info("TinyServeRouter: selection service address unknown: %r", exc)
+        finally:
+            self._resolving = False
 
     @staticmethod
-    def _fetch_fast_lanes(handle: Any) -> dict[str, str]:
+    async def _fetch_fast_lanes(handle: Any) -> dict[str, str]:
         """The service's fast lanes; none when it cannot say (e.g. a version without them):
         the client then uses gRPC only."""
         try:
-            lanes = handle.fast_lanes.remote().result(timeout_s=10.0)
+            lanes = await asyncio.wait_for(handle.fast_lanes.remote(), RESOLVE_TIMEOUT_S)
             return {str(k): str(v) for k, v in dict(lanes).items()}
         except Exception as exc:
             log.info("TinyServeRouter: no selector fast lanes: %r", exc)
@@ -282,6 +291,10 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             except Exception:
                 log.exception("TinyServeRouter: a Select beside its request failed")
 
-        task = asyncio.get_running_loop().create_task(run())
+        self._spawn(run())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` as a task on the router loop, referenced until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
         self._beside.add(task)  # NOTE: a reference, or the task may be collected unfinished
         task.add_done_callback(self._beside.discard)

@@ -42,10 +42,14 @@ class Cluster:
     dashboard: str
     metrics: str
     client: Any
+    main_loop: bool  # the app's serve_main_loop
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+# NOTE: the whole module runs on both of Serve's loop layouts: the app's default (handlers and
+# the router on the replicas' main loops) and Serve's own (a user-code thread, a router thread).
+@pytest.fixture(scope="module", params=[True, False], ids=["main_loop", "serve_threads"])
+def cluster(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     from cluster.serve.app import build_app
 
     key_file = tmp_path_factory.mktemp("auth") / "api_keys"
@@ -67,13 +71,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             "selector": {"port": 0, "stale_after_s": 600, "num_replicas": 1},
             "auth": {"api_keys_file": str(key_file)},
             "limits": {"max_prompt_tokens": MAX_PROMPT_TOKENS},
+            "serve_main_loop": request.param,
         }
         serve.run(build_app(args), name=APP, route_prefix="/")
         base = f"http://127.0.0.1:{http_port}"
         client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0,
                                timeout=120)
         yield Cluster(base, f"http://127.0.0.1:{dash_port}",
-                      f"http://127.0.0.1:{metrics_port}/metrics", client)
+                      f"http://127.0.0.1:{metrics_port}/metrics", client, request.param)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -136,6 +141,20 @@ def test_models_health_chat_stream_and_completion(cluster: Cluster) -> None:
     again = cluster.client.completions.create(model=MODEL, prompt="The capital of France is",
                                               max_tokens=3, temperature=0)
     assert again.choices[0].text == comp.choices[0].text
+
+
+def test_serve_main_loop_reaches_the_ingress_and_llm_replicas(cluster: Cluster) -> None:
+    # NOTE: serve_main_loop reaches the replicas through their runtime_env; this test process,
+    # the driver, was started without it and keeps Serve's defaults.
+    separate = not cluster.main_loop
+    want = {"user_code_in_separate_thread": separate, "router_in_separate_loop": separate}
+    ingress = serve.get_deployment_handle("OpenAIIngress", APP)
+    assert ingress.serve_loops.remote().result(timeout_s=30) == want
+    stats = _replica_stats()
+    assert stats and all(st["serve_loops"] == want for st in stats.values())
+    from ray.serve._private import constants
+
+    assert constants.RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
 
 
 def test_ingress_traces_give_every_hop_of_a_request_in_order(cluster: Cluster) -> None:

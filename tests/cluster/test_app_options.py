@@ -1,0 +1,22 @@
+"""build_app's per-deployment Ray options (no Ray started: the bound deployments are read)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("ray.serve")
+
+
+def test_serve_main_loop_sets_the_ingress_and_llm_replicas_serve_flags() -> None:
+    from cluster.serve.app import MAIN_LOOP_ENV, build_app
+
+    for on in (True, False):
+        ingress = build_app({"serve_main_loop": on})._bound_deployment
+        llm = ingress.init_args[0]._bound_deployment
+        selector = llm.init_args[1]._bound_deployment
+        for d in (ingress, llm):
+            env = d.ray_actor_options.get("runtime_env", {}).get("env_vars", {})
+            assert env == (MAIN_LOOP_ENV if on else {})
+        assert "runtime_env" not in selector.ray_actor_options
+    assert MAIN_LOOP_ENV == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                             "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
