@@ -7,7 +7,9 @@
 #   scripts/gpu_next.sh c1        # the process core's CUDA test; c=1 TTFT, completions and chat (~300 s)
 #   scripts/gpu_next.sh 8b        # the random 8B, completions, c = 1/16/64/256, process core (~500 s;
 #                                 # T8B: its timeout, C8B: the concurrencies, TAG: a name suffix,
-#                                 # SENV: more KEY=VALUE for the Serve cluster's environment)
+#                                 # SENV: more KEY=VALUE for the Serve cluster's environment,
+#                                 # APP: the app args JSON, e.g. '{"ingress_num_replicas": 4,
+#                                 # "serve_main_loop": false}' for Serve's loop layout)
 #   scripts/gpu_next.sh tok       # the prompt encode: wrapper, whole, in pieces (~20 s)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
 #   scripts/gpu_next.sh wave      # c=16/64: the arrival wave's hops with the loops' lag sampled (~250 s)
@@ -47,7 +49,8 @@ case "$part" in
     # printed nothing usable; serve_overhead now writes its JSON after every run, and the log
     # goes to $OUT). The engine side makes an unmeasured pass per concurrency on a GPU.
     timeout "${T8B:-580}" python3 benchmarks/serve_overhead.py --model random-8b --haproxy \
-      --endpoints completions --engine-process on --app-args '{"ingress_num_replicas": 4}' \
+      --endpoints completions --engine-process on \
+      --app-args "${APP:-{\"ingress_num_replicas\": 4\}}" \
       --concurrency ${C8B:-1 16 64 256} \
       --serve-env "$drain" ${SENV:-} --json "$OUT/serve_overhead_h100_8b_haproxy4${TAG:-}.json" \
       > "$OUT/serve_overhead_8b${TAG:-}.log" 2>&1
