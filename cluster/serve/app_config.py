@@ -179,6 +179,14 @@ class AppConfig(BaseModel):
         "event loop (no thread hop; ~0.2 us a character on a 2-core CPU box); longer ones on "
         "the tokenizer threads, so streams keep flowing while they encode. 0 = always threads.",
     )
+    ingress_idle_inline_tokenize_chars: int = Field(
+        default=32768,
+        ge=0,
+        description="While the ingress replica has no request in flight and no prompt on its "
+        "tokenizer threads, prompts of at most this many characters are tokenized on its event "
+        "loop too: it serves no one else then, and the thread hop is saved (~0.3 ms). 32,768 "
+        "characters are ~8k tokens, ~2 ms of encode in pieces on a 16-core host. 0 = off.",
+    )
     stream_outputs_over_socket: bool = Field(
         default=True,
         description="Outputs go from an LLM replica to the ingress over a Unix "

@@ -41,6 +41,7 @@ class IngressAnswer:
     llm: Any
     trace_log: TraceLog
     _inbox: OutputInbox | None
+    num_active: int  # requests whose replica call is under way (``_outputs`` running)
 
 
     async def _outputs(
@@ -50,49 +51,53 @@ class IngressAnswer:
         (up to ``MAX_ATTEMPTS``) when nothing has reached the client yet: before the first
         delta, or at any point when ``restartable`` (a non-streamed response, whose caller
         then gets ``None``, meaning "discard what you accumulated")."""
-        base_id = req.request_id
-        for attempt in range(MAX_ATTEMPTS):
-            if attempt:
-                req.request_id = f"{base_id}~{attempt}"
-            gen = self.llm.generate.remote(req)
-            started = done = False
-            try:
-                async for out in self._arrivals(gen, req):
-                    started = True
-                    trace.on_output(out)
-                    yield out
-                done = True
-                return
-            except (RayActorError, ActorUnavailableError) as exc:
-                done = True
-                if (started and not restartable) or attempt == MAX_ATTEMPTS - 1:
+        self.num_active += 1
+        try:
+            base_id = req.request_id
+            for attempt in range(MAX_ATTEMPTS):
+                if attempt:
+                    req.request_id = f"{base_id}~{attempt}"
+                gen = self.llm.generate.remote(req)
+                started = done = False
+                try:
+                    async for out in self._arrivals(gen, req):
+                        started = True
+                        trace.on_output(out)
+                        yield out
+                    done = True
+                    return
+                except (RayActorError, ActorUnavailableError) as exc:
+                    done = True
+                    if (started and not restartable) or attempt == MAX_ATTEMPTS - 1:
+                        raise OpenAIError(
+                            f"replica failed: {type(exc).__name__}", 503, "server_error"
+                        ) from exc
+                    log.warning(
+                        "request %s: replica died (%s); retrying on another replica",
+                        base_id,
+                        type(exc).__name__,
+                    )
+                    if started:
+                        yield None
+                except ValueError as exc:
+                    done = True
+                    raise OpenAIError(str(_cause(exc))) from exc
+                except OpenAIError:
+                    done = True
+                    raise
+                except Exception as exc:
+                    # NOTE: e.g. a failed engine step: OpenAI's server_error, never a bare 500 or a
+                    # stream cut without an error event.
+                    done = True
+                    log.warning("request %s failed: %r", base_id, _cause(exc))
                     raise OpenAIError(
-                        f"replica failed: {type(exc).__name__}", 503, "server_error"
+                        f"generation failed: {type(_cause(exc)).__name__}", 500, "server_error"
                     ) from exc
-                log.warning(
-                    "request %s: replica died (%s); retrying on another replica",
-                    base_id,
-                    type(exc).__name__,
-                )
-                if started:
-                    yield None
-            except ValueError as exc:
-                done = True
-                raise OpenAIError(str(_cause(exc))) from exc
-            except OpenAIError:
-                done = True
-                raise
-            except Exception as exc:
-                # NOTE: e.g. a failed engine step: OpenAI's server_error, never a bare 500 or a
-                # stream cut without an error event.
-                done = True
-                log.warning("request %s failed: %r", base_id, _cause(exc))
-                raise OpenAIError(
-                    f"generation failed: {type(_cause(exc)).__name__}", 500, "server_error"
-                ) from exc
-            finally:
-                if not done:
-                    gen.cancel()  # NOTE: client went away: abort on the replica.
+                finally:
+                    if not done:
+                        gen.cancel()  # NOTE: client went away: abort on the replica.
+        finally:
+            self.num_active -= 1
 
     async def _arrivals(self, gen: Any, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
         """The call's outputs: its Ray items, merged with what its replica posted to this

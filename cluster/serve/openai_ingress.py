@@ -114,7 +114,9 @@ class OpenAIIngress(IngressAnswer):
             self.tokenizer,
             self.config.ingress_tokenizer_threads,
             inline_max_chars=self.config.ingress_inline_tokenize_chars,
+            idle_inline_max_chars=self.config.ingress_idle_inline_tokenize_chars,
         )
+        self.num_active = 0
         self.limits = self.config.limits
         self.vocab_size = len(self.tokenizer) if self.tokenizer is not None else None
         self.max_token_chars = limits.max_token_chars(self.tokenizer)
@@ -249,9 +251,11 @@ class OpenAIIngress(IngressAnswer):
         parsed = time.time()
         self.trace_log.sample_loops()
         n = body.num_prompt_chars()
-        text, ids = await self._tokenize_pool.run(tokenize, body, num_chars=n)
+        inline = self._tokenize_pool.is_inline(n, idle=self.num_active == 0)
+        text, ids = await self._tokenize_pool.run(tokenize, body, num_chars=n,
+                                                  idle=self.num_active == 0)
         rid = f"{id_prefix}-{uuid.uuid4().hex}"
-        trace = IngressTrace(rid, recv, parsed, tokenized_inline=self._tokenize_pool.is_inline(n))
+        trace = IngressTrace(rid, recv, parsed, tokenized_inline=inline)
         params = body.sampling_params(self.config.default_max_tokens)
         explicit = (getattr(body, "max_completion_tokens", None) or body.max_tokens) is not None
         params.max_tokens = fit_context(len(ids), params.max_tokens, explicit, self.max_model_len)

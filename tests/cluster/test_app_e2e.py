@@ -157,6 +157,17 @@ def test_serve_main_loop_reaches_the_ingress_and_llm_replicas(cluster: Cluster) 
     assert constants.RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
 
 
+def test_an_idle_ingress_tokenizes_a_long_prompt_on_its_loop(cluster: Cluster) -> None:
+    ingress = serve.get_deployment_handle("OpenAIIngress", APP)
+    ingress.traces.remote().result(timeout_s=30)  # forget earlier requests
+    prompt = "hello " * 400  # NOTE: over ingress_inline_tokenize_chars (2,048): idle rule only
+    body = cluster.client.completions.create(model=MODEL, prompt=prompt, max_tokens=2,
+                                             temperature=0)
+    traces = {t["response_id"]: t for t in ingress.traces.remote().result(timeout_s=30)}
+    assert traces[body.id]["tokenized_inline"] is True
+    assert body.usage.prompt_tokens > 300
+
+
 def test_ingress_traces_give_every_hop_of_a_request_in_order(cluster: Cluster) -> None:
     ingress = serve.get_deployment_handle("OpenAIIngress", APP)
     ingress.traces.remote().result(timeout_s=30)  # forget earlier requests

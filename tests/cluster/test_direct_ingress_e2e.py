@@ -65,6 +65,9 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Direct]:
             "router_kwargs": {"select_timeout_s": 1.0},
             "auth": {"api_keys_file": str(key_file)},
             "ingress_inline_tokenize_chars": INLINE_MAX_CHARS,
+            # NOTE: the size threshold alone (an idle ingress inlines long prompts too:
+            # test_app_e2e.py and test_tokenizer_pool.py cover that)
+            "ingress_idle_inline_tokenize_chars": 0,
         }
         serve.run(build_app(args), name=APP, route_prefix="/")
         yield Direct(proxy, direct_urls(APP, proxy)[0])

@@ -92,6 +92,39 @@ def test_short_prompts_encode_inline_long_ones_on_threads_same_ids() -> None:
     assert pool.is_inline(100) and not pool.is_inline(101) and not pool.is_inline(-1)
 
 
+def test_an_idle_caller_encodes_long_prompts_inline_unless_a_thread_is_busy() -> None:
+    tok = _tokenizer()
+    pool = TokenizerPool(tok, 2, inline_max_chars=10, idle_inline_max_chars=1000)
+    text = " ".join(f"w{j % 499 + 1}" for j in range(150))
+    assert 10 < len(text) <= 1000
+    release = threading.Event()
+
+    def slow(tokenizer: Any) -> None:
+        release.wait(10)
+
+    async def main() -> list[str]:
+        loop_thread = threading.current_thread().name
+        where = [(await pool.run(_encode, text, num_chars=len(text), idle=True))[1]]
+        where.append((await pool.run(_encode, text, num_chars=len(text)))[1])  # not idle
+        busy = asyncio.ensure_future(pool.run(slow))  # a thread is busy: no inline
+        await asyncio.sleep(0.05)
+        assert not pool.is_inline(len(text), idle=True)
+        where.append((await pool.run(_encode, text, num_chars=len(text), idle=True))[1])
+        release.set()
+        await busy
+        assert pool.is_inline(len(text), idle=True)
+        return [w == loop_thread for w in where]
+
+    try:
+        assert asyncio.run(main()) == [True, False, False]
+    finally:
+        pool.shutdown()
+    assert not pool.is_inline(1001, idle=True) and not pool.is_inline(-1, idle=True)
+    assert not TokenizerPool(None, 1, idle_inline_max_chars=0).is_inline(5, idle=True)
+    with pytest.raises(ValueError, match="idle_inline_max_chars"):
+        TokenizerPool(None, 1, idle_inline_max_chars=-1)
+
+
 def test_inline_errors_reach_the_caller_and_zero_means_always_threads() -> None:
     pool = TokenizerPool(None, 1, inline_max_chars=10)
 
