@@ -168,7 +168,7 @@ def test_engine_failure_mid_stream_ends_with_error_event_then_done() -> None:
         return gens[-1]
 
     fake = SimpleNamespace(llm=SimpleNamespace(generate=SimpleNamespace(remote=remote)),
-                           trace_log=TraceLog(), _inbox=None)
+                           trace_log=TraceLog(), _inbox=None, num_active=0)
     fake._arrivals = lambda gen, req: cls._arrivals(fake, gen, req)
     req = GenerateRequest("chatcmpl-1", [1, 2], SamplingParams(max_tokens=8))
     ctx = ResponseContext("chat", "chatcmpl-1", "m", None, None)
@@ -193,3 +193,4 @@ def test_engine_failure_mid_stream_ends_with_error_event_then_done() -> None:
     with pytest.raises(OpenAIError) as info:
         asyncio.run(whole())
     assert info.value.status_code == 500 and info.value.err_type == "server_error"
+    assert fake.num_active == 0  # both requests counted out, failures included
