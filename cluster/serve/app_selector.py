@@ -18,6 +18,7 @@ same registry entry: ``fast_lanes()`` maps each address to its lane for the rout
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from typing import Any
 
@@ -31,6 +32,17 @@ from cluster.serve.app_config import SelectorSettings
 from cluster.serve.metrics_mirror import MetricsMirror
 
 log = logging.getLogger("ray.serve")
+
+
+def bindable(host: str, port: int) -> bool:
+    """Whether a TCP listener could bind ``host:port`` now (False while another holds it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 @serve.deployment(name="CacheSelector", num_replicas=2, health_check_period_s=5)
@@ -88,6 +100,10 @@ class CacheSelector:
         """Serve on the configured ports, or on any free ones when a sibling holds them."""
         lane = self.settings.fast_lane_port
         try:
+            # NOTE: a taken port is not offered to gRPC: its failed bind logs an error line
+            # (on every `make run`, where two selection replicas share the node).
+            if not all(bindable(host, p) for p in (self.settings.port, lane) if p):
+                raise RuntimeError("port taken")
             return ServerThread(core, host=host, port=self.settings.port, token=token,
                                 tls=self._tls, fast_lane_port=lane).start()  # fmt: skip
         except RuntimeError:

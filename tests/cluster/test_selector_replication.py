@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from cluster.selector.client import AsyncSelectorClient, SelectorClient, split_addresses
+from cluster.selector.core import SelectorCore
 from cluster.selector.server import ServerThread
 from cluster.selector.types import SelectionRequest
 from cluster.serve.app_reporting import SelectorSink
@@ -170,3 +171,15 @@ def test_registry_keeps_fresh_entries_only() -> None:
         b"not json",
     ]
     assert parse_entries(values, now, max_age_s=5.0) == ["h:1", "h:2"]
+
+
+def test_a_port_held_by_a_sibling_server_is_not_bindable_until_it_stops() -> None:
+    from cluster.serve.app_selector import bindable
+
+    server = ServerThread(SelectorCore(), host="127.0.0.1", port=0).start()
+    port = server.port
+    try:
+        assert not bindable("127.0.0.1", port)
+    finally:
+        server.stop()
+    _wait(lambda: bindable("127.0.0.1", port))
