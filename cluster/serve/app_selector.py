@@ -99,20 +99,19 @@ class CacheSelector:
     def _start(self, core: SelectorCore, host: str, token: str | None) -> ServerThread:
         """Serve on the configured ports, or on any free ones when a sibling holds them."""
         lane = self.settings.fast_lane_port
-        try:
-            # NOTE: a taken port is not offered to gRPC: its failed bind logs an error line
-            # (on every `make run`, where two selection replicas share the node).
-            if not all(bindable(host, p) for p in (self.settings.port, lane) if p):
-                raise RuntimeError("port taken")
-            return ServerThread(core, host=host, port=self.settings.port, token=token,
-                                tls=self._tls, fast_lane_port=lane).start()  # fmt: skip
-        except RuntimeError:
-            if not self.settings.port and not lane:
-                raise
-            log.info("port %d or %s taken (a sibling selection replica?): any free port",
-                     self.settings.port, lane)  # fmt: skip
-            return ServerThread(core, host=host, port=0, token=token, tls=self._tls,
-                                fast_lane_port=None if lane is None else 0).start()  # fmt: skip
+        # NOTE: a taken port is not offered to gRPC: its failed bind logs an error line (on
+        # every `make run`, where two selection replicas share the node).
+        if all(bindable(host, p) for p in (self.settings.port, lane) if p):
+            try:
+                return ServerThread(core, host=host, port=self.settings.port, token=token,
+                                    tls=self._tls, fast_lane_port=lane).start()  # fmt: skip
+            except RuntimeError:
+                if not self.settings.port and not lane:
+                    raise
+        log.info("port %d or %s taken (a sibling selection replica?): any free port",
+                 self.settings.port, lane)  # fmt: skip
+        return ServerThread(core, host=host, port=0, token=token, tls=self._tls,
+                            fast_lane_port=None if lane is None else 0).start()  # fmt: skip
 
     def _heartbeat_loop(self) -> None:
         while not self._stopping.wait(selector_registry.HEARTBEAT_S):

@@ -97,24 +97,30 @@ def cut(text: str, num_pieces: int) -> list[str]:
     return [text[a:b] for a, b in zip(starts, [*starts[1:], n], strict=True)]
 
 
-def num_pieces(backend: Any, text: str, chunk_chars: int = CHUNK_CHARS,
-               max_pieces: int | None = None) -> int:
-    """How many pieces ``encode_pieces`` cuts ``text`` into: 1 (encode it whole) for a short
-    text, a tokenizer ``chunk_safe`` refuses, the thread pool off, or no cut point."""
+def pieces(backend: Any, text: str, chunk_chars: int = CHUNK_CHARS,
+           max_pieces: int | None = None) -> list[str]:
+    """The pieces ``encode_pieces`` encodes: ``[text]`` (encode it whole) for a short text, a
+    tokenizer ``chunk_safe`` refuses, the thread pool off, or no cut point."""
     num = min(len(text) // chunk_chars, max_pieces or os.cpu_count() or 1)
     if num < 2 or not parallel_enabled() or not chunk_safe(backend):
-        return 1
-    return len(cut(text, num))
+        return [text]
+    return cut(text, num)
+
+
+def num_pieces(backend: Any, text: str, chunk_chars: int = CHUNK_CHARS,
+               max_pieces: int | None = None) -> int:
+    """``len(pieces(...))``: 1 when ``text`` is encoded whole."""
+    return len(pieces(backend, text, chunk_chars, max_pieces))
 
 
 def encode_pieces(backend: Any, text: str, add_special_tokens: bool,
                   chunk_chars: int = CHUNK_CHARS, max_pieces: int | None = None) -> list[int] | None:
     """The ids of ``text`` encoded in pieces of ~``chunk_chars`` as one batch, or None when
-    ``num_pieces`` says 1: the caller then encodes it whole."""
-    num = num_pieces(backend, text, chunk_chars, max_pieces)
-    if num < 2:
+    ``pieces`` leaves it whole: the caller then encodes it whole."""
+    parts = pieces(backend, text, chunk_chars, max_pieces)
+    if len(parts) < 2:
         return None
-    encs = backend.encode_batch_fast(cut(text, num), add_special_tokens=False)
+    encs = backend.encode_batch_fast(parts, add_special_tokens=False)
     if add_special_tokens and backend.post_processor is not None:
         # NOTE: the post-processor (a BOS, a template) acts once, on the joined encoding.
         return list(backend.post_process(Encoding.merge(encs, growing_offsets=True)).ids)

@@ -251,9 +251,9 @@ class OpenAIIngress(IngressAnswer):
         parsed = time.time()
         self.trace_log.sample_loops()
         n = body.num_prompt_chars()
-        inline = self._tokenize_pool.is_inline(n, idle=self.num_active == 0)
-        text, ids = await self._tokenize_pool.run(tokenize, body, num_chars=n,
-                                                  idle=self.num_active == 0)
+        idle = self.num_active == 0
+        inline = self._tokenize_pool.is_inline(n, idle)
+        text, ids = await self._tokenize_pool.run(tokenize, body, num_chars=n, idle=idle)
         rid = f"{id_prefix}-{uuid.uuid4().hex}"
         trace = IngressTrace(rid, recv, parsed, tokenized_inline=inline)
         params = body.sampling_params(self.config.default_max_tokens)
