@@ -11,6 +11,7 @@ HOPS: list[tuple[str, str]] = [
     ("read_parse", "of which body read + parse + validate"),
     ("tokenize", "of which tokenize + request built"),
     ("router_select", "router + Select + handle hop (tokenized to replica entered)"),
+    ("serve_call_behind", "early start arrived to Serve's call claiming it (early starts only)"),
     ("replica_queue", "replica entered to engine accepted"),
     ("engine_ttft", "engine: accepted to first token"),
     ("engine_total", "engine: accepted to last token"),

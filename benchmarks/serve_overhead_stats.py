@@ -87,6 +87,8 @@ def hop_breakdown(samples: list[Sample], traces: list[dict[str, Any]], stream: b
             "tokenize": t["tokenized"] - t["parsed"] if t.get("parsed") else float("nan"),
             "router_select": t["replica_recv"] - t["tokenized"],
             "replica_queue": t["engine_add"] - t["replica_recv"],
+            "serve_call_behind": (t["replica_claim"] - t["replica_recv"]
+                                  if t.get("replica_claim") else float("nan")),
             "engine_ttft": t["engine_first_token"] - t["engine_add"],
             "engine_total": t["engine_finish"] - t["engine_add"],
             "detokenize": t["detokenize_s"],

@@ -39,6 +39,7 @@ from replicas.deployment_report import (
 from replicas.deployment_report import (
     SinkSpec as SinkSpec,  # NOTE: re-exported: the app's sink and tests import it here
 )
+from replicas.early_start import EarlyStarts
 from replicas.engine import AsyncLLMEngine
 from replicas.loop_lag import LAG_WINDOW_S, LoopLag
 from replicas.output_pacing import OutputPacer, StreamBudget
@@ -100,6 +101,7 @@ class LLMReplica(ReplicaReporting):
         sink_factory: SinkFactory | None = None,
         report_interval_s: float = 0.05,
         stream_max_outputs_per_s: float = 0.0,
+        early_start_max_inflight: int = 0,
     ) -> None:
         self.config = EngineConfig(**engine_config)
         self.engine = AsyncLLMEngine(self.config)
@@ -126,18 +128,55 @@ class LLMReplica(ReplicaReporting):
         self._post = OutputPost(this_node_id())
         if self._loop_lag is not None:
             self._loop_lag.ensure_running()
+        # NOTE: early starts (replicas.early_start): on while there is room for one more
+        # request under the deployment's max_ongoing_requests (0 = off).
+        self._early: EarlyStarts | None = None
+        if early_start_max_inflight > 0:
+            self._early = EarlyStarts(
+                this_node_id(), self._run_early,
+                lambda: len(self._inflight) < early_start_max_inflight)
+            await self._early.listen()
 
     # -- serving -------------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         """Stream the request's RequestOutput deltas (``request.stream`` False: one output per
         sequence, its deltas merged); ValueError (before any output) for a request the engine
-        refuses (too long, bad sampling params)."""
+        refuses (too long, bad sampling params). A request the router started early
+        (``replicas.early_start``) is claimed: its run posts the outputs, this call ends
+        with it."""
         if self._stopping:
             raise RuntimeError("replica is shutting down")
         recv = time.time()
+        if self._early is not None:
+            run = await self._early.claim(request.request_id)
+            if run is not None:
+                await run  # NOTE: cancelling this call cancels the run (abort in the engine)
+                return
+        conn = await self._post_connection(request)
+        async for out in self._serve(request, conn, recv):
+            yield out
+
+    async def _run_early(self, request: GenerateRequest, claimed: asyncio.Future[float]) -> None:
+        """An early start's run (``EarlyStarts.start``): its outputs posted once claimed.
+        RuntimeError when its inbox is not reachable (the claiming call then runs it)."""
+        recv = time.time()
+        conn = await self._post_connection(request)
+        if conn is None:
+            raise RuntimeError("early start without a reachable output inbox")
+        async for _ in self._serve(request, conn, recv, claimed):
+            pass  # NOTE: posted, never yielded
+
+    async def _serve(
+        self,
+        request: GenerateRequest,
+        conn: asyncio.StreamWriter | None,
+        recv: float,
+        claimed: asyncio.Future[float] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Run ``request`` in the engine: its outputs yielded (``conn`` None) or posted to its
+        inbox, the first of them only once ``claimed`` (an early start's claim) is done."""
         rid = request.request_id
         n = request.n
-        conn = await self._post_connection(request)
         stream = self.engine.generate(
             rid, request.prompt_token_ids, request.sampling_params, n=n
         )
@@ -145,7 +184,7 @@ class LLMReplica(ReplicaReporting):
         num_prompt, max_tokens = len(request.prompt_token_ids), request.sampling_params.max_tokens
         max_tokens *= n
         self._inflight[rid] = remaining_work_tokens(num_prompt, max_tokens, None)
-        first_yield = 0.0
+        first_yield = claim_time = 0.0
         num_outputs = 0
         # NOTE: every output yielded is a Ray item the ingress receives (and, streamed, an SSE
         # chunk the proxy forwards): folded for a non-streamed request, thinned out under load
@@ -162,12 +201,18 @@ class LLMReplica(ReplicaReporting):
                     out = pacer.offer(delta, now)
                     if out is None:
                         continue
+                    if claimed is not None:
+                        # NOTE: an early start posts nothing before its claim
+                        claim_time = await claimed
+                        claimed = None
+                        now = time.time()
                     out.emit_time = now
                     num_outputs += 1
                     if not first_yield:
                         first_yield = now
                     if out.trace is not None:
                         out.trace.replica_recv = recv
+                        out.trace.replica_claim = claim_time
                         out.trace.replica_first_yield = first_yield
                         out.trace.num_outputs = num_outputs
                         if self._loop_lag is not None:
@@ -177,6 +222,8 @@ class LLMReplica(ReplicaReporting):
                     else:
                         await OutputPost.send(conn, rid, out)
         except Exception:
+            if claimed is not None and not claimed.done():
+                raise  # NOTE: unclaimed: nothing of it may reach the ingress
             # NOTE: what the engine generated before failing still goes out first.
             for out in pacer.flush():
                 out.emit_time = time.time()
@@ -239,6 +286,7 @@ class LLMReplica(ReplicaReporting):
             "ttft_ewma_s": self._ttft_ewma,
             "prefix_query_tokens": stats.prefix_query_tokens,
             "prefix_hit_tokens": stats.prefix_hit_tokens,
+            **(self._early.routing_stats() if self._early is not None else {}),
         }
 
     def check_health(self) -> None:
@@ -262,6 +310,7 @@ class LLMReplica(ReplicaReporting):
             selector_address=self._address,
             selector_connected=bool(self._sink and self._sink.connected()),
             serve_loops=serve_loop_flags(),
+            early_starts=self._early.counts.to_dict() if self._early is not None else None,
         )
         return d
 
@@ -294,5 +343,7 @@ class LLMReplica(ReplicaReporting):
         with contextlib.suppress(Exception):
             await self.engine.shutdown()
         self._post.close()  # NOTE: its sockets to the ingresses' output inboxes
+        if self._early is not None:
+            self._early.close()
         if self._sink is not None:
             self._sink.close()

@@ -66,6 +66,14 @@ def hello(token: str) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+async def read_frame(reader: asyncio.StreamReader) -> bytes:
+    """One frame's body; ConnectionError for a size past ``MAX_FRAME``."""
+    (n,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+    if n > MAX_FRAME:
+        raise ConnectionError(f"a frame of {n} bytes exceeds {MAX_FRAME}")
+    return await reader.readexactly(n)
+
+
 class OutputPost:
     """This replica's connections to the inboxes of its node (one per inbox, opened on the
     first request that names it; a broken one is reopened by the next request)."""

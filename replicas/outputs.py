@@ -27,7 +27,9 @@ class RequestTrace:
     on its last output only: the replica's half of the per-hop breakdown
     (``cluster.serve.openai_trace`` adds the ingress's half). 0.0 = not stamped.
 
-    replica_recv: the replica's ``generate`` entered; engine_add: the engine accepted it;
+    replica_recv: the replica's ``generate`` entered, or the router's early start arrived
+    (``replicas.early_start``); replica_claim: Serve's call claimed that early start (0.0:
+    not started early); engine_add: the engine accepted it;
     engine_first_token / engine_finish: its first / last token sampled; replica_first_yield:
     its first output left the replica; detokenize_s: time spent turning its tokens into text;
     replica_lag_*: how busy the replica's loop was around them (``replicas.loop_lag``).
@@ -36,6 +38,7 @@ class RequestTrace:
     """
 
     replica_recv: float = 0.0
+    replica_claim: float = 0.0
     engine_add: float = 0.0
     engine_first_token: float = 0.0
     engine_finish: float = 0.0

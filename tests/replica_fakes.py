@@ -26,4 +26,5 @@ def fake_replica(engine: Any, post: OutputPost | None = None) -> Any:
     replica._stream_budget = StreamBudget(0.0)
     replica._loop_lag = None
     replica._post = post
+    replica._early = None
     return replica

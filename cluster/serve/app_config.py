@@ -202,6 +202,14 @@ class AppConfig(BaseModel):
         "Random 8B on an H100, c=1: served TTFT 10.0 -> 8.4 ms above the engine's "
         "(benchmarks/results/serve_overhead_notes.md, session 16). False = Serve's defaults.",
     )
+    early_start: bool = Field(
+        default=True,
+        description="The tinyserve router writes each request to its chosen replica over a "
+        "same-node Unix socket before Serve's call for it leaves; the replica starts it at once "
+        "and Serve's call claims it (replicas/early_start.py): a handle hop off the TTFT. Only "
+        "for replicas on the ingress's node with outputs posted to its inbox, and while the "
+        "replica has fewer than max_ongoing_requests in flight. False = Serve's call alone.",
+    )
     ingress_num_cpus: float = Field(
         default=0.5, ge=0, description="Ray CPUs per ingress replica (tokenization only)."
     )

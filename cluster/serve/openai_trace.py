@@ -10,7 +10,8 @@ One request through the app (wall clock, ``time.time()``, one host)::
       |   tokenize + request built          tokenized - parsed
     tokenized       handed to the handle
       | router + Select + handle hop        replica.replica_recv - tokenized
-    replica_recv
+    replica_recv    (an early start: the router's frame arrived; Serve's call claims it at
+      |              replica.replica_claim, replicas/early_start.py)
       | replica queue                       replica.engine_add - replica.replica_recv
     engine_add
       | engine (queue, prefill, decode)     replica.engine_first_token / engine_finish

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from replicas.output_post import HEADER, MAX_FRAME, ReplyTo
+from replicas.output_post import ReplyTo, read_frame
 from replicas.outputs import RequestOutput
 
 log = logging.getLogger("ray.serve")
@@ -61,11 +61,11 @@ class OutputInbox:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            if not hmac.compare_digest(await _read(reader), self.reply_to.token.encode()):
+            if not hmac.compare_digest(await read_frame(reader), self.reply_to.token.encode()):
                 log.warning("output inbox: a peer without the token was refused")
                 return
             while True:
-                body = await _read(reader)
+                body = await read_frame(reader)
                 request_id, out = pickle.loads(body)
                 q = self._queues.get(request_id)
                 self.num_frames += 1
@@ -84,13 +84,6 @@ class OutputInbox:
         if self._server is not None and self._server.done() and not self._server.exception():
             self._server.result().close()
         shutil.rmtree(self._dir, ignore_errors=True)
-
-
-async def _read(reader: asyncio.StreamReader) -> bytes:
-    (n,) = HEADER.unpack(await reader.readexactly(HEADER.size))
-    if n > MAX_FRAME:
-        raise ConnectionError(f"output frame of {n} bytes exceeds {MAX_FRAME}")
-    return await reader.readexactly(n)
 
 
 class _End:

@@ -42,6 +42,7 @@ from ray.serve.request_router import (
 from cluster.selector.client import AsyncSelectorClient
 from cluster.selector.core_types import Selection
 from cluster.selector.grpc_tls import ClientTLS, TLSSettings
+from cluster.serve.early_send import EarlySender
 from cluster.serve.router_core import (
     PromptHasher,
     PromptInfo,
@@ -104,6 +105,7 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self._metrics = _RouterMetrics()
         # NOTE: the router runs in the ingress replica's process: its node is the origin.
         self._origin_node_id = this_node_id()
+        self._early = EarlySender(self._origin_node_id)
         self.num_decisions = 0
         self.num_fallbacks = 0
         # NOTE: requests sent to their only candidate without waiting for its Select
@@ -233,6 +235,7 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             self.num_unwaited += 1
             if pending_request is not None:
                 pending_request.routing_context.should_backoff = True
+            self._send_early(candidate_replicas[0], info)
             return [candidate_replicas]
         selection = await self._selected(self._select(client, info, list(by_id)))
         if selection is None:
@@ -244,7 +247,13 @@ class TinyServeRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         if pending_request is not None:
             # NOTE: if every ranked replica rejects, Serve retries with backoff, not a spin.
             pending_request.routing_context.should_backoff = True
+        self._send_early(ranks[0][0], info)
         return ranks
+
+    def _send_early(self, replica: RunningReplica, info: PromptInfo) -> None:
+        """Start the request on ``replica`` before Serve's call leaves (``early_send``)."""
+        if self.settings.early_start:
+            self._early.send(replica.routing_stats, info.request)
 
     async def _select(
         self, client: AsyncSelectorClient, info: PromptInfo, replica_ids: list[str]

@@ -5,7 +5,7 @@ a selection-service answer into Serve's ranked replica groups. Unit-tested witho
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 from cluster.selector.client import split_addresses
@@ -33,6 +33,8 @@ class RouterSettings:
         fast_lane``), comma-separated ``host:port`` in the order of ``selector_address``'s
         entries ("" = gRPC only); plaintext, so not with TLS. The app's own service publishes
         its lanes itself.
+    early_start: write the request to the chosen replica's socket before Serve's call leaves
+        (``replicas.early_start``), where the replica publishes one on this node.
     """
 
     block_size: int = 16
@@ -46,6 +48,7 @@ class RouterSettings:
     tls_ca_file: str = ""
     tls_server_name: str = ""
     selector_fast_lanes: str = ""
+    early_start: bool = True
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any]) -> RouterSettings:
@@ -91,6 +94,7 @@ class PromptInfo:
     max_tokens: int
     session_id: str
     policy: str = ""  # the request's own routing policy ("" = the router's)
+    request: Any = field(default=None, repr=False, compare=False)  # the argument itself
 
 
 def prompt_info(args: Sequence[Any]) -> PromptInfo | None:
@@ -108,6 +112,7 @@ def prompt_info(args: Sequence[Any]) -> PromptInfo | None:
             max_tokens=int(getattr(params, "max_tokens", 0) or 0),
             session_id=str(getattr(arg, "session_id", "") or ""),
             policy=str(getattr(arg, "routing_policy", "") or ""),
+            request=arg,
         )
     return None
 

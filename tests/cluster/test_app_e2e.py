@@ -194,6 +194,34 @@ def test_ingress_traces_give_every_hop_of_a_request_in_order(cluster: Cluster) -
     assert posted == traces[chunks[0].id]["num_outputs"]
 
 
+def test_requests_start_early_and_serves_call_claims_them(cluster: Cluster) -> None:
+    """The router writes each request to its replica before Serve's call leaves
+    (replicas/early_start.py): the replica's counts and the trace show the claim, the answer
+    is the usual one, and no early run was wasted."""
+    ingress = serve.get_deployment_handle("OpenAIIngress", APP)
+    want = cluster.client.completions.create(model=MODEL, prompt="One, two, three,",
+                                             max_tokens=3, temperature=0).choices[0].text
+    # NOTE: a replica's socket reaches the router with its routing stats (every 2 s), and the
+    # first request to a replica opens the connection: a few requests may go the usual way.
+    claimed: dict[str, Any] = {}
+    deadline = time.monotonic() + 60
+    while not claimed and time.monotonic() < deadline:
+        ingress.traces.remote().result(timeout_s=30)  # forget earlier requests
+        body = cluster.client.completions.create(model=MODEL, prompt="One, two, three,",
+                                                 max_tokens=3, temperature=0)
+        assert body.choices[0].text == want
+        t = {x["response_id"]: x for x in ingress.traces.remote().result(timeout_s=30)}[body.id]
+        if t["replica_claim"]:
+            claimed = t
+        else:
+            time.sleep(0.5)
+    assert claimed, "no request was started early within 60 s"
+    assert 0 < claimed["tokenized"] < claimed["replica_recv"] <= claimed["replica_claim"]
+    counts = [st["early_starts"] for st in _replica_stats().values()]
+    assert sum(c["claimed"] for c in counts) >= 1
+    assert sum(c["expired"] + c["failed"] for c in counts) == 0
+
+
 def test_bad_requests_get_openai_errors_and_disturb_nothing(cluster: Cluster) -> None:
     url = f"{cluster.http}/v1/chat/completions"
     cases = [

@@ -33,15 +33,28 @@ class GatedClient:
         return Selection("tinyserve", ranked, len(block_hashes), 0)
 
 
-def _router(client: GatedClient) -> TinyServeRouter:
+class EarlyLog:
+    """Stands in for ``EarlySender``: records which replica each request was sent early to."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str]] = []
+
+    def send(self, routing_stats: dict[str, Any], request: Any) -> bool:
+        self.sent.append((routing_stats["early_start"], request.request_id))
+        return True
+
+
+def _router(client: GatedClient, **kwargs: Any) -> TinyServeRouter:
     router = TinyServeRouter.__new__(TinyServeRouter)
-    router.initialize_state(block_size=4)
+    router.initialize_state(block_size=4, **kwargs)
     router._get_client = lambda: client  # type: ignore[method-assign,assignment,return-value]
+    router._early = EarlyLog()  # type: ignore[assignment]
     return router
 
 
 def _replica(rid: str) -> Any:
-    return SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid))
+    return SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid),
+                           routing_stats={"early_start": rid})
 
 
 def _pending(future: asyncio.Future[Any] | None = None) -> Any:
@@ -116,3 +129,18 @@ def test_a_failed_select_beside_its_request_is_not_raised() -> None:
         assert len(client.calls) == 1 and router.num_decisions == 0
 
     asyncio.run(main())
+
+
+def test_the_request_is_sent_early_to_the_replica_serve_is_handed_first() -> None:
+    async def main() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        router, off = _router(GatedClient()), _router(GatedClient(), early_start=False)
+        for r in (router, off):
+            r._get_client().gate.set()  # type: ignore[union-attr]
+            await r.choose_replicas([_replica("r0")], _pending())
+            await r.choose_replicas([_replica("r0"), _replica("r1")], _pending())
+            await asyncio.gather(*r._beside)
+        return router._early.sent, off._early.sent  # type: ignore[attr-defined]
+
+    sent, sent_off = asyncio.run(main())
+    # NOTE: the fake ranks in reverse: r1 leads the second request's ranking
+    assert sent == [("r0", "req-1"), ("r1", "req-1")] and sent_off == []
