@@ -222,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
                    "process on CUDA, a thread on CPU), a thread (off), its own process (on), "
                    "or both one after the other against the same engine-alone baseline "
                    "(sides served and served-proc)")
+    p.add_argument("--variant", nargs="+", default=[], metavar="NAME=JSON",
+                   help="more served passes, each with JSON merged over --app-args, e.g. "
+                   "'no-early={\"early_start\": false}' (side served-proc:no-early); the "
+                   "default pass and these alternate --variant-rounds times (sides ...@k)")
+    p.add_argument("--variant-rounds", type=int, default=1,
+                   help="rounds of the served passes, alternated (with --variant)")
     p.add_argument("--serve-env", nargs="*", default=[], metavar="KEY=VALUE",
                    help="environment of the Ray cluster (Serve flags), e.g. "
                    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0")
@@ -335,11 +341,19 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    variants: list[tuple[str, dict[str, Any]]] = [("", {})]
+    for spec in args.variant:
+        name, _, extra = spec.partition("=")
+        variants.append((name, json.loads(extra)))
+    passes = [(in_process, name, extra, k) for k in range(args.variant_rounds)
+              for in_process in cores for name, extra in variants]
     http = start_serve(args)
     try:
-        for in_process in cores:
-            side = "served-proc" if in_process else "served"
-            model_name = deploy(args, {**engine_config(args, model), "engine_process": in_process})
+        for in_process, name, extra, k in passes:
+            side = ("served-proc" if in_process else "served") + (f":{name}" if name else "")
+            side += f"@{k + 1}" if args.variant_rounds > 1 else ""
+            model_name = deploy(args, {**engine_config(args, model), "engine_process": in_process},
+                                extra)
             url = direct_urls(http, ingresses) if args.direct_ingress else http
             run_served(url, model_name, warm, len(warm), "completions", True, args)
             served_traces(ingresses)

@@ -32,10 +32,16 @@ HOPS: list[tuple[str, str]] = [
 ]
 
 
+def base_side(side: str) -> str:
+    """``served-proc:name@2`` (a ``--variant`` pass, its round) -> ``served-proc``."""
+    return side.split(":")[0].split("@")[0]
+
+
 def reference_side(side: str, sides: set[str]) -> str:
     """The engine-alone side a served side is compared with: the same engine core
     (``served-proc`` -> ``engine-proc`` when that ran), else the thread core's ``engine``."""
-    return "engine-proc" if side == "served-proc" and "engine-proc" in sides else "engine"
+    proc = base_side(side) == "served-proc"
+    return "engine-proc" if proc and "engine-proc" in sides else "engine"
 
 
 def _f(v: float | None, digits: int = 1) -> str:
@@ -79,10 +85,12 @@ def render_markdown(data: dict[str, Any]) -> str:
     served = [r for r in results if r["side"].startswith("served") and r.get("hops_ms")]
     if served:
         lines += ["", "## Per-hop breakdown (medians over requests, ms)", ""]
-        if any(r["side"] == "served-proc" for r in served):
-            lines += ["(`proc`: the replica's engine core in its own process)", ""]
-        cols = [f"{'proc ' if r['side'] == 'served-proc' else ''}{r['endpoint'][:4]} "
-                f"{'s' if r['stream'] else 'ns'} c{r['concurrency']}" for r in served]
+        if any(base_side(r["side"]) == "served-proc" for r in served):
+            lines += ["(`proc`: the replica's engine core in its own process; `:name@k`: "
+                      "a `--variant` pass, round k)", ""]
+        cols = [(f"{'proc' if base_side(r['side']) == 'served-proc' else ''}"
+                 f"{r['side'][len(base_side(r['side'])):]} {r['endpoint'][:4]} "
+                 f"{'s' if r['stream'] else 'ns'} c{r['concurrency']}").strip() for r in served]
         lines.append("| hop | " + " | ".join(cols) + " |")
         lines.append("|---|" + "---|" * len(cols))
         for key, meaning in HOPS:

@@ -173,9 +173,11 @@ def start_serve(args: argparse.Namespace) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def deploy(args: argparse.Namespace, engine: dict[str, Any]) -> str:
-    """(Re)deploy the app with ``engine`` (an EngineConfig dict); returns the served model
-    name. A previous deployment of the app is deleted first."""
+def deploy(args: argparse.Namespace, engine: dict[str, Any],
+           variant: dict[str, Any] | None = None) -> str:
+    """(Re)deploy the app with ``engine`` (an EngineConfig dict) and ``--app-args``, then
+    ``variant``'s args over them; returns the served model name. A previous deployment of the
+    app is deleted first."""
     from ray import serve
 
     from cluster.serve.app import build_app
@@ -195,6 +197,7 @@ def deploy(args: argparse.Namespace, engine: dict[str, Any]) -> str:
         "default_max_tokens": args.output_len,
         "auth": {"enabled": False},  # NOTE: the proxy binds loopback (start_serve)
         **json.loads(args.app_args),
+        **(variant or {}),
     }
     t0 = time.perf_counter()
     serve.run(build_app(app_args), name=APP, route_prefix="/")

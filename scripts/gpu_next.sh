@@ -10,6 +10,8 @@
 #                                 # SENV: more KEY=VALUE for the Serve cluster's environment,
 #                                 # APP: the app args JSON, e.g. '{"ingress_num_replicas": 4,
 #                                 # "serve_main_loop": false}' for Serve's loop layout)
+#   scripts/gpu_next.sh early     # the early start vs Serve's call alone, random 8B, c=1, alternated (~450 s)
+#   scripts/gpu_next.sh loops1b   # 1B completions grid: defaults vs Serve's threads vs no early start (~400 s)
 #   scripts/gpu_next.sh tok       # the prompt encode: wrapper, whole, in pieces (~20 s)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
 #   scripts/gpu_next.sh wave      # c=16/64: the arrival wave's hops with the loops' lag sampled (~250 s)
@@ -21,7 +23,7 @@
 # Results land in $OUT (JSON + markdown); copy them to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|tok|tput|wave|selector), one after another}"
+: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|early|loops1b|tok|tput|wave|selector), one after another}"
 # shellcheck disable=SC1091
 . scripts/gpu_site.sh || exit 1
 python3 -m pip install -q --no-index --find-links .whl/extra pytest xxhash sortedcontainers >/dev/null 2>&1
@@ -55,6 +57,25 @@ case "$part" in
       --serve-env "$drain" ${SENV:-} --json "$OUT/serve_overhead_h100_8b_haproxy4${TAG:-}.json" \
       > "$OUT/serve_overhead_8b${TAG:-}.log" 2>&1
     grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_8b${TAG:-}.log" ;;
+  early)
+    # NOTE: session 17: the early start (replicas/early_start.py) against Serve's call alone,
+    # random 8B, c=1, streamed completions; the two passes alternate twice after one engine run
+    timeout "${T8B:-580}" python3 benchmarks/serve_overhead.py --model random-8b --haproxy \
+      --endpoints completions --modes stream --engine-process on --concurrency 1 \
+      --min-requests 20 --app-args '{"ingress_num_replicas": 4}' \
+      --variant 'no-early={"early_start": false}' --variant-rounds 2 \
+      --serve-env "$drain" --json "$OUT/serve_overhead_h100_8b_c1_early.json" \
+      > "$OUT/serve_overhead_8b_c1_early.log" 2>&1
+    grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_8b_c1_early.log" ;;
+  loops1b)
+    # NOTE: session 17: the 1B grid read 0.80-0.97 of the engine with the app's defaults (main
+    # loops, early start); the same run with Serve's thread layout and without the early start
+    timeout 580 python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
+      --endpoints completions --engine-process on --app-args '{"ingress_num_replicas": 4}' \
+      --variant 'threads={"serve_main_loop": false}' 'no-early={"early_start": false}' \
+      --serve-env "$drain" --json "$OUT/serve_overhead_h100_1b_variants.json" \
+      > "$OUT/serve_overhead_1b_variants.log" 2>&1
+    grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_1b_variants.log" ;;
   tok)
     timeout 120 python3 benchmarks/tokenize_cost.py --tokenizer .whl/tokenizer \
       --tokens 256 1024 4096 --json "$OUT/tokenize_cost_h100host.json" ;;

@@ -96,7 +96,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             TokenSinkFactory(token, client_tls) if selector_enabled else None,
             config.report_interval_s,
             config.stream_max_outputs_per_s,
-            config.max_ongoing_requests if config.early_start else 0,
+            config.max_ongoing_requests if config.early_start_on() else 0,
         )
     )
     ingress = cast(Deployment, OpenAIIngress)

@@ -202,13 +202,16 @@ class AppConfig(BaseModel):
         "Random 8B on an H100, c=1: served TTFT 10.0 -> 8.4 ms above the engine's "
         "(benchmarks/results/serve_overhead_notes.md, session 16). False = Serve's defaults.",
     )
-    early_start: bool = Field(
-        default=True,
+    early_start: bool | None = Field(
+        default=None,
         description="The tinyserve router writes each request to its chosen replica over a "
         "same-node Unix socket before Serve's call for it leaves; the replica starts it at once "
         "and Serve's call claims it (replicas/early_start.py): a handle hop off the TTFT. Only "
         "for replicas on the ingress's node with outputs posted to its inbox, and while the "
-        "replica has fewer than max_ongoing_requests in flight. False = Serve's call alone.",
+        "replica has fewer than max_ongoing_requests in flight. Unset = on where the engine core "
+        "runs in its own process (the CUDA default); with the core on a thread of the replica "
+        "the early prefill competes for the GIL with Serve's call for it (CPU box, c=1: TTFT "
+        "+1.5-4.5 ms; benchmarks/results/serve_overhead_notes.md, session 17).",
     )
     ingress_num_cpus: float = Field(
         default=0.5, ge=0, description="Ray CPUs per ingress replica (tokenization only)."
@@ -251,6 +254,10 @@ class AppConfig(BaseModel):
         if self.engine.model == "default":
             return "smollm2-135m-instruct"
         return self.engine.model.rstrip("/").rsplit("/", 1)[-1].removesuffix(".gguf")
+
+    def early_start_on(self) -> bool:
+        """``early_start``, its unset value resolved (on with the engine core's process)."""
+        return self.engine.engine_process if self.early_start is None else self.early_start
 
     def router_class(self) -> str:
         return ROUTER_CLASSES[self.router]

@@ -89,6 +89,23 @@ def test_process_core_rows_get_their_own_hop_columns_and_compare_against_the_thr
     assert "| engine_total | 70.0 / 90.0 |" in cmp
 
 
+def test_variant_passes_keep_their_names_and_compare_against_their_core() -> None:
+    def res(side: str, tok_s: float) -> dict:
+        return {"side": side, "endpoint": "completions", "stream": True, "concurrency": 1,
+                "output_tok_s": tok_s, "ttft_p50_ms": 1.0, "ttft_p99_ms": 2.0,
+                "tpot_p50_ms": 3.0, "tpot_p99_ms": 4.0, "latency_p50_ms": 5.0, "num_errors": 0,
+                "hops_ms": {} if side.startswith("engine") else {"engine_total": tok_s}}
+
+    data = {"device": "gpu", "machine": "m", "cpu_count": 16, "total_s": 1.0, "label": "",
+            "config": {"model": "random-8b", "prompt_len": 1024, "output_len": 128,
+                       "stream_interval": 8, "concurrency": [1]},
+            "results": [res("engine", 50.0), res("engine-proc", 100.0),
+                        res("served-proc@1", 95.0), res("served-proc:no-early@1", 90.0)]}
+    md = render_markdown(data)
+    assert "| served-proc:no-early@1 | completions | yes | 1 | 90.0 | 0.90 |" in md
+    assert "| hop | proc@1 comp s c1 | proc:no-early@1 comp s c1 |" in md
+
+
 def test_the_process_core_is_compared_with_the_engine_alone_on_the_same_core() -> None:
     def res(side: str, tok_s: float) -> dict:
         return {"side": side, "endpoint": "completions", "stream": False, "concurrency": 64,

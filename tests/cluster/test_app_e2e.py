@@ -72,6 +72,9 @@ def cluster(request: pytest.FixtureRequest,
             "auth": {"api_keys_file": str(key_file)},
             "limits": {"max_prompt_tokens": MAX_PROMPT_TOKENS},
             "serve_main_loop": request.param,
+            # NOTE: on by default only with the engine core's process (CUDA); tested here on
+            # the thread core
+            "early_start": True,
         }
         serve.run(build_app(args), name=APP, route_prefix="/")
         base = f"http://127.0.0.1:{http_port}"

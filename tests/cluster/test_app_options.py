@@ -20,3 +20,17 @@ def test_serve_main_loop_sets_the_ingress_and_llm_replicas_serve_flags() -> None
         assert "runtime_env" not in selector.ray_actor_options
     assert MAIN_LOOP_ENV == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
                              "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
+
+def test_early_start_follows_the_engine_core_unless_set() -> None:
+    from cluster.serve.app import build_app
+
+    def max_inflight(args: dict) -> int:
+        llm = build_app(args)._bound_deployment.init_args[0]._bound_deployment
+        return llm.init_args[5]  # NOTE: LLMReplica's early_start_max_inflight
+
+    core_thread = {"engine": {"engine_process": False}, "max_ongoing_requests": 32}
+    core_proc = {"engine": {"engine_process": True}, "max_ongoing_requests": 32}
+    assert max_inflight(core_thread) == 0 and max_inflight(core_proc) == 32
+    assert max_inflight({**core_thread, "early_start": True}) == 32
+    assert max_inflight({**core_proc, "early_start": False}) == 0
