@@ -11,7 +11,7 @@
 #                                 # APP: the app args JSON, e.g. '{"ingress_num_replicas": 4,
 #                                 # "serve_main_loop": false}' for Serve's loop layout)
 #   scripts/gpu_next.sh early     # the early start vs Serve's call alone, random 8B, c=1, alternated (~450 s)
-#   scripts/gpu_next.sh loops1b   # 1B completions grid: defaults vs Serve's threads vs no early start (~400 s)
+#   scripts/gpu_next.sh loops1b   # 1B completions grid: defaults vs split-always vs Serve's threads (~430 s)
 #   scripts/gpu_next.sh tok       # the prompt encode: wrapper, whole, in pieces (~20 s)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
 #   scripts/gpu_next.sh wave      # c=16/64: the arrival wave's hops with the loops' lag sampled (~250 s)
@@ -68,11 +68,13 @@ case "$part" in
       > "$OUT/serve_overhead_8b_c1_early.log" 2>&1
     grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_8b_c1_early.log" ;;
   loops1b)
-    # NOTE: session 17: the 1B grid read 0.80-0.97 of the engine with the app's defaults (main
-    # loops, early start); the same run with Serve's thread layout and without the early start
+    # NOTE: session 17: the 1B grid read 0.80-0.97 of the engine at session 16's defaults
+    # (prompts split whenever long, main loops); now split only while idle, against split
+    # always and against Serve's thread layout
     timeout 580 python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
       --endpoints completions --engine-process on --app-args '{"ingress_num_replicas": 4}' \
-      --variant 'threads={"serve_main_loop": false}' 'no-early={"early_start": false}' \
+      --variant 'split-always={"ingress_split_encode": "always"}' \
+      'threads={"serve_main_loop": false}' \
       --serve-env "$drain" --json "$OUT/serve_overhead_h100_1b_variants.json" \
       > "$OUT/serve_overhead_1b_variants.log" 2>&1
     grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_1b_variants.log" ;;

@@ -115,6 +115,7 @@ class OpenAIIngress(IngressAnswer):
             self.config.ingress_tokenizer_threads,
             inline_max_chars=self.config.ingress_inline_tokenize_chars,
             idle_inline_max_chars=self.config.ingress_idle_inline_tokenize_chars,
+            split_encode=self.config.ingress_split_encode,
         )
         self.num_active = 0
         self.limits = self.config.limits
@@ -141,7 +142,7 @@ class OpenAIIngress(IngressAnswer):
                 code="model_not_found",
             )
 
-    def _tokenize_chat(self, tokenizer: Any, body: ChatCompletionRequest
+    def _tokenize_chat(self, tokenizer: Any, body: ChatCompletionRequest, split: bool = True
                        ) -> tuple[str, list[int]]:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise OpenAIError("this model has no chat template; use /v1/completions")
@@ -150,11 +151,11 @@ class OpenAIIngress(IngressAnswer):
         limits.check_prompt_chars(num_chars, self.max_token_chars, self.limits, "messages")
         text = render_chat(tokenizer, chat, add_generation_prompt=True)
         # NOTE: the template already holds the special tokens; do not add a BOS twice.
-        ids = encode_ids(tokenizer, text, add_special_tokens=False)
+        ids = encode_ids(tokenizer, text, add_special_tokens=False, split=split)
         limits.check_prompt_tokens(len(ids), self.limits, "messages")
         return text, ids
 
-    def _tokenize_completion(self, tokenizer: Any, body: CompletionRequest
+    def _tokenize_completion(self, tokenizer: Any, body: CompletionRequest, split: bool = True
                              ) -> tuple[str, list[int]]:
         prompt = body.single_prompt()
         if isinstance(prompt, list):
@@ -165,7 +166,7 @@ class OpenAIIngress(IngressAnswer):
         if tokenizer is None:
             raise OpenAIError("this model has no tokenizer; send token ids as the prompt")
         limits.check_prompt_chars(len(prompt), self.max_token_chars, self.limits)
-        ids = encode_ids(tokenizer, prompt)
+        ids = encode_ids(tokenizer, prompt, split=split)
         limits.check_prompt_tokens(len(ids), self.limits)
         return prompt, ids
 
@@ -253,9 +254,10 @@ class OpenAIIngress(IngressAnswer):
         n = body.num_prompt_chars()
         idle = self.num_active == 0
         inline = self._tokenize_pool.is_inline(n, idle)
-        text, ids = await self._tokenize_pool.run(tokenize, body, num_chars=n, idle=idle)
+        split = self._tokenize_pool.may_split(idle)
+        text, ids = await self._tokenize_pool.run(tokenize, body, split, num_chars=n, idle=idle)
         rid = f"{id_prefix}-{uuid.uuid4().hex}"
-        trace = IngressTrace(rid, recv, parsed, tokenized_inline=inline)
+        trace = IngressTrace(rid, recv, parsed, tokenized_inline=inline, split_allowed=split)
         params = body.sampling_params(self.config.default_max_tokens)
         explicit = (getattr(body, "max_completion_tokens", None) or body.max_tokens) is not None
         params.max_tokens = fit_context(len(ids), params.max_tokens, explicit, self.max_model_len)

@@ -57,6 +57,7 @@ class IngressTrace:
     hop_sum_s: float = 0.0  # sum over outputs of (ingress arrival - replica emit_time)
     num_outputs_received: int = 0
     tokenized_inline: bool = False  # encoded on the event loop, not a tokenizer thread
+    split_allowed: bool = False  # a long prompt could be encoded in pieces (``may_split``)
     # NOTE: the ingress loop's worst timer lag (``replicas.loop_lag``; -1.0 = not sampled) in
     # the 100 ms before recv, and from recv to the last byte handed on.
     lag_before_recv_s: float = -1.0

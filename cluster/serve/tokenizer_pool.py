@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from cluster.serve.chunked_encode import encode_pieces
 
 T = TypeVar("T")
+SPLIT_MODES = ("idle", "always", "never")
 
 
 class TokenizerPool:
@@ -39,16 +40,21 @@ class TokenizerPool:
     inline call holds the loop (roughly linear in characters). When the loop serves no one
     else (the caller's ``idle``: no request in flight) a longer encode holds no one up, and the
     hop is saved (~0.3 ms on the 2-core box); ``idle_inline_max_chars`` bounds that encode, in
-    case a request arrives meanwhile."""
+    case a request arrives meanwhile. ``may_split`` says whether a long prompt may be encoded
+    in pieces on the tokenizer's own thread pool (``split_encode``: "idle", "always", "never")."""
 
     def __init__(self, tokenizer: Any, num_threads: int, inline_max_chars: int = 0,
-                 start_timeout_s: float = 120.0, idle_inline_max_chars: int = 0) -> None:
+                 start_timeout_s: float = 120.0, idle_inline_max_chars: int = 0,
+                 split_encode: str = "idle") -> None:
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         if inline_max_chars < 0 or idle_inline_max_chars < 0:
             raise ValueError(f"inline_max_chars and idle_inline_max_chars must be >= 0, got "
                              f"{inline_max_chars}, {idle_inline_max_chars}")
+        if split_encode not in SPLIT_MODES:
+            raise ValueError(f"split_encode must be one of {SPLIT_MODES}, got {split_encode!r}")
         self._tokenizer = tokenizer
+        self.split_encode = split_encode
         self.inline_max_chars = inline_max_chars
         self.idle_inline_max_chars = idle_inline_max_chars
         self.num_inline = 0
@@ -89,6 +95,16 @@ class TokenizerPool:
         return (idle and self._num_busy == 0 and self.idle_inline_max_chars > 0
                 and num_chars <= self.idle_inline_max_chars)
 
+    def may_split(self, idle: bool) -> bool:
+        """Whether a long prompt may be encoded in pieces on the tokenizer's thread pool now.
+        NOTE: "idle" (no request in flight, no prompt on the worker threads): the pieces use
+        cores no one else wants then; under load the requests' own encodes already run side by
+        side, and every ingress process's pool fanning each prompt out over all cores competes
+        with the engine's host threads (session 17, random 1B, H100 host: c = 16-64)."""
+        if self.split_encode == "idle":
+            return idle and self._num_busy == 0
+        return self.split_encode == "always"
+
     async def run(self, fn: Callable[..., T], *args: Any, num_chars: int = -1,
                   idle: bool = False) -> T:
         """``fn(tokenizer, *args)``, inline or on a worker thread (see the class); its
@@ -109,7 +125,8 @@ class TokenizerPool:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def encode_ids(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+def encode_ids(tokenizer: Any, text: str, add_special_tokens: bool = True,
+               split: bool = True) -> list[int]:
     """The ids ``tokenizer.encode(text, add_special_tokens=...)`` gives, for an HF tokenizer.
 
     NOTE: a fast tokenizer's wrapper asks the Rust side for offsets and the other encoding
@@ -117,12 +134,13 @@ def encode_ids(tokenizer: Any, text: str, add_special_tokens: bool = True) -> li
     and, like the wrapper's batch call, releases the GIL. SmolLM2's tokenizer, ~2,000 tokens,
     2-core box: 2.55 -> 2.02 ms. The wrapper is used whenever its own settings could change the
     ids (truncation or padding set on the backend) or there is no fast backend. A long text is
-    encoded in pieces on the backend's thread pool where that is exact (``chunked_encode``)."""
+    encoded in pieces on the backend's thread pool where that is exact (``chunked_encode``)
+    and ``split`` allows it."""
     backend: Any = getattr(tokenizer, "backend_tokenizer", None)
     fast = getattr(backend, "encode_batch_fast", None)
     if fast is None or backend.truncation is not None or backend.padding is not None:
         return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
-    ids = encode_pieces(backend, text, add_special_tokens)
+    ids = encode_pieces(backend, text, add_special_tokens) if split else None
     if ids is not None:
         return ids
     return list(fast([text], add_special_tokens=add_special_tokens)[0].ids)

@@ -168,6 +168,7 @@ def test_an_idle_ingress_tokenizes_a_long_prompt_on_its_loop(cluster: Cluster) -
                                              temperature=0)
     traces = {t["response_id"]: t for t in ingress.traces.remote().result(timeout_s=30)}
     assert traces[body.id]["tokenized_inline"] is True
+    assert traces[body.id]["split_allowed"] is True  # NOTE: idle: pieces allowed
     assert body.usage.prompt_tokens > 300
 
 

@@ -125,6 +125,50 @@ def test_an_idle_caller_encodes_long_prompts_inline_unless_a_thread_is_busy() ->
         TokenizerPool(None, 1, idle_inline_max_chars=-1)
 
 
+def test_split_encodes_only_while_idle_unless_set_otherwise() -> None:
+    release = threading.Event()
+
+    def slow(tokenizer: Any) -> None:
+        release.wait(10)
+
+    async def main(pool: TokenizerPool) -> list[bool]:
+        seen = [pool.may_split(idle=True), pool.may_split(idle=False)]
+        busy = asyncio.ensure_future(pool.run(slow))  # a prompt on a worker thread
+        await asyncio.sleep(0.05)
+        seen.append(pool.may_split(idle=True))
+        release.set()
+        await busy
+        release.clear()
+        return seen
+
+    got = {}
+    for mode in ("idle", "always", "never"):
+        pool = TokenizerPool(None, 1, split_encode=mode)
+        try:
+            got[mode] = asyncio.run(main(pool))
+        finally:
+            pool.shutdown()
+    assert got == {"idle": [True, False, False], "always": [True, True, True],
+                   "never": [False, False, False]}
+    with pytest.raises(ValueError, match="split_encode"):
+        TokenizerPool(None, 1, split_encode="sometimes")
+
+
+def test_encode_ids_splits_only_when_asked() -> None:
+    from unittest import mock
+
+    from cluster.serve import tokenizer_pool
+
+    tok = _tokenizer()
+    text = " ".join(f"w{j % 499 + 1}" for j in range(1500))
+    whole = tokenizer_pool.encode_ids(tok, text, split=False)
+    with mock.patch.object(tokenizer_pool, "encode_pieces", return_value=None) as pieces:
+        assert tokenizer_pool.encode_ids(tok, text, split=False) == whole
+        assert not pieces.called
+        assert tokenizer_pool.encode_ids(tok, text) == whole
+        assert pieces.called
+
+
 def test_inline_errors_reach_the_caller_and_zero_means_always_threads() -> None:
     pool = TokenizerPool(None, 1, inline_max_chars=10)
 
