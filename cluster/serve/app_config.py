@@ -202,13 +202,15 @@ class AppConfig(BaseModel):
         "~0.8 ms of CPU for a Ray streaming item); as Ray items otherwise.",
     )
     serve_main_loop: bool = Field(
-        default=True,
+        default=False,
         description="Serve runs the ingress's and the LLM replicas' handlers on each replica's "
         "main event loop, and the ingress's request router on the caller's loop "
         "(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 and RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 "
         "in those replicas' runtime_env): no thread hop per request and per streamed chunk. "
-        "Random 8B on an H100, c=1: served TTFT 10.0 -> 8.4 ms above the engine's "
-        "(benchmarks/results/serve_overhead_notes.md, session 16). False = Serve's defaults.",
+        "Random 8B on an H100, c=1: served TTFT 10.0 -> 8.4 ms above the engine's (session 16); "
+        "but random 1B, c = 16-64: 0.84-0.92 of the engine's tok/s against 0.92-0.94 with "
+        "Serve's layout (session 17; benchmarks/results/serve_overhead_notes.md). Off by default "
+        "since the early start took most of the c=1 gain's hop.",
     )
     early_start: bool | None = Field(
         default=None,
