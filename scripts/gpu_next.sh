@@ -12,6 +12,7 @@
 #                                 # "serve_main_loop": false}' for Serve's loop layout)
 #   scripts/gpu_next.sh early     # the early start vs Serve's call alone, random 8B, c=1, alternated (~450 s)
 #   scripts/gpu_next.sh loops1b   # 1B completions grid: defaults vs split-always vs Serve's threads (~430 s)
+#   scripts/gpu_next.sh chat1b    # the chat endpoint, random 1B, this build's defaults (~200 s)
 #   scripts/gpu_next.sh tok       # the prompt encode: wrapper, whole, in pieces (~20 s)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
 #   scripts/gpu_next.sh wave      # c=16/64: the arrival wave's hops with the loops' lag sampled (~250 s)
@@ -23,7 +24,7 @@
 # Results land in $OUT (JSON + markdown); copy them to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|early|loops1b|tok|tput|wave|selector), one after another}"
+: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|early|loops1b|chat1b|tok|tput|wave|selector), one after another}"
 # shellcheck disable=SC1091
 . scripts/gpu_site.sh || exit 1
 python3 -m pip install -q --no-index --find-links .whl/extra pytest xxhash sortedcontainers >/dev/null 2>&1
@@ -78,6 +79,14 @@ case "$part" in
       --serve-env "$drain" --json "$OUT/serve_overhead_h100_1b_variants.json" \
       > "$OUT/serve_overhead_1b_variants.log" 2>&1
     grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_1b_variants.log" ;;
+  chat1b)
+    # NOTE: session 17: the chat endpoint at this build's defaults (Serve's loops, early start,
+    # split only while idle), random 1B; T1B bounds it (the JSON is written after every run)
+    timeout "${T1B:-400}" python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
+      --endpoints chat --engine-process on --app-args '{"ingress_num_replicas": 4}' \
+      --serve-env "$drain" --json "$OUT/serve_overhead_h100_1b_chat_s17.json" \
+      > "$OUT/serve_overhead_1b_chat.log" 2>&1
+    grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_1b_chat.log" ;;
   tok)
     timeout 120 python3 benchmarks/tokenize_cost.py --tokenizer .whl/tokenizer \
       --tokens 256 1024 4096 --json "$OUT/tokenize_cost_h100host.json" ;;
