@@ -33,11 +33,11 @@ class EarlySender:
         self._tasks: set[asyncio.Task[None]] = set()
         self.num_sent = 0
 
-    def send(self, routing_stats: Mapping[str, Any], request: Any) -> bool:
+    def send(self, routing_stats: Mapping[str, Any] | None, request: Any) -> bool:
         """Write ``request`` to the replica of ``routing_stats`` now (True), or not at all."""
         if not getattr(request, "reply_to", ""):
             return False  # NOTE: outputs as Ray items: the early run could not post them
-        address = ReplyTo.decode(str(routing_stats.get(ROUTING_STATS_KEY, "")))
+        address = ReplyTo.decode(str((routing_stats or {}).get(ROUTING_STATS_KEY, "")))
         if address is None or not self.node_id or address.node_id != self.node_id:
             return False
         w = self._conns.get(address.path)
@@ -47,7 +47,12 @@ class EarlySender:
             return False
         if w.transport.get_write_buffer_size() > HIGH_WATER:
             return False  # NOTE: the replica is not reading: Serve's call alone will do
-        w.write(frame(request))
+        try:
+            body = frame(request)
+        except Exception as exc:  # NOTE: an unpicklable argument: Serve's call alone carries it
+            log.warning("early start: request not sent: %r", exc)
+            return False
+        w.write(body)
         self.num_sent += 1
         return True
 

@@ -11,8 +11,11 @@ one-replica rank groups (Serve tries the next group only if the better replica i
 With a single candidate there is nothing to rank: the request goes to it at once and its
 Select (the service's bookkeeping: pending marks, in-flight load, the reward's prediction)
 runs beside it on the router loop, started once Serve has assigned the request.
-Routing degrades, never fails: when the service is unknown, slow or down, or the request
-carries no token ids, the request goes through Serve's power-of-two choices.
+The request itself is also written to the replica handed to Serve first, over a same-node
+socket, before Serve's call leaves (``early_send``; ``replicas.early_start``): the replica starts
+it and Serve's call claims it. Routing degrades, never fails: when the service is unknown, slow
+or down, or the request carries no token ids, the request goes through Serve's power-of-two
+choices (no early start then).
 
 Metrics (Serve API, labelled with the ingress deployment that owns the handle):
 ``tinyserve_router_decisions{policy}``, ``tinyserve_router_fallbacks{reason}``,

@@ -285,3 +285,26 @@ def test_an_unclaimed_early_run_is_aborted_in_the_engine() -> None:
     replica = _run(main)
     assert replica.engine.closed == ["r"] and replica._early.counts.expired == 1
     assert replica._inflight == {}
+
+
+def test_the_sender_never_raises_on_what_it_cannot_send() -> None:
+    async def main() -> list[bool]:
+        early = _early(_Log())
+        await early.listen()
+        sender = EarlySender("node-a")
+        stats = early.routing_stats()
+        sender.send(stats, _Req("warm"))
+        await _until(lambda: bool(sender._conns))
+        got = [sender.send(None, _Req("a")),  # NOTE: a replica without routing stats yet
+               sender.send(stats, _Unpicklable("b"))]
+        sender.close()
+        early.close()
+        return got
+
+    assert _run(main) == [False, False]
+
+
+@dataclass
+class _Unpicklable(_Req):
+    def __reduce__(self) -> Any:
+        raise TypeError("cannot pickle")
