@@ -30,7 +30,6 @@ the socket, and only a peer that knows the token is read.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import pickle
@@ -44,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from replicas.output_post import HEADER, ReplyTo, read_frame
+from replicas.output_post import HEADER, ReplyTo, serve_frames
 
 log = logging.getLogger("ray.serve")
 ROUTING_STATS_KEY = "early_start"  # NOTE: the replica's address in its routing stats
@@ -112,26 +111,17 @@ class EarlyStarts:
 
     # -- the socket ------------------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await serve_frames(reader, writer, self.address.token, self._on_frame, "early start")
+
+    def _on_frame(self, body: bytes) -> None:
         try:
-            if not hmac.compare_digest(await read_frame(reader), self.address.token.encode()):
-                log.warning("early start: a peer without the token was refused")
-                return
-            while True:
-                body = await read_frame(reader)
-                try:
-                    request = pickle.loads(body)
-                    request_id = request.request_id
-                except Exception as exc:  # NOTE: one bad frame is refused, the link kept
-                    log.warning("early start: an undecodable request was refused: %r", exc)
-                    self.counts.refused += 1
-                    continue
-                self.offer(request_id, request)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # NOTE: the router's process went away
-        except Exception as exc:  # NOTE: a bad frame size ends this connection, not the replica
-            log.warning("early start: connection dropped: %r", exc)
-        finally:
-            writer.close()
+            request = pickle.loads(body)
+            request_id = request.request_id
+        except Exception as exc:  # NOTE: one bad frame is refused, the link kept
+            log.warning("early start: an undecodable request was refused: %r", exc)
+            self.counts.refused += 1
+            return
+        self.offer(request_id, request)
 
     # -- runs ------------------------------------------------------------------------------------
     def offer(self, request_id: str, request: Any) -> bool:

@@ -24,13 +24,17 @@ The contract:
 from __future__ import annotations
 
 import asyncio
+import hmac
+import logging
 import pickle
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from replicas.outputs import RequestOutput
 
+log = logging.getLogger("ray.serve")
 HEADER = struct.Struct("<I")
 MAX_FRAME = 64 << 20  # NOTE: a sanity bound on one frame (a whole non-streamed text fits)
 HIGH_WATER = 1 << 20  # NOTE: drain the connection when this much is buffered
@@ -72,6 +76,25 @@ async def read_frame(reader: asyncio.StreamReader) -> bytes:
     if n > MAX_FRAME:
         raise ConnectionError(f"a frame of {n} bytes exceeds {MAX_FRAME}")
     return await reader.readexactly(n)
+
+
+async def serve_frames(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, token: str,
+                       on_frame: Callable[[bytes], None], what: str) -> None:
+    """A server's side of one connection: the peer's hello checked against ``token``, then
+    each frame's body handed to ``on_frame``. Ends (and closes) on a wrong token, the peer's
+    end, an oversized frame or an error of ``on_frame`` (logged, naming ``what``)."""
+    try:
+        if not hmac.compare_digest(await read_frame(reader), token.encode()):
+            log.warning("%s: a peer without the token was refused", what)
+            return
+        while True:
+            on_frame(await read_frame(reader))
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass  # NOTE: the peer went away
+    except Exception as exc:  # NOTE: a bad frame ends this connection, not the server
+        log.warning("%s: connection dropped: %r", what, exc)
+    finally:
+        writer.close()
 
 
 class OutputPost:

@@ -13,7 +13,6 @@ queue. Frames for a request that is not open (finished, cancelled) are dropped.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import pickle
@@ -24,7 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from replicas.output_post import ReplyTo, read_frame
+from replicas.output_post import ReplyTo, serve_frames
 from replicas.outputs import RequestOutput
 
 log = logging.getLogger("ray.serve")
@@ -60,25 +59,17 @@ class OutputInbox:
         self._queues.pop(request_id, None)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            if not hmac.compare_digest(await read_frame(reader), self.reply_to.token.encode()):
-                log.warning("output inbox: a peer without the token was refused")
-                return
-            while True:
-                body = await read_frame(reader)
-                request_id, out = pickle.loads(body)
-                q = self._queues.get(request_id)
-                self.num_frames += 1
-                if q is None:
-                    self.num_dropped += 1
-                else:
-                    q.put_nowait(out)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # NOTE: the replica went away; its Serve call reports why
-        except Exception as exc:  # NOTE: a bad frame ends this connection, not the ingress
-            log.warning("output inbox: connection dropped: %r", exc)
-        finally:
-            writer.close()
+        # NOTE: a replica that went away: its Serve call reports why
+        await serve_frames(reader, writer, self.reply_to.token, self._on_frame, "output inbox")
+
+    def _on_frame(self, body: bytes) -> None:
+        request_id, out = pickle.loads(body)
+        q = self._queues.get(request_id)
+        self.num_frames += 1
+        if q is None:
+            self.num_dropped += 1
+        else:
+            q.put_nowait(out)
 
     def shutdown(self) -> None:
         if self._server is not None and self._server.done() and not self._server.exception():
