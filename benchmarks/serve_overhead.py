@@ -362,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                     stream = mode == "stream"
                     r, samples = run_served(
                         url, model_name, prompts, c, endpoint, stream, args, side)
-                    r.hops_ms = hop_breakdown(samples, served_traces(ingresses), stream)
+                    traces = served_traces(ingresses)
+                    r.hops_ms = hop_breakdown(samples, traces, stream)
+                    r.num_early = sum(1 for t in traces if t.get("replica_claim"))
                     results.append(r)
                     print(f"{side} {endpoint} {mode} c={c}: {r.output_tok_s:.1f} tok/s",
                           flush=True)

@@ -96,6 +96,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         for key, meaning in HOPS:
             vals = [_f(r["hops_ms"].get(key), 2) for r in served]
             lines.append(f"| {key}: {meaning} | " + " | ".join(vals) + " |")
+        lines.append("| requests started early / requests | " + " | ".join(
+            f"{r.get('num_early', 0)} / {r.get('num_requests', '-')}" for r in served) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -37,6 +37,7 @@ class RunResult:
     latency_p50_ms: float
     wall_s: float
     hops_ms: dict[str, float] = field(default_factory=dict)
+    num_early: int = 0  # served: requests the replica started early (replicas/early_start.py)
 
 
 def pct(values: list[float], q: float) -> float:

@@ -100,8 +100,10 @@ def test_variant_passes_keep_their_names_and_compare_against_their_core() -> Non
             "config": {"model": "random-8b", "prompt_len": 1024, "output_len": 128,
                        "stream_interval": 8, "concurrency": [1]},
             "results": [res("engine", 50.0), res("engine-proc", 100.0),
-                        res("served-proc@1", 95.0), res("served-proc:no-early@1", 90.0)]}
+                        {**res("served-proc@1", 95.0), "num_early": 19, "num_requests": 20},
+                        {**res("served-proc:no-early@1", 90.0), "num_requests": 20}]}
     md = render_markdown(data)
+    assert "| requests started early / requests | 19 / 20 | 0 / 20 |" in md
     assert "| served-proc:no-early@1 | completions | yes | 1 | 90.0 | 0.90 |" in md
     assert "| hop | proc@1 comp s c1 | proc:no-early@1 comp s c1 |" in md
 
