@@ -364,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
                         url, model_name, prompts, c, endpoint, stream, args, side)
                     traces = served_traces(ingresses)
                     r.hops_ms = hop_breakdown(samples, traces, stream)
-                    r.num_early = sum(1 for t in traces if t.get("replica_claim"))
+                    ids = {x.response_id for x in samples}  # NOTE: not the clients' warm-ups
+                    r.num_early = sum(1 for t in traces
+                                      if t["response_id"] in ids and t.get("replica_claim"))
                     results.append(r)
                     print(f"{side} {endpoint} {mode} c={c}: {r.output_tok_s:.1f} tok/s",
                           flush=True)
