@@ -64,7 +64,7 @@ def frame(request: Any) -> bytes:
 class _Run:
     task: asyncio.Task[None]
     claimed: asyncio.Future[float]
-    timer: asyncio.TimerHandle | None = None
+    timer: asyncio.TimerHandle
     expired: bool = False
 
 
@@ -131,10 +131,10 @@ class EarlyStarts:
             return False
         loop = asyncio.get_running_loop()
         claimed: asyncio.Future[float] = loop.create_future()
-        run = _Run(loop.create_task(self.start(request, claimed)), claimed)
-        run.timer = loop.call_later(self.claim_timeout_s, self._expire, run)
+        timer = loop.call_later(self.claim_timeout_s, self._expire, request_id)
+        run = self._runs[request_id] = _Run(
+            loop.create_task(self.start(request, claimed)), claimed, timer)
         run.task.add_done_callback(lambda task: self._ended(request_id, run, task))
-        self._runs[request_id] = run
         self.counts.started += 1
         return True
 
@@ -151,14 +151,14 @@ class EarlyStarts:
         if run.expired:
             await asyncio.wait({run.task})
             return None
-        if run.timer is not None:
-            run.timer.cancel()
+        run.timer.cancel()
         run.claimed.set_result(time.time())
         self.counts.claimed += 1
         return run.task
 
-    def _expire(self, run: _Run) -> None:
-        if not run.claimed.done():
+    def _expire(self, request_id: str) -> None:
+        run = self._runs.get(request_id)  # NOTE: a claimed run has left the table
+        if run is not None and not run.claimed.done():
             run.expired = True
             self.counts.expired += 1
             run.task.cancel()
@@ -166,8 +166,7 @@ class EarlyStarts:
     def _ended(self, request_id: str, run: _Run, task: asyncio.Task[None]) -> None:
         if run.claimed.done():
             return  # NOTE: claimed: Serve's call awaits the task and reports its end
-        if run.timer is not None:
-            run.timer.cancel()
+        run.timer.cancel()
         if self._runs.get(request_id) is run:
             del self._runs[request_id]  # NOTE: a call that comes later runs the request anew
         if not task.cancelled() and task.exception() is not None:

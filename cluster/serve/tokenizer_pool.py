@@ -92,8 +92,12 @@ class TokenizerPool:
             return False
         if self.inline_max_chars > 0 and num_chars <= self.inline_max_chars:
             return True
-        return (idle and self._num_busy == 0 and self.idle_inline_max_chars > 0
+        return (self._quiet(idle) and self.idle_inline_max_chars > 0
                 and num_chars <= self.idle_inline_max_chars)
+
+    def _quiet(self, idle: bool) -> bool:
+        """The caller is ``idle`` and no prompt is on a worker thread."""
+        return idle and self._num_busy == 0
 
     def may_split(self, idle: bool) -> bool:
         """Whether a long prompt may be encoded in pieces on the tokenizer's thread pool now.
@@ -102,7 +106,7 @@ class TokenizerPool:
         side, and every ingress process's pool fanning each prompt out over all cores competes
         with the engine's host threads (session 17, random 1B, H100 host: c = 16-64)."""
         if self.split_encode == "idle":
-            return idle and self._num_busy == 0
+            return self._quiet(idle)
         return self.split_encode == "always"
 
     async def run(self, fn: Callable[..., T], *args: Any, num_chars: int = -1,
