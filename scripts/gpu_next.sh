@@ -13,6 +13,8 @@
 #   scripts/gpu_next.sh early     # the early start vs Serve's call alone, random 8B, c=1, alternated (~450 s)
 #   scripts/gpu_next.sh loops1b   # 1B completions grid: defaults vs split-always vs Serve's threads (~430 s)
 #   scripts/gpu_next.sh chat1b    # the chat endpoint, random 1B, this build's defaults (~200 s)
+#   scripts/gpu_next.sh c1_8b     # random 8B, c=1, both endpoints, this build's defaults, two served
+#                                 # passes (the first one's caveat: serve_overhead_notes.md) (~450 s)
 #   scripts/gpu_next.sh tok       # the prompt encode: wrapper, whole, in pieces (~20 s)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
 #   scripts/gpu_next.sh wave      # c=16/64: the arrival wave's hops with the loops' lag sampled (~250 s)
@@ -24,7 +26,7 @@
 # Results land in $OUT (JSON + markdown); copy them to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|early|loops1b|chat1b|tok|tput|wave|selector), one after another}"
+: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|early|loops1b|chat1b|c1_8b|tok|tput|wave|selector), one after another}"
 # shellcheck disable=SC1091
 . scripts/gpu_site.sh || exit 1
 python3 -m pip install -q --no-index --find-links .whl/extra pytest xxhash sortedcontainers >/dev/null 2>&1
@@ -87,6 +89,16 @@ case "$part" in
       --serve-env "$drain" --json "$OUT/serve_overhead_h100_1b_chat_s17.json" \
       > "$OUT/serve_overhead_1b_chat.log" 2>&1
     grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_1b_chat.log" ;;
+  c1_8b)
+    # NOTE: session 18: the 8B at c=1 on Serve's loop layout with the early start (session 17
+    # measured the early start on the main loops only), completions and chat; the second served
+    # pass ("again", same settings) is the one read (the first one after the engine phase runs slow)
+    timeout "${T8B:-560}" python3 benchmarks/serve_overhead.py --model random-8b --haproxy \
+      --endpoints completions chat --engine-process on --concurrency 1 --min-requests 16 \
+      --app-args '{"ingress_num_replicas": 4}' --variant 'again={}' \
+      --serve-env "$drain" --json "$OUT/serve_overhead_h100_8b_c1_s18.json" \
+      > "$OUT/serve_overhead_8b_c1_s18.log" 2>&1
+    grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_8b_c1_s18.log" ;;
   tok)
     timeout 120 python3 benchmarks/tokenize_cost.py --tokenizer .whl/tokenizer \
       --tokens 256 1024 4096 --json "$OUT/tokenize_cost_h100host.json" ;;
