@@ -15,6 +15,7 @@
 #   scripts/gpu_next.sh chat1b    # the chat endpoint, random 1B, this build's defaults (~200 s)
 #   scripts/gpu_next.sh c1_8b     # random 8B, c=1, both endpoints, this build's defaults, two served
 #                                 # passes (the first one's caveat: serve_overhead_notes.md) (~450 s)
+#   scripts/gpu_next.sh layout8b  # random 8B, c=1: Serve's layout vs the main loops, both and each alone (~420 s)
 #   scripts/gpu_next.sh tok       # the prompt encode: wrapper, whole, in pieces (~20 s)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
 #   scripts/gpu_next.sh wave      # c=16/64: the arrival wave's hops with the loops' lag sampled (~250 s)
@@ -26,7 +27,7 @@
 # Results land in $OUT (JSON + markdown); copy them to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|early|loops1b|chat1b|c1_8b|tok|tput|wave|selector), one after another}"
+: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|early|loops1b|chat1b|c1_8b|layout8b|tok|tput|wave|selector), one after another}"
 # shellcheck disable=SC1091
 . scripts/gpu_site.sh || exit 1
 python3 -m pip install -q --no-index --find-links .whl/extra pytest xxhash sortedcontainers >/dev/null 2>&1
@@ -99,6 +100,18 @@ case "$part" in
       --serve-env "$drain" --json "$OUT/serve_overhead_h100_8b_c1_s18.json" \
       > "$OUT/serve_overhead_8b_c1_s18.log" 2>&1
     grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_8b_c1_s18.log" ;;
+  layout8b)
+    # NOTE: session 18: c1_8b read +11.5 ms over the engine's TTFT on Serve's layout, with the
+    # replica's engine TTFT 2-4 ms above the engine's own; session 17's main loops read +4.8-5.9
+    # on another host: the layouts, per deployment, on one host
+    timeout "${T8B:-560}" python3 benchmarks/serve_overhead.py --model random-8b --haproxy \
+      --endpoints completions --modes stream --engine-process on --concurrency 1 \
+      --min-requests 16 --app-args '{"ingress_num_replicas": 4}' \
+      --variant 'main={"serve_main_loop": true}' 'llm-main={"serve_main_loop": "llm"}' \
+      'ingress-main={"serve_main_loop": "ingress"}' \
+      --serve-env "$drain" --json "$OUT/serve_overhead_h100_8b_c1_layouts.json" \
+      > "$OUT/serve_overhead_8b_c1_layouts.log" 2>&1
+    grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_8b_c1_layouts.log" ;;
   tok)
     timeout 120 python3 benchmarks/tokenize_cost.py --tokenizer .whl/tokenizer \
       --tokens 256 1024 4096 --json "$OUT/tokenize_cost_h100host.json" ;;

@@ -79,7 +79,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         else None
     )
     actor_options = _actor_options(config.num_cpus_per_replica, config.placement.llm,
-                                   config.serve_main_loop)
+                                   config.main_loop_on("llm"))
     if config.num_gpus_per_replica:
         actor_options["num_gpus"] = config.num_gpus_per_replica
     llm = (
@@ -103,5 +103,5 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     return ingress.options(
         num_replicas=config.ingress_num_replicas,
         ray_actor_options=_actor_options(config.ingress_num_cpus, config.placement.ingress,
-                                         config.serve_main_loop),
+                                         config.main_loop_on("ingress")),
     ).bind(llm, config.model_dump(exclude=no_tls))

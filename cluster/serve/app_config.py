@@ -201,7 +201,7 @@ class AppConfig(BaseModel):
         "socket when both run on one node (replicas/output_post.py: ~10 us an output against "
         "~0.8 ms of CPU for a Ray streaming item); as Ray items otherwise.",
     )
-    serve_main_loop: bool = Field(
+    serve_main_loop: bool | Literal["ingress", "llm"] = Field(
         default=False,
         description="Serve runs the ingress's and the LLM replicas' handlers on each replica's "
         "main event loop, and the ingress's request router on the caller's loop "
@@ -210,7 +210,8 @@ class AppConfig(BaseModel):
         "Random 8B on an H100, c=1: served TTFT 10.0 -> 8.4 ms above the engine's (session 16); "
         "but random 1B, c = 16-64: 0.84-0.92 of the engine's tok/s against 0.92-0.94 with "
         "Serve's layout (session 17; benchmarks/results/serve_overhead_notes.md). Off by default "
-        "since the early start took most of the c=1 gain's hop.",
+        "since the early start took most of the c=1 gain's hop. 'ingress' / 'llm': that "
+        "deployment alone.",
     )
     early_start: bool | None = Field(
         default=None,
@@ -264,6 +265,10 @@ class AppConfig(BaseModel):
         if self.engine.model == "default":
             return "smollm2-135m-instruct"
         return self.engine.model.rstrip("/").rsplit("/", 1)[-1].removesuffix(".gguf")
+
+    def main_loop_on(self, deployment: Literal["ingress", "llm"]) -> bool:
+        """Whether ``serve_main_loop`` puts ``deployment``'s handlers on Serve's main loop."""
+        return self.serve_main_loop is True or self.serve_main_loop == deployment
 
     def early_start_on(self) -> bool:
         """``early_start``, its unset value resolved (on with the engine core's process)."""

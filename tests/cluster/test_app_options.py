@@ -10,14 +10,17 @@ pytest.importorskip("ray.serve")
 def test_serve_main_loop_sets_the_ingress_and_llm_replicas_serve_flags() -> None:
     from cluster.serve.app import MAIN_LOOP_ENV, build_app
 
-    for on in (True, False):
-        ingress = build_app({"serve_main_loop": on})._bound_deployment
+    for setting, on in ((True, {"ingress", "llm"}), (False, set()), ("ingress", {"ingress"}),
+                        ("llm", {"llm"})):
+        ingress = build_app({"serve_main_loop": setting})._bound_deployment
         llm = ingress.init_args[0]._bound_deployment
         selector = llm.init_args[1]._bound_deployment
-        for d in (ingress, llm):
+        for name, d in (("ingress", ingress), ("llm", llm)):
             env = d.ray_actor_options.get("runtime_env", {}).get("env_vars", {})
-            assert env == (MAIN_LOOP_ENV if on else {})
+            assert env == (MAIN_LOOP_ENV if name in on else {}), (setting, name)
         assert "runtime_env" not in selector.ray_actor_options
+    with pytest.raises(ValueError, match="serve_main_loop"):
+        build_app({"serve_main_loop": "selector"})
     assert MAIN_LOOP_ENV == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
                              "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 
