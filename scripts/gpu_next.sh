@@ -15,7 +15,7 @@
 #   scripts/gpu_next.sh chat1b    # the chat endpoint, random 1B, this build's defaults (~200 s)
 #   scripts/gpu_next.sh c1_8b     # random 8B, c=1, both endpoints, this build's defaults, two served
 #                                 # passes (the first one's caveat: serve_overhead_notes.md) (~450 s)
-#   scripts/gpu_next.sh layout8b  # random 8B, c=1: Serve's layout vs the main loops, both and each alone (~420 s)
+#   scripts/gpu_next.sh layout8b  # random 8B, c=1: Serve's layout vs the main loops, both and the replica's alone (~330 s)
 #   scripts/gpu_next.sh tok       # the prompt encode: wrapper, whole, in pieces (~20 s)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
 #   scripts/gpu_next.sh wave      # c=16/64: the arrival wave's hops with the loops' lag sampled (~250 s)
@@ -83,11 +83,11 @@ case "$part" in
       > "$OUT/serve_overhead_1b_variants.log" 2>&1
     grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_1b_variants.log" ;;
   chat1b)
-    # NOTE: session 17: the chat endpoint at this build's defaults (Serve's loops, early start,
+    # NOTE: session 17-18: the chat endpoint at this build's defaults (Serve's loops, early start,
     # split only while idle), random 1B; T1B bounds it (the JSON is written after every run)
     timeout "${T1B:-400}" python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
       --endpoints chat --engine-process on --app-args '{"ingress_num_replicas": 4}' \
-      --serve-env "$drain" --json "$OUT/serve_overhead_h100_1b_chat_s17.json" \
+      --serve-env "$drain" --json "$OUT/serve_overhead_h100_1b_chat_s18.json" \
       > "$OUT/serve_overhead_1b_chat.log" 2>&1
     grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_1b_chat.log" ;;
   c1_8b)
@@ -103,12 +103,11 @@ case "$part" in
   layout8b)
     # NOTE: session 18: c1_8b read +11.5 ms over the engine's TTFT on Serve's layout, with the
     # replica's engine TTFT 2-4 ms above the engine's own; session 17's main loops read +4.8-5.9
-    # on another host: the layouts, per deployment, on one host
+    # on another host: the layouts on one host
     timeout "${T8B:-560}" python3 benchmarks/serve_overhead.py --model random-8b --haproxy \
       --endpoints completions --modes stream --engine-process on --concurrency 1 \
       --min-requests 16 --app-args '{"ingress_num_replicas": 4}' \
       --variant 'main={"serve_main_loop": true}' 'llm-main={"serve_main_loop": "llm"}' \
-      'ingress-main={"serve_main_loop": "ingress"}' \
       --serve-env "$drain" --json "$OUT/serve_overhead_h100_8b_c1_layouts.json" \
       > "$OUT/serve_overhead_8b_c1_layouts.log" 2>&1
     grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_8b_c1_layouts.log" ;;
