@@ -106,7 +106,7 @@ case "$part" in
     # on another host: the layouts on one host
     timeout "${T8B:-560}" python3 benchmarks/serve_overhead.py --model random-8b --haproxy \
       --endpoints completions --modes stream --engine-process on --concurrency 1 \
-      --min-requests 16 --app-args '{"ingress_num_replicas": 4}' \
+      --min-requests 12 --app-args '{"ingress_num_replicas": 4}' \
       --variant 'main={"serve_main_loop": true}' 'llm-main={"serve_main_loop": "llm"}' \
       --serve-env "$drain" --json "$OUT/serve_overhead_h100_8b_c1_layouts.json" \
       > "$OUT/serve_overhead_8b_c1_layouts.log" 2>&1
