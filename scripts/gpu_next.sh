@@ -15,7 +15,7 @@
 #   scripts/gpu_next.sh chat1b    # the chat endpoint, random 1B, this build's defaults (~200 s)
 #   scripts/gpu_next.sh c1_8b     # random 8B, c=1, both endpoints, this build's defaults, two served
 #                                 # passes (the first one's caveat: serve_overhead_notes.md) (~450 s)
-#   scripts/gpu_next.sh layout8b  # random 8B, c=1: Serve's layout vs the main loops, both and the replica's alone (~330 s)
+#   scripts/gpu_next.sh layout8b  # random 8B, c=1: Serve's layout vs the replica on its main loop (~250 s)
 #   scripts/gpu_next.sh tok       # the prompt encode: wrapper, whole, in pieces (~20 s)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
 #   scripts/gpu_next.sh wave      # c=16/64: the arrival wave's hops with the loops' lag sampled (~250 s)
@@ -107,7 +107,7 @@ case "$part" in
     timeout "${T8B:-560}" python3 benchmarks/serve_overhead.py --model random-8b --haproxy \
       --endpoints completions --modes stream --engine-process on --concurrency 1 \
       --min-requests 12 --app-args '{"ingress_num_replicas": 4}' \
-      --variant 'main={"serve_main_loop": true}' 'llm-main={"serve_main_loop": "llm"}' \
+      --variant 'llm-main={"serve_main_loop": "llm"}' \
       --serve-env "$drain" --json "$OUT/serve_overhead_h100_8b_c1_layouts.json" \
       > "$OUT/serve_overhead_8b_c1_layouts.log" 2>&1
     grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_8b_c1_layouts.log" ;;
