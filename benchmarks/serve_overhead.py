@@ -52,6 +52,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,30 @@ def save_results(args: argparse.Namespace, device: str, results: list[RunResult]
     args.json.with_suffix(".md").write_text(render_markdown(data))
 
 
+def measure_served(url: str | list[str], model_name: str,
+                   workload: dict[tuple[str, int], list[Prompt]], args: argparse.Namespace,
+                   side: str, ingresses: int) -> Iterator[RunResult]:
+    """The served app's measured runs, one per endpoint, concurrency and mode, each with its
+    per-hop breakdown, yielded as they finish. With ``args.warm_pass`` an unmeasured run of the
+    first mode precedes each (endpoint, concurrency), as on the engine's side, and its traces
+    are dropped.
+    NOTE: without it the served side's first c=1 cell read the replica's engine TTFT 3-4 ms
+    above later cells' (H100, 1B and 8B, sessions 17-18: serve_overhead_notes.md)."""
+    for (endpoint, c), prompts in workload.items():
+        if args.warm_pass:
+            run_served(url, model_name, prompts, c, endpoint, args.modes[0] == "stream", args)
+            served_traces(ingresses)
+        for mode in args.modes:
+            stream = mode == "stream"
+            r, samples = run_served(url, model_name, prompts, c, endpoint, stream, args, side)
+            traces = served_traces(ingresses)
+            r.hops_ms = hop_breakdown(samples, traces, stream)
+            ids = {x.response_id for x in samples}  # NOTE: not the clients' warm-ups
+            r.num_early = sum(1 for t in traces
+                              if t["response_id"] in ids and t.get("replica_claim"))
+            yield r
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", choices=(*CPU_MODELS, "random-1b", "random-8b"), default="smollm2",
@@ -228,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
                    "default pass and these alternate --variant-rounds times (sides ...@k)")
     p.add_argument("--variant-rounds", type=int, default=1,
                    help="rounds of the served passes, alternated (with --variant)")
+    p.add_argument("--warm-pass", choices=("auto", "on", "off"), default="auto",
+                   help="an unmeasured run per endpoint and concurrency before the measured "
+                   "one(s), on both sides alike (auto: on a GPU, where a fresh engine's first "
+                   "run of a shape reads slow)")
     p.add_argument("--serve-env", nargs="*", default=[], metavar="KEY=VALUE",
                    help="environment of the Ray cluster (Serve flags), e.g. "
                    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0")
@@ -275,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output_len = args.output_len or (128 if gpu else 32)
     args.stream_interval = args.stream_interval or (8 if gpu else 1)
     args.gpu = gpu
+    args.warm_pass = {"auto": gpu, "on": True, "off": False}[args.warm_pass]
     if args.loop_lag:
         args.serve_env = [*args.serve_env, f"TINYSERVE_LOOP_LAG={args.loop_lag:g}"]
 
@@ -320,12 +350,11 @@ def main(argv: list[str] | None = None) -> int:
             EngineConfig(**engine_config(args, model), engine_process=in_process))
         run_engine(engine, warm, 2, "completions", args, side)
         for (endpoint, c), prompts in workload.items():
-            if gpu:
+            if args.warm_pass:
                 # NOTE: one unmeasured pass per concurrency first: in the first run of a GPU
                 # machine start the first pass at c=16 read half the tok/s of a warm one (3,750
                 # and ~3,100 vs 7,150, 1B, run6; not yet explained: kernel variants built on
-                # first use and kept in an on-disk cache would fit). The served side runs after
-                # the engine's, warm either way.
+                # first use and kept in an on-disk cache would fit). measure_served does the same.
                 run_engine(engine, prompts, c, endpoint, args, side)
             r = run_engine(engine, prompts, c, endpoint, args, side)
             results.append(r)
@@ -357,21 +386,11 @@ def main(argv: list[str] | None = None) -> int:
             url = direct_urls(http, ingresses) if args.direct_ingress else http
             run_served(url, model_name, warm, len(warm), "completions", True, args)
             served_traces(ingresses)
-            for (endpoint, c), prompts in workload.items():
-                for mode in args.modes:
-                    stream = mode == "stream"
-                    r, samples = run_served(
-                        url, model_name, prompts, c, endpoint, stream, args, side)
-                    traces = served_traces(ingresses)
-                    r.hops_ms = hop_breakdown(samples, traces, stream)
-                    ids = {x.response_id for x in samples}  # NOTE: not the clients' warm-ups
-                    r.num_early = sum(1 for t in traces
-                                      if t["response_id"] in ids and t.get("replica_claim"))
-                    results.append(r)
-                    print(f"{side} {endpoint} {mode} c={c}: {r.output_tok_s:.1f} tok/s",
-                          flush=True)
-                    save_results(args, device_name, results, time.perf_counter() - t_start,
-                                 True)
+            for r in measure_served(url, model_name, workload, args, side, ingresses):
+                results.append(r)
+                print(f"{side} {r.endpoint} {'stream' if r.stream else 'nostream'} "
+                      f"c={r.concurrency}: {r.output_tok_s:.1f} tok/s", flush=True)
+                save_results(args, device_name, results, time.perf_counter() - t_start, True)
     finally:
         serve.shutdown()
         ray.shutdown()

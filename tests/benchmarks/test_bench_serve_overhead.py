@@ -192,3 +192,44 @@ def test_results_are_saved_after_every_run_and_marked_partial_until_the_end(tmp_
     md = out.with_suffix(".md").read_text()
     assert "PARTIAL" not in md and "| served | chat | yes | 1 | 90.0 | 0.90 |" in md
     save_results(argparse.Namespace(json=None), "cpu", [engine], 1.0, partial=True)  # no file
+
+
+@pytest.mark.parametrize("warm_pass", [True, False])
+def test_the_served_side_warms_each_cell_like_the_engine_side(monkeypatch, warm_pass) -> None:
+    """measure_served: with --warm-pass an unmeasured run of the first mode precedes each
+    (endpoint, concurrency), and its traces never reach a measured run's hops or early count."""
+    import argparse
+
+    from benchmarks import serve_overhead as so
+    from benchmarks.serve_overhead_served import Prompt
+
+    calls: list[tuple[str, int, bool, str | None]] = []
+    pending: list[dict] = []  # NOTE: the ingress's trace log, emptied by served_traces
+
+    def run_served(url, model_name, prompts, c, endpoint, stream, args, side=None):
+        calls.append((endpoint, c, stream, side))
+        rid = f"{endpoint}-{c}-{stream}-{side}"
+        pending.append({"response_id": rid, "replica_claim": 1.0, "ingress_recv": 0.0})
+        return (summarize(side or "served", endpoint, stream, c, [Sample(0, 0.1, 0.2, 2, rid)], 0),
+                [Sample(0, 0.1, 0.2, 2, rid)])
+
+    def served_traces(num_ingress=1):
+        out = list(pending)
+        pending.clear()
+        return out
+
+    monkeypatch.setattr(so, "run_served", run_served)
+    monkeypatch.setattr(so, "served_traces", served_traces)
+    monkeypatch.setattr(so, "hop_breakdown", lambda samples, traces, stream: {"n": len(traces)})
+    workload = {(e, c): [Prompt("p", [1])] for e in ("completions", "chat") for c in (1, 16)}
+    args = argparse.Namespace(warm_pass=warm_pass, modes=["stream", "nostream"])
+    results = list(so.measure_served("u", "m", workload, args, "served", 1))
+
+    expected: list[tuple[str, int, bool, str | None]] = []
+    for e, c in workload:
+        expected += [(e, c, True, None)] * warm_pass  # NOTE: the unmeasured run, side unset
+        expected += [(e, c, True, "served"), (e, c, False, "served")]
+    assert calls == expected
+    assert [(r.endpoint, r.concurrency, r.stream) for r in results] == [
+        x[:3] for x in expected if x[3] == "served"]
+    assert all(r.hops_ms == {"n": 1} and r.num_early == 1 for r in results)
