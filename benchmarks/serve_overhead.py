@@ -200,8 +200,9 @@ def measure_served(url: str | list[str], model_name: str,
     per-hop breakdown, yielded as they finish. With ``args.warm_pass`` an unmeasured run of the
     first mode precedes each (endpoint, concurrency), as on the engine's side, and its traces
     are dropped.
-    NOTE: without it the served side's first c=1 cell read the replica's engine TTFT 3-4 ms
-    above later cells' (H100, 1B and 8B, sessions 17-18: serve_overhead_notes.md)."""
+    NOTE: without it the served side's first cell (c=1) read the replica's engine TTFT 2.2-4.8
+    ms above the next cell's in four of eight passes (H100, sessions 17-18:
+    serve_overhead_notes.md)."""
     for (endpoint, c), prompts in workload.items():
         if args.warm_pass:
             run_served(url, model_name, prompts, c, endpoint, args.modes[0] == "stream", args)
