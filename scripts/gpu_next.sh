@@ -34,6 +34,16 @@ python3 -m pip install -q --no-index --find-links .whl/extra pytest xxhash sorte
 tar -C .whl -xJf .whl/tok.tar.xz
 export PYTHONPATH=".:$PYTHONPATH" PYTHONUNBUFFERED=1
 drain=RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=0
+# The random 8B at c=1, process core, HAProxy, 4 ingress replicas; $1 names the JSON and log,
+# the rest are serve_overhead's arguments (endpoints, modes, requests, variants).
+run_8b_c1() {
+  local tag=$1; shift
+  timeout "${T8B:-560}" python3 benchmarks/serve_overhead.py --model random-8b --haproxy \
+    --engine-process on --concurrency 1 --app-args '{"ingress_num_replicas": 4}' \
+    --serve-env "$drain" --json "$OUT/serve_overhead_h100_8b_c1_$tag.json" "$@" \
+    > "$OUT/serve_overhead_8b_c1_$tag.log" 2>&1
+  grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_8b_c1_$tag.log"
+}
 for part in "$@"; do
 case "$part" in
   serve)
@@ -64,13 +74,8 @@ case "$part" in
   early)
     # NOTE: session 17: the early start (replicas/early_start.py) against Serve's call alone,
     # random 8B, c=1, streamed completions; the two passes alternate twice after one engine run
-    timeout "${T8B:-580}" python3 benchmarks/serve_overhead.py --model random-8b --haproxy \
-      --endpoints completions --modes stream --engine-process on --concurrency 1 \
-      --min-requests 20 --app-args '{"ingress_num_replicas": 4}' \
-      --variant 'no-early={"early_start": false}' --variant-rounds 2 \
-      --serve-env "$drain" --json "$OUT/serve_overhead_h100_8b_c1_early.json" \
-      > "$OUT/serve_overhead_8b_c1_early.log" 2>&1
-    grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_8b_c1_early.log" ;;
+    run_8b_c1 early --endpoints completions --modes stream --min-requests 20 \
+      --variant 'no-early={"early_start": false}' --variant-rounds 2 ;;
   loops1b)
     # NOTE: session 17: the 1B grid read 0.80-0.97 of the engine at session 16's defaults
     # (prompts split whenever long, main loops); now split only while idle, against split
@@ -92,25 +97,14 @@ case "$part" in
     grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_1b_chat.log" ;;
   c1_8b)
     # NOTE: session 18: the 8B at c=1 on Serve's loop layout with the early start (session 17
-    # measured the early start on the main loops only), completions and chat; the second served
-    # pass ("again", same settings) is the one read (the first one after the engine phase runs slow)
-    timeout "${T8B:-560}" python3 benchmarks/serve_overhead.py --model random-8b --haproxy \
-      --endpoints completions chat --engine-process on --concurrency 1 --min-requests 16 \
-      --app-args '{"ingress_num_replicas": 4}' --variant 'again={}' \
-      --serve-env "$drain" --json "$OUT/serve_overhead_h100_8b_c1_s18.json" \
-      > "$OUT/serve_overhead_8b_c1_s18.log" 2>&1
-    grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_8b_c1_s18.log" ;;
+    # measured the early start on the main loops only), completions and chat, two served passes
+    run_8b_c1 s18 --endpoints completions chat --min-requests 16 --variant 'again={}' ;;
   layout8b)
     # NOTE: session 18: c1_8b read +11.5 ms over the engine's TTFT on Serve's layout, with the
     # replica's engine TTFT 2-4 ms above the engine's own; session 17's main loops read +4.8-5.9
     # on another host: the layouts on one host
-    timeout "${T8B:-560}" python3 benchmarks/serve_overhead.py --model random-8b --haproxy \
-      --endpoints completions --modes stream --engine-process on --concurrency 1 \
-      --min-requests 12 --app-args '{"ingress_num_replicas": 4}' \
-      --variant 'llm-main={"serve_main_loop": "llm"}' \
-      --serve-env "$drain" --json "$OUT/serve_overhead_h100_8b_c1_layouts.json" \
-      > "$OUT/serve_overhead_8b_c1_layouts.log" 2>&1
-    grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_8b_c1_layouts.log" ;;
+    run_8b_c1 layouts --endpoints completions --modes stream --min-requests 12 \
+      --variant 'llm-main={"serve_main_loop": "llm"}' ;;
   tok)
     timeout 120 python3 benchmarks/tokenize_cost.py --tokenizer .whl/tokenizer \
       --tokens 256 1024 4096 --json "$OUT/tokenize_cost_h100host.json" ;;
