@@ -13,9 +13,8 @@
 #   scripts/gpu_next.sh early     # the early start vs Serve's call alone, random 8B, c=1, alternated (~450 s)
 #   scripts/gpu_next.sh loops1b   # 1B completions grid: defaults vs split-always vs Serve's threads (~430 s)
 #   scripts/gpu_next.sh chat1b    # the chat endpoint, random 1B, this build's defaults (~200 s)
-#   scripts/gpu_next.sh c1_8b     # random 8B, c=1, both endpoints, this build's defaults, two served
-#                                 # passes (the first one's caveat: serve_overhead_notes.md) (~450 s)
-#   scripts/gpu_next.sh layout8b  # random 8B, c=1: Serve's layout vs the replica on its main loop (~250 s)
+#   scripts/gpu_next.sh c1_8b     # random 8B, c=1, both endpoints: this build's defaults, then the
+#                                 # LLM replicas on their main loops (~350 s)
 #   scripts/gpu_next.sh tok       # the prompt encode: wrapper, whole, in pieces (~20 s)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
 #   scripts/gpu_next.sh wave      # c=16/64: the arrival wave's hops with the loops' lag sampled (~250 s)
@@ -27,7 +26,7 @@
 # Results land in $OUT (JSON + markdown); copy them to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|early|loops1b|chat1b|c1_8b|layout8b|tok|tput|wave|selector), one after another}"
+: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|early|loops1b|chat1b|c1_8b|tok|tput|wave|selector), one after another}"
 # shellcheck disable=SC1091
 . scripts/gpu_site.sh || exit 1
 python3 -m pip install -q --no-index --find-links .whl/extra pytest xxhash sortedcontainers >/dev/null 2>&1
@@ -96,14 +95,11 @@ case "$part" in
       > "$OUT/serve_overhead_1b_chat.log" 2>&1
     grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_1b_chat.log" ;;
   c1_8b)
-    # NOTE: session 18: the 8B at c=1 on Serve's loop layout with the early start (session 17
-    # measured the early start on the main loops only), completions and chat, two served passes
-    run_8b_c1 s18 --endpoints completions chat --min-requests 16 --variant 'again={}' ;;
-  layout8b)
-    # NOTE: session 18: c1_8b read +11.5 ms over the engine's TTFT on Serve's layout, with the
-    # replica's engine TTFT 2-4 ms above the engine's own; session 17's main loops read +4.8-5.9
-    # on another host: the layouts on one host
-    run_8b_c1 layouts --endpoints completions --modes stream --min-requests 12 \
+    # NOTE: session 18: the 8B at c=1 on this build's defaults (Serve's loop layout, the early
+    # start) read +11.5 / +13.2 ms over the engine's TTFT (completions), with the replica's engine
+    # TTFT 2-4 ms above the engine's own; session 17's main loops read +4.8 / +5.9 on another
+    # host. Both endpoints, then the LLM replicas alone on their main loops, on one host.
+    run_8b_c1 s19 --endpoints completions chat --min-requests 12 \
       --variant 'llm-main={"serve_main_loop": "llm"}' ;;
   tok)
     timeout 120 python3 benchmarks/tokenize_cost.py --tokenizer .whl/tokenizer \
