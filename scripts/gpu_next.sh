@@ -11,7 +11,7 @@
 #                                 # APP: the app args JSON, e.g. '{"ingress_num_replicas": 4,
 #                                 # "serve_main_loop": false}' for Serve's loop layout)
 #   scripts/gpu_next.sh early     # the early start vs Serve's call alone, random 8B, c=1, alternated (~450 s)
-#   scripts/gpu_next.sh loops1b   # 1B completions grid: defaults vs split-always vs Serve's threads (~430 s)
+#   scripts/gpu_next.sh loops1b   # 1B completions grid: defaults vs the LLM replicas on their main loops (~400 s)
 #   scripts/gpu_next.sh chat1b    # the chat endpoint, random 1B, this build's defaults (~200 s)
 #   scripts/gpu_next.sh c1_8b     # random 8B, c=1, both endpoints: this build's defaults, then the
 #                                 # LLM replicas on their main loops (~350 s)
@@ -76,16 +76,16 @@ case "$part" in
     run_8b_c1 early --endpoints completions --modes stream --min-requests 20 \
       --variant 'no-early={"early_start": false}' --variant-rounds 2 ;;
   loops1b)
-    # NOTE: session 17: the 1B grid read 0.80-0.97 of the engine at session 16's defaults
-    # (prompts split whenever long, main loops); now split only while idle, against split
-    # always and against Serve's thread layout
+    # NOTE: session 18: the LLM replicas alone on their main loops ("llm"), against this build's
+    # defaults (Serve's layout), the 1B completions grid: what c1_8b's llm-main costs or gives
+    # at c >= 16 (session 17's main-loop loss there was put on the ingress's loop, not measured
+    # per deployment; its run of this part, split-always and threads: 877d100)
     timeout 580 python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
       --endpoints completions --engine-process on --app-args '{"ingress_num_replicas": 4}' \
-      --variant 'split-always={"ingress_split_encode": "always"}' \
-      'threads={"serve_main_loop": false}' \
-      --serve-env "$drain" --json "$OUT/serve_overhead_h100_1b_variants.json" \
-      > "$OUT/serve_overhead_1b_variants.log" 2>&1
-    grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_1b_variants.log" ;;
+      --variant 'llm-main={"serve_main_loop": "llm"}' \
+      --serve-env "$drain" --json "$OUT/serve_overhead_h100_1b_llm_main.json" \
+      > "$OUT/serve_overhead_1b_llm_main.log" 2>&1
+    grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_1b_llm_main.log" ;;
   chat1b)
     # NOTE: session 17-18: the chat endpoint at this build's defaults (Serve's loops, early start,
     # split only while idle), random 1B; T1B bounds it (the JSON is written after every run)
