@@ -21,6 +21,8 @@
 #   scripts/gpu_next.sh selector  # selection processes N = 1/2/4 over the fast lane, pinned; a bare
 #                                 # gRPC server's work; the answer in process (~400 s; PROCS=1 ~150 s)
 #   scripts/gpu_ab_run.sh ...     # the routing A/B's further seeds: benchmarks/results/gpu_ab/README.md
+# NOTE: since session 18 serve_overhead warms each served cell with an unmeasured run on a GPU
+# (--warm-pass): parts measured before then take ~1.3x the times above (their T* bound them).
 # Several parts run one after another in one machine start, e.g. (~550 s; machines are scarce):
 #   PROCS=1 T8B=380 scripts/gpu_next.sh selector 8b
 # Results land in $OUT (JSON + markdown); copy them to benchmarks/results/.
