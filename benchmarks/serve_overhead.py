@@ -52,7 +52,6 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -67,11 +66,12 @@ from benchmarks.serve_overhead_served import (
     closed_loop,
     deploy,
     direct_urls,
+    measure_served,
     run_served,
     served_traces,
     start_serve,
 )
-from benchmarks.serve_overhead_stats import RunResult, Sample, hop_breakdown, print_table, summarize
+from benchmarks.serve_overhead_stats import RunResult, Sample, print_table, summarize
 
 # NOTE: models that run on CPU (the others are random GPU shapes).
 CPU_MODELS = ("smollm2", "tiny")
@@ -191,31 +191,6 @@ def save_results(args: argparse.Namespace, device: str, results: list[RunResult]
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(data, indent=2) + "\n")
     args.json.with_suffix(".md").write_text(render_markdown(data))
-
-
-def measure_served(url: str | list[str], model_name: str,
-                   workload: dict[tuple[str, int], list[Prompt]], args: argparse.Namespace,
-                   side: str, ingresses: int) -> Iterator[RunResult]:
-    """The served app's measured runs, one per endpoint, concurrency and mode, each with its
-    per-hop breakdown, yielded as they finish. With ``args.warm_pass`` an unmeasured run of the
-    first mode precedes each (endpoint, concurrency), as on the engine's side, and its traces
-    are dropped.
-    NOTE: without it the served side's first cell (c=1) read the replica's engine TTFT 2.2-4.8
-    ms above the next cell's in four of eight passes (H100, sessions 17-18:
-    serve_overhead_notes.md)."""
-    for (endpoint, c), prompts in workload.items():
-        if args.warm_pass:
-            run_served(url, model_name, prompts, c, endpoint, args.modes[0] == "stream", args)
-            served_traces(ingresses)
-        for mode in args.modes:
-            stream = mode == "stream"
-            r, samples = run_served(url, model_name, prompts, c, endpoint, stream, args, side)
-            traces = served_traces(ingresses)
-            r.hops_ms = hop_breakdown(samples, traces, stream)
-            ids = {x.response_id for x in samples}  # NOTE: not the clients' warm-ups
-            r.num_early = sum(1 for t in traces
-                              if t["response_id"] in ids and t.get("replica_claim"))
-            yield r
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -200,7 +200,7 @@ def test_the_served_side_warms_each_cell_like_the_engine_side(monkeypatch, warm_
     (endpoint, concurrency), and its traces never reach a measured run's hops or early count."""
     import argparse
 
-    from benchmarks import serve_overhead as so
+    from benchmarks import serve_overhead_served as so
     from benchmarks.serve_overhead_served import Prompt
 
     calls: list[tuple[str, int, bool, str | None]] = []
