@@ -15,6 +15,8 @@
 #   scripts/gpu_next.sh chat1b    # the chat endpoint, random 1B, this build's defaults (~200 s)
 #   scripts/gpu_next.sh c1_8b     # random 8B, c=1, both endpoints: this build's defaults, then the
 #                                 # LLM replicas on their main loops (~350 s)
+#   scripts/gpu_next.sh warmab    # 1B completions c = 64/256, defaults: the served cells warmed or not,
+#                                 # two runs on one host, the host's CPU logged (~300 s)
 #   scripts/gpu_next.sh tok       # the prompt encode: wrapper, whole, in pieces (~20 s)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
 #   scripts/gpu_next.sh wave      # c=16/64: the arrival wave's hops with the loops' lag sampled (~250 s)
@@ -28,7 +30,7 @@
 # Results land in $OUT (JSON + markdown); copy them to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|early|loops1b|chat1b|c1_8b|tok|tput|wave|selector), one after another}"
+: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|early|loops1b|chat1b|c1_8b|warmab|tok|tput|wave|selector), one after another}"
 # shellcheck disable=SC1091
 . scripts/gpu_site.sh || exit 1
 python3 -m pip install -q --no-index --find-links .whl/extra pytest xxhash sortedcontainers >/dev/null 2>&1
@@ -103,6 +105,20 @@ case "$part" in
     # host. Both endpoints, then the LLM replicas alone on their main loops, on one host.
     run_8b_c1 s19 --endpoints completions chat --min-requests 12 \
       --variant 'llm-main={"serve_main_loop": "llm"}' ;;
+  warmab)
+    # NOTE: session 19: the 1B grid at defaults read 0.72-0.84 at c = 64/256 (its served cells
+    # warmed, new in session 18) against 0.91-1.04 in session 17 (not warmed, another host);
+    # the thread engine lost 20-30% in the same run, so the host is the first suspect. Same host,
+    # warm pass off then on, and the CPU it has.
+    { grep -m1 'model name' /proc/cpuinfo; nproc; uptime; } | tee "$OUT/host_cpu.txt"
+    for w in off on; do
+      timeout 175 python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
+        --endpoints completions --concurrency 64 256 --engine-process on --warm-pass $w \
+        --app-args '{"ingress_num_replicas": 4}' --serve-env "$drain" \
+        --json "$OUT/serve_overhead_h100_1b_warm_$w.json" > "$OUT/serve_overhead_1b_warm_$w.log" 2>&1
+      grep -E "tok/s|^total" "$OUT/serve_overhead_1b_warm_$w.log"
+      ray stop --force >/dev/null 2>&1
+    done ;;
   tok)
     timeout 120 python3 benchmarks/tokenize_cost.py --tokenizer .whl/tokenizer \
       --tokens 256 1024 4096 --json "$OUT/tokenize_cost_h100host.json" ;;
