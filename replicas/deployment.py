@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from replicas.deployment_report import (
 from replicas.early_start import EarlyStarts
 from replicas.engine import AsyncLLMEngine
 from replicas.loop_lag import LAG_WINDOW_S, LoopLag
+from replicas.niceness import apply_niceness
 from replicas.output_pacing import OutputPacer, StreamBudget
 from replicas.output_post import OutputPost, ReplyTo
 from replicas.outputs import RequestOutput, RequestTrace
@@ -103,6 +105,7 @@ class LLMReplica(ReplicaReporting):
         stream_max_outputs_per_s: float = 0.0,
         early_start_max_inflight: int = 0,
     ) -> None:
+        apply_niceness()  # NOTE: first: the engine core's process inherits it
         self.config = EngineConfig(**engine_config)
         self.engine = AsyncLLMEngine(self.config)
         # NOTE: measured before serving (the core thread starts with the first request), so
@@ -310,6 +313,7 @@ class LLMReplica(ReplicaReporting):
             selector_address=self._address,
             selector_connected=bool(self._sink and self._sink.connected()),
             serve_loops=serve_loop_flags(),
+            niceness=os.getpriority(os.PRIO_PROCESS, 0),
             early_starts=self._early.counts.to_dict() if self._early is not None else None,
         )
         return d

@@ -17,6 +17,7 @@
 #                                 # LLM replicas on their main loops (~350 s)
 #   scripts/gpu_next.sh warmab    # 1B completions c = 64/256, defaults: the served cells warmed or not,
 #                                 # two runs on one host, the host's CPU logged (~300 s)
+#   scripts/gpu_next.sh c1rounds  # 1B c=1 completions: defaults vs llm-main alternated twice (~240 s)
 #   scripts/gpu_next.sh tok       # the prompt encode: wrapper, whole, in pieces (~20 s)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
 #   scripts/gpu_next.sh wave      # c=16/64: the arrival wave's hops with the loops' lag sampled (~250 s)
@@ -30,7 +31,7 @@
 # Results land in $OUT (JSON + markdown); copy them to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|early|loops1b|chat1b|c1_8b|warmab|tok|tput|wave|selector), one after another}"
+: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|early|loops1b|chat1b|c1_8b|warmab|c1rounds|tok|tput|wave|selector), one after another}"
 # shellcheck disable=SC1091
 . scripts/gpu_site.sh || exit 1
 python3 -m pip install -q --no-index --find-links .whl/extra pytest xxhash sortedcontainers >/dev/null 2>&1
@@ -119,6 +120,16 @@ case "$part" in
       grep -E "tok/s|^total" "$OUT/serve_overhead_1b_warm_$w.log"
       ray stop --force >/dev/null 2>&1
     done ;;
+  c1rounds)
+    # NOTE: session 19: the replica's own engine TTFT (inside the engine core's process) read
+    # 3-6 ms above its other cells in the first streamed cell of one pass, the defaults' on the
+    # 8B and llm-main's on the 1B: layout or noise? Alternated passes on one host say.
+    timeout "${T1B:-250}" python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
+      --endpoints completions --concurrency 1 --min-requests 16 --engine-process on \
+      --app-args '{"ingress_num_replicas": 4}' --variant 'llm-main={"serve_main_loop": "llm"}' \
+      --variant-rounds 2 --serve-env "$drain" --json "$OUT/serve_overhead_h100_1b_c1_rounds.json" \
+      > "$OUT/serve_overhead_1b_c1_rounds.log" 2>&1
+    grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_1b_c1_rounds.log" ;;
   tok)
     timeout 120 python3 benchmarks/tokenize_cost.py --tokenizer .whl/tokenizer \
       --tokens 256 1024 4096 --json "$OUT/tokenize_cost_h100host.json" ;;

@@ -21,6 +21,7 @@ from cluster.serve.app_selector import CacheSelector
 from cluster.serve.grpc_auth import TokenSinkFactory, new_token
 from cluster.serve.openai_ingress import OpenAIIngress
 from replicas.deployment import LLMReplica
+from replicas.niceness import ENV as NICENESS_ENV
 
 # NOTE: the proxy-side probe interval; our replicas publish their own stats through KV events.
 ROUTING_STATS_PERIOD_S = 2.0
@@ -47,13 +48,16 @@ MAIN_LOOP_ENV = {
 }
 
 
-def _actor_options(num_cpus: float, resources: dict[str, float],
+def _actor_options(num_cpus: float, resources: dict[str, float], niceness: int | None,
                    main_loop: bool = False) -> dict[str, Any]:
     options: dict[str, Any] = {"num_cpus": num_cpus}
     if resources:
         options["resources"] = dict(resources)
-    if main_loop:
-        options["runtime_env"] = {"env_vars": dict(MAIN_LOOP_ENV)}
+    env = dict(MAIN_LOOP_ENV) if main_loop else {}
+    if niceness is not None:
+        env[NICENESS_ENV] = str(niceness)
+    if env:
+        options["runtime_env"] = {"env_vars": env}
     return options
 
 
@@ -71,7 +75,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         .options(
             num_replicas=config.selector.num_replicas,
             ray_actor_options=_actor_options(
-                config.selector.num_cpus, config.placement.selector
+                config.selector.num_cpus, config.placement.selector, config.niceness
             ),
         )
         .bind(config.selector.model_dump(exclude={"tls"}), token, server_tls, client_tls)
@@ -79,7 +83,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         else None
     )
     actor_options = _actor_options(config.num_cpus_per_replica, config.placement.llm,
-                                   config.main_loop_on("llm"))
+                                   config.niceness, config.main_loop_on("llm"))
     if config.num_gpus_per_replica:
         actor_options["num_gpus"] = config.num_gpus_per_replica
     llm = (
@@ -103,5 +107,5 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     return ingress.options(
         num_replicas=config.ingress_num_replicas,
         ray_actor_options=_actor_options(config.ingress_num_cpus, config.placement.ingress,
-                                         config.main_loop_on("ingress")),
+                                         config.niceness, config.main_loop_on("ingress")),
     ).bind(llm, config.model_dump(exclude=no_tls))

@@ -213,6 +213,19 @@ class AppConfig(BaseModel):
         "since the early start took most of the c=1 gain's hop. 'ingress' / 'llm': that "
         "deployment alone.",
     )
+    niceness: int | None = Field(
+        default=None,
+        ge=-20,
+        le=19,
+        description="CPU niceness of every replica process of the app (ingress, LLM replicas "
+        "and their engine core's process, selection service; all threads). Ray starts workers "
+        "at 15 (RAY_worker_niceness), so other Ray work on a node competes with the serving "
+        "path as an equal. 0 puts the path ahead of it: beside two CPU-bound processes at 15, "
+        "1.4-1.9x the output tok/s at c=1 on the 2-core box; serving alone it costs a little "
+        "(Serve's HAProxy stays at 15), hence off by default (replicas/niceness.py). Lowering "
+        "needs root or CAP_SYS_NICE; without, a replica logs a warning and keeps 15. null: as "
+        "Ray started them.",
+    )
     early_start: bool | None = Field(
         default=None,
         description="The tinyserve router writes each request to its chosen replica over a "

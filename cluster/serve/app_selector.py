@@ -30,6 +30,7 @@ from cluster.selector.server import ServerThread
 from cluster.serve import selector_registry
 from cluster.serve.app_config import SelectorSettings
 from cluster.serve.metrics_mirror import MetricsMirror
+from replicas.niceness import apply_niceness
 
 log = logging.getLogger("ray.serve")
 
@@ -60,6 +61,7 @@ class CacheSelector:
 
         # NOTE: ``settings`` comes without ``tls`` (its files may exist only where the app was
         # deployed): ``tls`` / ``client_tls`` are the PEM bytes read there (cluster.selector.grpc_tls).
+        apply_niceness()
         self.settings = SelectorSettings(**settings)
         self._token = token  # NOTE: every RPC but health needs it (cluster.serve.grpc_auth)
         self._tls, self._client_tls = tls, client_tls

@@ -55,6 +55,7 @@ from cluster.serve.output_inbox import OutputInbox
 from cluster.serve.tokenizer_pool import TokenizerPool, encode_ids
 from replicas.deployment import GenerateRequest
 from replicas.loop_lag import LoopLag
+from replicas.niceness import apply_niceness
 from replicas.ray_node import serve_loop_flags, this_node_id
 
 api = FastAPI(title="TinyServe Cluster", version="0.1.0")
@@ -97,6 +98,7 @@ class OpenAIIngress(IngressAnswer):
         from replicas.model_loader import load_tokenizer
         from replicas.model_source import resolve_model_dir
 
+        apply_niceness()
         self.config = AppConfig(**settings)
         self.model_name = self.config.model_name()
         model_dir = resolve_model_dir(self.config.engine.model)

@@ -72,6 +72,8 @@ def cluster(request: pytest.FixtureRequest,
             "auth": {"api_keys_file": str(key_file)},
             "limits": {"max_prompt_tokens": MAX_PROMPT_TOKENS},
             "serve_main_loop": request.param,
+            # NOTE: above Ray's 15, which needs no privilege (replicas/niceness.py)
+            "niceness": 16,
             # NOTE: on by default only with the engine core's process (CUDA); tested here on
             # the thread core
             "early_start": True,
@@ -146,7 +148,7 @@ def test_models_health_chat_stream_and_completion(cluster: Cluster) -> None:
     assert again.choices[0].text == comp.choices[0].text
 
 
-def test_serve_main_loop_reaches_the_ingress_and_llm_replicas(cluster: Cluster) -> None:
+def test_serve_main_loop_and_niceness_reach_the_replicas(cluster: Cluster) -> None:
     # NOTE: serve_main_loop reaches the replicas through their runtime_env; this test process,
     # the driver, was started without it and keeps Serve's defaults.
     separate = not cluster.main_loop
@@ -155,6 +157,7 @@ def test_serve_main_loop_reaches_the_ingress_and_llm_replicas(cluster: Cluster) 
     assert ingress.serve_loops.remote().result(timeout_s=30) == want
     stats = _replica_stats()
     assert stats and all(st["serve_loops"] == want for st in stats.values())
+    assert all(st["niceness"] == 16 for st in stats.values())
     from ray.serve._private import constants
 
     assert constants.RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD

@@ -37,3 +37,21 @@ def test_early_start_follows_the_engine_core_unless_set() -> None:
     assert max_inflight(core_thread) == 0 and max_inflight(core_proc) == 32
     assert max_inflight({**core_thread, "early_start": True}) == 32
     assert max_inflight({**core_proc, "early_start": False}) == 0
+
+
+def test_niceness_reaches_every_deployment_and_null_leaves_rays() -> None:
+    from cluster.serve.app import MAIN_LOOP_ENV, build_app
+
+    def envs(args: dict) -> list[dict]:
+        ingress = build_app(args)._bound_deployment
+        llm = ingress.init_args[0]._bound_deployment
+        selector = llm.init_args[1]._bound_deployment
+        return [d.ray_actor_options.get("runtime_env", {}).get("env_vars", {})
+                for d in (ingress, llm, selector)]
+
+    assert all(e == {"TINYSERVE_NICENESS": "5"} for e in envs({"niceness": 5}))
+    assert envs({}) == envs({"niceness": None}) == [{}, {}, {}]
+    main = envs({"niceness": 0, "serve_main_loop": "llm"})[1]
+    assert main == {**MAIN_LOOP_ENV, "TINYSERVE_NICENESS": "0"}
+    with pytest.raises(ValueError, match="niceness"):
+        build_app({"niceness": 20})
