@@ -14,11 +14,12 @@ Off unless ``TINYSERVE_LOOP_LAG`` is set to a period in milliseconds (``serve_ov
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from collections import deque
 from typing import Any
+
+from replicas.env_value import env_value
 
 ENV = "TINYSERVE_LOOP_LAG"
 HORIZON_S = 120.0  # NOTE: how far back windows can look; older samples are dropped
@@ -40,14 +41,8 @@ class LoopLag:
     @classmethod
     def from_env(cls) -> LoopLag | None:
         """A sampler with the period ``TINYSERVE_LOOP_LAG`` (ms) names, or None when unset/0."""
-        raw = os.environ.get(ENV, "").strip()
-        if not raw:
-            return None
-        try:
-            ms = float(raw)
-        except ValueError as exc:
-            raise ValueError(f"{ENV} must be a period in milliseconds, got {raw!r}") from exc
-        return cls(ms / 1e3) if ms > 0 else None
+        ms = env_value(ENV, float, "a period in milliseconds")
+        return cls(ms / 1e3) if ms is not None and ms > 0 else None
 
     def ensure_running(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Start sampling on ``loop`` (default: the running one; call from a coroutine) —

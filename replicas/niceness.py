@@ -22,6 +22,8 @@ from __future__ import annotations
 import logging
 import os
 
+from replicas.env_value import env_value
+
 logger = logging.getLogger("ray.serve")  # NOTE: Serve keeps it in the replica's log
 
 ENV = "TINYSERVE_NICENESS"
@@ -30,13 +32,9 @@ TASKS = "/proc/self/task"
 
 def target_from_env() -> int | None:
     """The niceness ``ENV`` names, or None when it is unset or empty (leave the process be)."""
-    raw = os.environ.get(ENV, "").strip()
-    if not raw:
+    value = env_value(ENV, int, "an integer niceness")
+    if value is None:
         return None
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise ValueError(f"{ENV} must be an integer niceness, got {raw!r}") from exc
     if not -20 <= value <= 19:
         raise ValueError(f"{ENV} must be in [-20, 19], got {value}")
     return value

@@ -59,9 +59,9 @@ class CacheSelector:
     ) -> None:
         import ray
 
+        apply_niceness()
         # NOTE: ``settings`` comes without ``tls`` (its files may exist only where the app was
         # deployed): ``tls`` / ``client_tls`` are the PEM bytes read there (cluster.selector.grpc_tls).
-        apply_niceness()
         self.settings = SelectorSettings(**settings)
         self._token = token  # NOTE: every RPC but health needs it (cluster.serve.grpc_auth)
         self._tls, self._client_tls = tls, client_tls
