@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.serve_overhead_stats import RunResult, Sample, hop_breakdown, summarize
+from benchmarks.serve_overhead_stats import RunResult, Sample, hop_rows, medians, summarize
 
 APP = "overhead"
 
@@ -248,7 +248,9 @@ def measure_served(url: str | list[str], model_name: str,
             stream = mode == "stream"
             r, samples = run_served(url, model_name, prompts, c, endpoint, stream, args, side)
             traces = served_traces(ingresses)
-            r.hops_ms = hop_breakdown(samples, traces, stream)
+            rows = hop_rows(samples, traces, stream)
+            r.hops_ms = medians(rows)
+            r.engine_ttft_ms = [round(v, 3) for v in rows["engine_ttft"]]
             ids = {x.response_id for x in samples}  # NOTE: not the clients' warm-ups
             r.num_early = sum(1 for t in traces
                               if t["response_id"] in ids and t.get("replica_claim"))

@@ -37,6 +37,9 @@ class RunResult:
     latency_p50_ms: float
     wall_s: float
     hops_ms: dict[str, float] = field(default_factory=dict)
+    # NOTE: served: the replica's own engine TTFT of each request, in the clients' send order
+    # (is a slow cell slow throughout, or in its first requests?)
+    engine_ttft_ms: list[float] = field(default_factory=list)
     num_early: int = 0  # served: requests the replica started early (replicas/early_start.py)
 
 
@@ -69,13 +72,25 @@ def _lag(v: float | None) -> float:
 
 def hop_breakdown(samples: list[Sample], traces: list[dict[str, Any]], stream: bool
                   ) -> dict[str, float]:
-    """Median milliseconds of each hop (``benchmarks.serve_overhead_report.HOPS``), joining
-    the client's samples with the ingress traces by response id. Client stamps are
-    ``perf_counter``; they are moved onto the wall clock through one offset."""
+    """Median milliseconds of each hop (``benchmarks.serve_overhead_report.HOPS``)."""
+    return medians(hop_rows(samples, traces, stream))
+
+
+def medians(rows: dict[str, list[float]]) -> dict[str, float]:
+    """The median of each hop's values (hops without any left out)."""
+    return {k: statistics.median(v) for k, v in rows.items() if v}
+
+
+def hop_rows(samples: list[Sample], traces: list[dict[str, Any]], stream: bool
+             ) -> dict[str, list[float]]:
+    """Milliseconds of each hop per request, in the clients' send order, joining the client's
+    samples with the ingress traces by response id (a request without a trace, or a hop
+    without its stamps, is left out of that hop). Client stamps are ``perf_counter``; they are
+    moved onto the wall clock through one offset."""
     offset = time.time() - time.perf_counter()
     by_id = {t["response_id"]: t for t in traces}
     rows: dict[str, list[float]] = {h: [] for h, _ in HOPS}
-    for s in samples:
+    for s in sorted(samples, key=lambda x: x.send):
         t = by_id.get(s.response_id)
         if t is None or not t.get("engine_add"):
             continue
@@ -111,7 +126,7 @@ def hop_breakdown(samples: list[Sample], traces: list[dict[str, Any]], stream: b
         for k, v in vals.items():
             if v == v:  # NOTE: skips NaN (no first chunk when not streaming)
                 rows[k].append(1e3 * v)
-    return {k: statistics.median(v) for k, v in rows.items() if v}
+    return rows
 
 
 def print_table(results: list[RunResult]) -> None:

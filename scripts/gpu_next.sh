@@ -123,7 +123,8 @@ case "$part" in
   c1rounds)
     # NOTE: session 19: the replica's own engine TTFT (inside the engine core's process) read
     # 3-6 ms above its other cells in the first streamed cell of one pass, the defaults' on the
-    # 8B and llm-main's on the 1B: layout or noise? Alternated passes on one host say.
+    # 8B and llm-main's on the 1B: layout or noise? Alternated passes on one host say; each
+    # served cell's JSON row carries every request's engine TTFT in send order (engine_ttft_ms).
     timeout "${T1B:-250}" python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
       --endpoints completions --concurrency 1 --min-requests 16 --engine-process on \
       --app-args '{"ingress_num_replicas": 4}' --variant 'llm-main={"serve_main_loop": "llm"}' \

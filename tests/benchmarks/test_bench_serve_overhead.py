@@ -7,7 +7,7 @@ import time
 import pytest
 
 from benchmarks.serve_overhead_report import pick_side, render_comparison, render_markdown
-from benchmarks.serve_overhead_stats import Sample, hop_breakdown, summarize
+from benchmarks.serve_overhead_stats import Sample, hop_breakdown, hop_rows, medians, summarize
 
 
 def test_summary_rates_and_streaming_only_latencies() -> None:
@@ -47,6 +47,25 @@ def test_hops_join_by_response_id_and_add_up() -> None:
     assert split["read_parse"] == pytest.approx(1.5, abs=0.01)
     assert split["tokenize"] == pytest.approx(0.5, abs=0.01)
     assert split["read_parse"] + split["tokenize"] == pytest.approx(split["parse_tokenize"])
+
+
+def test_hop_rows_keep_each_request_in_the_clients_send_order() -> None:
+    off = time.time() - time.perf_counter()
+    stamps = ("recv", "tokenized", "replica_recv", "engine_add", "replica_first_yield",
+              "first_out", "last_out", "first_sent", "last_sent", "engine_finish")
+
+    def trace(rid: str, send: float, ttft_s: float) -> dict:
+        t = {k: send + off for k in stamps}
+        return {**t, "response_id": rid, "engine_first_token": send + off + ttft_s,
+                "detokenize_s": 0.0, "hop_sum_s": 0.0, "num_outputs_received": 1}
+
+    # NOTE: samples arrive in completion order; the rows follow the send order
+    late, early = Sample(2.0, 2.1, 2.2, 1, "late"), Sample(1.0, 1.5, 3.0, 1, "early")
+    rows = hop_rows([late, early], [trace("late", 2.0, 0.030), trace("early", 1.0, 0.025)],
+                    stream=True)
+    assert rows["engine_ttft"] == pytest.approx([25.0, 30.0], abs=0.01)
+    assert medians(rows)["engine_ttft"] == pytest.approx(27.5, abs=0.01)
+    assert "read_parse" not in medians(rows)  # NOTE: no ``parsed`` stamp: an empty row
 
 
 def test_reports_show_ratios_against_the_engine() -> None:
@@ -220,7 +239,8 @@ def test_the_served_side_warms_each_cell_like_the_engine_side(monkeypatch, warm_
 
     monkeypatch.setattr(so, "run_served", run_served)
     monkeypatch.setattr(so, "served_traces", served_traces)
-    monkeypatch.setattr(so, "hop_breakdown", lambda samples, traces, stream: {"n": len(traces)})
+    monkeypatch.setattr(so, "hop_rows",
+                        lambda samples, traces, stream: {"engine_ttft": [float(len(traces))]})
     workload = {(e, c): [Prompt("p", [1])] for e in ("completions", "chat") for c in (1, 16)}
     args = argparse.Namespace(warm_pass=warm_pass, modes=["stream", "nostream"])
     results = list(so.measure_served("u", "m", workload, args, "served", 1))
@@ -232,4 +252,5 @@ def test_the_served_side_warms_each_cell_like_the_engine_side(monkeypatch, warm_
     assert calls == expected
     assert [(r.endpoint, r.concurrency, r.stream) for r in results] == [
         x[:3] for x in expected if x[3] == "served"]
-    assert all(r.hops_ms == {"n": 1} and r.num_early == 1 for r in results)
+    assert all(r.hops_ms == {"engine_ttft": 1.0} and r.engine_ttft_ms == [1.0]
+               and r.num_early == 1 for r in results)
