@@ -70,14 +70,9 @@ def _lag(v: float | None) -> float:
     return float("nan") if v is None or v < 0 else v
 
 
-def hop_breakdown(samples: list[Sample], traces: list[dict[str, Any]], stream: bool
-                  ) -> dict[str, float]:
-    """Median milliseconds of each hop (``benchmarks.serve_overhead_report.HOPS``)."""
-    return medians(hop_rows(samples, traces, stream))
-
-
 def medians(rows: dict[str, list[float]]) -> dict[str, float]:
-    """The median of each hop's values (hops without any left out)."""
+    """The median milliseconds of each hop (``benchmarks.serve_overhead_report.HOPS``) from
+    ``hop_rows`` (hops without any value left out)."""
     return {k: statistics.median(v) for k, v in rows.items() if v}
 
 

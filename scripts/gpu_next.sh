@@ -48,6 +48,15 @@ run_8b_c1() {
     > "$OUT/serve_overhead_8b_c1_$tag.log" 2>&1
   grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_8b_c1_$tag.log"
 }
+# The random 1B, completions unless the args say, process core, HAProxy, 4 ingress replicas;
+# $1 the timeout, $2 names the JSON and log, the rest are serve_overhead's arguments.
+run_1b() {
+  local limit=$1 tag=$2; shift 2
+  timeout "$limit" python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
+    --engine-process on --app-args '{"ingress_num_replicas": 4}' --serve-env "$drain" \
+    --json "$OUT/serve_overhead_h100_1b_$tag.json" "$@" > "$OUT/serve_overhead_1b_$tag.log" 2>&1
+  grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_1b_$tag.log"
+}
 for part in "$@"; do
 case "$part" in
   serve)
@@ -85,20 +94,11 @@ case "$part" in
     # defaults (Serve's layout), the 1B completions grid: what c1_8b's llm-main costs or gives
     # at c >= 16 (session 17's main-loop loss there was put on the ingress's loop, not measured
     # per deployment; its run of this part, split-always and threads: 877d100)
-    timeout 580 python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
-      --endpoints completions --engine-process on --app-args '{"ingress_num_replicas": 4}' \
-      --variant 'llm-main={"serve_main_loop": "llm"}' \
-      --serve-env "$drain" --json "$OUT/serve_overhead_h100_1b_llm_main.json" \
-      > "$OUT/serve_overhead_1b_llm_main.log" 2>&1
-    grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_1b_llm_main.log" ;;
+    run_1b 580 llm_main --endpoints completions --variant 'llm-main={"serve_main_loop": "llm"}' ;;
   chat1b)
     # NOTE: session 17-18: the chat endpoint at this build's defaults (Serve's loops, early start,
     # split only while idle), random 1B; T1B bounds it (the JSON is written after every run)
-    timeout "${T1B:-400}" python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
-      --endpoints chat --engine-process on --app-args '{"ingress_num_replicas": 4}' \
-      --serve-env "$drain" --json "$OUT/serve_overhead_h100_1b_chat_s18.json" \
-      > "$OUT/serve_overhead_1b_chat.log" 2>&1
-    grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_1b_chat.log" ;;
+    run_1b "${T1B:-400}" chat_s18 --endpoints chat ;;
   c1_8b)
     # NOTE: session 18: the 8B at c=1 on this build's defaults (Serve's loop layout, the early
     # start) read +11.5 / +13.2 ms over the engine's TTFT (completions), with the replica's engine
@@ -113,24 +113,16 @@ case "$part" in
     # warm pass off then on, and the CPU it has.
     { grep -m1 'model name' /proc/cpuinfo; nproc; uptime; } | tee "$OUT/host_cpu.txt"
     for w in off on; do
-      timeout 175 python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
-        --endpoints completions --concurrency 64 256 --engine-process on --warm-pass $w \
-        --app-args '{"ingress_num_replicas": 4}' --serve-env "$drain" \
-        --json "$OUT/serve_overhead_h100_1b_warm_$w.json" > "$OUT/serve_overhead_1b_warm_$w.log" 2>&1
-      grep -E "tok/s|^total" "$OUT/serve_overhead_1b_warm_$w.log"
+      run_1b 175 "warm_$w" --endpoints completions --concurrency 64 256 --warm-pass $w
       ray stop --force >/dev/null 2>&1
     done ;;
   c1rounds)
     # NOTE: session 19: the replica's own engine TTFT (inside the engine core's process) read
-    # 3-6 ms above its other cells in the first streamed cell of one pass, the defaults' on the
+    # 2-6 ms above its other cells in the first streamed cell of one pass, the defaults' on the
     # 8B and llm-main's on the 1B: layout or noise? Alternated passes on one host say; each
     # served cell's JSON row carries every request's engine TTFT in send order (engine_ttft_ms).
-    timeout "${T1B:-250}" python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
-      --endpoints completions --concurrency 1 --min-requests 16 --engine-process on \
-      --app-args '{"ingress_num_replicas": 4}' --variant 'llm-main={"serve_main_loop": "llm"}' \
-      --variant-rounds 2 --serve-env "$drain" --json "$OUT/serve_overhead_h100_1b_c1_rounds.json" \
-      > "$OUT/serve_overhead_1b_c1_rounds.log" 2>&1
-    grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_1b_c1_rounds.log" ;;
+    run_1b "${T1B:-250}" c1_rounds --endpoints completions --concurrency 1 --min-requests 16 \
+      --variant 'llm-main={"serve_main_loop": "llm"}' --variant-rounds 2 ;;
   tok)
     timeout 120 python3 benchmarks/tokenize_cost.py --tokenizer .whl/tokenizer \
       --tokens 256 1024 4096 --json "$OUT/tokenize_cost_h100host.json" ;;

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from benchmarks.serve_overhead_report import pick_side, render_comparison, render_markdown
-from benchmarks.serve_overhead_stats import Sample, hop_breakdown, hop_rows, medians, summarize
+from benchmarks.serve_overhead_stats import Sample, hop_rows, medians, summarize
 
 
 def test_summary_rates_and_streaming_only_latencies() -> None:
@@ -32,7 +32,7 @@ def test_hops_join_by_response_id_and_add_up() -> None:
          "hop_sum_s": 0.02, "num_outputs_received": 10}
     sample = Sample(send, send + 0.122, send + 1.006, 10, "a")
     other = Sample(send, send + 0.2, send + 2.0, 10, "unknown")  # no trace: left out
-    hops = hop_breakdown([sample, other], [t], stream=True)
+    hops = medians(hop_rows([sample, other], [t], stream=True))
     assert hops["client_to_ingress"] == pytest.approx(10.0, abs=0.01)
     assert hops["parse_tokenize"] == pytest.approx(2.0, abs=0.01)
     assert hops["router_select"] == pytest.approx(3.0, abs=0.01)
@@ -41,9 +41,9 @@ def test_hops_join_by_response_id_and_add_up() -> None:
     assert hops["ingress_to_client_first"] == pytest.approx(2.0, abs=0.01)
     assert hops["after_engine_finish"] == pytest.approx(6.0, abs=0.01)
     assert hops["client_total"] == pytest.approx(1006.0, abs=0.01)
-    assert "ingress_to_client_first" not in hop_breakdown([sample], [t], stream=False)
+    assert "ingress_to_client_first" not in medians(hop_rows([sample], [t], stream=False))
     assert "read_parse" not in hops and "tokenize" not in hops  # no ``parsed`` stamp: no split
-    split = hop_breakdown([sample], [{**t, "parsed": send + off + 0.0115}], stream=True)
+    split = medians(hop_rows([sample], [{**t, "parsed": send + off + 0.0115}], stream=True))
     assert split["read_parse"] == pytest.approx(1.5, abs=0.01)
     assert split["tokenize"] == pytest.approx(0.5, abs=0.01)
     assert split["read_parse"] + split["tokenize"] == pytest.approx(split["parse_tokenize"])

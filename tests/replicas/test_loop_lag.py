@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from benchmarks.serve_overhead_stats import Sample, hop_breakdown
+from benchmarks.serve_overhead_stats import Sample, hop_rows, medians
 from cluster.serve.openai_trace import IngressTrace, TraceLog
 from replicas.loop_lag import ENV, LoopLag
 
@@ -81,12 +81,12 @@ def test_trace_log_stamps_the_ingress_lag_and_hops_read_it() -> None:
             "num_outputs_received": 1, "first_sent": now, "last_sent": now}
     sample = Sample(send=now - offset, first=now - offset, last=now - offset,
                     num_output_tokens=1, response_id="cmpl-1")
-    hops = hop_breakdown([sample], [{**base, **d, "replica_lag_before_s": 0.003,
-                                     "replica_lag_queue_s": -1.0}], stream=True)
+    hops = medians(hop_rows([sample], [{**base, **d, "replica_lag_before_s": 0.003,
+                                        "replica_lag_queue_s": -1.0}], stream=True))
     assert hops["ingress_lag_before_recv"] == pytest.approx(25.0)
     assert hops["replica_lag_before_recv"] == pytest.approx(3.0)
     assert "replica_lag_queue" not in hops
-    hops = hop_breakdown([sample], [{**base, **e}], stream=True)
+    hops = medians(hop_rows([sample], [{**base, **e}], stream=True))
     assert "ingress_lag_before_recv" not in hops
 
 
