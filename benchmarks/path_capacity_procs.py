@@ -21,6 +21,7 @@ Pure functions over ``psutil`` snapshots (``classify`` is tested without Ray).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 
@@ -55,11 +56,20 @@ def _cpu(proc: psutil.Process) -> float:
     return float(t.user + t.system)
 
 
+def _spawned(proc: psutil.Process) -> bool:
+    """A child the driver started with ``multiprocessing`` (a client process of its pool)."""
+    try:
+        return "multiprocessing" in " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
 def snapshot(driver_pid: int, client_pid: int | None, app: str) -> CpuSnapshot:
     """Every descendant of the driver (Ray's processes), the driver and the client.
 
     NOTE: a child inherits its parent's role unless its own title names one; a replica's
-    child is its engine core (titled by Python's multiprocessing, not by Ray)."""
+    child is its engine core (titled by Python's multiprocessing, not by Ray); the driver's own
+    ``multiprocessing`` children are clients (serve_overhead's client processes)."""
     seconds: dict[int, float] = {}
     roles: dict[int, str] = {}
     driver = psutil.Process(driver_pid)
@@ -84,7 +94,7 @@ def snapshot(driver_pid: int, client_pid: int | None, app: str) -> CpuSnapshot:
     roles[driver_pid] = "driver"
     for child in driver.children():
         if child.pid != client_pid:
-            visit(child, "ray")
+            visit(child, "client" if _spawned(child) else "ray")
     if client_pid is not None:
         try:
             client = psutil.Process(client_pid)
@@ -107,3 +117,37 @@ def cpu_by_role(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
 
 def pids_of(snap: CpuSnapshot, role: str) -> list[int]:
     return sorted(pid for pid, r in snap.roles.items() if r == role)
+
+
+def host_busy_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole host since boot, every core (idle and iowait are
+    not busy)."""
+    t = psutil.cpu_times()
+    total = float(sum(t))
+    return total - float(t.idle) - float(getattr(t, "iowait", 0.0)), total
+
+
+def cpu_report(before: CpuSnapshot, after: CpuSnapshot, host_before: tuple[float, float],
+               host_after: tuple[float, float], wall_s: float, num_requests: int,
+               ) -> dict[str, Any]:
+    """Where a run's CPU went: ``ms_per_req`` by role (plus ``rest``: the host's busy time
+    outside the tree, e.g. the client processes), ``busiest`` by role (the role's busiest
+    process in cores: ~1.0 is a process bound to one core, its GIL), and the host's ``busy``
+    fraction of ``cores`` over the run.
+
+    NOTE: the host's figures cover its whole CPU, so other work on the host lands in ``rest``."""
+    by_role = cpu_by_role(before, after)
+    busy = host_after[0] - host_before[0]
+    cores = psutil.cpu_count() or 1
+    busiest: dict[str, float] = {}
+    for pid, sec in after.seconds.items():
+        role = after.roles[pid]
+        used = max(sec - before.seconds.get(pid, 0.0), 0.0) / wall_s
+        busiest[role] = max(busiest.get(role, 0.0), used)
+    n = max(num_requests, 1)
+    ms = {r: round(1e3 * s / n, 2) for r, s in by_role.items() if s > 0}
+    ms["rest"] = round(1e3 * max(busy - sum(by_role.values()), 0.0) / n, 2)
+    return {"ms_per_req": ms,
+            "busiest": {r: round(v, 2) for r, v in busiest.items() if v > 0},
+            "busy": round(busy / max(host_after[1] - host_before[1], 1e-9), 3),
+            "cores": cores}

@@ -233,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="an unmeasured run per endpoint and concurrency before the measured "
                    "one(s), on both sides alike (auto: on a GPU, where a fresh engine's first "
                    "run of a shape reads slow)")
+    p.add_argument("--cpu-roles", choices=("on", "off"), default="on",
+                   help="each served run's CPU by role (ingress, replica, engine, haproxy, "
+                   "client ...: ms per request, the busiest process in cores) and the host's "
+                   "busy fraction (benchmarks/path_capacity_procs.py)")
     p.add_argument("--serve-env", nargs="*", default=[], metavar="KEY=VALUE",
                    help="environment of the Ray cluster (Serve flags), e.g. "
                    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0")
@@ -281,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     args.stream_interval = args.stream_interval or (8 if gpu else 1)
     args.gpu = gpu
     args.warm_pass = {"auto": gpu, "on": True, "off": False}[args.warm_pass]
+    args.cpu_roles = args.cpu_roles == "on"
     if args.loop_lag:
         args.serve_env = [*args.serve_env, f"TINYSERVE_LOOP_LAG={args.loop_lag:g}"]
 

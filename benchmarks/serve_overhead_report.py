@@ -98,7 +98,29 @@ def render_markdown(data: dict[str, Any]) -> str:
             lines.append(f"| {key}: {meaning} | " + " | ".join(vals) + " |")
         lines.append("| requests started early / requests | " + " | ".join(
             f"{r.get('num_early', 0)} / {r.get('num_requests', '-')}" for r in served) + " |")
+        lines += _cpu_table(served, cols)
     return "\n".join(lines) + "\n"
+
+
+def _cpu_table(served: list[dict[str, Any]], cols: list[str]) -> list[str]:
+    """Where each served run's CPU went (``--cpu-roles``): ms per request by role, with the
+    role's busiest process in cores beside it, and the host's busy fraction."""
+    with_cpu = [(r["cpu"], c) for r, c in zip(served, cols, strict=True) if r.get("cpu")]
+    if not with_cpu:
+        return []
+    roles = [k for k in ("ingress", "haproxy", "proxy", "replica", "engine", "selector",
+                         "controller", "ray", "client", "driver", "rest")
+             if any(k in cpu["ms_per_req"] for cpu, _ in with_cpu)]
+    lines = ["", "## CPU by role (ms of CPU per request; the role's busiest process, cores)", "",
+             "| role | " + " | ".join(c for _, c in with_cpu) + " |",
+             "|---|" + "---|" * len(with_cpu)]
+    for role in roles:
+        lines.append(f"| {role} | " + " | ".join(
+            f"{_f(cpu['ms_per_req'].get(role), 2)} ({_f(cpu['busiest'].get(role), 2)})"
+            for cpu, _ in with_cpu) + " |")
+    lines.append("| host busy (of its cores) | " + " | ".join(
+        f"{cpu['busy']:.2f} of {cpu['cores']}" for cpu, _ in with_cpu) + " |")
+    return lines
 
 
 def pick_side(data: dict[str, Any], side: str) -> dict[str, Any]:

@@ -68,14 +68,18 @@ def run_served(http: str | list[str], model_name: str, prompts: list[Prompt], c:
     system-wide monotonic clock on Linux, so the processes' stamps are comparable."""
     urls = [http] if isinstance(http, str) else list(http)
     procs = client_procs_for(args.client_procs, c, getattr(args, "gpu", False))
+    cpu = getattr(args, "cpu_roles", False)
     if procs == 1:
+        window = CpuWindow(time.time()) if cpu else None
         samples, errors = client_run(urls, model_name, prompts, c, endpoint, stream,
                                      args.output_len)
+        usage = window.stop(len(samples)) if window else {}
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         start_at = time.time() + 5.0  # NOTE: the processes start their loops together
+        window = CpuWindow(start_at) if cpu else None
         with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as ex:
             futures = [
                 ex.submit(client_run, urls, model_name, prompts[k::procs],
@@ -83,9 +87,44 @@ def run_served(http: str | list[str], model_name: str, prompts: list[Prompt], c:
                           start_at)
                 for k in range(procs)]
             parts = [f.result() for f in futures]
+            usage = window.stop(sum(len(p) for p, _ in parts)) if window else {}
         samples = [s for part, _ in parts for s in part]
         errors = sum(e for _, e in parts)
-    return summarize(side, endpoint, stream, c, samples, errors), samples
+    r = summarize(side, endpoint, stream, c, samples, errors)
+    r.cpu = usage
+    return r, samples
+
+
+class CpuWindow:
+    """The CPU every process of this run's tree (Ray's, the app's, the clients') and the host
+    spend from wall time ``start_at`` (a timer thread takes the first snapshot then: the client
+    processes' start-up stays out) to ``stop`` (before the clients exit); see
+    ``benchmarks.path_capacity_procs.cpu_report``."""
+
+    def __init__(self, start_at: float) -> None:
+        import threading
+
+        self._begun = threading.Event()
+        self._timer = threading.Timer(max(start_at - time.time(), 0.0), self._begin)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _begin(self) -> None:
+        from benchmarks import path_capacity_procs as procs
+
+        self._t0 = time.perf_counter()
+        self._host0 = procs.host_busy_seconds()
+        self._before = procs.snapshot(os.getpid(), None, APP)
+        self._begun.set()
+
+    def stop(self, num_requests: int) -> dict[str, Any]:
+        from benchmarks import path_capacity_procs as procs
+
+        self._begun.wait()
+        after = procs.snapshot(os.getpid(), None, APP)
+        host = procs.host_busy_seconds()
+        return procs.cpu_report(self._before, after, self._host0, host,
+                                time.perf_counter() - self._t0, num_requests)
 
 
 def client_run(urls: list[str], model_name: str, prompts: list[Prompt], c: int, endpoint: str,

@@ -41,6 +41,8 @@ class RunResult:
     # (is a slow cell slow throughout, or in its first requests?)
     engine_ttft_ms: list[float] = field(default_factory=list)
     num_early: int = 0  # served: requests the replica started early (replicas/early_start.py)
+    # served with --cpu-roles: where the run's CPU went (path_capacity_procs.cpu_report)
+    cpu: dict[str, Any] = field(default_factory=dict)
 
 
 def pct(values: list[float], q: float) -> float:

@@ -18,6 +18,7 @@
 #   scripts/gpu_next.sh warmab    # 1B completions c = 64/256, defaults: the served cells warmed or not,
 #                                 # two runs on one host, the host's CPU logged (~300 s)
 #   scripts/gpu_next.sh c1rounds  # 1B c=1 completions: defaults vs llm-main alternated twice (~240 s)
+#   scripts/gpu_next.sh ingress8  # 1B completions c = 64/256: 4 vs 8 ingress replicas, CPU by role (~300 s)
 #   scripts/gpu_next.sh tok       # the prompt encode: wrapper, whole, in pieces (~20 s)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
 #   scripts/gpu_next.sh wave      # c=16/64: the arrival wave's hops with the loops' lag sampled (~250 s)
@@ -31,10 +32,10 @@
 # Results land in $OUT (JSON + markdown); copy them to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|early|loops1b|chat1b|c1_8b|warmab|c1rounds|tok|tput|wave|selector), one after another}"
+: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|early|loops1b|chat1b|c1_8b|warmab|c1rounds|ingress8|tok|tput|wave|selector), one after another}"
 # shellcheck disable=SC1091
 . scripts/gpu_site.sh || exit 1
-python3 -m pip install -q --no-index --find-links .whl/extra pytest xxhash sortedcontainers >/dev/null 2>&1
+python3 -m pip install -q --no-index --find-links .whl/extra pytest xxhash sortedcontainers psutil >/dev/null 2>&1
 tar -C .whl -xJf .whl/tok.tar.xz
 export PYTHONPATH=".:$PYTHONPATH" PYTHONUNBUFFERED=1
 drain=RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=0
@@ -123,6 +124,14 @@ case "$part" in
     # served cell's JSON row carries every request's engine TTFT in send order (engine_ttft_ms).
     run_1b "${T1B:-250}" c1_rounds --endpoints completions --concurrency 1 --min-requests 16 \
       --variant 'llm-main={"serve_main_loop": "llm"}' --variant-rounds 2 ;;
+  ingress8)
+    # NOTE: session 19: on the v1272 host kind every CPU hop of the path at c=64 took 2-3x
+    # session 17's. Is an ingress process the bound (its busiest process near one core), and
+    # do 8 ingress replicas instead of 4 lift c = 64/256? Each served run's CPU by role and the
+    # host's busy fraction are in the JSON (--cpu-roles, on by default).
+    { grep -m1 'model name' /proc/cpuinfo; nproc; uname -r; uptime; } | tee "$OUT/host_cpu.txt"
+    run_1b "${T1B:-330}" ingress8 --endpoints completions --concurrency 64 256 \
+      --variant 'ing8={"ingress_num_replicas": 8}' ;;
   tok)
     timeout 120 python3 benchmarks/tokenize_cost.py --tokenizer .whl/tokenizer \
       --tokens 256 1024 4096 --json "$OUT/tokenize_cost_h100host.json" ;;

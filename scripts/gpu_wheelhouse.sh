@@ -70,8 +70,8 @@ for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
 PYEOF
 tar -C "$DEST" -cJf "$DEST/tok.tar.xz" tokenizer
 # NOTE: what the GPU tests and benchmarks pip-install there from local wheels (gpu_next.sh).
-echo "== wheels for $DEST/extra (pytest, xxhash, sortedcontainers)"
+echo "== wheels for $DEST/extra (pytest, xxhash, sortedcontainers, psutil)"
 rm -rf "$DEST/extra"
-"$PY" -m pip download -q "${TARGET[@]}" -d "$DEST/extra" pytest xxhash sortedcontainers \
+"$PY" -m pip download -q "${TARGET[@]}" -d "$DEST/extra" pytest xxhash sortedcontainers psutil \
   2> >(grep -v '^WARNING: Location' >&2)
 echo "== done: carry $DEST to the GPU machine and source scripts/gpu_site.sh there"

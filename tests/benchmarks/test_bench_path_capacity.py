@@ -36,3 +36,32 @@ def test_the_committed_results_render() -> None:
     data = json.loads((RESULTS / "serve_path_capacity_cpu.json").read_text())
     table = render(data)
     assert table.count("| completions |") == 3 and "us/chunk" in table
+
+
+def test_cpu_report_per_request_busiest_process_and_the_rest() -> None:
+    before = procs.CpuSnapshot({1: 1.0, 2: 5.0, 3: 2.0},
+                               {1: "driver", 2: "ingress", 3: "ingress"})
+    after = procs.CpuSnapshot({1: 1.0, 2: 7.0, 3: 2.5, 4: 1.0},
+                              {1: "driver", 2: "ingress", 3: "ingress", 4: "client"})
+    # NOTE: the host was busy 6 s over the 4 s window, of which the tree accounts for 3.5
+    report = procs.cpu_report(before, after, (100.0, 1000.0), (106.0, 1032.0), wall_s=4.0,
+                              num_requests=10)
+    assert report["ms_per_req"] == {"ingress": 250.0, "client": 100.0, "rest": 250.0}
+    assert report["busiest"] == {"ingress": 0.5, "client": 0.25}
+    assert report["busy"] == round(6 / 32, 3) and report["cores"] >= 1
+
+
+def test_the_drivers_multiprocessing_children_are_clients() -> None:
+    import multiprocessing
+    import os
+
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    child = ctx.Process(target=ready.wait, args=(30,))
+    child.start()
+    try:
+        snap = procs.snapshot(os.getpid(), None, "app")
+        assert snap.roles[child.pid] == "client" and snap.roles[os.getpid()] == "driver"
+    finally:
+        ready.set()
+        child.join(10)

@@ -254,3 +254,45 @@ def test_the_served_side_warms_each_cell_like_the_engine_side(monkeypatch, warm_
         x[:3] for x in expected if x[3] == "served"]
     assert all(r.hops_ms == {"engine_ttft": 1.0} and r.engine_ttft_ms == [1.0]
                and r.num_early == 1 for r in results)
+
+
+def test_cpu_window_sees_a_client_process_burn_cpu() -> None:
+    """The window's snapshots bracket the clients' work: a spawned child spinning ~0.4 s shows
+    as the client role, per request, and as its busiest process's share of the window."""
+    import multiprocessing
+
+    from benchmarks.serve_overhead_served import CpuWindow
+
+    window = CpuWindow(time.time() + 0.2)
+    time.sleep(0.3)  # NOTE: past start_at: the first snapshot is taken
+    child = multiprocessing.get_context("spawn").Process(target=_spin, args=(0.4,))
+    child.start()
+    time.sleep(0.2)  # NOTE: a spawned child's interpreter start-up
+    usage = None
+    while child.is_alive():
+        usage = window.stop(num_requests=2)  # NOTE: before the child exits, as the pool does
+        time.sleep(0.05)
+    child.join()
+    assert usage is not None and usage["ms_per_req"]["client"] > 50.0
+    assert 0.0 < usage["busiest"]["client"] <= 1.05 and 0.0 < usage["busy"] <= 1.0
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_the_report_renders_cpu_by_role() -> None:
+    row = {"side": "served-proc", "endpoint": "completions", "stream": True, "concurrency": 64,
+           "num_requests": 10, "num_errors": 0, "output_tok_s": 10.0, "ttft_p50_ms": 1.0,
+           "ttft_p99_ms": 1.0, "tpot_p50_ms": 1.0, "tpot_p99_ms": 1.0, "latency_p50_ms": 1.0,
+           "wall_s": 1.0, "hops_ms": {"engine_ttft": 1.0},
+           "cpu": {"ms_per_req": {"ingress": 3.25, "rest": 1.0}, "busiest": {"ingress": 0.91},
+                   "busy": 0.4, "cores": 16}}
+    data = {"config": {"model": "m", "prompt_len": 1, "output_len": 1, "stream_interval": 1,
+                       "concurrency": [64]}, "device": "d", "machine": "x", "cpu_count": 16,
+            "total_s": 1.0, "results": [row]}
+    md = render_markdown(data)
+    assert "| ingress | 3.25 (0.91) |" in md and "| rest | 1.00 (-) |" in md
+    assert "| host busy (of its cores) | 0.40 of 16 |" in md and "| client |" not in md
