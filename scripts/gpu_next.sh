@@ -18,7 +18,8 @@
 #   scripts/gpu_next.sh warmab    # 1B completions c = 64/256, defaults: the served cells warmed or not,
 #                                 # two runs on one host, the host's CPU logged (~300 s)
 #   scripts/gpu_next.sh c1rounds  # 1B c=1 completions: defaults vs llm-main alternated twice (~240 s)
-#   scripts/gpu_next.sh ingress8  # 1B completions c = 64/256: 4 vs 8 ingress replicas, CPU by role (~300 s)
+#   scripts/gpu_next.sh ingress8  # 1B completions c = 64/256: 4 vs 8 ingress replicas, CPU by role (~330 s)
+#   scripts/gpu_next.sh nice0     # 1B completions c = 64/256: Ray's niceness 15 vs the app's replicas at 0 (~330 s)
 #   scripts/gpu_next.sh tok       # the prompt encode: wrapper, whole, in pieces (~20 s)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
 #   scripts/gpu_next.sh wave      # c=16/64: the arrival wave's hops with the loops' lag sampled (~250 s)
@@ -32,20 +33,23 @@
 # Results land in $OUT (JSON + markdown); copy them to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|early|loops1b|chat1b|c1_8b|warmab|c1rounds|ingress8|tok|tput|wave|selector), one after another}"
+: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|early|loops1b|chat1b|c1_8b|warmab|c1rounds|ingress8|nice0|tok|tput|wave|selector), one after another}"
 # shellcheck disable=SC1091
 . scripts/gpu_site.sh || exit 1
 python3 -m pip install -q --no-index --find-links .whl/extra pytest xxhash sortedcontainers psutil >/dev/null 2>&1
 tar -C .whl -xJf .whl/tok.tar.xz
 export PYTHONPATH=".:$PYTHONPATH" PYTHONUNBUFFERED=1
 drain=RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=0
+# NOTE: the result files are named by the GPU the machine has (a call may land on an H200)
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | awk '{print tolower($2)}')
+gpu=${gpu:-gpu}
 # The random 8B at c=1, process core, HAProxy, 4 ingress replicas; $1 names the JSON and log,
 # the rest are serve_overhead's arguments (endpoints, modes, requests, variants).
 run_8b_c1() {
   local tag=$1; shift
   timeout "${T8B:-560}" python3 benchmarks/serve_overhead.py --model random-8b --haproxy \
     --engine-process on --concurrency 1 --app-args '{"ingress_num_replicas": 4}' \
-    --serve-env "$drain" --json "$OUT/serve_overhead_h100_8b_c1_$tag.json" "$@" \
+    --serve-env "$drain" --json "$OUT/serve_overhead_${gpu}_8b_c1_$tag.json" "$@" \
     > "$OUT/serve_overhead_8b_c1_$tag.log" 2>&1
   grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_8b_c1_$tag.log"
 }
@@ -55,7 +59,7 @@ run_1b() {
   local limit=$1 tag=$2; shift 2
   timeout "$limit" python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
     --engine-process on --app-args '{"ingress_num_replicas": 4}' --serve-env "$drain" \
-    --json "$OUT/serve_overhead_h100_1b_$tag.json" "$@" > "$OUT/serve_overhead_1b_$tag.log" 2>&1
+    --json "$OUT/serve_overhead_${gpu}_1b_$tag.json" "$@" > "$OUT/serve_overhead_1b_$tag.log" 2>&1
   grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_1b_$tag.log"
 }
 for part in "$@"; do
@@ -63,7 +67,7 @@ case "$part" in
   serve)
     timeout 560 python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
       --app-args '{"ingress_num_replicas": 4}' --serve-env "$drain" \
-      --json "$OUT/serve_overhead_h100_1b_haproxy4_socket.json" ;;
+      --json "$OUT/serve_overhead_${gpu}_1b_haproxy4_socket.json" ;;
   c1)
     # NOTE: first the process core's CUDA test (session 12: the replica <-> core link is a
     # socket pair, replicas/engine_core_pipe.py); then c=1 TTFT, completions and chat, 4
@@ -73,7 +77,7 @@ case "$part" in
     timeout 560 python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
       --concurrency 1 --min-requests 16 --engine-process on --endpoints completions chat \
       --app-args '{"ingress_num_replicas": 4}' --serve-env "$drain" \
-      --json "$OUT/serve_overhead_h100_1b_c1.json" ;;
+      --json "$OUT/serve_overhead_${gpu}_1b_c1.json" ;;
   8b)
     # NOTE: the random 8B, completions, every concurrency (session 13: a run cut at 400 s
     # printed nothing usable; serve_overhead now writes its JSON after every run, and the log
@@ -82,7 +86,7 @@ case "$part" in
       --endpoints completions --engine-process on \
       --app-args "${APP:-{\"ingress_num_replicas\": 4\}}" \
       --concurrency ${C8B:-1 16 64 256} \
-      --serve-env "$drain" ${SENV:-} --json "$OUT/serve_overhead_h100_8b_haproxy4${TAG:-}.json" \
+      --serve-env "$drain" ${SENV:-} --json "$OUT/serve_overhead_${gpu}_8b_haproxy4${TAG:-}.json" \
       > "$OUT/serve_overhead_8b${TAG:-}.log" 2>&1
     grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_8b${TAG:-}.log" ;;
   early)
@@ -132,6 +136,15 @@ case "$part" in
     { grep -m1 'model name' /proc/cpuinfo; nproc; uname -r; uptime; } | tee "$OUT/host_cpu.txt"
     run_1b "${T1B:-330}" ingress8 --endpoints completions --concurrency 64 256 \
       --variant 'ing8={"ingress_num_replicas": 8}' ;;
+  nice0)
+    # NOTE: session 20 (H200, v1294 host): at c = 64/256 the host was 19-28% busy, no ingress
+    # process above 0.31 cores, 8 ingress replicas no better than 4; the busiest process was the
+    # replica's engine core (0.75-0.91 cores), which in the app runs at Ray's niceness 15
+    # (inherited), alone at 0. On a host where a wave's client processes, tokenizer threads
+    # and ingress loops contend, does the engine core at 0 give back the c >= 64 gap?
+    { grep -m1 'model name' /proc/cpuinfo; nproc; uname -r; uptime; } | tee "$OUT/host_cpu.txt"
+    run_1b "${T1B:-330}" nice0 --endpoints completions --concurrency 64 256 \
+      --variant 'nice0={"niceness": 0}' ;;
   tok)
     timeout 120 python3 benchmarks/tokenize_cost.py --tokenizer .whl/tokenizer \
       --tokens 256 1024 4096 --json "$OUT/tokenize_cost_h100host.json" ;;
@@ -142,7 +155,7 @@ case "$part" in
       timeout 270 python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
         --endpoints completions --engine-process on --app-args '{"ingress_num_replicas": 4}' \
         --serve-env "$drain" "RAY_SERVE_THROUGHPUT_OPTIMIZED=$opt" \
-        --json "$OUT/serve_overhead_h100_1b_haproxy4_tput$opt.json"
+        --json "$OUT/serve_overhead_${gpu}_1b_haproxy4_tput$opt.json"
       ray stop --force >/dev/null 2>&1
     done ;;
   wave)
@@ -152,7 +165,7 @@ case "$part" in
     timeout 560 python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
       --endpoints completions --concurrency 16 64 --engine-process on --loop-lag 2 \
       --app-args '{"ingress_num_replicas": 4}' --serve-env "$drain" \
-      --json "$OUT/serve_overhead_h100_1b_wave.json" ;;
+      --json "$OUT/serve_overhead_${gpu}_1b_wave.json" ;;
   selector)
     # NOTE: then what a bare grpc.aio handler pays for on this host (sizes, its work, work
     # after the answer: the ninth pass's premise), 45 us of work ~ a Select's answer there
