@@ -20,6 +20,7 @@
 #   scripts/gpu_next.sh c1rounds  # 1B c=1 completions: defaults vs llm-main alternated twice (~240 s)
 #   scripts/gpu_next.sh ingress8  # 1B completions c = 64/256: 4 vs 8 ingress replicas, CPU by role (~330 s)
 #   scripts/gpu_next.sh nice0     # 1B completions c = 64/256: Ray's niceness 15 vs the app's replicas at 0 (~330 s)
+#   scripts/gpu_next.sh nice0c1   # 1B c=1 completions: niceness 15 vs 0 alternated twice (~300 s)
 #   scripts/gpu_next.sh tok       # the prompt encode: wrapper, whole, in pieces (~20 s)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
 #   scripts/gpu_next.sh wave      # c=16/64: the arrival wave's hops with the loops' lag sampled (~250 s)
@@ -33,7 +34,7 @@
 # Results land in $OUT (JSON + markdown); copy them to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|early|loops1b|chat1b|c1_8b|warmab|c1rounds|ingress8|nice0|tok|tput|wave|selector), one after another}"
+: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|early|loops1b|chat1b|c1_8b|warmab|c1rounds|ingress8|nice0|nice0c1|tok|tput|wave|selector), one after another}"
 # shellcheck disable=SC1091
 . scripts/gpu_site.sh || exit 1
 python3 -m pip install -q --no-index --find-links .whl/extra pytest xxhash sortedcontainers psutil >/dev/null 2>&1
@@ -145,6 +146,12 @@ case "$part" in
     { grep -m1 'model name' /proc/cpuinfo; nproc; uname -r; uptime; } | tee "$OUT/host_cpu.txt"
     run_1b "${T1B:-330}" nice0 --endpoints completions --concurrency 64 256 \
       --variant 'nice0={"niceness": 0}' ;;
+  nice0c1)
+    # NOTE: session 20: at c=1 the replica's own engine TTFT scatters 10-24 ms request by
+    # request (the engine alone: 16.6 p50, 17.1 p99, same core). The app's engine core runs at
+    # nice 15; does it scatter at 0?
+    run_1b "${T1B:-300}" c1_nice0 --endpoints completions --concurrency 1 --min-requests 16 \
+      --variant 'nice0={"niceness": 0}' --variant-rounds 2 ;;
   tok)
     timeout 120 python3 benchmarks/tokenize_cost.py --tokenizer .whl/tokenizer \
       --tokens 256 1024 4096 --json "$OUT/tokenize_cost_h100host.json" ;;
