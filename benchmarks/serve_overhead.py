@@ -155,6 +155,8 @@ def run_engine(engine: Any, prompts: list[Prompt], c: int, endpoint: str,
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     tag = time.perf_counter_ns()
 
+    core_ttft: dict[float, float] = {}  # send -> the core's own TTFT, ms
+
     async def one(i: int) -> Sample:
         send = time.perf_counter()
         first = 0.0
@@ -163,10 +165,15 @@ def run_engine(engine: Any, prompts: list[Prompt], c: int, endpoint: str,
             if out.new_token_ids and not first:
                 first = time.perf_counter()
             n = out.num_output_tokens
+            if out.trace is not None and out.trace.engine_first_token:
+                core_ttft[send] = 1e3 * (out.trace.engine_first_token - out.trace.engine_add)
         return Sample(send, first, time.perf_counter(), n)
 
     samples, errors = asyncio.run(closed_loop(c, len(prompts), one))
-    return summarize(side, endpoint, True, c, samples, errors)
+    r = summarize(side, endpoint, True, c, samples, errors)
+    # NOTE: the same stamps as the served rows' (inside the engine core): like with like
+    r.engine_ttft_ms = [round(v, 3) for _, v in sorted(core_ttft.items())]
+    return r
 
 
 # -- main --------------------------------------------------------------------------------------------

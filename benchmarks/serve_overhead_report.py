@@ -99,7 +99,26 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines.append("| requests started early / requests | " + " | ".join(
             f"{r.get('num_early', 0)} / {r.get('num_requests', '-')}" for r in served) + " |")
         lines += _cpu_table(served, cols)
+    lines += _core_ttft_table(results)
     return "\n".join(lines) + "\n"
+
+
+def _core_ttft_table(results: list[dict[str, Any]]) -> list[str]:
+    """The engine core's own TTFT (request accepted to first token, both stamped inside the
+    core), alone and in the app: the one latency both sides measure the same way."""
+    rows = [r for r in results if r.get("engine_ttft_ms")]
+    if not rows:
+        return []
+    lines = ["", "## The engine core's own TTFT (accepted to first token, ms)", "",
+             "| side | endpoint | stream | c | requests | p50 | p90 | max |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        v = sorted(r["engine_ttft_ms"])
+        lines.append(
+            f"| {r['side']} | {r['endpoint']} | {'yes' if r['stream'] else 'no'} | "
+            f"{r['concurrency']} | {len(v)} | {_f(v[len(v) // 2], 2)} | "
+            f"{_f(v[min(len(v) - 1, round(0.9 * (len(v) - 1)))], 2)} | {_f(v[-1], 2)} |")
+    return lines
 
 
 def _cpu_table(served: list[dict[str, Any]], cols: list[str]) -> list[str]:

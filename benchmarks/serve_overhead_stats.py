@@ -37,7 +37,7 @@ class RunResult:
     latency_p50_ms: float
     wall_s: float
     hops_ms: dict[str, float] = field(default_factory=dict)
-    # NOTE: served: the replica's own engine TTFT of each request, in the clients' send order
+    # NOTE: the engine core's own TTFT of each request (both sides), in the clients' send order
     # (is a slow cell slow throughout, or in its first requests?)
     engine_ttft_ms: list[float] = field(default_factory=list)
     num_early: int = 0  # served: requests the replica started early (replicas/early_start.py)

@@ -296,3 +296,31 @@ def test_the_report_renders_cpu_by_role() -> None:
     md = render_markdown(data)
     assert "| ingress | 3.25 (0.91) |" in md and "| rest | 1.00 (-) |" in md
     assert "| host busy (of its cores) | 0.40 of 16 |" in md and "| client |" not in md
+
+
+def test_the_engine_side_keeps_the_cores_own_ttft_in_send_order() -> None:
+    """run_engine reads the core's stamps off each request's last output (as the served side
+    does through the replica), so the two sides' engine TTFTs compare like with like."""
+    import argparse
+
+    from types import SimpleNamespace as Out
+
+    from benchmarks.serve_overhead import run_engine
+    from benchmarks.serve_overhead_served import Prompt
+    from replicas.outputs import RequestTrace
+
+    class Engine:  # NOTE: outputs carry only the fields run_engine reads
+        async def generate(self, request_id, token_ids, params):
+            k = int(request_id.rsplit("-", 1)[1])
+            yield Out(new_token_ids=[1], num_output_tokens=1, trace=None)
+            trace = RequestTrace(engine_add=100.0, engine_first_token=100.0 + 0.001 * (k + 1))
+            yield Out(new_token_ids=[2], num_output_tokens=2, trace=trace)
+
+    args = argparse.Namespace(output_len=2)
+    r = run_engine(Engine(), [Prompt("p", [1])] * 3, 1, "completions", args)
+    assert r.engine_ttft_ms == [1.0, 2.0, 3.0] and r.num_requests == 3
+    row = {**{k: getattr(r, k) for k in r.__dataclass_fields__}, "side": "engine"}
+    data = {"config": {"model": "m", "prompt_len": 1, "output_len": 2, "stream_interval": 1,
+                       "concurrency": [1]}, "device": "d", "machine": "x", "cpu_count": 2,
+            "total_s": 1.0, "results": [row]}
+    assert "| engine | completions | yes | 1 | 3 | 2.00 | 3.00 | 3.00 |" in render_markdown(data)
