@@ -21,6 +21,7 @@
 #   scripts/gpu_next.sh ingress8  # 1B completions c = 64/256: 4 vs 8 ingress replicas, CPU by role (~330 s)
 #   scripts/gpu_next.sh nice0     # 1B completions c = 64/256: Ray's niceness 15 vs the app's replicas at 0 (~330 s)
 #   scripts/gpu_next.sh nice0c1   # 1B c=1 completions: niceness 15 vs 0 alternated twice (~300 s)
+#   scripts/gpu_next.sh core1     # 1B c=1 completions streamed: the core's own TTFT alone vs in the app (~100 s)
 #   scripts/gpu_next.sh tok       # the prompt encode: wrapper, whole, in pieces (~20 s)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
 #   scripts/gpu_next.sh wave      # c=16/64: the arrival wave's hops with the loops' lag sampled (~250 s)
@@ -34,7 +35,7 @@
 # Results land in $OUT (JSON + markdown); copy them to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|early|loops1b|chat1b|c1_8b|warmab|c1rounds|ingress8|nice0|nice0c1|tok|tput|wave|selector), one after another}"
+: "${1:?usage: scripts/gpu_next.sh PART... (serve|c1|8b|early|loops1b|chat1b|c1_8b|warmab|c1rounds|ingress8|nice0|nice0c1|core1|tok|tput|wave|selector), one after another}"
 # shellcheck disable=SC1091
 . scripts/gpu_site.sh || exit 1
 python3 -m pip install -q --no-index --find-links .whl/extra pytest xxhash sortedcontainers psutil >/dev/null 2>&1
@@ -152,6 +153,11 @@ case "$part" in
     # nice 15; does it scatter at 0?
     run_1b "${T1B:-300}" c1_nice0 --endpoints completions --concurrency 1 --min-requests 16 \
       --variant 'nice0={"niceness": 0}' --variant-rounds 2 ;;
+  core1)
+    # NOTE: the shortest look at the engine core's own TTFT alone vs in the app (the markdown's
+    # last table; session 20): 1B, c=1, completions streamed, defaults (~100 s)
+    run_1b "${T1B:-110}" core1 --endpoints completions --modes stream --concurrency 1 \
+      --min-requests 16 ;;
   tok)
     timeout 120 python3 benchmarks/tokenize_cost.py --tokenizer .whl/tokenizer \
       --tokens 256 1024 4096 --json "$OUT/tokenize_cost_h100host.json" ;;
