@@ -131,7 +131,7 @@ def cpu_report(before: CpuSnapshot, after: CpuSnapshot, host_before: tuple[float
                host_after: tuple[float, float], wall_s: float, num_requests: int,
                ) -> dict[str, Any]:
     """Where a run's CPU went: ``ms_per_req`` by role (plus ``rest``: the host's busy time
-    outside the tree, e.g. the client processes), ``busiest`` by role (the role's busiest
+    outside the snapshots' processes), ``busiest`` by role (the role's busiest
     process in cores: ~1.0 is a process bound to one core, its GIL), and the host's ``busy``
     fraction of ``cores`` over the run.
 

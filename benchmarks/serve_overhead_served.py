@@ -105,9 +105,9 @@ class CpuWindow:
         import threading
 
         self._begun = threading.Event()
-        self._timer = threading.Timer(max(start_at - time.time(), 0.0), self._begin)
-        self._timer.daemon = True
-        self._timer.start()
+        timer = threading.Timer(max(start_at - time.time(), 0.0), self._begin)
+        timer.daemon = True
+        timer.start()
 
     def _begin(self) -> None:
         from benchmarks import path_capacity_procs as procs

@@ -149,7 +149,7 @@ case "$part" in
       --variant 'nice0={"niceness": 0}' ;;
   nice0c1)
     # NOTE: session 20: at c=1 the replica's own engine TTFT scatters 10-24 ms request by
-    # request (the engine alone: 16.6 p50, 17.1 p99, same core). The app's engine core runs at
+    # request (the engine alone, same core: 16.6 p50, 17.1 p99 at its client). The app's core runs at
     # nice 15; does it scatter at 0?
     run_1b "${T1B:-300}" c1_nice0 --endpoints completions --concurrency 1 --min-requests 16 \
       --variant 'nice0={"niceness": 0}' --variant-rounds 2 ;;

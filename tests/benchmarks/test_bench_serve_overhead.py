@@ -302,7 +302,6 @@ def test_the_engine_side_keeps_the_cores_own_ttft_in_send_order() -> None:
     """run_engine reads the core's stamps off each request's last output (as the served side
     does through the replica), so the two sides' engine TTFTs compare like with like."""
     import argparse
-
     from types import SimpleNamespace as Out
 
     from benchmarks.serve_overhead import run_engine
