@@ -212,36 +212,43 @@ def start_serve(args: argparse.Namespace) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def deploy(args: argparse.Namespace, engine: dict[str, Any],
-           variant: dict[str, Any] | None = None) -> str:
-    """(Re)deploy the app with ``engine`` (an EngineConfig dict) and ``--app-args``, then
-    ``variant``'s args over them; returns the served model name. A previous deployment of the
-    app is deleted first."""
-    from ray import serve
-
-    from cluster.serve.app import build_app
-
-    if APP in serve.status().applications:
-        serve.delete(APP)
-    cuda = engine["device"] == "cuda"
-    app_args = {
+def app_args_for(args: argparse.Namespace, engine: dict[str, Any],
+                 variant: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The app's args: the benchmark's, ``--app-args`` over them, then ``variant``'s; an
+    ``engine`` key in either merges into ``engine`` (an EngineConfig dict) key by key."""
+    overrides = [json.loads(args.app_args), variant or {}]
+    for extra in overrides:
+        engine = {**engine, **extra.get("engine", {})}
+    return {
         "engine": engine,
         "num_replicas": 1,
         "num_cpus_per_replica": 1.0,
-        "num_gpus_per_replica": 1.0 if cuda else 0.0,
+        "num_gpus_per_replica": 1.0 if engine["device"] == "cuda" else 0.0,
         "max_ongoing_requests": max(max(args.concurrency), 1),
         "router": "tinyserve",
         "selector": {"port": 0},
         "served_model_name": "overhead",
         "default_max_tokens": args.output_len,
         "auth": {"enabled": False},  # NOTE: the proxy binds loopback (start_serve)
-        **json.loads(args.app_args),
-        **(variant or {}),
+        **{k: v for extra in overrides for k, v in extra.items() if k != "engine"},
     }
+
+
+def deploy(args: argparse.Namespace, engine: dict[str, Any],
+           variant: dict[str, Any] | None = None) -> str:
+    """(Re)deploy the app with ``app_args_for(args, engine, variant)``; returns the served
+    model name. A previous deployment of the app is deleted first."""
+    from ray import serve
+
+    from cluster.serve.app import build_app
+
+    if APP in serve.status().applications:
+        serve.delete(APP)
+    app_args = app_args_for(args, engine, variant)
     t0 = time.perf_counter()
     serve.run(build_app(app_args), name=APP, route_prefix="/")
     print(f"app up in {time.perf_counter() - t0:.0f} s "
-          f"(engine_process={engine.get('engine_process', False)})", flush=True)
+          f"(engine_process={app_args['engine'].get('engine_process', False)})", flush=True)
     return "overhead"
 
 

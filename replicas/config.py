@@ -181,6 +181,18 @@ class EngineConfig(BaseModel):
         "CUDA (served 1B at 64 concurrent: +28-31% tok/s on an H100), off on CPU "
         "(benchmarks/results/serve_overhead_notes.md).",
     )
+    core_niceness: int | None = Field(
+        default=None,
+        ge=-20,
+        le=19,
+        description="The engine core's process (engine_process) moves to this niceness before "
+        "it builds the engine; unset = the replica's (under Ray: its worker niceness, 15, or "
+        "the app's `niceness`). The core is the app's busiest process (0.75-0.91 of a core at "
+        "c = 64-256, random 1B on an H200; serve_overhead_notes.md, session 20), and at 15 "
+        "it gets 36/1024 of a nice-0 task's share wherever they contend. Lowering needs root "
+        "or CAP_SYS_NICE (else a warning, and the core keeps the replica's). No effect on "
+        "the thread core.",
+    )
     stream_interval: int = Field(
         default=1,
         ge=1,

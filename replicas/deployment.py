@@ -81,6 +81,16 @@ class GenerateRequest:
     reply_to: str = ""
 
 
+def _niceness_of(pid: int | None) -> int | None:
+    """A process's niceness (its main thread's), None without one or once it is gone."""
+    if pid is None:
+        return None
+    try:
+        return os.getpriority(os.PRIO_PROCESS, pid)
+    except OSError:
+        return None
+
+
 def remaining_work_tokens(num_prompt: int, max_tokens: int, out: RequestOutput | None) -> int:
     """Tokens a request still has to compute: the whole prompt plus max_tokens until its first
     output; after it the prompt is done (cached or computed) and only the outputs still owed
@@ -314,6 +324,7 @@ class LLMReplica(ReplicaReporting):
             selector_connected=bool(self._sink and self._sink.connected()),
             serve_loops=serve_loop_flags(),
             niceness=os.getpriority(os.PRIO_PROCESS, 0),
+            core_niceness=_niceness_of(self.engine.core_pid),
             early_starts=self._early.counts.to_dict() if self._early is not None else None,
         )
         return d

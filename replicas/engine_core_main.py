@@ -46,6 +46,7 @@ from replicas.engine_core_wire import (
     to_wire_error,
 )
 from replicas.llm_engine import LLMEngine
+from replicas.niceness import apply_niceness
 from replicas.outputs import RequestOutput
 from replicas.rate_meter import calibrate
 
@@ -89,7 +90,11 @@ def run_engine_core(
     linger_s = LINGER_S
     try:
         try:
-            engine = LLMEngine(EngineConfig.model_validate_json(config_json))
+            config = EngineConfig.model_validate_json(config_json)
+            if config.core_niceness is not None:
+                # NOTE: before the engine's threads exist: each new thread inherits it
+                apply_niceness(config.core_niceness)
+            engine = LLMEngine(config)
         except Exception as exc:
             logger.exception("engine core failed to start")
             out.send(Ready(None, error_kind(exc), str(exc)))

@@ -19,8 +19,9 @@
 #                                 # two runs on one host, the host's CPU logged (~300 s)
 #   scripts/gpu_next.sh c1rounds  # 1B c=1 completions: defaults vs llm-main alternated twice (~240 s)
 #   scripts/gpu_next.sh ingress8  # 1B completions c = 64/256: 4 vs 8 ingress replicas, CPU by role (~330 s)
-#   scripts/gpu_next.sh nice0     # 1B completions c = 64/256: Ray's niceness 15 vs the app's replicas at 0 (~330 s)
-#   scripts/gpu_next.sh nice0c1   # 1B c=1 completions: niceness 15 vs 0 alternated twice (~300 s)
+#   scripts/gpu_next.sh nice0     # 1B completions c = 64/256: Ray's niceness 15 vs the app's replicas
+#                                 # at 0 vs the engine core alone at 0 (~450 s)
+#   scripts/gpu_next.sh nice0c1   # 1B c=1 completions: the same three, alternated twice (~400 s)
 #   scripts/gpu_next.sh core1     # 1B c=1 completions streamed: the core's own TTFT alone vs in the app (~100 s)
 #   scripts/gpu_next.sh tok       # the prompt encode: wrapper, whole, in pieces (~20 s)
 #   scripts/gpu_next.sh tput      # RAY_SERVE_THROUGHPUT_OPTIMIZED on vs off, completions (~300 s)
@@ -145,14 +146,17 @@ case "$part" in
     # (inherited), alone at 0. On a host where a wave's client processes, tokenizer threads
     # and ingress loops contend, does the engine core at 0 give back the c >= 64 gap?
     { grep -m1 'model name' /proc/cpuinfo; nproc; uname -r; uptime; } | tee "$OUT/host_cpu.txt"
-    run_1b "${T1B:-330}" nice0 --endpoints completions --concurrency 64 256 \
-      --variant 'nice0={"niceness": 0}' ;;
+    # core0: the engine core's process alone at 0 (EngineConfig.core_niceness), HAProxy and
+    # the replicas left at 15 (the replicas at 0 crowd HAProxy out on the CPU box).
+    run_1b "${T1B:-450}" nice0 --endpoints completions --concurrency 64 256 \
+      --variant 'nice0={"niceness": 0}' 'core0={"engine": {"core_niceness": 0}}' ;;
   nice0c1)
     # NOTE: session 20: at c=1 the replica's own engine TTFT scatters 10-24 ms request by
     # request (the engine alone, same core: 16.6 p50, 17.1 p99 at its client). The app's core runs at
     # nice 15; does it scatter at 0?
-    run_1b "${T1B:-300}" c1_nice0 --endpoints completions --concurrency 1 --min-requests 16 \
-      --variant 'nice0={"niceness": 0}' --variant-rounds 2 ;;
+    run_1b "${T1B:-400}" c1_nice0 --endpoints completions --concurrency 1 --min-requests 16 \
+      --variant 'nice0={"niceness": 0}' 'core0={"engine": {"core_niceness": 0}}' \
+      --variant-rounds 2 ;;
   core1)
     # NOTE: the shortest look at the engine core's own TTFT alone vs in the app (the markdown's
     # last table; session 20): 1B, c=1, completions streamed, defaults (~100 s)

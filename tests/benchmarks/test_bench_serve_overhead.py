@@ -323,3 +323,21 @@ def test_the_engine_side_keeps_the_cores_own_ttft_in_send_order() -> None:
                        "concurrency": [1]}, "device": "d", "machine": "x", "cpu_count": 2,
             "total_s": 1.0, "results": [row]}
     assert "| engine | completions | yes | 1 | 3 | 2.00 | 3.00 | 3.00 |" in render_markdown(data)
+
+
+def test_app_args_merge_an_engine_key_into_the_engine() -> None:
+    """--app-args and a variant may set engine fields (e.g. ``core_niceness``) without
+    replacing the benchmark's engine dict; their other keys override the app's."""
+    import argparse
+
+    from benchmarks.serve_overhead_served import app_args_for
+
+    args = argparse.Namespace(app_args='{"ingress_num_replicas": 4, "engine": {"a": 1}}',
+                              concurrency=[1, 64], output_len=8)
+    engine = {"device": "cuda", "model": "m", "a": 0}
+    got = app_args_for(args, engine, {"engine": {"core_niceness": 0}, "niceness": 0})
+    assert got["engine"] == {"device": "cuda", "model": "m", "a": 1, "core_niceness": 0}
+    assert got["ingress_num_replicas"] == 4 and got["niceness"] == 0
+    assert got["num_gpus_per_replica"] == 1.0 and got["max_ongoing_requests"] == 64
+    assert engine == {"device": "cuda", "model": "m", "a": 0}  # NOTE: the caller's, untouched
+    assert app_args_for(args, engine)["engine"]["a"] == 1

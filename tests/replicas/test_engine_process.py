@@ -387,3 +387,22 @@ def test_cuda_core_in_a_process_streams_the_thread_cores_tokens(ckpt: Path) -> N
     finally:
         _run(proc.shutdown())
         _run(thread.shutdown())
+
+
+def test_core_niceness_moves_the_core_and_its_threads_not_the_parent(ckpt: Path) -> None:
+    """``core_niceness``: the child moves to it before it builds the engine, so every thread it
+    starts (torch's included) has it; the replica's process keeps its own."""
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    target = min(mine + 3, 19)  # NOTE: raising needs no privilege
+    assert target != mine, "the test process already runs at niceness >= 17"
+    engine = AsyncLLMEngine(_config(ckpt, engine_process=True, core_niceness=target))
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    try:
+        _run(_collect(engine, "nice", random_prompts(1, [5], seed=3)[0], params))
+        core = psutil.Process(engine.core_pid)
+        threads = [t.id for t in core.threads()]
+        assert len(threads) > 1  # NOTE: the engine's own threads exist by now
+        assert {os.getpriority(os.PRIO_PROCESS, tid) for tid in threads} == {target}
+        assert os.getpriority(os.PRIO_PROCESS, 0) == mine
+    finally:
+        asyncio.run(engine.shutdown())
