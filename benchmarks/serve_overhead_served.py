@@ -9,11 +9,13 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from benchmarks import path_capacity_procs
 from benchmarks.serve_overhead_stats import RunResult, Sample, hop_rows, medians, summarize
 
 APP = "overhead"
@@ -102,29 +104,23 @@ class CpuWindow:
     ``benchmarks.path_capacity_procs.cpu_report``."""
 
     def __init__(self, start_at: float) -> None:
-        import threading
-
         self._begun = threading.Event()
         timer = threading.Timer(max(start_at - time.time(), 0.0), self._begin)
         timer.daemon = True
         timer.start()
 
     def _begin(self) -> None:
-        from benchmarks import path_capacity_procs as procs
-
         self._t0 = time.perf_counter()
-        self._host0 = procs.host_busy_seconds()
-        self._before = procs.snapshot(os.getpid(), None, APP)
+        self._host0 = path_capacity_procs.host_busy_seconds()
+        self._before = path_capacity_procs.snapshot(os.getpid(), None, APP)
         self._begun.set()
 
     def stop(self, num_requests: int) -> dict[str, Any]:
-        from benchmarks import path_capacity_procs as procs
-
         self._begun.wait()
-        after = procs.snapshot(os.getpid(), None, APP)
-        host = procs.host_busy_seconds()
-        return procs.cpu_report(self._before, after, self._host0, host,
-                                time.perf_counter() - self._t0, num_requests)
+        after = path_capacity_procs.snapshot(os.getpid(), None, APP)
+        host = path_capacity_procs.host_busy_seconds()
+        return path_capacity_procs.cpu_report(self._before, after, self._host0, host,
+                                              time.perf_counter() - self._t0, num_requests)
 
 
 def client_run(urls: list[str], model_name: str, prompts: list[Prompt], c: int, endpoint: str,

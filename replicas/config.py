@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from replicas.niceness import Niceness
+
 # NOTE: defaults by device when unset. On a GPU a 512-token budget and 64 sequences halve a
 # replica's throughput (benchmarks/results/serve_overhead_notes.md); vLLM 0.33's API server
 # uses 8,192 tokens on >= 70 GiB GPUs and 2,048 below (vllm/engine/arg_utils.py). 256
@@ -181,10 +183,8 @@ class EngineConfig(BaseModel):
         "CUDA (served 1B at 64 concurrent: +28-31% tok/s on an H100), off on CPU "
         "(benchmarks/results/serve_overhead_notes.md).",
     )
-    core_niceness: int | None = Field(
+    core_niceness: Niceness | None = Field(
         default=None,
-        ge=-20,
-        le=19,
         description="The engine core's process (engine_process) moves to this niceness before "
         "it builds the engine; unset = the replica's (under Ray: its worker niceness, 15, or "
         "the app's `niceness`). The core is the app's busiest process (0.75-0.91 of a core at "

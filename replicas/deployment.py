@@ -43,7 +43,7 @@ from replicas.deployment_report import (
 from replicas.early_start import EarlyStarts
 from replicas.engine import AsyncLLMEngine
 from replicas.loop_lag import LAG_WINDOW_S, LoopLag
-from replicas.niceness import apply_niceness
+from replicas.niceness import apply_niceness, niceness_of
 from replicas.output_pacing import OutputPacer, StreamBudget
 from replicas.output_post import OutputPost, ReplyTo
 from replicas.outputs import RequestOutput, RequestTrace
@@ -79,16 +79,6 @@ class GenerateRequest:
     n: int = 1
     stream: bool = True
     reply_to: str = ""
-
-
-def _niceness_of(pid: int | None) -> int | None:
-    """A process's niceness (its main thread's), None without one or once it is gone."""
-    if pid is None:
-        return None
-    try:
-        return os.getpriority(os.PRIO_PROCESS, pid)
-    except OSError:
-        return None
 
 
 def remaining_work_tokens(num_prompt: int, max_tokens: int, out: RequestOutput | None) -> int:
@@ -324,7 +314,7 @@ class LLMReplica(ReplicaReporting):
             selector_connected=bool(self._sink and self._sink.connected()),
             serve_loops=serve_loop_flags(),
             niceness=os.getpriority(os.PRIO_PROCESS, 0),
-            core_niceness=_niceness_of(self.engine.core_pid),
+            core_niceness=niceness_of(self.engine.core_pid),
             early_starts=self._early.counts.to_dict() if self._early is not None else None,
         )
         return d

@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Annotated
+
+from pydantic import Field
 
 from replicas.env_value import env_value
 
@@ -28,6 +31,8 @@ logger = logging.getLogger("ray.serve")  # NOTE: Serve keeps it in the replica's
 
 ENV = "TINYSERVE_NICENESS"
 TASKS = "/proc/self/task"
+MIN, MAX = -20, 19
+Niceness = Annotated[int, Field(ge=MIN, le=MAX)]  # NOTE: what the app's settings accept
 
 
 def target_from_env() -> int | None:
@@ -35,9 +40,19 @@ def target_from_env() -> int | None:
     value = env_value(ENV, int, "an integer niceness")
     if value is None:
         return None
-    if not -20 <= value <= 19:
-        raise ValueError(f"{ENV} must be in [-20, 19], got {value}")
+    if not MIN <= value <= MAX:
+        raise ValueError(f"{ENV} must be in [{MIN}, {MAX}], got {value}")
     return value
+
+
+def niceness_of(pid: int | None) -> int | None:
+    """A process's niceness (its main thread's), None without one or once it is gone."""
+    if pid is None:
+        return None
+    try:
+        return os.getpriority(os.PRIO_PROCESS, pid)
+    except OSError:
+        return None
 
 
 def _thread_ids() -> list[int]:
@@ -73,5 +88,5 @@ def apply_niceness(target: int | None = None) -> str:
                "every worker of the node)")
         logger.warning("process niceness %s", msg)
         return msg
-    logger.info("process niceness %d -> %d (%s)", before, target, ENV)
+    logger.info("process niceness %d -> %d", before, target)
     return f"{before} -> {target}"

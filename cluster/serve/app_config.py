@@ -27,6 +27,7 @@ from cluster.selector.objective_settings import objective_from_mapping
 from cluster.serve.openai_auth import AuthSettings
 from cluster.serve.openai_limits import LimitSettings
 from replicas.config import EngineConfig
+from replicas.niceness import Niceness
 
 RouterName = Literal["tinyserve", "prefix_cache_affinity", "pow2"]
 
@@ -213,10 +214,8 @@ class AppConfig(BaseModel):
         "since the early start took most of the c=1 gain's hop. 'ingress' / 'llm': that "
         "deployment alone.",
     )
-    niceness: int | None = Field(
+    niceness: Niceness | None = Field(
         default=None,
-        ge=-20,
-        le=19,
         description="CPU niceness of every replica process of the app (ingress, LLM replicas "
         "and their engine core's process, selection service; all threads). Ray starts workers "
         "at 15 (RAY_worker_niceness), so other Ray work on a node competes with the serving "

@@ -96,15 +96,15 @@ def test_unset_leaves_the_process_alone_and_bad_values_fail(monkeypatch) -> None
 
 
 def test_the_replica_reads_its_cores_niceness_while_the_core_lives() -> None:
-    from replicas.deployment import _niceness_of
+    from replicas.niceness import niceness_of
 
     child = subprocess.Popen([sys.executable, "-c", "import os, time; os.nice(2); time.sleep(30)"])
     try:
         deadline = time.monotonic() + 10.0
-        while _niceness_of(child.pid) != os.getpriority(os.PRIO_PROCESS, 0) + 2:
+        while niceness_of(child.pid) != os.getpriority(os.PRIO_PROCESS, 0) + 2:
             assert time.monotonic() < deadline, "the child never reached its niceness"
             time.sleep(0.02)
     finally:
         child.kill()
         child.wait()
-    assert _niceness_of(child.pid) is None and _niceness_of(None) is None
+    assert niceness_of(child.pid) is None and niceness_of(None) is None
