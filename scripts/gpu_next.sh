@@ -145,6 +145,7 @@ case "$part" in
     # replica's engine core (0.75-0.91 cores), which in the app runs at Ray's niceness 15
     # (inherited), alone at 0. On a host where a wave's client processes, tokenizer threads
     # and ingress loops contend, does the engine core at 0 give back the c >= 64 gap?
+    # Session 21 (v1272 H100, 15-20% busy): no setting moved beyond the spread (0.95-1.01).
     { grep -m1 'model name' /proc/cpuinfo; nproc; uname -r; uptime; } | tee "$OUT/host_cpu.txt"
     # core0: the engine core's process alone at 0 (EngineConfig.core_niceness), HAProxy and
     # the replicas left at 15 (the replicas at 0 crowd HAProxy out on the CPU box).
