@@ -46,24 +46,21 @@ drain=RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=0
 # NOTE: the result files are named by the GPU the machine has (a call may land on an H200)
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | awk '{print tolower($2)}')
 gpu=${gpu:-gpu}
-# The random 8B at c=1, process core, HAProxy, 4 ingress replicas; $1 names the JSON and log,
-# the rest are serve_overhead's arguments (endpoints, modes, requests, variants).
-run_8b_c1() {
-  local tag=$1; shift
-  timeout "${T8B:-560}" python3 benchmarks/serve_overhead.py --model random-8b --haproxy \
-    --engine-process on --concurrency 1 --app-args '{"ingress_num_replicas": 4}' \
-    --serve-env "$drain" --json "$OUT/serve_overhead_${gpu}_8b_c1_$tag.json" "$@" \
-    > "$OUT/serve_overhead_8b_c1_$tag.log" 2>&1
-  grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_8b_c1_$tag.log"
-}
-# The random 1B, completions unless the args say, process core, HAProxy, 4 ingress replicas;
-# $1 the timeout, $2 names the JSON and log, the rest are serve_overhead's arguments.
-run_1b() {
-  local limit=$1 tag=$2; shift 2
-  timeout "$limit" python3 benchmarks/serve_overhead.py --model random-1b --haproxy \
+# The random 1B or 8B ($1: 1b or 8b), completions and chat unless the args say, process core,
+# HAProxy, 4 ingress replicas; $2 the timeout, $3 names the JSON and log, the rest are
+# serve_overhead's arguments (endpoints, concurrency, modes, requests, variants).
+run_model() {
+  local size=$1 limit=$2 tag=$3; shift 3
+  timeout "$limit" python3 benchmarks/serve_overhead.py --model "random-$size" --haproxy \
     --engine-process on --app-args '{"ingress_num_replicas": 4}' --serve-env "$drain" \
-    --json "$OUT/serve_overhead_${gpu}_1b_$tag.json" "$@" > "$OUT/serve_overhead_1b_$tag.log" 2>&1
-  grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_1b_$tag.log"
+    --json "$OUT/serve_overhead_${gpu}_${size}_$tag.json" "$@" \
+    > "$OUT/serve_overhead_${size}_$tag.log" 2>&1
+  grep -E "tok/s|^total|^wrote" "$OUT/serve_overhead_${size}_$tag.log"
+}
+# The host's CPU, kernel and load before a run (the path's margin follows the host's per-core
+# speed: serve_overhead_notes.md, session 21).
+host_cpu() {
+  { grep -m1 'model name' /proc/cpuinfo; nproc; uname -r; uptime; } | tee "$OUT/host_cpu.txt"
 }
 for part in "$@"; do
 case "$part" in
@@ -95,33 +92,34 @@ case "$part" in
   early)
     # NOTE: session 17: the early start (replicas/early_start.py) against Serve's call alone,
     # random 8B, c=1, streamed completions; the two passes alternate twice after one engine run
-    run_8b_c1 early --endpoints completions --modes stream --min-requests 20 \
-      --variant 'no-early={"early_start": false}' --variant-rounds 2 ;;
+    run_model 8b "${T8B:-560}" c1_early --concurrency 1 --endpoints completions --modes stream \
+      --min-requests 20 --variant 'no-early={"early_start": false}' --variant-rounds 2 ;;
   loops1b)
     # NOTE: session 18: the LLM replicas alone on their main loops ("llm"), against this build's
     # defaults (Serve's layout), the 1B completions grid: what c1_8b's llm-main costs or gives
     # at c >= 16 (session 17's main-loop loss there was put on the ingress's loop, not measured
     # per deployment; its run of this part, split-always and threads: 877d100)
-    run_1b 580 llm_main --endpoints completions --variant 'llm-main={"serve_main_loop": "llm"}' ;;
+    run_model 1b 580 llm_main --endpoints completions \
+      --variant 'llm-main={"serve_main_loop": "llm"}' ;;
   chat1b)
     # NOTE: session 17-18: the chat endpoint at this build's defaults (Serve's loops, early start,
     # split only while idle), random 1B; T1B bounds it (the JSON is written after every run)
-    run_1b "${T1B:-400}" chat_s18 --endpoints chat ;;
+    run_model 1b "${T1B:-400}" chat_s18 --endpoints chat ;;
   c1_8b)
     # NOTE: session 18: the 8B at c=1 on this build's defaults (Serve's loop layout, the early
     # start) read +11.5 / +13.2 ms over the engine's TTFT (completions), with the replica's engine
     # TTFT 2-4 ms above the engine's own; session 17's main loops read +4.8 / +5.9 on another
     # host. Both endpoints, then the LLM replicas alone on their main loops, on one host.
-    run_8b_c1 s19 --endpoints completions chat --min-requests 12 \
-      --variant 'llm-main={"serve_main_loop": "llm"}' ;;
+    run_model 8b "${T8B:-560}" c1_s19 --concurrency 1 --endpoints completions chat \
+      --min-requests 12 --variant 'llm-main={"serve_main_loop": "llm"}' ;;
   warmab)
     # NOTE: session 19: the 1B grid at defaults read 0.72-0.84 at c = 64/256 (its served cells
     # warmed, new in session 18) against 0.91-1.04 in session 17 (not warmed, another host);
     # the thread engine lost 20-30% in the same run, so the host is the first suspect. Same host,
     # warm pass off then on, and the CPU it has.
-    { grep -m1 'model name' /proc/cpuinfo; nproc; uptime; } | tee "$OUT/host_cpu.txt"
+    host_cpu
     for w in off on; do
-      run_1b 175 "warm_$w" --endpoints completions --concurrency 64 256 --warm-pass $w
+      run_model 1b 175 "warm_$w" --endpoints completions --concurrency 64 256 --warm-pass $w
       ray stop --force >/dev/null 2>&1
     done ;;
   c1rounds)
@@ -129,15 +127,15 @@ case "$part" in
     # 2-6 ms above its other cells in the first streamed cell of one pass, the defaults' on the
     # 8B and llm-main's on the 1B: layout or noise? Alternated passes on one host say; each
     # served cell's JSON row carries every request's engine TTFT in send order (engine_ttft_ms).
-    run_1b "${T1B:-250}" c1_rounds --endpoints completions --concurrency 1 --min-requests 16 \
+    run_model 1b "${T1B:-250}" c1_rounds --endpoints completions --concurrency 1 --min-requests 16 \
       --variant 'llm-main={"serve_main_loop": "llm"}' --variant-rounds 2 ;;
   ingress8)
     # NOTE: session 19: on the v1272 host kind every CPU hop of the path at c=64 took 2-3x
     # session 17's. Is an ingress process the bound (its busiest process near one core), and
     # do 8 ingress replicas instead of 4 lift c = 64/256? Each served run's CPU by role and the
     # host's busy fraction are in the JSON (--cpu-roles, on by default).
-    { grep -m1 'model name' /proc/cpuinfo; nproc; uname -r; uptime; } | tee "$OUT/host_cpu.txt"
-    run_1b "${T1B:-330}" ingress8 --endpoints completions --concurrency 64 256 \
+    host_cpu
+    run_model 1b "${T1B:-330}" ingress8 --endpoints completions --concurrency 64 256 \
       --variant 'ing8={"ingress_num_replicas": 8}' ;;
   nice0)
     # NOTE: session 20 (H200, v1294 host): at c = 64/256 the host was 19-28% busy, no ingress
@@ -146,22 +144,22 @@ case "$part" in
     # (inherited), alone at 0. On a host where a wave's client processes, tokenizer threads
     # and ingress loops contend, does the engine core at 0 give back the c >= 64 gap?
     # Session 21 (v1272 H100, 15-20% busy): no setting moved beyond the spread (0.95-1.01).
-    { grep -m1 'model name' /proc/cpuinfo; nproc; uname -r; uptime; } | tee "$OUT/host_cpu.txt"
+    host_cpu
     # core0: the engine core's process alone at 0 (EngineConfig.core_niceness), HAProxy and
     # the replicas left at 15 (the replicas at 0 crowd HAProxy out on the CPU box).
-    run_1b "${T1B:-450}" nice0 --endpoints completions --concurrency 64 256 \
+    run_model 1b "${T1B:-450}" nice0 --endpoints completions --concurrency 64 256 \
       --variant 'nice0={"niceness": 0}' 'core0={"engine": {"core_niceness": 0}}' ;;
   nice0c1)
     # NOTE: session 20: at c=1 the replica's own engine TTFT scatters 10-24 ms request by
     # request (the engine alone, same core: 16.6 p50, 17.1 p99 at its client). The app's core runs at
     # nice 15; does it scatter at 0?
-    run_1b "${T1B:-400}" c1_nice0 --endpoints completions --concurrency 1 --min-requests 16 \
+    run_model 1b "${T1B:-400}" c1_nice0 --endpoints completions --concurrency 1 --min-requests 16 \
       --variant 'nice0={"niceness": 0}' 'core0={"engine": {"core_niceness": 0}}' \
       --variant-rounds 2 ;;
   core1)
     # NOTE: the shortest look at the engine core's own TTFT alone vs in the app (the markdown's
     # last table; session 20): 1B, c=1, completions streamed, defaults (~100 s)
-    run_1b "${T1B:-110}" core1 --endpoints completions --modes stream --concurrency 1 \
+    run_model 1b "${T1B:-110}" core1 --endpoints completions --modes stream --concurrency 1 \
       --min-requests 16 ;;
   tok)
     timeout 120 python3 benchmarks/tokenize_cost.py --tokenizer .whl/tokenizer \
