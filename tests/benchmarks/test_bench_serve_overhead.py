@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -265,22 +266,28 @@ def test_cpu_window_sees_a_client_process_burn_cpu() -> None:
 
     window = CpuWindow(time.time() + 0.2)
     time.sleep(0.3)  # NOTE: past start_at: the first snapshot is taken
-    child = multiprocessing.get_context("spawn").Process(target=_spin, args=(0.4,))
+    ctx = multiprocessing.get_context("spawn")
+    spun, release = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_spin, args=(0.4, spun, release))
     child.start()
-    time.sleep(0.2)  # NOTE: a spawned child's interpreter start-up
-    usage = None
-    while child.is_alive():
-        usage = window.stop(num_requests=2)  # NOTE: before the child exits, as the pool does
-        time.sleep(0.05)
-    child.join()
-    assert usage is not None and usage["ms_per_req"]["client"] > 50.0
+    try:
+        # NOTE: the child stays alive until told to go, as the pool's clients do while the
+        # window stops: a snapshot racing the child's exit would miss it (a CI flake).
+        assert spun.wait(timeout=60.0)
+        usage = window.stop(num_requests=2)
+    finally:
+        release.set()
+        child.join()
+    assert usage["ms_per_req"]["client"] > 50.0
     assert 0.0 < usage["busiest"]["client"] <= 1.05 and 0.0 < usage["busy"] <= 1.0
 
 
-def _spin(seconds: float) -> None:
+def _spin(seconds: float, spun: Any, release: Any) -> None:
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         pass
+    spun.set()
+    release.wait(timeout=60.0)
 
 
 def test_the_report_renders_cpu_by_role() -> None:
