@@ -44,6 +44,12 @@ def reference_side(side: str, sides: set[str]) -> str:
     return "engine-proc" if proc and "engine-proc" in sides else "engine"
 
 
+def pct(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values``: the nearest rank, no interpolation."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
 def _f(v: float | None, digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
@@ -113,11 +119,11 @@ def _core_ttft_table(results: list[dict[str, Any]]) -> list[str]:
              "| side | endpoint | stream | c | requests | p50 | p90 | max |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        v = sorted(r["engine_ttft_ms"])
+        v = r["engine_ttft_ms"]
         lines.append(
             f"| {r['side']} | {r['endpoint']} | {'yes' if r['stream'] else 'no'} | "
-            f"{r['concurrency']} | {len(v)} | {_f(v[len(v) // 2], 2)} | "
-            f"{_f(v[min(len(v) - 1, round(0.9 * (len(v) - 1)))], 2)} | {_f(v[-1], 2)} |")
+            f"{r['concurrency']} | {len(v)} | {_f(pct(v, 0.5), 2)} | {_f(pct(v, 0.9), 2)} | "
+            f"{_f(max(v), 2)} |")
     return lines
 
 

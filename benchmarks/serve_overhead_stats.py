@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks.serve_overhead_report import HOPS, reference_side
+from benchmarks.serve_overhead_report import HOPS, pct, reference_side
 
 
 @dataclass(slots=True)
@@ -43,11 +43,6 @@ class RunResult:
     num_early: int = 0  # served: requests the replica started early (replicas/early_start.py)
     # served with --cpu-roles: where the run's CPU went (path_capacity_procs.cpu_report)
     cpu: dict[str, Any] = field(default_factory=dict)
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def summarize(side: str, endpoint: str, stream: bool, c: int, samples: list[Sample],
