@@ -34,8 +34,27 @@ except ImportError:  # NOTE: old tokenizers (< 0.21): the offset scheme only.
     DecodeStream = None
 
 _CONTEXT_TOKENS = 5
+
+
+def wall_offset(tries: int = 5) -> float:
+    """``time.time() - time.monotonic()``: the wall clock read between two monotonic stamps,
+    the tightest bracket of ``tries``.
+
+    NOTE: one unbracketed pair of reads can straddle a GIL switch or a preemption (ms on a busy
+    host), and the error shifts every engine stamp of the process by as much: a CI run saw a
+    trace's ``engine_add`` 0.9 ms before the replica's ``replica_recv`` that precedes it."""
+    best_width, offset = float("inf"), 0.0
+    for _ in range(tries):
+        t0 = time.monotonic()
+        wall = time.time()
+        t1 = time.monotonic()
+        if t1 - t0 < best_width:
+            best_width, offset = t1 - t0, wall - (t0 + t1) / 2
+    return offset
+
+
 # NOTE: the engine keeps time.monotonic(); traces cross processes, so they carry wall time.
-_WALL_OFFSET = time.time() - time.monotonic()
+_WALL_OFFSET = wall_offset()
 
 
 class IncrementalDetokenizer:

@@ -93,3 +93,15 @@ def test_tokenizers_without_a_fast_backend_fall_back_to_offsets(tiny_llama_dir: 
     assert isinstance(fast, StreamDetokenizer)
     out = [8, 9, 10, 11]
     assert "".join(_run(slow, out)) == "".join(_run(fast, out)) == " " + fast_tok.decode(out)
+
+
+def test_wall_offset_takes_the_tightest_bracket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first try straddling a 2 ms stall (a GIL switch, a preemption) is not the offset: the
+    tightest monotonic bracket around a wall read is."""
+    import replicas.output_processor as op
+
+    # (monotonic, wall, monotonic) per try: the first stalls between the wall and its 2nd read
+    reads = iter([10.0, 1010.0, 10.002, 20.0, 1020.0000005, 20.000001, 30.0, 1030.001, 30.00001])
+    monkeypatch.setattr(op.time, "monotonic", lambda: next(reads))
+    monkeypatch.setattr(op.time, "time", lambda: next(reads))
+    assert op.wall_offset(tries=3) == pytest.approx(1000.0, abs=1e-6)
